@@ -1,0 +1,281 @@
+"""Benchmark: top-k forward-KL + CE loss from logits, naive vs torch path vs fused Triton.
+
+The loss (per token, teacher top-k ids ``t`` with renormalised log-probs ``log p``,
+label ``y``; ``m = k + 1`` student log-probs gathered per token)::
+
+    L = Σ_j p_j (log p_j − log q(t_j)) − log q(y),     averaged over tokens
+
+Variants, each timed forward+backward to ``∂L/∂logits`` (bf16):
+
+* naive      – ``log_softmax(logits.float())`` then gather (the usual PyTorch code)
+* torch      – ``vocab_parallel_logprobs_at(impl="torch")`` (token-chunked)
+* fused      – ``vocab_parallel_logprobs_at(impl="fused")`` (Triton, 1 pass fwd + 1 pass bwd)
+* fused-inpl – fused with ``inplace_backward=True`` (gradient written over the logits)
+* liger-jsd  – Liger-Kernel ``LigerFusedLinearJSD`` if importable. NOT like-for-like: it
+  fuses the lm_head matmuls (hidden ``--liger-hidden``) and computes a full-vocab JSD.
+
+Reported: median time of ≥10 reps (CUDA events, after warm-up); peak extra memory =
+``max_memory_allocated`` during one step minus what was allocated before it (the
+logits and the small teacher tensors), so the bf16 gradient itself counts (100% of
+the logits) except for the in-place variant; the HBM floor = (2 reads + 1 write of
+the logits) / bandwidth. Timing is never asserted.
+
+    python benchmarks/bench_fused_kernel.py                 # full grid (H100)
+    python benchmarks/bench_fused_kernel.py --quick --out bench.md
+    python benchmarks/bench_fused_kernel.py --tune          # sweep fused block sizes first
+    python benchmarks/bench_fused_kernel.py --cpu-smoke     # tiny, CPU, TRITON_INTERPRET=1
+
+Needs only torch (+ triton for the fused rows); no megatron-core or NeMo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+FULL_SHAPES = [(n, v) for n in (4096, 8192, 16384) for v in (32000, 128256, 151936)]
+QUICK_SHAPES = [(8192, 128256), (16384, 151936)]
+SMOKE_SHAPES = [(16, 1000), (24, 5000)]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="two shapes only")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU with TRITON_INTERPRET=1")
+    p.add_argument("--bandwidth", type=float, default=3.35e12, help="peak HBM bytes/s (H100 SXM: 3.35e12)")
+    p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--liger-hidden", type=int, default=4096, help="hidden size for the Liger fused-linear row")
+    p.add_argument("--tune", action="store_true", help="sweep fused block sizes / warps on the first shape")
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+    return p.parse_args()
+
+
+args = parse_args()
+if args.cpu_smoke:
+    # Triton picks interpreter mode when a kernel is decorated: set it before any import.
+    os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from nemo_kd.losses.vocab_parallel import vocab_parallel_logprobs_at  # noqa: E402
+
+try:
+    from nemo_kd.kernels import logprobs_triton as lt
+
+    FUSED_ERR = None
+except Exception as e:  # triton missing: the fused rows say why
+    lt, FUSED_ERR = None, f"{type(e).__name__}: {e}"
+
+
+def kd_ce_from_logprobs(lp, t_logp):
+    """Top-k forward KL + CE from student log-probs [N, k+1] (last column: the label)."""
+    p = t_logp.exp()
+    kd = (p * (t_logp - lp[:, :-1])).sum(-1)
+    return (kd - lp[:, -1]).mean()
+
+
+def loss_naive(logits, ids, t_logp):
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return kd_ce_from_logprobs(logp.gather(-1, ids), t_logp)
+
+
+def loss_torch(logits, ids, t_logp):
+    return kd_ce_from_logprobs(vocab_parallel_logprobs_at(logits, ids, impl="torch")[0], t_logp)
+
+
+def loss_fused(logits, ids, t_logp):
+    return kd_ce_from_logprobs(vocab_parallel_logprobs_at(logits, ids, impl="fused")[0], t_logp)
+
+
+def loss_fused_inplace(logits, ids, t_logp):
+    return kd_ce_from_logprobs(lt.fused_logprobs_at(logits, ids, inplace_backward=True)[0], t_logp)
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            return s.elapsed_time(e)
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+
+def make_inputs(n, v, k, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=torch.bfloat16)
+    t_ids = torch.randint(0, v, (n, k), generator=g).to(device)
+    labels = torch.randint(0, v, (n, 1), generator=g).to(device)
+    t_logp = torch.log_softmax(torch.randn(n, k, generator=g) * 2, -1).to(device)
+    return logits, torch.cat([t_ids, labels], 1), t_logp
+
+
+def run_logits_variant(loss_fn, logits0, ids, t_logp, timer, reps, warmup, inplace):
+    """(median ms, peak extra bytes, grad as fp32) of loss + ∂loss/∂logits."""
+    logits = logits0.clone().requires_grad_(True)
+
+    def prep():  # untimed: the in-place variant overwrote the logits with its gradient
+        if inplace:
+            with torch.no_grad():
+                logits.copy_(logits0)
+
+    def step():
+        return torch.autograd.grad(loss_fn(logits, ids, t_logp), logits)[0]
+
+    peak = None
+    prep()
+    if logits.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        grad = step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        grad = step()
+    if inplace:
+        assert grad.data_ptr() == logits.data_ptr(), "in-place backward allocated a new gradient"
+    check = grad.float()
+    del grad
+    times = []
+    for i in range(warmup + reps):
+        prep()
+        t = timer(step)
+        if i >= warmup:
+            times.append(t)
+    return statistics.median(times), peak, check
+
+
+def run_liger(n, v, hidden, device, timer, reps, warmup):
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(device=device, dtype=torch.bfloat16)  # noqa: E731
+    xs, ws, xt, wt = mk(n, hidden), mk(v, hidden), mk(n, hidden), mk(v, hidden)
+    xs.requires_grad_(True)
+    ws.requires_grad_(True)
+    jsd = LigerFusedLinearJSD(jsd_beta=0.0)
+
+    def step():
+        loss = jsd(xs, ws, xt, wt)
+        return torch.autograd.grad(loss, (xs, ws))
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for _ in range(warmup):
+        step()
+    return statistics.median([timer(step) for _ in range(reps)]), peak
+
+
+def tune(n, v, k, device, timer, reps, warmup):
+    """Sweep the fused kernels' block sizes / warps; keep the fastest for the table."""
+    logits, ids, t_logp = make_inputs(n, v, k, device)
+    best, lines = None, [f"\nfused block sweep at N={n} V={v} (fwd+bwd ms):"]
+    for block in (2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            lt.FWD_BLOCK_V = lt.BWD_BLOCK_V = block
+            lt.FWD_NUM_WARPS = lt.BWD_NUM_WARPS = warps
+            ms = run_logits_variant(loss_fused, logits, ids, t_logp, timer, reps, warmup, False)[0]
+            lines.append(f"  block={block:5d} warps={warps:2d}: {ms:8.3f}")
+            if best is None or ms < best[0]:
+                best = (ms, block, warps)
+    _, lt.FWD_BLOCK_V, lt.FWD_NUM_WARPS = best
+    lt.BWD_BLOCK_V, lt.BWD_NUM_WARPS = lt.FWD_BLOCK_V, lt.FWD_NUM_WARPS
+    lines.append(f"  -> using block={lt.FWD_BLOCK_V} warps={lt.FWD_NUM_WARPS}")
+    print("\n".join(lines), flush=True)
+
+
+def main():
+    if args.cpu_smoke:
+        device, shapes, reps, warmup = torch.device("cpu"), SMOKE_SHAPES, max(3, min(args.reps, 3)), 1
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: run with --cpu-smoke for a CPU check")
+        device, shapes, reps, warmup = torch.device("cuda"), (QUICK_SHAPES if args.quick else FULL_SHAPES), args.reps, args.warmup
+    timer = Timer(device)
+    k = args.topk
+    if args.tune and lt is not None and device.type == "cuda":
+        tune(*shapes[0], k, device, timer, reps, warmup)
+
+    variants = [("naive", loss_naive, False), ("torch", loss_torch, False)]
+    if lt is not None:
+        variants += [("fused", loss_fused, False), ("fused-inpl", loss_fused_inplace, True)]
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (TRITON_INTERPRET=1, smoke only)"
+    header = [
+        f"# top-{k} forward-KL + CE, fwd+bwd to bf16 grad — {dev_name}",
+        "",
+        f"floor = 3 × logits bytes / {args.bandwidth:.3g} B/s; mem = peak extra allocation as % of the logits' bytes "
+        f"(the bf16 gradient alone is 100%); Δgrad = max |grad − naive grad|; median of {reps} reps.",
+        "",
+        "| N | V | variant | ms | × naive | × floor | extra mem GiB | mem % logits | Δgrad |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(header), flush=True)
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(row, flush=True)
+
+    for n, v in shapes:
+        logits, ids, t_logp = make_inputs(n, v, k, device)
+        lbytes = logits.numel() * logits.element_size()
+        floor_ms = 3 * lbytes / args.bandwidth * 1e3
+        emit(f"| {n} | {v} | HBM floor | {floor_ms:.3f} | | 1.00 | | | |")
+        naive_ms, ref = None, None
+        for name, fn, inplace in variants:
+            try:
+                ms, peak, grad = run_logits_variant(fn, logits, ids, t_logp, timer, reps, warmup, inplace)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                emit(f"| {n} | {v} | {name} | OOM | | | | | |")
+                continue
+            if name == "naive":
+                naive_ms, ref = ms, grad
+            dgrad = f"{(grad - ref).abs().max().item():.2e}" if ref is not None else ""
+            mem = f"{peak / 2**30:.3f} | {100 * peak / lbytes:.0f}%" if peak is not None else "n/a | n/a"
+            vs_naive = f"{naive_ms / ms:.2f}" if naive_ms else ""
+            emit(f"| {n} | {v} | {name} | {ms:.3f} | {vs_naive} | {ms / floor_ms:.2f} | {mem} | {dgrad} |")
+            del grad
+        if lt is None:
+            emit(f"| {n} | {v} | fused | n/a ({FUSED_ERR}) | | | | | |")
+        if device.type == "cuda":
+            try:
+                ms, peak = run_liger(n, v, args.liger_hidden, device, timer, reps, warmup)
+                emit(
+                    f"| {n} | {v} | liger-jsd (incl. lm_head H={args.liger_hidden}, full-vocab JSD) | {ms:.3f} | "
+                    f"{naive_ms / ms:.2f} | {ms / floor_ms:.2f} | {peak / 2**30:.3f} | {100 * peak / lbytes:.0f}% | |"
+                    if naive_ms else f"| {n} | {v} | liger-jsd | {ms:.3f} | | | | | |"
+                )
+            except ImportError:
+                pass  # optional: liger_kernel not installed
+            except Exception as e:  # an API drift in liger must not kill the table
+                emit(f"| {n} | {v} | liger-jsd | error: {type(e).__name__} | | | | | |")
+                torch.cuda.empty_cache()
+        del logits, ids, t_logp
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(header + rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""Hugging Face ``config.json`` <-> :class:`~nemo_kd.models.GPTModelConfig`, per model family.
+
+The HF config is read as plain JSON (never ``trust_remote_code``): its ``architectures``
+entry picks a family from :data:`FAMILIES`, and each family's reader maps the fields the
+Megatron GPT spec can express and raises :class:`UnsupportedHFConfigError` -- naming the
+field -- for anything it cannot (a RoPE scaling type Megatron has no equivalent for,
+sliding-window attention, an output-projection bias without MLP biases, ...). Silently
+dropping such a field would give a model that loads but computes something else.
+
+Two properties of HF models are not fields of ``GPTModelConfig`` and travel next to it
+in :class:`HFArchitecture`:
+
+* ``rope_scaling``: Llama-3 ("llama3") and linear RoPE scaling. Megatron-core's
+  ``RotaryEmbedding`` implements both (``_apply_scaling``, ``seq_len_interpolation_factor``)
+  but :func:`nemo_kd.models.build_gpt_model` does not pass them; :meth:`HFArchitecture.apply_to_model`
+  sets them on the built model.
+* ``gelu_approximation="tanh"``: GPT-2's ``gelu_new``; Megatron takes it as the
+  ``activation_func`` override of ``TransformerConfig`` (:meth:`HFArchitecture.transformer_config_overrides`).
+
+Build models for an :class:`HFArchitecture` with
+:func:`nemo_kd.convert.checkpoint_io.build_model_chunks`, which applies both.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from nemo_kd.models.config import GPTModelConfig
+
+__all__ = [
+    "FAMILIES",
+    "UnsupportedHFConfigError",
+    "RopeScaling",
+    "HFArchitecture",
+    "read_hf_config",
+    "hf_config_to_architecture",
+    "architecture_to_hf_config",
+]
+
+# HF ``architectures`` class name -> our family name.
+FAMILIES: Dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GPT2LMHeadModel": "gpt2",
+}
+_ARCHITECTURE_OF = {family: arch for arch, family in FAMILIES.items()}
+# HF ``model_type`` per family (written on export, checked on import).
+_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+_HF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_HF_DTYPE_NAME = {v: k for k, v in _HF_DTYPE.items()}
+
+
+class UnsupportedHFConfigError(ValueError):
+    """A Hugging Face config the converter (or Megatron's GPT spec) cannot express."""
+
+    def __init__(self, field: str, value: Any, reason: str):
+        self.field, self.value = field, value
+        super().__init__(f"config.json field {field!r} = {value!r}: {reason}")
+
+
+@dataclasses.dataclass
+class RopeScaling:
+    """RoPE frequency scaling Megatron-core can apply: ``"llama3"`` (Llama 3.1+) or ``"linear"``."""
+
+    rope_type: str
+    factor: float
+    # llama3 only (HF's names and Llama 3.1's values as defaults).
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def to_hf(self) -> dict:
+        if self.rope_type == "linear":
+            return {"rope_type": "linear", "factor": self.factor}
+        return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings}
+
+
+@dataclasses.dataclass
+class HFArchitecture:
+    """Everything needed to build the Megatron twin of an HF model and to write it back.
+
+    Attributes:
+        family: key of the family table (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``, ``"gpt2"``),
+            or None for a Megatron model of no HF family (export then needs one named).
+        model: the Megatron architecture.
+        rope_scaling: RoPE scaling applied to the built model (None: plain RoPE).
+        gelu_approximation: ``"none"`` (erf GELU, Megatron's default) or ``"tanh"`` (GPT-2's ``gelu_new``).
+        hf_config: the original ``config.json`` (export starts from it, so token ids and
+            fields Megatron does not model survive the round trip); empty for a model
+            that never came from HF.
+    """
+
+    family: Optional[str]
+    model: GPTModelConfig
+    rope_scaling: Optional[RopeScaling] = None
+    gelu_approximation: str = "none"
+    hf_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.family is not None and self.family not in _ARCHITECTURE_OF:
+            raise ValueError(f"unknown family {self.family!r}; supported: {sorted(_ARCHITECTURE_OF)}")
+        if self.gelu_approximation not in ("none", "tanh"):
+            raise ValueError(f"gelu_approximation must be 'none' or 'tanh', got {self.gelu_approximation!r}")
+
+    def transformer_config_overrides(self) -> Dict[str, Any]:
+        """Extra ``TransformerConfig`` fields for :func:`nemo_kd.models.build_gpt_model`."""
+        if self.gelu_approximation == "tanh":
+            return {"activation_func": _gelu_tanh}
+        return {}
+
+    def apply_to_model(self, model: torch.nn.Module) -> None:
+        """Apply what ``build_gpt_model`` cannot pass to ``GPTModel`` (RoPE scaling).
+
+        Must run before the first forward: Megatron's ``RotaryEmbedding.forward`` caches
+        its output per sequence length.
+        """
+        if self.rope_scaling is None:
+            return
+        module = model
+        while not hasattr(module, "rotary_pos_emb") and hasattr(module, "module"):
+            module = module.module  # Float16Module / DDP wrappers
+        rotary = getattr(module, "rotary_pos_emb", None)
+        if rotary is None:
+            return  # not a RoPE model stage (cannot happen for rope families)
+        s = self.rope_scaling
+        if s.rope_type == "llama3":
+            rotary.inv_freq = rotary._apply_scaling(
+                rotary.inv_freq, factor=s.factor, low_freq_factor=s.low_freq_factor,
+                high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position_embeddings)
+        else:  # linear: positions divided by factor
+            rotary.seq_len_interpolation_factor = s.factor
+        if hasattr(rotary.forward, "cache_clear"):  # drop embeddings cached before scaling
+            rotary.forward.cache_clear()
+
+    # ---- (de)serialisation: model_config.json of a converted Megatron checkpoint ----
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "model": self.model.to_dict(),
+            "rope_scaling": dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None,
+            "gelu_approximation": self.gelu_approximation,
+            "hf_config": self.hf_config,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "HFArchitecture":
+        return cls(
+            family=d.get("family"),
+            model=GPTModelConfig.from_dict(d["model"]),
+            rope_scaling=RopeScaling(**d["rope_scaling"]) if d.get("rope_scaling") else None,
+            gelu_approximation=d.get("gelu_approximation", "none"),
+            hf_config=dict(d.get("hf_config") or {}),
+        )
+
+
+# A named module-level function (not a lambda/partial in a config) so TransformerConfig stays picklable.
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def read_hf_config(hf_dir: str) -> Dict[str, Any]:
+    """``config.json`` of an HF model directory as a dict (clear errors for missing/corrupt files)."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{hf_dir!r} is not a Hugging Face model directory: no config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt {path}: {e}") from e
+
+
+def hf_config_to_architecture(
+    hf_config: Mapping[str, Any],
+    params_dtype: Optional[str] = None,
+    make_vocab_size_divisible_by: int = 128,
+    transformer_impl: str = "local",
+    sliding_window: str = "error",
+) -> HFArchitecture:
+    """The Megatron architecture of an HF causal LM config.
+
+    Args:
+        hf_config: ``config.json`` contents.
+        params_dtype: ``fp32``/``bf16``/``fp16``; None takes the checkpoint's
+            ``torch_dtype``/``dtype`` (fp32 when absent), which keeps the round trip bit-exact.
+        make_vocab_size_divisible_by: Megatron's vocabulary padding multiple (times TP).
+        transformer_impl: ``local`` or ``transformer_engine``.
+        sliding_window: ``"error"`` (default) refuses a config with active sliding-window
+            attention; ``"truncate"`` sets ``max_position_embeddings`` to the window, which
+            is exact because a causal window at least as long as the sequence is full attention.
+
+    Raises:
+        UnsupportedHFConfigError: unknown architecture or a field Megatron cannot express.
+    """
+    hf_config = dict(hf_config)
+    architectures = hf_config.get("architectures") or []
+    family = next((FAMILIES[a] for a in architectures if a in FAMILIES), None)
+    if family is None:
+        raise UnsupportedHFConfigError(
+            "architectures", architectures,
+            f"unsupported architecture; supported: {sorted(FAMILIES)} (trust_remote_code models are never loaded)")
+    model_type = hf_config.get("model_type")
+    if model_type is not None and model_type != _MODEL_TYPE[family]:
+        raise UnsupportedHFConfigError("model_type", model_type,
+                                       f"does not match architecture {_ARCHITECTURE_OF[family]} "
+                                       f"(expected {_MODEL_TYPE[family]!r})")
+    if sliding_window not in ("error", "truncate"):
+        raise ValueError(f"sliding_window must be 'error' or 'truncate', got {sliding_window!r}")
+    common = dict(
+        params_dtype=params_dtype or _checkpoint_dtype(hf_config),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        transformer_impl=transformer_impl,
+        init_method_std=float(hf_config.get("initializer_range", 0.02)),
+    )
+    reader = _read_gpt2 if family == "gpt2" else functools.partial(_read_llama_like, sliding_window=sliding_window)
+    fields, extras = reader(hf_config, family)
+    try:
+        model = GPTModelConfig(**fields, **common)
+    except ValueError as e:  # e.g. heads not divisible by kv heads: name the HF side too
+        raise UnsupportedHFConfigError("config.json", {k: fields[k] for k in sorted(fields)}, str(e)) from e
+    return HFArchitecture(family=family, model=model, hf_config=hf_config, **extras)
+
+
+def _checkpoint_dtype(hf_config: Mapping[str, Any]) -> str:
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    name = str(name).replace("torch.", "")
+    if name not in _HF_DTYPE:
+        raise UnsupportedHFConfigError("torch_dtype", name, f"supported: {sorted(_HF_DTYPE)}")
+    return _HF_DTYPE[name]
+
+
+def _rope_settings(hf_config: Mapping[str, Any]):
+    """(rope_theta, RopeScaling or None) from either config style: transformers 5's
+    ``rope_parameters`` or the older ``rope_theta`` + ``rope_scaling``."""
+    params = hf_config.get("rope_parameters")
+    if params:
+        theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+        scaling, field = params, "rope_parameters"
+    else:
+        theta = hf_config.get("rope_theta", 10000.0)
+        scaling, field = hf_config.get("rope_scaling") or {}, "rope_scaling"
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if float(theta) != int(theta):
+        raise UnsupportedHFConfigError("rope_theta", theta, "GPTModelConfig.rotary_base is an integer")
+    if rope_type == "default":
+        return int(theta), None
+    if rope_type == "linear":
+        return int(theta), RopeScaling("linear", float(scaling["factor"]))
+    if rope_type == "llama3":
+        return int(theta), RopeScaling(
+            "llama3", float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
+            float(scaling.get("high_freq_factor", 4.0)), int(scaling.get("original_max_position_embeddings", 8192)))
+    raise UnsupportedHFConfigError(f"{field}.rope_type", rope_type,
+                                   "Megatron's RotaryEmbedding supports 'default', 'linear' and 'llama3' scaling only")
+
+
+def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
+    """Llama, Mistral, Qwen2, Qwen3: RMSNorm, SwiGLU, RoPE, GQA."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedHFConfigError("hidden_act", act, "the SwiGLU MLP needs 'silu'")
+    heads = hf["num_attention_heads"]
+    partial_rotary = hf.get("partial_rotary_factor", 1.0)
+    if partial_rotary != 1.0:
+        raise UnsupportedHFConfigError("partial_rotary_factor", partial_rotary, "only full rotary embeddings are converted")
+    max_positions = hf.get("max_position_embeddings", 4096)
+    window_active = {
+        "mistral": hf.get("sliding_window") is not None,
+        "qwen2": bool(hf.get("use_sliding_window", False)),
+        "qwen3": bool(hf.get("use_sliding_window", False)),
+    }.get(family, False)
+    if window_active:
+        window = hf.get("sliding_window")
+        if window is not None and window >= max_positions:
+            pass  # window covers every position: full attention
+        elif sliding_window == "truncate" and window is not None:
+            max_positions = int(window)
+        else:
+            raise UnsupportedHFConfigError(
+                "sliding_window", window,
+                "sliding-window attention is not in the Megatron local spec; pass sliding_window='truncate' "
+                "(--sliding-window truncate) to cap max_position_embeddings at the window, which is exact")
+    layer_types = hf.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types) and not window_active:
+        raise UnsupportedHFConfigError("layer_types", sorted(set(layer_types)), "only 'full_attention' layers are converted")
+
+    attention_bias = bool(hf.get("attention_bias", False))
+    mlp_bias = bool(hf.get("mlp_bias", False))
+    if family == "qwen2":
+        # Qwen2 always has q/k/v biases and no o_proj / MLP biases (not a config field).
+        add_qkv_bias, add_bias_linear = True, False
+    else:
+        # Megatron's add_bias_linear covers every linear (qkv, proj, fc1, fc2) at once;
+        # HF's attention_bias covers q/k/v/o and mlp_bias the MLP: only "both" or "neither" map.
+        if attention_bias != mlp_bias:
+            field = "attention_bias" if attention_bias else "mlp_bias"
+            raise UnsupportedHFConfigError(
+                field, True, "Megatron's add_bias_linear puts biases on attention and MLP linears together; "
+                             "attention_bias and mlp_bias must be equal")
+        add_qkv_bias = add_bias_linear = attention_bias
+    rotary_base, rope_scaling = _rope_settings(hf)
+    fields = dict(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=max_positions,
+        position_embedding_type="rope",
+        rotary_base=rotary_base,
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        activation="swiglu",
+        add_bias_linear=add_bias_linear,
+        add_qkv_bias=add_qkv_bias,
+        qk_layernorm=family == "qwen3",
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+    )
+    return fields, {"rope_scaling": rope_scaling}
+
+
+def _read_gpt2(hf: Mapping[str, Any], family: str):
+    """GPT-2: learned positions, LayerNorm, GELU, biases everywhere, Conv1D weights."""
+    for field in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if hf.get(field, False):
+            raise UnsupportedHFConfigError(field, True, "not expressible in Megatron's GPT spec")
+    act = hf.get("activation_function", "gelu_new")
+    approximations = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+    if act not in approximations:
+        raise UnsupportedHFConfigError("activation_function", act, f"supported: {sorted(approximations)}")
+    hidden = hf["n_embd"]
+    heads = hf["n_head"]
+    fields = dict(
+        num_layers=hf["n_layer"],
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("n_positions", 1024),
+        position_embedding_type="learned_absolute",
+        normalization="LayerNorm",
+        layernorm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+        activation="gelu",
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", True)),
+        attention_dropout=float(hf.get("attn_pdrop", 0.0)),
+        hidden_dropout=float(hf.get("resid_pdrop", 0.0)),
+        # scale_attn_weights=False: raw q.k scores (HF skips the 1/sqrt(d) division).
+        softmax_scale=None if hf.get("scale_attn_weights", True) else 1.0,
+    )
+    return fields, {"gelu_approximation": approximations[act]}
+
+
+def architecture_to_hf_config(arch: HFArchitecture) -> Dict[str, Any]:
+    """``config.json`` for exporting ``arch``.
+
+    Starts from ``arch.hf_config`` (the imported teacher/student config: token ids,
+    fields Megatron does not model) and overwrites the shape fields from ``arch.model``,
+    so a student whose shape differs from the config it was derived from is described
+    correctly. Without an original config, a complete one is generated.
+    """
+    if arch.family is None:
+        raise ValueError("this Megatron model has no Hugging Face family; name one (family=..., --family)")
+    _check_family_fits(arch)
+    m = arch.model
+    out = copy.deepcopy(arch.hf_config)
+    out["architectures"] = [_ARCHITECTURE_OF[arch.family]]
+    out["model_type"] = _MODEL_TYPE[arch.family]
+    out["tie_word_embeddings"] = m.share_embeddings_and_output_weights
+    out["vocab_size"] = m.vocab_size
+    dtype_key = "dtype" if "dtype" in out or "torch_dtype" not in out else "torch_dtype"
+    out[dtype_key] = _HF_DTYPE_NAME[m.params_dtype]
+    fresh = not arch.hf_config
+    if arch.family == "gpt2":
+        out.update(n_layer=m.num_layers, n_embd=m.hidden_size, n_head=m.num_attention_heads,
+                   n_inner=m.ffn_hidden_size if m.ffn_hidden_size != 4 * m.hidden_size else None)
+        if fresh:
+            out.update(n_positions=m.max_position_embeddings, layer_norm_epsilon=m.layernorm_epsilon,
+                       activation_function="gelu_new" if arch.gelu_approximation == "tanh" else "gelu",
+                       scale_attn_weights=m.softmax_scale is None, attn_pdrop=m.attention_dropout,
+                       resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout,
+                       initializer_range=m.init_method_std)
+        return out
+    out.update(num_hidden_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+               num_key_value_heads=m.num_query_groups, intermediate_size=m.ffn_hidden_size, head_dim=m.kv_channels)
+    if fresh:
+        out.update(max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.layernorm_epsilon,
+                   hidden_act="silu", rope_theta=float(m.rotary_base), attention_dropout=m.attention_dropout,
+                   initializer_range=m.init_method_std)
+        if arch.rope_scaling is not None:
+            out["rope_scaling"] = arch.rope_scaling.to_hf()
+        if arch.family in ("llama", "qwen3"):
+            out.update(attention_bias=m.add_bias_linear, **({"mlp_bias": m.add_bias_linear} if arch.family == "llama" else {}))
+    if "layer_types" in out:  # per-layer list (transformers 5): must match the layer count
+        out["layer_types"] = ["full_attention"] * m.num_layers
+    return out
+
+
+def _check_family_fits(arch: HFArchitecture) -> None:
+    """Refuse to export a Megatron model as a family whose HF class cannot hold it."""
+    m = arch.model
+    if arch.family == "gpt2":
+        required = dict(normalization="LayerNorm", activation="gelu", position_embedding_type="learned_absolute",
+                        add_bias_linear=True, qk_layernorm=False)
+    else:
+        required = dict(normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
+                        qk_layernorm=arch.family == "qwen3")
+        if arch.family == "qwen2":
+            required.update(add_qkv_bias=True, add_bias_linear=False)
+        elif arch.family == "mistral":
+            required.update(add_qkv_bias=False, add_bias_linear=False)
+        elif m.add_qkv_bias != m.add_bias_linear:
+            raise ValueError(f"{arch.family} export: add_qkv_bias ({m.add_qkv_bias}) must equal add_bias_linear "
+                             f"({m.add_bias_linear}) (HF attention_bias covers q/k/v/o together)")
+    for name, value in required.items():
+        if getattr(m, name) != value:
+            raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.{name} is {getattr(m, name)!r}, "
+                             f"the HF {_ARCHITECTURE_OF[arch.family]} needs {value!r}")

@@ -1,0 +1,21 @@
+"""Datasets, tokenisation, masks. :mod:`nemo_kd.data.records` reads and validates raw samples."""
+
+from nemo_kd.data.records import (
+    ALLOWED_ROLES,
+    DataError,
+    Record,
+    RecordSet,
+    SkippedSample,
+    read_records,
+    records_from_objects,
+)
+
+__all__ = [
+    "ALLOWED_ROLES",
+    "DataError",
+    "Record",
+    "RecordSet",
+    "SkippedSample",
+    "read_records",
+    "records_from_objects",
+]

@@ -1,0 +1,327 @@
+"""Token-level knowledge-distillation losses over vocab-parallel student logits.
+
+The student's logits arrive as Megatron's output layer produces them: this TP rank's
+vocabulary shard ``[N, V/TP]`` (``N`` flattened tokens, rank ``r`` owning global ids
+``[r·V/TP, (r+1)·V/TP)``), any float dtype; everything is accumulated in fp32 (fp64
+for fp64 logits) and nothing gathers the full vocabulary on one rank.
+
+* :func:`topk_kd_loss` – against a stored (offline) teacher: its top-k logits and
+  global ids per token, in one of two conventions (``topk_convention``):
+
+  - ``"renormalized"`` (NeMo-Aligner): teacher ``p̃ = softmax`` over its k stored
+    logits; student ``q̃ = softmax`` of its own logits restricted to the same k ids
+    (``log q̃_i = s·z_i − LSE_j(s·z_j)`` over the k ids only). Needs only the
+    student's logits gathered at the ids (one ``[N, k]`` all-reduce), no pass over
+    the vocabulary.
+  - ``"exact_tail"`` (TRL's ``_add_tail_bucket``, DistillKit): exact teacher
+    log-probs ``log p_i = t·z_i − LSE_T`` (``teacher_lse``: the teacher's
+    log-sum-exp of its *scaled* logits ``t·z`` over the full vocabulary) plus one
+    tail bucket ``p_tail = 1 − Σ_i p_i``; the student's exact log-probs at the ids
+    (:func:`~nemo_kd.losses.vocab_parallel.vocab_parallel_logprobs_at`) plus
+    ``q_tail = 1 − Σ_i q_i``; the divergence is taken over these k+1 buckets,
+    which partition the vocabulary, so it lower-bounds the full-vocab one.
+
+* :func:`full_kd_loss` – against an online teacher whose logits are a vocab shard
+  with the same sharding: full-vocabulary divergences.
+
+Both return per-token values ``[N]`` (unreduced: masking and normalisation happen
+elsewhere) and accept every divergence of :mod:`nemo_kd.losses.divergences`
+(``loss_type``: ``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_fkl``, ``skew_rkl``,
+``akl``).
+
+Temperature. ``logits_scale`` (student) and ``target_logits_scale`` (teacher) are
+inverse temperatures multiplied into the logits before the loss (NeMo-Aligner's
+names). ``temperature_squared=True`` multiplies the divergence by ``T² =
+1/logits_scale²`` (Hinton et al., arXiv 1503.02531, keeping gradient magnitudes
+comparable across temperatures); off by default, as in NeMo-Aligner / ModelOpt.
+
+Empty data. A teacher logit of −inf (an empty top-k slot, a padded vocabulary
+column) is a zero-probability bucket: in top-k losses the slot is dropped on both
+sides (its student mass goes to the student's tail under ``exact_tail``). A row
+with no finite teacher logit (or a non-finite ``teacher_lse``) yields exactly 0 with
+zero gradient, so masked or padded rows stay finite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_kd.losses.divergences import LOSS_TYPES, BucketSpace, divergence
+from nemo_kd.losses.vocab_parallel import (
+    ProcessGroup,
+    accumulation_dtype,
+    all_reduce_no_grad,
+    all_reduce_sum,
+    tp_world_size,
+    vocab_parallel_log_softmax,
+    vocab_parallel_logprobs_at,
+    vocab_shard_range,
+)
+
+TOPK_CONVENTIONS = ("renormalized", "exact_tail")
+
+# Smallest tail bucket under ``exact_tail``: ``tail = max(1 − Σ_k, tail_floor)`` on both
+# sides (the same floor as TRL's ``_add_tail_bucket``, which clamps log Σ at −1e-7):
+# Σ_k p_i of stored (often bf16) teacher logits can round to ≥ 1. The tail is only as
+# accurate as ``t·z_i − LSE_T`` (≈ ulp(|LSE_T|) absolute, ~4e-6 for an fp32 LSE near 40);
+# the [N, k] teacher side is computed in the wider of fp32 and the teacher's dtypes.
+DEFAULT_TAIL_FLOOR = 1e-7
+
+
+def _check_common(student_logits: torch.Tensor, loss_type: str, logits_scale: float) -> None:
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [tokens, vocab_shard], got {tuple(student_logits.shape)}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if logits_scale <= 0:
+        raise ValueError(f"logits_scale must be > 0, got {logits_scale}")
+
+
+def _temperature_factor(temperature_squared: bool, logits_scale: float) -> float:
+    """Hinton's ``T²`` with ``T = 1/logits_scale`` when asked for, else 1."""
+    return 1.0 / logits_scale**2 if temperature_squared else 1.0
+
+
+def _gather_scaled_logits(logits: torch.Tensor, ids: torch.Tensor, scale: float, group: ProcessGroup) -> torch.Tensor:
+    """``scale·z`` at global ``ids`` ``[N, k]`` from the vocab shards (differentiable).
+
+    Each rank gathers the ids it owns in the logits' own dtype (no fp32 copy of the
+    shard), the partials are summed over TP (identity backward), and the gradient
+    lands only in the owner's shard.
+    """
+    acc = accumulation_dtype(logits.dtype)
+    v_local = logits.shape[-1]
+    local = ids - vocab_shard_range(v_local, group)[0]
+    owned = (local >= 0) & (local < v_local)
+    picked = torch.gather(logits, -1, local.clamp(0, v_local - 1)).to(acc)
+    picked = all_reduce_sum(torch.where(owned, picked, torch.zeros_like(picked)), group)
+    return picked * scale if scale != 1.0 else picked
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − exp(x))`` for ``x < 0``, stable at both ends (Mächler, 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _with_tail_bucket(log_probs_k: torch.Tensor, tail_floor: float) -> torch.Tensor:
+    """Append ``log max(1 − Σ_k exp(log_probs_k), tail_floor)`` as bucket k+1, ``[N, k+1]``.
+
+    The clamp is applied to ``log Σ`` (``≤ log(1 − tail_floor)``), so the tail is
+    computed as ``log1mexp`` of a strictly negative number: finite value and gradient.
+    """
+    log_mass = torch.logsumexp(log_probs_k, dim=-1).clamp(max=math.log1p(-tail_floor))
+    return torch.cat([log_probs_k, _log1mexp(log_mass)[:, None]], dim=-1)
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        raise ValueError(f"teacher_topk_ids has ids outside [0, {vocab_size}) (global vocabulary) in non-empty slots")
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_lse: Optional[torch.Tensor] = None,
+    *,
+    loss_type: str = "forward_kl",
+    topk_convention: str = "renormalized",
+    logits_scale: float = 1.0,
+    target_logits_scale: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    akl_mu: float = 0.5,
+    temperature_squared: bool = False,
+    tail_floor: float = DEFAULT_TAIL_FLOOR,
+    group: ProcessGroup = None,
+    impl: str = "torch",
+    label_ids: Optional[torch.Tensor] = None,
+):
+    """Per-token KD divergence ``[N]`` against a teacher's stored top-k logits.
+
+    Args:
+        student_logits: ``[N, V/TP]`` this rank's vocabulary shard, any float dtype.
+        teacher_topk_logits: ``[N, k]`` the teacher's raw (unscaled) logits at its
+            top-k ids; −inf marks an empty slot. Never differentiated.
+        teacher_topk_ids: ``[N, k]`` global vocabulary ids (on any rank's shard).
+        teacher_lse: ``[N]`` ``LSE_v(target_logits_scale · z_v)`` over the teacher's
+            full vocabulary; required by ``exact_tail``, ignored by ``renormalized``.
+        loss_type: a divergence of :mod:`nemo_kd.losses.divergences` (``p`` = teacher).
+        topk_convention: ``"renormalized"`` or ``"exact_tail"`` (module docstring).
+        logits_scale / target_logits_scale: student / teacher inverse temperatures.
+        jsd_beta / skew_alpha / akl_mu: parameters of ``jsd`` / ``skew_*`` / ``akl``.
+        temperature_squared: multiply by ``T² = 1/logits_scale²`` (Hinton).
+        tail_floor: ``exact_tail`` only: both tails are ``max(1 − Σ_k, tail_floor)``.
+        group: the TP process group (``None``: single rank).
+        impl: log-prob primitive implementation forwarded to
+            ``vocab_parallel_logprobs_at`` (``"torch"`` default, ``"fused"`` Triton).
+        label_ids: optional ``[N]`` global ids (the SFT labels). When given, also
+            return the student's log-prob ``log q(label)`` at temperature 1, taken from
+            the *same* pass over the vocabulary as the KD term when ``logits_scale``
+            is 1 (ids = top-k ∪ label: one forward and one backward pass over the
+            logits for KD + CE together), else from a second pass at scale 1.
+
+    Returns:
+        ``[N]`` fp32 (fp64 for fp64 logits) per-token divergence, replicated on the TP
+        ranks; exactly 0 on rows with no finite teacher logit. With ``label_ids``:
+        ``(divergence [N], label_logprobs [N])``.
+    """
+    _check_common(student_logits, loss_type, logits_scale)
+    if topk_convention not in TOPK_CONVENTIONS:
+        raise ValueError(f"unknown topk_convention {topk_convention!r}; expected one of {TOPK_CONVENTIONS}")
+    if not 0.0 < tail_floor < 1.0:
+        raise ValueError(f"tail_floor must be in (0, 1), got {tail_floor}")
+    n = student_logits.shape[0]
+    if teacher_topk_logits.shape != teacher_topk_ids.shape or teacher_topk_logits.dim() != 2 \
+            or teacher_topk_logits.shape[0] != n:
+        raise ValueError(f"teacher_topk_logits {tuple(teacher_topk_logits.shape)} and teacher_topk_ids "
+                         f"{tuple(teacher_topk_ids.shape)} must both be [N={n}, k]")
+    acc = accumulation_dtype(student_logits.dtype)
+    # The teacher side is [N, k]: computed in the wider of acc and the teacher's dtypes (1 − Σ p_i loses
+    # digits), then cast to acc.
+    teacher_dtype = torch.promote_types(acc, teacher_topk_logits.dtype)
+    if teacher_lse is not None and topk_convention == "exact_tail":
+        teacher_dtype = torch.promote_types(teacher_dtype, teacher_lse.dtype)
+
+    with torch.no_grad():
+        z_t = teacher_topk_logits.detach().to(teacher_dtype) * target_logits_scale
+        slot = torch.isfinite(z_t)
+        row_ok = slot.any(dim=-1)
+        lse_t = None
+        if topk_convention == "exact_tail":
+            if teacher_lse is None:
+                raise ValueError("topk_convention='exact_tail' needs teacher_lse: the log-sum-exp of the teacher's "
+                                 "target_logits_scale-scaled logits over its full vocabulary, [N]")
+            if teacher_lse.shape != (n,):
+                raise ValueError(f"teacher_lse must be [N={n}], got {tuple(teacher_lse.shape)}")
+            lse_t = teacher_lse.detach().to(teacher_dtype)
+            row_ok &= torch.isfinite(lse_t)
+            lse_t = torch.where(row_ok, lse_t, torch.zeros_like(lse_t))
+        # Rows without teacher information get a finite stand-in (all slots, logits 0, id 0); zeroed at the end.
+        slot = torch.where(row_ok[:, None], slot, torch.ones_like(slot))
+        z_t = torch.where(slot & torch.isfinite(z_t), z_t, torch.zeros_like(z_t))
+        z_t = torch.where(slot, z_t, torch.full_like(z_t, float("-inf")))
+        ids = torch.where(slot & row_ok[:, None], teacher_topk_ids.long(), torch.zeros_like(teacher_topk_ids.long()))
+        _check_ids(ids, student_logits.shape[-1] * tp_world_size(group))
+
+    neg_inf = torch.tensor(float("-inf"), dtype=acc, device=student_logits.device)
+    k = ids.shape[1]
+    label_lp = None
+    share_pass = label_ids is not None and logits_scale == 1.0
+    if share_pass:
+        # One vocab pass for KD and CE: log-probs at [top-k ids | label].
+        lp_all, _ = vocab_parallel_logprobs_at(student_logits, torch.cat([ids, label_ids.long()[:, None]], dim=1),
+                                               group=group, impl=impl)
+        logq_at, label_lp = lp_all[:, :k], lp_all[:, k]
+    elif label_ids is not None:
+        label_lp, _ = vocab_parallel_logprobs_at(student_logits, label_ids.long(), group=group, impl=impl)
+    if topk_convention == "renormalized":
+        log_p = torch.log_softmax(z_t, dim=-1).to(acc)
+        # The LSE cancels in the renormalisation: gathered logits suffice (no vocab pass).
+        s = logq_at if share_pass else _gather_scaled_logits(student_logits, ids, logits_scale, group)
+        s = torch.where(slot, s, neg_inf)
+        log_q = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    else:
+        log_p = _with_tail_bucket(z_t - lse_t[:, None], tail_floor).to(acc)
+        if not share_pass:
+            logq_at, _ = vocab_parallel_logprobs_at(student_logits, ids, scale=logits_scale, group=group, impl=impl)
+        log_q = _with_tail_bucket(torch.where(slot, logq_at, neg_inf), tail_floor)
+
+    loss = divergence(loss_type, log_p, log_q, BucketSpace.replicated(),
+                      jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu)
+    loss = loss * _temperature_factor(temperature_squared, logits_scale)
+    loss = torch.where(row_ok, loss, torch.zeros_like(loss))
+    return (loss, label_lp) if label_ids is not None else loss
+
+
+def full_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    loss_type: str = "forward_kl",
+    logits_scale: float = 1.0,
+    target_logits_scale: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    akl_mu: float = 0.5,
+    temperature_squared: bool = False,
+    group: ProcessGroup = None,
+) -> torch.Tensor:
+    """Per-token full-vocabulary KD divergence ``[N]`` against an online teacher.
+
+    ``teacher_logits`` is the teacher's vocab shard ``[N, V/TP]`` with the student's
+    sharding (same TP group, same vocabulary); it is detached. Both sides are
+    vocab-parallel log-softmaxes (:func:`vocab_parallel_log_softmax`: fp32 ``[N, V/TP]``
+    each, no gather) and the divergence sums its buckets over the TP group
+    (``BucketSpace.sharded``). −inf teacher columns (padded vocabulary) contribute
+    exactly 0 to ``p·log(p/·)`` terms; reverse KL is ``+inf`` there unless the
+    student's column is −inf too (see :mod:`nemo_kd.losses.divergences`). Rows
+    whose teacher logits are all −inf give exactly 0. Other arguments as in
+    :func:`topk_kd_loss`.
+    """
+    _check_common(student_logits, loss_type, logits_scale)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must match the student's shard "
+                         f"{tuple(student_logits.shape)} (same vocabulary and TP sharding)")
+    space = BucketSpace.sharded(group)
+    acc = accumulation_dtype(student_logits.dtype)
+    with torch.no_grad():
+        teacher = teacher_logits.detach()
+        row_ok = torch.isfinite(space.max_no_grad(teacher.to(acc)))
+        teacher = torch.where(row_ok[:, None], teacher, torch.zeros_like(teacher))
+        log_p = vocab_parallel_log_softmax(teacher, target_logits_scale, group).to(acc)
+    log_q = vocab_parallel_log_softmax(student_logits, logits_scale, group)
+    loss = divergence(loss_type, log_p, log_q, space, jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu)
+    loss = loss * _temperature_factor(temperature_squared, logits_scale)
+    return torch.where(row_ok, loss, torch.zeros_like(loss))
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(logits: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """Global argmax id ``[N]`` over the TP-sharded vocabulary (ties: the smallest id)."""
+    v_local = logits.shape[-1]
+    local_max, local_arg = logits.max(dim=-1)
+    local_max = local_max.to(accumulation_dtype(logits.dtype))
+    global_max = all_reduce_no_grad(local_max.clone(), dist.ReduceOp.MAX, group)
+    candidate = local_arg + vocab_shard_range(v_local, group)[0]
+    no_candidate = torch.full_like(candidate, v_local * tp_world_size(group))
+    candidate = torch.where(local_max == global_max, candidate, no_candidate)
+    return all_reduce_no_grad(candidate, dist.ReduceOp.MIN, group)
+
+
+@torch.no_grad()
+def token_agreement(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor,
+    group: ProcessGroup = None,
+    *,
+    teacher_topk_logits: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fraction of tokens where the student's argmax equals the teacher's (for logging).
+
+    ``teacher`` is either the teacher's top-k ids ``[N, k]`` / ``[N]`` (integer dtype;
+    its top-1 is column 0, as ``torch.topk`` orders them, or the argmax of
+    ``teacher_topk_logits`` when given) or the teacher's logits shard ``[N, V/TP]``
+    (floating dtype; argmax vocab-parallel). ``mask`` ``[N]`` (optional) selects the
+    tokens counted. Returns a 0-dim fp32 tensor, identical on all TP ranks.
+    """
+    student_top = vocab_parallel_argmax(student_logits, group)
+    if teacher.is_floating_point():
+        teacher_top = vocab_parallel_argmax(teacher, group)
+    elif teacher.dim() == 1:
+        teacher_top = teacher
+    elif teacher_topk_logits is not None:
+        teacher_top = teacher.gather(-1, teacher_topk_logits.argmax(dim=-1, keepdim=True))[:, 0]
+    else:
+        teacher_top = teacher[:, 0]
+    agree = (student_top == teacher_top.long()).float()
+    if mask is None:
+        return agree.mean()
+    mask = mask.float()
+    return (agree * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,343 @@
+"""The joint distillation objective, configured by weights.
+
+For one global batch (all microbatches on all DP ranks)::
+
+    L = w_kd  · Σ_rows ω_row · Σ_t m_t · D(p_T ‖ q_S)_t  / N_kd
+      + w_sft · Σ_{rows ≠ negative} Σ_t m_t · CE_t       / N_sft
+      + w_pref· Σ_pairs ℓ_pref(pair)                      / N_pairs
+
+* ``D`` is the token-level divergence ``kd_loss_type`` (forward_kl, reverse_kl, jsd,
+  skew_fkl, skew_rkl, akl) against the teacher's top-k (``topk_convention``
+  renormalized | exact_tail) or full vocab-parallel logits (online teacher), with
+  ``logits_scale`` / ``target_logits_scale`` inverse temperatures
+  (:mod:`nemo_kd.losses.kd`).
+* ``ω_row`` is 1 for an ordinary sample, ``positive_kd_weight`` for a preferred
+  (teacher-generated) response and ``negative_kd_weight`` for a dispreferred
+  (student-generated) one: the token-level ``L_pos`` and ``L_neg`` of dual
+  preference distillation (Nanbeige4 report §3.3, whose weights are not published:
+  defaults 1, 1).
+* ``CE`` is the SFT cross-entropy at the reference labels; it is never applied to
+  negative rows (maximising their likelihood would contradict the preference term).
+* ``ℓ_pref`` is the sequence-level term of each (positive, negative) pair:
+  ``dpkd`` (teacher as the DPO reference, arXiv 2406.19774), ``dpo``, ``ipo``,
+  ``cpo`` or ``simpo`` (:mod:`nemo_kd.losses.preference`), from the student's
+  sequence log-probs and, where a reference is used, the teacher's.
+* ``N_kd``, ``N_sft`` are the global counts of the tokens (or sequences, for
+  ``reduction="sequence"``) each term covers and ``N_pairs`` the global number of
+  pairs: every term is a mean over the whole global batch, never over a microbatch
+  (:mod:`nemo_kd.losses.reduction`).
+
+:func:`objective_normalisers` computes the three counts from the masks of all of a
+step's local microbatches (one small all-reduce over DP);
+:meth:`DistillationObjective.__call__` returns one microbatch's contribution to
+``L`` (sum the contributions over microbatches and DP ranks to get ``L``) and
+detached metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from nemo_kd.losses import preference as pref
+from nemo_kd.losses.cross_entropy import vocab_parallel_cross_entropy
+from nemo_kd.losses.divergences import LOSS_TYPES
+from nemo_kd.losses.kd import TOPK_CONVENTIONS, full_kd_loss, token_agreement, topk_kd_loss
+from nemo_kd.losses.reduction import contribution, global_count, masked_sum
+from nemo_kd.losses.sequence import sequence_logprobs
+from nemo_kd.losses.vocab_parallel import ProcessGroup, vocab_parallel_logprobs_at
+
+# Row roles in a microbatch.
+ROLE_SINGLE, ROLE_POSITIVE, ROLE_NEGATIVE = 0, 1, 2
+PREFERENCE_TYPES = ("dpkd", "dpo", "ipo", "cpo", "simpo")
+REDUCTIONS = ("token", "sequence")
+KERNELS = ("torch", "fused")
+
+
+@dataclass
+class DistillationLossConfig:
+    """Objective settings; the names follow NeMo-Aligner's KD config where it has one."""
+
+    kd_loss_type: str = "forward_kl"
+    topk_convention: str = "renormalized"
+    kd_loss_weight: float = 1.0
+    sft_loss_weight: float = 0.0
+    logits_scale: float = 1.0
+    target_logits_scale: float = 1.0
+    temperature_squared: bool = False
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    akl_mu: float = 0.5
+    sft_label_smoothing: float = 0.0
+    # Sequence-level preference term over (positive, negative) pairs.
+    preference_loss_type: str = "dpkd"
+    dpo_loss_weight: float = 0.0
+    preference_beta: float = 0.1
+    length_normalize: bool = True
+    preference_label_smoothing: float = 0.0
+    ipo_tau: float = 0.1
+    simpo_gamma: float = 1.0
+    cpo_nll_weight: float = 1.0
+    # Token-level KD weights of the positive / negative responses (L_pos, L_neg).
+    positive_kd_weight: float = 1.0
+    negative_kd_weight: float = 1.0
+    reduction: str = "token"
+    kd_kernel: str = "torch"
+
+    @classmethod
+    def from_dict(cls, d) -> "DistillationLossConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown loss config keys {unknown}; known keys: {sorted(known)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def choice(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+        choice("kd_loss_type", LOSS_TYPES)
+        choice("topk_convention", TOPK_CONVENTIONS)
+        choice("preference_loss_type", PREFERENCE_TYPES)
+        choice("reduction", REDUCTIONS)
+        choice("kd_kernel", KERNELS)
+        for name in ("kd_loss_weight", "sft_loss_weight", "dpo_loss_weight", "positive_kd_weight", "negative_kd_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("logits_scale", "target_logits_scale", "preference_beta", "ipo_tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.kd_loss_weight + self.sft_loss_weight + self.dpo_loss_weight == 0:
+            raise ValueError("all of kd_loss_weight, sft_loss_weight and dpo_loss_weight are 0: nothing to train")
+        if not 0.0 <= self.sft_label_smoothing < 1.0:
+            raise ValueError(f"sft_label_smoothing must be in [0, 1), got {self.sft_label_smoothing}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd_loss_weight > 0 or (self.dpo_loss_weight > 0 and self.preference_loss_type in ("dpkd", "dpo", "ipo"))
+
+
+@dataclass
+class TopKTeacher:
+    """Teacher top-k for each label position: raw logits and global ids ``[B, T, k]``, LSE ``[B, T]``."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    lse: Optional[torch.Tensor] = None
+
+
+@dataclass
+class FullTeacher:
+    """Online teacher logits, this TP rank's vocab shard ``[B, T, V/TP]`` (student's sharding)."""
+
+    logits: torch.Tensor
+
+
+@dataclass
+class ObjectiveBatch:
+    """One microbatch as the objective sees it (labels already shifted).
+
+    ``labels``/``loss_mask`` ``[B, T]``; ``roles`` ``[B]`` (ROLE_*), ``pair_ids`` ``[B]``
+    (the pair a positive/negative row belongs to, −1 otherwise; both rows of a pair
+    must be in the same microbatch); ``teacher_seq_logprobs`` ``[B]`` the teacher's
+    log-prob of each row's completion (needed by dpkd/dpo/ipo).
+    """
+
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    teacher: Optional[object] = None  # TopKTeacher | FullTeacher | None
+    roles: Optional[torch.Tensor] = None
+    pair_ids: Optional[torch.Tensor] = None
+    teacher_seq_logprobs: Optional[torch.Tensor] = None
+
+    def roles_or_default(self) -> torch.Tensor:
+        if self.roles is not None:
+            return self.roles
+        return torch.full((self.labels.shape[0],), ROLE_SINGLE, dtype=torch.long, device=self.labels.device)
+
+
+@dataclass
+class ObjectiveNormalisers:
+    """Global counts (all microbatches, all DP ranks) each term is averaged over."""
+
+    kd: torch.Tensor
+    sft: torch.Tensor
+    pairs: torch.Tensor
+
+
+def _kd_row_weights(cfg: DistillationLossConfig, roles: torch.Tensor) -> torch.Tensor:
+    w = torch.ones(roles.shape, dtype=torch.float64, device=roles.device)
+    w = torch.where(roles == ROLE_POSITIVE, torch.full_like(w, cfg.positive_kd_weight), w)
+    return torch.where(roles == ROLE_NEGATIVE, torch.full_like(w, cfg.negative_kd_weight), w)
+
+
+def _term_masks(cfg: DistillationLossConfig, batch: ObjectiveBatch):
+    roles = batch.roles_or_default()
+    mask = batch.loss_mask.bool()
+    kd_mask = mask & (_kd_row_weights(cfg, roles) > 0)[:, None]
+    sft_mask = mask & (roles != ROLE_NEGATIVE)[:, None]
+    return kd_mask, sft_mask
+
+
+def _pairs(batch: ObjectiveBatch):
+    """Row indices ``(positive [P], negative [P])`` of the preference pairs in this microbatch."""
+    roles = batch.roles_or_default()
+    if batch.pair_ids is None:
+        empty = torch.zeros(0, dtype=torch.long, device=roles.device)
+        return empty, empty
+    pos = torch.nonzero(roles == ROLE_POSITIVE).flatten()
+    neg = torch.nonzero(roles == ROLE_NEGATIVE).flatten()
+    pos = pos[torch.argsort(batch.pair_ids[pos])]
+    neg = neg[torch.argsort(batch.pair_ids[neg])]
+    if pos.numel() != neg.numel() or not torch.equal(batch.pair_ids[pos], batch.pair_ids[neg]):
+        raise ValueError(
+            "every preference pair needs exactly one positive and one negative row in the same microbatch; "
+            f"got pair ids {batch.pair_ids[pos].tolist()} (positive) vs {batch.pair_ids[neg].tolist()} (negative)"
+        )
+    return pos, neg
+
+
+@torch.no_grad()
+def objective_normalisers(
+    cfg: DistillationLossConfig, microbatches: Sequence[ObjectiveBatch], dp_group: ProcessGroup = None
+) -> ObjectiveNormalisers:
+    """Global counts for every term from this rank's microbatches, all-reduced over ``dp_group``."""
+    kd_masks, sft_masks, pair_masks = [], [], []
+    for mb in microbatches:
+        kd_mask, sft_mask = _term_masks(cfg, mb)
+        kd_masks.append(kd_mask)
+        sft_masks.append(sft_mask)
+        pair_masks.append(torch.ones(_pairs(mb)[0].numel(), dtype=torch.bool, device=mb.labels.device))
+    counts = torch.stack([
+        global_count(kd_masks, cfg.reduction), global_count(sft_masks, cfg.reduction), global_count(pair_masks, "token"),
+    ])
+    if dp_group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(dp_group) > 1:
+        torch.distributed.all_reduce(counts, group=dp_group)  # one collective for all three
+    return ObjectiveNormalisers(kd=counts[0], sft=counts[1], pairs=counts[2])
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # this microbatch's contribution to L (differentiable scalar)
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # detached contributions / sums
+
+
+class DistillationObjective:
+    """Computes one microbatch's contribution to the joint objective (module docstring)."""
+
+    def __init__(self, cfg: DistillationLossConfig, group: ProcessGroup = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.group = group
+
+    def _kd_per_token(self, logits: torch.Tensor, teacher, labels: Optional[torch.Tensor]):
+        """``(kd [N], log q(label) [N] or None)``; top-k KD shares its vocab pass with the labels."""
+        c = self.cfg
+        common = dict(loss_type=c.kd_loss_type, logits_scale=c.logits_scale, target_logits_scale=c.target_logits_scale,
+                      jsd_beta=c.jsd_beta, skew_alpha=c.skew_alpha, akl_mu=c.akl_mu,
+                      temperature_squared=c.temperature_squared, group=self.group)
+        n = logits.shape[0]
+        if isinstance(teacher, TopKTeacher):
+            k = teacher.values.shape[-1]
+            lse = teacher.lse.reshape(n) if teacher.lse is not None else None
+            out = topk_kd_loss(logits, teacher.values.reshape(n, k), teacher.ids.reshape(n, k), lse,
+                               topk_convention=c.topk_convention, impl=c.kd_kernel, label_ids=labels, **common)
+            return out if labels is not None else (out, None)
+        if isinstance(teacher, FullTeacher):
+            return full_kd_loss(logits, teacher.logits.reshape(n, -1), **common), None
+        raise ValueError("kd_loss_weight > 0 needs a teacher (TopKTeacher or FullTeacher) in the batch")
+
+    def __call__(self, student_logits: torch.Tensor, batch: ObjectiveBatch, norms: ObjectiveNormalisers) -> ObjectiveOutput:
+        """``student_logits``: ``[B, T, V/TP]`` (or ``[B·T, V/TP]``) this rank's vocab shard."""
+        c = self.cfg
+        shape = batch.labels.shape
+        logits = student_logits.reshape(-1, student_logits.shape[-1])
+        labels = batch.labels.reshape(-1)
+        kd_mask, sft_mask = _term_masks(c, batch)
+        roles = batch.roles_or_default()
+        loss = logits.new_zeros((), dtype=torch.float32)
+        metrics: Dict[str, torch.Tensor] = {}
+
+        pairs_pos, pairs_neg = _pairs(batch)
+        need_seq = c.dpo_loss_weight > 0 and pairs_pos.numel() > 0
+        # Token log-probs at the labels serve both the SFT term (CE = −log q_y without
+        # smoothing) and the sequence log-probs of the preference term, at temperature 1
+        # (logits_scale is a KD setting); with a top-k teacher they come from the KD's own pass.
+        need_label_lp = need_seq or (c.sft_loss_weight > 0 and c.sft_label_smoothing == 0.0)
+        token_lp = None
+
+        if c.kd_loss_weight > 0:
+            kd, token_lp = self._kd_per_token(logits, batch.teacher, labels if need_label_lp else None)
+            kd = kd.reshape(shape)
+            weighted = kd * _kd_row_weights(c, roles).to(kd.dtype)[:, None]
+            kd_term = contribution(weighted, kd_mask, norms.kd, c.reduction)
+            loss = loss + c.kd_loss_weight * kd_term
+            metrics["kd_loss"] = kd_term.detach()
+            metrics["teacher_student_kd_sum"] = masked_sum(kd.detach(), kd_mask)
+            metrics["kd_tokens"] = kd_mask.sum()
+            metrics["token_agreement"] = self._token_agreement(logits.detach(), batch.teacher, kd_mask.reshape(-1))
+
+        if need_label_lp:
+            if token_lp is None:
+                token_lp = vocab_parallel_logprobs_at(logits, labels, group=self.group, impl=c.kd_kernel)[0]
+            token_lp = token_lp.reshape(shape)
+        if c.sft_loss_weight > 0:
+            if c.sft_label_smoothing == 0.0:
+                ce = -token_lp
+            else:
+                ce = vocab_parallel_cross_entropy(logits, labels, label_smoothing=c.sft_label_smoothing,
+                                                  group=self.group, impl=c.kd_kernel).reshape(shape)
+            sft_term = contribution(ce, sft_mask, norms.sft, c.reduction)
+            loss = loss + c.sft_loss_weight * sft_term
+            metrics["sft_loss"] = sft_term.detach()
+
+        if need_seq:
+            seq = sequence_logprobs(token_lp, batch.loss_mask.bool())
+            out = self._preference(seq, batch, pairs_pos, pairs_neg)
+            pref_term = out.losses.sum() / norms.pairs.clamp(min=1).to(out.losses.dtype)
+            loss = loss + c.dpo_loss_weight * pref_term
+            metrics["preference_loss"] = pref_term.detach()
+            metrics["preference_margin_sum"] = out.margins.sum()
+            metrics["preference_accuracy_sum"] = (out.margins > 0).sum()
+            metrics["pairs"] = torch.tensor(pairs_pos.numel())
+        return ObjectiveOutput(loss=loss, metrics=metrics)
+
+    def _token_agreement(self, logits: torch.Tensor, teacher, mask: torch.Tensor) -> torch.Tensor:
+        """Fraction of KD tokens where the student's argmax is the teacher's."""
+        n = logits.shape[0]
+        if isinstance(teacher, TopKTeacher):
+            return token_agreement(logits, teacher.ids.reshape(n, -1), self.group,
+                                   teacher_topk_logits=teacher.values.reshape(n, -1), mask=mask)
+        return token_agreement(logits, teacher.logits.reshape(n, -1), self.group, mask=mask)
+
+    def _preference(self, seq, batch: ObjectiveBatch, pos, neg) -> pref.PreferenceOutput:
+        c = self.cfg
+        pol_w, pol_l = seq.sum[pos], seq.sum[neg]
+        len_w, len_l = seq.length[pos], seq.length[neg]
+        t = c.preference_loss_type
+        if t in ("dpkd", "dpo", "ipo"):
+            if batch.teacher_seq_logprobs is None:
+                raise ValueError(f"preference_loss_type={t!r} needs teacher_seq_logprobs (the teacher is the reference)")
+            ref = batch.teacher_seq_logprobs.detach().to(pol_w.dtype)
+            ref_w, ref_l = ref[pos], ref[neg]
+            if t == "ipo":
+                return pref.ipo_loss(pol_w, pol_l, ref_w, ref_l, tau=c.ipo_tau, chosen_lengths=len_w,
+                                     rejected_lengths=len_l, length_normalize=c.length_normalize)
+            if t == "dpkd":  # the teacher's output is preferred, the teacher is the reference
+                return pref.dpkd_loss(pol_w, pol_l, ref_w, ref_l, len_w, len_l, beta=c.preference_beta,
+                                      length_normalize=c.length_normalize, label_smoothing=c.preference_label_smoothing)
+            return pref.dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=c.preference_beta,
+                                 label_smoothing=c.preference_label_smoothing, chosen_lengths=len_w,
+                                 rejected_lengths=len_l, length_normalize=c.length_normalize)
+        if t == "cpo":
+            return pref.cpo_loss(pol_w, pol_l, beta=c.preference_beta, nll_weight=c.cpo_nll_weight,
+                                 chosen_lengths=len_w, label_smoothing=c.preference_label_smoothing)
+        return pref.simpo_loss(pol_w, pol_l, len_w, len_l, beta=c.preference_beta, gamma=c.simpo_gamma,
+                               label_smoothing=c.preference_label_smoothing)

@@ -1,0 +1,257 @@
+"""Vocab-parallel log-probability primitives.
+
+Every loss in :mod:`nemo_kd.losses` sees the student's logits the way Megatron's
+``ColumnParallelLinear`` output layer produces them: each tensor-parallel (TP) rank
+holds a contiguous vocabulary shard ``[tokens, V / TP]``, rank ``r`` owning global
+ids ``[r * V/TP, (r + 1) * V/TP)``. Nothing here gathers the full vocabulary.
+
+Two primitives carry all the vocabulary-sized work:
+
+* :func:`vocab_parallel_logprobs_at` – for each token, the student's log-softmax
+  ``log q(v) = s·z_v − LSE_u(s·z_u)`` at a handful of *global* ids (the label, the
+  teacher's top-k ids, ...) plus the log-sum-exp itself. Ids may live on any rank's
+  shard: each rank contributes the ids it owns and one all-reduce completes them.
+  It runs in token chunks, accumulates in fp32 whatever the logits' dtype, keeps
+  no fp32 copy of ``[tokens, vocab]`` for backward (only the logits and ``[tokens]``
+  statistics), and writes its gradient straight into one buffer of the logits'
+  dtype::
+
+      ∂L/∂z_v = s · ( Σ_j g_j·[v = id_j] + (g_lse − Σ_j g_j) · softmax(s·z)_v )
+
+  where ``g_j = ∂L/∂log q(id_j)`` and ``g_lse = ∂L/∂LSE``.
+
+* :func:`vocab_parallel_log_softmax` – the full log-softmax of the local shard in
+  fp32 (differentiable), for losses against a full (online) teacher distribution.
+
+The TP reductions follow Megatron's ``reduce_from_tensor_model_parallel_region``
+contract: the forward all-reduces, the backward is the identity. That is right
+because every rank then computes the same (replicated) loss from the reduced
+value, so ``∂L/∂(local part) = ∂L/∂(total)`` on each rank. Never all-reduce the
+final, already replicated loss differentiably: that multiplies gradients by TP
+(a known bug class in public trainers; our TP=2 tests check gradients, not only
+values).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+# Tokens processed per chunk inside the fused log-prob primitive. Bounds the fp32
+# scratch memory to chunk × V/TP floats whatever the sequence length.
+DEFAULT_TOKEN_CHUNK = 4096
+
+
+def tp_world_size(group: ProcessGroup) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def tp_rank(group: ProcessGroup) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+def vocab_shard_range(local_vocab: int, group: ProcessGroup) -> Tuple[int, int]:
+    """Global ``[start, end)`` ids held by this rank for an evenly split vocabulary."""
+    start = tp_rank(group) * local_vocab
+    return start, start + local_vocab
+
+
+def all_reduce_no_grad(x: torch.Tensor, op=dist.ReduceOp.SUM, group: ProcessGroup = None) -> torch.Tensor:
+    """In-place all-reduce over ``group`` of a tensor outside autograd (a statistic)."""
+    if tp_world_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+class _AllReduceSumIdentityBackward(torch.autograd.Function):
+    """Sum a per-rank partial over ``group``; identity backward (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Differentiable sum of per-rank partials (forward all-reduce, identity backward)."""
+    if tp_world_size(group) == 1:
+        return x
+    return _AllReduceSumIdentityBackward.apply(x, group)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half/bf16/fp32 inputs, fp64 for fp64 inputs (exact references, gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _global_lse_chunk(z: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """LSE over the full (sharded) vocabulary of fp32 chunk ``z`` [n, V_local].
+
+    One fused local ``logsumexp`` per shard, then the shards' LSEs are combined with
+    two ``[n]`` all-reduces: ``LSE = m + log Σ_r exp(LSE_r − m)``, ``m = max_r LSE_r``.
+    A row that is −inf everywhere (fully masked) gets LSE = −inf, never NaN.
+    """
+    local = torch.logsumexp(z, dim=-1)
+    if tp_world_size(group) == 1:
+        return local
+    global_max = all_reduce_no_grad(local.clone(), dist.ReduceOp.MAX, group)
+    shift = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
+    sum_exp = all_reduce_no_grad(torch.exp(local - shift), dist.ReduceOp.SUM, group)
+    return shift + torch.log(sum_exp)
+
+
+def _local_gather(z: torch.Tensor, ids: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """z at global ``ids`` for the ids this shard owns, 0 elsewhere (fp32)."""
+    local_ids = ids - vocab_start
+    owned = (local_ids >= 0) & (local_ids < z.shape[-1])
+    picked = torch.gather(z, -1, local_ids.clamp(0, z.shape[-1] - 1))
+    return torch.where(owned, picked, torch.zeros_like(picked))
+
+
+class _VocabParallelLogProbsAt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ids, scale, group, token_chunk):
+        n, v_local = logits.shape
+        vocab_start = vocab_shard_range(v_local, group)[0]
+        acc = accumulation_dtype(logits.dtype)
+        lse = torch.empty(n, dtype=acc, device=logits.device)
+        picked = torch.empty(ids.shape, dtype=acc, device=logits.device)
+        for s in range(0, n, token_chunk):
+            e = min(n, s + token_chunk)
+            z = logits[s:e].to(acc)  # the only vocab-sized scratch: one fp32 chunk
+            if scale != 1.0:
+                z = z * scale
+            lse[s:e] = _global_lse_chunk(z, group)
+            picked[s:e] = _local_gather(z, ids[s:e], vocab_start)
+        all_reduce_no_grad(picked, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.scale, ctx.token_chunk, ctx.vocab_start = scale, token_chunk, vocab_start
+        # Fully masked rows (LSE = −inf) give log-probs 0 and no gradient, as the fused kernel does.
+        live = torch.isfinite(lse)
+        return torch.where(live[:, None], picked - lse[:, None], torch.zeros_like(picked)), lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_lse):
+        logits, ids, lse = ctx.saved_tensors
+        scale, chunk, vocab_start = ctx.scale, ctx.token_chunk, ctx.vocab_start
+        n, v_local = logits.shape
+        acc = lse.dtype
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros(ids.shape, dtype=acc, device=logits.device)
+        if grad_lse is None:
+            grad_lse = torch.zeros(n, dtype=acc, device=logits.device)
+        live = torch.isfinite(lse)
+        grad_logprobs = torch.where(live[:, None], grad_logprobs.to(acc), torch.zeros((), dtype=acc, device=lse.device))
+        # ∂L/∂z = s·(coeff·softmax(s·z) + Σ_j g_j·[v = id_j]) with coeff = g_lse − Σ_j g_j;
+        # the factor s is folded into both parts so the chunk loop does no extra pass.
+        softmax_coeff = (grad_lse.to(acc) - grad_logprobs.sum(dim=-1)) * scale
+        safe_lse = torch.where(live, lse, torch.zeros_like(lse))  # exp(−inf − 0) = 0 on dead rows
+        local_ids = ids - vocab_start
+        owned = (local_ids >= 0) & (local_ids < v_local)
+        at_ids = torch.where(owned, grad_logprobs * scale, torch.zeros_like(grad_logprobs))
+        local_ids = local_ids.clamp(0, v_local - 1)
+        grad = torch.empty_like(logits)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            # One fp32 chunk buffer, updated in place: s·z − LSE → exp → ·coeff → + g at ids.
+            g = logits[s:e].to(acc, copy=True)
+            if scale != 1.0:
+                g.mul_(scale)
+            g.sub_(safe_lse[s:e, None]).exp_().mul_(softmax_coeff[s:e, None])
+            g.scatter_add_(-1, local_ids[s:e], at_ids[s:e])
+            grad[s:e].copy_(g)
+        return grad, None, None, None, None
+
+
+def vocab_parallel_logprobs_at(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    scale: float = 1.0,
+    group: ProcessGroup = None,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    impl: str = "torch",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probs at global ``ids`` and the log-sum-exp, vocab-parallel.
+
+    Args:
+        logits: ``[N, V_local]`` this rank's vocabulary shard (any float dtype).
+        ids: ``[N, m]`` (or ``[N]``) global token ids, any rank's shard.
+        scale: inverse temperature ``s`` applied to the logits (``logits_scale``).
+        group: the tensor-parallel process group (``None``: single rank).
+        token_chunk: tokens per chunk of the torch path (the fused path streams rows).
+        impl: ``"torch"`` (this module) or ``"fused"`` (the Triton kernels of
+            :mod:`nemo_kd.kernels.logprobs_triton`: one pass forward, one pass
+            backward; needs Triton and CUDA logits, or CPU under ``TRITON_INTERPRET=1``;
+            fp32/bf16/fp16 logits, positive ``scale``; fully masked rows give
+            log-probs 0 instead of NaN).
+
+    Returns:
+        ``(logprobs, lse)``: fp32 (fp64 for fp64 logits) ``[N, m]`` (or ``[N]``) values
+        ``s·z_id − LSE(s·z)`` and fp32 ``[N]`` ``LSE(s·z)``; both differentiable.
+    """
+    if impl == "fused":
+        try:
+            from nemo_kd.kernels.logprobs_triton import fused_logprobs_at
+        except ImportError as e:  # keep the torch path usable without triton
+            raise RuntimeError(f"impl='fused' needs triton, which failed to import: {e}") from e
+        return fused_logprobs_at(logits, ids, scale=scale, group=group)
+    if impl != "torch":
+        raise ValueError(f"impl must be 'torch' or 'fused', got {impl!r}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [tokens, vocab_shard], got shape {tuple(logits.shape)}")
+    squeeze = ids.dim() == 1
+    ids2 = ids[:, None] if squeeze else ids
+    if ids2.shape[0] != logits.shape[0]:
+        raise ValueError(f"ids has {ids2.shape[0]} rows but logits has {logits.shape[0]}")
+    logprobs, lse = _VocabParallelLogProbsAt.apply(logits, ids2.long(), float(scale), group, int(token_chunk))
+    return (logprobs[:, 0] if squeeze else logprobs), lse
+
+
+class _ShardedLogSoftmaxLSE(torch.autograd.Function):
+    """LSE over the sharded vocabulary, for use inside a *sharded* log-softmax.
+
+    The LSE is replicated but feeds only this rank's shard of ``z − LSE``, so each
+    rank's incoming gradient is a partial: ``∂L/∂LSE`` is its all-reduce over TP
+    (Megatron's ``copy_to_tensor_model_parallel_region`` pattern). Backward:
+    ``softmax(z)·Σ_ranks g``.
+    """
+
+    @staticmethod
+    def forward(ctx, z, group):
+        lse = _global_lse_chunk(z, group)
+        ctx.save_for_backward(z, lse)
+        ctx.group = group
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, lse = ctx.saved_tensors
+        grad = all_reduce_no_grad(grad.contiguous().clone(), dist.ReduceOp.SUM, ctx.group)
+        return torch.exp(z - lse[:, None]) * grad[:, None], None
+
+
+def vocab_parallel_log_softmax(logits: torch.Tensor, scale: float = 1.0, group: ProcessGroup = None) -> torch.Tensor:
+    """fp32 (fp64 for fp64 input) log-softmax of ``scale·logits`` over the TP-sharded vocabulary, local shard ``[N, V_local]``.
+
+    Differentiable. Materialises ``[N, V_local]`` fp32: use it for losses that need
+    the whole distribution (online teacher); top-k losses use
+    :func:`vocab_parallel_logprobs_at` instead.
+    """
+    z = logits.to(accumulation_dtype(logits.dtype))
+    if scale != 1.0:
+        z = z * scale
+    lse = _ShardedLogSoftmaxLSE.apply(z, group)
+    return z - lse[:, None]

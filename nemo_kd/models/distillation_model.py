@@ -1,0 +1,397 @@
+"""``GPTDistillationModel``: the NeMo ``ModelPT`` face of :class:`~nemo_kd.models.engine.DistillationEngine`.
+
+Config (Hydra/OmegaConf, see ``conf/gpt_kd.yaml``)::
+
+    student:  GPTModelConfig fields
+    teacher:  {mode: offline}                                  # top-k from data.train_ds.logits_store
+              {mode: online, checkpoint: DIR, model: null}     # co-located frozen Megatron teacher
+    kd:       DistillationLossConfig fields (NeMo-Aligner names: kd_loss_weight, sft_loss_weight,
+              logits_scale, target_logits_scale, kd_loss_type, topk_convention, ...)
+    optim:    OptimConfig fields (lr, min_lr, warmup_steps, decay_steps, ...)
+    parallel: ParallelConfig fields (tensor/pipeline_model_parallel_size, seed, ...)
+    data:     {train_ds: {...}, validation_ds: {...} | null}
+              each: file_path, logits_store (offline), tokenizer (HF dir), prompt_format,
+              max_seq_length, overlong, micro_batch_size, global_batch_size, seed, shuffle
+    max_steps: null   # LR schedule length; null: trainer.max_steps
+
+The engine (Megatron DDP + optimizer + scheduler + objective) is built in ``__init__``
+after :func:`~nemo_kd.parallel.initialize_parallel` (unless already initialised).
+Bad values fail there, with the validators' messages: unknown keys or loss types
+(``DistillationLossConfig.validate``), a TP/PP layout that does not split the
+architecture (``GPTModelConfig.validate_parallel``), a store not made from this dataset /
+tokenizer / length limit (``StoreMismatchError``), an online teacher with another
+vocabulary.
+
+Training uses manual optimisation: ``training_step`` gets this rank's list of collated
+microbatches of one global batch, calls ``engine.train_step`` and then steps a thin
+:class:`_EngineOptimizer` (no parameters update there) through
+``self.optimizers().step()``, which is what advances Lightning's ``global_step`` in
+manual optimisation. The adapter's ``state_dict`` carries the Megatron optimizer and
+scheduler state into Lightning checkpoints; ``consumed_samples`` (the data position)
+is saved in the checkpoint too and the train sampler resumes from it.
+
+Only the student is part of ``state_dict()`` (``self.student`` is the engine's
+Megatron module), so ``save_to`` writes the student weights to ``model_weights.ckpt``
+and ``restore_from`` rebuilds the engine from the config and loads them. Under TP/PP the
+``.nemo`` still holds the full (TP=1, PP=1) student, gathered at save and re-sharded at
+restore, so a ``.nemo`` restores with any layout. Lightning checkpoints are per rank
+under TP/PP (see :class:`~nemo_kd.parallel.strategy.MegatronStrategy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import nemo_kd
+from nemo.core.classes import ModelPT
+
+from nemo_kd.data.kd_dataset import DataConfigError, DistillationDataset, GlobalBatchSampler, collate
+from nemo_kd.losses.objective import DistillationLossConfig
+from nemo_kd.models.config import GPTModelConfig
+from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
+from nemo_kd.parallel import state
+from nemo_kd.parallel.state import ParallelConfig
+
+nemo_kd._allow_nemo_restore()
+# Metrics are reduced over data-parallel ranks by the engine already.
+warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val_.*sync_dist=True")
+
+__all__ = ["GPTDistillationModel"]
+
+log = logging.getLogger(__name__)
+
+_DATA_KEYS = {"file_path", "logits_store", "tokenizer", "prompt_format", "max_seq_length", "overlong",
+              "micro_batch_size", "global_batch_size", "seed", "shuffle", "top_k", "skip_bad_samples", "split",
+              "num_workers", "defer_setup"}
+_TEACHER_KEYS = {"mode", "checkpoint", "model"}
+
+
+def _plain(node) -> dict:
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node)
+
+
+class _EngineOptimizer(torch.optim.Optimizer):
+    """What Lightning sees as the optimizer: the real update happens in ``engine.train_step``.
+
+    ``step()`` only runs Lightning's closure (a no-op in manual optimisation) so that
+    ``self.optimizers().step()`` advances ``global_step``; ``param_groups[0]["lr"]``
+    mirrors the engine's rate (for ``LearningRateMonitor``); ``state_dict`` is the
+    Megatron optimizer + scheduler state, restored by ``load_state_dict``.
+    """
+
+    def __init__(self, engine: DistillationEngine, params):
+        self.engine = engine
+        super().__init__(params, {"lr": engine.optimizer.param_groups[0]["lr"]})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.param_groups[0]["lr"] = self.engine.optimizer.param_groups[0]["lr"]
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # the engine zeroes its grad buffers
+        pass
+
+    def state_dict(self) -> Dict[str, Any]:
+        e = self.engine
+        return {"megatron_optimizer": e.optimizer.state_dict(), "scheduler": e.scheduler.state_dict(),
+                "engine_step": e.step}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        e = self.engine
+        e.optimizer.load_state_dict(sd["megatron_optimizer"])
+        e.scheduler.load_state_dict(sd["scheduler"])
+        e.step = int(sd.get("engine_step", 0))
+
+
+class _StepData(torch.utils.data.Dataset):
+    """Item = one step: a list of microbatch index lists -> this rank's collated microbatches."""
+
+    def __init__(self, dataset: DistillationDataset, seq_length: int, pad_id: int):
+        self.dataset, self.seq_length, self.pad_id = dataset, seq_length, pad_id
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, microbatches: List[List[int]]) -> List[Dict[str, torch.Tensor]]:
+        return [collate([self.dataset[i] for i in mb], self.seq_length, self.pad_id) for mb in microbatches]
+
+
+class _StepSampler:
+    """``len()`` steps per Lightning epoch from a :class:`GlobalBatchSampler` started at the
+    current data position (``start()``, read at ``iter`` time: after a checkpoint restore)."""
+
+    def __init__(self, num_samples: int, micro: int, gbs: int, seed: int, shuffle: bool, start=lambda: 0):
+        self.kw = dict(num_samples=num_samples, micro_batch_size=micro, global_batch_size=gbs,
+                       dp_rank=state.dp_rank(), dp_size=state.dp_size(), seed=seed, shuffle=shuffle)
+        self.start = start
+        GlobalBatchSampler(**self.kw)  # validates the sizes now
+        self.steps = num_samples // gbs
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        it = iter(GlobalBatchSampler(consumed_samples=self.start(), **self.kw))
+        for _ in range(self.steps):
+            yield next(it)
+
+
+class GPTDistillationModel(ModelPT):
+    """Knowledge distillation of a Megatron-core GPT student (offline top-k store or online teacher)."""
+
+    def __init__(self, cfg: DictConfig, trainer=None):
+        # Parse and validate everything before touching the parallel state.
+        self._student_cfg = GPTModelConfig.from_dict(_plain(cfg.student))
+        self._loss_cfg = DistillationLossConfig.from_dict(_plain(cfg.get("kd")))
+        self._optim_cfg = OptimConfig.from_dict(_plain(cfg.get("optim")))
+        self._parallel_cfg = ParallelConfig.from_dict(_plain(cfg.get("parallel")))
+        teacher = _plain(cfg.get("teacher")) or {"mode": "offline"}
+        unknown = sorted(set(teacher) - _TEACHER_KEYS)
+        if unknown:
+            raise ValueError(f"unknown teacher keys {unknown}; valid keys: {sorted(_TEACHER_KEYS)}")
+        self._teacher_mode = teacher.get("mode", "offline")
+        if self._teacher_mode not in ("offline", "online"):
+            raise ValueError(f"teacher.mode must be 'offline' or 'online', got {self._teacher_mode!r}")
+        if self._teacher_mode == "online" and not teacher.get("checkpoint"):
+            raise ValueError("teacher.mode=online needs teacher.checkpoint (a Megatron teacher checkpoint directory)")
+        data = _plain(cfg.get("data"))
+        for split in ("train_ds", "validation_ds"):
+            unknown = sorted(set(data.get(split) or {}) - _DATA_KEYS)
+            if unknown:
+                raise ValueError(f"unknown data.{split} keys {unknown}; valid keys: {sorted(_DATA_KEYS)}")
+        train_ds = data.get("train_ds") or {}
+        self._seq_length = int(train_ds.get("max_seq_length", self._student_cfg.max_position_embeddings))
+        if self._seq_length > self._student_cfg.max_position_embeddings:
+            raise ValueError(f"data.train_ds.max_seq_length ({self._seq_length}) exceeds student."
+                             f"max_position_embeddings ({self._student_cfg.max_position_embeddings})")
+        p = self._parallel_cfg
+        self._student_cfg.validate_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                            p.virtual_pipeline_model_parallel_size)
+        if p.virtual_pipeline_model_parallel_size:
+            raise ValueError("virtual pipeline stages are not supported by the distillation engine")
+
+        super().__init__(cfg=cfg, trainer=trainer)
+        self.automatic_optimization = False
+
+        if not state.is_initialized():
+            state.initialize_parallel(self._parallel_cfg)
+        elif (state.tp_size(), state.pp_size()) != (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) \
+                and self._is_model_being_restored():
+            # a .nemo holds the full student: restore into the layout this process runs with
+            self._student_cfg.validate_parallel(state.tp_size(), state.pp_size())
+            log.info("restoring a TP=%d/PP=%d model with TP=%d/PP=%d", p.tensor_model_parallel_size,
+                     p.pipeline_model_parallel_size, state.tp_size(), state.pp_size())
+            p.tensor_model_parallel_size, p.pipeline_model_parallel_size = state.tp_size(), state.pp_size()
+            with open_dict(self._cfg):
+                self._cfg.parallel.tensor_model_parallel_size = state.tp_size()
+                self._cfg.parallel.pipeline_model_parallel_size = state.pp_size()
+        elif (state.tp_size(), state.pp_size()) != (p.tensor_model_parallel_size, p.pipeline_model_parallel_size):
+            raise ValueError(f"parallel state is already initialised with TP={state.tp_size()}, PP={state.pp_size()}"
+                             f" but the config asks TP={p.tensor_model_parallel_size}, "
+                             f"PP={p.pipeline_model_parallel_size}")
+
+        teacher_model = teacher_cfg = None
+        restoring = self._is_model_being_restored()
+        if self._teacher_mode == "online":
+            path = teacher["checkpoint"]
+            if os.path.exists(path):
+                from nemo_kd.teacher.teachers import load_megatron_teacher
+
+                teacher_model, teacher_cfg = load_megatron_teacher(path, state.tp_rank(), state.tp_size(),
+                                                                   state.pp_rank(), state.pp_size())
+                if teacher.get("model"):
+                    declared = GPTModelConfig.from_dict(teacher["model"])
+                    if declared.to_dict() != teacher_cfg.to_dict():
+                        raise ValueError(f"teacher.model does not match the checkpoint's architecture at {path}")
+            elif not restoring:
+                raise FileNotFoundError(f"teacher.checkpoint {path} does not exist")
+            else:
+                log.warning("online teacher checkpoint %s not found: restored model has no teacher", path)
+
+        self._max_steps = self._resolve_max_steps(cfg, trainer)
+        batch_cfg = BatchConfig(micro_batch_size=int(train_ds.get("micro_batch_size", 1)),
+                                global_batch_size=int(train_ds.get("global_batch_size", 1)),
+                                seq_length=self._seq_length)
+        self.engine = DistillationEngine(self._student_cfg, self._loss_cfg, self._optim_cfg, batch_cfg,
+                                         max_steps=self._max_steps, teacher_cfg=teacher_cfg)
+        if teacher_model is not None:  # the engine built a random teacher: use the loaded one
+            teacher_model.requires_grad_(False)
+            teacher_model.eval()
+            self.engine.teacher = teacher_model  # not a submodule: never in state_dict / .nemo
+        self.student = self.engine.module  # registered: the student weights are this model's state_dict
+        self.consumed_samples = 0
+        self._train_samples = self._val_samples = None
+
+        if not restoring:
+            if data.get("train_ds") and not train_ds.get("defer_setup", False):
+                self.setup_training_data(cfg.data.train_ds)
+            if data.get("validation_ds") and not data["validation_ds"].get("defer_setup", False):
+                self.setup_validation_data(cfg.data.validation_ds)
+
+    @staticmethod
+    def _resolve_max_steps(cfg, trainer) -> int:
+        if cfg.get("max_steps"):
+            return int(cfg.max_steps)
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        return 1
+
+    # ------------------------------------------------------------------ data
+
+    def _build_loader(self, ds_cfg, train: bool):
+        ds = _plain(ds_cfg)
+        for key in ("file_path", "tokenizer"):
+            if not ds.get(key):
+                raise DataConfigError(f"data.{'train_ds' if train else 'validation_ds'}.{key} is required")
+        from transformers import AutoTokenizer
+
+        from nemo_kd.data.records import read_records
+        from nemo_kd.data.tokenization import ConversationTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ds["tokenizer"])
+        if len(tok) > self._student_cfg.vocab_size:
+            raise DataConfigError(f"tokenizer {ds['tokenizer']} has {len(tok)} tokens, more than student.vocab_size "
+                                  f"({self._student_cfg.vocab_size})")
+        max_len = int(ds.get("max_seq_length", self._seq_length))
+        if max_len > self._seq_length:
+            raise DataConfigError(f"max_seq_length {max_len} exceeds the training seq_length {self._seq_length}")
+        ctok = ConversationTokenizer(tok, ds.get("prompt_format", "chat"), max_len, ds.get("overlong", "truncate"))
+        records = read_records(ds["file_path"], skip_bad_samples=bool(ds.get("skip_bad_samples", False)),
+                               split=ds.get("split"))
+        store = None
+        if self._teacher_mode == "offline":
+            if not ds.get("logits_store"):
+                raise DataConfigError("teacher.mode=offline needs data.*.logits_store (a teacher top-k store)")
+            from nemo_kd.teacher.store import StoreReader
+
+            store = StoreReader(ds["logits_store"])
+            tv = store.manifest.teacher_vocab_size
+            if tv and tv > self._student_cfg.vocab_size:
+                raise DataConfigError(f"the store's teacher vocabulary ({tv}) is larger than student.vocab_size "
+                                      f"({self._student_cfg.vocab_size}): offline KD needs a shared vocabulary")
+        dataset = DistillationDataset(records, ctok, store=store, k=ds.get("top_k"))
+        micro, gbs = int(ds.get("micro_batch_size", 1)), int(ds.get("global_batch_size", 1))
+        if train and (micro, gbs) != (self.engine.batch_cfg.micro_batch_size, self.engine.batch_cfg.global_batch_size):
+            raise DataConfigError("train_ds micro/global batch size differs from the engine's")
+        sampler = _StepSampler(len(dataset), micro, gbs, int(ds.get("seed", 1234)),
+                               bool(ds.get("shuffle", train)),
+                               start=(lambda: self.consumed_samples) if train else (lambda: 0))
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        loader = torch.utils.data.DataLoader(_StepData(dataset, self._seq_length, pad_id), sampler=sampler,
+                                             batch_size=None, num_workers=int(ds.get("num_workers", 0)))
+        return loader, gbs
+
+    def setup_training_data(self, train_data_config):
+        self._train_dl, self._train_gbs = self._build_loader(train_data_config, train=True)
+
+    def setup_validation_data(self, val_data_config):
+        self._validation_dl, self._val_gbs = self._build_loader(val_data_config, train=False)
+
+    @classmethod
+    def list_available_models(cls):
+        return None
+
+    # ------------------------------------------------------------------ Lightning
+
+    def configure_optimizers(self):
+        self._optimizer = _EngineOptimizer(self.engine, [p for p in self.student.parameters() if p.requires_grad])
+        return self._optimizer
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+        """Student logits (this rank's vocab shard on the last pipeline stage; TP=PP=1: full logits)."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.student(input_ids, position_ids, None)
+
+    def training_step(self, batch: List[Dict[str, torch.Tensor]], batch_idx: int):
+        t0 = time.perf_counter()
+        metrics = self.engine.train_step(batch)
+        self.optimizers().step()  # advances global_step (the engine already updated the weights)
+        elapsed = time.perf_counter() - t0
+        gbs = self.engine.batch_cfg.global_batch_size
+        self.consumed_samples += gbs
+        metrics["tokens/s"] = gbs * self.engine.batch_cfg.seq_length / max(elapsed, 1e-9)
+        metrics["consumed_samples"] = float(self.consumed_samples)
+        for name, value in metrics.items():
+            self.log(name, float(value), prog_bar=name in ("loss", "kd_loss", "lr"), batch_size=gbs)
+        self.log("global_step", float(self.global_step + 1), batch_size=gbs)
+        return torch.tensor(metrics["loss"])
+
+    def validation_step(self, batch: List[Dict[str, torch.Tensor]], batch_idx: int):
+        metrics = self.engine.eval_step(batch)
+        gbs = getattr(self, "_val_gbs", None) or 1
+        for name, value in metrics.items():
+            self.log(f"val_{name}", float(value), batch_size=gbs, prog_bar=name == "loss")
+        return metrics["loss"]
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["consumed_samples"] = self.consumed_samples
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.consumed_samples = int(checkpoint.get("consumed_samples", 0))
+
+    def _model_parallel(self) -> bool:
+        return state.is_initialized() and state.tp_size() * state.pp_size() > 1
+
+    def save_to(self, save_path: str):
+        """Write ``.nemo``: the config and the *full* (TP=1, PP=1) student weights.
+
+        Under TP/PP the shards of data-parallel replica 0 are gathered to global rank 0
+        (``gather_object``: CPU copies, fine for students that fit one host's memory),
+        merged with :func:`~nemo_kd.models.gather_state_dict` and written by rank 0;
+        ``restore_from`` shards them again for whatever layout it runs with.
+        """
+        if not self._model_parallel():
+            return super().save_to(save_path)
+        import torch.distributed as dist
+
+        from nemo_kd.models import gather_state_dict
+
+        local = {k: v.detach().cpu() for k, v in self.student.state_dict().items() if torch.is_tensor(v)}
+        item = (state.pp_rank(), state.tp_rank(), local) if state.dp_rank() == 0 else None
+        items = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(item, items, dst=0)
+        if dist.get_rank() == 0:
+            shards = [[None] * state.tp_size() for _ in range(state.pp_size())]
+            for it in items:
+                if it is not None:
+                    shards[it[0]][it[1]] = it[2]
+            full = gather_state_dict(shards, self._student_cfg)  # keeps this layout's padded vocab rows
+            self._export_state = {f"student.{k}": v for k, v in full.items()}
+        try:
+            return super().save_to(save_path)
+        finally:
+            self._export_state = None
+            dist.barrier()
+
+    def state_dict(self, *args, **kwargs):
+        if getattr(self, "_export_state", None) is not None:
+            return dict(self._export_state)
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        if self._is_model_being_restored() and state.is_initialized():
+            # .nemo holds the full student (see save_to): take this rank's shard (vocab rows padded for this TP)
+            from nemo_kd.models import shard_state_dict
+
+            full = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
+            shard = shard_state_dict(full, self._student_cfg, state.tp_rank(), state.tp_size(),
+                                     state.pp_rank(), state.pp_size())
+            state_dict = {f"student.{k}": v for k, v in shard.items()}
+        out = super().load_state_dict(state_dict, strict=strict, **kwargs)
+        if hasattr(self.engine.optimizer, "reload_model_params"):  # refresh fp32 main params (bf16 students)
+            self.engine.optimizer.reload_model_params()
+        return out

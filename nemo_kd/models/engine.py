@@ -1,0 +1,270 @@
+"""The Megatron side of a distillation step: student, optimizer, schedule, teacher.
+
+:class:`DistillationEngine` owns this rank's student chunk wrapped in Megatron's
+``DistributedDataParallel``, Megatron's optimizer and LR/WD scheduler, an optional
+co-located frozen teacher (online mode, same TP/PP layout), and the joint objective.
+:meth:`train_step` runs one global batch through Megatron's own
+``get_forward_backward_func`` (microbatches, pipeline stages, DP gradient reduction
+in ``finalize_model_grads``) and the optimizer step — the same code on GPU and, with
+:mod:`nemo_kd.parallel.cpu_shim`, on CPU. The NeMo model class
+(:mod:`nemo_kd.models.distillation_model`) drives it from a Lightning ``Trainer``.
+
+Normalisation (contract (B) of :mod:`nemo_kd.losses.reduction`): before the schedule
+runs, the global counts of KD tokens, SFT tokens and preference pairs are computed
+from this step's microbatches and all-reduced over DP; each microbatch's loss is its
+exact contribution to the global-batch objective times ``M·DP``, which the schedule
+(÷M) and DDP's gradient average (÷DP) undo. Each term is thus a mean over the whole
+global batch, whatever the microbatch split.
+
+Online teacher: with PP > 1 the teacher's activations travel through its own
+pipeline, so the teacher runs first, forward-only, over the step's microbatches, and
+its logits shards (``[b, s, V/TP]``, the teacher's dtype) are kept on the last stage
+for the student's loss. The teacher never sees gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_kd.losses.objective import (
+    DistillationLossConfig,
+    DistillationObjective,
+    FullTeacher,
+    ObjectiveBatch,
+    TopKTeacher,
+    objective_normalisers,
+)
+from nemo_kd.models.builder import build_gpt_model
+from nemo_kd.models.config import GPTModelConfig
+from nemo_kd.parallel import state
+
+
+@dataclass
+class OptimConfig:
+    """Adam + warmup/cosine, as NeMo/Megatron users set them."""
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # default: the run's max_steps
+    decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False  # GPU only: Megatron's sharded optimizer state
+
+    @classmethod
+    def from_dict(cls, d) -> "OptimConfig":
+        d = dict(d or {})
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown optim keys {unknown}")
+        return cls(**d)
+
+
+@dataclass
+class BatchConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    seq_length: int = 512
+
+    def num_microbatches(self, dp_size: int) -> int:
+        per_step = self.micro_batch_size * dp_size
+        if self.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size × "
+                             f"data-parallel size ({self.micro_batch_size} × {dp_size})")
+        return self.global_batch_size // per_step
+
+
+def _objective_batch(mb: Dict[str, torch.Tensor], teacher_logits: Optional[torch.Tensor]) -> ObjectiveBatch:
+    if teacher_logits is not None:
+        teacher = FullTeacher(teacher_logits)
+    elif "teacher_values" in mb:
+        teacher = TopKTeacher(mb["teacher_values"], mb["teacher_ids"], mb.get("teacher_lse"))
+    else:
+        teacher = None
+    return ObjectiveBatch(mb["labels"], mb["loss_mask"], teacher, mb.get("roles"), mb.get("pair_ids"),
+                          mb.get("teacher_seq_logprob"))
+
+
+class DistillationEngine:
+    """Student + optimizer + scheduler (+ online teacher) for this rank. Parallel state must be initialised."""
+
+    def __init__(self, student_cfg: Optional[GPTModelConfig], loss_cfg: DistillationLossConfig, optim_cfg: OptimConfig,
+                 batch_cfg: BatchConfig, max_steps: int, teacher_cfg: Optional[GPTModelConfig] = None,
+                 student_init_path: Optional[str] = None):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        if not state.is_initialized():
+            raise RuntimeError("initialise parallel state (nemo_kd.parallel.initialize_parallel) before the engine")
+        loss_cfg.validate()
+        self.max_steps = max_steps
+        self.num_microbatches = batch_cfg.num_microbatches(state.dp_size())
+        if student_init_path:
+            # A converted nemo_kd Megatron checkpoint or a Hugging Face directory, loaded at this
+            # run's TP/PP; its architecture (incl. RoPE scaling etc.) replaces student_cfg.
+            from nemo_kd.convert.checkpoint_io import build_and_load
+
+            loaded = build_and_load(student_init_path)
+            if len(loaded.model_chunks) != 1:
+                raise ValueError("virtual pipeline stages are not supported by the engine")
+            self.module, student_cfg = loaded.model_chunks[0], loaded.arch.model
+        else:
+            self.module = build_gpt_model(student_cfg)
+        self.student_cfg, self.loss_cfg, self.optim_cfg, self.batch_cfg = student_cfg, loss_cfg, optim_cfg, batch_cfg
+        if teacher_cfg is not None and teacher_cfg.padded_vocab_size(state.tp_size()) != \
+                student_cfg.padded_vocab_size(state.tp_size()):
+            raise ValueError(f"online teacher vocabulary ({teacher_cfg.vocab_size}) differs from the student's "
+                             f"({student_cfg.vocab_size}); cross-tokenizer online KD needs the alignment pipeline")
+        tconfig = self.module.config
+        self.ddp = DistributedDataParallel(
+            config=tconfig,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=optim_cfg.use_distributed_optimizer
+            ),
+            module=self.module,
+        )
+        tconfig.no_sync_func = self.ddp.no_sync
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        bf16 = student_cfg.params_dtype == "bf16"
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
+                adam_beta1=optim_cfg.adam_beta1, adam_beta2=optim_cfg.adam_beta2, adam_eps=optim_cfg.adam_eps,
+                clip_grad=optim_cfg.clip_grad, bf16=bf16, params_dtype=student_cfg.torch_dtype,
+                use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+            ),
+            [self.ddp],
+        )
+        decay_steps = optim_cfg.decay_steps or max_steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr, max_lr=optim_cfg.lr,
+            min_lr=optim_cfg.min_lr, lr_warmup_steps=optim_cfg.warmup_steps,
+            lr_decay_steps=max(decay_steps, optim_cfg.warmup_steps + 1), lr_decay_style=optim_cfg.decay_style,
+            start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=max(decay_steps, 1),
+            wd_incr_style="constant",
+        )
+        self.objective = DistillationObjective(loss_cfg, group=state.tp_group())
+        self.teacher = None
+        if teacher_cfg is not None:
+            self.teacher = build_gpt_model(teacher_cfg)
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+        self.step = 0
+
+    # ------------------------------------------------------------------ schedules
+
+    def _run_schedule(self, model, forward_step, microbatches: List[dict], forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        b = self.batch_cfg
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+            num_microbatches=len(microbatches), seq_length=b.seq_length, micro_batch_size=b.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _teacher_logits(self, microbatches: List[dict]) -> List[Optional[torch.Tensor]]:
+        """Online teacher: forward-only through its pipeline; logits kept on the last stage."""
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            out = model(mb["inputs"], mb["position_ids"], None)
+            return out, lambda logits: (logits.new_zeros(()), {"logits": logits.detach()})
+
+        with torch.no_grad():
+            outs = self._run_schedule(self.teacher, forward_step, microbatches, forward_only=True)
+        if not state.is_pipeline_last_stage():
+            return [None] * len(microbatches)
+        return [o["logits"] for o in outs]
+
+    def _loss_func(self, mb: dict, teacher_logits, norms, scale: float, logits: torch.Tensor):
+        out = self.objective(logits, _objective_batch(mb, teacher_logits), norms)
+        report = {name: v.detach().float().reshape(()) for name, v in out.metrics.items()}
+        report["loss"] = out.loss.detach().float()
+        return out.loss * scale, report
+
+    def _forward_step(self, norms, scale, data_iterator, model):
+        mb = next(data_iterator)
+        output = model(mb["inputs"], mb["position_ids"], None)
+        return output, partial(self._loss_func, mb, mb.get("_teacher_logits"), norms, scale)
+
+    def _reduce_reports(self, reports: List[dict]) -> Dict[str, float]:
+        """Sum each microbatch's report, average fractions, all-reduce over DP, share across PP."""
+        keys = ["loss", "kd_loss", "sft_loss", "preference_loss", "token_agreement", "teacher_student_kd_sum",
+                "kd_tokens", "preference_accuracy_sum", "pairs"]
+        vec = torch.zeros(len(keys), dtype=torch.float64)
+        if state.is_pipeline_last_stage() and reports:
+            for i, key in enumerate(keys):
+                vals = [r[key] for r in reports if key in r]
+                if vals:
+                    total = torch.stack(vals).double().sum()
+                    vec[i] = total / len(vals) if key == "token_agreement" else total
+        device = state.device()
+        vec = vec.to(device)
+        if state.pp_size() > 1:  # the last stage knows; every stage logs the same numbers
+            dist.broadcast(vec, src=dist.get_global_rank(state.pp_group(), state.pp_size() - 1), group=state.pp_group())
+        if state.dp_size() > 1:
+            dist.all_reduce(vec, group=state.dp_group())
+            vec[keys.index("token_agreement")] /= state.dp_size()
+        totals = dict(zip(keys, vec.cpu().tolist()))
+        out = {k: totals[k] for k in ("loss", "kd_loss", "sft_loss", "preference_loss", "token_agreement")}
+        if totals["kd_tokens"] > 0:
+            out["teacher_student_kd"] = totals["teacher_student_kd_sum"] / totals["kd_tokens"]
+        if totals["pairs"] > 0:
+            out["preference_accuracy"] = totals["preference_accuracy_sum"] / totals["pairs"]
+        return out
+
+    def _prepare(self, microbatches: List[dict]):
+        device = state.device()
+        mbs = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()} for mb in microbatches]
+        if self.teacher is not None:
+            for mb, logits in zip(mbs, self._teacher_logits(mbs)):
+                mb["_teacher_logits"] = logits
+        batches = [_objective_batch(mb, None) for mb in mbs]
+        norms = objective_normalisers(self.loss_cfg, batches, state.dp_group())
+        return mbs, norms
+
+    # ------------------------------------------------------------------ public API
+
+    def train_step(self, microbatches: List[dict]) -> Dict[str, float]:
+        """One optimizer step on this rank's ``num_microbatches`` microbatches of the global batch."""
+        if len(microbatches) != self.num_microbatches:
+            raise ValueError(f"expected {self.num_microbatches} microbatches, got {len(microbatches)}")
+        self.ddp.train()
+        mbs, norms = self._prepare(microbatches)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        scale = float(len(mbs) * state.dp_size())  # undone by the schedule (÷M) and DDP (÷DP)
+        reports = self._run_schedule(self.ddp, partial(self._forward_step, norms, scale), mbs, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron's warmup starts at init_lr)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        metrics = self._reduce_reports(reports)
+        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+                       lr=lr, update_skipped=float(not ok))
+        return metrics
+
+    @torch.no_grad()
+    def eval_step(self, microbatches: List[dict]) -> Dict[str, float]:
+        """Forward-only objective on a batch (same normalisation; no update)."""
+        self.ddp.eval()
+        mbs, norms = self._prepare(microbatches)
+        reports = self._run_schedule(self.ddp, partial(self._forward_step, norms, 1.0), mbs, forward_only=True)
+        return self._reduce_reports(reports)
+
+    def config_dict(self) -> dict:
+        return {"student": self.student_cfg.to_dict(), "loss": asdict(self.loss_cfg), "optim": asdict(self.optim_cfg),
+                "batch": asdict(self.batch_cfg), "max_steps": self.max_steps}

@@ -1,0 +1,224 @@
+"""GPT layer specs that run without transformer-engine and apex (CPU and GPU).
+
+``transformer_impl="local"``: Megatron-core's local spec (``get_gpt_layer_local_spec``:
+``ColumnParallelLinear``/``RowParallelLinear``, ``MLP``, bias-dropout-add) with
+
+* core attention replaced by :class:`SDPACoreAttention`, a drop-in for Megatron's
+  ``DotProductAttention`` built on ``torch.nn.functional.scaled_dot_product_attention``
+  (flash / memory-efficient kernels on GPU, a fused kernel on CPU, no ``[b, h, s, s]``
+  fp32 score buffer from Megatron's global memory buffer), and
+* every norm (input, pre-MLP, q/k, final) pinned to Megatron's ``WrappedTorchNorm``
+  (``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` chosen by ``config.normalization``).
+  Megatron 0.16.1's local spec picks apex's ``FusedLayerNorm`` when apex is importable
+  and flips a module global on the first RMSNorm request; pinning the torch norm makes
+  the spec identical on every machine and makes both RMSNorm and LayerNorm work.
+
+``transformer_impl="transformer_engine"``: Megatron's TE spec, if TE is importable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+__all__ = ["SDPACoreAttention", "get_gpt_layer_spec", "get_gpt_block_spec", "LOCAL", "TRANSFORMER_ENGINE"]
+
+LOCAL = "local"
+TRANSFORMER_ENGINE = "transformer_engine"
+
+# Mask types whose causal structure the module adds itself (the rest use attention_mask only).
+_CAUSAL_TYPES = {AttnMaskType.causal, AttnMaskType.padding_causal}
+
+
+class SDPACoreAttention(MegatronModule):
+    """Megatron core attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same constructor and ``forward`` signature as Megatron's ``DotProductAttention``:
+    query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` (this rank's heads; ``ng``
+    query groups for GQA), output ``[sq, b, np * hn]``.
+
+    Masks follow Megatron's convention: ``attention_mask`` is boolean, broadcastable to
+    ``[b, np, sq, sk]``, ``True`` = *masked out*. For causal mask types
+    (``causal``, ``padding_causal``) the causal mask is always applied and combined with
+    ``attention_mask`` when given (a padding mask ``[b, 1, 1, sk]`` or a full ``[b, 1, sq, sk]``
+    mask). For ``padding``/``arbitrary`` only ``attention_mask`` is used; for ``no_mask`` none.
+    A query row whose keys are all masked attends uniformly to all keys, as Megatron's
+    ``-10000`` fill does (instead of SDPA's NaN); such rows are padding and their loss is
+    masked anyway.
+
+    Softmax precision is the kernel's (fp32 accumulation in SDPA's fused kernels; the math
+    fallback computes in the input dtype).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("SDPACoreAttention does not support context parallelism; use transformer_engine")
+        if config.softmax_type != "vanilla":
+            raise NotImplementedError(f"SDPACoreAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
+        if config.window_size is not None:
+            raise NotImplementedError("SDPACoreAttention does not implement sliding-window attention")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+
+        if pg_collection is not None:
+            tp_world = pg_collection.tp.size()
+        else:
+            from megatron.core import parallel_state
+
+            tp_world = parallel_state.get_tensor_model_parallel_world_size()
+        self.hidden_size_per_attention_head = config.kv_channels
+        self.num_attention_heads_per_partition = divide(config.num_attention_heads, tp_world)
+        self.num_query_groups_per_partition = divide(config.num_query_groups, tp_world)
+        self.hidden_size_per_partition = self.num_attention_heads_per_partition * config.kv_channels
+        # Megatron's apply_query_key_layer_scaling divides the scale by layer_number and
+        # multiplies it back inside the softmax (an fp16 overflow guard): net scale unchanged.
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.hidden_size_per_attention_head)
+        )
+        self.attention_dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def _allowed_mask(self, attention_mask, attention_bias, attn_mask_type, sq, sk, device, dtype):
+        """SDPA ``attn_mask`` (bool: True = attend, or an additive float bias) or None."""
+        causal = attn_mask_type in _CAUSAL_TYPES
+        use_mask = attention_mask is not None and attn_mask_type != AttnMaskType.no_mask
+        if not causal and not use_mask and attention_bias is None:
+            return None
+        allowed = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=device)
+        if causal:
+            # Bottom-right aligned (sq <= sk: queries are the last sq positions), as TE/flash.
+            allowed = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)[None, None]
+        if use_mask:
+            allowed = allowed & ~attention_mask.to(torch.bool)
+        # Fully masked query rows: attend to everything (Megatron's -10000 fill gives the
+        # same uniform distribution) rather than produce NaN.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        if attention_bias is None:
+            return allowed
+        bias = attention_bias.to(dtype)
+        return bias.masked_fill(~allowed, float("-inf"))
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                "packed sequences (packed_seq_params) need transformer_impl='transformer_engine'; "
+                "with the local spec pass a block-diagonal attention_mask instead"
+            )
+        attn_mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        sq, b, np_, hn = query.shape
+        sk = key.shape[0]
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        groups = np_ // k.shape[1]
+        if groups > 1:
+            # GQA: query heads [g*r, (g+1)*r) share kv head g (Megatron's grouping).
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        mask = self._allowed_mask(attention_mask, attention_bias, attn_mask_type, sq, sk, q.device, q.dtype)
+        dropout_p = self.attention_dropout_p if self.training else 0.0
+
+        def attend():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale)
+
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            # Heads are split over TP ranks: dropout must differ per rank (Megatron does the same).
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = attend()
+        else:
+            context = attend()
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * v.shape[-1])
+
+
+def _local_spec(normalization: str, qk_layernorm: bool) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+    layer = spec.submodules
+    layer.input_layernorm = WrappedTorchNorm
+    layer.pre_mlp_layernorm = WrappedTorchNorm
+    attention = layer.self_attention.submodules
+    attention.core_attention = SDPACoreAttention
+    attention.q_layernorm = WrappedTorchNorm if qk_layernorm else IdentityOp
+    attention.k_layernorm = WrappedTorchNorm if qk_layernorm else IdentityOp
+    return spec
+
+
+def _te_spec(normalization: str, qk_layernorm: bool) -> ModuleSpec:
+    try:
+        import transformer_engine  # noqa: F401
+
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    except ImportError as e:
+        raise ImportError(
+            "transformer_impl='transformer_engine' needs transformer-engine (pip install "
+            "'nemo_kd[gpu]' on a CUDA machine); use transformer_impl='local' on CPU"
+        ) from e
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+
+
+def get_gpt_layer_spec(
+    transformer_impl: str = LOCAL, normalization: str = "RMSNorm", qk_layernorm: bool = False
+) -> ModuleSpec:
+    """One GPT transformer layer spec (``TransformerLayer`` ModuleSpec).
+
+    Args:
+        transformer_impl: ``"local"`` (torch SDPA + torch norms, runs anywhere) or
+            ``"transformer_engine"`` (Megatron's TE spec; requires TE).
+        normalization: ``"RMSNorm"`` or ``"LayerNorm"`` (the module reads
+            ``TransformerConfig.normalization``; this picks the spec variant).
+        qk_layernorm: normalise queries and keys per head before attention.
+    """
+    if normalization not in ("RMSNorm", "LayerNorm"):
+        raise ValueError(f"normalization must be 'RMSNorm' or 'LayerNorm', got {normalization!r}")
+    if transformer_impl == LOCAL:
+        return _local_spec(normalization, qk_layernorm)
+    if transformer_impl == TRANSFORMER_ENGINE:
+        return _te_spec(normalization, qk_layernorm)
+    raise ValueError(f"transformer_impl must be {LOCAL!r} or {TRANSFORMER_ENGINE!r}, got {transformer_impl!r}")
+
+
+def get_gpt_block_spec(layer_spec: ModuleSpec, num_layers: int, transformer_impl: str = LOCAL):
+    """What ``GPTModel(transformer_layer_spec=...)`` receives for ``num_layers`` layers of this stage.
+
+    For the local impl: ``TransformerBlockSubmodules`` with the torch final norm (Megatron
+    would otherwise pick apex's ``FusedLayerNorm`` when apex is installed, which has no RMSNorm).
+    For TE: the layer spec itself (Megatron pairs it with ``TENorm``).
+    """
+    if transformer_impl == TRANSFORMER_ENGINE:
+        return layer_spec
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=WrappedTorchNorm)

@@ -1,0 +1,198 @@
+"""Go between a full (TP=1, PP=1) Megatron GPT state dict and one rank's TP/PP shard.
+
+The full state dict is what a TP=1, PP=1 ``GPTModel.state_dict()`` holds (also the
+canonical form the Hugging Face converter reads and writes). Layout rules (Megatron-core
+``GPTModel``, local and TE specs):
+
+* column-parallel, split on dim 0: ``linear_qkv`` (weight, bias), ``linear_fc1`` (weight,
+  bias), ``embedding.word_embeddings.weight`` and ``output_layer.weight`` (vocab-parallel).
+  ``linear_qkv`` is stored in Megatron's per-query-group interleaved layout
+  ``[ng * (q_per_group + 2) * hn, h]`` (for each group: its query heads, then k, then v),
+  so a contiguous dim-0 split hands each TP rank whole query groups. For SwiGLU,
+  ``linear_fc1`` is ``[gate; up]``: each half is split separately and rank ``r`` holds
+  ``[gate_r; up_r]``.
+* row-parallel, split on dim 1: ``linear_proj.weight``, ``linear_fc2.weight`` (their
+  biases are replicated: added after the all-reduce).
+* everything else (norms, q/k norms, learned position embeddings, ``_extra_state``) is
+  replicated.
+* the vocabulary dimension is resized to ``cfg.padded_vocab_size(tp_size)`` before the
+  split (trailing rows trimmed or zero-padded; the real ``vocab_size`` rows are never touched).
+* pipeline stages hold layers ``[offset, offset + n)`` renumbered from 0
+  (``decoder.layers.{i - offset}``); the first stage holds the embedding, the last the
+  final norm and output layer. With ``share_embeddings_and_output_weights`` a single-stage
+  model has no ``output_layer.weight`` and a multi-stage model's last stage holds a copy
+  of the word embedding as ``output_layer.weight``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Mapping, Optional, Sequence
+
+import torch
+
+from nemo_kd.models.config import GPTModelConfig
+
+__all__ = [
+    "split_kind",
+    "layer_offset",
+    "shard_state_dict",
+    "gather_state_dict",
+    "COLUMN",
+    "ROW",
+    "REPLICATED",
+]
+
+COLUMN, ROW, REPLICATED = "column", "row", "replicated"
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_WORD_EMBEDDING = "embedding.word_embeddings.weight"
+_OUTPUT_LAYER = "output_layer.weight"
+_VOCAB_KEYS = (_WORD_EMBEDDING, _OUTPUT_LAYER)
+
+
+def split_kind(key: str) -> str:
+    """How parameter ``key`` is split over TP: ``COLUMN`` (dim 0), ``ROW`` (dim 1) or ``REPLICATED``."""
+    if key.endswith("_extra_state"):
+        return REPLICATED
+    if key in _VOCAB_KEYS or re.search(r"\.(linear_qkv|linear_fc1)\.(weight|bias)$", key):
+        return COLUMN
+    if re.search(r"\.(linear_proj|linear_fc2)\.weight$", key):
+        return ROW
+    return REPLICATED
+
+
+def _is_gated_fc1(key: str, cfg: GPTModelConfig) -> bool:
+    return cfg.gated_linear_unit and re.search(r"\.linear_fc1\.(weight|bias)$", key) is not None
+
+
+def layer_offset(cfg: GPTModelConfig, pp_rank: int, pp_size: int, vp_stage: Optional[int] = None,
+                 vpp_size: Optional[int] = None) -> int:
+    """Global index of this stage's first layer (Megatron's uniform split, incl. interleaving)."""
+    vpp = vpp_size or 1
+    if cfg.num_layers % (pp_size * vpp):
+        raise ValueError(f"num_layers ({cfg.num_layers}) not divisible by pp_size ({pp_size}) * vpp ({vpp})")
+    per_chunk = cfg.num_layers // (pp_size * vpp)
+    return (vp_stage or 0) * (cfg.num_layers // vpp) + pp_rank * per_chunk
+
+
+def _resize_vocab(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] > rows:
+        return t[:rows]
+    pad = torch.zeros((rows - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=0)
+
+
+def _split(t: torch.Tensor, key: str, cfg: GPTModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
+    kind = split_kind(key)
+    if key in _VOCAB_KEYS:
+        t = _resize_vocab(t, cfg.padded_vocab_size(tp_size))
+    if tp_size == 1 or kind == REPLICATED:
+        return t.clone()
+    dim = 0 if kind == COLUMN else 1
+    if t.shape[dim] % tp_size:
+        raise ValueError(f"{key}: dim {dim} of shape {tuple(t.shape)} is not divisible by tp_size {tp_size}")
+    if _is_gated_fc1(key, cfg):
+        gate, up = t.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0).clone()
+    return t.chunk(tp_size, dim=dim)[tp_rank].clone()
+
+
+def _merge(parts: Sequence[torch.Tensor], key: str, cfg: GPTModelConfig) -> torch.Tensor:
+    kind = split_kind(key)
+    if len(parts) == 1 or kind == REPLICATED:
+        return parts[0].clone()
+    if _is_gated_fc1(key, cfg):
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(list(parts), dim=0 if kind == COLUMN else 1)
+
+
+def _stage_has(key: str, cfg: GPTModelConfig, first: bool, last: bool, single_stage: bool) -> bool:
+    if key.startswith("embedding."):
+        return first
+    if key.startswith("decoder.final_layernorm.") or key.startswith("output_layer."):
+        if key == _OUTPUT_LAYER and cfg.share_embeddings_and_output_weights:
+            return last and not single_stage
+        return last
+    return True
+
+
+def shard_state_dict(
+    full: Mapping[str, torch.Tensor],
+    cfg: GPTModelConfig,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    vp_stage: Optional[int] = None,
+    vpp_size: Optional[int] = None,
+) -> Dict[str, torch.Tensor]:
+    """This rank's shard of a full (TP=1, PP=1) GPT state dict.
+
+    The result loads with ``GPTModel.load_state_dict`` into the model that
+    :func:`nemo_kd.models.builder.build_gpt_model` builds on rank (``tp_rank``, ``pp_rank``
+    [, ``vp_stage``]). Tensors are fresh copies.
+    """
+    cfg.validate_parallel(tp_size, pp_size, vpp_size)
+    chunks = pp_size * (vpp_size or 1)
+    layers_here = cfg.num_layers // chunks
+    offset = layer_offset(cfg, pp_rank, pp_size, vp_stage, vpp_size)
+    first = pp_rank == 0 and (vp_stage or 0) == 0
+    last = pp_rank == pp_size - 1 and (vp_stage is None or vp_stage == (vpp_size or 1) - 1)
+    full = dict(full)
+    if cfg.share_embeddings_and_output_weights and _OUTPUT_LAYER not in full and _WORD_EMBEDDING in full:
+        full[_OUTPUT_LAYER] = full[_WORD_EMBEDDING]  # tied: the last stage holds a copy
+    out: Dict[str, torch.Tensor] = {}
+    for key, tensor in full.items():
+        match = _LAYER_KEY.match(key)
+        if match:
+            index = int(match.group(1))
+            if not offset <= index < offset + layers_here:
+                continue
+            local_key = f"decoder.layers.{index - offset}.{match.group(2)}"
+        else:
+            if not _stage_has(key, cfg, first, last, single_stage=chunks == 1):
+                continue
+            local_key = key
+        out[local_key] = _split(tensor, key, cfg, tp_rank, tp_size) if torch.is_tensor(tensor) else tensor
+    return out
+
+
+def gather_state_dict(
+    shards: Sequence[Sequence[Mapping[str, torch.Tensor]]],
+    cfg: GPTModelConfig,
+    vocab_rows: Optional[int] = None,
+) -> Dict[str, torch.Tensor]:
+    """Full (TP=1, PP=1) state dict from ``shards[pp_rank][tp_rank]`` (non-interleaved PP).
+
+    Args:
+        shards: every rank's ``GPTModel.state_dict()``, indexed by pipeline then tensor rank.
+        cfg: the architecture.
+        vocab_rows: rows of the vocabulary matrices in the result (trimmed or zero-padded);
+            None keeps ``cfg.padded_vocab_size(tp_size)``, ``cfg.vocab_size`` unpads.
+
+    The inverse of :func:`shard_state_dict`: ``gather(shard(full)) == full`` when the full
+    state dict's vocabulary rows equal ``vocab_rows``.
+    """
+    pp_size, tp_size = len(shards), len(shards[0])
+    if any(len(row) != tp_size for row in shards):
+        raise ValueError("every pipeline stage needs the same number of tensor-parallel shards")
+    cfg.validate_parallel(tp_size, pp_size)
+    out: Dict[str, torch.Tensor] = {}
+    for pp_rank, stage in enumerate(shards):
+        offset = layer_offset(cfg, pp_rank, pp_size)
+        for key in stage[0]:
+            match = _LAYER_KEY.match(key)
+            global_key = f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}" if match else key
+            if key == _OUTPUT_LAYER and cfg.share_embeddings_and_output_weights:
+                continue  # the tied copy: the full model keeps only the embedding
+            parts = [stage[t][key] for t in range(tp_size)]
+            out[global_key] = _merge(parts, key, cfg) if torch.is_tensor(parts[0]) else parts[0]
+    if vocab_rows is not None:
+        for key in _VOCAB_KEYS:
+            if key in out:
+                out[key] = _resize_vocab(out[key], vocab_rows)
+    return out

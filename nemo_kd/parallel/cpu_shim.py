@@ -1,0 +1,237 @@
+"""Let Megatron-core's training code paths run on CPU (gloo) unchanged.
+
+Megatron's pipeline schedules, p2p communication, DDP grad buffers and optimizers
+hard-code CUDA in a few places: ``torch.zeros(..., device="cuda")`` scratch tensors,
+``device=torch.cuda.current_device()`` allocations, ``torch.cuda.synchronize()`` and
+the CUDA RNG state behind ``get_cuda_rng_tracker().fork()``. On a CPU-only build each
+of those raises, although the surrounding logic (schedules, bucketing, all-reduces over
+gloo, the optimizer step) is device agnostic.
+
+:func:`install_cpu_shim` therefore patches, and records in :data:`PATCHED`:
+
+* the module-global ``torch`` of exactly the Megatron modules listed in
+  ``_MODULES_WITH_CPU_TORCH``, replaced by a *module-local* view (``_CpuTorch``) in which
+  "cuda" means "cpu": factory ``device=`` arguments, ``torch.cuda.current_device()``
+  (returns ``"cpu"``), ``synchronize``/``empty_cache`` (no-ops);
+* Megatron's two RNG-state helpers behind ``get_cuda_rng_tracker().fork()``, pointed at
+  the CPU generator (:func:`nemo_kd.parallel.state.seed_model_parallel_rng` seeds the
+  tracker with CPU generator states), plus a log filter for the warning that becomes
+  meaningless when both generators are the same;
+* ``clip_grad_by_total_norm_fp32`` as imported by the optimizer, routed through
+  Megatron's own ``use_decoupled_grad`` branch (the default branch asserts a CUDA tensor type);
+* ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings with PP>1) runs
+  with ``Tensor.cuda`` as the identity for the duration of the call.
+
+Global ``torch`` is otherwise never modified, and the shim does nothing where CUDA is
+available: GPU runs execute Megatron unpatched. What it does not cover (on purpose):
+CUDA streams / overlapped communication (``overlap_grad_reduce``, ``overlap_p2p_comm``,
+``overlap_param_gather``), CUDA graphs, fused kernels (TE, apex): configure CPU runs
+without them.
+
+The patch list is tied to megatron-core 0.16.1; set ``NEMO_KD_CPU_SHIM_ANY_MEGATRON=1``
+to try it on another version at your own risk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+from typing import List
+
+import torch
+
+SUPPORTED_MEGATRON_VERSION = "0.16.1"
+OVERRIDE_ENV = "NEMO_KD_CPU_SHIM_ANY_MEGATRON"
+
+# "module.symbol" of everything patched, in order (empty until installed / on GPU).
+PATCHED: List[str] = []
+
+# Megatron modules whose module-global ``torch`` becomes the CPU view, each with why.
+_MODULES_WITH_CPU_TORCH = {
+    # total_num_tokens = torch.zeros(..., device="cuda") in every schedule.
+    "megatron.core.pipeline_parallel.schedules": "device='cuda' token counter",
+    # shape-exchange / recv buffers on torch.cuda.current_device(); torch.cuda.synchronize().
+    "megatron.core.pipeline_parallel.p2p_communication": "p2p recv buffers on current_device()",
+    # grad/param buffers allocated on torch.cuda.current_device(); warm-up tensor on "cuda".
+    "megatron.core.distributed.param_and_grad_buffer": "grad buffers on current_device()",
+    # torch.cuda.synchronize()/empty_cache() around buffer (de)allocation.
+    "megatron.core.distributed.distributed_data_parallel": "torch.cuda.synchronize in buffer helpers",
+    # found_inf / grad scale tensors created with device='cuda'.
+    "megatron.core.optimizer.optimizer": "found_inf and scale tensors on 'cuda'",
+    # grad-norm accumulators created with device='cuda'.
+    "megatron.core.optimizer.clip_grads": "grad-norm scratch on 'cuda'",
+    # local_multi_tensor_l2_norm (the grad-norm fallback without apex/TE) returns on "cuda".
+    "megatron.core.utils": "no-apex l2-norm fallback result on 'cuda'",
+    # RoPE moves inv_freq to torch.cuda.current_device() on the first forward.
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq moved to current_device()",
+}
+
+
+def _cpu_device(device):
+    """Map any CUDA device spec (str, int, torch.device) to CPU; leave others alone."""
+    if device is None:
+        return None
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return "cpu"
+    return device
+
+
+class _CpuCuda:
+    """``torch.cuda`` as seen by the patched modules: the current device is the CPU."""
+
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+    @staticmethod
+    def synchronize(device=None):
+        return None  # CPU ops are synchronous
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+    @staticmethod
+    def stream(stream=None):
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuTorch:
+    """``torch`` as seen by the patched modules: factory ``device=`` args "cuda" -> "cpu"."""
+
+    cuda = _CpuCuda()
+
+    def __init__(self):
+        for name in ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "empty_like"):
+            setattr(self, name, self._on_cpu(getattr(torch, name)))
+
+    @staticmethod
+    def _on_cpu(factory):
+        @functools.wraps(factory)
+        def wrapped(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            return factory(*args, **kwargs)
+
+        return wrapped
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _clip_grads_via_decoupled_path(original):
+    """``clip_grad_by_total_norm_fp32`` without its ``grad.type() == 'torch.cuda.FloatTensor'`` assert.
+
+    Megatron's ``use_decoupled_grad=True`` branch does the same collection and in-place
+    scaling with a dtype-only check, so the grads are routed through it.
+    """
+
+    @functools.wraps(original)
+    def clip(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if use_decoupled_grad:
+            return original(parameters, max_norm, total_norm, use_decoupled_grad=True)
+        params = [p for p in parameters if p.grad is not None]
+        for p in params:
+            p.decoupled_grad = p.grad
+        try:
+            return original(params, max_norm, total_norm, use_decoupled_grad=True)
+        finally:
+            for p in params:
+                del p.decoupled_grad
+
+    return clip
+
+
+def _with_tensor_cuda_as_identity(method):
+    """Run ``method`` with ``Tensor.cuda`` returning the tensor itself, restored afterwards."""
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        original_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original_cuda
+
+    return wrapped
+
+
+class _DropCpuRngChangedWarning(logging.Filter):
+    """On CPU the tracked generator *is* the CPU generator, so fork()'s
+    "CPU RNG state changed within GPU RNG context" warning fires on every dropout."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _check_megatron_version() -> None:
+    from megatron.core import package_info
+
+    version = package_info.__version__
+    if version != SUPPORTED_MEGATRON_VERSION and os.environ.get(OVERRIDE_ENV, "") not in ("1", "true", "True"):
+        raise RuntimeError(
+            f"nemo_kd's CPU shim patches megatron-core {SUPPORTED_MEGATRON_VERSION} internals, "
+            f"found {version}. Re-check the patched symbols in nemo_kd/parallel/cpu_shim.py, or set "
+            f"{OVERRIDE_ENV}=1 to try anyway."
+        )
+
+
+def install_cpu_shim() -> List[str]:
+    """Install the CPU shim once; returns the patched ``module.symbol`` names.
+
+    A no-op (returns ``[]``) when CUDA is available. Idempotent: later calls return the
+    same list without patching again.
+    """
+    if torch.cuda.is_available() or PATCHED:
+        return list(PATCHED)
+    _check_megatron_version()
+    cpu_torch = _CpuTorch()
+    for module_name in _MODULES_WITH_CPU_TORCH:
+        module = importlib.import_module(module_name)
+        module.torch = cpu_torch
+        PATCHED.append(f"{module_name}.torch")
+
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    # get_cuda_rng_tracker().fork() saves/restores the CUDA generator: use the CPU one.
+    random._get_cuda_rng_state = _cpu_get_rng_state
+    # ...and restores it through this helper.
+    random._set_cuda_rng_state = _cpu_set_rng_state
+    PATCHED.extend([f"{random.__name__}._get_cuda_rng_state", f"{random.__name__}._set_cuda_rng_state"])
+    # ...and then warns that the CPU generator moved, which on CPU is the point.
+    logging.getLogger(random.__name__).addFilter(_DropCpuRngChangedWarning())
+    PATCHED.append(f"logging:{random.__name__} (filter)")
+
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    # Grad clipping asserts grad.type() == 'torch.cuda.FloatTensor' (a CPU grad is 'torch.FloatTensor').
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grads_via_decoupled_path(optimizer.clip_grad_by_total_norm_fp32)
+    PATCHED.append(f"{optimizer.__name__}.clip_grad_by_total_norm_fp32")
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    # Tied embeddings over PP>1: the stage-sync does weight.data = weight.data.cuda() before its all-reduce.
+    LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as_identity(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
+    PATCHED.append("megatron.core.models.common.language_module.language_module.LanguageModule.setup_embeddings_and_output_layer")
+    return list(PATCHED)
+
+
+def is_installed() -> bool:
+    return bool(PATCHED)

@@ -1,0 +1,492 @@
+"""``compute_topk_logits``: run a (TP/PP/DP-sharded) teacher over a dataset into the logits store.
+
+Pipeline, per DP rank::
+
+    records (read_records: file:line errors / skip_bad_samples)
+      -> ConversationTokenizer (chat template or plain; over-long samples truncated or dropped, counted)
+      -> this DP rank's contiguous sample block (shard_sample_range)
+      -> resume at the store writer's next_sample_index
+      -> fixed batches -> teacher forward -> teacher_token_stats (top-k / LSE / label log-prob, TP group)
+      -> StoreWriter.append per sample -> commit every ``commit_every`` batches -> finalize
+
+Rows and labels. For a sample of ``L`` tokens whose completion starts at position
+``P`` (``P >= 1``), completion token ``j`` (``P <= j < L``) is predicted by the
+teacher's output at position ``j - 1``: the store's row ``j - P`` holds the top-k of
+``logits[j - 1]`` and the label log-prob ``log p(token_j | tokens_<j)``; the sample's
+``seq_logprob`` is the float64 sum of those. A sample dropped as over-long is written
+with 0 tokens, so store index == dataset index.
+
+Determinism and resume. Batches are aligned to absolute offsets in the rank's block
+(batch ``b`` holds samples ``block.start + b·batch_size ...``), are right-padded to
+their own longest sample, and only whole batches are committed, so a resumed run
+processes exactly the batches an uninterrupted run would and writes the same bytes
+(``tests/test_extract.py`` kills the script with SIGKILL and compares).
+
+Who does what. Every rank tokenises its DP block and runs the teacher; only TP rank 0
+of the last pipeline stage of each DP replica opens a :class:`StoreWriter` (shard =
+DP rank). The writer's resume point is shared with the other ranks of its replica by
+two small all-reduces (TP, then PP). The stats are computed inside Megatron's
+``loss_func`` on the last stage, one micro-batch at a time (see
+:mod:`nemo_kd.teacher.teachers`); an error there (e.g. NaN logits, naming the
+sample) is caught, the schedule drains, and a per-batch flag all-reduced over the
+pipeline makes every stage raise instead of hanging. Global rank 0 shows a tqdm bar
+(its block's samples, completion tokens/s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_kd.data.records import RecordSet, read_records
+from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, TokenizedSample
+from nemo_kd.teacher.store import StoreManifest, StoreWriter, finalize_manifest, shard_sample_range
+from nemo_kd.teacher.teachers import Teacher, TeacherSpec, build_teacher
+from nemo_kd.teacher.topk import teacher_token_stats
+
+__all__ = ["ExtractConfig", "ExtractSummary", "compute_topk_logits", "run_from_config", "main"]
+
+# Test hook: seconds to sleep after each batch (lets the kill-and-resume test land a SIGKILL mid-run).
+_BATCH_DELAY_ENV = "NEMO_KD_EXTRACT_BATCH_DELAY"
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of one extraction run (``conf/compute_topk_logits.yaml`` mirrors these)."""
+
+    data_path: str
+    output_path: str
+    top_k: int = 100  # NeMo-Aligner's default
+    values_dtype: str = "bfloat16"  # float32 | bfloat16 | float16 (ids int32 and LSE fp32 always)
+    prompt_format: str = "chat"  # chat | plain
+    max_seq_length: int = 2048
+    overlong: str = "truncate"  # truncate | drop
+    skip_bad_samples: bool = False
+    split: Optional[str] = None  # split of a DatasetDict directory
+    batch_size: int = 8
+    micro_batch_size: Optional[int] = None  # None: batch_size (raise it above 1 micro-batch for PP)
+    commit_every: int = 1  # batches between durable commits
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.batch_size < 1 or self.commit_every < 1:
+            raise ValueError("batch_size and commit_every must be >= 1")
+        mbs = self.micro_batch_size or self.batch_size
+        if mbs < 1 or self.batch_size % mbs:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({mbs})")
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did (global numbers, identical on every rank)."""
+
+    output_path: str
+    num_samples: int  # dataset samples (after skipping bad ones) == store samples
+    num_tokens: int  # completion tokens in the finished store
+    samples_processed: int  # samples this run computed (excludes samples resumed from disk)
+    tokens_processed: int  # completion tokens this run computed
+    resumed_samples: int  # samples already committed when this run started
+    skipped: int  # malformed input samples skipped (skip_bad_samples)
+    truncated: int  # over-long samples truncated (in the blocks processed by this run)
+    dropped: int  # over-long samples dropped (written with 0 tokens)
+    store_bytes: int  # payload + index bytes of the finished store
+    bytes_per_token: float
+    elapsed_s: float  # wall time of the extraction loop (slowest rank)
+    tokens_per_s: float  # tokens_processed / elapsed_s
+    stats_s: float = 0.0  # time in top-k/LSE (slowest last-stage rank)
+    write_s: float = 0.0  # time in append/commit/finalize (slowest writer)
+    skipped_report: str = ""
+    manifest: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def format(self) -> str:
+        lines = [
+            f"teacher top-k logits store: {self.output_path}",
+            f"  samples            {self.num_samples} ({self.samples_processed} computed now, {self.resumed_samples} resumed)",
+            f"  completion tokens  {self.num_tokens} ({self.tokens_processed} computed now)",
+            f"  bytes/token        {self.bytes_per_token:.2f} ({self.store_bytes} bytes)",
+            f"  skipped bad input  {self.skipped}",
+            f"  over-long          {self.truncated} truncated, {self.dropped} dropped",
+            f"  time               {self.elapsed_s:.2f} s ({self.tokens_per_s:.1f} tokens/s;"
+            f" top-k {self.stats_s:.2f} s, writing {self.write_s:.2f} s)",
+        ]
+        if self.skipped_report:
+            lines.append(self.skipped_report)
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _Layout:
+    """Ranks of this process (works without torch.distributed / Megatron: a world of one)."""
+
+    def __init__(self):
+        from nemo_kd.parallel import state
+
+        self.dist = dist.is_available() and dist.is_initialized()
+        self.megatron = state.is_initialized()
+        self.global_rank = dist.get_rank() if self.dist else 0
+        if self.megatron:
+            self.tp_rank, self.tp_size = state.tp_rank(), state.tp_size()
+            self.pp_rank, self.pp_size = state.pp_rank(), state.pp_size()
+            self.dp_rank, self.dp_size = state.dp_rank(), state.dp_size()
+            self.tp_group, self.pp_group, self.dp_group = state.tp_group(), state.pp_group(), state.dp_group()
+            self.last_stage = state.is_pipeline_last_stage()
+        else:
+            world = dist.get_world_size() if self.dist else 1
+            self.tp_rank, self.tp_size, self.pp_rank, self.pp_size = 0, 1, 0, 1
+            self.dp_rank, self.dp_size = self.global_rank, world
+            self.tp_group = self.pp_group = None
+            self.dp_group = dist.group.WORLD if self.dist else None
+            self.last_stage = True
+
+    def all_reduce_mp(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        """All-reduce over this DP replica's model-parallel ranks (TP, then PP)."""
+        op = op or dist.ReduceOp.MAX
+        if self.tp_size > 1:
+            dist.all_reduce(t, op=op, group=self.tp_group)
+        if self.pp_size > 1:
+            dist.all_reduce(t, op=op, group=self.pp_group)
+        return t
+
+    def all_reduce_dp(self, t: torch.Tensor, op) -> torch.Tensor:
+        if self.dist and self.dp_size > 1:
+            dist.all_reduce(t, op=op, group=self.dp_group)
+        return t
+
+    def barrier(self) -> None:
+        if self.dist:
+            dist.barrier()
+
+
+def _sample_name(records: RecordSet, i: int) -> str:
+    r = records[i]
+    return f"sample {i} ({r.source_file}:{r.source_line})" if r.source_file else f"sample {i}"
+
+
+def _tokenize_block(records: RecordSet, ctok: ConversationTokenizer, block: range) -> List[Optional[TokenizedSample]]:
+    out = []
+    for i in block:
+        ts = ctok(records[i].messages, sample_name=_sample_name(records, i))
+        if ts is not None and ts.num_prompt_tokens < 1:
+            raise TokenizationError(f"{_sample_name(records, i)}: the prompt renders to no tokens, so the first "
+                                    "completion token has no teacher position predicting it")
+        out.append(ts)
+    return out
+
+
+def _batches(block: range, start: int, batch_size: int):
+    """Batches of ``block`` from ``start``, aligned to ``block.start + b * batch_size``."""
+    i = start
+    while i < block.stop:
+        end = min(block.stop, block.start + ((i - block.start) // batch_size + 1) * batch_size)
+        yield range(i, end)
+        i = end
+
+
+class _BatchStats:
+    """Per-batch stats collected on the last stage (inside Megatron's loss_func)."""
+
+    def __init__(self, rows, tokens_cpu, k, vocab_size):
+        self.rows, self.tokens, self.k, self.vocab_size = rows, tokens_cpu, k, vocab_size
+        self.parts: List[tuple] = []
+        self.error: Optional[BaseException] = None
+        self.seconds = 0.0
+
+    def __call__(self, first: int, logits: torch.Tensor, group) -> None:
+        if self.error is not None:
+            return  # every TP rank caught the same error: skip (collectives stay matched)
+        t0 = time.perf_counter()
+        try:
+            b = logits.shape[0]
+            r_idx, pos, samples = [], [], []
+            for r in range(first, first + b):
+                row = self.rows[r]
+                if row is None:
+                    continue
+                sample, p, length = row
+                r_idx.append(torch.full((length - p,), r - first, dtype=torch.int64))
+                pos.append(torch.arange(p - 1, length - 1))
+                samples.append(torch.full((length - p,), sample, dtype=torch.int64))
+            if not r_idx:
+                return
+            r_idx, pos, samples = torch.cat(r_idx), torch.cat(pos), torch.cat(samples)
+            labels = self.tokens[r_idx + first, pos + 1]
+            dev = logits.device
+            rows = logits[r_idx.to(dev), pos.to(dev)]  # [n, V/TP]
+            stats = teacher_token_stats(
+                rows, self.k, labels.to(dev), group=group, row_sample_index=samples, row_positions=pos + 1,
+                vocab_size=self.vocab_size,
+            )
+            self.parts.append((stats.values.cpu(), stats.ids.cpu(), stats.lse.cpu(), stats.label_logprobs.cpu()))
+        except BaseException as e:  # noqa: BLE001 - re-raised after the pipeline schedule drains
+            self.error = e
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def concatenated(self):
+        if not self.parts:
+            return None
+        return [torch.cat([p[j] for p in self.parts]) for j in range(4)]
+
+
+def _pad_batch(samples: List[Optional[TokenizedSample]], indices: range, micro_batch_size: int):
+    """Right-padded ``[B, S]`` tokens (B a multiple of micro_batch_size) + per-row (sample, P, L)."""
+    real = [(i, s) for i, s in zip(indices, samples) if s is not None]
+    if not real:
+        return None, []
+    seq = max(len(s.input_ids) for _, s in real)
+    rows_n = -(-len(real) // micro_batch_size) * micro_batch_size
+    tokens = torch.zeros(rows_n, seq, dtype=torch.int64)
+    rows: List[Optional[tuple]] = [None] * rows_n
+    for r, (i, s) in enumerate(real):
+        tokens[r, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.int64)
+        rows[r] = (i, s.num_prompt_tokens, len(s.input_ids))
+    return tokens, rows
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def compute_topk_logits(
+    cfg: ExtractConfig,
+    teacher: Teacher,
+    tokenizer,
+    records: Optional[RecordSet] = None,
+) -> ExtractSummary:
+    """Extract ``cfg.top_k`` teacher logits per completion token of ``cfg.data_path`` into ``cfg.output_path``.
+
+    Call on every rank (after :func:`nemo_kd.parallel.initialize_parallel` for a
+    Megatron teacher; without it a single process is a world of one, or DP over an
+    initialised ``torch.distributed`` world). ``tokenizer`` is a Hugging Face fast
+    tokenizer (the teacher's). ``records`` overrides reading ``cfg.data_path``.
+    Returns the same :class:`ExtractSummary` on every rank.
+
+    Raises:
+        DataError: a malformed sample (``file:line: reason``) without ``skip_bad_samples``.
+        NonFiniteLogitsError: NaN/Inf teacher logits (names the sample and position).
+        StoreMismatchError: ``output_path`` holds a (partial) store built with other settings.
+    """
+    layout = _Layout()
+    if records is None:
+        records = read_records(cfg.data_path, skip_bad_samples=cfg.skip_bad_samples, split=cfg.split)
+    max_len = cfg.max_seq_length
+    if teacher.max_seq_length and max_len > teacher.max_seq_length:
+        raise ValueError(f"max_seq_length {max_len} exceeds the teacher's max_position_embeddings "
+                         f"{teacher.max_seq_length}")
+    ctok = ConversationTokenizer(tokenizer, cfg.prompt_format, max_len, cfg.overlong)
+    num_samples = len(records)
+    block = shard_sample_range(num_samples, layout.dp_rank, layout.dp_size)
+    samples = _tokenize_block(records, ctok, block)
+
+    manifest = StoreManifest(
+        k=int(cfg.top_k), values_dtype=cfg.values_dtype, dataset_hash=records.content_hash,
+        tokenizer_hash=ctok.hash, teacher_name=teacher.name, teacher_hash=teacher.hash,
+        max_seq_length=max_len, num_samples=num_samples, logits_scale_applied=False, logits_scale=1.0,
+        teacher_vocab_size=int(teacher.vocab_size),
+    )
+    if cfg.top_k > teacher.vocab_size:
+        raise ValueError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
+    is_writer = teacher.owns_logits and layout.last_stage and layout.tp_rank == 0
+
+    # Open the writer (resume) on the writer rank; share its resume point (or failure) with the replica.
+    writer, open_error = None, None
+    if is_writer:
+        try:
+            writer = StoreWriter(cfg.output_path, manifest, layout.dp_rank, layout.dp_size)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            open_error = e
+    info = torch.tensor([writer.next_sample_index if writer else -1, 1 if open_error else 0], dtype=torch.int64)
+    layout.all_reduce_mp(info)
+    if open_error is not None:
+        raise open_error
+    if int(info[1]):
+        raise RuntimeError("the store writer of this data-parallel replica failed to open (see its rank's error)")
+    start = int(info[0])
+    resumed = start - block.start
+
+    bar = None
+    if cfg.progress and layout.global_rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(block), initial=resumed, unit="sample", dynamic_ncols=True, file=sys.stderr,
+                   desc=f"top-k logits (DP rank 0 of {layout.dp_size})")
+
+    delay = float(os.environ.get(_BATCH_DELAY_ENV, "0") or 0)
+    mbs = cfg.micro_batch_size or cfg.batch_size
+    samples_done = tokens_done = 0
+    stats_s = write_s = 0.0
+    t_loop = time.perf_counter()
+    for b, indices in enumerate(_batches(block, start, cfg.batch_size)):
+        batch_samples = [samples[i - block.start] for i in indices]
+        tokens, rows = _pad_batch(batch_samples, indices, mbs)
+        collector = _BatchStats(rows, tokens, cfg.top_k, teacher.vocab_size)
+        if tokens is not None:
+            teacher.run(tokens, collector, mbs)
+        stats_s += collector.seconds
+        failed = torch.tensor([1 if collector.error is not None else 0], dtype=torch.int64)
+        layout.all_reduce_mp(failed)
+        if collector.error is not None:
+            raise collector.error
+        if int(failed[0]):
+            raise RuntimeError(f"the teacher failed on the last pipeline stage in samples {indices.start}.."
+                               f"{indices.stop - 1} (see that rank's error)")
+        n_tokens = sum(s.num_completion_tokens for s in batch_samples if s is not None)
+        if writer is not None:
+            t0 = time.perf_counter()
+            stats = collector.concatenated()
+            offset = 0
+            for i, s in zip(indices, batch_samples):
+                if s is None:  # dropped as over-long: 0 tokens keeps store index == dataset index
+                    writer.append(i, torch.zeros(0, cfg.top_k), torch.zeros(0, cfg.top_k, dtype=torch.int64),
+                                  torch.zeros(0), 0.0)
+                    continue
+                n = s.num_completion_tokens
+                values, ids, lse, label_lp = (t[offset:offset + n] for t in stats)
+                offset += n
+                writer.append(i, values, ids, lse, float(label_lp.double().sum()))
+            if (b + 1) % cfg.commit_every == 0:
+                writer.commit()
+            write_s += time.perf_counter() - t0
+        samples_done += len(indices)
+        tokens_done += n_tokens
+        if bar is not None:
+            bar.update(len(indices))
+            elapsed = time.perf_counter() - t_loop
+            bar.set_postfix_str(f"{tokens_done / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
+        if delay:
+            time.sleep(delay)
+    if writer is not None:
+        t0 = time.perf_counter()
+        writer.commit()
+        writer.finalize()
+        writer.close()
+        write_s += time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t_loop
+
+    # Global totals: every replica's (tp, pp)-peer sums over DP; maxima over everything.
+    counts = torch.tensor([samples_done, tokens_done, resumed, ctok.stats.truncated, ctok.stats.dropped],
+                          dtype=torch.int64)
+    layout.all_reduce_dp(counts, dist.ReduceOp.SUM)
+    times = torch.tensor([elapsed, stats_s, write_s], dtype=torch.float64)
+    if layout.dist:
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    layout.barrier()  # every shard is final: the manifest can be read (or assembled) now
+    manifest_path = os.path.join(cfg.output_path, "manifest.json")
+    if not os.path.exists(manifest_path) and layout.global_rank == 0:
+        finalize_manifest(cfg.output_path)
+    layout.barrier()
+    with open(manifest_path) as f:
+        final = json.load(f)
+    store_bytes = sum(s["payload_bytes"] + s["index_bytes"] for s in final["shards"])
+    num_tokens = int(final["num_tokens"])
+    elapsed_max = float(times[0])
+    return ExtractSummary(
+        output_path=cfg.output_path,
+        num_samples=num_samples,
+        num_tokens=num_tokens,
+        samples_processed=int(counts[0]),
+        tokens_processed=int(counts[1]),
+        resumed_samples=int(counts[2]),
+        skipped=len(records.skipped),
+        truncated=int(counts[3]),
+        dropped=int(counts[4]),
+        store_bytes=store_bytes,
+        bytes_per_token=store_bytes / num_tokens if num_tokens else math.nan,
+        elapsed_s=elapsed_max,
+        tokens_per_s=int(counts[1]) / elapsed_max if elapsed_max > 0 else math.nan,
+        stats_s=float(times[1]),
+        write_s=float(times[2]),
+        skipped_report=records.skipped_report(),
+        manifest=final,
+    )
+
+
+# ----------------------------------------------------------------------------- config entry points
+
+
+def _plain(cfg) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:
+        pass
+    return dict(cfg)
+
+
+def run_from_config(cfg, teacher_loader=None) -> ExtractSummary:
+    """Run from the Hydra/OmegaConf config of ``conf/compute_topk_logits.yaml`` (torchrun / srun aware).
+
+    Initialises the parallel state from the launcher's environment (``RANK`` /
+    ``WORLD_SIZE`` of torchrun, ``SLURM_PROCID`` / ``SLURM_NTASKS`` of srun; a plain
+    ``python`` run is a world of one), builds the tokenizer and the teacher, runs
+    :func:`compute_topk_logits`, prints the summary on global rank 0 and tears down.
+    """
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, is_initialized
+
+    c = _plain(cfg)
+    teacher_cfg = dict(c.get("teacher") or {})
+    spec = TeacherSpec(**{k: v for k, v in teacher_cfg.items() if k in {f.name for f in dataclasses.fields(TeacherSpec)}})
+    unknown = sorted(set(teacher_cfg) - {f.name for f in dataclasses.fields(TeacherSpec)})
+    if unknown:
+        raise ValueError(f"unknown teacher keys {unknown}")
+    names = {f.name for f in dataclasses.fields(ExtractConfig)}
+    extract_cfg = ExtractConfig(**{k: c[k] for k in names if k in c})
+    parallel = dict(c.get("parallel") or {})
+    if os.environ.get("NEMO_KD_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["NEMO_KD_NUM_THREADS"]))
+    owns = not is_initialized()
+    if owns:
+        initialize_parallel(ParallelConfig.from_dict(parallel))
+    try:
+        from transformers import AutoTokenizer
+
+        tok_path = c.get("tokenizer_path") or spec.path
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=bool(spec.trust_remote_code))
+        teacher = build_teacher(spec, loader=teacher_loader)
+        summary = compute_topk_logits(extract_cfg, teacher, tokenizer)
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            print(summary.format(), flush=True)
+        return summary
+    finally:
+        if owns:
+            destroy_parallel()
+
+
+def _default_conf_dir() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.normpath(os.path.join(here, "..", "..", "conf"))
+
+
+def main() -> None:
+    """Console entry point ``nemo-kd-compute-topk-logits`` (Hydra; overrides as ``key=value``).
+
+    Uses ``conf/compute_topk_logits.yaml`` of the source checkout; pass
+    ``--config-path``/``--config-name`` to use another one.
+    """
+    import hydra
+
+    @hydra.main(config_path=_default_conf_dir(), config_name="compute_topk_logits", version_base=None)
+    def _app(cfg) -> None:
+        run_from_config(cfg)
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()

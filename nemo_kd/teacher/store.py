@@ -1,0 +1,860 @@
+"""The offline teacher logits store: sharded, memory-mapped, resumable, versioned.
+
+A teacher is run once over the training data; for every completion token the store
+keeps the teacher's top-k raw logits, their token ids and the log-sum-exp, and for
+every sample the teacher's log-prob of the reference completion. Students then read
+it many times, by sample index, in any order.
+
+Format version 1 (a directory)
+------------------------------
+``manifest.json``
+    :class:`StoreManifest` as JSON: format name/version, ``k``, ``values_dtype``,
+    ``logits_scale`` / ``logits_scale_applied``, teacher name and hash, tokenizer
+    hash, dataset hash, ``max_seq_length``, ``num_samples``, and per shard its
+    sample range, token count, byte sizes and sha256 checksums. Written last,
+    atomically, once every shard is final: a directory without it is incomplete.
+``shard-{rank:05d}.bin``
+    Per-token payload of DP rank ``rank``'s samples, one block per sample at the
+    byte offset given by the index. A sample with ``n`` completion tokens is::
+
+        ids     int32  [n, k]   little-endian, top-k token ids (descending value)
+        lse     fp32   [n]      log-sum-exp of the teacher's raw logits
+        values  VT     [n, k]   top-k raw logits; VT = fp32 | fp16 | bf16 (bf16
+                                stored as its raw uint16 bit pattern)
+        pad     0..2 zero bytes to a 4-byte boundary (keeps int32/fp32 aligned)
+
+    i.e. ``6k + 4`` bytes per token at bf16/fp16 (``8k + 4`` at fp32).
+``shard-{rank:05d}.idx``
+    A ``.npy`` file (``np.load(mmap_mode="r")``), one packed row per sample:
+    ``sample_index int64, offset int64, num_tokens int32, seq_logprob float64``
+    (28 bytes). With the at most 2 bytes of padding, a sample costs ``6k + 4``
+    bytes per token plus 30 bytes: at most ``6k + 16`` per token for every
+    sample of 3 or more tokens.
+``shard-{rank:05d}.json``
+    The shard's own record (settings + :class:`ShardInfo`), the marker that the
+    shard is final; ``manifest.json`` is assembled from these.
+
+Samples are assigned to DP ranks in contiguous blocks (:func:`shard_sample_range`),
+so a sample's shard is found by bisection and its record in O(1).
+
+Writing, atomicity and resume
+-----------------------------
+:class:`StoreWriter` appends samples to ``shard-XXXXX.bin.partial`` and
+``shard-XXXXX.idx.partial``. :meth:`StoreWriter.commit` fsyncs them and then
+atomically replaces ``shard-XXXXX.progress.json`` (temp file + fsync +
+``os.replace``) with the committed sample count and byte offsets: the progress file
+is the single commit point. Reopening with a progress file truncates both partial
+files to the committed sizes (dropping whatever a killed process half-wrote) and
+:attr:`StoreWriter.next_sample_index` says where to continue; without one, stale
+partial files are deleted (nothing had been committed). Because the payload is a
+pure function of the samples and nothing time- or process-dependent is stored, a run
+killed at any moment and restarted yields the same bytes as an uninterrupted one.
+:meth:`StoreWriter.finalize` writes the ``.idx`` (atomically), renames the partial
+payload to ``.bin``, writes ``shard-XXXXX.json`` (atomically), removes the progress
+files, and, if every rank's shard is final, writes ``manifest.json``; each step is
+idempotent and a restart after a kill between any two of them completes the rest.
+
+Versioning and the cross-tokenizer extension (planned format version 2)
+------------------------------------------------------------------------
+The manifest carries ``format_version`` (what the writer wrote) and
+``min_reader_version`` (the oldest reader that may use the store); a reader refuses
+a store whose ``min_reader_version`` is above its own version, and otherwise ignores
+manifest keys and ``extensions`` entries it does not know. Version 2 adds
+cross-tokenizer distillation without changing any v1 file:
+
+* the v1 per-token payload stays as is; its ids are, as in v1, ids of the
+  tokenizer named by ``tokenizer_hash`` – the *teacher's* vocabulary;
+* ``extensions["cross_tokenizer_alignment"]`` (the reserved key
+  :data:`ALIGNMENT_EXTENSION`) describes new per-rank files
+  ``shard-XXXXX.align.bin`` / ``shard-XXXXX.align.idx`` holding, per sample, the
+  student tokenisation and the student↔teacher token span alignment, plus
+  ``student_tokenizer_hash`` and the alignment algorithm/version, with their own
+  sizes and checksums in the same per-shard shape as ``shards``;
+* a v2 store whose teacher and student share the tokenizer writes
+  ``min_reader_version = 1`` (v1 readers read it unchanged); a cross-tokenizer store
+  writes ``min_reader_version = 2``, because a v1 reader would feed teacher-vocab
+  ids to a student with another vocabulary – it refuses with a clear error instead.
+
+Reading
+-------
+:class:`StoreReader` memory-maps every shard; ``reader[i]`` returns a
+:class:`TeacherTopK` (fp32 values, int64 ids, fp32 LSE, float seq log-prob) for
+dataset sample ``i``. :meth:`StoreReader.check_compatible` refuses, with
+:class:`StoreMismatchError`, a store built for another dataset, tokenizer, ``k`` or
+length; :meth:`StoreReader.verify_checksums` re-hashes every file.
+
+This module imports torch lazily (only to hand tensors to callers), so a writer
+process does not pay torch's import time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import numpy as np
+
+__all__ = [
+    "ALIGNMENT_EXTENSION",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "INDEX_DTYPE",
+    "READER_VERSION",
+    "VALUES_DTYPES",
+    "ShardInfo",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreIncompleteError",
+    "StoreManifest",
+    "StoreMismatchError",
+    "StoreReader",
+    "StoreWriter",
+    "TeacherTopK",
+    "bytes_per_sample",
+    "finalize_manifest",
+    "shard_for_sample",
+    "shard_sample_range",
+]
+
+FORMAT_NAME = "nemo_kd.teacher_logits_store"
+FORMAT_VERSION = 1  # what this module writes
+READER_VERSION = 1  # the newest min_reader_version this module can read
+ALIGNMENT_EXTENSION = "cross_tokenizer_alignment"  # reserved for format version 2
+
+# Values dtype name -> on-disk numpy dtype (bf16 as raw uint16 bits; numpy has no bf16).
+VALUES_DTYPES: Dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "bfloat16": np.dtype("<u2"),
+    "float16": np.dtype("<f2"),
+}
+INDEX_DTYPE = np.dtype([("sample_index", "<i8"), ("offset", "<i8"), ("num_tokens", "<i4"), ("seq_logprob", "<f8")])
+_ALIGN = 4  # sample blocks start 4-byte aligned so the int32/fp32 sections are aligned
+_MANIFEST = "manifest.json"
+_HASH_CHUNK = 8 << 20
+
+
+class StoreError(RuntimeError):
+    """Base class for logits-store errors."""
+
+
+class StoreMismatchError(StoreError):
+    """The store does not match the dataset/tokenizer/settings it is used with.
+
+    ``differences`` lists each mismatch as a sentence.
+    """
+
+    def __init__(self, differences: List[str], path: str = ""):
+        self.differences = list(differences)
+        where = f" {path}" if path else ""
+        super().__init__(f"teacher logits store{where} does not match:\n  - " + "\n  - ".join(self.differences))
+
+
+class StoreCorruptError(StoreError):
+    """A file of the store is damaged (checksum, size, non-finite values, bad index)."""
+
+
+class StoreIncompleteError(StoreError):
+    """The store is not finished (missing shards or manifest)."""
+
+
+# ----------------------------------------------------------------------------- assignment
+
+
+def shard_sample_range(num_samples: int, rank: int, world_size: int) -> range:
+    """The contiguous block of sample indices DP rank ``rank`` of ``world_size`` writes.
+
+    The first ``num_samples % world_size`` ranks get one extra sample. Both the
+    writer and resume use it, so a restarted rank continues its own block.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad rank {rank} for world size {world_size}")
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def shard_for_sample(sample_index: int, num_samples: int, world_size: int) -> int:
+    """The DP rank whose block holds ``sample_index`` (inverse of :func:`shard_sample_range`)."""
+    if not 0 <= sample_index < num_samples:
+        raise IndexError(f"sample {sample_index} out of range [0, {num_samples})")
+    base, extra = divmod(num_samples, world_size)
+    boundary = extra * (base + 1)  # samples before this are in the larger blocks
+    if sample_index < boundary:
+        return sample_index // (base + 1)
+    return extra + (sample_index - boundary) // base
+
+
+def bytes_per_sample(num_tokens: int, k: int, values_dtype: str) -> int:
+    """Payload bytes of one sample block (including alignment padding)."""
+    raw = num_tokens * (k * 4 + 4 + k * VALUES_DTYPES[values_dtype].itemsize)
+    return -(-raw // _ALIGN) * _ALIGN
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class ShardInfo:
+    """One DP rank's final shard, as listed in the manifest."""
+
+    rank: int
+    payload_file: str
+    index_file: str
+    first_sample: int
+    num_samples: int
+    num_tokens: int
+    payload_bytes: int
+    index_bytes: int
+    payload_sha256: str
+    index_sha256: str
+
+
+# Manifest keys that describe how the store was built; a resumed writer and every
+# shard of one store must agree on all of them.
+_SETTINGS_KEYS = (
+    "format_version",
+    "min_reader_version",
+    "k",
+    "values_dtype",
+    "logits_scale_applied",
+    "logits_scale",
+    "teacher_name",
+    "teacher_hash",
+    "tokenizer_hash",
+    "dataset_hash",
+    "max_seq_length",
+    "num_samples",
+    "teacher_vocab_size",
+    "world_size",
+    "extensions",
+)
+
+
+@dataclass
+class StoreManifest:
+    """Everything a reader needs to trust and interpret the store (``manifest.json``).
+
+    Writers pass the settings fields; ``world_size``, ``shards`` and ``num_tokens``
+    are filled in by the writer and :func:`finalize_manifest`.
+    """
+
+    k: int
+    values_dtype: str = "bfloat16"
+    dataset_hash: str = ""
+    tokenizer_hash: str = ""
+    teacher_name: str = ""
+    teacher_hash: str = ""
+    max_seq_length: int = 0
+    num_samples: int = 0
+    logits_scale_applied: bool = False  # True: stored values/LSE already include logits_scale
+    logits_scale: float = 1.0
+    teacher_vocab_size: Optional[int] = None
+    world_size: int = 1
+    num_tokens: int = 0
+    shards: List[ShardInfo] = field(default_factory=list)
+    extensions: Dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    min_reader_version: int = 1
+
+    def validate(self) -> None:
+        if self.format != FORMAT_NAME:
+            raise StoreError(f"not a teacher logits store manifest (format {self.format!r})")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        if self.values_dtype not in VALUES_DTYPES:
+            raise ValueError(f"values_dtype must be one of {sorted(VALUES_DTYPES)}, got {self.values_dtype!r}")
+        if self.max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be >= 1, got {self.max_seq_length}")
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+        if self.extensions and not isinstance(self.extensions, dict):
+            raise ValueError("extensions must be a dict")
+
+    def settings(self) -> Dict[str, Any]:
+        """The build settings (no shard list / totals), as plain JSON data."""
+        d = dataclasses.asdict(self)
+        return {key: d[key] for key in _SETTINGS_KEYS}
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps(d, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StoreManifest":
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Unknown keys come from newer writers; min_reader_version says if they matter.
+        kwargs = {key: v for key, v in d.items() if key in known}
+        kwargs["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StoreManifest":
+        return cls.from_dict(json.loads(text))
+
+
+def _as_manifest(fields: Union[StoreManifest, Mapping[str, Any]]) -> StoreManifest:
+    if isinstance(fields, StoreManifest):
+        return dataclasses.replace(fields, shards=[], num_tokens=0, extensions=dict(fields.extensions))
+    return StoreManifest.from_dict(dict(fields))
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, data: bytes, tag: str) -> None:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, ``os.replace``, fsync dir.
+
+    ``tag`` makes the temp name unique per writer (``path.tmp-<tag>``) so concurrent
+    writers never share a temp file and each can clean up only its own leftovers.
+    """
+    tmp = f"{path}.tmp-{tag}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_HASH_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _remove_if_exists(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor (without importing torch here)
+        x = x.detach()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        return x.cpu().numpy()
+    return np.asarray(x)
+
+
+def _fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round fp32 to bf16 (nearest, ties to even – as torch does) and return the uint16 bits.
+
+    Callers reject non-finite input first, so the NaN special case is not needed.
+    """
+    u = np.ascontiguousarray(x, dtype="<f4").view("<u4").astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return rounded.astype("<u2")
+
+
+def _bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
+def _encode_values(values: np.ndarray, values_dtype: str) -> np.ndarray:
+    if values_dtype == "float32":
+        return np.ascontiguousarray(values, dtype="<f4")
+    if values_dtype == "float16":
+        with np.errstate(over="ignore"):  # overflow becomes inf, which append() rejects by name
+            return np.ascontiguousarray(values, dtype="<f4").astype("<f2")
+    return _fp32_to_bf16_bits(values)
+
+
+def _decode_values(raw: np.ndarray, values_dtype: str) -> np.ndarray:
+    if values_dtype == "bfloat16":
+        return _bf16_bits_to_fp32(raw)
+    return raw.astype("<f4")
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class StoreWriter:
+    """Writes DP rank ``rank``'s shard; resumable at any point (see module docstring).
+
+    Usage::
+
+        w = StoreWriter(path, StoreManifest(k=..., num_samples=..., ...), rank, world_size)
+        for i in w.remaining():                # sample indices still to write
+            w.append(i, values, ids, lse, seq_logprob)
+            if i % 64 == 0:
+                w.commit()                     # durable from here on
+        w.finalize()                           # also writes manifest.json once all ranks are final
+
+    Args:
+        path: the store directory (created if needed; shared by all DP ranks).
+        manifest_fields: a :class:`StoreManifest` (or a dict of its fields) with the
+            build settings; ``num_samples`` is the dataset size (all ranks).
+        rank, world_size: this DP rank and the number of DP ranks (shards).
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        manifest_fields: Union[StoreManifest, Mapping[str, Any]],
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.path = os.fspath(path)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.manifest = _as_manifest(manifest_fields)
+        self.manifest.world_size = self.world_size
+        self.manifest.validate()
+        if self.manifest.format_version != FORMAT_VERSION:
+            raise ValueError(f"this writer writes format version {FORMAT_VERSION}, not {self.manifest.format_version}")
+        self.assigned = shard_sample_range(self.manifest.num_samples, self.rank, self.world_size)
+        self._tag = f"r{self.rank}"
+        base = os.path.join(self.path, f"shard-{self.rank:05d}")
+        self.payload_file, self.index_file = base + ".bin", base + ".idx"
+        self._payload_partial, self._index_partial = base + ".bin.partial", base + ".idx.partial"
+        self._progress_file, self._done_file = base + ".progress.json", base + ".json"
+        self._payload = self._index = None
+        self._committed_samples = self._committed_bytes = 0
+        self._samples = self._bytes = self._tokens = 0  # appended, committed or not
+        self._committed_tokens = 0
+        self.shard_info: Optional[ShardInfo] = None
+        self.resumed_from: Optional[int] = None  # sample index a resume continued from
+        os.makedirs(self.path, exist_ok=True)
+        self._open()
+
+    # -- state
+
+    @property
+    def next_sample_index(self) -> int:
+        """The sample index :meth:`append` expects next (where a resumed run continues)."""
+        return self.assigned.start + self._samples
+
+    @property
+    def num_committed(self) -> int:
+        return self._committed_samples
+
+    @property
+    def is_finished(self) -> bool:
+        return self.shard_info is not None
+
+    def remaining(self) -> range:
+        """Sample indices still to append, in order."""
+        return range(self.next_sample_index, self.assigned.stop)
+
+    def _settings_record(self) -> Dict[str, Any]:
+        return {"rank": self.rank, "settings": self.manifest.settings()}
+
+    def _check_settings(self, record: Mapping[str, Any], what: str) -> None:
+        mine = self._settings_record()
+        diffs = []
+        if record.get("rank") != self.rank:
+            diffs.append(f"rank: {what} has {record.get('rank')}, this writer is {self.rank}")
+        theirs = record.get("settings", {})
+        for key, value in mine["settings"].items():
+            if theirs.get(key) != value:
+                diffs.append(f"{key}: {what} has {theirs.get(key)!r}, this writer has {value!r}")
+        if diffs:
+            raise StoreMismatchError(
+                [f"the existing {what} was written with different settings (refusing to mix or overwrite them)"] + diffs,
+                self.path,
+            )
+
+    def _open(self) -> None:
+        for stale in glob.glob(glob.escape(os.path.join(self.path, "")) + f"*.tmp-{self._tag}"):
+            os.remove(stale)  # our own half-written temp files from a killed run
+        if os.path.exists(self._done_file):
+            with open(self._done_file) as f:
+                record = json.load(f)
+            self._check_settings(record, os.path.basename(self._done_file))
+            self.shard_info = ShardInfo(**record["shard"])
+            self._samples = self._committed_samples = self.shard_info.num_samples
+            self._tokens = self._committed_tokens = self.shard_info.num_tokens
+            self._bytes = self._committed_bytes = self.shard_info.payload_bytes
+            self.resumed_from = self.assigned.stop
+            # A kill during finalize's last step may leave these behind.
+            _remove_if_exists(self._progress_file)
+            _remove_if_exists(self._index_partial)
+            return
+        if os.path.exists(self._progress_file):
+            with open(self._progress_file) as f:
+                progress = json.load(f)
+            self._check_settings(progress, os.path.basename(self._progress_file))
+            if not os.path.exists(self._payload_partial) and os.path.exists(self.payload_file):
+                # Killed between finalize's rename and its shard record: undo the rename.
+                os.replace(self.payload_file, self._payload_partial)
+            self._committed_samples = int(progress["committed_samples"])
+            self._committed_bytes = int(progress["payload_bytes"])
+            self._committed_tokens = int(progress["num_tokens"])
+            index_bytes = self._committed_samples * INDEX_DTYPE.itemsize
+            for file, size in ((self._payload_partial, self._committed_bytes), (self._index_partial, index_bytes)):
+                actual = os.path.getsize(file) if os.path.exists(file) else -1
+                if actual < size:
+                    raise StoreCorruptError(f"{file}: {actual} bytes on disk but {size} were committed")
+            self._payload = open(self._payload_partial, "r+b")
+            self._index = open(self._index_partial, "r+b")
+            # Drop anything appended after the last commit (possibly half-written).
+            self._payload.truncate(self._committed_bytes)
+            self._index.truncate(index_bytes)
+            self._payload.seek(0, io.SEEK_END)
+            self._index.seek(0, io.SEEK_END)
+            self._samples, self._bytes, self._tokens = self._committed_samples, self._committed_bytes, self._committed_tokens
+            self.resumed_from = self.next_sample_index
+            return
+        # Nothing committed yet: whatever is on disk for this rank is garbage of a killed run.
+        for stale in (self._payload_partial, self._index_partial, self.payload_file, self.index_file):
+            _remove_if_exists(stale)
+        self._payload = open(self._payload_partial, "w+b")
+        self._index = open(self._index_partial, "w+b")
+
+    # -- writing
+
+    def append(self, sample_index: int, values, ids, lse, seq_logprob: float) -> None:
+        """Append sample ``sample_index`` (must be :attr:`next_sample_index`).
+
+        Args:
+            values: ``[n, k]`` teacher raw top-k logits (fp32/bf16 tensor or array),
+                ``n`` = completion tokens (``0 <= n <= max_seq_length``).
+            ids: ``[n, k]`` teacher token ids (stored as int32).
+            lse: ``[n]`` teacher log-sum-exp per token.
+            seq_logprob: the teacher's log-prob of the whole reference completion.
+
+        Not durable until :meth:`commit`.
+        """
+        if self.is_finished:
+            raise StoreError(f"shard {self.rank} is already finalized")
+        if sample_index != self.next_sample_index:
+            raise ValueError(
+                f"samples must be appended in order: expected sample {self.next_sample_index}"
+                f" (rank {self.rank} writes {self.assigned.start}..{self.assigned.stop - 1}), got {sample_index}"
+            )
+        if sample_index >= self.assigned.stop:
+            raise ValueError(f"sample {sample_index} is outside rank {self.rank}'s block {self.assigned}")
+        m = self.manifest
+        v = _to_numpy(values).astype("<f4", copy=False)
+        i = _to_numpy(ids)
+        l = _to_numpy(lse).astype("<f4", copy=False)
+        n = v.shape[0] if v.ndim == 2 else -1
+        if v.ndim != 2 or v.shape[1] != m.k:
+            raise ValueError(f"sample {sample_index}: values must be [n, k={m.k}], got {v.shape}")
+        if i.shape != v.shape:
+            raise ValueError(f"sample {sample_index}: ids shape {i.shape} != values shape {v.shape}")
+        if l.shape != (n,):
+            raise ValueError(f"sample {sample_index}: lse must be [{n}], got {l.shape}")
+        if n > m.max_seq_length:
+            raise ValueError(f"sample {sample_index}: {n} completion tokens exceed max_seq_length {m.max_seq_length}")
+        if not (np.isfinite(v).all() and np.isfinite(l).all() and math.isfinite(float(seq_logprob))):
+            raise ValueError(f"sample {sample_index}: non-finite (NaN/Inf) teacher logits, LSE or sequence log-prob")
+        if i.size and (i.min() < 0 or i.max() >= (m.teacher_vocab_size or 2**31)):
+            raise ValueError(f"sample {sample_index}: token id out of range [0, {m.teacher_vocab_size or 2**31})")
+        encoded = _encode_values(v, m.values_dtype)
+        if m.values_dtype == "float16" and not np.isfinite(encoded).all():
+            raise ValueError(f"sample {sample_index}: teacher logits overflow float16; use values_dtype='bfloat16'")
+        block = b"".join(
+            (np.ascontiguousarray(i, dtype="<i4").tobytes(), np.ascontiguousarray(l).tobytes(), encoded.tobytes())
+        )
+        block += b"\0" * (-len(block) % _ALIGN)
+        row = np.array([(sample_index, self._bytes, n, float(seq_logprob))], dtype=INDEX_DTYPE)
+        self._payload.write(block)
+        self._index.write(row.tobytes())
+        self._samples += 1
+        self._bytes += len(block)
+        self._tokens += n
+
+    def commit(self) -> None:
+        """Make every appended sample durable (fsync data, then atomically record progress)."""
+        if self.is_finished or (self._samples == self._committed_samples and os.path.exists(self._progress_file)):
+            return
+        for f in (self._payload, self._index):
+            f.flush()
+            os.fsync(f.fileno())
+        record = self._settings_record()
+        record.update(committed_samples=self._samples, payload_bytes=self._bytes, num_tokens=self._tokens)
+        # The commit point: before this replace the old progress stands, after it the new one.
+        _atomic_write(self._progress_file, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), self._tag)
+        self._committed_samples, self._committed_bytes, self._committed_tokens = self._samples, self._bytes, self._tokens
+
+    def finalize(self) -> ShardInfo:
+        """Seal this shard (all assigned samples must be appended); write the manifest if all shards are final.
+
+        Idempotent: calling it on a finished shard (e.g. after a restart) only
+        retries the manifest.
+        """
+        if not self.is_finished:
+            if self.next_sample_index != self.assigned.stop:
+                raise StoreIncompleteError(
+                    f"rank {self.rank} cannot finalize: samples {self.next_sample_index}..{self.assigned.stop - 1}"
+                    " were not appended"
+                )
+            self.commit()
+            self._index.seek(0)
+            rows = np.frombuffer(self._index.read(), dtype=INDEX_DTYPE)
+            buf = io.BytesIO()
+            np.save(buf, rows, allow_pickle=False)
+            _atomic_write(self.index_file, buf.getvalue(), self._tag)
+            self._close_files()
+            os.replace(self._payload_partial, self.payload_file)
+            _fsync_dir(self.path)
+            info = ShardInfo(
+                rank=self.rank,
+                payload_file=os.path.basename(self.payload_file),
+                index_file=os.path.basename(self.index_file),
+                first_sample=self.assigned.start,
+                num_samples=len(self.assigned),
+                num_tokens=self._tokens,
+                payload_bytes=os.path.getsize(self.payload_file),
+                index_bytes=os.path.getsize(self.index_file),
+                payload_sha256=_sha256_file(self.payload_file),
+                index_sha256=_sha256_file(self.index_file),
+            )
+            record = self._settings_record()
+            record["shard"] = dataclasses.asdict(info)
+            _atomic_write(self._done_file, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), self._tag)
+            _remove_if_exists(self._progress_file)
+            _remove_if_exists(self._index_partial)
+            self.shard_info = info
+        try:
+            finalize_manifest(self.path, tag=self._tag)
+        except StoreIncompleteError:
+            pass  # other ranks still writing; the last one to finish writes it
+        return self.shard_info
+
+    def _close_files(self) -> None:
+        for f in (self._payload, self._index):
+            if f is not None:
+                f.close()
+        self._payload = self._index = None
+
+    def close(self) -> None:
+        """Close without committing (uncommitted appends are dropped on the next open)."""
+        self._close_files()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def finalize_manifest(path: Union[str, os.PathLike], tag: Optional[str] = None) -> StoreManifest:
+    """Assemble and atomically write ``manifest.json`` from every rank's final shard record.
+
+    Safe to call from several ranks at once (each writes identical bytes through
+    its own temp file). Raises :class:`StoreIncompleteError` naming missing ranks.
+    """
+    path = os.fspath(path)
+    records = []
+    for file in sorted(glob.glob(os.path.join(glob.escape(path), "shard-[0-9][0-9][0-9][0-9][0-9].json"))):
+        with open(file) as f:
+            records.append(json.load(f))
+    if not records:
+        raise StoreIncompleteError(f"{path}: no finalized shard")
+    settings = records[0]["settings"]
+    for r in records[1:]:
+        if r["settings"] != settings:
+            diffs = [f"{key}: {settings.get(key)!r} vs {r['settings'].get(key)!r}" for key in settings if r["settings"].get(key) != settings.get(key)]
+            raise StoreMismatchError([f"shard of rank {r['rank']} was written with different settings than rank {records[0]['rank']}"] + diffs, path)
+    world = settings["world_size"]
+    present = {r["rank"] for r in records}
+    missing = sorted(set(range(world)) - present)
+    if missing:
+        raise StoreIncompleteError(f"{path}: shards of rank(s) {missing} are not finalized yet")
+    shards = sorted((ShardInfo(**r["shard"]) for r in records), key=lambda s: s.rank)
+    expected = 0
+    for s in shards:
+        if s.first_sample != expected:
+            raise StoreCorruptError(f"{path}: shard {s.rank} starts at sample {s.first_sample}, expected {expected}")
+        expected += s.num_samples
+    if expected != settings["num_samples"]:
+        raise StoreCorruptError(f"{path}: shards hold {expected} samples, manifest says {settings['num_samples']}")
+    manifest = StoreManifest.from_dict(dict(settings, shards=[dataclasses.asdict(s) for s in shards]))
+    manifest.num_tokens = sum(s.num_tokens for s in shards)
+    _atomic_write(os.path.join(path, _MANIFEST), manifest.to_json().encode(), tag or f"p{os.getpid()}")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+@dataclass
+class TeacherTopK:
+    """The stored teacher statistics of one sample's completion tokens."""
+
+    sample_index: int
+    values: Any  # torch fp32 [n, k] raw teacher logits (bf16/fp16-rounded if stored so)
+    ids: Any  # torch int64 [n, k]
+    lse: Any  # torch fp32 [n]
+    seq_logprob: float
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class StoreReader:
+    """Random access to a finished store by dataset sample index (memory-mapped)."""
+
+    def __init__(self, path: Union[str, os.PathLike], verify_checksums: bool = False):
+        self.path = os.fspath(path)
+        manifest_path = os.path.join(self.path, _MANIFEST)
+        if not os.path.exists(manifest_path):
+            raise StoreIncompleteError(
+                f"{self.path}: no {_MANIFEST} – the store is incomplete (not every rank finalized) or not a store"
+            )
+        with open(manifest_path) as f:
+            self.manifest = StoreManifest.from_json(f.read())
+        m = self.manifest
+        if m.format != FORMAT_NAME:
+            raise StoreError(f"{manifest_path}: not a teacher logits store (format {m.format!r})")
+        if m.min_reader_version > READER_VERSION:
+            raise StoreError(
+                f"{self.path}: store format version {m.format_version} needs reader version >= {m.min_reader_version},"
+                f" this reader is version {READER_VERSION}"
+                + (" (it holds cross-tokenizer alignment data)" if ALIGNMENT_EXTENSION in m.extensions else "")
+            )
+        self._k, self._vdtype = m.k, VALUES_DTYPES[m.values_dtype]
+        self._first = [s.first_sample for s in m.shards]
+        self._payloads, self._indices = [], []
+        for s in m.shards:
+            for name, size in ((s.payload_file, s.payload_bytes), (s.index_file, s.index_bytes)):
+                actual = os.path.getsize(os.path.join(self.path, name)) if os.path.exists(os.path.join(self.path, name)) else None
+                if actual != size:
+                    raise StoreCorruptError(f"{os.path.join(self.path, name)}: {actual} bytes, manifest says {size}")
+            payload = os.path.join(self.path, s.payload_file)
+            self._payloads.append(np.memmap(payload, dtype=np.uint8, mode="r") if s.payload_bytes else np.zeros(0, np.uint8))
+            index = np.load(os.path.join(self.path, s.index_file), mmap_mode="r" if s.num_samples else None, allow_pickle=False)
+            if index.dtype != INDEX_DTYPE or index.shape != (s.num_samples,):
+                raise StoreCorruptError(f"{s.index_file}: index has dtype {index.dtype} shape {index.shape}, expected {s.num_samples} rows")
+            self._indices.append(index)
+        if verify_checksums:
+            self.verify_checksums()
+
+    def __len__(self) -> int:
+        return self.manifest.num_samples
+
+    def _locate(self, sample_index: int):
+        if not 0 <= sample_index < self.manifest.num_samples:
+            raise IndexError(f"sample {sample_index} out of range [0, {self.manifest.num_samples})")
+        # Blocks are contiguous and only trailing ones can be empty (their first_sample
+        # is num_samples), so the last shard starting at or before the sample holds it.
+        shard = bisect.bisect_right(self._first, sample_index) - 1
+        row = self._indices[shard][sample_index - self._first[shard]]
+        if int(row["sample_index"]) != sample_index:
+            raise StoreCorruptError(f"{self.manifest.shards[shard].index_file}: row for sample {sample_index} says {int(row['sample_index'])}")
+        return shard, row
+
+    def num_tokens(self, sample_index: int) -> int:
+        return int(self._locate(sample_index)[1]["num_tokens"])
+
+    def read_numpy(self, sample_index: int):
+        """``(values fp32 [n,k], ids int32 [n,k], lse fp32 [n], seq_logprob)`` as numpy copies."""
+        shard, row = self._locate(sample_index)
+        n, off, k = int(row["num_tokens"]), int(row["offset"]), self._k
+        buf = self._payloads[shard]
+        if off + bytes_per_sample(n, k, self.manifest.values_dtype) > buf.shape[0]:
+            raise StoreCorruptError(f"sample {sample_index}: record runs past the end of {self.manifest.shards[shard].payload_file}")
+        ids = np.frombuffer(buf, dtype="<i4", count=n * k, offset=off).reshape(n, k)
+        off += n * k * 4
+        lse = np.frombuffer(buf, dtype="<f4", count=n, offset=off).copy()
+        off += n * 4
+        raw = np.frombuffer(buf, dtype=self._vdtype, count=n * k, offset=off).reshape(n, k)
+        values = _decode_values(raw, self.manifest.values_dtype)
+        if not (np.isfinite(values).all() and np.isfinite(lse).all()):
+            raise StoreCorruptError(f"sample {sample_index}: non-finite (NaN/Inf) teacher logits or LSE in the store")
+        return values, ids.copy(), lse, float(row["seq_logprob"])
+
+    def __getitem__(self, sample_index: int) -> TeacherTopK:
+        import torch
+
+        values, ids, lse, seq_logprob = self.read_numpy(int(sample_index))
+        return TeacherTopK(
+            int(sample_index),
+            torch.from_numpy(values),
+            torch.from_numpy(ids.astype(np.int64)),
+            torch.from_numpy(lse),
+            seq_logprob,
+        )
+
+    def verify_checksums(self) -> None:
+        """Re-hash every shard file; :class:`StoreCorruptError` names the first damaged one."""
+        for s in self.manifest.shards:
+            for name, expected in ((s.payload_file, s.payload_sha256), (s.index_file, s.index_sha256)):
+                actual = _sha256_file(os.path.join(self.path, name))
+                if actual != expected:
+                    raise StoreCorruptError(f"{os.path.join(self.path, name)}: checksum {actual} != manifest {expected}")
+
+    def check_compatible(
+        self,
+        dataset_hash: Optional[str] = None,
+        tokenizer_hash: Optional[str] = None,
+        k: Optional[int] = None,
+        max_seq_length: Optional[int] = None,
+        num_completion_tokens_fn: Optional[Callable[[int], int]] = None,
+        num_samples: Optional[int] = None,
+        teacher_hash: Optional[str] = None,
+        max_reported: int = 5,
+    ) -> None:
+        """Raise :class:`StoreMismatchError` listing every setting that differs.
+
+        Arguments left ``None`` are not checked. ``num_completion_tokens_fn(i)``
+        gives the dataset's completion length of sample ``i`` (after truncation to
+        ``max_seq_length``); every sample is compared with the stored token count
+        and the first ``max_reported`` disagreements are named.
+        """
+        m = self.manifest
+        diffs = []
+        for name, want, have in (
+            ("dataset hash", dataset_hash, m.dataset_hash),
+            ("tokenizer hash", tokenizer_hash, m.tokenizer_hash),
+            ("k", k, m.k),
+            ("max_seq_length", max_seq_length, m.max_seq_length),
+            ("number of samples", num_samples, m.num_samples),
+            ("teacher hash", teacher_hash, m.teacher_hash),
+        ):
+            if want is not None and want != have:
+                diffs.append(f"{name}: store has {have!r}, expected {want!r}")
+        if num_completion_tokens_fn is not None and not diffs:
+            bad = 0
+            for i in range(m.num_samples):
+                want, have = int(num_completion_tokens_fn(i)), self.num_tokens(i)
+                if want != have:
+                    bad += 1
+                    if bad <= max_reported:
+                        diffs.append(f"sample {i}: store has {have} completion tokens, the dataset gives {want}")
+            if bad > max_reported:
+                diffs.append(f"... and {bad - max_reported} more sample(s) with a different token count")
+        if diffs:
+            raise StoreMismatchError(diffs, self.path)
+
+    def close(self) -> None:
+        self._payloads, self._indices = [], []
+
+    def __enter__(self) -> "StoreReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,245 @@
+"""Teacher top-k over vocab-parallel logits, without gathering the vocabulary.
+
+The teacher's output layer leaves each tensor-parallel (TP) rank a shard
+``[N, V/TP]`` of the logits, rank ``r`` owning global ids ``[r·V/TP, (r+1)·V/TP)``
+(see :mod:`nemo_kd.losses.vocab_parallel`). The global top-k is in the union of the
+per-shard top-k's, so each rank takes its local top-k, one all-gather exchanges the
+``k·TP`` candidates, and every rank takes the top-k of those.
+
+Determinism. Ties are broken by the lower global id, so TP=1 and TP=2 (or any TP)
+return identical ids. Rather than trusting ``torch.topk``'s unspecified tie order,
+each logit is packed with its id into one int64 key whose signed order is
+"value descending, then id ascending"::
+
+    key = ordered_bits(float32(value)) << 32  |  (2**32 - 1 - id)
+
+``ordered_bits`` maps an fp32 to an int32 with the same ordering (flip the low 31
+bits of negatives). Keys are unique, so any top-k over them is exact and the
+all-gather only moves keys: values (exact, bf16/fp16 logits are exactly fp32) and
+ids are decoded from the winners.
+
+Values are the teacher's *raw* logits (no temperature / ``logits_scale``); the
+log-sum-exp is of the raw logits too, computed in fp32 by the shared vocab-parallel
+primitive. Non-finite teacher logits are an error naming the sample: the check is
+all-reduced first so every TP rank raises together instead of hanging in the next
+collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from nemo_kd.losses.vocab_parallel import (
+    DEFAULT_TOKEN_CHUNK,
+    ProcessGroup,
+    all_reduce_no_grad,
+    tp_world_size,
+    vocab_parallel_logprobs_at,
+    vocab_shard_range,
+)
+
+__all__ = [
+    "NonFiniteLogitsError",
+    "TeacherTokenStats",
+    "check_finite_logits",
+    "teacher_token_stats",
+    "vocab_parallel_logsumexp",
+    "vocab_parallel_topk",
+]
+
+_LOW32 = (1 << 32) - 1
+
+RowSamples = Union[None, int, Sequence[int], torch.Tensor]
+
+
+class NonFiniteLogitsError(ValueError):
+    """The teacher produced NaN/Inf logits; the message names the sample and token."""
+
+
+def _row_location(row: int, row_sample_index: RowSamples, row_positions: Optional[torch.Tensor]) -> str:
+    if row_sample_index is None:
+        where = f"row {row}"
+    elif isinstance(row_sample_index, int):
+        where = f"sample {row_sample_index} (row {row})"
+    else:
+        where = f"sample {int(row_sample_index[row])} (row {row})"
+    if row_positions is not None:
+        where += f", token position {int(row_positions[row])}"
+    return where
+
+
+def _valid_local_columns(v_local: int, vocab_start: int, vocab_size: Optional[int]) -> int:
+    """How many of this shard's columns are real vocabulary (Megatron pads V to a multiple)."""
+    if vocab_size is None:
+        return v_local
+    return max(0, min(v_local, vocab_size - vocab_start))
+
+
+def check_finite_logits(
+    logits_shard: torch.Tensor,
+    group: ProcessGroup = None,
+    row_sample_index: RowSamples = None,
+    row_positions: Optional[torch.Tensor] = None,
+    vocab_size: Optional[int] = None,
+) -> None:
+    """Raise :class:`NonFiniteLogitsError` on every TP rank if any rank's shard has NaN/Inf.
+
+    Args:
+        row_sample_index: the dataset sample each row belongs to (an int for all
+            rows, or one per row), used in the error message.
+        row_positions: optional token position of each row, for the message.
+        vocab_size: true vocabulary size; padded columns beyond it are not checked.
+    """
+    n, v_local = logits_shard.shape
+    valid = _valid_local_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
+    bad = (~torch.isfinite(logits_shard[:, :valid])).any(dim=-1).to(torch.int32)
+    all_reduce_no_grad(bad, dist.ReduceOp.MAX, group)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten().tolist()
+        raise NonFiniteLogitsError(
+            f"non-finite (NaN/Inf) teacher logits in {_row_location(rows[0], row_sample_index, row_positions)}"
+            + (f" and {len(rows) - 1} more row(s)" if len(rows) > 1 else "")
+        )
+
+
+def _ordered_keys(z: torch.Tensor, global_ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered by (fp32 value desc, id asc) – see the module docstring."""
+    z = z.to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0: one key for both zeros
+    bits = z.view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    return (ordered << 32) | (_LOW32 - global_ids.to(torch.int64))
+
+
+def _decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    ordered = (keys >> 32).to(torch.int32)  # arithmetic shift keeps the sign
+    bits = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return bits.view(torch.float32), _LOW32 - (keys & _LOW32)
+
+
+def _all_gather_cat(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    world = tp_world_size(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def vocab_parallel_topk(
+    logits_shard: torch.Tensor,
+    k: int,
+    group: ProcessGroup = None,
+    vocab_size: Optional[int] = None,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Global top-k of TP-sharded logits: raw fp32 values and global int64 ids.
+
+    Args:
+        logits_shard: ``[N, V/TP]`` this rank's vocabulary shard (any float dtype).
+        k: how many entries per row (``k <= vocab``).
+        group: the TP process group (``None``: single rank, full vocabulary).
+        vocab_size: true vocabulary size if the shards include padding columns
+            (ids ``>= vocab_size`` are never returned).
+        token_chunk: rows per step, bounding the fp32 scratch to ``token_chunk × V/TP``
+            (and the int64 key scratch of rows with ties at the k-th value).
+
+    Returns:
+        ``(values [N, k] fp32, ids [N, k] int64)`` identical on every TP rank, sorted
+        by value descending, ties by lower id. Values are the raw logits.
+        NaN logits are not checked here: call :func:`check_finite_logits` first
+        (:func:`teacher_token_stats` does).
+    """
+    if logits_shard.dim() != 2:
+        raise ValueError(f"logits must be [tokens, vocab_shard], got shape {tuple(logits_shard.shape)}")
+    n, v_local = logits_shard.shape
+    vocab_start = vocab_shard_range(v_local, group)[0]
+    total_vocab = v_local * tp_world_size(group) if vocab_size is None else vocab_size
+    if not 1 <= k <= total_vocab:
+        raise ValueError(f"k={k} must be in [1, vocab size {total_vocab}]")
+    valid = _valid_local_columns(v_local, vocab_start, vocab_size)
+    # Every rank must contribute the same number of candidates to the all-gather.
+    k_local = min(k, v_local)
+    ids_row = torch.arange(vocab_start, vocab_start + v_local, device=logits_shard.device)
+    values = torch.empty(n, k, dtype=torch.float32, device=logits_shard.device)
+    ids = torch.empty(n, k, dtype=torch.int64, device=logits_shard.device)
+    k_valid = min(k_local, valid)
+    for s in range(0, n, token_chunk):
+        e = min(n, s + token_chunk)
+        # Fast path: a float top-2k on the real columns holds the exact top-k under the
+        # (value desc, id asc) order whenever the run of values equal to the k-th value
+        # ends inside it (always for fp32 logits, almost always for bf16): order those
+        # 2k candidates by int64 key. Rows whose tie run reaches past 2k use keys over
+        # the whole shard.
+        local = torch.full((e - s, k_local), torch.iinfo(torch.int64).min, dtype=torch.int64,
+                           device=logits_shard.device)  # padding columns never win (k <= vocab_size)
+        if k_valid > 0:
+            z = logits_shard[s:e, :valid].to(torch.float32)
+            top = torch.topk(z, min(2 * k_valid, valid), dim=-1, sorted=True)
+            keys = _ordered_keys(top.values, top.indices + vocab_start)
+            local[:, :k_valid] = torch.topk(keys, k_valid, dim=-1, sorted=False).values
+            width = top.values.shape[1]
+            if width < valid:
+                unsure = torch.nonzero(top.values[:, width - 1] == top.values[:, k_valid - 1]).flatten()
+                if unsure.numel():
+                    keys = _ordered_keys(z[unsure], ids_row[:valid].expand(unsure.numel(), valid))
+                    local[unsure, :k_valid] = torch.topk(keys, k_valid, dim=-1, sorted=False).values
+        candidates = _all_gather_cat(local, group)
+        best = torch.topk(candidates, k, dim=-1, sorted=True).values
+        values[s:e], ids[s:e] = _decode_keys(best)
+    return values, ids
+
+
+def vocab_parallel_logsumexp(
+    logits_shard: torch.Tensor, group: ProcessGroup = None, vocab_size: Optional[int] = None
+) -> torch.Tensor:
+    """fp32 ``[N]`` log-sum-exp of the raw logits over the TP-sharded vocabulary (no grad)."""
+    ids = torch.zeros(logits_shard.shape[0], dtype=torch.int64, device=logits_shard.device)
+    return _logprobs_and_lse(logits_shard, ids, group, vocab_size)[1].float()
+
+
+def _logprobs_and_lse(logits_shard, ids, group, vocab_size):
+    """Reuse the shared primitive (max all-reduce + sum-exp all-reduce, fp32, chunked)."""
+    v_local = logits_shard.shape[-1]
+    valid = _valid_local_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
+    with torch.no_grad():
+        if valid < v_local:
+            logits_shard = logits_shard.clone()
+            logits_shard[:, valid:] = float("-inf")
+        return vocab_parallel_logprobs_at(logits_shard, ids, scale=1.0, group=group)
+
+
+@dataclass
+class TeacherTokenStats:
+    """Per-token teacher statistics for the logits store (identical on all TP ranks)."""
+
+    values: torch.Tensor  # [N, k] fp32 raw logits, descending
+    ids: torch.Tensor  # [N, k] int64 global token ids
+    lse: torch.Tensor  # [N] fp32 log-sum-exp of the raw logits
+    label_logprobs: Optional[torch.Tensor]  # [N] fp32 log p(label) or None without labels
+
+
+def teacher_token_stats(
+    logits_shard: torch.Tensor,
+    k: int,
+    labels: Optional[torch.Tensor] = None,
+    group: ProcessGroup = None,
+    row_sample_index: RowSamples = None,
+    row_positions: Optional[torch.Tensor] = None,
+    vocab_size: Optional[int] = None,
+) -> TeacherTokenStats:
+    """Everything the store keeps per completion token, in one call.
+
+    Checks the logits are finite (error naming ``row_sample_index``), then the top-k,
+    the log-sum-exp and, given ``labels`` ``[N]`` (the reference completion's next
+    tokens), the teacher's log-prob of each label; a sample's sequence log-prob is the
+    sum of its rows' ``label_logprobs`` (sum in float64).
+    """
+    check_finite_logits(logits_shard, group, row_sample_index, row_positions, vocab_size)
+    values, ids = vocab_parallel_topk(logits_shard, k, group, vocab_size)
+    label_ids = labels if labels is not None else torch.zeros(logits_shard.shape[0], dtype=torch.int64, device=logits_shard.device)
+    label_lp, lse = _logprobs_and_lse(logits_shard, label_ids.to(torch.int64), group, vocab_size)
+    return TeacherTokenStats(values, ids, lse.float(), label_lp.float() if labels is not None else None)

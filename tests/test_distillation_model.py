@@ -1,0 +1,240 @@
+"""GPTDistillationModel under Lightning on CPU: offline-KD fit (loss falls), .nemo round trip, resume from
+a Lightning checkpoint, config errors, online teacher, and (distributed) TP=2 fit + .nemo re-sharding.
+
+Data made here: a byte-level BPE, 16 jsonl samples and a teacher top-k store written by
+``compute_topk_logits`` from a random tiny Megatron teacher (same tokenizer, peaked logits).
+"""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+MAX_LEN, K, N = 40, 8, 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _arch(vocab):
+    return dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                vocab_size=vocab, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A world of one for the whole module + the data assets."""
+    from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
+    from nemo_kd.models import GPTModelConfig, build_gpt_model
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from nemo_kd.teacher.extract import ExtractConfig, compute_topk_logits
+    from nemo_kd.teacher.teachers import MegatronTeacher, save_full_checkpoint
+
+    old = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    d = tmp_path_factory.mktemp("kdmodel")
+    texts = [f"question {i}: what is {i} plus {i * 3}? answer: {i + i * 3}, because adding numbers works." for i in range(40)]
+    tok = train_byte_level_bpe(texts, vocab_size=300, save_dir=str(d / "tok"))
+    data = str(d / "train.jsonl")
+    with open(data, "w") as f:
+        for i in range(N):
+            f.write(json.dumps({"id": i, "prompt": f"what is {i} plus {i * 3}?",
+                                "response": f"{i + i * 3} because adding" + " numbers" * (i % 3)}) + "\n")
+    initialize_parallel(ParallelConfig(seed=5))
+    try:
+        cfg = GPTModelConfig(**_arch(len(tok)))
+        full = {k: v for k, v in build_gpt_model(cfg).state_dict().items() if torch.is_tensor(v)}
+        full["output_layer.weight"] = full["output_layer.weight"] * 40
+        save_full_checkpoint(str(d / "teacher"), full, cfg)
+        compute_topk_logits(ExtractConfig(data_path=data, output_path=str(d / "store"), top_k=K,
+                                          max_seq_length=MAX_LEN, values_dtype="float32", batch_size=4,
+                                          progress=False), MegatronTeacher(str(d / "teacher")), tok)
+        yield dict(dir=d, tok_dir=str(d / "tok"), vocab=len(tok), data=data, store=str(d / "store"),
+                   teacher=str(d / "teacher"))
+    finally:
+        destroy_parallel()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cfg(world, **over):
+    from omegaconf import OmegaConf
+
+    ds = dict(file_path=world["data"], logits_store=world["store"], tokenizer=world["tok_dir"], prompt_format="chat",
+              max_seq_length=MAX_LEN, micro_batch_size=2, global_batch_size=4, seed=1)
+    cfg = OmegaConf.create(dict(
+        student=_arch(world["vocab"]), teacher=dict(mode="offline"),
+        kd=dict(kd_loss_type="forward_kl", kd_loss_weight=1.0, sft_loss_weight=0.5, topk_convention="exact_tail"),
+        optim=dict(lr=1e-2, warmup_steps=1), parallel=dict(seed=7),
+        data=dict(train_ds=ds, validation_ds=dict(ds, shuffle=False)), max_steps=8,
+    ))
+    for key, value in over.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def _trainer(tmp, steps, callbacks=()):
+    import lightning.pytorch as pl
+
+    from nemo_kd.parallel.strategy import MegatronStrategy
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    rec = Record()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=MegatronStrategy(), max_steps=steps,
+                         use_distributed_sampler=False, logger=False, enable_checkpointing=bool(callbacks),
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=1, val_check_interval=steps, check_val_every_n_epoch=None,
+                         callbacks=[rec, *callbacks], default_root_dir=str(tmp))
+    return trainer, rec
+
+
+@pytest.fixture(scope="module")
+def offline_run(world, tmp_path_factory):
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    trainer, rec = _trainer(tmp_path_factory.mktemp("fit"), 8)
+    model = GPTDistillationModel(_cfg(world), trainer=trainer)
+    init = {k: v.detach().clone() for k, v in model.student.state_dict().items() if torch.is_tensor(v)}
+    trainer.fit(model)
+    return model, trainer, rec.rows, init
+
+
+def test_offline_fit_loss_falls_then_nemo_round_trip(world, offline_run, tmp_path):
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    model, trainer, rows, _ = offline_run
+    assert trainer.global_step == 8 and model.consumed_samples == 32
+    assert len(rows) == 8
+    for key in ("kd_loss", "sft_loss", "teacher_student_kd", "token_agreement", "lr", "grad_norm", "tokens/s"):
+        assert key in rows[-1], key
+    first = sum(r["loss"] for r in rows[:2]) / 2
+    last = sum(r["loss"] for r in rows[-2:]) / 2
+    assert last < 0.8 * first, [r["loss"] for r in rows]
+    assert "val_loss" in trainer.callback_metrics
+
+    # .nemo round trip: identical student logits
+    path = str(tmp_path / "student.nemo")
+    model.save_to(path)
+    restored = GPTDistillationModel.restore_from(path, map_location=torch.device("cpu"))
+    x = torch.randint(0, world["vocab"], (2, 16))
+    model.eval(), restored.eval()
+    with torch.no_grad():
+        a, b = model(x), restored(x)
+    assert torch.equal(a, b)
+    assert restored.consumed_samples == 0 and restored._train_dl is None  # no data needed to restore
+
+
+def test_bad_configs_fail_at_construction(world):
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.teacher.store import StoreMismatchError
+
+    with pytest.raises(ValueError, match="kd_loss_type='nope'"):
+        GPTDistillationModel(_cfg(world, **{"kd.kd_loss_type": "nope"}))
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by tensor_model_parallel_size \(3\)"):
+        GPTDistillationModel(_cfg(world, **{"parallel.tensor_model_parallel_size": 3}))
+    with pytest.raises(StoreMismatchError, match="max_seq_length"):  # the store was made with MAX_LEN
+        GPTDistillationModel(_cfg(world, **{"data.train_ds.max_seq_length": MAX_LEN - 8}))
+    with pytest.raises(ValueError, match="unknown teacher keys"):
+        GPTDistillationModel(_cfg(world, **{"teacher.path": "x"}))
+
+
+def test_online_teacher_fit(world, tmp_path):
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    cfg = _cfg(world, **{"teacher": {"mode": "online", "checkpoint": world["teacher"]},
+                         "data.train_ds.logits_store": None, "data.validation_ds": None, "max_steps": 6})
+    trainer, rec = _trainer(tmp_path, 6)
+    model = GPTDistillationModel(cfg, trainer=trainer)
+    assert model.engine.teacher is not None
+    assert not any(k.startswith("engine") or "teacher" in k for k in model.state_dict())
+    trainer.fit(model)
+    losses = [r["kd_loss"] for r in rec.rows]
+    assert trainer.global_step == 6 and losses[-1] < losses[0], losses
+    # the teacher is frozen: its weights equal the checkpoint's
+    full = torch.load(os.path.join(world["teacher"], "full_state_dict.pt"))
+    sd = model.engine.teacher.state_dict()
+    assert torch.equal(sd["output_layer.weight"], full["output_layer.weight"])
+
+
+def _tp2_fit_save_restore(rank, world_size, world, tmp, x):
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.parallel import destroy_parallel, state
+
+    import lightning.pytorch as pl
+    from nemo_kd.parallel.strategy import MegatronStrategy
+
+    try:
+        trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=MegatronStrategy(), max_steps=2,
+                             use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             limit_val_batches=0, default_root_dir=tmp)
+        model = GPTDistillationModel(_cfg(world, **{"parallel.tensor_model_parallel_size": 2,
+                                                    "data.validation_ds": None}), trainer=trainer)
+        trainer.fit(model)
+        assert trainer.global_step == 2 and state.tp_size() == 2
+        path = os.path.join(tmp, "tp2.nemo")
+        model.save_to(path)
+        restored = GPTDistillationModel.restore_from(path, map_location=torch.device("cpu"))
+        model.eval(), restored.eval()
+        with torch.no_grad():
+            a, b = model(x), restored(x)
+        assert torch.equal(a, b)
+        return a  # this rank's vocab shard
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tp2_fit_and_nemo_restores_at_tp1(world, tmp_path):
+    """TP=2 under torch.distributed (2 processes): fit, .nemo holds the full student, restores at TP=1 too."""
+    from dist_utils import run_distributed
+
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    x = torch.randint(0, world["vocab"], (2, 16))
+    shards = run_distributed(_tp2_fit_save_restore, 2, world, str(tmp_path), x)
+    tp2 = torch.cat(shards, dim=-1)[..., : world["vocab"]]
+    restored = GPTDistillationModel.restore_from(str(tmp_path / "tp2.nemo"), map_location=torch.device("cpu"))
+    restored.eval()
+    with torch.no_grad():
+        tp1 = restored(x)[..., : world["vocab"]]
+    torch.testing.assert_close(tp1, tp2, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_from_lightning_checkpoint_continues_exactly(world, offline_run, tmp_path):
+    """4 steps + checkpoint, then resume to 8: weights, Megatron optimizer/scheduler and data position
+    come back, so steps 5-8 repeat the uninterrupted run's losses."""
+    import lightning.pytorch as pl
+
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    _, _, ref_rows, init = offline_run
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, save_top_k=-1)
+    trainer, _ = _trainer(tmp_path, 4, callbacks=[ckpt])
+    model = GPTDistillationModel(_cfg(world), trainer=trainer)
+    model.student.load_state_dict(init, strict=False)  # the reference run's initial weights
+    trainer.fit(model)
+    path = [os.path.join(ckpt.dirpath, f) for f in os.listdir(ckpt.dirpath)][0]
+
+    trainer2, rec2 = _trainer(tmp_path / "resumed", 8)
+    model2 = GPTDistillationModel(_cfg(world), trainer=trainer2)
+    trainer2.fit(model2, ckpt_path=path)
+    assert trainer2.global_step == 8 and model2.consumed_samples == 32
+    got = [r["loss"] for r in rec2.rows]
+    want = [r["loss"] for r in ref_rows[4:]]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (got, want)
