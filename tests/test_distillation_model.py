@@ -238,3 +238,78 @@ def test_resume_from_lightning_checkpoint_continues_exactly(world, offline_run, 
     got = [r["loss"] for r in rec2.rows]
     want = [r["loss"] for r in ref_rows[4:]]
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (got, want)
+
+
+def test_nemo_serves_as_teacher(world, offline_run, tmp_path):
+    """A distilled student's .nemo loads as the next round's teacher (compute_topk_logits / online mode):
+    MegatronTeacher's logits equal the model's own forward on the same tokens."""
+    from nemo_kd.teacher.teachers import MegatronTeacher, teacher_hash
+
+    model, _, _, _ = offline_run
+    path = str(tmp_path / "round1.nemo")
+    model.save_to(path)
+    teacher = MegatronTeacher(path)
+    assert teacher.vocab_size == world["vocab"] and teacher.hash == teacher_hash(path)
+    x = torch.randint(0, world["vocab"], (3, 12), generator=torch.Generator().manual_seed(3))
+    got = {}
+    teacher.run(x, lambda row, logits, group: got.__setitem__(row, logits.clone()), micro_batch_size=3)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(got[0][..., : world["vocab"]], want[..., : world["vocab"]], rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="not a nemo_kd .nemo"):
+        import tarfile
+
+        bad = tmp_path / "bad.nemo"
+        with tarfile.open(bad, "w") as tar:
+            tar.add(world["data"], arcname="model_config.yaml")
+        MegatronTeacher(str(bad))
+
+
+def test_sft_only_mode_needs_no_store(world, tmp_path):
+    """teacher.mode=none: the SFT baseline trains from the dataset alone; a KD weight is refused."""
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    with pytest.raises(ValueError, match="kd_loss_weight=0"):
+        GPTDistillationModel(_cfg(world, **{"teacher.mode": "none"}))
+    cfg = _cfg(world, **{"teacher.mode": "none", "kd.kd_loss_weight": 0.0, "kd.sft_loss_weight": 1.0,
+                         "data.train_ds.logits_store": None, "data.validation_ds": None, "max_steps": 6})
+    trainer, rec = _trainer(tmp_path, 6)
+    model = GPTDistillationModel(cfg, trainer=trainer)
+    trainer.fit(model)
+    losses = [r["sft_loss"] for r in rec.rows]
+    assert trainer.global_step == 6 and losses[-1] < 0.8 * losses[0], losses
+    assert "kd_loss" not in rec.rows[-1] or rec.rows[-1]["kd_loss"] == 0.0
+
+
+def test_student_init_from_hf_keeps_rope_scaling_through_nemo(world, tmp_path):
+    """student_init: an HF Llama with llama3 RoPE scaling starts the student; the .nemo records the
+    architecture GPTModelConfig cannot express, so the restored model still reproduces HF's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=world["vocab"], hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8}))
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = _cfg(world, **{"student_init": str(tmp_path / "hf"), "teacher.mode": "none", "kd.kd_loss_weight": 0.0,
+                         "data.train_ds.logits_store": None, "data.validation_ds": None})
+    model = GPTDistillationModel(cfg)
+    assert model.cfg.student_hf_architecture.rope_scaling.rope_type == "llama3" and model.cfg.student_init is None
+    x = torch.randint(0, world["vocab"], (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = hf(input_ids=x).logits
+        model.eval()
+        got = model(x)[..., : world["vocab"]]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    path = str(tmp_path / "init.nemo")
+    model.save_to(path)
+    restored = GPTDistillationModel.restore_from(path, map_location=torch.device("cpu"))
+    restored.eval()
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x))

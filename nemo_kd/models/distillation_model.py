@@ -3,8 +3,10 @@
 Config (Hydra/OmegaConf, see ``conf/gpt_kd.yaml``)::
 
     student:  GPTModelConfig fields
+    student_init: null   # optional: HF directory / converted Megatron checkpoint / .nemo to start from
     teacher:  {mode: offline}                                  # top-k from data.train_ds.logits_store
-              {mode: online, checkpoint: DIR, model: null}     # co-located frozen Megatron teacher
+              {mode: online, checkpoint: PATH, model: null}    # co-located frozen Megatron teacher
+              {mode: none}                                     # no teacher: SFT only (the baseline)
     kd:       DistillationLossConfig fields (NeMo-Aligner names: kd_loss_weight, sft_loss_weight,
               logits_scale, target_logits_scale, kd_loss_type, topk_convention, ...)
     optim:    OptimConfig fields (lr, min_lr, warmup_steps, decay_steps, ...)
@@ -163,8 +165,11 @@ class GPTDistillationModel(ModelPT):
         if unknown:
             raise ValueError(f"unknown teacher keys {unknown}; valid keys: {sorted(_TEACHER_KEYS)}")
         self._teacher_mode = teacher.get("mode", "offline")
-        if self._teacher_mode not in ("offline", "online"):
-            raise ValueError(f"teacher.mode must be 'offline' or 'online', got {self._teacher_mode!r}")
+        if self._teacher_mode not in ("offline", "online", "none"):
+            raise ValueError(f"teacher.mode must be 'offline', 'online' or 'none', got {self._teacher_mode!r}")
+        if self._teacher_mode == "none" and self._loss_cfg.kd_loss_weight:
+            raise ValueError("teacher.mode=none (SFT only) needs kd.kd_loss_weight=0, got "
+                             f"{self._loss_cfg.kd_loss_weight}")
         if self._teacher_mode == "online" and not teacher.get("checkpoint"):
             raise ValueError("teacher.mode=online needs teacher.checkpoint (a Megatron teacher checkpoint directory)")
         data = _plain(cfg.get("data"))
@@ -225,12 +230,27 @@ class GPTDistillationModel(ModelPT):
         batch_cfg = BatchConfig(micro_batch_size=int(train_ds.get("micro_batch_size", 1)),
                                 global_batch_size=int(train_ds.get("global_batch_size", 1)),
                                 seq_length=self._seq_length)
-        self.engine = DistillationEngine(self._student_cfg, self._loss_cfg, self._optim_cfg, batch_cfg,
-                                         max_steps=self._max_steps, teacher_cfg=teacher_cfg)
-        if teacher_model is not None:  # the engine built a random teacher: use the loaded one
-            teacher_model.requires_grad_(False)
-            teacher_model.eval()
-            self.engine.teacher = teacher_model  # not a submodule: never in state_dict / .nemo
+        init_path = None if restoring else cfg.get("student_init")
+        student_arch = self._student_cfg
+        if cfg.get("student_hf_architecture"):  # what GPTModelConfig cannot say (RoPE scaling, tanh GELU)
+            from nemo_kd.convert.hf_config import HFArchitecture
+
+            student_arch = HFArchitecture.from_dict({**_plain(cfg.student_hf_architecture),
+                                                     "model": self._student_cfg.to_dict()})
+        self.engine = DistillationEngine(student_arch, self._loss_cfg, self._optim_cfg, batch_cfg,
+                                         max_steps=self._max_steps, teacher_cfg=teacher_cfg,
+                                         student_init_path=init_path, teacher_model=teacher_model)
+        if init_path:
+            # The checkpoint's architecture is the student's now: record all of it (and forget
+            # the path) so that a .nemo of this model restores without the original checkpoint.
+            log.info("student initialised from %s", init_path)
+            self._student_cfg = self.engine.student_cfg
+            extras = self.engine.student_arch.to_dict()
+            extras.pop("model")
+            with open_dict(self._cfg):
+                self._cfg.student = OmegaConf.create(self._student_cfg.to_dict())
+                self._cfg.student_hf_architecture = OmegaConf.create(extras)
+                self._cfg.student_init = None
         self.student = self.engine.module  # registered: the student weights are this model's state_dict
         self.consumed_samples = 0
         self._train_samples = self._val_samples = None

@@ -98,9 +98,13 @@ def _objective_batch(mb: Dict[str, torch.Tensor], teacher_logits: Optional[torch
 class DistillationEngine:
     """Student + optimizer + scheduler (+ online teacher) for this rank. Parallel state must be initialised."""
 
-    def __init__(self, student_cfg: Optional[GPTModelConfig], loss_cfg: DistillationLossConfig, optim_cfg: OptimConfig,
+    def __init__(self, student_cfg, loss_cfg: DistillationLossConfig, optim_cfg: OptimConfig,
                  batch_cfg: BatchConfig, max_steps: int, teacher_cfg: Optional[GPTModelConfig] = None,
-                 student_init_path: Optional[str] = None):
+                 student_init_path: Optional[str] = None, teacher_model: Optional[torch.nn.Module] = None):
+        """``student_cfg``: a :class:`GPTModelConfig` or an ``HFArchitecture`` (ignored when
+        ``student_init_path`` names a checkpoint to start from). Online teacher: ``teacher_cfg``
+        (its architecture, checked against the student's vocabulary) and ``teacher_model``,
+        this rank's already loaded chunk (without it a randomly initialised one is built)."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -110,6 +114,8 @@ class DistillationEngine:
         loss_cfg.validate()
         self.max_steps = max_steps
         self.num_microbatches = batch_cfg.num_microbatches(state.dp_size())
+        from nemo_kd.convert.hf_config import HFArchitecture
+
         if student_init_path:
             # A converted nemo_kd Megatron checkpoint or a Hugging Face directory, loaded at this
             # run's TP/PP; its architecture (incl. RoPE scaling etc.) replaces student_cfg.
@@ -118,9 +124,16 @@ class DistillationEngine:
             loaded = build_and_load(student_init_path)
             if len(loaded.model_chunks) != 1:
                 raise ValueError("virtual pipeline stages are not supported by the engine")
-            self.module, student_cfg = loaded.model_chunks[0], loaded.arch.model
+            self.module, self.student_arch = loaded.model_chunks[0], loaded.arch
         else:
-            self.module = build_gpt_model(student_cfg)
+            from nemo_kd.convert.checkpoint_io import build_model_chunks
+
+            # An HFArchitecture carries what GPTModelConfig cannot (RoPE scaling, tanh GELU):
+            # a student restored from a .nemo of an HF-initialised model is built the same way.
+            self.student_arch = student_cfg if isinstance(student_cfg, HFArchitecture) \
+                else HFArchitecture(family=None, model=student_cfg)
+            self.module = build_model_chunks(self.student_arch)[0]
+        student_cfg = self.student_arch.model
         self.student_cfg, self.loss_cfg, self.optim_cfg, self.batch_cfg = student_cfg, loss_cfg, optim_cfg, batch_cfg
         if teacher_cfg is not None and teacher_cfg.padded_vocab_size(state.tp_size()) != \
                 student_cfg.padded_vocab_size(state.tp_size()):
@@ -157,7 +170,7 @@ class DistillationEngine:
         self.objective = DistillationObjective(loss_cfg, group=state.tp_group())
         self.teacher = None
         if teacher_cfg is not None:
-            self.teacher = build_gpt_model(teacher_cfg)
+            self.teacher = teacher_model if teacher_model is not None else build_gpt_model(teacher_cfg)
             self.teacher.requires_grad_(False)
             self.teacher.eval()
         self.step = 0
