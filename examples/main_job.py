@@ -8,16 +8,21 @@ Stages (each with a progress bar):
 1. data + tokenizer – the synthetic cipher task (:mod:`nemo_kd.data.synthetic_task`): a
    large clean ``teacher_train`` set, a smaller ``transfer`` set labelled by a sloppy
    annotator, clean ``validation``/``test``; a byte-level BPE with the ChatML template;
-2. teacher – a small GPT trained (SFT) on ``teacher_train``, saved as a full checkpoint;
-3. store – the teacher's top-k logits on ``transfer`` (and on validation/test, for the
-   held-out KL) via :func:`nemo_kd.teacher.extract.compute_topk_logits`;
+2. teacher – a small GPT trained (SFT, ``teacher.mode: none``) on ``teacher_train`` with
+   the product's NeMo model (:class:`~nemo_kd.models.distillation_model.GPTDistillationModel`,
+   Lightning ``Trainer`` + :class:`~nemo_kd.parallel.strategy.MegatronStrategy`,
+   ``exp_manager`` TensorBoard logs), saved as ``teacher.nemo``;
+3. store – the ``.nemo`` teacher's top-k logits on ``transfer`` (and on validation/test,
+   for the held-out KL) via :func:`nemo_kd.teacher.extract.compute_topk_logits`;
 4. students – the same smaller GPT (same initial weights, same batches) trained on
-   ``transfer`` twice: KD + SFT, and SFT only (the baseline);
+   ``transfer`` twice with the same NeMo model class: KD + SFT (``teacher.mode: offline``,
+   the store) and SFT only (the baseline), each saved as ``.nemo``;
 5. evaluation on ``test`` – loss on the clean references, KL(teacher ‖ student), and
    exact match of greedy generations;
 6. ``results.md`` (the comparison table), ``results.json``, ``loss_curves.png``.
 
-Everything runs in one process at TP = PP = DP = 1.
+Everything runs in one process at TP = PP = DP = 1; ``examples/train_gpt_kd.py`` is the
+same model class driven by Hydra for real runs (TP/PP/DP under torchrun/srun).
 """
 
 from __future__ import annotations
@@ -79,29 +84,8 @@ def _progress(total, desc):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
 
 
-def _model_cfg(arch: dict, vocab: int, max_pos: int):
-    from nemo_kd.models import GPTModelConfig
-
-    return GPTModelConfig(vocab_size=vocab, max_position_embeddings=max_pos, **arch)
-
-
 def _num_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-class _Batches:
-    """Fixed-shape microbatches of a DistillationDataset (one microbatch per step)."""
-
-    def __init__(self, dataset, cfg: JobConfig, pad_id: int, seed: int):
-        from nemo_kd.data.kd_dataset import GlobalBatchSampler
-
-        self.ds, self.cfg, self.pad_id = dataset, cfg, pad_id
-        self.sampler = iter(GlobalBatchSampler(len(dataset), cfg.batch_size, cfg.batch_size, seed=seed))
-
-    def __next__(self) -> List[dict]:
-        from nemo_kd.data.kd_dataset import collate
-
-        return [collate([self.ds[i] for i in mb], self.cfg.seq_length, self.pad_id) for mb in next(self.sampler)]
 
 
 def _eval_batches(dataset, cfg: JobConfig, pad_id: int) -> List[List[dict]]:
@@ -111,39 +95,72 @@ def _eval_batches(dataset, cfg: JobConfig, pad_id: int) -> List[List[dict]]:
     out = []
     for s in range(0, n, cfg.batch_size):
         idx = list(range(s, min(s + cfg.batch_size, n)))
-        out.append([collate([dataset[i] for i in idx], cfg.seq_length, pad_id)])
+        out.append([collate([dataset[i] for i in idx], cfg.seq_length + 1, pad_id)])
     return out
 
 
-def _train(engine, batches, steps: int, desc: str, val=None, eval_every: int = 0) -> dict:
-    """Train ``steps`` steps; history of train metrics and (optionally) held-out metrics."""
+def _model_config(cfg: JobConfig, arch: dict, vocab: int, data: str, tok_dir: str, store, loss: dict, steps: int,
+                  data_seed: int):
+    """The GPTDistillationModel config (the ``model:`` section of conf/gpt_kd.yaml)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(dict(
+        student=dict(arch, vocab_size=vocab, max_position_embeddings=2 * cfg.seq_length, params_dtype="fp32"),
+        teacher=dict(mode="offline" if store else "none"),
+        kd=dict(loss),
+        optim=dict(lr=cfg.lr, min_lr=cfg.lr * 0.05, warmup_steps=cfg.warmup_steps, weight_decay=0.01),
+        parallel=dict(seed=cfg.seed),
+        data=dict(train_ds=dict(file_path=data, logits_store=store, tokenizer=tok_dir, prompt_format="chat",
+                                max_seq_length=cfg.seq_length + 1, micro_batch_size=cfg.batch_size,
+                                global_batch_size=cfg.batch_size, seed=data_seed, shuffle=True)),
+        max_steps=steps,
+    ))
+
+
+def _fit(name: str, model_cfg, steps: int, log_root: str, val=None, eval_every: int = 0, init=None):
+    """Train a GPTDistillationModel with a Lightning Trainer; history of train and held-out metrics."""
+    import lightning.pytorch as pl
+    from nemo.utils.exp_manager import exp_manager
+
     from nemo_kd.evaluation import heldout_metrics
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.parallel.strategy import MegatronStrategy
 
     hist = {"step": [], "loss": [], "sft_loss": [], "kd_loss": [], "val_step": [], "val_loss": [], "val_kl": []}
 
-    def evaluate(step):
-        m = heldout_metrics(engine, val)
-        hist["val_step"].append(step)
-        hist["val_loss"].append(m["loss"])
-        hist["val_kl"].append(m["kl"])
+    class History(pl.Callback):
+        def _evaluate(self, model, step):
+            m = heldout_metrics(model.engine, val)
+            hist["val_step"].append(step)
+            hist["val_loss"].append(m["loss"])
+            hist["val_kl"].append(m["kl"])
+            model.log("heldout_kl", m["kl"], batch_size=1)
 
-    if val is not None:
-        evaluate(0)
-    bar = _progress(steps, desc)
-    for step in range(1, steps + 1):
-        m = engine.train_step(next(batches))
-        hist["step"].append(step)
-        for k in ("loss", "sft_loss", "kd_loss"):
-            hist[k].append(m.get(k, math.nan))
-        if val is not None and (step % eval_every == 0 or step == steps):
-            evaluate(step)
-        postfix = {"loss": f"{m['loss']:.3f}"}
-        if hist["val_loss"]:
-            postfix["val_ce"] = f"{hist['val_loss'][-1]:.3f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-    bar.close()
-    return hist
+        def on_train_start(self, trainer, model):
+            if val is not None:
+                self._evaluate(model, 0)
+
+        def on_train_batch_end(self, trainer, model, outputs, batch, batch_idx):
+            step = trainer.global_step
+            metrics = trainer.callback_metrics
+            hist["step"].append(step)
+            for k in ("loss", "sft_loss", "kd_loss"):
+                hist[k].append(float(metrics[k]) if k in metrics else math.nan)
+            if val is not None and (step % eval_every == 0 or step == steps):
+                self._evaluate(model, step)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=MegatronStrategy(), max_steps=steps,
+                         use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         log_every_n_steps=10, callbacks=[History()])
+    log_dir = exp_manager(trainer, dict(exp_dir=log_root, name=name.replace(" ", "_").replace("+", "_"),
+                                        create_tensorboard_logger=True, create_checkpoint_callback=False,
+                                        version="run"))
+    model = GPTDistillationModel(model_cfg, trainer=trainer)
+    if init is not None:  # the same initial weights for both students: only the objective differs
+        model.student.load_state_dict(init, strict=False)
+    trainer.fit(model)
+    return model, hist, str(log_dir)
 
 
 def _generate_em(model, tok, rows, task, desc, cfg: JobConfig) -> dict:
@@ -213,20 +230,36 @@ def _table(results: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _quiet() -> None:
+    """Keep the job's output to progress bars and results: Megatron's INFO set-up logs and
+    deprecation warnings of the pinned stack say nothing a user of this job can act on."""
+    import logging
+    import warnings
+
+    import megatron.core.distributed  # noqa: F401  (creates the loggers to quiet)
+    import megatron.core.optimizer  # noqa: F401
+
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("megatron")] + ["megatron"]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (r".*cuda_graph_scope.*", r".*tp_group is None.*", r".*Transformer Engine and Apex.*",
+                    r".*ffn_hidden_size.*", r".*sync_dist=True.*", r".*log_every_n_steps.*", r".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def run(out: str, cfg: JobConfig) -> dict:
     torch.set_num_threads(cfg.threads)
+    _quiet()
     from nemo_kd.data import read_records
     from nemo_kd.data.kd_dataset import DistillationDataset
     from nemo_kd.data.synthetic_task import CipherTask, TaskConfig, write_task
     from nemo_kd.data.tokenization import ConversationTokenizer
     from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
     from nemo_kd.evaluation import heldout_metrics
-    from nemo_kd.losses.objective import DistillationLossConfig
-    from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
+    from nemo_kd.models.distillation_model import GPTDistillationModel
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from nemo_kd.teacher.extract import ExtractConfig, compute_topk_logits
     from nemo_kd.teacher.store import StoreReader
-    from nemo_kd.teacher.teachers import MegatronTeacher, save_full_checkpoint
+    from nemo_kd.teacher.teachers import MegatronTeacher
 
     t_start = time.time()
     timings: Dict[str, float] = {}
@@ -252,32 +285,28 @@ def run(out: str, cfg: JobConfig) -> dict:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     initialize_parallel(ParallelConfig(seed=cfg.seed))
     try:
-        teacher_cfg = _model_cfg(cfg.teacher, vocab, 2 * cfg.seq_length)
-        student_cfg = _model_cfg(cfg.student, vocab, 2 * cfg.seq_length)
-        batch_cfg = BatchConfig(micro_batch_size=cfg.batch_size, global_batch_size=cfg.batch_size,
-                                seq_length=cfg.seq_length)
+        tok_dir = os.path.join(out, "tokenizer")
         ctok = ConversationTokenizer(tok, "chat", max_len, "truncate")
         pad_id = tok.pad_token_id
+        log_root = os.path.join(out, "logs")  # exp_manager: TensorBoard event files per run
 
         # -------------------------------------------------------------- 2. teacher
         t0 = time.time()
         print(f"[2/6] teacher: SFT on teacher_train ({len(records['teacher_train'])} clean samples)", flush=True)
-        sft_only = DistillationLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0)
-        optim = OptimConfig(lr=cfg.lr, min_lr=cfg.lr * 0.05, warmup_steps=cfg.warmup_steps, weight_decay=0.01)
-        t_engine = DistillationEngine(teacher_cfg, sft_only, optim, batch_cfg, max_steps=cfg.teacher_steps)
-        t_data = DistillationDataset(records["teacher_train"], ctok)
-        t_hist = _train(t_engine, _Batches(t_data, cfg, pad_id, cfg.seed), cfg.teacher_steps, "teacher")
-        teacher_dir = os.path.join(out, "teacher")
-        save_full_checkpoint(teacher_dir, {k: v for k, v in t_engine.module.state_dict().items()
-                                           if torch.is_tensor(v)}, teacher_cfg)
-        teacher_params = _num_params(t_engine.module)
-        del t_engine
+        sft_only = dict(kd_loss_weight=0.0, sft_loss_weight=1.0)
+        t_model, t_hist, _ = _fit("teacher", _model_config(cfg, cfg.teacher, vocab, paths["teacher_train"], tok_dir,
+                                                           None, sft_only, cfg.teacher_steps, cfg.seed),
+                                  cfg.teacher_steps, log_root)
+        teacher_path = os.path.join(out, "teacher.nemo")
+        t_model.save_to(teacher_path)
+        teacher_params = _num_params(t_model.student)
+        del t_model
         timings["teacher"] = time.time() - t0
 
         # -------------------------------------------------------------- 3. store
         t0 = time.time()
-        print(f"[3/6] teacher top-{cfg.top_k} logits -> store", flush=True)
-        teacher = MegatronTeacher(teacher_dir, name="main_job_teacher")
+        print(f"[3/6] teacher top-{cfg.top_k} logits -> store (teacher loaded from {teacher_path})", flush=True)
+        teacher = MegatronTeacher(teacher_path, name="main_job_teacher")
         stores = {}
         for split in ("transfer", "validation", "test"):
             path = os.path.join(out, "store" if split == "transfer" else f"store_{split}")
@@ -288,43 +317,45 @@ def run(out: str, cfg: JobConfig) -> dict:
             print(f"      {split}: {summary.num_samples} samples, {summary.num_tokens} tokens, "
                   f"{summary.store_bytes / 1024:.0f} KiB", flush=True)
             stores[split] = StoreReader(path)
-        ds = {s: DistillationDataset(records[s], ctok, store=stores[s], k=cfg.top_k) for s in stores}
+        ds = {s: DistillationDataset(records[s], ctok, store=stores[s], k=cfg.top_k) for s in ("validation", "test")}
         val_batches = _eval_batches(ds["validation"], cfg, pad_id)
         test_batches = _eval_batches(ds["test"], cfg, pad_id)
         timings["store"] = time.time() - t0
 
         # -------------------------------------------------------------- 4. students
-        kd_cfg = DistillationLossConfig(kd_loss_type="forward_kl", topk_convention="exact_tail",
-                                        kd_loss_weight=cfg.kd_loss_weight, sft_loss_weight=cfg.sft_loss_weight)
-        students, histories, init = {}, {"teacher": t_hist}, None
-        for name, loss_cfg in (("student KD+SFT", kd_cfg), ("student SFT only", sft_only)):
+        kd = dict(kd_loss_type="forward_kl", topk_convention="exact_tail", kd_loss_weight=cfg.kd_loss_weight,
+                  sft_loss_weight=cfg.sft_loss_weight)
+        student_paths, histories, init = {}, {"teacher": t_hist}, None
+        for name, loss, store in (("student KD+SFT", kd, os.path.join(out, "store")),
+                                  ("student SFT only", sft_only, None)):
             t0 = time.time()
-            print(f"[4/6] {name}: {cfg.student_steps} steps on transfer ({len(ds['transfer'])} samples, noisy labels)",
-                  flush=True)
-            eng = DistillationEngine(student_cfg, loss_cfg, optim, batch_cfg, max_steps=cfg.student_steps)
+            print(f"[4/6] {name}: {cfg.student_steps} steps on transfer ({len(records['transfer'])} samples, "
+                  f"noisy labels)", flush=True)
+            model_cfg = _model_config(cfg, cfg.student, vocab, paths["transfer"], tok_dir, store, loss,
+                                      cfg.student_steps, cfg.seed + 1)
+            model, histories[name], _ = _fit(name, model_cfg, cfg.student_steps, log_root, val=val_batches,
+                                             eval_every=cfg.eval_every, init=init)
             if init is None:
-                init = {k: v.detach().clone() for k, v in eng.module.state_dict().items() if torch.is_tensor(v)}
-            else:  # the same initial weights and the same batch order: only the objective differs
-                eng.module.load_state_dict(init, strict=False)
-            histories[name] = _train(eng, _Batches(ds["transfer"], cfg, pad_id, cfg.seed + 1), cfg.student_steps,
-                                     name, val=val_batches, eval_every=cfg.eval_every)
-            students[name] = eng
+                init = {k: v.detach().clone() for k, v in model.student.state_dict().items() if torch.is_tensor(v)}
+            student_paths[name] = os.path.join(out, name.replace(" ", "_").replace("+", "_") + ".nemo")
+            model.save_to(student_paths[name])
+            del model
             timings[name] = time.time() - t0
 
         # -------------------------------------------------------------- 5. evaluation
         t0 = time.time()
-        print(f"[5/6] evaluation on test ({len(records['test'])} held-out prompts)", flush=True)
+        print(f"[5/6] evaluation on test ({len(records['test'])} held-out prompts), models restored from .nemo",
+              flush=True)
         results = {}
-        # The teacher, evaluated through an engine of its architecture holding its weights.
-        t_eval = DistillationEngine(teacher_cfg, sft_only, optim, batch_cfg, max_steps=1)
-        t_eval.module.load_state_dict(teacher.model.state_dict(), strict=False)
-        evaluated = [("teacher", t_eval, teacher_params, f"teacher_train ({len(records['teacher_train'])}, clean)")]
-        evaluated += [(n, e, _num_params(e.module), f"transfer ({len(records['transfer'])}, noisy)")
-                      for n, e in students.items()]
-        for name, eng, params, data in evaluated:
-            m = heldout_metrics(eng, test_batches)
-            g = _generate_em(eng.module, tok, rows["test"], task, f"generate ({name})", cfg)
-            results[name] = dict(params=params, data=data, **m, **g)
+        evaluated = [("teacher", teacher_path, f"teacher_train ({len(records['teacher_train'])}, clean)")]
+        evaluated += [(n, p, f"transfer ({len(records['transfer'])}, noisy)") for n, p in student_paths.items()]
+        for name, path, data in evaluated:
+            model = GPTDistillationModel.restore_from(path, map_location=torch.device("cpu"))
+            model.eval()
+            m = heldout_metrics(model.engine, test_batches)
+            g = _generate_em(model.student, tok, rows["test"], task, f"generate ({name})", cfg)
+            results[name] = dict(params=_num_params(model.student), data=data, **m, **g)
+        assert results["teacher"]["params"] == teacher_params
         timings["evaluation"] = time.time() - t0
         for reader in stores.values():
             if hasattr(reader, "close"):

@@ -313,3 +313,10 @@ def test_student_init_from_hf_keeps_rope_scaling_through_nemo(world, tmp_path):
     restored.eval()
     with torch.no_grad():
         assert torch.equal(restored(x), model(x))
+    # ... and the .nemo starts the next round's student (student_init accepts .nemo too)
+    again = GPTDistillationModel(_cfg(world, **{"student_init": path, "teacher.mode": "none", "kd.kd_loss_weight": 0.0,
+                                                "data.train_ds.logits_store": None, "data.validation_ds": None}))
+    again.eval()
+    assert again.cfg.student_hf_architecture.rope_scaling.factor == 8.0
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))

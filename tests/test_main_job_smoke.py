@@ -26,7 +26,8 @@ def smoke_run(tmp_path_factory):
 def test_smoke_pipeline_artefacts_and_table(smoke_run):
     out, stdout = smoke_run
     for rel in ("data/teacher_train.jsonl", "data/transfer.jsonl", "data/test.jsonl", "data/task.json",
-                "tokenizer/tokenizer.json", "teacher/gpt_config.json", "store", "store_test",
+                "tokenizer/tokenizer.json", "teacher.nemo", "student_KD_SFT.nemo", "student_SFT_only.nemo",
+                "store", "store_test", "logs/student_KD_SFT/run",
                 "results.md", "results.json", "loss_curves.png"):
         assert os.path.exists(out / rel), rel
     assert os.path.getsize(out / "loss_curves.png") > 1000

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import socket
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -323,12 +323,69 @@ def load_megatron_checkpoint(path: str, model_chunks: Sequence[torch.nn.Module])
         unwrap_model(chunk).load_state_dict(chunk_sd, strict=True)
 
 
+def read_nemo_archive(path: str) -> Tuple[HFArchitecture, Dict[str, torch.Tensor]]:
+    """Architecture and full (TP=1, PP=1) weights of a ``.nemo`` written by
+    :class:`nemo_kd.models.distillation_model.GPTDistillationModel`.
+
+    The archive holds ``model_config.yaml`` (``student``: the ``GPTModelConfig``;
+    ``student_hf_architecture``: what it cannot say, for HF-initialised students) and
+    ``model_weights.ckpt`` (``student.*`` tensors, gathered over TP/PP by ``save_to``).
+    Read from the tar without extracting to disk; weights with ``torch.load(weights_only=True)``.
+    """
+    import io
+    import tarfile
+
+    import yaml
+
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            missing = [n for n in ("model_config.yaml", "model_weights.ckpt") if n not in members]
+            if missing:
+                raise ValueError(f"{path}: not a nemo_kd .nemo (missing {missing}; has {sorted(members)})")
+            model_cfg = yaml.safe_load(tar.extractfile(members["model_config.yaml"]).read())
+            weights = io.BytesIO(tar.extractfile(members["model_weights.ckpt"]).read())
+    except tarfile.TarError as e:
+        raise ValueError(f"{path}: cannot read the .nemo archive: {e}") from e
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("student"), dict):
+        raise ValueError(f"{path}: model_config.yaml has no 'student' architecture section")
+    arch = HFArchitecture.from_dict({**(model_cfg.get("student_hf_architecture") or {"family": None}),
+                                     "model": model_cfg["student"]})
+    sd = torch.load(weights, map_location="cpu", weights_only=True)
+    full = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+    if not full:
+        raise ValueError(f"{path}: model_weights.ckpt holds no 'student.*' tensors")
+    return arch, full
+
+
+def build_from_full_state_dict(arch: Union[HFArchitecture, GPTModelConfig], full: Dict[str, torch.Tensor],
+                               source: str) -> torch.nn.Module:
+    """This rank's GPT chunk (current parallel state) with its shard of a full state dict loaded."""
+
+    if isinstance(arch, GPTModelConfig):
+        arch = HFArchitecture(family=None, model=arch)
+    chunks = build_model_chunks(arch, initialize_weights=False, wrap_float16=False)
+    if len(chunks) != 1:
+        raise ValueError(f"{source}: loading a full state dict with virtual pipeline stages is not supported")
+    model = chunks[0]
+    shard = shard_state_dict(full, arch.model, state.tp_rank(), state.tp_size(), state.pp_rank(), state.pp_size())
+    missing, unexpected = model.load_state_dict(shard, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    if arch.model.params_dtype != "fp32":
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
+    return model
+
+
 def build_and_load(path: str, parallel: Optional[ParallelConfig] = None, progress: bool = False,
                    **hf_options) -> LoadedModel:
     """Build this rank's chunks and load weights from ``path`` (the teacher/student loader).
 
-    ``path`` is a nemo_kd Megatron checkpoint (``model_config.json``) or a Hugging Face
-    model directory (``config.json`` + safetensors; streamed straight into this rank's
+    ``path`` is a nemo_kd Megatron checkpoint (``model_config.json``), a nemo_kd ``.nemo``
+    (:func:`read_nemo_archive`) or a Hugging Face model directory (``config.json`` + safetensors; streamed straight into this rank's
     shard). Parallel state: used if initialised, else initialised from ``parallel`` (and
     left initialised for the caller's use). ``hf_options`` go to
     :func:`~nemo_kd.convert.hf_config.hf_config_to_architecture` for HF directories.
@@ -338,6 +395,9 @@ def build_and_load(path: str, parallel: Optional[ParallelConfig] = None, progres
     elif parallel is not None and (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size) != (
             state.tp_size(), state.pp_size()):
         raise ValueError("parallel state is already initialised with a different TP/PP than `parallel`")
+    if os.path.isfile(path) and path.endswith(".nemo"):
+        arch, full = read_nemo_archive(path)
+        return LoadedModel([build_from_full_state_dict(arch, full, path)], arch)
     if is_megatron_checkpoint(path):
         arch = read_checkpoint_architecture(path)
         chunks = build_model_chunks(arch, initialize_weights=False)

@@ -56,7 +56,6 @@ __all__ = [
     "build_teacher",
     "load_full_checkpoint",
     "load_megatron_teacher",
-    "load_nemo_checkpoint",
     "save_full_checkpoint",
     "teacher_hash",
 ]
@@ -134,84 +133,30 @@ def save_full_checkpoint(path: str, full_state_dict, cfg) -> None:
 
 def load_full_checkpoint(path: str, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int):
     """Local fallback loader: build this rank's chunk and load its shard of a full state dict."""
+    from nemo_kd.convert.checkpoint_io import build_from_full_state_dict
     from nemo_kd.models import GPTModelConfig
 
     with open(os.path.join(path, FULL_CONFIG_FILE)) as f:
         cfg = GPTModelConfig.from_dict(json.load(f))
     full = torch.load(os.path.join(path, FULL_WEIGHTS_FILE), map_location="cpu", weights_only=True)
-    return _chunk_from_full_state_dict(path, full, cfg, tp_rank, tp_size, pp_rank, pp_size)
+    # the chunk is built for the initialised parallel state: the loader's ranks must be its ranks
+    if (tp_rank, tp_size, pp_rank, pp_size) != (state_ranks := _current_ranks()):
+        raise ValueError(f"{path}: asked for TP/PP ranks {(tp_rank, tp_size, pp_rank, pp_size)} but the parallel "
+                         f"state is {state_ranks}")
+    return build_from_full_state_dict(cfg, full, path), cfg
 
 
-def load_nemo_checkpoint(path: str, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int):
-    """A ``.nemo`` written by :class:`nemo_kd.models.distillation_model.GPTDistillationModel`.
+def _current_ranks():
+    from nemo_kd.parallel import state
 
-    The archive holds ``model_config.yaml`` (the student architecture under ``student``)
-    and ``model_weights.ckpt``, the *full* (TP=1, PP=1) student state dict with keys
-    prefixed ``student.`` (``save_to`` gathers TP/PP shards), so a distilled student can
-    serve as the teacher of the next round at any TP/PP. Read straight from the tar
-    (no extraction to disk), weights with ``torch.load(weights_only=True)``.
-    """
-    import io
-    import tarfile
-
-    import yaml
-
-    from nemo_kd.models import GPTModelConfig
-
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
-            missing = [n for n in ("model_config.yaml", "model_weights.ckpt") if n not in members]
-            if missing:
-                raise ValueError(f"{path}: not a nemo_kd .nemo (missing {missing}; has {sorted(members)})")
-            model_cfg = yaml.safe_load(tar.extractfile(members["model_config.yaml"]).read())
-            weights = io.BytesIO(tar.extractfile(members["model_weights.ckpt"]).read())
-    except tarfile.TarError as e:
-        raise ValueError(f"{path}: cannot read the .nemo archive: {e}") from e
-    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("student"), dict):
-        raise ValueError(f"{path}: model_config.yaml has no 'student' architecture section")
-    cfg = GPTModelConfig.from_dict(model_cfg["student"])
-    if model_cfg.get("student_hf_architecture"):  # an HF-initialised student: RoPE scaling etc.
-        from nemo_kd.convert.hf_config import HFArchitecture
-
-        cfg = HFArchitecture.from_dict({**model_cfg["student_hf_architecture"], "model": model_cfg["student"]})
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    full = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-    if not full:
-        raise ValueError(f"{path}: model_weights.ckpt holds no 'student.*' tensors")
-    return _chunk_from_full_state_dict(path, full, cfg, tp_rank, tp_size, pp_rank, pp_size)
-
-
-def _chunk_from_full_state_dict(path, full, arch, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int):
-    """This rank's GPT chunk with its shard of a full (TP=1, PP=1) state dict loaded.
-
-    ``arch``: a ``GPTModelConfig`` or an ``HFArchitecture``; returns (chunk, GPTModelConfig).
-    """
-    from nemo_kd.convert.checkpoint_io import build_model_chunks
-    from nemo_kd.models import shard_state_dict
-
-    chunks = build_model_chunks(arch, initialize_weights=False, wrap_float16=False)
-    if len(chunks) != 1:
-        raise ValueError(f"{path}: teachers with virtual pipeline stages are not supported")
-    model = chunks[0]
-    cfg = getattr(arch, "model", arch)
-    shard = shard_state_dict(full, cfg, tp_rank, tp_size, pp_rank, pp_size)
-    missing, unexpected = model.load_state_dict(shard, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
-    if cfg.params_dtype != "fp32":
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(model.config, model)
-    return model, cfg
+    return state.tp_rank(), state.tp_size(), state.pp_rank(), state.pp_size()
 
 
 def load_megatron_teacher(path: str, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int):
     """Default :data:`CheckpointLoader`.
 
-    The local full-state-dict format (:func:`save_full_checkpoint`), a ``.nemo`` of a
-    distilled student (:func:`load_nemo_checkpoint`), else a converted
+    The local full-state-dict format (:func:`save_full_checkpoint`), else a ``.nemo`` of a
+    distilled student, a converted
     nemo_kd Megatron checkpoint (dist-checkpoint, any TP/PP) or a Hugging Face model
     directory streamed straight into this rank's shard
     (:func:`nemo_kd.convert.checkpoint_io.build_and_load`, which reads TP/PP from the
@@ -219,8 +164,6 @@ def load_megatron_teacher(path: str, tp_rank: int, tp_size: int, pp_rank: int, p
     """
     if os.path.isdir(path) and os.path.exists(os.path.join(path, FULL_CONFIG_FILE)):
         return load_full_checkpoint(path, tp_rank, tp_size, pp_rank, pp_size)
-    if os.path.isfile(path) and path.endswith(".nemo"):
-        return load_nemo_checkpoint(path, tp_rank, tp_size, pp_rank, pp_size)
     from nemo_kd.convert.checkpoint_io import build_and_load
 
     loaded = build_and_load(path)
