@@ -320,3 +320,68 @@ def test_student_init_from_hf_keeps_rope_scaling_through_nemo(world, tmp_path):
     assert again.cfg.student_hf_architecture.rope_scaling.factor == 8.0
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+def _tp2_fit_and_checkpoint(rank, world_size, world, ckpt_dir, init, over):
+    import lightning.pytorch as pl
+
+    from nemo_kd.models import GPTModelConfig, shard_state_dict
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.parallel import destroy_parallel, state
+    from nemo_kd.parallel.strategy import MegatronStrategy
+
+    try:
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1)
+        trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=MegatronStrategy(), max_steps=4,
+                             use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                             callbacks=[ckpt], default_root_dir=ckpt_dir)
+        model = GPTDistillationModel(_cfg(world, **over, **{"parallel.tensor_model_parallel_size": 2,
+                                                            "data.validation_ds": None}), trainer=trainer)
+        cfg = GPTModelConfig.from_dict(dict(model.cfg.student))
+        model.student.load_state_dict(shard_state_dict(init, cfg, state.tp_rank(), 2, 0, 1), strict=False)
+        trainer.fit(model)
+        return trainer.global_step
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_checkpoint_saved_at_tp2_resumes_at_tp1(world, tmp_path):
+    """Kill-and-resume across layouts: 4 steps at TP=2 + dist checkpoint, resumed at TP=1 to step 8,
+    repeats an uninterrupted TP=1 run (losses of steps 5-8 and final weights)."""
+    from dist_utils import run_distributed
+
+    from nemo_kd.models.checkpointing import CheckpointLayoutError
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    over = {"student.vocab_size": 512}  # pads to 512 rows at TP=1 and TP=2: optimizer state reshards
+    trainer, ref = _trainer(tmp_path / "ref", 8)
+    model = GPTDistillationModel(_cfg(world, **over), trainer=trainer)
+    init = {k: v.detach().clone() for k, v in model.student.state_dict().items() if torch.is_tensor(v)}
+    trainer.fit(model)
+    final = {k: v.detach().clone() for k, v in model.student.state_dict().items() if torch.is_tensor(v)}
+
+    ckpt_dir = str(tmp_path / "ckpt")
+    assert run_distributed(_tp2_fit_and_checkpoint, 2, world, ckpt_dir, init, over) == [4, 4]
+    (name,) = [f for f in os.listdir(ckpt_dir) if f.endswith(".ckpt")]
+    path = os.path.join(ckpt_dir, name)
+    assert os.path.isdir(os.path.join(path, "weights"))
+
+    trainer2, rec2 = _trainer(tmp_path / "resumed", 8)
+    model2 = GPTDistillationModel(_cfg(world, **over), trainer=trainer2)
+    trainer2.fit(model2, ckpt_path=path)
+    assert trainer2.global_step == 8 and model2.consumed_samples == 32
+    got = [r["loss"] for r in rec2.rows]
+    want = [r["loss"] for r in ref.rows[4:]]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5), (got, want)
+    for k, v in model2.student.state_dict().items():
+        if torch.is_tensor(v):
+            torch.testing.assert_close(v, final[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    # A layout whose vocabulary padding differs cannot take the optimizer state: refused, named.
+    trainer3, _ = _trainer(tmp_path / "refused", 8)
+    model3 = GPTDistillationModel(_cfg(world), trainer=trainer3)  # vocab ~300: 384 padded rows at TP=1
+    with pytest.raises(CheckpointLayoutError, match="another student architecture"):
+        trainer3.fit(model3, ckpt_path=path)

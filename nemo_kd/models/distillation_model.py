@@ -28,16 +28,16 @@ Training uses manual optimisation: ``training_step`` gets this rank's list of co
 microbatches of one global batch, calls ``engine.train_step`` and then steps a thin
 :class:`_EngineOptimizer` (no parameters update there) through
 ``self.optimizers().step()``, which is what advances Lightning's ``global_step`` in
-manual optimisation. The adapter's ``state_dict`` carries the Megatron optimizer and
-scheduler state into Lightning checkpoints; ``consumed_samples`` (the data position)
-is saved in the checkpoint too and the train sampler resumes from it.
+manual optimisation. Lightning checkpoints are Megatron dist-checkpoint directories
+written by :class:`~nemo_kd.parallel.strategy.MegatronStrategy` (student, optimizer,
+scheduler, RNG; reshardable across TP/PP/DP); ``consumed_samples`` (the data position)
+is saved in them too and the train sampler resumes from it.
 
 Only the student is part of ``state_dict()`` (``self.student`` is the engine's
 Megatron module), so ``save_to`` writes the student weights to ``model_weights.ckpt``
 and ``restore_from`` rebuilds the engine from the config and loads them. Under TP/PP the
 ``.nemo`` still holds the full (TP=1, PP=1) student, gathered at save and re-sharded at
-restore, so a ``.nemo`` restores with any layout. Lightning checkpoints are per rank
-under TP/PP (see :class:`~nemo_kd.parallel.strategy.MegatronStrategy`).
+restore, so a ``.nemo`` restores with any layout.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ class _EngineOptimizer(torch.optim.Optimizer):
 
     ``step()`` only runs Lightning's closure (a no-op in manual optimisation) so that
     ``self.optimizers().step()`` advances ``global_step``; ``param_groups[0]["lr"]``
-    mirrors the engine's rate (for ``LearningRateMonitor``); ``state_dict`` is the
-    Megatron optimizer + scheduler state, restored by ``load_state_dict``.
+    mirrors the engine's rate (for ``LearningRateMonitor``). Its state is saved by
+    :class:`~nemo_kd.parallel.strategy.MegatronStrategy` (``nemo_kd.models.checkpointing``).
     """
 
     def __init__(self, engine: DistillationEngine, params):
@@ -107,15 +107,12 @@ class _EngineOptimizer(torch.optim.Optimizer):
         pass
 
     def state_dict(self) -> Dict[str, Any]:
-        e = self.engine
-        return {"megatron_optimizer": e.optimizer.state_dict(), "scheduler": e.scheduler.state_dict(),
-                "engine_step": e.step}
+        # The Megatron optimizer and scheduler live in the engine; MegatronStrategy saves and
+        # restores them with the weights (dist_checkpointing), so Lightning's copy stays empty.
+        return {}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        e = self.engine
-        e.optimizer.load_state_dict(sd["megatron_optimizer"])
-        e.scheduler.load_state_dict(sd["scheduler"])
-        e.step = int(sd.get("engine_step", 0))
+        pass
 
 
 class _StepData(torch.utils.data.Dataset):

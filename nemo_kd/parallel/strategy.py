@@ -19,10 +19,11 @@ if the model's constructor already did it, nothing happens).
 
 Processes: a single process (``python train.py``) or one process per device started
 externally (``torchrun`` / ``srun``); Lightning never spawns processes itself here.
-Lightning checkpoints: under TP/PP (or a distributed optimizer with DP > 1) every rank
-holds different weights/optimizer state, so every rank writes its own file
-(``<path>`` on rank 0, ``<path>.rank<N>`` on rank N) and reads its own when resuming
-(same world size and layout required). Otherwise rank 0 writes one file, as usual.
+Lightning checkpoints are Megatron ``dist_checkpointing`` directories
+(:mod:`nemo_kd.models.checkpointing`): every rank writes its shards of the student and the
+optimizer under global keys, so a run resumes at another TP/PP/DP layout; Lightning's
+own state (loops, callbacks, ``consumed_samples``) goes into the same directory. The
+model must expose its :class:`~nemo_kd.models.engine.DistillationEngine` as ``.engine``.
 
 Batches are sharded over data-parallel ranks by our own
 :class:`~nemo_kd.data.kd_dataset.GlobalBatchSampler`, so build the ``Trainer`` with
@@ -47,6 +48,24 @@ from nemo_kd.parallel import state
 from nemo_kd.parallel.state import ParallelConfig
 
 __all__ = ["MegatronStrategy"]
+
+_RESTORED = "_nemo_kd_restored_by_strategy"
+
+
+def _plain_containers(obj):
+    """OmegaConf nodes (NeMo's hyper-parameters) as dicts/lists and classes as names, so that ``common.pt``
+    loads with ``torch.load(weights_only=True)``."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, type):  # e.g. Lightning's ``hparams_type``: kept by name
+        return f"{obj.__module__}.{obj.__qualname__}"
+    if isinstance(obj, dict):
+        return {k: _plain_containers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain_containers(v) for v in obj)
+    return obj
 
 log = logging.getLogger(__name__)
 
@@ -115,34 +134,40 @@ class MegatronStrategy(DDPStrategy):
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
 
-    # -- Lightning checkpoints: one file per rank when ranks hold different state
-    def _per_rank_checkpoints(self) -> bool:
-        if not state.is_initialized():
-            return False
-        cfg = state.config()
-        dist_opt = bool(getattr(self.lightning_module, "_optim_cfg", None)
-                        and self.lightning_module._optim_cfg.use_distributed_optimizer)
-        return state.tp_size() * state.pp_size() > 1 or (dist_opt and state.dp_size() > 1) or (
-            cfg is not None and cfg.context_parallel_size > 1)
-
-    def _rank_path(self, filepath) -> str:
-        """``filepath`` on global rank 0, ``filepath.rank<N>`` on the others (per-rank checkpoints)."""
-        return str(filepath) if self.global_rank == 0 else f"{filepath}.rank{self.global_rank}"
-
+    # -- Lightning checkpoints: Megatron dist_checkpointing directories (reshardable across TP/PP/DP)
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-        if not self._per_rank_checkpoints():
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        self.checkpoint_io.save_checkpoint(checkpoint, self._rank_path(filepath), storage_options=storage_options)
+        """Every rank saves its shards of the student and the optimizer into the directory
+        ``filepath`` (:func:`nemo_kd.models.checkpointing.save_training_checkpoint`); the
+        rest of Lightning's checkpoint (loops, callbacks, ``consumed_samples``) rides along
+        as plain containers in its ``common.pt``."""
+        from nemo_kd.models.checkpointing import save_training_checkpoint
+
+        # optimizer_states: the adapter's empty placeholders (Lightning checks they exist)
+        rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        save_training_checkpoint(self.lightning_module.engine, str(filepath), _plain_containers(rest))
 
     def remove_checkpoint(self, filepath) -> None:
-        if not self._per_rank_checkpoints():
-            return super().remove_checkpoint(filepath)
-        self.checkpoint_io.remove_checkpoint(self._rank_path(filepath))
+        import shutil
+
+        if self.global_rank == 0:
+            shutil.rmtree(filepath, ignore_errors=True)
 
     def load_checkpoint(self, checkpoint_path):
-        if not self._per_rank_checkpoints():
-            return super().load_checkpoint(checkpoint_path)
-        return self.checkpoint_io.load_checkpoint(self._rank_path(checkpoint_path))
+        """Restore student, optimizer, scheduler and RNG straight into the engine (at this
+        run's layout); return Lightning's part of the checkpoint for its loops and hooks."""
+        from nemo_kd.models.checkpointing import load_training_checkpoint
+
+        checkpoint = load_training_checkpoint(self.lightning_module.engine, str(checkpoint_path))
+        checkpoint[_RESTORED] = True
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        if not checkpoint.get(_RESTORED):
+            super().load_model_state_dict(checkpoint, strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        if not checkpoint.get(_RESTORED):
+            super().load_optimizer_state_dict(checkpoint)
 
     @property
     def distributed_sampler_kwargs(self):

@@ -1,0 +1,182 @@
+"""Training checkpoints through Megatron ``dist_checkpointing``: reshardable across TP/PP/DP.
+
+A checkpoint is a directory::
+
+    <path>/weights/    dist_checkpointing (torch_dist): the student's ShardedTensors and the
+                       Megatron optimizer's state mapped onto them (Adam moments, fp32 main
+                       params) – global, layout-independent keys, so a run saved at
+                       (TP, PP, DP) = (2, 1, 1) resumes at (1, 2, 1) or (1, 1, 2)
+    <path>/common.pt   rank 0: scheduler, engine step, the saving layout and whatever the
+                       caller adds (Lightning loops and callbacks, ``consumed_samples``)
+    <path>/rng/rank<N>.pt   each rank's RNG states (torch, CUDA, Megatron's tracker, python, numpy)
+
+Resuming restores weights, optimizer, scheduler and data position at any layout the
+architecture divides into. RNG states are per rank, so they are restored only when the
+layout is the one that saved them (else a warning: the run goes on, with fresh RNG
+streams – which matters only for dropout).
+
+The write is atomic: everything goes to ``<path>.tmp-<pid>`` first and is renamed into
+place by rank 0 after every rank finished, so a run killed mid-save leaves the previous
+checkpoint untouched and no half-written one that looks complete.
+
+Vocabulary padding: Megatron pads the vocabulary to a multiple of 128·TP, so changing TP
+can change the embedding's row count. Model weights cope (:mod:`nemo_kd.convert.checkpoint_io`
+reads them whole and re-cuts), but the optimizer's moments of those rows cannot be
+resharded by dist_checkpointing; resuming at a TP with another padded size is refused
+with a message (choose ``vocab_size`` a multiple of 128·TP for every TP you will use).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nemo_kd.parallel import state
+
+__all__ = ["CheckpointLayoutError", "is_training_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "nemo_kd.training_checkpoint.v1"
+WEIGHTS_DIR, COMMON_FILE, RNG_DIR = "weights", "common.pt", "rng"
+
+
+class CheckpointLayoutError(ValueError):
+    """The checkpoint cannot be resumed with this run's architecture or parallel layout."""
+
+
+def is_training_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMMON_FILE)) and os.path.isdir(os.path.join(path, WEIGHTS_DIR))
+
+
+def _layout() -> Dict[str, int]:
+    return {"tp": state.tp_size(), "pp": state.pp_size(), "dp": state.dp_size(),
+            "world": dist.get_world_size() if dist.is_initialized() else 1}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded(engine, is_loading: bool) -> dict:
+    from nemo_kd.convert.hf_weights import unwrap_model
+
+    model_sd = unwrap_model(engine.module).sharded_state_dict()
+    return {"model": model_sd, "optimizer": engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def _rng_state() -> Dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's state as plain types and a tensor: the file loads with torch.load(weights_only=True)
+    out = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+           "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _set_rng_state(rng: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def save_training_checkpoint(engine, path: str, common: Optional[Dict[str, Any]] = None) -> None:
+    """Save the engine's student, optimizer, scheduler and step (all ranks call it).
+
+    ``common``: picklable extras written by rank 0 (e.g. Lightning's loop state).
+    """
+    from megatron.core import dist_checkpointing
+
+    from nemo_kd.convert.checkpoint_io import _cpu_safe_dist_checkpointing
+
+    path = os.path.abspath(path)
+    # every rank must agree on the temporary directory: rank 0 names it
+    names = [f"{path}.tmp-{os.getpid()}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(names, src=0)
+    tmp = names[0]
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, WEIGHTS_DIR))
+        os.makedirs(os.path.join(tmp, RNG_DIR))
+    _barrier()
+    with _cpu_safe_dist_checkpointing():
+        dist_checkpointing.save(_sharded(engine, is_loading=False), os.path.join(tmp, WEIGHTS_DIR))
+    torch.save({"layout": _layout(), "rng": _rng_state()}, os.path.join(tmp, RNG_DIR, f"rank{_rank()}.pt"))
+    if _rank() == 0:
+        torch.save({"format": FORMAT, "layout": _layout(), "student": engine.student_cfg.to_dict(),
+                    "padded_vocab_rows": engine.student_cfg.padded_vocab_size(state.tp_size()),
+                    "scheduler": engine.scheduler.state_dict(), "engine_step": engine.step,
+                    "extra": common or {}}, os.path.join(tmp, COMMON_FILE))
+    _barrier()
+    if _rank() == 0:
+        old = f"{path}.old-{os.getpid()}"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def load_training_checkpoint(engine, path: str) -> Dict[str, Any]:
+    """Restore a checkpoint of :func:`save_training_checkpoint` into ``engine`` (all ranks call it).
+
+    Returns the ``common`` extras saved with it. Raises :class:`CheckpointLayoutError` for
+    another architecture or an unreshardable vocabulary padding.
+    """
+    from megatron.core import dist_checkpointing
+
+    if not is_training_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a nemo_kd training checkpoint (no {COMMON_FILE} + {WEIGHTS_DIR}/)")
+    common = torch.load(os.path.join(path, COMMON_FILE), map_location="cpu", weights_only=True)
+    if common.get("format") != FORMAT:
+        raise CheckpointLayoutError(f"{path}: unknown checkpoint format {common.get('format')!r}")
+    if common["student"] != engine.student_cfg.to_dict():
+        diff = sorted(k for k in set(common["student"]) | set(engine.student_cfg.to_dict())
+                      if common["student"].get(k) != engine.student_cfg.to_dict().get(k))
+        raise CheckpointLayoutError(f"{path}: saved for another student architecture (differs in {diff})")
+    rows = engine.student_cfg.padded_vocab_size(state.tp_size())
+    if common["padded_vocab_rows"] != rows:
+        raise CheckpointLayoutError(
+            f"{path}: saved at TP={common['layout']['tp']} with {common['padded_vocab_rows']} padded vocabulary rows; "
+            f"TP={state.tp_size()} pads to {rows}, and the optimizer state of padded rows cannot be resharded. "
+            f"Resume at a TP that pads alike, or set vocab_size to a multiple of 128*TP.")
+    loaded = dist_checkpointing.load(_sharded(engine, is_loading=True), os.path.join(path, WEIGHTS_DIR))
+    from nemo_kd.convert.hf_weights import unwrap_model
+
+    unwrap_model(engine.module).load_state_dict(loaded["model"], strict=True)
+    engine.optimizer.load_state_dict(loaded["optimizer"])
+    if hasattr(engine.optimizer, "reload_model_params"):
+        engine.optimizer.reload_model_params()  # model params from the loaded fp32 main params
+    engine.scheduler.load_state_dict(common["scheduler"])
+    engine.step = int(common["engine_step"])
+    rng_file = os.path.join(path, RNG_DIR, f"rank{_rank()}.pt")
+    if common["layout"] == _layout() and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True)["rng"])
+    elif _rank() == 0:
+        log.warning("%s was saved with layout %s, this run is %s: RNG states are not restored", path,
+                    common["layout"], _layout())
+    _barrier()
+    return common["extra"]
