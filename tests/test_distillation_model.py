@@ -279,7 +279,7 @@ def test_sft_only_mode_needs_no_store(world, tmp_path):
     model = GPTDistillationModel(cfg, trainer=trainer)
     trainer.fit(model)
     losses = [r["sft_loss"] for r in rec.rows]
-    assert trainer.global_step == 6 and losses[-1] < 0.8 * losses[0], losses
+    assert trainer.global_step == 6 and losses[-1] < 0.9 * losses[0], losses
     assert "kd_loss" not in rec.rows[-1] or rec.rows[-1]["kd_loss"] == 0.0
 
 
