@@ -46,21 +46,50 @@ def _microbatches(step, dp_rank=0, dp_size=1):
     return [{k: v[list(rows)[i:i + MICRO]] for k, v in batch.items()} for i in range(0, per_rank, MICRO)]
 
 
-def _run(rank, world, tp, pp, steps, full=None):
-    from nemo_kd.models import shard_state_dict
+def _teacher_cfg():
+    from nemo_kd.models import GPTModelConfig
+
+    return GPTModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96, vocab_size=VOCAB,
+                          max_position_embeddings=SEQ)
+
+
+def _run(rank, world, tp, pp, steps, full=None, online=False):
+    """``steps`` training steps at (TP, PP, DP = world / TP·PP). ``full``: the student's (and with
+    ``online``, the co-located teacher's) full weights, else this run's random ones are returned."""
+    from nemo_kd.models import build_gpt_model, shard_state_dict
     from nemo_kd.models.engine import DistillationEngine
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, state
 
     model_cfg, loss_cfg, optim_cfg, batch_cfg = _cfgs()
     initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=5))
+
+    def load(module, weights, cfg):
+        module.load_state_dict(shard_state_dict(weights, cfg, state.tp_rank(), tp, state.pp_rank(), pp), strict=False)
+
     try:
-        engine = DistillationEngine(model_cfg, loss_cfg, optim_cfg, batch_cfg, max_steps=steps)
+        teacher_cfg = teacher = None
+        if online:
+            teacher_cfg = _teacher_cfg()
+            teacher = build_gpt_model(teacher_cfg)
+        engine = DistillationEngine(model_cfg, loss_cfg, optim_cfg, batch_cfg, max_steps=steps,
+                                    teacher_cfg=teacher_cfg, teacher_model=teacher)
         if full is None:
-            full = {k: v.detach().clone() for k, v in engine.module.state_dict().items() if torch.is_tensor(v)}
-        engine.module.load_state_dict(shard_state_dict(full, model_cfg, state.tp_rank(), tp, state.pp_rank(), pp),
-                                      strict=False)
-        history = [engine.train_step(_microbatches(s, state.dp_rank(), state.dp_size())) for s in range(steps)]
-        evals = engine.eval_step(_microbatches(0, state.dp_rank(), state.dp_size()))
+            full = {"student": {k: v.detach().clone() for k, v in engine.module.state_dict().items()
+                                if torch.is_tensor(v)}}
+            if online:
+                full["teacher"] = {k: v.detach().clone() for k, v in teacher.state_dict().items() if torch.is_tensor(v)}
+        load(engine.module, full["student"], model_cfg)
+        if online:
+            load(teacher, full["teacher"], teacher_cfg)
+
+        def batch(step):
+            mbs = _microbatches(step, state.dp_rank(), state.dp_size())
+            if online:  # the teacher's logits come from the co-located model, not a store
+                mbs = [{k: v for k, v in mb.items() if not k.startswith("teacher_")} for mb in mbs]
+            return mbs
+
+        history = [engine.train_step(batch(s)) for s in range(steps)]
+        evals = engine.eval_step(batch(0))
         return history, evals, full
     finally:
         destroy_parallel()
@@ -87,6 +116,20 @@ def test_parallel_layouts_match_tp1_step_by_step(reference, tp, pp):
     ref_history, ref_eval, full = reference
     outs = run_distributed(_run, tp * pp, tp, pp, 3, full)
     history, evals, _ = outs[0]
+    for ref, got in zip(ref_history, history):
+        for key in ("loss", "kd_loss", "sft_loss", "grad_norm"):
+            assert abs(ref[key] - got[key]) < 1e-5 * max(1.0, abs(ref[key])), (key, ref[key], got[key])
+    assert abs(ref_eval["loss"] - evals["loss"]) < 1e-5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_online_teacher_layouts_match_tp1(tp, pp):
+    """Online mode (co-located frozen teacher, full-vocabulary KD): the loss falls at TP=1, and
+    TP=2 / PP=2 (teacher sharded alike) repeat TP=1 step by step."""
+    ref_history, ref_eval, full = run_distributed(_run, 1, 1, 1, 3, None, True)[0]
+    assert ref_history[-1]["kd_loss"] < ref_history[0]["kd_loss"]
+    history, evals, _ = run_distributed(_run, tp * pp, tp, pp, 3, full, True)[0]
     for ref, got in zip(ref_history, history):
         for key in ("loss", "kd_loss", "sft_loss", "grad_norm"):
             assert abs(ref[key] - got[key]) < 1e-5 * max(1.0, abs(ref[key])), (key, ref[key], got[key])
