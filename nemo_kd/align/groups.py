@@ -270,6 +270,29 @@ def align_samples(student_sample, teacher_sample, student_tokenizer, teacher_tok
                              content_bytes)
 
 
+def completion_contents(messages) -> list:
+    """The non-empty assistant contents of a conversation's completion, in order (what both renderings share)."""
+    from nemo_kd.data.tokenization import split_prompt_completion
+
+    return [m["content"] for m in split_prompt_completion(messages)[1] if m.get("content")]
+
+
+def align_rendered(messages, student_sample, teacher_sample, student_tokenizer, teacher_tokenizer,
+                   sample_name: str = "sample") -> AlignmentGroups:
+    """:func:`align_samples` for two renderings of ``messages``, either of which may be ``None``
+    (dropped as over-long): then an empty alignment with the other side's token count.
+    Alignment failures are re-raised naming ``sample_name``."""
+    n_s = 0 if student_sample is None else student_sample.num_completion_tokens
+    n_t = 0 if teacher_sample is None else teacher_sample.num_completion_tokens
+    if student_sample is None or teacher_sample is None:
+        return AlignmentGroups(np.zeros((0, 6), dtype=np.int32), n_s, n_t, 0)
+    try:
+        return align_samples(student_sample, teacher_sample, student_tokenizer, teacher_tokenizer,
+                             completion_contents(messages))
+    except AlignmentError as e:
+        raise AlignmentError(f"{sample_name}: {e}") from None
+
+
 def align_conversation(messages, student_ct, teacher_ct, sample_name: str = "sample"):
     """Render + tokenise ``messages`` for both models and align them.
 
@@ -278,11 +301,8 @@ def align_conversation(messages, student_ct, teacher_ct, sample_name: str = "sam
     ``(student_sample, teacher_sample, groups)``, or ``None`` when either side dropped
     the sample as over-long.
     """
-    from nemo_kd.data.tokenization import split_prompt_completion
-
     s = student_ct(messages, sample_name)
     t = teacher_ct(messages, sample_name)
     if s is None or t is None:
         return None
-    contents = [m["content"] for m in split_prompt_completion(messages)[1] if m.get("content")]
-    return s, t, align_samples(s, t, student_ct.tokenizer, teacher_ct.tokenizer, contents)
+    return s, t, align_rendered(messages, s, t, student_ct.tokenizer, teacher_ct.tokenizer, sample_name)

@@ -64,6 +64,7 @@ on the aligned rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -101,6 +102,40 @@ class CrossTokenizerBatch:
     @property
     def num_chain_groups(self) -> int:
         return int(self.chain_group_sizes.numel())
+
+    def compute_stats(self) -> Dict[str, float]:
+        d = max(self.num_student_tokens, 1)
+        self.stats = {
+            "fraction_one_to_one": self.num_one_to_one / d,
+            "fraction_mapped_one_to_one": self.o2o_student_rows.numel() / d,
+            "fraction_aligned": self.num_aligned_student_tokens / d,
+            "chain_groups": float(self.num_chain_groups),
+        }
+        return self.stats
+
+    def aligned_student_rows(self) -> torch.Tensor:
+        """Student rows that carry KD signal (mapped one-to-one ∪ chain-group rows)."""
+        return torch.cat([self.o2o_student_rows, self.chain_student_rows])
+
+    # A microbatch is a dict of tensors (moved to the device by the engine): the index tensors
+    # travel under ``xtok_<field>`` and the three counts as ``xtok_counts``.
+    def to_tensors(self) -> Dict[str, torch.Tensor]:
+        out = {f"xtok_{name}": getattr(self, name) for name in _INDEX_FIELDS}
+        out["xtok_counts"] = torch.tensor([self.num_student_tokens, self.num_aligned_student_tokens,
+                                           self.num_one_to_one], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, mb: Dict[str, torch.Tensor]) -> "CrossTokenizerBatch":
+        n_tok, n_aligned, n_o2o = (int(x) for x in mb["xtok_counts"].tolist())
+        batch = cls(**{name: mb[f"xtok_{name}"] for name in _INDEX_FIELDS}, num_student_tokens=n_tok,
+                    num_aligned_student_tokens=n_aligned, num_one_to_one=n_o2o)
+        batch.compute_stats()
+        return batch
+
+
+_INDEX_FIELDS = ("o2o_student_rows", "o2o_teacher_rows", "chain_student_rows", "chain_student_targets",
+                 "chain_student_group", "chain_teacher_rows", "chain_teacher_group", "chain_group_sizes")
 
 
 def build_cross_tokenizer_batch(
@@ -163,13 +198,7 @@ def build_cross_tokenizer_batch(
         chain_teacher_rows=cat(ct_rows), chain_teacher_group=cat(ct_grp), chain_group_sizes=cat(sizes),
         num_student_tokens=n_tok, num_aligned_student_tokens=n_aligned, num_one_to_one=n_o2o,
     )
-    d = max(n_tok, 1)
-    batch.stats = {
-        "fraction_one_to_one": n_o2o / d,
-        "fraction_mapped_one_to_one": batch.o2o_student_rows.numel() / d,
-        "fraction_aligned": n_aligned / d,
-        "chain_groups": float(n_groups),
-    }
+    batch.compute_stats()
     return batch
 
 
@@ -184,6 +213,11 @@ class CrossTokenizerKDOutput:
     per_token: torch.Tensor  # [N_s] loss per student row (module docstring), 0 where unaligned
     aligned_mask: torch.Tensor  # [N_s] bool, rows that carry KD signal
     metrics: Dict[str, torch.Tensor]  # detached scalars
+    # The teacher's top-k carried into the student vocabulary at every student row (−inf / id 0 where
+    # the row has no mapped one-to-one teacher row): for token agreement and inspection.
+    mapped_topk_logits: Optional[torch.Tensor] = None  # [N_s, k]
+    mapped_topk_ids: Optional[torch.Tensor] = None  # [N_s, k] student ids
+    one_to_one_mask: Optional[torch.Tensor] = None  # [N_s] bool, rows of mapped one-to-one groups
 
 
 def _merge_duplicate_ids(z: torch.Tensor, ids: torch.Tensor, scale: float):
@@ -317,7 +351,8 @@ def cross_tokenizer_kd_loss(
             metrics["topk_mapped_mass"] = torch.nan_to_num(frac, nan=0.0).mean()
         if g:
             metrics["kl_chain_groups"] = chain_loss.detach().float().mean()
-    return CrossTokenizerKDOutput(per_token=per_token, aligned_mask=aligned, metrics=metrics)
+    return CrossTokenizerKDOutput(per_token=per_token, aligned_mask=aligned, metrics=metrics,
+                                  mapped_topk_logits=ml, mapped_topk_ids=mid, one_to_one_mask=has)
 
 
 def teacher_target_logprobs_from_logits(teacher_logits: torch.Tensor, target_ids: torch.Tensor,
@@ -329,9 +364,96 @@ def teacher_target_logprobs_from_logits(teacher_logits: torch.Tensor, target_ids
     return lp
 
 
+@dataclass
+class CrossTokenizerTeacher:
+    """The teacher side of cross-tokenizer KD in one training microbatch.
+
+    The teacher ran on *its own* rendering of each conversation; its completion
+    tokens form ``N_t`` compact *teacher rows* (samples concatenated), to which
+    ``batch`` (:class:`CrossTokenizerBatch`) maps the student's rows of the flattened
+    ``[B·S]`` student logits. The teacher statistics per teacher row come from
+
+    * the offline store (``topk_values`` / ``topk_ids`` in teacher-vocabulary ids,
+      ``lse``, ``target_logprobs``), or
+    * an online co-located teacher: its logits ``[B, S, V_t/TP]`` over the microbatch's
+      teacher inputs, gathered at ``logit_rows`` (``[N_t]``, the flattened row predicting
+      each teacher completion token ``targets``), reduced to the same top-``top_k`` / LSE
+      / target log-probs as extraction does (:func:`nemo_kd.teacher.topk.teacher_token_stats`,
+      vocab-parallel), so online and offline feed the loss identical inputs.
+
+    Microbatch keys (written by :func:`nemo_kd.data.kd_dataset.collate`): the index
+    tensors of :meth:`CrossTokenizerBatch.to_tensors`, ``xtok_vocab_map`` (the
+    :class:`VocabMap` object), offline ``xtok_teacher_values`` / ``xtok_teacher_ids`` /
+    ``xtok_teacher_lse`` / ``xtok_teacher_logprobs``, online ``xtok_teacher_inputs`` /
+    ``xtok_teacher_position_ids`` ``[B, S]``, ``xtok_teacher_logit_rows``,
+    ``xtok_teacher_targets`` ``[N_t]`` and ``xtok_top_k``.
+    """
+
+    batch: CrossTokenizerBatch
+    vocab_map: VocabMap
+    topk_values: Optional[torch.Tensor] = None
+    topk_ids: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+    target_logprobs: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    logit_rows: Optional[torch.Tensor] = None
+    targets: Optional[torch.Tensor] = None
+    top_k: int = 0
+
+    @staticmethod
+    def in_microbatch(mb) -> bool:
+        return "xtok_counts" in mb
+
+    @classmethod
+    def from_microbatch(cls, mb, teacher_logits: Optional[torch.Tensor] = None) -> "CrossTokenizerTeacher":
+        vm = mb.get("xtok_vocab_map")
+        if not isinstance(vm, VocabMap):
+            raise ValueError("a cross-tokenizer microbatch needs 'xtok_vocab_map' (a nemo_kd.align.VocabMap)")
+        online = "xtok_teacher_logit_rows" in mb
+        if not online and "xtok_teacher_values" not in mb:
+            raise ValueError("a cross-tokenizer microbatch needs the teacher's stored top-k (offline) or its "
+                             "own input ids (online)")
+        return cls(
+            batch=CrossTokenizerBatch.from_tensors(mb), vocab_map=vm,
+            topk_values=mb.get("xtok_teacher_values"), topk_ids=mb.get("xtok_teacher_ids"),
+            lse=mb.get("xtok_teacher_lse"), target_logprobs=mb.get("xtok_teacher_logprobs"),
+            logits=teacher_logits if online else None, logit_rows=mb.get("xtok_teacher_logit_rows"),
+            targets=mb.get("xtok_teacher_targets"),
+            top_k=int(mb["xtok_top_k"]) if "xtok_top_k" in mb else 0,
+        )
+
+    def aligned_mask(self, shape) -> torch.Tensor:
+        """bool ``shape`` (``[B, S]``): the student rows with KD signal (known before the forward)."""
+        dev = self.batch.o2o_student_rows.device
+        mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=dev)
+        mask[self.batch.aligned_student_rows()] = True
+        return mask.reshape(shape)
+
+    def _teacher_stats(self, group: ProcessGroup):
+        """``(values, ids, lse, target_logprobs)`` per teacher row (online: from the teacher's logits)."""
+        if self.logit_rows is None:
+            return self.topk_values, self.topk_ids, self.lse, self.target_logprobs
+        if self.logits is None:
+            raise ValueError("online cross-tokenizer KD: the microbatch has no teacher logits")
+        from nemo_kd.teacher.topk import teacher_token_stats
+
+        with torch.no_grad():
+            flat = self.logits.detach().reshape(-1, self.logits.shape[-1])
+            st = teacher_token_stats(flat.index_select(0, self.logit_rows), self.top_k, self.targets, group=group,
+                                     vocab_size=self.vocab_map.teacher_vocab_size)
+        return st.values, st.ids, st.lse, st.label_logprobs
+
+    def kd_loss(self, student_logits: torch.Tensor, group: ProcessGroup = None, **kwargs) -> CrossTokenizerKDOutput:
+        """:func:`cross_tokenizer_kd_loss` on the flattened ``[B·S, V_s/TP]`` student logits."""
+        values, ids, lse, target_lp = self._teacher_stats(group)
+        return cross_tokenizer_kd_loss(student_logits, values, ids, self.batch, self.vocab_map, teacher_lse=lse,
+                                       teacher_target_logprobs=target_lp, group=group, **kwargs)
+
+
 __all__ = [
     "CrossTokenizerBatch",
     "CrossTokenizerKDOutput",
+    "CrossTokenizerTeacher",
     "build_cross_tokenizer_batch",
     "cross_tokenizer_kd_loss",
     "teacher_target_logprobs_from_logits",

@@ -13,6 +13,24 @@ label of position ``t`` is token ``t+1`` and its mask is the loss mask of token
 ``t+1``, so prompt tokens never enter a loss. Teacher rows are placed at the label
 positions: the store's ``r``-th row of a sample describes its ``r``-th completion token.
 
+Cross-tokenizer samples (teacher and student with different tokenizers/templates,
+:mod:`nemo_kd.align`). The teacher saw each conversation in *its own* rendering, so its
+rows do not sit at student positions. A sample then carries a
+:class:`CrossTokenizerSample` (the student↔teacher alignment groups, the teacher's
+completion ids, the vocabulary map) and :func:`collate` emits, instead of the
+``teacher_*`` tensors, the teacher's rows compactly (samples concatenated) plus the
+index tensors that tie them to student rows (the ``xtok_*`` keys of
+:class:`~nemo_kd.align.loss.CrossTokenizerTeacher`):
+
+* offline – a cross-tokenizer store (format version 2): its top-k (teacher ids) and
+  per-token log-probs, checked at construction against the *student's* tokenizer
+  hash, length limit and per-sample student token counts;
+* online – ``teacher_tokenizer`` given: each conversation is also rendered and
+  tokenised with the teacher's own template and aligned here; the microbatch carries
+  the teacher's input ids ``xtok_teacher_inputs`` ``[B, S]`` (same shape as the
+  student's, so Megatron's schedules need nothing new) and the rows of its logits to
+  reduce to top-``k`` during the step.
+
 :class:`GlobalBatchSampler` yields, step after step, the sample indices of this
 data-parallel rank's microbatches (Megatron's global-batch arithmetic), shuffled per
 epoch from a seed and resumable from a number of consumed samples.
@@ -35,11 +53,24 @@ class DataConfigError(ValueError):
 
 
 @dataclass
+class CrossTokenizerSample:
+    """The teacher side of one cross-tokenizer sample (module docstring)."""
+
+    groups: object  # nemo_kd.align.AlignmentGroups (completion-token ranges, student ↔ teacher)
+    teacher_completion_ids: np.ndarray  # int64 [n_t], the teacher's own completion tokens
+    vocab_map: object  # nemo_kd.align.VocabMap, shared by all samples of a dataset
+    teacher_logprobs: Optional[np.ndarray] = None  # offline: fp32 [n_t] log p_T(token | teacher prefix)
+    teacher_input_ids: Optional[np.ndarray] = None  # online: int64 [L_t], the teacher's whole sample
+    top_k: int = 0  # online: teacher top-k computed in the step
+
+
+@dataclass
 class DistillationSample:
     index: int
     input_ids: np.ndarray  # int64 [L]
     loss_mask: np.ndarray  # int8 [L], 1 on completion tokens
     teacher: Optional[object] = None  # nemo_kd.teacher.store.TeacherTopK
+    xtok: Optional[CrossTokenizerSample] = None  # cross-tokenizer samples only
 
 
 class DistillationDataset(torch.utils.data.Dataset):
@@ -48,28 +79,60 @@ class DistillationDataset(torch.utils.data.Dataset):
     Args:
         records: the dataset (:func:`nemo_kd.data.records.read_records`).
         tokenizer: the student's :class:`ConversationTokenizer`.
-        store: a :class:`~nemo_kd.teacher.store.StoreReader` (offline KD) or ``None``.
-        k: the ``k`` the training expects (checked against the store when given).
+        store: a :class:`~nemo_kd.teacher.store.StoreReader` (offline KD) or ``None``;
+            a cross-tokenizer store (format version 2) makes every sample cross-tokenizer.
+        k: the ``k`` the training expects (checked against the store when given); online
+            cross-tokenizer: the teacher top-k computed per step (default 100).
+        teacher_tokenizer: online cross-tokenizer KD: the *teacher's*
+            :class:`ConversationTokenizer` (its own template; same ``max_seq_length``).
+        student_vocab_size / teacher_vocab_size: the models' output rows (unpadded
+            ``vocab_size`` of their configs) for the vocabulary map; default: the
+            tokenizers' sizes.
     """
 
-    def __init__(self, records: RecordSet, tokenizer: ConversationTokenizer, store=None, k: Optional[int] = None):
+    def __init__(self, records: RecordSet, tokenizer: ConversationTokenizer, store=None, k: Optional[int] = None,
+                 teacher_tokenizer: Optional[ConversationTokenizer] = None, student_vocab_size: Optional[int] = None,
+                 teacher_vocab_size: Optional[int] = None):
         self.records = records
         self.tokenizer = tokenizer
         self.samples: List[Optional[DistillationSample]] = []
+        if store is not None and teacher_tokenizer is not None:
+            raise DataConfigError("teacher_tokenizer is for online cross-tokenizer KD; an offline store carries the "
+                                  "teacher's tokenisation itself")
+        self.vocab_map = None
+        if teacher_tokenizer is not None:
+            from nemo_kd.align import build_vocab_map
+
+            self.vocab_map = build_vocab_map(tokenizer.tokenizer, teacher_tokenizer.tokenizer, student_vocab_size,
+                                             teacher_vocab_size)
         for rec in records:
             name = f"{rec.source_file}:{rec.source_line}" if rec.source_file else f"sample {rec.index}"
             tok = tokenizer(list(rec.messages), sample_name=name)
             if tok is None:  # dropped as over-long (counted in tokenizer.stats)
                 self.samples.append(None)
                 continue
-            self.samples.append(DistillationSample(
+            sample = DistillationSample(
                 index=rec.index,
                 input_ids=np.asarray(tok.input_ids, dtype=np.int64),
                 loss_mask=np.asarray(tok.loss_mask, dtype=np.int8),
-            ))
+            )
+            if teacher_tokenizer is not None:
+                sample.xtok = self._online_alignment(rec, tok, teacher_tokenizer, name, k or 100)
+            self.samples.append(sample)
         self.valid_indices = [i for i, s in enumerate(self.samples) if s is not None]
         self.store = store
-        if store is not None:
+        if store is not None and getattr(store, "cross_tokenizer", False):
+            # The store's payload is the teacher's rendering: check the *student* side it was aligned for.
+            store.check_compatible(
+                dataset_hash=records.content_hash,
+                k=k,
+                num_samples=len(records),
+                student_tokenizer_hash=tokenizer.hash,
+                student_max_seq_length=tokenizer.max_seq_length,
+                num_completion_tokens_fn=lambda i: self._completion_tokens(i),
+            )
+            self.vocab_map = store.vocab_map(student_vocab_size)
+        elif store is not None:
             store.check_compatible(
                 dataset_hash=records.content_hash,
                 tokenizer_hash=tokenizer.hash,
@@ -78,6 +141,22 @@ class DistillationDataset(torch.utils.data.Dataset):
                 num_samples=len(records),
                 num_completion_tokens_fn=lambda i: self._completion_tokens(i),
             )
+
+    def _online_alignment(self, rec, student, teacher_ct: ConversationTokenizer, name: str,
+                          k: int) -> Optional[CrossTokenizerSample]:
+        from nemo_kd.align import align_rendered
+
+        teacher = teacher_ct(list(rec.messages), sample_name=name)
+        groups = align_rendered(list(rec.messages), student, teacher, self.tokenizer.tokenizer, teacher_ct.tokenizer,
+                                name)
+        ids = np.asarray(teacher.input_ids if teacher is not None else [], dtype=np.int64)
+        n_t = 0 if teacher is None else teacher.num_completion_tokens
+        return CrossTokenizerSample(groups=groups, teacher_completion_ids=ids[len(ids) - n_t:],
+                                    vocab_map=self.vocab_map, teacher_input_ids=ids, top_k=int(k))
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.vocab_map is not None
 
     def _completion_tokens(self, i: int) -> int:
         s = self.samples[i]
@@ -91,7 +170,13 @@ class DistillationDataset(torch.utils.data.Dataset):
         s = self.samples[self.valid_indices[i]]
         if self.store is None:
             return s
-        return DistillationSample(s.index, s.input_ids, s.loss_mask, self.store[s.index])
+        teacher = self.store[s.index]
+        xtok = None
+        if teacher.alignment is not None:
+            al = teacher.alignment
+            xtok = CrossTokenizerSample(groups=al.groups(), teacher_completion_ids=al.teacher_ids.astype(np.int64),
+                                        vocab_map=self.vocab_map, teacher_logprobs=al.teacher_logprobs)
+        return DistillationSample(s.index, s.input_ids, s.loss_mask, teacher, xtok)
 
 
 def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int, k: Optional[int] = None) -> Dict[str, torch.Tensor]:
@@ -105,7 +190,10 @@ def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int,
     b, s = len(samples), seq_length
     tokens = torch.full((b, s + 1), pad_id, dtype=torch.long)
     token_mask = torch.zeros(b, s + 1)
-    has_teacher = samples[0].teacher is not None
+    cross = samples[0].xtok is not None
+    if any((smp.xtok is not None) != cross for smp in samples):
+        raise DataConfigError("a microbatch mixes cross-tokenizer and same-tokenizer samples")
+    has_teacher = samples[0].teacher is not None and not cross
     if has_teacher:
         k = samples[0].teacher.values.shape[1]
         t_vals = torch.full((b, s, k), float("-inf"))
@@ -137,7 +225,83 @@ def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int,
     }
     if has_teacher:
         batch.update(teacher_values=t_vals, teacher_ids=t_ids, teacher_lse=t_lse, teacher_seq_logprob=t_seq)
+    if cross:
+        batch.update(_collate_cross_tokenizer(samples, s))
     return batch
+
+
+def _collate_cross_tokenizer(samples: Sequence[DistillationSample], seq_length: int) -> Dict[str, object]:
+    """The ``xtok_*`` entries of a cross-tokenizer microbatch (module docstring).
+
+    Student row of completion token ``c`` of batch row ``r``: ``r·S + P_s − 1 + c``
+    (``P_s`` prompt tokens; the label shift). Teacher row of its completion token ``j``:
+    ``T_r + j`` in the compact teacher rows (``T_r`` = teacher tokens of earlier rows);
+    online, the teacher logits row predicting it is ``r·S + P_t − 1 + j``.
+    """
+    from nemo_kd.align import build_cross_tokenizer_batch
+
+    vm = samples[0].xtok.vocab_map
+    online = samples[0].xtok.teacher_input_ids is not None
+    groups, s_comp, t_comp, s_offs, t_offs = [], [], [], [], []
+    t_tokens = torch.zeros(len(samples), seq_length + 1, dtype=torch.long)
+    vals, ids, lse, lps, logit_rows = [], [], [], [], []
+    seq_lp = torch.zeros(len(samples), dtype=torch.float64)
+    n_t_total = 0
+    for row, smp in enumerate(samples):
+        x = smp.xtok
+        if x.vocab_map is not vm:
+            raise DataConfigError("a microbatch mixes samples with different vocabulary maps")
+        n_s = int(smp.loss_mask.sum())
+        p_s = len(smp.input_ids) - n_s
+        g = x.groups
+        n_t = len(x.teacher_completion_ids)
+        if g.num_student_tokens != n_s or g.num_teacher_tokens != n_t:
+            raise DataConfigError(f"sample {smp.index}: the alignment is for {g.num_student_tokens} student / "
+                                  f"{g.num_teacher_tokens} teacher completion tokens, the sample has {n_s} / {n_t}")
+        if p_s < 1 and n_s:
+            raise DataConfigError(f"sample {smp.index}: the student's prompt renders to no tokens, so its first "
+                                  "completion token has no position predicting it")
+        groups.append(g)
+        s_comp.append(smp.input_ids[p_s:])
+        t_comp.append(x.teacher_completion_ids)
+        s_offs.append(row * seq_length + p_s - 1)
+        t_offs.append(n_t_total)
+        if online:
+            t_all = x.teacher_input_ids
+            if len(t_all) > seq_length + 1:
+                raise DataConfigError(f"sample {smp.index}: the teacher's rendering has {len(t_all)} tokens, more "
+                                      f"than seq_length + 1 = {seq_length + 1}; lower data.max_seq_length")
+            t_tokens[row, :len(t_all)] = torch.from_numpy(t_all)
+            p_t = len(t_all) - n_t
+            if p_t < 1 and n_t:
+                raise DataConfigError(f"sample {smp.index}: the teacher's prompt renders to no tokens")
+            logit_rows.append(torch.arange(n_t) + row * seq_length + p_t - 1)
+        else:
+            t = smp.teacher
+            if t is None or t.num_tokens != n_t or x.teacher_logprobs is None:
+                raise DataConfigError(f"sample {smp.index}: the teacher store has "
+                                      f"{None if t is None else t.num_tokens} rows, the alignment {n_t}")
+            vals.append(t.values.float())
+            ids.append(t.ids.long())
+            lse.append(t.lse.float())
+            lps.append(torch.from_numpy(np.asarray(x.teacher_logprobs, dtype=np.float32)))
+            seq_lp[row] = t.seq_logprob
+        n_t_total += n_t
+    out: Dict[str, object] = dict(build_cross_tokenizer_batch(groups, s_comp, t_comp, vm, s_offs, t_offs).to_tensors())
+    out["xtok_vocab_map"] = vm
+    if online:
+        out.update(xtok_teacher_inputs=t_tokens[:, :-1].contiguous(),
+                   xtok_teacher_position_ids=torch.arange(seq_length).unsqueeze(0).expand(len(samples),
+                                                                                          seq_length).contiguous(),
+                   xtok_teacher_logit_rows=torch.cat(logit_rows),
+                   xtok_teacher_targets=torch.from_numpy(np.concatenate(t_comp).astype(np.int64)),
+                   xtok_top_k=torch.tensor(samples[0].xtok.top_k))
+    else:
+        k = samples[0].teacher.values.shape[1]
+        cat = lambda xs, shape: torch.cat(xs) if xs else torch.zeros(shape)  # noqa: E731
+        out.update(xtok_teacher_values=cat(vals, (0, k)), xtok_teacher_ids=cat(ids, (0, k)).long(),
+                   xtok_teacher_lse=cat(lse, (0,)), xtok_teacher_logprobs=cat(lps, (0,)), teacher_seq_logprob=seq_lp)
+    return out
 
 
 class GlobalBatchSampler:

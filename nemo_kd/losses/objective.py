@@ -11,6 +11,13 @@ For one global batch (all microbatches on all DP ranks)::
   renormalized | exact_tail) or full vocab-parallel logits (online teacher), with
   ``logits_scale`` / ``target_logits_scale`` inverse temperatures
   (:mod:`nemo_kd.losses.kd`).
+* Cross-tokenizer teacher (:class:`~nemo_kd.align.loss.CrossTokenizerTeacher`: the
+  teacher ran on its own rendering and tokenisation): ``D`` is
+  :func:`~nemo_kd.align.loss.cross_tokenizer_kd_loss` per student row (mapped
+  one-to-one groups: the top-k divergence above through the vocabulary map; other
+  groups: the chain-rule group probability), ``m_t`` is restricted to the aligned
+  student rows and ``N_kd`` counts those, so the KD term is the mean KL over aligned
+  tokens. With equal tokenizers and templates it equals the same-tokenizer term.
 * ``ω_row`` is 1 for an ordinary sample, ``positive_kd_weight`` for a preferred
   (teacher-generated) response and ``negative_kd_weight`` for a dispreferred
   (student-generated) one: the token-level ``L_pos`` and ``L_neg`` of dual
@@ -41,6 +48,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from nemo_kd.align.loss import CrossTokenizerTeacher
 from nemo_kd.losses import preference as pref
 from nemo_kd.losses.cross_entropy import vocab_parallel_cross_entropy
 from nemo_kd.losses.divergences import LOSS_TYPES
@@ -53,7 +61,11 @@ from nemo_kd.losses.vocab_parallel import ProcessGroup, vocab_parallel_logprobs_
 ROLE_SINGLE, ROLE_POSITIVE, ROLE_NEGATIVE = 0, 1, 2
 PREFERENCE_TYPES = ("dpkd", "dpo", "ipo", "cpo", "simpo")
 REDUCTIONS = ("token", "sequence")
-KERNELS = ("torch", "fused")
+# kd_kernel: "torch" (the reference path; default), "fused" (Triton kernels: the vocab-parallel
+# log-prob primitive for top-k KD, CE and sequence log-probs, nemo_kd.kernels.full_kd_triton for
+# an online teacher's forward_kl / reverse_kl / jsd; errors where a kernel cannot run) or "auto"
+# (fused on CUDA when Triton imports and the kernel covers the divergence, torch otherwise).
+KERNELS = ("torch", "fused", "auto")
 
 
 @dataclass
@@ -152,7 +164,7 @@ class ObjectiveBatch:
 
     labels: torch.Tensor
     loss_mask: torch.Tensor
-    teacher: Optional[object] = None  # TopKTeacher | FullTeacher | None
+    teacher: Optional[object] = None  # TopKTeacher | FullTeacher | CrossTokenizerTeacher | None
     roles: Optional[torch.Tensor] = None
     pair_ids: Optional[torch.Tensor] = None
     teacher_seq_logprobs: Optional[torch.Tensor] = None
@@ -182,6 +194,8 @@ def _term_masks(cfg: DistillationLossConfig, batch: ObjectiveBatch):
     roles = batch.roles_or_default()
     mask = batch.loss_mask.bool()
     kd_mask = mask & (_kd_row_weights(cfg, roles) > 0)[:, None]
+    if isinstance(batch.teacher, CrossTokenizerTeacher):  # KD only on student tokens aligned to the teacher's
+        kd_mask = kd_mask & batch.teacher.aligned_mask(mask.shape)
     sft_mask = mask & (roles != ROLE_NEGATIVE)[:, None]
     return kd_mask, sft_mask
 
@@ -251,7 +265,8 @@ class DistillationObjective:
                                topk_convention=c.topk_convention, impl=c.kd_kernel, label_ids=labels, **common)
             return out if labels is not None else (out, None)
         if isinstance(teacher, FullTeacher):
-            return full_kd_loss(logits, teacher.logits.reshape(n, -1), **common), None
+            out = full_kd_loss(logits, teacher.logits.reshape(n, -1), impl=c.kd_kernel, label_ids=labels, **common)
+            return out if labels is not None else (out, None)
         raise ValueError("kd_loss_weight > 0 needs a teacher (TopKTeacher or FullTeacher) in the batch")
 
     def __call__(self, student_logits: torch.Tensor, batch: ObjectiveBatch, norms: ObjectiveNormalisers) -> ObjectiveOutput:
@@ -274,7 +289,16 @@ class DistillationObjective:
         token_lp = None
 
         if c.kd_loss_weight > 0:
-            kd, token_lp = self._kd_per_token(logits, batch.teacher, labels if need_label_lp else None)
+            xtok = None
+            if isinstance(batch.teacher, CrossTokenizerTeacher):
+                xtok = batch.teacher.kd_loss(
+                    logits, group=self.group, loss_type=c.kd_loss_type, topk_convention=c.topk_convention,
+                    logits_scale=c.logits_scale, target_logits_scale=c.target_logits_scale, jsd_beta=c.jsd_beta,
+                    skew_alpha=c.skew_alpha, akl_mu=c.akl_mu, temperature_squared=c.temperature_squared,
+                    impl=c.kd_kernel)
+                kd = xtok.per_token
+            else:
+                kd, token_lp = self._kd_per_token(logits, batch.teacher, labels if need_label_lp else None)
             kd = kd.reshape(shape)
             weighted = kd * _kd_row_weights(c, roles).to(kd.dtype)[:, None]
             kd_term = contribution(weighted, kd_mask, norms.kd, c.reduction)
@@ -282,7 +306,16 @@ class DistillationObjective:
             metrics["kd_loss"] = kd_term.detach()
             metrics["teacher_student_kd_sum"] = masked_sum(kd.detach(), kd_mask)
             metrics["kd_tokens"] = kd_mask.sum()
-            metrics["token_agreement"] = self._token_agreement(logits.detach(), batch.teacher, kd_mask.reshape(-1))
+            if xtok is None:
+                metrics["token_agreement"] = self._token_agreement(logits.detach(), batch.teacher, kd_mask.reshape(-1))
+            else:  # argmax agreement where the teacher's distribution maps one-to-one onto the student's
+                metrics["token_agreement"] = token_agreement(
+                    logits.detach(), xtok.mapped_topk_ids, self.group, teacher_topk_logits=xtok.mapped_topk_logits,
+                    mask=kd_mask.reshape(-1) & xtok.one_to_one_mask)
+                xb = batch.teacher.batch
+                metrics["xtok_one_to_one"] = torch.tensor(float(xb.num_one_to_one))
+                metrics["xtok_completion_tokens"] = torch.tensor(float(xb.num_student_tokens))
+                metrics["xtok_vocab_coverage"] = xtok.metrics["vocab_teacher_coverage"]
 
         if need_label_lp:
             if token_lp is None:

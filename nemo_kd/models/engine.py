@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from nemo_kd.align.loss import CrossTokenizerTeacher
 from nemo_kd.losses.objective import (
     DistillationLossConfig,
     DistillationObjective,
@@ -85,7 +86,9 @@ class BatchConfig:
 
 
 def _objective_batch(mb: Dict[str, torch.Tensor], teacher_logits: Optional[torch.Tensor]) -> ObjectiveBatch:
-    if teacher_logits is not None:
+    if CrossTokenizerTeacher.in_microbatch(mb):  # the teacher's own tokenisation, aligned (nemo_kd.align)
+        teacher = CrossTokenizerTeacher.from_microbatch(mb, teacher_logits)
+    elif teacher_logits is not None:
         teacher = FullTeacher(teacher_logits)
     elif "teacher_values" in mb:
         teacher = TopKTeacher(mb["teacher_values"], mb["teacher_ids"], mb.get("teacher_lse"))
@@ -100,11 +103,14 @@ class DistillationEngine:
 
     def __init__(self, student_cfg, loss_cfg: DistillationLossConfig, optim_cfg: OptimConfig,
                  batch_cfg: BatchConfig, max_steps: int, teacher_cfg: Optional[GPTModelConfig] = None,
-                 student_init_path: Optional[str] = None, teacher_model: Optional[torch.nn.Module] = None):
+                 student_init_path: Optional[str] = None, teacher_model: Optional[torch.nn.Module] = None,
+                 cross_tokenizer: bool = False):
         """``student_cfg``: a :class:`GPTModelConfig` or an ``HFArchitecture`` (ignored when
         ``student_init_path`` names a checkpoint to start from). Online teacher: ``teacher_cfg``
         (its architecture, checked against the student's vocabulary) and ``teacher_model``,
-        this rank's already loaded chunk (without it a randomly initialised one is built)."""
+        this rank's already loaded chunk (without it a randomly initialised one is built).
+        ``cross_tokenizer``: the online teacher has its own tokenizer/vocabulary; the
+        microbatches carry its tokenisation and the alignment (:mod:`nemo_kd.align`)."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -135,10 +141,11 @@ class DistillationEngine:
             self.module = build_model_chunks(self.student_arch)[0]
         student_cfg = self.student_arch.model
         self.student_cfg, self.loss_cfg, self.optim_cfg, self.batch_cfg = student_cfg, loss_cfg, optim_cfg, batch_cfg
-        if teacher_cfg is not None and teacher_cfg.padded_vocab_size(state.tp_size()) != \
+        if teacher_cfg is not None and not cross_tokenizer and teacher_cfg.padded_vocab_size(state.tp_size()) != \
                 student_cfg.padded_vocab_size(state.tp_size()):
             raise ValueError(f"online teacher vocabulary ({teacher_cfg.vocab_size}) differs from the student's "
-                             f"({student_cfg.vocab_size}); cross-tokenizer online KD needs the alignment pipeline")
+                             f"({student_cfg.vocab_size}); cross-tokenizer online KD needs the alignment pipeline "
+                             "(cross_tokenizer=True and DistillationDataset(teacher_tokenizer=...))")
         tconfig = self.module.config
         self.ddp = DistributedDataParallel(
             config=tconfig,
@@ -192,7 +199,9 @@ class DistillationEngine:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            out = model(mb["inputs"], mb["position_ids"], None)
+            # Cross-tokenizer: the teacher reads its own rendering/tokenisation (same [B, S] shape).
+            out = model(mb.get("xtok_teacher_inputs", mb["inputs"]),
+                        mb.get("xtok_teacher_position_ids", mb["position_ids"]), None)
             return out, lambda logits: (logits.new_zeros(()), {"logits": logits.detach()})
 
         with torch.no_grad():
@@ -215,14 +224,15 @@ class DistillationEngine:
     def _reduce_reports(self, reports: List[dict]) -> Dict[str, float]:
         """Sum each microbatch's report, average fractions, all-reduce over DP, share across PP."""
         keys = ["loss", "kd_loss", "sft_loss", "preference_loss", "token_agreement", "teacher_student_kd_sum",
-                "kd_tokens", "preference_accuracy_sum", "pairs"]
+                "kd_tokens", "preference_accuracy_sum", "pairs", "xtok_one_to_one", "xtok_completion_tokens",
+                "xtok_vocab_coverage"]
         vec = torch.zeros(len(keys), dtype=torch.float64)
         if state.is_pipeline_last_stage() and reports:
             for i, key in enumerate(keys):
                 vals = [r[key] for r in reports if key in r]
                 if vals:
                     total = torch.stack(vals).double().sum()
-                    vec[i] = total / len(vals) if key == "token_agreement" else total
+                    vec[i] = total / len(vals) if key in ("token_agreement", "xtok_vocab_coverage") else total
         device = state.device()
         vec = vec.to(device)
         if state.pp_size() > 1:  # the last stage knows; every stage logs the same numbers
@@ -230,12 +240,17 @@ class DistillationEngine:
         if state.dp_size() > 1:
             dist.all_reduce(vec, group=state.dp_group())
             vec[keys.index("token_agreement")] /= state.dp_size()
+            vec[keys.index("xtok_vocab_coverage")] /= state.dp_size()
         totals = dict(zip(keys, vec.cpu().tolist()))
         out = {k: totals[k] for k in ("loss", "kd_loss", "sft_loss", "preference_loss", "token_agreement")}
         if totals["kd_tokens"] > 0:
             out["teacher_student_kd"] = totals["teacher_student_kd_sum"] / totals["kd_tokens"]
         if totals["pairs"] > 0:
             out["preference_accuracy"] = totals["preference_accuracy_sum"] / totals["pairs"]
+        if totals["xtok_completion_tokens"] > 0:  # cross-tokenizer KD (nemo_kd.align)
+            out["xtok_one_to_one_frac"] = totals["xtok_one_to_one"] / totals["xtok_completion_tokens"]
+            out["xtok_vocab_coverage"] = totals["xtok_vocab_coverage"]
+            out["xtok_kl"] = out.get("teacher_student_kd", 0.0)
         return out
 
     def _prepare(self, microbatches: List[dict]):

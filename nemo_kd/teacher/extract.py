@@ -16,6 +16,20 @@ teacher's output at position ``j - 1``: the store's row ``j - P`` holds the top-
 ``seq_logprob`` is the float64 sum of those. A sample dropped as over-long is written
 with 0 tokens, so store index == dataset index.
 
+Cross-tokenizer (``align_teacher_template: true``, store format version 2). The
+teacher renders every conversation with *its own* chat template and tokenizer (the
+``tokenizer`` argument; ``prompt_format`` as usual) – exactly the same teacher input as
+the same-tokenizer path, so the top-k payload is the same – and the student's rendering
+(``student_tokenizer`` / ``student_prompt_format`` / ``student_max_seq_length``) is
+tokenised alongside, on the writer ranks only. Per sample the writer also stores the
+student↔teacher completion-token alignment (:func:`nemo_kd.align.align_samples`), the
+teacher's completion token ids and their log-probs (the chain-rule terms of
+:func:`nemo_kd.align.cross_tokenizer_kd_loss`); the manifest records both tokenizer
+hashes, the alignment version and the teacher → student vocabulary map
+(:func:`nemo_kd.align.build_vocab_map`). A sample dropped as over-long on either side
+keeps its row with an empty alignment. ``align_teacher_template: false`` (default)
+runs none of this: the store is format version 1, byte-identical to before.
+
 Determinism and resume. Batches are aligned to absolute offsets in the rank's block
 (batch ``b`` holds samples ``block.start + b·batch_size ...``), are right-padded to
 their own longest sample, and only whole batches are committed, so a resumed run
@@ -49,7 +63,15 @@ import torch.distributed as dist
 
 from nemo_kd.data.records import RecordSet, read_records
 from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, TokenizedSample
-from nemo_kd.teacher.store import StoreManifest, StoreWriter, finalize_manifest, shard_sample_range
+from nemo_kd.teacher.store import (
+    ALIGNMENT_EXTENSION,
+    StoredAlignment,
+    StoreManifest,
+    StoreWriter,
+    cross_tokenizer_extension,
+    finalize_manifest,
+    shard_sample_range,
+)
 from nemo_kd.teacher.teachers import Teacher, TeacherSpec, build_teacher
 from nemo_kd.teacher.topk import teacher_token_stats
 
@@ -76,6 +98,12 @@ class ExtractConfig:
     micro_batch_size: Optional[int] = None  # None: batch_size (raise it above 1 micro-batch for PP)
     commit_every: int = 1  # batches between durable commits
     progress: bool = True
+    # Cross-tokenizer (store format version 2): the teacher keeps its own template/tokenizer, the
+    # student's rendering is aligned to it (module docstring).
+    align_teacher_template: bool = False
+    student_tokenizer_path: Optional[str] = None  # HF tokenizer directory of the student (run_from_config)
+    student_prompt_format: str = "chat"  # chat (the student tokenizer's template) | plain
+    student_max_seq_length: Optional[int] = None  # None: max_seq_length (must equal the training data's)
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -85,6 +113,8 @@ class ExtractConfig:
         mbs = self.micro_batch_size or self.batch_size
         if mbs < 1 or self.batch_size % mbs:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({mbs})")
+        if self.student_prompt_format not in ("chat", "plain"):
+            raise ValueError(f"student_prompt_format must be 'chat' or 'plain', got {self.student_prompt_format!r}")
 
 
 @dataclass
@@ -106,6 +136,8 @@ class ExtractSummary:
     tokens_per_s: float  # tokens_processed / elapsed_s
     stats_s: float = 0.0  # time in top-k/LSE (slowest last-stage rank)
     write_s: float = 0.0  # time in append/commit/finalize (slowest writer)
+    align_s: float = 0.0  # cross-tokenizer: student tokenisation + alignment (slowest writer)
+    one_to_one_fraction: Optional[float] = None  # cross-tokenizer: student completion tokens aligned 1:1 (this run)
     skipped_report: str = ""
     manifest: Dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -120,6 +152,9 @@ class ExtractSummary:
             f"  time               {self.elapsed_s:.2f} s ({self.tokens_per_s:.1f} tokens/s;"
             f" top-k {self.stats_s:.2f} s, writing {self.write_s:.2f} s)",
         ]
+        if self.one_to_one_fraction is not None:
+            lines.append(f"  cross-tokenizer    {100 * self.one_to_one_fraction:.1f}% of student completion tokens "
+                         f"aligned one-to-one (alignment {self.align_s:.2f} s)")
         if self.skipped_report:
             lines.append(self.skipped_report)
         return "\n".join(lines)
@@ -256,6 +291,42 @@ def _pad_batch(samples: List[Optional[TokenizedSample]], indices: range, micro_b
     return tokens, rows
 
 
+class _CrossTokenizer:
+    """The student side of a cross-tokenizer extraction: its rendering, the alignment, the vocab map."""
+
+    def __init__(self, cfg: ExtractConfig, teacher_ct: ConversationTokenizer, student_tokenizer, teacher: Teacher,
+                 records: RecordSet):
+        from nemo_kd.align import build_vocab_map
+
+        if student_tokenizer is None:
+            raise ValueError("align_teacher_template=true needs the student's tokenizer (student_tokenizer_path): "
+                             "the alignment is made against the student's own rendering")
+        self.teacher_ct, self.records = teacher_ct, records
+        self.student_ct = ConversationTokenizer(student_tokenizer, cfg.student_prompt_format,
+                                                cfg.student_max_seq_length or cfg.max_seq_length, cfg.overlong)
+        t_tok = teacher_ct.tokenizer
+        self.vocab_map = build_vocab_map(student_tokenizer, t_tok,
+                                         teacher_vocab_size=max(int(teacher.vocab_size), len(t_tok)))
+        self.extension, self.vocab_map_bytes = cross_tokenizer_extension(
+            self.vocab_map, self.student_ct.hash, teacher_ct.hash, self.student_ct.max_seq_length)
+        self.seconds = 0.0
+        self.one_to_one = self.student_tokens = 0
+
+    def alignment(self, i: int, t_sample: Optional[TokenizedSample], label_logprobs) -> StoredAlignment:
+        from nemo_kd.align import align_rendered
+
+        t0 = time.perf_counter()
+        messages, name = list(self.records[i].messages), _sample_name(self.records, i)
+        s_sample = self.student_ct(messages, sample_name=name)
+        groups = align_rendered(messages, s_sample, t_sample, self.student_ct.tokenizer, self.teacher_ct.tokenizer,
+                                name)
+        t_ids = [] if t_sample is None else t_sample.input_ids[t_sample.num_prompt_tokens:]
+        self.one_to_one += int(groups.one_to_one.sum())
+        self.student_tokens += groups.num_student_tokens
+        self.seconds += time.perf_counter() - t0
+        return StoredAlignment.from_groups(groups, t_ids, label_logprobs)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -264,6 +335,7 @@ def compute_topk_logits(
     teacher: Teacher,
     tokenizer,
     records: Optional[RecordSet] = None,
+    student_tokenizer=None,
 ) -> ExtractSummary:
     """Extract ``cfg.top_k`` teacher logits per completion token of ``cfg.data_path`` into ``cfg.output_path``.
 
@@ -271,7 +343,9 @@ def compute_topk_logits(
     Megatron teacher; without it a single process is a world of one, or DP over an
     initialised ``torch.distributed`` world). ``tokenizer`` is a Hugging Face fast
     tokenizer (the teacher's). ``records`` overrides reading ``cfg.data_path``.
-    Returns the same :class:`ExtractSummary` on every rank.
+    Returns the same :class:`ExtractSummary` on every rank. ``student_tokenizer``
+    (a fast tokenizer): the student's, for ``cfg.align_teacher_template`` (a
+    cross-tokenizer store, module docstring).
 
     Raises:
         DataError: a malformed sample (``file:line: reason``) without ``skip_bad_samples``.
@@ -299,12 +373,22 @@ def compute_topk_logits(
     if cfg.top_k > teacher.vocab_size:
         raise ValueError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
     is_writer = teacher.owns_logits and layout.last_stage and layout.tp_rank == 0
+    xtok = None
+    if cfg.align_teacher_template:
+        xtok = _CrossTokenizer(cfg, ctok, student_tokenizer, teacher, records)
+        manifest.format_version = manifest.min_reader_version = 2
+        manifest.extensions = {ALIGNMENT_EXTENSION: xtok.extension}
+    elif student_tokenizer is not None:
+        raise ValueError("a student tokenizer was given but align_teacher_template is false: the store would be "
+                         "built for the teacher's tokenisation only (set align_teacher_template=true)")
 
     # Open the writer (resume) on the writer rank; share its resume point (or failure) with the replica.
     writer, open_error = None, None
     if is_writer:
         try:
             writer = StoreWriter(cfg.output_path, manifest, layout.dp_rank, layout.dp_size)
+            if xtok is not None:
+                writer.write_vocab_map(xtok.vocab_map_bytes)
         except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             open_error = e
     info = torch.tensor([writer.next_sample_index if writer else -1, 1 if open_error else 0], dtype=torch.int64)
@@ -350,12 +434,13 @@ def compute_topk_logits(
             for i, s in zip(indices, batch_samples):
                 if s is None:  # dropped as over-long: 0 tokens keeps store index == dataset index
                     writer.append(i, torch.zeros(0, cfg.top_k), torch.zeros(0, cfg.top_k, dtype=torch.int64),
-                                  torch.zeros(0), 0.0)
+                                  torch.zeros(0), 0.0, alignment=xtok.alignment(i, None, []) if xtok else None)
                     continue
                 n = s.num_completion_tokens
                 values, ids, lse, label_lp = (t[offset:offset + n] for t in stats)
                 offset += n
-                writer.append(i, values, ids, lse, float(label_lp.double().sum()))
+                writer.append(i, values, ids, lse, float(label_lp.double().sum()),
+                              alignment=xtok.alignment(i, s, label_lp) if xtok else None)
             if (b + 1) % cfg.commit_every == 0:
                 writer.commit()
             write_s += time.perf_counter() - t0
@@ -378,10 +463,12 @@ def compute_topk_logits(
     elapsed = time.perf_counter() - t_loop
 
     # Global totals: every replica's (tp, pp)-peer sums over DP; maxima over everything.
-    counts = torch.tensor([samples_done, tokens_done, resumed, ctok.stats.truncated, ctok.stats.dropped],
-                          dtype=torch.int64)
+    counts = torch.tensor([samples_done, tokens_done, resumed, ctok.stats.truncated, ctok.stats.dropped,
+                           xtok.one_to_one if xtok else 0, xtok.student_tokens if xtok else 0], dtype=torch.int64)
     layout.all_reduce_dp(counts, dist.ReduceOp.SUM)
-    times = torch.tensor([elapsed, stats_s, write_s], dtype=torch.float64)
+    if xtok is not None:  # the alignment ran on the writer ranks only: share their totals with the replica
+        layout.all_reduce_mp(counts)
+    times = torch.tensor([elapsed, stats_s, write_s, xtok.seconds if xtok else 0.0], dtype=torch.float64)
     if layout.dist:
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
     layout.barrier()  # every shard is final: the manifest can be read (or assembled) now
@@ -410,6 +497,8 @@ def compute_topk_logits(
         tokens_per_s=int(counts[1]) / elapsed_max if elapsed_max > 0 else math.nan,
         stats_s=float(times[1]),
         write_s=float(times[2]),
+        align_s=float(times[3]),
+        one_to_one_fraction=(int(counts[5]) / max(int(counts[6]), 1)) if xtok else None,
         skipped_report=records.skipped_report(),
         manifest=final,
     )
@@ -458,8 +547,13 @@ def run_from_config(cfg, teacher_loader=None) -> ExtractSummary:
 
         tok_path = c.get("tokenizer_path") or spec.path
         tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=bool(spec.trust_remote_code))
+        student_tokenizer = None
+        if extract_cfg.align_teacher_template:
+            if not extract_cfg.student_tokenizer_path:
+                raise ValueError("align_teacher_template=true needs student_tokenizer_path (the student's tokenizer)")
+            student_tokenizer = AutoTokenizer.from_pretrained(extract_cfg.student_tokenizer_path)
         teacher = build_teacher(spec, loader=teacher_loader)
-        summary = compute_topk_logits(extract_cfg, teacher, tokenizer)
+        summary = compute_topk_logits(extract_cfg, teacher, tokenizer, student_tokenizer=student_tokenizer)
         if (dist.get_rank() if dist.is_initialized() else 0) == 0:
             print(summary.format(), flush=True)
         return summary

@@ -54,34 +54,56 @@ payload to ``.bin``, writes ``shard-XXXXX.json`` (atomically), removes the progr
 files, and, if every rank's shard is final, writes ``manifest.json``; each step is
 idempotent and a restart after a kill between any two of them completes the rest.
 
-Versioning and the cross-tokenizer extension (planned format version 2)
-------------------------------------------------------------------------
+Versioning and format version 2 (cross-tokenizer)
+-------------------------------------------------
 The manifest carries ``format_version`` (what the writer wrote) and
 ``min_reader_version`` (the oldest reader that may use the store); a reader refuses
 a store whose ``min_reader_version`` is above its own version, and otherwise ignores
-manifest keys and ``extensions`` entries it does not know. Version 2 adds
-cross-tokenizer distillation without changing any v1 file:
+manifest keys and ``extensions`` entries it does not know. A store without
+cross-tokenizer data is written exactly as format version 1 (byte-identical to what
+a v1 writer writes; every v1 reader reads it). Version 2 adds cross-tokenizer
+distillation without changing any v1 file:
 
-* the v1 per-token payload stays as is; its ids are, as in v1, ids of the
-  tokenizer named by ``tokenizer_hash`` – the *teacher's* vocabulary;
-* ``extensions["cross_tokenizer_alignment"]`` (the reserved key
-  :data:`ALIGNMENT_EXTENSION`) describes new per-rank files
-  ``shard-XXXXX.align.bin`` / ``shard-XXXXX.align.idx`` holding, per sample, the
-  student tokenisation and the student↔teacher token span alignment, plus
-  ``student_tokenizer_hash`` and the alignment algorithm/version, with their own
-  sizes and checksums in the same per-shard shape as ``shards``;
-* a v2 store whose teacher and student share the tokenizer writes
-  ``min_reader_version = 1`` (v1 readers read it unchanged); a cross-tokenizer store
-  writes ``min_reader_version = 2``, because a v1 reader would feed teacher-vocab
-  ids to a student with another vocabulary – it refuses with a clear error instead.
+* the v1 per-token payload stays as is; its rows are the completion tokens of the
+  *teacher's own* rendering (its chat template, its tokenizer) and its ids are ids
+  of the teacher's vocabulary (``tokenizer_hash`` is the teacher's
+  :class:`~nemo_kd.data.tokenization.ConversationTokenizer` hash);
+* ``extensions["cross_tokenizer_alignment"]`` (:data:`ALIGNMENT_EXTENSION`) holds
+  ``student_tokenizer_hash`` / ``student_max_seq_length`` (the student rendering the
+  alignment was made against), ``teacher_tokenizer_hash``, ``alignment_algorithm`` /
+  ``alignment_version`` (:mod:`nemo_kd.align.groups`), the vocabulary map file
+  (``vocab_map.npy``: int32 ``teacher id → student id or −1`` over the teacher
+  tokenizer's ids, with ``student_real_vocab`` / ``teacher_real_vocab`` /
+  ``vocab_map_identity`` and its sha256), and per rank (``shards``, added by
+  :func:`finalize_manifest`) the files below with sizes and checksums;
+* ``shard-XXXXX.align.bin``: per sample, 4-byte aligned by construction::
+
+      groups   int32 [G + 1, 6]  AlignmentGroups.to_numpy(): a header row
+                                 (G, n_student, n_teacher, content_bytes, version, 0)
+                                 then per group (s_start, s_end, t_start, t_end,
+                                 b_start, b_end) in completion-token / content-byte units
+      ids      int32 [n_t]       the teacher's completion tokens (its own tokenisation)
+      logprob  fp32  [n_t]       log p_teacher(token | teacher prefix), raw logits
+
+* ``shard-XXXXX.align.idx`` (``.npy``, :data:`ALIGN_INDEX_DTYPE`): ``sample_index
+  int64, offset int64, num_groups int32, num_student_tokens int32,
+  num_teacher_tokens int32`` (32 bytes) per sample.
+
+A cross-tokenizer store writes ``format_version = min_reader_version = 2``: a v1
+reader would feed teacher-vocabulary ids to a student with another vocabulary, so it
+refuses with a clear error instead. Resume and atomicity cover the alignment files
+exactly like the payload (same commit point, same truncation on reopen).
 
 Reading
 -------
 :class:`StoreReader` memory-maps every shard; ``reader[i]`` returns a
 :class:`TeacherTopK` (fp32 values, int64 ids, fp32 LSE, float seq log-prob) for
-dataset sample ``i``. :meth:`StoreReader.check_compatible` refuses, with
-:class:`StoreMismatchError`, a store built for another dataset, tokenizer, ``k`` or
-length; :meth:`StoreReader.verify_checksums` re-hashes every file.
+dataset sample ``i``; in a cross-tokenizer store its ``alignment`` is the sample's
+:class:`StoredAlignment` and :meth:`StoreReader.vocab_map` the teacher → student map.
+:meth:`StoreReader.check_compatible` refuses, with :class:`StoreMismatchError`
+(naming the store and each differing field), a store built for another dataset,
+tokenizer (the student's, for a cross-tokenizer store), ``k`` or length;
+:meth:`StoreReader.verify_checksums` re-hashes every file.
 
 This module imports torch lazily (only to hand tensors to callers), so a writer
 process does not pay torch's import time.
@@ -104,6 +126,7 @@ import numpy as np
 
 __all__ = [
     "ALIGNMENT_EXTENSION",
+    "ALIGN_INDEX_DTYPE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "INDEX_DTYPE",
@@ -117,17 +140,25 @@ __all__ = [
     "StoreMismatchError",
     "StoreReader",
     "StoreWriter",
+    "StoredAlignment",
     "TeacherTopK",
     "bytes_per_sample",
+    "cross_tokenizer_extension",
     "finalize_manifest",
     "shard_for_sample",
     "shard_sample_range",
 ]
 
 FORMAT_NAME = "nemo_kd.teacher_logits_store"
-FORMAT_VERSION = 1  # what this module writes
-READER_VERSION = 1  # the newest min_reader_version this module can read
-ALIGNMENT_EXTENSION = "cross_tokenizer_alignment"  # reserved for format version 2
+FORMAT_VERSION = 2  # the newest format this module writes (1 without cross-tokenizer data, 2 with)
+READER_VERSION = 2  # the newest min_reader_version this module can read
+ALIGNMENT_EXTENSION = "cross_tokenizer_alignment"  # format version 2: the cross-tokenizer alignment
+ALIGNMENT_EXTENSION_LAYOUT = 1  # layout of the extension's files (bump on change)
+VOCAB_MAP_FILE = "vocab_map.npy"
+# Keys every cross-tokenizer extension must carry (besides "shards", added by finalize_manifest).
+_ALIGNMENT_KEYS = ("layout", "alignment_algorithm", "alignment_version", "student_tokenizer_hash",
+                   "teacher_tokenizer_hash", "student_max_seq_length", "student_real_vocab", "teacher_real_vocab",
+                   "vocab_map_identity", "vocab_map_file", "vocab_map_sha256")
 
 # Values dtype name -> on-disk numpy dtype (bf16 as raw uint16 bits; numpy has no bf16).
 VALUES_DTYPES: Dict[str, np.dtype] = {
@@ -136,6 +167,8 @@ VALUES_DTYPES: Dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
 }
 INDEX_DTYPE = np.dtype([("sample_index", "<i8"), ("offset", "<i8"), ("num_tokens", "<i4"), ("seq_logprob", "<f8")])
+ALIGN_INDEX_DTYPE = np.dtype([("sample_index", "<i8"), ("offset", "<i8"), ("num_groups", "<i4"),
+                              ("num_student_tokens", "<i4"), ("num_teacher_tokens", "<i4")])
 _ALIGN = 4  # sample blocks start 4-byte aligned so the int32/fp32 sections are aligned
 _MANIFEST = "manifest.json"
 _HASH_CHUNK = 8 << 20
@@ -264,8 +297,12 @@ class StoreManifest:
     shards: List[ShardInfo] = field(default_factory=list)
     extensions: Dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # 2 only with the cross-tokenizer extension (module docstring)
     min_reader_version: int = 1
+
+    @property
+    def is_cross_tokenizer(self) -> bool:
+        return ALIGNMENT_EXTENSION in (self.extensions or {})
 
     def validate(self) -> None:
         if self.format != FORMAT_NAME:
@@ -280,6 +317,17 @@ class StoreManifest:
             raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
         if self.extensions and not isinstance(self.extensions, dict):
             raise ValueError("extensions must be a dict")
+        if self.is_cross_tokenizer:
+            ext = self.extensions[ALIGNMENT_EXTENSION]
+            missing = [key for key in _ALIGNMENT_KEYS if key not in ext]
+            if missing:
+                raise ValueError(f"the {ALIGNMENT_EXTENSION} extension lacks {missing}")
+            if (self.format_version, self.min_reader_version) != (2, 2):
+                raise ValueError("a cross-tokenizer store is format_version 2 with min_reader_version 2, got "
+                                 f"{self.format_version} / {self.min_reader_version}")
+        elif self.format_version != 1:
+            raise ValueError(f"format_version {self.format_version} without the {ALIGNMENT_EXTENSION} extension: "
+                             "a same-tokenizer store is written as format version 1")
 
     def settings(self) -> Dict[str, Any]:
         """The build settings (no shard list / totals), as plain JSON data."""
@@ -396,6 +444,97 @@ def _decode_values(raw: np.ndarray, values_dtype: str) -> np.ndarray:
     return raw.astype("<f4")
 
 
+@dataclass
+class StoredAlignment:
+    """One sample's cross-tokenizer data (format version 2, module docstring).
+
+    ``packed``: int32 ``[G + 1, 6]`` (:meth:`nemo_kd.align.groups.AlignmentGroups.to_numpy`);
+    ``teacher_ids``: int32 ``[n_t]`` the teacher's completion tokens;
+    ``teacher_logprobs``: fp32 ``[n_t]`` the teacher's log-prob of each of them.
+    """
+
+    packed: np.ndarray
+    teacher_ids: np.ndarray
+    teacher_logprobs: np.ndarray
+
+    @classmethod
+    def from_groups(cls, groups, teacher_ids, teacher_logprobs) -> "StoredAlignment":
+        """From an :class:`~nemo_kd.align.groups.AlignmentGroups` (or its packed array)."""
+        packed = groups.to_numpy() if hasattr(groups, "to_numpy") else groups
+        return cls(np.ascontiguousarray(packed, dtype="<i4").reshape(-1, 6),
+                   np.ascontiguousarray(_to_numpy(teacher_ids), dtype="<i4").reshape(-1),
+                   np.ascontiguousarray(_to_numpy(teacher_logprobs), dtype="<f4").reshape(-1))
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.packed[0, 0])
+
+    @property
+    def num_student_tokens(self) -> int:
+        return int(self.packed[0, 1])
+
+    @property
+    def num_teacher_tokens(self) -> int:
+        return int(self.packed[0, 2])
+
+    def groups(self):
+        """The :class:`~nemo_kd.align.groups.AlignmentGroups` (checks the alignment version)."""
+        from nemo_kd.align.groups import AlignmentGroups
+
+        return AlignmentGroups.from_numpy(self.packed)
+
+    def to_bytes(self) -> bytes:
+        return self.packed.tobytes() + self.teacher_ids.tobytes() + self.teacher_logprobs.tobytes()
+
+
+def cross_tokenizer_extension(vocab_map, student_tokenizer_hash: str, teacher_tokenizer_hash: str,
+                              student_max_seq_length: int):
+    """``(extension, vocab_map_bytes)`` of a cross-tokenizer store (module docstring).
+
+    Put ``extension`` in ``StoreManifest.extensions[ALIGNMENT_EXTENSION]`` (with
+    ``format_version = min_reader_version = 2``) and give every writer
+    ``vocab_map_bytes`` through :meth:`StoreWriter.write_vocab_map`.
+    """
+    from nemo_kd.align.groups import ALIGNMENT_ALGORITHM, ALIGNMENT_VERSION
+
+    t2s = np.asarray(vocab_map.teacher_to_student[: vocab_map.teacher_real_vocab], dtype="<i4")
+    buf = io.BytesIO()
+    np.save(buf, t2s, allow_pickle=False)
+    data = buf.getvalue()
+    ext = {
+        "layout": ALIGNMENT_EXTENSION_LAYOUT,
+        "alignment_algorithm": ALIGNMENT_ALGORITHM,
+        "alignment_version": ALIGNMENT_VERSION,
+        "student_tokenizer_hash": student_tokenizer_hash,
+        "teacher_tokenizer_hash": teacher_tokenizer_hash,
+        "student_max_seq_length": int(student_max_seq_length),
+        "student_real_vocab": int(vocab_map.student_real_vocab),
+        "teacher_real_vocab": int(vocab_map.teacher_real_vocab),
+        "vocab_map_identity": bool(vocab_map.is_identity),
+        "vocab_map_file": VOCAB_MAP_FILE,
+        "vocab_map_sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
+    }
+    return ext, data
+
+
+def _check_alignment(sample_index: int, al: StoredAlignment, n_teacher: int) -> None:
+    """Structural checks of one sample's alignment before it is written (messages name the sample)."""
+    p = al.packed
+    if p.ndim != 2 or p.shape[1] != 6 or p.shape[0] < 1 or p.shape[0] != int(p[0, 0]) + 1:
+        raise ValueError(f"sample {sample_index}: packed alignment must be [G + 1, 6] with G in its header row")
+    if al.num_teacher_tokens != n_teacher:
+        raise ValueError(f"sample {sample_index}: the alignment counts {al.num_teacher_tokens} teacher completion "
+                         f"tokens but the top-k payload has {n_teacher} rows")
+    if al.teacher_ids.shape != (n_teacher,) or al.teacher_logprobs.shape != (n_teacher,):
+        raise ValueError(f"sample {sample_index}: teacher_ids / teacher_logprobs must be [{n_teacher}], got "
+                         f"{al.teacher_ids.shape} / {al.teacher_logprobs.shape}")
+    g = p[1:].astype(np.int64)
+    if len(g) and (g[:, :4].min() < 0 or g[:, 1].max() > al.num_student_tokens or g[:, 3].max() > n_teacher):
+        raise ValueError(f"sample {sample_index}: alignment groups reference tokens outside the sample")
+    if not np.isfinite(al.teacher_logprobs).all():
+        raise ValueError(f"sample {sample_index}: non-finite teacher token log-probs")
+
+
 # ----------------------------------------------------------------------------- writer
 
 
@@ -430,15 +569,21 @@ class StoreWriter:
         self.manifest = _as_manifest(manifest_fields)
         self.manifest.world_size = self.world_size
         self.manifest.validate()
-        if self.manifest.format_version != FORMAT_VERSION:
-            raise ValueError(f"this writer writes format version {FORMAT_VERSION}, not {self.manifest.format_version}")
+        if self.manifest.format_version > FORMAT_VERSION:
+            raise ValueError(f"this writer writes format versions <= {FORMAT_VERSION}, not {self.manifest.format_version}")
+        self.cross_tokenizer = self.manifest.is_cross_tokenizer
         self.assigned = shard_sample_range(self.manifest.num_samples, self.rank, self.world_size)
         self._tag = f"r{self.rank}"
         base = os.path.join(self.path, f"shard-{self.rank:05d}")
         self.payload_file, self.index_file = base + ".bin", base + ".idx"
         self._payload_partial, self._index_partial = base + ".bin.partial", base + ".idx.partial"
         self._progress_file, self._done_file = base + ".progress.json", base + ".json"
+        self.align_payload_file, self.align_index_file = base + ".align.bin", base + ".align.idx"
+        self._align_partial, self._align_index_partial = base + ".align.bin.partial", base + ".align.idx.partial"
         self._payload = self._index = None
+        self._align = self._align_index = None
+        self._align_bytes = self._committed_align_bytes = 0
+        self.align_shard: Optional[Dict[str, Any]] = None
         self._committed_samples = self._committed_bytes = 0
         self._samples = self._bytes = self._tokens = 0  # appended, committed or not
         self._committed_tokens = 0
@@ -446,6 +591,18 @@ class StoreWriter:
         self.resumed_from: Optional[int] = None  # sample index a resume continued from
         os.makedirs(self.path, exist_ok=True)
         self._open()
+
+    def write_vocab_map(self, data: bytes) -> None:
+        """Write the cross-tokenizer store's ``vocab_map.npy`` (atomically; every rank writes the same
+        bytes). ``data`` must hash to the extension's ``vocab_map_sha256``."""
+        ext = self.manifest.extensions[ALIGNMENT_EXTENSION]
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if digest != ext["vocab_map_sha256"]:
+            raise StoreMismatchError([f"vocab map checksum {digest} != the manifest's {ext['vocab_map_sha256']}"],
+                                     self.path)
+        target = os.path.join(self.path, ext["vocab_map_file"])
+        if not (os.path.exists(target) and _sha256_file(target) == digest):
+            _atomic_write(target, data, self._tag)
 
     # -- state
 
@@ -496,44 +653,62 @@ class StoreWriter:
             self._tokens = self._committed_tokens = self.shard_info.num_tokens
             self._bytes = self._committed_bytes = self.shard_info.payload_bytes
             self.resumed_from = self.assigned.stop
+            self.align_shard = record.get("alignment_shard")
             # A kill during finalize's last step may leave these behind.
             _remove_if_exists(self._progress_file)
             _remove_if_exists(self._index_partial)
+            _remove_if_exists(self._align_index_partial)
             return
         if os.path.exists(self._progress_file):
             with open(self._progress_file) as f:
                 progress = json.load(f)
             self._check_settings(progress, os.path.basename(self._progress_file))
-            if not os.path.exists(self._payload_partial) and os.path.exists(self.payload_file):
-                # Killed between finalize's rename and its shard record: undo the rename.
-                os.replace(self.payload_file, self._payload_partial)
+            renamed = [(self.payload_file, self._payload_partial)]
+            if self.cross_tokenizer:
+                renamed.append((self.align_payload_file, self._align_partial))
+            for final, partial in renamed:
+                if not os.path.exists(partial) and os.path.exists(final):
+                    # Killed between finalize's rename and its shard record: undo the rename.
+                    os.replace(final, partial)
             self._committed_samples = int(progress["committed_samples"])
             self._committed_bytes = int(progress["payload_bytes"])
             self._committed_tokens = int(progress["num_tokens"])
             index_bytes = self._committed_samples * INDEX_DTYPE.itemsize
-            for file, size in ((self._payload_partial, self._committed_bytes), (self._index_partial, index_bytes)):
+            files = [(self._payload_partial, self._committed_bytes), (self._index_partial, index_bytes)]
+            if self.cross_tokenizer:
+                self._committed_align_bytes = int(progress["align_bytes"])
+                files += [(self._align_partial, self._committed_align_bytes),
+                          (self._align_index_partial, self._committed_samples * ALIGN_INDEX_DTYPE.itemsize)]
+            for file, size in files:
                 actual = os.path.getsize(file) if os.path.exists(file) else -1
                 if actual < size:
                     raise StoreCorruptError(f"{file}: {actual} bytes on disk but {size} were committed")
-            self._payload = open(self._payload_partial, "r+b")
-            self._index = open(self._index_partial, "r+b")
+            handles = [open(file, "r+b") for file, _ in files]
             # Drop anything appended after the last commit (possibly half-written).
-            self._payload.truncate(self._committed_bytes)
-            self._index.truncate(index_bytes)
-            self._payload.seek(0, io.SEEK_END)
-            self._index.seek(0, io.SEEK_END)
+            for f, (_, size) in zip(handles, files):
+                f.truncate(size)
+                f.seek(0, io.SEEK_END)
+            self._payload, self._index = handles[:2]
+            if self.cross_tokenizer:
+                self._align, self._align_index = handles[2:]
+                self._align_bytes = self._committed_align_bytes
             self._samples, self._bytes, self._tokens = self._committed_samples, self._committed_bytes, self._committed_tokens
             self.resumed_from = self.next_sample_index
             return
         # Nothing committed yet: whatever is on disk for this rank is garbage of a killed run.
-        for stale in (self._payload_partial, self._index_partial, self.payload_file, self.index_file):
+        for stale in (self._payload_partial, self._index_partial, self.payload_file, self.index_file,
+                      self._align_partial, self._align_index_partial, self.align_payload_file, self.align_index_file):
             _remove_if_exists(stale)
         self._payload = open(self._payload_partial, "w+b")
         self._index = open(self._index_partial, "w+b")
+        if self.cross_tokenizer:
+            self._align = open(self._align_partial, "w+b")
+            self._align_index = open(self._align_index_partial, "w+b")
 
     # -- writing
 
-    def append(self, sample_index: int, values, ids, lse, seq_logprob: float) -> None:
+    def append(self, sample_index: int, values, ids, lse, seq_logprob: float,
+               alignment: Optional[StoredAlignment] = None) -> None:
         """Append sample ``sample_index`` (must be :attr:`next_sample_index`).
 
         Args:
@@ -542,6 +717,8 @@ class StoreWriter:
             ids: ``[n, k]`` teacher token ids (stored as int32).
             lse: ``[n]`` teacher log-sum-exp per token.
             seq_logprob: the teacher's log-prob of the whole reference completion.
+            alignment: a cross-tokenizer store's :class:`StoredAlignment` of the sample
+                (required there, refused in a same-tokenizer store).
 
         Not durable until :meth:`commit`.
         """
@@ -554,6 +731,9 @@ class StoreWriter:
             )
         if sample_index >= self.assigned.stop:
             raise ValueError(f"sample {sample_index} is outside rank {self.rank}'s block {self.assigned}")
+        if (alignment is not None) != self.cross_tokenizer:
+            raise ValueError(f"sample {sample_index}: " + ("a cross-tokenizer store needs the sample's alignment"
+                             if self.cross_tokenizer else "alignment given to a same-tokenizer (format 1) store"))
         m = self.manifest
         v = _to_numpy(values).astype("<f4", copy=False)
         i = _to_numpy(ids)
@@ -579,6 +759,14 @@ class StoreWriter:
         )
         block += b"\0" * (-len(block) % _ALIGN)
         row = np.array([(sample_index, self._bytes, n, float(seq_logprob))], dtype=INDEX_DTYPE)
+        if alignment is not None:
+            _check_alignment(sample_index, alignment, n)
+            a_block = alignment.to_bytes()
+            a_row = np.array([(sample_index, self._align_bytes, alignment.num_groups, alignment.num_student_tokens, n)],
+                             dtype=ALIGN_INDEX_DTYPE)
+            self._align.write(a_block)
+            self._align_index.write(a_row.tobytes())
+            self._align_bytes += len(a_block)
         self._payload.write(block)
         self._index.write(row.tobytes())
         self._samples += 1
@@ -589,14 +777,18 @@ class StoreWriter:
         """Make every appended sample durable (fsync data, then atomically record progress)."""
         if self.is_finished or (self._samples == self._committed_samples and os.path.exists(self._progress_file)):
             return
-        for f in (self._payload, self._index):
-            f.flush()
-            os.fsync(f.fileno())
+        for f in (self._payload, self._index, self._align, self._align_index):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
         record = self._settings_record()
         record.update(committed_samples=self._samples, payload_bytes=self._bytes, num_tokens=self._tokens)
+        if self.cross_tokenizer:
+            record["align_bytes"] = self._align_bytes
         # The commit point: before this replace the old progress stands, after it the new one.
         _atomic_write(self._progress_file, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), self._tag)
         self._committed_samples, self._committed_bytes, self._committed_tokens = self._samples, self._bytes, self._tokens
+        self._committed_align_bytes = self._align_bytes
 
     def finalize(self) -> ShardInfo:
         """Seal this shard (all assigned samples must be appended); write the manifest if all shards are final.
@@ -616,8 +808,15 @@ class StoreWriter:
             buf = io.BytesIO()
             np.save(buf, rows, allow_pickle=False)
             _atomic_write(self.index_file, buf.getvalue(), self._tag)
+            if self.cross_tokenizer:
+                self._align_index.seek(0)
+                buf = io.BytesIO()
+                np.save(buf, np.frombuffer(self._align_index.read(), dtype=ALIGN_INDEX_DTYPE), allow_pickle=False)
+                _atomic_write(self.align_index_file, buf.getvalue(), self._tag)
             self._close_files()
             os.replace(self._payload_partial, self.payload_file)
+            if self.cross_tokenizer:
+                os.replace(self._align_partial, self.align_payload_file)
             _fsync_dir(self.path)
             info = ShardInfo(
                 rank=self.rank,
@@ -633,9 +832,21 @@ class StoreWriter:
             )
             record = self._settings_record()
             record["shard"] = dataclasses.asdict(info)
+            if self.cross_tokenizer:
+                self.align_shard = {
+                    "rank": self.rank,
+                    "payload_file": os.path.basename(self.align_payload_file),
+                    "index_file": os.path.basename(self.align_index_file),
+                    "payload_bytes": os.path.getsize(self.align_payload_file),
+                    "index_bytes": os.path.getsize(self.align_index_file),
+                    "payload_sha256": _sha256_file(self.align_payload_file),
+                    "index_sha256": _sha256_file(self.align_index_file),
+                }
+                record["alignment_shard"] = self.align_shard
             _atomic_write(self._done_file, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), self._tag)
             _remove_if_exists(self._progress_file)
             _remove_if_exists(self._index_partial)
+            _remove_if_exists(self._align_index_partial)
             self.shard_info = info
         try:
             finalize_manifest(self.path, tag=self._tag)
@@ -644,10 +855,10 @@ class StoreWriter:
         return self.shard_info
 
     def _close_files(self) -> None:
-        for f in (self._payload, self._index):
+        for f in (self._payload, self._index, self._align, self._align_index):
             if f is not None:
                 f.close()
-        self._payload = self._index = None
+        self._payload = self._index = self._align = self._align_index = None
 
     def close(self) -> None:
         """Close without committing (uncommitted appends are dropped on the next open)."""
@@ -693,6 +904,13 @@ def finalize_manifest(path: Union[str, os.PathLike], tag: Optional[str] = None) 
         raise StoreCorruptError(f"{path}: shards hold {expected} samples, manifest says {settings['num_samples']}")
     manifest = StoreManifest.from_dict(dict(settings, shards=[dataclasses.asdict(s) for s in shards]))
     manifest.num_tokens = sum(s.num_tokens for s in shards)
+    if manifest.is_cross_tokenizer:
+        by_rank = {r["rank"]: r.get("alignment_shard") for r in records}
+        if any(by_rank[s.rank] is None for s in shards):
+            raise StoreCorruptError(f"{path}: a cross-tokenizer shard record lacks its alignment files")
+        ext = dict(manifest.extensions[ALIGNMENT_EXTENSION])
+        ext["shards"] = [by_rank[s.rank] for s in shards]
+        manifest.extensions = dict(manifest.extensions, **{ALIGNMENT_EXTENSION: ext})
     _atomic_write(os.path.join(path, _MANIFEST), manifest.to_json().encode(), tag or f"p{os.getpid()}")
     return manifest
 
@@ -709,6 +927,7 @@ class TeacherTopK:
     ids: Any  # torch int64 [n, k]
     lse: Any  # torch fp32 [n]
     seq_logprob: float
+    alignment: Optional[StoredAlignment] = None  # cross-tokenizer store (format 2) only
 
     @property
     def num_tokens(self) -> int:
@@ -736,6 +955,16 @@ class StoreReader:
                 f" this reader is version {READER_VERSION}"
                 + (" (it holds cross-tokenizer alignment data)" if ALIGNMENT_EXTENSION in m.extensions else "")
             )
+        self.cross_tokenizer = m.is_cross_tokenizer
+        if self.cross_tokenizer:
+            ext = m.extensions[ALIGNMENT_EXTENSION]
+            missing = [key for key in _ALIGNMENT_KEYS + ("shards",) if key not in ext]
+            if missing or ext.get("layout") != ALIGNMENT_EXTENSION_LAYOUT:
+                raise StoreError(
+                    f"{self.path}: store format version {m.format_version} (needs reader version >= "
+                    f"{m.min_reader_version}) declares cross-tokenizer alignment data, but its "
+                    f"{ALIGNMENT_EXTENSION!r} extension " + (f"lacks {missing}" if missing else
+                    f"has layout {ext.get('layout')!r}, this reader knows {ALIGNMENT_EXTENSION_LAYOUT}"))
         self._k, self._vdtype = m.k, VALUES_DTYPES[m.values_dtype]
         self._first = [s.first_sample for s in m.shards]
         self._payloads, self._indices = [], []
@@ -750,6 +979,25 @@ class StoreReader:
             if index.dtype != INDEX_DTYPE or index.shape != (s.num_samples,):
                 raise StoreCorruptError(f"{s.index_file}: index has dtype {index.dtype} shape {index.shape}, expected {s.num_samples} rows")
             self._indices.append(index)
+        self._align_payloads, self._align_indices = [], []
+        if self.cross_tokenizer:
+            ashards = m.extensions[ALIGNMENT_EXTENSION]["shards"]
+            if [a["rank"] for a in ashards] != [s.rank for s in m.shards]:
+                raise StoreCorruptError(f"{manifest_path}: the alignment shards do not match the payload shards")
+            for s, a in zip(m.shards, ashards):
+                for name, size in ((a["payload_file"], a["payload_bytes"]), (a["index_file"], a["index_bytes"])):
+                    file = os.path.join(self.path, name)
+                    actual = os.path.getsize(file) if os.path.exists(file) else None
+                    if actual != size:
+                        raise StoreCorruptError(f"{file}: {actual} bytes, manifest says {size}")
+                self._align_payloads.append(np.memmap(os.path.join(self.path, a["payload_file"]), dtype=np.uint8,
+                                                      mode="r") if a["payload_bytes"] else np.zeros(0, np.uint8))
+                index = np.load(os.path.join(self.path, a["index_file"]), mmap_mode="r" if s.num_samples else None,
+                                allow_pickle=False)
+                if index.dtype != ALIGN_INDEX_DTYPE or index.shape != (s.num_samples,):
+                    raise StoreCorruptError(f"{a['index_file']}: index has dtype {index.dtype} shape {index.shape}, "
+                                            f"expected {s.num_samples} rows")
+                self._align_indices.append(index)
         if verify_checksums:
             self.verify_checksums()
 
@@ -768,7 +1016,75 @@ class StoreReader:
         return shard, row
 
     def num_tokens(self, sample_index: int) -> int:
+        """Teacher completion tokens (rows) of a sample."""
         return int(self._locate(sample_index)[1]["num_tokens"])
+
+    # -- cross-tokenizer (format 2)
+
+    @property
+    def alignment_info(self) -> Dict[str, Any]:
+        """The ``cross_tokenizer_alignment`` extension (empty for a same-tokenizer store)."""
+        return dict(self.manifest.extensions.get(ALIGNMENT_EXTENSION, {})) if self.cross_tokenizer else {}
+
+    def _align_row(self, sample_index: int):
+        if not self.cross_tokenizer:
+            raise StoreError(f"{self.path}: not a cross-tokenizer store (format version {self.manifest.format_version})")
+        shard, _ = self._locate(sample_index)
+        row = self._align_indices[shard][sample_index - self._first[shard]]
+        if int(row["sample_index"]) != sample_index:
+            raise StoreCorruptError(f"{self.path}: alignment row for sample {sample_index} says {int(row['sample_index'])}")
+        return shard, row
+
+    def num_student_tokens(self, sample_index: int) -> int:
+        """Student completion tokens the sample's alignment was made for (cross-tokenizer store)."""
+        return int(self._align_row(sample_index)[1]["num_student_tokens"])
+
+    def alignment(self, sample_index: int) -> StoredAlignment:
+        """The sample's :class:`StoredAlignment` (numpy copies)."""
+        shard, row = self._align_row(sample_index)
+        g, n = int(row["num_groups"]), int(row["num_teacher_tokens"])
+        off, buf = int(row["offset"]), self._align_payloads[shard]
+        if off + 4 * (6 * (g + 1) + 2 * n) > buf.shape[0]:
+            raise StoreCorruptError(f"sample {sample_index}: alignment record runs past the end of "
+                                    f"{self.alignment_info['shards'][shard]['payload_file']}")
+        packed = np.frombuffer(buf, dtype="<i4", count=6 * (g + 1), offset=off).reshape(g + 1, 6).copy()
+        off += 24 * (g + 1)
+        ids = np.frombuffer(buf, dtype="<i4", count=n, offset=off).copy()
+        lp = np.frombuffer(buf, dtype="<f4", count=n, offset=off + 4 * n).copy()
+        al = StoredAlignment(packed, ids, lp)
+        if (al.num_groups, al.num_student_tokens, al.num_teacher_tokens) != \
+                (g, int(row["num_student_tokens"]), n):
+            raise StoreCorruptError(f"sample {sample_index}: alignment header disagrees with its index row")
+        return al
+
+    def vocab_map(self, student_vocab_size: Optional[int] = None):
+        """The teacher → student :class:`~nemo_kd.align.vocab_map.VocabMap` of a cross-tokenizer store.
+
+        ``student_vocab_size``: the student model's (padded) output rows (default: its
+        tokenizer's size); the teacher side is the manifest's ``teacher_vocab_size``.
+        """
+        from nemo_kd.align.vocab_map import VocabMap
+
+        info = self.alignment_info
+        if not info:
+            raise StoreError(f"{self.path}: not a cross-tokenizer store: it has no vocabulary map")
+        file = os.path.join(self.path, info["vocab_map_file"])
+        if not os.path.exists(file):
+            raise StoreCorruptError(f"{file}: missing (the cross-tokenizer store's vocabulary map)")
+        if _sha256_file(file) != info["vocab_map_sha256"]:
+            raise StoreCorruptError(f"{file}: checksum differs from the manifest's {info['vocab_map_sha256']}")
+        t2s_real = np.load(file, allow_pickle=False).astype(np.int64)
+        s_real, t_real = int(info["student_real_vocab"]), int(info["teacher_real_vocab"])
+        s_size = int(student_vocab_size) if student_vocab_size is not None else s_real
+        t_size = max(int(self.manifest.teacher_vocab_size or t_real), t_real)
+        if s_size < s_real:
+            raise StoreMismatchError([f"student vocabulary size {s_size} is below the student tokenizer's {s_real} "
+                                      "the store was aligned for"], self.path)
+        if t2s_real.shape != (t_real,) or (t2s_real >= s_real).any():
+            raise StoreCorruptError(f"{file}: expected {t_real} ids < {s_real}, got shape {t2s_real.shape}")
+        t2s = np.full(t_size, -1, dtype=np.int64)
+        t2s[:t_real] = t2s_real
+        return VocabMap(t2s, s_size, t_size, s_real, t_real, is_identity=bool(info["vocab_map_identity"]))
 
     def read_numpy(self, sample_index: int):
         """``(values fp32 [n,k], ids int32 [n,k], lse fp32 [n], seq_logprob)`` as numpy copies."""
@@ -797,6 +1113,7 @@ class StoreReader:
             torch.from_numpy(ids.astype(np.int64)),
             torch.from_numpy(lse),
             seq_logprob,
+            self.alignment(int(sample_index)) if self.cross_tokenizer else None,
         )
 
     def verify_checksums(self) -> None:
@@ -806,6 +1123,15 @@ class StoreReader:
                 actual = _sha256_file(os.path.join(self.path, name))
                 if actual != expected:
                     raise StoreCorruptError(f"{os.path.join(self.path, name)}: checksum {actual} != manifest {expected}")
+        info = self.alignment_info
+        files = [(a[f], a[h]) for a in info.get("shards", []) for f, h in (("payload_file", "payload_sha256"),
+                                                                           ("index_file", "index_sha256"))]
+        if info:
+            files.append((info["vocab_map_file"], info["vocab_map_sha256"]))
+        for name, expected in files:
+            actual = _sha256_file(os.path.join(self.path, name))
+            if actual != expected:
+                raise StoreCorruptError(f"{os.path.join(self.path, name)}: checksum {actual} != manifest {expected}")
 
     def check_compatible(
         self,
@@ -817,6 +1143,8 @@ class StoreReader:
         num_samples: Optional[int] = None,
         teacher_hash: Optional[str] = None,
         max_reported: int = 5,
+        student_tokenizer_hash: Optional[str] = None,
+        student_max_seq_length: Optional[int] = None,
     ) -> None:
         """Raise :class:`StoreMismatchError` listing every setting that differs.
 
@@ -824,9 +1152,20 @@ class StoreReader:
         gives the dataset's completion length of sample ``i`` (after truncation to
         ``max_seq_length``); every sample is compared with the stored token count
         and the first ``max_reported`` disagreements are named.
+
+        Cross-tokenizer store: ``tokenizer_hash`` / ``max_seq_length`` are the
+        *teacher's* rendering; the student dataset is checked with
+        ``student_tokenizer_hash`` / ``student_max_seq_length``, and
+        ``num_completion_tokens_fn`` is compared with the student token counts the
+        alignments were made for. Passing ``student_*`` to a same-tokenizer store is
+        itself a mismatch (it has no alignment for a student tokenisation).
         """
         m = self.manifest
         diffs = []
+        info = self.alignment_info
+        if not self.cross_tokenizer and (student_tokenizer_hash is not None or student_max_seq_length is not None):
+            diffs.append("cross-tokenizer alignment: the store has none (format version 1, built for the teacher's "
+                         "tokenizer only); re-extract with align_teacher_template=true and the student tokenizer")
         for name, want, have in (
             ("dataset hash", dataset_hash, m.dataset_hash),
             ("tokenizer hash", tokenizer_hash, m.tokenizer_hash),
@@ -834,17 +1173,21 @@ class StoreReader:
             ("max_seq_length", max_seq_length, m.max_seq_length),
             ("number of samples", num_samples, m.num_samples),
             ("teacher hash", teacher_hash, m.teacher_hash),
+            ("student tokenizer hash", student_tokenizer_hash if info else None, info.get("student_tokenizer_hash")),
+            ("student max_seq_length", student_max_seq_length if info else None, info.get("student_max_seq_length")),
         ):
             if want is not None and want != have:
                 diffs.append(f"{name}: store has {have!r}, expected {want!r}")
         if num_completion_tokens_fn is not None and not diffs:
             bad = 0
+            count = self.num_student_tokens if self.cross_tokenizer else self.num_tokens
+            what = "student completion tokens" if self.cross_tokenizer else "completion tokens"
             for i in range(m.num_samples):
-                want, have = int(num_completion_tokens_fn(i)), self.num_tokens(i)
+                want, have = int(num_completion_tokens_fn(i)), count(i)
                 if want != have:
                     bad += 1
                     if bad <= max_reported:
-                        diffs.append(f"sample {i}: store has {have} completion tokens, the dataset gives {want}")
+                        diffs.append(f"sample {i}: store has {have} {what}, the dataset gives {want}")
             if bad > max_reported:
                 diffs.append(f"... and {bad - max_reported} more sample(s) with a different token count")
         if diffs:
@@ -852,6 +1195,7 @@ class StoreReader:
 
     def close(self) -> None:
         self._payloads, self._indices = [], []
+        self._align_payloads, self._align_indices = [], []
 
     def __enter__(self) -> "StoreReader":
         return self
