@@ -1,4 +1,8 @@
-"""Benchmark: top-k forward-KL + CE loss from logits, naive vs torch path vs fused Triton.
+"""Benchmark: KD + CE losses from logits (top-k and online full-vocab), naive vs torch vs fused Triton.
+
+Two cases (``--case topk|full|both``).
+
+**topk** (offline teacher).
 
 The loss (per token, teacher top-k ids ``t`` with renormalised log-probs ``log p``,
 label ``y``; ``m = k + 1`` student log-probs gathered per token)::
@@ -14,13 +18,32 @@ Variants, each timed forward+backward to ``∂L/∂logits`` (bf16):
 * liger-jsd  – Liger-Kernel ``LigerFusedLinearJSD`` if importable. NOT like-for-like: it
   fuses the lm_head matmuls (hidden ``--liger-hidden``) and computes a full-vocab JSD.
 
+**full** (online teacher: full teacher logits, same vocabulary; ``--full-loss`` forward_kl |
+reverse_kl | jsd, ``--jsd-beta``)::
+
+    L = D(p_teacher ‖ q_student) − log q(y),     averaged over tokens
+
+* naive      – ``log_softmax`` of both in fp32, the divergence over [N, V] (the usual PyTorch code)
+* torch      – ``full_kd_loss(impl="torch", label_ids=...)`` (the reference path)
+* fused      – ``full_kd_loss(impl="fused", label_ids=...)`` (:mod:`nemo_kd.kernels.full_kd_triton`)
+* fused-inpl – ``fused_full_kd_loss(..., inplace_backward=True)``
+* with ``liger_kernel`` installed (CUDA only; skipped with a message otherwise), a
+  like-for-like pair on the same hidden states and lm_head weights (``--liger-hidden``),
+  JSD(β = ``--jsd-beta``): ``lmhead+fused`` (our fused loss on ``x @ Wᵀ`` logits, backward
+  through the matmul) vs ``liger-fl-jsd`` (``LigerFusedLinearJSD``, chunked, never
+  materialises the logits).
+
 Reported: median time of ≥10 reps (CUDA events, after warm-up); peak extra memory =
 ``max_memory_allocated`` during one step minus what was allocated before it (the
-logits and the small teacher tensors), so the bf16 gradient itself counts (100% of
-the logits) except for the in-place variant; the HBM floor = (2 reads + 1 write of
-the logits) / bandwidth. Timing is never asserted.
+logits and the teacher tensors), so the bf16 gradient itself counts (100% of the
+logits) except for the in-place variants. HBM floor = bytes an exact streaming
+algorithm must move / bandwidth: top-k: 2 reads of the logits + 1 write of the
+gradient; full: 2 reads of the student's and of the teacher's logits + 1 write
+(forward_kl / reverse_kl need the normalisers before any gradient entry), 3 reads of
+each for JSD (its mixture needs both normalisers before its sums). Timing is never asserted.
 
-    python benchmarks/bench_fused_kernel.py                 # full grid (H100)
+    python benchmarks/bench_fused_kernel.py                 # full grid (H100), both cases
+    python benchmarks/bench_fused_kernel.py --case full --full-loss jsd --quick
     python benchmarks/bench_fused_kernel.py --quick --out bench.md
     python benchmarks/bench_fused_kernel.py --tune          # sweep fused block sizes first
     python benchmarks/bench_fused_kernel.py --cpu-smoke     # tiny, CPU, TRITON_INTERPRET=1
@@ -52,6 +75,9 @@ def parse_args():
     p.add_argument("--liger-hidden", type=int, default=4096, help="hidden size for the Liger fused-linear row")
     p.add_argument("--tune", action="store_true", help="sweep fused block sizes / warps on the first shape")
     p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--case", choices=("topk", "full", "both"), default="both")
+    p.add_argument("--full-loss", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
+    p.add_argument("--jsd-beta", type=float, default=0.5)
     return p.parse_args()
 
 
@@ -59,18 +85,24 @@ args = parse_args()
 if args.cpu_smoke:
     # Triton picks interpreter mode when a kernel is decorated: set it before any import.
     os.environ["TRITON_INTERPRET"] = "1"
+    import warnings
+
+    # The interpreter evaluates masked lanes (-inf - -inf, log 0) inside where-guarded branches.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from nemo_kd.losses.kd import full_kd_loss  # noqa: E402
 from nemo_kd.losses.vocab_parallel import vocab_parallel_logprobs_at  # noqa: E402
 
 try:
+    from nemo_kd.kernels import full_kd_triton as fk
     from nemo_kd.kernels import logprobs_triton as lt
 
     FUSED_ERR = None
 except Exception as e:  # triton missing: the fused rows say why
-    lt, FUSED_ERR = None, f"{type(e).__name__}: {e}"
+    lt, fk, FUSED_ERR = None, None, f"{type(e).__name__}: {e}"
 
 
 def kd_ce_from_logprobs(lp, t_logp):
@@ -124,7 +156,7 @@ def make_inputs(n, v, k, device, seed=0):
 
 
 def run_logits_variant(loss_fn, logits0, ids, t_logp, timer, reps, warmup, inplace):
-    """(median ms, peak extra bytes, grad as fp32) of loss + ∂loss/∂logits."""
+    """(median ms, peak extra bytes, grad as fp32) of ``loss_fn(logits, ids, t_logp)`` + ∂loss/∂logits."""
     logits = logits0.clone().requires_grad_(True)
 
     def prep():  # untimed: the in-place variant overwrote the logits with its gradient
@@ -184,6 +216,149 @@ def run_liger(n, v, hidden, device, timer, reps, warmup):
     return statistics.median([timer(step) for _ in range(reps)]), peak
 
 
+_LIGER_NOTED = []
+
+
+def note_liger_missing():
+    if not _LIGER_NOTED:
+        _LIGER_NOTED.append(True)
+        print("(liger-kernel not installed: Liger rows skipped; `pip install liger-kernel` to compare)", flush=True)
+
+
+# --------------------------------------------------------------------------- online teacher, full vocab
+
+
+def full_inputs(n, v, device, seed=0):
+    """bf16 student and (correlated) teacher logits [N, V] and labels [N]."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    student = torch.randn(n, v, generator=g) * 2
+    teacher = (student + torch.randn(n, v, generator=g) * 2).to(device=device, dtype=torch.bfloat16)
+    return student.to(device=device, dtype=torch.bfloat16), teacher, torch.randint(0, v, (n,), generator=g).to(device)
+
+
+def full_naive(loss_type, beta):
+    def fn(student, teacher, labels):
+        logq = torch.log_softmax(student.float(), dim=-1)
+        logp = torch.log_softmax(teacher.float(), dim=-1)
+        p, q = logp.exp(), logq.exp()
+        if loss_type == "forward_kl":
+            kd = (p * (logp - logq)).sum(-1)
+        elif loss_type == "reverse_kl":
+            kd = (q * (logq - logp)).sum(-1)
+        else:
+            logm = torch.log(beta * p + (1 - beta) * q)
+            kd = (beta * p * (logp - logm) + (1 - beta) * q * (logq - logm)).sum(-1)
+        return (kd - logq.gather(-1, labels[:, None])[:, 0]).mean()
+    return fn
+
+
+def full_lib(impl, loss_type, beta):
+    def fn(student, teacher, labels):
+        kd, lp = full_kd_loss(student, teacher, loss_type=loss_type, jsd_beta=beta, impl=impl, label_ids=labels)
+        return (kd - lp).mean()
+    return fn
+
+
+def full_fused_inplace(loss_type, beta):
+    def fn(student, teacher, labels):
+        kd, lp = fk.fused_full_kd_loss(student, teacher, loss_type=loss_type, jsd_beta=beta, label_ids=labels,
+                                       inplace_backward=True)
+        return (kd - lp).mean()
+    return fn
+
+
+def run_lmhead_pair(n, v, hidden, beta, device, timer, reps, warmup):
+    """Like-for-like with Liger's fused-linear JSD: same x, W (student) and x', W' (teacher), JSD(β).
+
+    Returns ``[(name, ms, peak bytes)]``: ours = logits by matmul + fused JSD + backward
+    through the matmul; Liger = ``LigerFusedLinearJSD`` (chunked, logits never materialised).
+    """
+    g = torch.Generator(device="cpu").manual_seed(1)
+    mk = lambda *sh: (torch.randn(*sh, generator=g) * 0.02).to(device=device, dtype=torch.bfloat16)  # noqa: E731
+    xs, ws, xt, wt = mk(n, hidden), mk(v, hidden), mk(n, hidden), mk(v, hidden)
+    xs.requires_grad_(True)
+    ws.requires_grad_(True)
+
+    def ours():
+        with torch.no_grad():
+            t_logits = xt @ wt.t()
+        kd, _ = fk.fused_full_kd_loss(xs @ ws.t(), t_logits, loss_type="jsd", jsd_beta=beta)
+        return torch.autograd.grad(kd.mean(), (xs, ws))
+
+    variants = [("lmhead+fused", ours)]
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        jsd = LigerFusedLinearJSD(jsd_beta=beta)
+        variants.append(("liger-fl-jsd", lambda: torch.autograd.grad(jsd(xs, ws, xt, wt), (xs, ws))))
+    except ImportError:
+        note_liger_missing()
+    out = []
+    for name, step in variants:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        for _ in range(warmup):
+            step()
+        out.append((name, statistics.median([timer(step) for _ in range(reps)]), peak))
+    return out
+
+
+def bench_full(shapes, device, timer, reps, warmup, emit):
+    loss_type, beta = args.full_loss, args.jsd_beta
+    reads = 3 if loss_type == "jsd" else 2
+    variants = [("naive", full_naive(loss_type, beta), False), ("torch", full_lib("torch", loss_type, beta), False)]
+    if fk is not None:
+        variants += [("fused", full_lib("fused", loss_type, beta), False),
+                     ("fused-inpl", full_fused_inplace(loss_type, beta), True)]
+    label = f"{loss_type}" + (f"(β={beta})" if loss_type == "jsd" else "")
+    emit(f"\n# online teacher, full-vocab {label} + CE, fwd+bwd to bf16 grad — {dev_name(device)}\n")
+    emit(f"floor = ({reads} reads of student + {reads} of teacher + 1 write) × logits bytes / {args.bandwidth:.3g} B/s; "
+         "mem = peak extra allocation as % of the student logits' bytes.\n")
+    emit("| N | V | variant | ms | × naive | × floor | extra mem GiB | mem % logits | Δgrad |")
+    emit("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for n, v in shapes:
+        student, teacher, labels = full_inputs(n, v, device)
+        lbytes = student.numel() * student.element_size()
+        floor_ms = (2 * reads + 1) * lbytes / args.bandwidth * 1e3
+        emit(f"| {n} | {v} | HBM floor | {floor_ms:.3f} | | 1.00 | | | |")
+        naive_ms, ref = None, None
+        for name, fn, inplace in variants:
+            try:
+                ms, peak, grad = run_logits_variant(fn, student, teacher, labels, timer, reps, warmup, inplace)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                emit(f"| {n} | {v} | {name} | OOM | | | | | |")
+                continue
+            if name == "naive":
+                naive_ms, ref = ms, grad
+            dgrad = f"{(grad - ref).abs().max().item():.2e}" if ref is not None else ""
+            mem = f"{peak / 2**30:.3f} | {100 * peak / lbytes:.0f}%" if peak is not None else "n/a | n/a"
+            vs_naive = f"{naive_ms / ms:.2f}" if naive_ms else ""
+            emit(f"| {n} | {v} | {name} | {ms:.3f} | {vs_naive} | {ms / floor_ms:.2f} | {mem} | {dgrad} |")
+            del grad
+        if fk is None:
+            emit(f"| {n} | {v} | fused | n/a ({FUSED_ERR}) | | | | | |")
+        del student, teacher, labels
+        if device.type == "cuda" and fk is not None:
+            try:
+                for name, ms, peak in run_lmhead_pair(n, v, args.liger_hidden, beta, device, timer, reps, warmup):
+                    emit(f"| {n} | {v} | {name} (JSD β={beta}, incl. lm_head H={args.liger_hidden}) | {ms:.3f} | | | "
+                         f"{peak / 2**30:.3f} | {100 * peak / lbytes:.0f}% | |")
+            except torch.cuda.OutOfMemoryError:
+                emit(f"| {n} | {v} | lm_head pair | OOM | | | | | |")
+            except Exception as e:  # an API drift in liger must not kill the table
+                emit(f"| {n} | {v} | lm_head pair | error: {type(e).__name__}: {e} | | | | | |")
+            torch.cuda.empty_cache()
+
+
+def dev_name(device):
+    return torch.cuda.get_device_name() if device.type == "cuda" else "CPU (TRITON_INTERPRET=1, smoke only)"
+
+
 def tune(n, v, k, device, timer, reps, warmup):
     """Sweep the fused kernels' block sizes / warps; keep the fastest for the table."""
     logits, ids, t_logp = make_inputs(n, v, k, device)
@@ -199,41 +374,33 @@ def tune(n, v, k, device, timer, reps, warmup):
     _, lt.FWD_BLOCK_V, lt.FWD_NUM_WARPS = best
     lt.BWD_BLOCK_V, lt.BWD_NUM_WARPS = lt.FWD_BLOCK_V, lt.FWD_NUM_WARPS
     lines.append(f"  -> using block={lt.FWD_BLOCK_V} warps={lt.FWD_NUM_WARPS}")
-    print("\n".join(lines), flush=True)
+    student, teacher, labels = full_inputs(n, v, device)
+    fn = full_lib("fused", args.full_loss, args.jsd_beta)
+    best, lines2 = None, [f"full-vocab fused block sweep at N={n} V={v} (fwd+bwd ms):"]
+    for block in (1024, 2048, 4096):
+        for warps in (4, 8, 16):
+            fk.FWD_BLOCK_V = fk.BWD_BLOCK_V = block
+            fk.FWD_NUM_WARPS = fk.BWD_NUM_WARPS = warps
+            ms = run_logits_variant(fn, student, teacher, labels, timer, reps, warmup, False)[0]
+            lines2.append(f"  block={block:5d} warps={warps:2d}: {ms:8.3f}")
+            if best is None or ms < best[0]:
+                best = (ms, block, warps)
+    _, fk.FWD_BLOCK_V, fk.FWD_NUM_WARPS = best
+    fk.BWD_BLOCK_V, fk.BWD_NUM_WARPS = fk.FWD_BLOCK_V, fk.FWD_NUM_WARPS
+    lines2.append(f"  -> using block={fk.FWD_BLOCK_V} warps={fk.FWD_NUM_WARPS}")
+    print("\n".join(lines + lines2), flush=True)
 
 
-def main():
-    if args.cpu_smoke:
-        device, shapes, reps, warmup = torch.device("cpu"), SMOKE_SHAPES, max(3, min(args.reps, 3)), 1
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("no CUDA device: run with --cpu-smoke for a CPU check")
-        device, shapes, reps, warmup = torch.device("cuda"), (QUICK_SHAPES if args.quick else FULL_SHAPES), args.reps, args.warmup
-    timer = Timer(device)
+def bench_topk(shapes, device, timer, reps, warmup, emit):
     k = args.topk
-    if args.tune and lt is not None and device.type == "cuda":
-        tune(*shapes[0], k, device, timer, reps, warmup)
-
     variants = [("naive", loss_naive, False), ("torch", loss_torch, False)]
     if lt is not None:
         variants += [("fused", loss_fused, False), ("fused-inpl", loss_fused_inplace, True)]
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (TRITON_INTERPRET=1, smoke only)"
-    header = [
-        f"# top-{k} forward-KL + CE, fwd+bwd to bf16 grad — {dev_name}",
-        "",
-        f"floor = 3 × logits bytes / {args.bandwidth:.3g} B/s; mem = peak extra allocation as % of the logits' bytes "
-        f"(the bf16 gradient alone is 100%); Δgrad = max |grad − naive grad|; median of {reps} reps.",
-        "",
-        "| N | V | variant | ms | × naive | × floor | extra mem GiB | mem % logits | Δgrad |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    print("\n".join(header), flush=True)
-    rows = []
-
-    def emit(row):
-        rows.append(row)
-        print(row, flush=True)
-
+    emit(f"# top-{k} forward-KL + CE, fwd+bwd to bf16 grad — {dev_name(device)}\n")
+    emit(f"floor = 3 × logits bytes / {args.bandwidth:.3g} B/s; mem = peak extra allocation as % of the logits' bytes "
+         f"(the bf16 gradient alone is 100%); Δgrad = max |grad − naive grad|; median of {reps} reps.\n")
+    emit("| N | V | variant | ms | × naive | × floor | extra mem GiB | mem % logits | Δgrad |")
+    emit("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for n, v in shapes:
         logits, ids, t_logp = make_inputs(n, v, k, device)
         lbytes = logits.numel() * logits.element_size()
@@ -265,16 +432,38 @@ def main():
                     if naive_ms else f"| {n} | {v} | liger-jsd | {ms:.3f} | | | | | |"
                 )
             except ImportError:
-                pass  # optional: liger_kernel not installed
+                note_liger_missing()
             except Exception as e:  # an API drift in liger must not kill the table
                 emit(f"| {n} | {v} | liger-jsd | error: {type(e).__name__} | | | | | |")
                 torch.cuda.empty_cache()
         del logits, ids, t_logp
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def main():
+    if args.cpu_smoke:
+        device, shapes, reps, warmup = torch.device("cpu"), SMOKE_SHAPES, max(3, min(args.reps, 3)), 1
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: run with --cpu-smoke for a CPU check")
+        device, shapes, reps, warmup = torch.device("cuda"), (QUICK_SHAPES if args.quick else FULL_SHAPES), args.reps, args.warmup
+    timer = Timer(device)
+    if args.tune and lt is not None and device.type == "cuda":
+        tune(*shapes[0], args.topk, device, timer, reps, warmup)
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(row, flush=True)
+
+    if args.case in ("topk", "both"):
+        bench_topk(shapes, device, timer, reps, warmup, emit)
+    if args.case in ("full", "both"):
+        bench_full(shapes, device, timer, reps, warmup, emit)
     if args.out:
         with open(args.out, "w") as f:
-            f.write("\n".join(header + rows) + "\n")
+            f.write("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -412,3 +412,49 @@ def test_chain_group_row_paths_agree():
         res.append((out.per_token[off:off + 4].detach(), st.grad[off:off + 4]))
     torch.testing.assert_close(res[0][0], res[1][0])
     torch.testing.assert_close(res[0][1], res[1][1])
+
+
+def test_boundary_map_carries_the_first_token_across_templates(toks):
+    """SentencePiece student (Llama-2 template: the answer's first piece carries the space, ``▁The``)
+    vs byte-level ChatML teacher (the answer starts bare, ``The``): the first group is one-to-one over
+    the content, carried by the "student adds a space" boundary map; the loss at that row equals the
+    plain top-k loss against the teacher's candidates with a space put in front (a hand-built map)."""
+    from nemo_kd.align.vocab_map import BOUNDARY_PREFIXES
+
+    bpe, spm = toks
+    s_ct, t_ct = ConversationTokenizer(spm, max_seq_length=4096), ConversationTokenizer(bpe, max_seq_length=4096)
+    s, t, g = align_conversation(_conv("The answer is the number"), s_ct, t_ct)
+    s_comp, t_comp = s.input_ids[s.num_prompt_tokens:], t.input_ids[t.num_prompt_tokens:]
+    s_bytes, t_bytes = get_token_bytes(spm).table, get_token_bytes(bpe).table
+    assert s_bytes[s_comp[0]] == b" " + t_bytes[t_comp[0]]  # the premise: ▁The vs The
+    vm = build_vocab_map(spm, bpe)
+    assert BOUNDARY_PREFIXES[0] == b" " and vm.boundary_maps.shape == (2, len(bpe))
+    batch = build_cross_tokenizer_batch([g], [s_comp], [t_comp], vm, [0], [0])
+    first = (batch.o2o_student_rows == 0).nonzero()
+    assert len(first) == 1 and int(batch.o2o_table[first[0, 0]]) == 1  # table 1: "student adds b' '"
+    assert int(batch.o2o_teacher_rows[first[0, 0]]) == 0
+
+    # the teacher's top-k at its first row, mapped by hand: candidate x -> student id of b" " + x
+    s_by_bytes = {}
+    for i, b in enumerate(s_bytes):
+        if i < len(spm) and not get_token_bytes(spm).special[i]:
+            s_by_bytes.setdefault(b, i)
+    gen = torch.Generator().manual_seed(0)
+    v_s, v_t = len(spm), len(bpe)
+    student = torch.randn(len(s_comp), v_s, generator=gen)
+    tfull = torch.randn(len(t_comp), v_t, generator=gen) * 2
+    # a teacher that, at the first position, prefers words the student also has with a leading space
+    spaced = [i for i in range(v_t) if not get_token_bytes(bpe).special[i] and b" " + t_bytes[i] in s_by_bytes]
+    tfull[0, spaced[:9]] += 6.0
+    tz, ti = tfull.topk(12, -1)
+    lse = torch.logsumexp(tfull, -1)
+    t_tgt = torch.log_softmax(tfull, -1)[torch.arange(len(t_comp)), torch.tensor(t_comp)]
+    out = cross_tokenizer_kd_loss(student, tz, ti, batch, vm, lse, t_tgt, topk_convention="exact_tail")
+    hand_ids = torch.tensor([s_by_bytes.get(b" " + t_bytes[int(i)], -1) for i in ti[0]])
+    keep = hand_ids >= 0
+    assert keep.sum() >= 6  # most first-token candidates exist with a leading space
+    z = torch.where(keep, tz[0], torch.full_like(tz[0], float("-inf")))[None]
+    ids = torch.where(keep, hand_ids, torch.zeros_like(hand_ids))[None]
+    ref = topk_kd_loss(student[:1].double(), z.double(), ids, lse[:1].double(), topk_convention="exact_tail")
+    torch.testing.assert_close(out.per_token[0].double(), ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.mapped_topk_ids[0][keep], hand_ids[keep])

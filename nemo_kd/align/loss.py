@@ -23,6 +23,10 @@ compared with the student's at ``s``'s position by the *existing* top-k loss
   teacher is renormalised over its mapped top-k and the student over the same
   student ids: ``p̃_i = exp(t·z_i)/Σ_{j mapped} exp(t·z_j)``, ``log q̃_i = s·y_{map(v_i)}
   − LSE_{j mapped}(s·y_{map(v_j)})``.
+* at a template boundary the group may be one-to-one over the content while the two
+  tokens differ by a separator one template owns (``▁i`` vs ``i``): the teacher's top-k
+  is then carried by a *boundary map* (``b + x`` for every candidate ``x``, see
+  :mod:`nemo_kd.align.vocab_map`), which the batch records per group (``o2o_table``);
 * several teacher ids mapping to one student id (SentencePiece ``A`` and ``<0x41>``)
   are merged first: ``z_merged = LSE_i(t·z_i)/t`` so that ``p_merged = Σ_i p_i``.
 
@@ -88,6 +92,7 @@ class CrossTokenizerBatch:
 
     o2o_student_rows: torch.Tensor  # [M] student rows of mapped one-to-one groups
     o2o_teacher_rows: torch.Tensor  # [M] their teacher rows
+    o2o_table: torch.Tensor  # [M] VocabMap table carrying the group's top-k (0: plain, >0: boundary map)
     chain_student_rows: torch.Tensor  # [A] student rows of chain groups
     chain_student_targets: torch.Tensor  # [A] the student tokens at those rows (student vocab)
     chain_student_group: torch.Tensor  # [A] chain-group index of each
@@ -134,7 +139,7 @@ class CrossTokenizerBatch:
         return batch
 
 
-_INDEX_FIELDS = ("o2o_student_rows", "o2o_teacher_rows", "chain_student_rows", "chain_student_targets",
+_INDEX_FIELDS = ("o2o_student_rows", "o2o_teacher_rows", "o2o_table", "chain_student_rows", "chain_student_targets",
                  "chain_student_group", "chain_teacher_rows", "chain_teacher_group", "chain_group_sizes")
 
 
@@ -155,8 +160,8 @@ def build_cross_tokenizer_batch(
     ``teacher_row_offsets[i]`` for the teacher's rows (e.g. its first row in the
     store's per-token payload). ``*_completion_ids`` are each side's completion tokens.
     """
-    t2s = vocab_map.teacher_to_student
-    o2o_s, o2o_t, cs_rows, cs_tgt, cs_grp, ct_rows, ct_grp, sizes = ([] for _ in range(8))
+    tables = vocab_map.tables  # [n_tables, V_t]: the plain map first, then the boundary maps
+    o2o_s, o2o_t, o2o_tab, cs_rows, cs_tgt, cs_grp, ct_rows, ct_grp, sizes = ([] for _ in range(9))
     n_groups = n_tok = n_aligned = n_o2o = 0
     for al, s_ids, t_ids, s_off, t_off in zip(alignments, student_completion_ids, teacher_completion_ids,
                                               student_row_offsets, teacher_row_offsets):
@@ -170,10 +175,14 @@ def build_cross_tokenizer_batch(
         one = (a[:, S_END] - a[:, S_START] == 1) & (a[:, T_END] - a[:, T_START] == 1)
         n_o2o += int(one.sum())
         t_first = t_ids[a[:, T_START]]
-        mapped_ok = (t_first >= 0) & (t_first < len(t2s))
-        mapped = one & mapped_ok & (t2s[np.where(mapped_ok, t_first, 0)] == s_ids[a[:, S_START]])
+        in_table = (t_first >= 0) & (t_first < tables.shape[1])
+        # the first table (plain map first) that carries the teacher token to the student's, else -1
+        hits = tables[:, np.where(in_table, t_first, 0)] == s_ids[a[:, S_START]][None]  # [n_tables, G]
+        table = np.where(hits.any(0), hits.argmax(0), -1)
+        mapped = one & in_table & (table >= 0)
         o2o_s.append(s_off + a[mapped, S_START])
         o2o_t.append(t_off + a[mapped, T_START])
+        o2o_tab.append(table[mapped])
         ch = a[~mapped]
         if len(ch):
             ss, tt = ch[:, S_END] - ch[:, S_START], ch[:, T_END] - ch[:, T_START]
@@ -193,7 +202,7 @@ def build_cross_tokenizer_batch(
         return torch.as_tensor(arr, dtype=torch.int64, device=device)
 
     batch = CrossTokenizerBatch(
-        o2o_student_rows=cat(o2o_s), o2o_teacher_rows=cat(o2o_t),
+        o2o_student_rows=cat(o2o_s), o2o_teacher_rows=cat(o2o_t), o2o_table=cat(o2o_tab),
         chain_student_rows=cat(cs_rows), chain_student_targets=cat(cs_tgt), chain_student_group=cat(cs_grp),
         chain_teacher_rows=cat(ct_rows), chain_teacher_group=cat(ct_grp), chain_group_sizes=cat(sizes),
         num_student_tokens=n_tok, num_aligned_student_tokens=n_aligned, num_one_to_one=n_o2o,
@@ -286,11 +295,13 @@ def cross_tokenizer_kd_loss(
     with torch.no_grad():
         t_rows = torch.full((n_s,), -1, dtype=torch.int64, device=dev)
         t_rows[batch.o2o_student_rows] = batch.o2o_teacher_rows
+        table = torch.zeros(n_s, dtype=torch.int64, device=dev)
+        table[batch.o2o_student_rows] = batch.o2o_table
         has = t_rows >= 0
         src = t_rows.clamp(min=0)
         tl = teacher_topk_logits.detach()[src]
         ti = teacher_topk_ids[src].long()
-        mapped = vocab_map.map_ids(ti)
+        mapped = vocab_map.map_ids(ti, table)
         ok = has[:, None] & (mapped >= 0) & torch.isfinite(tl)
         ml = torch.where(ok, tl, torch.full_like(tl, float("-inf")))
         mid = torch.where(ok, mapped, torch.zeros_like(mapped))

@@ -14,6 +14,20 @@ piece before a byte token, then the lowest id. Several teacher ids can therefore
 to one student id (the loss merges their probabilities); a student id is the target
 of the canonical teacher token of its bytes and of its byte-token duplicates.
 
+**Boundary maps.** At the first token after a template, the two renderings may split
+the same content differently around a separator the template owns: Llama-2's
+``[/INST] `` ends with a space that SentencePiece folds into the answer's first piece
+(``▁i`` = ``b" i"``), while ChatML's ``assistant\n`` leaves the answer's ``i`` bare. The
+group is one-to-one over the *content* byte ``i``, but ``map(i) = i ≠ ▁i``: the plain map
+would throw the teacher's distribution over the first token away. ``boundary_maps``
+carry it over instead: for each separator ``b`` in :data:`BOUNDARY_PREFIXES` one row maps
+teacher token ``x`` to the student token ``b + x`` (the student's pieces carry the
+separator) and one maps ``b + x`` to ``x`` (the teacher's do). A one-to-one group whose
+tokens differ exactly so is compared with the teacher's whole top-k carried through
+that row (:func:`nemo_kd.align.loss.build_cross_tokenizer_batch` picks the row per group):
+every candidate the teacher considers at that position is, in the student's
+tokenisation, the same content with the student's separator in front.
+
 Same tokenizer, different padded vocabulary sizes (Qwen2.5: 151,646 real tokens,
 151,936 vs 152,064 model rows; Megatron pads to a multiple of 128·TP): when the two
 tokenizers have the same vocabulary the map is the identity on the real rows and
@@ -32,6 +46,10 @@ import torch
 
 from nemo_kd.align.spans import get_token_bytes
 
+# Separators a chat template may own in one rendering while the other tokenizer folds them
+# into the content's first piece (module docstring, "Boundary maps").
+BOUNDARY_PREFIXES = (b" ",)
+
 
 @dataclass
 class VocabMap:
@@ -47,7 +65,18 @@ class VocabMap:
     student_real_vocab: int
     teacher_real_vocab: int
     is_identity: bool = False
+    # [2·len(BOUNDARY_PREFIXES), teacher_vocab_size]: per prefix b, "student adds b", "teacher drops b"
+    # (module docstring); None: no boundary maps (identity maps, hand-made maps).
+    boundary_maps: Optional[np.ndarray] = None
     _tensors: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def tables(self) -> np.ndarray:
+        """``[1 + n_boundary, teacher_vocab_size]``: row 0 the plain map, then the boundary maps."""
+        rows = [self.teacher_to_student[None]]
+        if self.boundary_maps is not None:
+            rows.append(self.boundary_maps)
+        return np.concatenate(rows, 0)
 
     @cached_property
     def num_mapped(self) -> int:
@@ -55,9 +84,12 @@ class VocabMap:
 
     @cached_property
     def injective(self) -> bool:
-        """No two teacher ids map to the same student id."""
-        m = self.teacher_to_student[self.teacher_to_student >= 0]
-        return len(np.unique(m)) == len(m)
+        """No two teacher ids map to the same student id (in every table)."""
+        for row in self.tables:
+            m = row[row >= 0]
+            if len(np.unique(m)) != len(m):
+                return False
+        return True
 
     @cached_property
     def teacher_coverage(self) -> float:
@@ -75,20 +107,26 @@ class VocabMap:
                 "vocab_identity": float(self.is_identity)}
 
     def tensor(self, device=None) -> torch.Tensor:
-        """The map as an int64 tensor on ``device`` (cached per device)."""
+        """:attr:`tables` as an int64 ``[n_tables, V_t]`` tensor on ``device`` (cached per device)."""
         key = str(torch.device(device) if device is not None else torch.device("cpu"))
         t = self._tensors.get(key)
         if t is None:
-            t = torch.as_tensor(self.teacher_to_student, dtype=torch.int64, device=device)
+            t = torch.as_tensor(self.tables, dtype=torch.int64, device=device)
             self._tensors[key] = t
         return t
 
-    def map_ids(self, teacher_ids: torch.Tensor) -> torch.Tensor:
-        """Student ids (−1 where unmapped) of teacher ids; ids outside the table are unmapped."""
-        table = self.tensor(teacher_ids.device)
+    def map_ids(self, teacher_ids: torch.Tensor, table_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Student ids (−1 where unmapped) of teacher ids ``[N, ...]``; ids outside the table are
+        unmapped. ``table_index`` ``[N]`` picks a table per row (0: the plain map)."""
+        tables = self.tensor(teacher_ids.device)
         ids = teacher_ids.long()
-        ok = (ids >= 0) & (ids < table.numel())
-        return torch.where(ok, table[ids.clamp(0, table.numel() - 1)], torch.full_like(ids, -1))
+        v = tables.shape[1]
+        ok = (ids >= 0) & (ids < v)
+        flat = ids.clamp(0, v - 1)
+        if table_index is not None:
+            shape = (-1,) + (1,) * (ids.dim() - 1)
+            flat = flat + table_index.long().reshape(shape) * v
+        return torch.where(ok, tables.reshape(-1)[flat], torch.full_like(ids, -1))
 
 
 def _keys(tokenizer) -> Tuple[list, np.ndarray, np.ndarray]:
@@ -144,4 +182,18 @@ def build_vocab_map(student_tokenizer, teacher_tokenizer, student_vocab_size: Op
         if k is not None:
             t2s[i] = canon.get(k, -1)
     ident = t_real <= s_real and bool((t2s[:t_real] == np.arange(t_real)).all())
-    return VocabMap(t2s, s_size, t_size, s_real, t_real, is_identity=ident)
+    boundary = None if ident else _boundary_maps(t_keys, canon, t_size)
+    return VocabMap(t2s, s_size, t_size, s_real, t_real, is_identity=ident, boundary_maps=boundary)
+
+
+def _boundary_maps(t_keys, canon: Dict[object, int], t_size: int) -> np.ndarray:
+    """Per prefix b: teacher x -> student (b + x), and teacher (b + x) -> student x (text tokens only)."""
+    out = np.full((2 * len(BOUNDARY_PREFIXES), t_size), -1, dtype=np.int64)
+    for p, prefix in enumerate(BOUNDARY_PREFIXES):
+        for i, k in enumerate(t_keys):
+            if not isinstance(k, bytes) or not k:
+                continue
+            out[2 * p, i] = canon.get(prefix + k, -1)
+            if k.startswith(prefix) and len(k) > len(prefix):
+                out[2 * p + 1, i] = canon.get(k[len(prefix):], -1)
+    return out

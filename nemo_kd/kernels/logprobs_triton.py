@@ -48,6 +48,12 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from nemo_kd.kernels.common import check_fused_supported  # noqa: F401  (re-exported)
+from nemo_kd.kernels.common import is_interpreted as _is_interpreted
+from nemo_kd.kernels.common import store_out as _store_out
+from nemo_kd.kernels.common import tp_rank as _tp_rank
+from nemo_kd.kernels.common import tp_size as _tp_size
+
 # Columns per program-iteration. 4096 fp32 lanes over 8 warps is 16 per thread: enough
 # loads in flight per SM to saturate HBM on H100 without spilling the two online
 # accumulators. Env overrides exist for tuning sweeps on the lent GPU.
@@ -59,20 +65,6 @@ BWD_NUM_WARPS = int(os.environ.get("NEMO_KD_FUSED_BWD_WARPS", 8))
 # duplicated ids). 64 measured slightly faster than 128 for m = 65 on H100 (0.21 vs 0.23 ms
 # at N = 8192).
 BLOCK_J = 64
-
-
-@triton.jit
-def _store_out(ptrs, g, mask, EMULATE_RTNE_BF16: tl.constexpr):
-    """Store fp32 ``g`` in the pointee dtype, rounding to nearest-even as the GPU does.
-
-    Triton's CPU interpreter truncates fp32 → bf16; under it (and only there) round
-    in integer arithmetic first so CPU tests see the same bits as the GPU kernel.
-    """
-    if EMULATE_RTNE_BF16:
-        bits = g.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        g = bits.to(tl.float32, bitcast=True)
-    tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -165,37 +157,6 @@ def _bwd_ids_kernel(
     val = tl.exp(x - lse) * coeff + gsum
     val = val * scale
     _store_out(grad_ptr + row * stride_g + local, val, owned, EMULATE_RTNE_BF16)
-
-
-def _is_interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - very old/new triton layouts
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return isinstance(_fwd_kernel, InterpretedFunction)
-
-
-def check_fused_supported(t: torch.Tensor) -> None:
-    """Raise a clear error when the fused kernels cannot run on ``t``'s device."""
-    if t.device.type == "cpu" and not _is_interpreted():
-        raise RuntimeError(
-            "impl='fused' got CPU logits but Triton is not in interpreter mode: set "
-            "TRITON_INTERPRET=1 before nemo_kd.kernels is first imported, or move the logits to the GPU."
-        )
-    if t.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"impl='fused' supports CUDA (or CPU under TRITON_INTERPRET=1), got {t.device}")
-    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"impl='fused' supports fp32/bf16/fp16 logits, got {t.dtype} (use impl='torch' for fp64)")
-
-
-def _tp_size(group) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
-
-
-def _tp_rank(group) -> int:
-    return dist.get_rank(group) if _tp_size(group) > 1 else 0
 
 
 class FusedVocabParallelLogProbsAt(torch.autograd.Function):

@@ -56,6 +56,7 @@ from nemo_kd.losses.vocab_parallel import (
     accumulation_dtype,
     all_reduce_no_grad,
     all_reduce_sum,
+    resolve_impl,
     tp_world_size,
     vocab_parallel_log_softmax,
     vocab_parallel_logprobs_at,
@@ -159,7 +160,8 @@ def topk_kd_loss(
         tail_floor: ``exact_tail`` only: both tails are ``max(1 − Σ_k, tail_floor)``.
         group: the TP process group (``None``: single rank).
         impl: log-prob primitive implementation forwarded to
-            ``vocab_parallel_logprobs_at`` (``"torch"`` default, ``"fused"`` Triton).
+            ``vocab_parallel_logprobs_at`` (``"torch"`` default, ``"fused"`` Triton,
+            ``"auto"``: fused on CUDA when Triton imports).
         label_ids: optional ``[N]`` global ids (the SFT labels). When given, also
             return the student's log-prob ``log q(label)`` at temperature 1, taken from
             the *same* pass over the vocabulary as the KD term when ``logits_scale``
@@ -251,7 +253,9 @@ def full_kd_loss(
     akl_mu: float = 0.5,
     temperature_squared: bool = False,
     group: ProcessGroup = None,
-) -> torch.Tensor:
+    impl: str = "torch",
+    label_ids: Optional[torch.Tensor] = None,
+):
     """Per-token full-vocabulary KD divergence ``[N]`` against an online teacher.
 
     ``teacher_logits`` is the teacher's vocab shard ``[N, V/TP]`` with the student's
@@ -263,11 +267,43 @@ def full_kd_loss(
     student's column is −inf too (see :mod:`nemo_kd.losses.divergences`). Rows
     whose teacher logits are all −inf give exactly 0. Other arguments as in
     :func:`topk_kd_loss`.
+
+    ``impl``: ``"torch"`` (above, the reference), ``"fused"`` (the Triton kernels of
+    :mod:`nemo_kd.kernels.full_kd_triton`: one pass over both shards forward (two for
+    JSD), one backward, no fp32 ``[N, V]`` tensor; ``forward_kl``, ``reverse_kl`` and
+    ``jsd`` only; rows whose *student* logits are all −inf give 0 instead of NaN) or
+    ``"auto"`` (fused on CUDA when Triton imports and the divergence is one of those,
+    else torch). ``label_ids`` ``[N]``: also return the student's ``log q(label)`` at
+    temperature 1, as :func:`topk_kd_loss` does (from the fused kernel's own passes
+    when ``logits_scale`` is 1), i.e. ``(divergence, label_logprobs)``.
     """
     _check_common(student_logits, loss_type, logits_scale)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must match the student's shard "
                          f"{tuple(student_logits.shape)} (same vocabulary and TP sharding)")
+    resolved_from_auto = impl == "auto"
+    impl = resolve_impl(impl, student_logits)
+    if impl == "fused":
+        try:
+            from nemo_kd.kernels.full_kd_triton import FUSED_FULL_LOSS_TYPES, fused_full_kd_loss
+        except ImportError as e:  # keep the torch path usable without triton
+            raise RuntimeError(f"impl='fused' needs triton, which failed to import: {e}") from e
+
+        if loss_type in FUSED_FULL_LOSS_TYPES:
+            share_pass = label_ids is not None and logits_scale == 1.0
+            loss, label_lp = fused_full_kd_loss(
+                student_logits, teacher_logits, loss_type=loss_type, logits_scale=logits_scale,
+                target_logits_scale=target_logits_scale, jsd_beta=jsd_beta, group=group,
+                label_ids=label_ids if share_pass else None)
+            if label_ids is not None and not share_pass:
+                label_lp, _ = vocab_parallel_logprobs_at(student_logits, label_ids.long(), group=group, impl="fused")
+            loss = loss * _temperature_factor(temperature_squared, logits_scale)
+            return (loss, label_lp) if label_ids is not None else loss
+        if resolved_from_auto:
+            impl = "torch"
+        else:
+            raise ValueError(f"impl='fused' full-vocab KD supports loss_type in {FUSED_FULL_LOSS_TYPES}, got "
+                             f"{loss_type!r}: use impl='torch' (or 'auto', which falls back to torch)")
     space = BucketSpace.sharded(group)
     acc = accumulation_dtype(student_logits.dtype)
     with torch.no_grad():
@@ -278,7 +314,10 @@ def full_kd_loss(
     log_q = vocab_parallel_log_softmax(student_logits, logits_scale, group)
     loss = divergence(loss_type, log_p, log_q, space, jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu)
     loss = loss * _temperature_factor(temperature_squared, logits_scale)
-    return torch.where(row_ok, loss, torch.zeros_like(loss))
+    loss = torch.where(row_ok, loss, torch.zeros_like(loss))
+    if label_ids is None:
+        return loss
+    return loss, vocab_parallel_logprobs_at(student_logits, label_ids.long(), group=group, impl=impl)[0]
 
 
 @torch.no_grad()

@@ -176,6 +176,29 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+IMPLS = ("torch", "fused", "auto")
+
+
+def resolve_impl(impl: str, logits: torch.Tensor) -> str:
+    """``"torch"`` or ``"fused"`` for ``impl`` in :data:`IMPLS` and these logits.
+
+    ``"auto"`` picks ``"fused"`` for fp32/bf16/fp16 CUDA logits when Triton imports, else
+    ``"torch"`` (CPU runs, fp64 references): the fused kernels are a GPU optimisation,
+    and under the CPU interpreter they are only for tests.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if logits.device.type != "cuda" or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "fused"
+
+
 def vocab_parallel_logprobs_at(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -196,20 +219,19 @@ def vocab_parallel_logprobs_at(
             :mod:`nemo_kd.kernels.logprobs_triton`: one pass forward, one pass
             backward; needs Triton and CUDA logits, or CPU under ``TRITON_INTERPRET=1``;
             fp32/bf16/fp16 logits, positive ``scale``; fully masked rows give
-            log-probs 0 instead of NaN).
+            log-probs 0 instead of NaN) or ``"auto"`` (:func:`resolve_impl`).
 
     Returns:
         ``(logprobs, lse)``: fp32 (fp64 for fp64 logits) ``[N, m]`` (or ``[N]``) values
         ``s·z_id − LSE(s·z)`` and fp32 ``[N]`` ``LSE(s·z)``; both differentiable.
     """
+    impl = resolve_impl(impl, logits)
     if impl == "fused":
         try:
             from nemo_kd.kernels.logprobs_triton import fused_logprobs_at
         except ImportError as e:  # keep the torch path usable without triton
             raise RuntimeError(f"impl='fused' needs triton, which failed to import: {e}") from e
         return fused_logprobs_at(logits, ids, scale=scale, group=group)
-    if impl != "torch":
-        raise ValueError(f"impl must be 'torch' or 'fused', got {impl!r}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [tokens, vocab_shard], got shape {tuple(logits.shape)}")
     squeeze = ids.dim() == 1

@@ -72,7 +72,8 @@ distillation without changing any v1 file:
   ``student_tokenizer_hash`` / ``student_max_seq_length`` (the student rendering the
   alignment was made against), ``teacher_tokenizer_hash``, ``alignment_algorithm`` /
   ``alignment_version`` (:mod:`nemo_kd.align.groups`), the vocabulary map file
-  (``vocab_map.npy``: int32 ``teacher id → student id or −1`` over the teacher
+  (``vocab_map.npy``: int32 ``[tables, teacher id] → student id or −1`` – the plain map
+  then the boundary maps of :mod:`nemo_kd.align.vocab_map` – over the teacher
   tokenizer's ids, with ``student_real_vocab`` / ``teacher_real_vocab`` /
   ``vocab_map_identity`` and its sha256), and per rank (``shards``, added by
   :func:`finalize_manifest`) the files below with sizes and checksums;
@@ -497,7 +498,8 @@ def cross_tokenizer_extension(vocab_map, student_tokenizer_hash: str, teacher_to
     """
     from nemo_kd.align.groups import ALIGNMENT_ALGORITHM, ALIGNMENT_VERSION
 
-    t2s = np.asarray(vocab_map.teacher_to_student[: vocab_map.teacher_real_vocab], dtype="<i4")
+    # [n_tables, teacher_real_vocab]: the plain map, then the boundary maps (nemo_kd.align.vocab_map)
+    t2s = np.asarray(vocab_map.tables[:, : vocab_map.teacher_real_vocab], dtype="<i4")
     buf = io.BytesIO()
     np.save(buf, t2s, allow_pickle=False)
     data = buf.getvalue()
@@ -1073,18 +1075,20 @@ class StoreReader:
             raise StoreCorruptError(f"{file}: missing (the cross-tokenizer store's vocabulary map)")
         if _sha256_file(file) != info["vocab_map_sha256"]:
             raise StoreCorruptError(f"{file}: checksum differs from the manifest's {info['vocab_map_sha256']}")
-        t2s_real = np.load(file, allow_pickle=False).astype(np.int64)
+        tables = np.load(file, allow_pickle=False).astype(np.int64)
+        tables = tables[None] if tables.ndim == 1 else tables
         s_real, t_real = int(info["student_real_vocab"]), int(info["teacher_real_vocab"])
         s_size = int(student_vocab_size) if student_vocab_size is not None else s_real
         t_size = max(int(self.manifest.teacher_vocab_size or t_real), t_real)
         if s_size < s_real:
             raise StoreMismatchError([f"student vocabulary size {s_size} is below the student tokenizer's {s_real} "
                                       "the store was aligned for"], self.path)
-        if t2s_real.shape != (t_real,) or (t2s_real >= s_real).any():
-            raise StoreCorruptError(f"{file}: expected {t_real} ids < {s_real}, got shape {t2s_real.shape}")
-        t2s = np.full(t_size, -1, dtype=np.int64)
-        t2s[:t_real] = t2s_real
-        return VocabMap(t2s, s_size, t_size, s_real, t_real, is_identity=bool(info["vocab_map_identity"]))
+        if tables.ndim != 2 or tables.shape[1] != t_real or (tables >= s_real).any():
+            raise StoreCorruptError(f"{file}: expected [n, {t_real}] ids < {s_real}, got shape {tables.shape}")
+        full = np.full((tables.shape[0], t_size), -1, dtype=np.int64)
+        full[:, :t_real] = tables
+        return VocabMap(full[0], s_size, t_size, s_real, t_real, is_identity=bool(info["vocab_map_identity"]),
+                        boundary_maps=full[1:] if len(full) > 1 else None)
 
     def read_numpy(self, sample_index: int):
         """``(values fp32 [n,k], ids int32 [n,k], lse fp32 [n], seq_logprob)`` as numpy copies."""
