@@ -10,17 +10,21 @@ Stages (TP = PP = DP = 1, the Megatron :class:`~nemo_kd.models.engine.Distillati
 2. tokenizers, trained on the task text – the teacher's: byte-level BPE with the
    ChatML template (Qwen style); the cross-family student's: SentencePiece unigram with
    byte fallback and the Llama-2 ``[INST]`` template (Llama-2 / Mistral style);
-3. teacher – a small GPT trained with SFT on ``teacher_train``;
-4. stores – ``compute_topk_logits`` over ``transfer`` and ``test`` twice: the
-   same-tokenizer store (format 1) and ``align_teacher_template: true`` with the
-   SentencePiece student (format 2: teacher top-k in teacher ids over the teacher's own
-   ChatML rendering + alignment);
+3. teachers – a small GPT trained with SFT on ``teacher_train`` for each tokenizer;
+4. stores – ``compute_topk_logits`` over ``transfer`` and ``test``: the same-tokenizer
+   store of each teacher (format 1) and the BPE teacher with ``align_teacher_template:
+   true`` for the SentencePiece student (format 2: teacher top-k in teacher ids over the
+   teacher's own ChatML rendering + alignment);
 5. students – the same small GPT architecture and initial weights (vocabulary rows
-   aside), the same samples in the same order, KD + SFT from each store;
-6. held-out metrics on ``test`` for both students: exact match of greedy generations,
+   aside), the same samples in the same order: BPE student from the BPE teacher (same
+   tokenizer), SentencePiece student from the BPE teacher (cross-tokenizer), from the
+   SentencePiece teacher (same tokenizer) and with SFT only (no teacher). The last two
+   separate what cross-tokenizer KD transfers from what the student's tokenizer and
+   template cost it on this task;
+6. held-out metrics on ``test`` for every student: exact match of greedy generations,
    KL(teacher ‖ student) over aligned tokens, token agreement, and the sequence NLL of
    the clean reference (nats per sample: comparable across tokenizers, unlike per-token
-   CE); the per-step time of both training runs (cross-tokenizer overhead); both loss
+   CE); the per-step time of the first two runs (cross-tokenizer overhead); the loss
    curves in one PNG (``loss_curves.png``) and ``results.json``.
 """
 
@@ -164,11 +168,12 @@ def _plot(hists: Dict[str, dict], path: str) -> None:
     def smooth(xs, w=10):
         return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (name, h), color in zip(hists.items(), ("tab:blue", "tab:red")):
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for (name, h), color in zip(hists.items(), ("tab:blue", "tab:red", "tab:green", "tab:gray")):
         steps = list(range(1, len(h["loss"]) + 1))
-        axes[0].plot(steps, h["xtok_kl"], color=color, alpha=0.25)
-        axes[0].plot(steps, smooth(h["xtok_kl"]), color=color, label=name)
+        if not all(math.isnan(x) for x in h["xtok_kl"]):  # an SFT-only run has no KL to plot
+            axes[0].plot(steps, h["xtok_kl"], color=color, alpha=0.25)
+            axes[0].plot(steps, smooth(h["xtok_kl"]), color=color, label=name)
         axes[1].plot(steps, h["loss"], color=color, alpha=0.25)
         axes[1].plot(steps, smooth(h["loss"]), color=color, label=name)
     axes[0].set_title("train KL(teacher || student) over aligned tokens")
@@ -219,28 +224,33 @@ def run(out: str, cfg: E2EConfig) -> dict:
     initialize_parallel(ParallelConfig(seed=cfg.seed))
     results: dict = {"config": asdict(cfg)}
     try:
-        # ---- teacher: SFT on the clean teacher_train split (its own tokenizer and template)
-        print(f"teacher: {cfg.teacher_steps} SFT steps", flush=True)
-        tds = DistillationDataset(records["teacher_train"], ct["bpe"])
-        teacher = _engine(cfg, cfg.teacher, len(t_tok), dict(kd_loss_weight=0.0, sft_loss_weight=1.0),
-                          cfg.teacher_steps)
-        t_hist = _train(teacher, tds, _batches(tds, cfg, cfg.teacher_steps, cfg.seed), pads["bpe"], "teacher")
+        # ---- teachers: SFT on the clean teacher_train split, each with its own tokenizer and template
         from nemo_kd.evaluation.generate import greedy_generate
         from nemo_kd.evaluation.metrics import exact_match
 
-        t_preds = greedy_generate(teacher.module, t_tok, [r["prompt"] for r in rows["test"]], max_new_tokens=24,
-                                  max_length=cfg.seq_length)
-        results["teacher"] = {"exact_match": exact_match(t_preds, [task.answer(r["prompt"]) for r in rows["test"]]),
-                              "final_train_ce": t_hist["sft_loss"][-1]}
-        full = {k: v.detach().clone() for k, v in teacher.module.state_dict().items() if torch.is_tensor(v)}
-        save_full_checkpoint(os.path.join(out, "teacher"), full, _model_cfg(cfg.teacher, len(t_tok), cfg.seq_length))
-        del teacher
+        sft_only = dict(kd_loss_weight=0.0, sft_loss_weight=1.0)
+        teacher_dirs = {}
+        for side in ("bpe", "spm"):
+            print(f"teacher ({side}): {cfg.teacher_steps} SFT steps", flush=True)
+            tds = DistillationDataset(records["teacher_train"], ct[side])
+            teacher = _engine(cfg, cfg.teacher, len(toks[side]), sft_only, cfg.teacher_steps)
+            t_hist = _train(teacher, tds, _batches(tds, cfg, cfg.teacher_steps, cfg.seed), pads[side], f"teacher {side}")
+            t_preds = greedy_generate(teacher.module, toks[side], [r["prompt"] for r in rows["test"]],
+                                      max_new_tokens=24, max_length=cfg.seq_length)
+            results[f"teacher_{side}"] = {
+                "exact_match": exact_match(t_preds, [task.answer(r["prompt"]) for r in rows["test"]]),
+                "final_train_ce": t_hist["sft_loss"][-1]}
+            full = {k: v.detach().clone() for k, v in teacher.module.state_dict().items() if torch.is_tensor(v)}
+            teacher_dirs[side] = os.path.join(out, f"teacher_{side}")
+            save_full_checkpoint(teacher_dirs[side], full, _model_cfg(cfg.teacher, len(toks[side]), cfg.seq_length))
+            del teacher
 
-        # ---- stores: same-tokenizer (format 1) and cross-tokenizer (format 2) over transfer and test
-        mt = MegatronTeacher(os.path.join(out, "teacher"))
+        # ---- stores: same-tokenizer (format 1) for each teacher, cross-tokenizer (format 2) BPE -> SentencePiece
+        store_kinds = {"same_bpe": ("bpe", None), "cross": ("bpe", s_tok), "same_spm": ("spm", None)}
         stores, ext = {}, {}
-        for split in ("transfer", "test"):
-            for kind, student_tok in (("same", None), ("cross", s_tok)):
+        for kind, (side, student_tok) in store_kinds.items():
+            mt = MegatronTeacher(teacher_dirs[side])
+            for split in ("transfer", "test"):
                 path = os.path.join(out, f"store_{kind}_{split}")
                 if os.path.exists(path):
                     import shutil
@@ -249,37 +259,47 @@ def run(out: str, cfg: E2EConfig) -> dict:
                 e = ExtractConfig(data_path=paths[split], output_path=path, top_k=cfg.top_k,
                                   max_seq_length=cfg.seq_length, values_dtype="bfloat16", batch_size=64,
                                   progress=False, align_teacher_template=student_tok is not None)
-                summary = compute_topk_logits(e, mt, t_tok, records[split], student_tokenizer=student_tok)
+                summary = compute_topk_logits(e, mt, toks[side], records[split], student_tokenizer=student_tok)
                 ext[f"{kind}_{split}"] = {"s": summary.elapsed_s, "align_s": summary.align_s,
                                           "one_to_one": summary.one_to_one_fraction}
                 stores[(kind, split)] = StoreReader(path)
+            del mt
         results["extraction"] = ext
-        del mt
 
-        # ---- students: same architecture and initial weights, same sample order
-        runs = {"same tokenizer (BPE/ChatML student)": ("same", "bpe"),
-                "cross-tokenizer (SentencePiece/Llama-2 student)": ("cross", "spm")}
+        # ---- students: same architecture and initial weights, same sample order. The SentencePiece
+        # student is run three ways so that the cross-tokenizer run has its fair comparisons: distilled
+        # from a teacher of its own tokenizer, and not distilled at all.
+        kd = dict(kd_loss_weight=cfg.kd_loss_weight, sft_loss_weight=cfg.sft_loss_weight, topk_convention="exact_tail")
+        runs = {"same tokenizer (BPE teacher, BPE/ChatML student)": ("same_bpe", "bpe", kd),
+                "cross-tokenizer (BPE teacher, SentencePiece/Llama-2 student)": ("cross", "spm", kd),
+                "same tokenizer (SentencePiece teacher and student)": ("same_spm", "spm", kd),
+                "no teacher (SentencePiece student, SFT only)": (None, "spm", sft_only)}
         from nemo_kd.data.kd_dataset import collate
 
         order = init = None
         hists, engines = {}, {}
         vocab = max(len(t_tok), len(s_tok))  # one model vocabulary size: identical parameter shapes and init
-        for name, (kind, side) in runs.items():
-            ds = DistillationDataset(records["transfer"], ct[side], store=stores[(kind, "transfer")], k=cfg.top_k,
-                                     student_vocab_size=vocab)
-            test_ds = DistillationDataset(records["test"], ct[side], store=stores[(kind, "test")], k=cfg.top_k,
+        for name, (kind, side, loss_kw) in runs.items():
+            ds = DistillationDataset(records["transfer"], ct[side], store=stores[(kind, "transfer")] if kind else None,
+                                     k=cfg.top_k if kind else None, student_vocab_size=vocab)
+            test_kind = kind or "cross"  # SFT only: held-out KL against the BPE teacher, as the cross run
+            test_ds = DistillationDataset(records["test"], ct[side], store=stores[(test_kind, "test")], k=cfg.top_k,
                                           student_vocab_size=vocab)
             if order is None:
                 order = _batches(ds, cfg, cfg.student_steps, cfg.seed + 1)
-            eng = _engine(cfg, cfg.student, vocab, dict(kd_loss_weight=cfg.kd_loss_weight,
-                                                       sft_loss_weight=cfg.sft_loss_weight,
-                                                       topk_convention="exact_tail"), cfg.student_steps)
+            eng = _engine(cfg, cfg.student, vocab, loss_kw, cfg.student_steps)
             if init is None:  # the first student's initial weights are every student's
                 init = {k: v.detach().clone() for k, v in eng.module.state_dict().items() if torch.is_tensor(v)}
             eng.module.load_state_dict(init, strict=False)
-            print(f"student {name}: {cfg.student_steps} KD+SFT steps", flush=True)
-            h = _train(eng, ds, order, pads[side], kind)
+            print(f"student {name}: {cfg.student_steps} steps", flush=True)
+            h = _train(eng, ds, order, pads[side], kind or "sft")
             hists[name] = h
+            if not kind:  # held-out KL of an SFT-only student: evaluate with the KD term switched on
+                from nemo_kd.losses.objective import DistillationLossConfig, DistillationObjective
+                from nemo_kd.parallel import state
+
+                eng.loss_cfg = DistillationLossConfig(**kd)
+                eng.objective = DistillationObjective(eng.loss_cfg, group=state.tp_group())
             held = _heldout(eng, test_ds, toks[side], rows["test"], task, pads[side], cfg)
             warm = h["step_s"][min(5, len(h["step_s"]) - 1):]
             results[name] = {
@@ -292,7 +312,8 @@ def run(out: str, cfg: E2EConfig) -> dict:
                 "collate_ms": 1e3 * sum(h["collate_s"]) / len(h["collate_s"]),
                 "completion_tokens_per_sample": float(sum(ds[i].loss_mask.sum() for i in range(len(ds))) / len(ds)),
             }
-            engines[name] = (eng, collate([ds[i] for i in order[0]], cfg.seq_length, pads[side]))
+            if len(engines) < 2:  # the per-step overhead: same- vs cross-tokenizer KD
+                engines[name] = (eng, collate([ds[i] for i in order[0]], cfg.seq_length, pads[side]))
         results["step_timing"] = _step_overhead(engines)
         _plot(hists, os.path.join(out, "loss_curves.png"))
         results["histories"] = hists
@@ -305,18 +326,19 @@ def run(out: str, cfg: E2EConfig) -> dict:
 
 
 def _report(results: dict) -> str:
-    lines = [f"teacher exact match on test: {results['teacher']['exact_match']:.3f}"]
+    lines = [f"teacher ({side}) exact match on test: {results[f'teacher_{side}']['exact_match']:.3f}"
+             for side in ("bpe", "spm")]
     for k, v in results["extraction"].items():
         if v["one_to_one"] is not None:
             lines.append(f"extraction {k}: one-to-one aligned {100 * v['one_to_one']:.1f}% of student tokens, "
                          f"alignment {v['align_s']:.2f} s of {v['s']:.2f} s")
-    lines.append(f"{'run':50s} {'EM':>6s} {'KL_al':>7s} {'agree':>6s} {'NLL/smp':>8s} {'loss 1st10':>10s} "
+    lines.append(f"{'run':62s} {'EM':>6s} {'KL_al':>7s} {'agree':>6s} {'NLL/smp':>8s} {'loss 1st10':>10s} "
                  f"{'loss last10':>11s} {'ms/step':>8s} {'collate ms':>10s}")
     for name, r in results.items():
         if not isinstance(r, dict) or "heldout" not in r:
             continue
         h = r["heldout"]
-        lines.append(f"{name:50s} {h['exact_match']:6.3f} {h['kl_aligned']:7.4f} {h['token_agreement']:6.3f} "
+        lines.append(f"{name:62s} {h['exact_match']:6.3f} {h['kl_aligned']:7.4f} {h['token_agreement']:6.3f} "
                      f"{h['reference_nll_per_sample']:8.3f} {r['train_loss_first10']:10.4f} "
                      f"{r['train_loss_last10']:11.4f} {r['step_ms']:8.1f} {r['collate_ms']:10.2f}")
     t = results["step_timing"]

@@ -6,6 +6,8 @@ Config (Hydra/OmegaConf, see ``conf/gpt_kd.yaml``)::
     student_init: null   # optional: HF directory / converted Megatron checkpoint / .nemo to start from
     teacher:  {mode: offline}                                  # top-k from data.train_ds.logits_store
               {mode: online, checkpoint: PATH, model: null}    # co-located frozen Megatron teacher
+              {mode: online, ..., tokenizer: DIR}              # ... with its own tokenizer and template
+                                                               #     (cross-tokenizer, prompt_format, top_k)
               {mode: none}                                     # no teacher: SFT only (the baseline)
     kd:       DistillationLossConfig fields (NeMo-Aligner names: kd_loss_weight, sft_loss_weight,
               logits_scale, target_logits_scale, kd_loss_type, topk_convention, ...)
@@ -73,7 +75,7 @@ log = logging.getLogger(__name__)
 _DATA_KEYS = {"file_path", "logits_store", "tokenizer", "prompt_format", "max_seq_length", "overlong",
               "micro_batch_size", "global_batch_size", "seed", "shuffle", "top_k", "skip_bad_samples", "split",
               "num_workers", "defer_setup"}
-_TEACHER_KEYS = {"mode", "checkpoint", "model"}
+_TEACHER_KEYS = {"mode", "checkpoint", "model", "tokenizer", "prompt_format", "top_k"}
 
 
 def _plain(node) -> dict:
@@ -234,9 +236,11 @@ class GPTDistillationModel(ModelPT):
 
             student_arch = HFArchitecture.from_dict({**_plain(cfg.student_hf_architecture),
                                                      "model": self._student_cfg.to_dict()})
+        self._teacher, self._teacher_model_cfg = teacher, teacher_cfg
         self.engine = DistillationEngine(student_arch, self._loss_cfg, self._optim_cfg, batch_cfg,
                                          max_steps=self._max_steps, teacher_cfg=teacher_cfg,
-                                         student_init_path=init_path, teacher_model=teacher_model)
+                                         student_init_path=init_path, teacher_model=teacher_model,
+                                         cross_tokenizer=bool(teacher.get("tokenizer")))
         if init_path:
             # The checkpoint's architecture is the student's now: record all of it (and forget
             # the path) so that a .nemo of this model restores without the original checkpoint.
@@ -296,10 +300,22 @@ class GPTDistillationModel(ModelPT):
 
             store = StoreReader(ds["logits_store"])
             tv = store.manifest.teacher_vocab_size
-            if tv and tv > self._student_cfg.vocab_size:
+            if tv and tv > self._student_cfg.vocab_size and not getattr(store, "cross_tokenizer", False):
                 raise DataConfigError(f"the store's teacher vocabulary ({tv}) is larger than student.vocab_size "
-                                      f"({self._student_cfg.vocab_size}): offline KD needs a shared vocabulary")
-        dataset = DistillationDataset(records, ctok, store=store, k=ds.get("top_k"))
+                                      f"({self._student_cfg.vocab_size}): same-tokenizer KD needs a shared "
+                                      "vocabulary (a cross-tokenizer store comes from compute_topk_logits with "
+                                      "align_teacher_template=true)")
+        teacher_ctok = teacher_vocab = None
+        if self._teacher_mode == "online" and self._teacher.get("tokenizer"):
+            # cross-tokenizer online KD: the teacher reads its own rendering of every conversation
+            t_tok = AutoTokenizer.from_pretrained(self._teacher["tokenizer"])
+            teacher_ctok = ConversationTokenizer(t_tok, self._teacher.get("prompt_format", "chat"), max_len,
+                                                 ds.get("overlong", "truncate"))
+            teacher_vocab = self._teacher_model_cfg.vocab_size if self._teacher_model_cfg is not None else None
+        dataset = DistillationDataset(records, ctok, store=store,
+                                      k=self._teacher.get("top_k") if teacher_ctok is not None else ds.get("top_k"),
+                                      teacher_tokenizer=teacher_ctok, student_vocab_size=self._student_cfg.vocab_size,
+                                      teacher_vocab_size=teacher_vocab)
         micro, gbs = int(ds.get("micro_batch_size", 1)), int(ds.get("global_batch_size", 1))
         if train and (micro, gbs) != (self.engine.batch_cfg.micro_batch_size, self.engine.batch_cfg.global_batch_size):
             raise DataConfigError("train_ds micro/global batch size differs from the engine's")
