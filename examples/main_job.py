@@ -118,7 +118,10 @@ def _model_config(cfg: JobConfig, arch: dict, vocab: int, data: str, tok_dir: st
 
 
 def _fit(name: str, model_cfg, steps: int, log_root: str, val=None, eval_every: int = 0, init=None):
-    """Train a GPTDistillationModel with a Lightning Trainer; history of train and held-out metrics."""
+    """Train a GPTDistillationModel with a Lightning Trainer.
+
+    Returns the trained model, the history of train and held-out metrics, and the weights it
+    started from (``init`` when given)."""
     import lightning.pytorch as pl
     from nemo.utils.exp_manager import exp_manager
 
@@ -159,8 +162,9 @@ def _fit(name: str, model_cfg, steps: int, log_root: str, val=None, eval_every: 
     model = GPTDistillationModel(model_cfg, trainer=trainer)
     if init is not None:  # the same initial weights for both students: only the objective differs
         model.student.load_state_dict(init, strict=False)
+    start = {k: v.detach().clone() for k, v in model.student.state_dict().items() if torch.is_tensor(v)}
     trainer.fit(model)
-    return model, hist, str(log_dir)
+    return model, hist, start
 
 
 def _generate_em(model, tok, rows, task, desc, cfg: JobConfig) -> dict:
@@ -333,10 +337,8 @@ def run(out: str, cfg: JobConfig) -> dict:
                   f"noisy labels)", flush=True)
             model_cfg = _model_config(cfg, cfg.student, vocab, paths["transfer"], tok_dir, store, loss,
                                       cfg.student_steps, cfg.seed + 1)
-            model, histories[name], _ = _fit(name, model_cfg, cfg.student_steps, log_root, val=val_batches,
-                                             eval_every=cfg.eval_every, init=init)
-            if init is None:
-                init = {k: v.detach().clone() for k, v in model.student.state_dict().items() if torch.is_tensor(v)}
+            model, histories[name], init = _fit(name, model_cfg, cfg.student_steps, log_root, val=val_batches,
+                                                eval_every=cfg.eval_every, init=init)
             student_paths[name] = os.path.join(out, name.replace(" ", "_").replace("+", "_") + ".nemo")
             model.save_to(student_paths[name])
             del model

@@ -103,3 +103,13 @@ def test_greedy_generate_and_exact_match_on_hand_example():
     loop = _ScriptedModel([(prompt_ids(tok, p2), enc("q") * 50)], padded_vocab=len(tok) + 20)
     (out,) = greedy_generate(loop, tok, [p2], max_new_tokens=4)
     assert out == "q" * 4
+
+
+def test_students_start_from_the_same_weights(smoke_run):
+    """Both students begin at the same point: their held-out metrics before the first step agree."""
+    out, _ = smoke_run
+    res = json.loads((out / "results.json").read_text())
+    kd, sft = res["histories"]["student KD+SFT"], res["histories"]["student SFT only"]
+    assert kd["val_step"][0] == sft["val_step"][0] == 0
+    assert kd["val_loss"][0] == pytest.approx(sft["val_loss"][0], rel=1e-6)
+    assert kd["val_kl"][0] == pytest.approx(sft["val_kl"][0], rel=1e-6)
