@@ -12,10 +12,12 @@ COPY nemo_kd ./nemo_kd
 COPY conf ./conf
 COPY examples ./examples
 COPY benchmarks ./benchmarks
+COPY scripts ./scripts
 
 # The container already provides torch, megatron-core, NeMo, TE and apex matched to its CUDA;
 # install only our package (no dependency resolution, so nothing in the image is replaced).
 RUN pip install --no-cache-dir --no-deps -e . && \
     python -c "import nemo_kd, megatron.core; print('nemo_kd', nemo_kd.__version__, 'megatron-core', megatron.core.__version__)"
-
-ENV NEMO_KD_TRANSFORMER_IMPL=transformer_engine
+# transformer-engine is inside the image: select it per run with
+#   model.student.transformer_impl=transformer_engine (training) / the checkpoint's config (teachers).
+# Multi-node: examples/slurm/*.sbatch with CONTAINER=<this image>.
