@@ -385,3 +385,10 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(world, tmp_path):
     model3 = GPTDistillationModel(_cfg(world), trainer=trainer3)  # vocab ~300: 384 padded rows at TP=1
     with pytest.raises(CheckpointLayoutError, match="another student architecture"):
         trainer3.fit(model3, ckpt_path=path)
+
+
+def test_exact_tail_teacher_temperature_refused_at_construction(world):
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    with pytest.raises(ValueError, match="temperature 1"):
+        GPTDistillationModel(_cfg(world, **{"kd.target_logits_scale": 0.5}))  # _cfg uses exact_tail

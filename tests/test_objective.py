@@ -117,3 +117,20 @@ def test_unpaired_rows_are_an_error():
     mb = ObjectiveBatch(labels[:2], mask[:2], TopKTeacher(vals[:2], ids[:2], lse[:2]), roles[:2], pairs[:2], t_seq[:2])
     with pytest.raises(ValueError, match="exactly one positive and one negative"):
         objective_normalisers(cfg, [mb])
+
+
+def test_exact_tail_with_a_teacher_temperature_is_refused_for_stored_teachers():
+    """Stored top-k keeps the teacher's LSE at temperature 1: exact_tail at another teacher temperature
+    would divide by the wrong normaliser, so it fails with a message instead of a wrong loss."""
+    logits, labels, mask, vals, ids, lse, roles, pairs, t_seq = _data()
+    batch = ObjectiveBatch(labels, mask, TopKTeacher(vals, ids, lse))
+    for scale, ok in ((2.0, False), (1.0, True)):
+        cfg = DistillationLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.0, topk_convention="exact_tail",
+                                     target_logits_scale=scale)
+        objective = DistillationObjective(cfg)
+        norms = objective_normalisers(cfg, [batch])
+        if ok:
+            assert torch.isfinite(objective(logits, batch, norms).loss)
+        else:
+            with pytest.raises(ValueError, match="renormalized"):
+                objective(logits, batch, norms)

@@ -455,7 +455,16 @@ class CrossTokenizerTeacher:
         return st.values, st.ids, st.lse, st.label_logprobs
 
     def kd_loss(self, student_logits: torch.Tensor, group: ProcessGroup = None, **kwargs) -> CrossTokenizerKDOutput:
-        """:func:`cross_tokenizer_kd_loss` on the flattened ``[B·S, V_s/TP]`` student logits."""
+        """:func:`cross_tokenizer_kd_loss` on the flattened ``[B·S, V_s/TP]`` student logits.
+
+        The teacher statistics (stored, or computed online as extraction does) are at temperature
+        1: the LSE of ``exact_tail`` and the chain groups' token log-probs cannot be rescaled
+        from them, so ``target_logits_scale`` must be 1 here.
+        """
+        if kwargs.get("target_logits_scale", 1.0) != 1.0:
+            raise ValueError("cross-tokenizer KD uses the teacher's statistics at temperature 1 (the LSE and the "
+                             "chain groups' token log-probs): target_logits_scale must be 1, got "
+                             f"{kwargs['target_logits_scale']}")
         values, ids, lse, target_lp = self._teacher_stats(group)
         return cross_tokenizer_kd_loss(student_logits, values, ids, self.batch, self.vocab_map, teacher_lse=lse,
                                        teacher_target_logprobs=target_lp, group=group, **kwargs)

@@ -138,11 +138,22 @@ class DistillationLossConfig:
 
 @dataclass
 class TopKTeacher:
-    """Teacher top-k for each label position: raw logits and global ids ``[B, T, k]``, LSE ``[B, T]``."""
+    """Teacher top-k for each label position: raw logits and global ids ``[B, T, k]``, LSE ``[B, T]``.
+
+    ``lse`` is the log-sum-exp of the *raw* logits (temperature 1), as the store keeps it.
+    ``exact_tail`` needs it at ``target_logits_scale``, which top-k + LSE at temperature 1
+    cannot give, so that combination is refused (:data:`STORED_LSE_TEMPERATURE_ERROR`).
+    """
 
     values: torch.Tensor
     ids: torch.Tensor
     lse: Optional[torch.Tensor] = None
+
+
+STORED_LSE_TEMPERATURE_ERROR = (
+    "topk_convention='exact_tail' with target_logits_scale != 1 needs the teacher's log-sum-exp at that "
+    "temperature, but stored top-k teachers keep it at temperature 1 (and the tail of the vocabulary is not "
+    "stored): use topk_convention='renormalized' to scale the teacher's top-k, or target_logits_scale=1")
 
 
 @dataclass
@@ -259,6 +270,8 @@ class DistillationObjective:
                       temperature_squared=c.temperature_squared, group=self.group)
         n = logits.shape[0]
         if isinstance(teacher, TopKTeacher):
+            if c.topk_convention == "exact_tail" and c.target_logits_scale != 1.0:
+                raise ValueError(STORED_LSE_TEMPERATURE_ERROR)
             k = teacher.values.shape[-1]
             lse = teacher.lse.reshape(n) if teacher.lse is not None else None
             out = topk_kd_loss(logits, teacher.values.reshape(n, k), teacher.ids.reshape(n, k), lse,

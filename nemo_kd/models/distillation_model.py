@@ -169,6 +169,11 @@ class GPTDistillationModel(ModelPT):
         if self._teacher_mode == "none" and self._loss_cfg.kd_loss_weight:
             raise ValueError("teacher.mode=none (SFT only) needs kd.kd_loss_weight=0, got "
                              f"{self._loss_cfg.kd_loss_weight}")
+        if self._teacher_mode == "offline" and self._loss_cfg.kd_loss_weight and \
+                self._loss_cfg.topk_convention == "exact_tail" and self._loss_cfg.target_logits_scale != 1.0:
+            from nemo_kd.losses.objective import STORED_LSE_TEMPERATURE_ERROR
+
+            raise ValueError(STORED_LSE_TEMPERATURE_ERROR)
         if self._teacher_mode == "online" and not teacher.get("checkpoint"):
             raise ValueError("teacher.mode=online needs teacher.checkpoint (a Megatron teacher checkpoint directory)")
         data = _plain(cfg.get("data"))
