@@ -133,7 +133,7 @@ def test_cross_family_collate_is_consistent(env):
 # ----------------------------------------------------------------------------- engine: TP, online
 
 
-def _engine_run(rank, world, tp, steps, microbatches, full, online_teacher=None, tcfg=None):
+def _engine_run(rank, world, tp, steps, microbatches, full, online_teacher=None, tcfg=None, pp=1):
     from nemo_kd.losses.objective import DistillationLossConfig
     from nemo_kd.models import GPTModelConfig, shard_state_dict
     from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
@@ -143,19 +143,20 @@ def _engine_run(rank, world, tp, steps, microbatches, full, online_teacher=None,
                            ffn_hidden_size=64, vocab_size=STUDENT_VOCAB, max_position_embeddings=SEQ)
     loss = DistillationLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5, topk_convention="exact_tail")
     batch = BatchConfig(micro_batch_size=2, global_batch_size=len(microbatches[0]) * 2, seq_length=SEQ)
-    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, seed=7))
+    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=7))
     try:
         teacher_model = None
         if online_teacher:
             from nemo_kd.teacher.teachers import load_full_checkpoint
 
-            teacher_model, _ = load_full_checkpoint(online_teacher, state.tp_rank(), tp, 0, 1)
+            teacher_model, _ = load_full_checkpoint(online_teacher, state.tp_rank(), tp, state.pp_rank(), pp)
         engine = DistillationEngine(model, loss, OptimConfig(lr=3e-3, clip_grad=1.0), batch, max_steps=steps,
                                     teacher_cfg=tcfg if online_teacher else None, teacher_model=teacher_model,
                                     cross_tokenizer=bool(online_teacher))
         if full is None:
             full = {k: v.detach().clone() for k, v in engine.module.state_dict().items() if torch.is_tensor(v)}
-        engine.module.load_state_dict(shard_state_dict(full, model, state.tp_rank(), tp, 0, 1), strict=False)
+        engine.module.load_state_dict(shard_state_dict(full, model, state.tp_rank(), tp, state.pp_rank(), pp),
+                                      strict=False)
         history = [engine.train_step(microbatches[s % len(microbatches)]) for s in range(steps)]
         return history, full
     finally:
@@ -201,6 +202,20 @@ def test_online_teacher_own_tokenisation_matches_offline_store(env, tp1, tp):
     online = _steps(_microbatches(_dataset(env, None, student="s_tok", online=True)))
     assert "xtok_teacher_inputs" in online[0][0] and "xtok_teacher_values" not in online[0][0]
     got, _ = run_distributed(_engine_run, tp, tp, 2, online, full, env["teacher"], env["tcfg"])[0]
+    for r, g in zip(ref[:2], got):
+        for key in ("loss", "kd_loss", "grad_norm", "xtok_kl", "xtok_one_to_one_frac"):
+            assert abs(r[key] - g[key]) < 1e-4 * max(1.0, abs(r[key])), (key, r[key], g[key])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("online", [False, True])
+def test_pp2_matches_tp1_cross_tokenizer(env, tp1, cross_steps, online):
+    """Pipeline parallel (PP=2): the cross-tokenizer objective runs on the last stage (offline store),
+    and the online teacher's own-tokenisation logits travel through its pipeline; both repeat TP=1."""
+    ref, full = tp1
+    steps = _steps(_microbatches(_dataset(env, None, student="s_tok", online=True))) if online else cross_steps
+    teacher = (env["teacher"], env["tcfg"]) if online else (None, None)
+    got, _ = run_distributed(_engine_run, 2, 1, 2, steps, full, *teacher, 2)[0]
     for r, g in zip(ref[:2], got):
         for key in ("loss", "kd_loss", "grad_norm", "xtok_kl", "xtok_one_to_one_frac"):
             assert abs(r[key] - g[key]) < 1e-4 * max(1.0, abs(r[key])), (key, r[key], g[key])
