@@ -313,6 +313,18 @@ def test_student_init_from_hf_keeps_rope_scaling_through_nemo(world, tmp_path):
     restored.eval()
     with torch.no_grad():
         assert torch.equal(restored(x), model(x))
+    # ... it exports back to Hugging Face (the distilled student shipped as one): tensors bit-identical
+    from transformers import AutoModelForCausalLM
+
+    from nemo_kd.convert.checkpoint_io import convert_megatron_to_hf
+
+    convert_megatron_to_hf(path, str(tmp_path / "hf_out"), tokenizer_dir=world["tok_dir"], progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_out"))
+    assert exported.config.rope_scaling["rope_type"] == "llama3"
+    ref_sd = hf.state_dict()
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, ref_sd[k]), k
+    assert os.path.exists(tmp_path / "hf_out" / "tokenizer.json")
     # ... and the .nemo starts the next round's student (student_init accepts .nemo too)
     again = GPTDistillationModel(_cfg(world, **{"student_init": path, "teacher.mode": "none", "kd.kd_loss_weight": 0.0,
                                                 "data.train_ds.logits_store": None, "data.validation_ds": None}))

@@ -456,7 +456,8 @@ def convert_megatron_to_hf(
     max_shard_bytes: int = 5 * 1024**3,
     progress: bool = True,
 ) -> List[str]:
-    """Write a Megatron checkpoint as an HF directory ``AutoModelForCausalLM.from_pretrained`` loads.
+    """Write a Megatron checkpoint (or a distilled student's ``.nemo``) as an HF directory
+    ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Loads the checkpoint whole at TP=1/PP=1 in this process (it must not run inside a TP/PP
     > 1 job; call it on one rank after saving) and writes safetensors shards + index,
@@ -464,7 +465,11 @@ def convert_megatron_to_hf(
     checkpoint's ``tokenizer/``). ``family`` names the HF class for a model that never came
     from HF (or overrides the stored one). Returns the weight files written.
     """
-    arch = read_checkpoint_architecture(megatron_dir)
+    is_nemo = os.path.isfile(megatron_dir) and megatron_dir.endswith(".nemo")
+    if is_nemo:  # a distilled student's .nemo: full weights + architecture (HF family if it came from HF)
+        arch, nemo_state = read_nemo_archive(megatron_dir)
+    else:
+        arch = read_checkpoint_architecture(megatron_dir)
     if family is not None:
         arch.family = family
     hf_config = architecture_to_hf_config(arch)  # checks the family can hold this model
@@ -472,8 +477,12 @@ def convert_megatron_to_hf(
         raise RuntimeError("convert_megatron_to_hf runs in a single process (world size 1); "
                            "save with save_megatron_checkpoint and convert on one process")
     with ensure_parallel(ParallelConfig()):
-        [model] = build_model_chunks(arch, initialize_weights=False)
-        load_megatron_checkpoint(megatron_dir, [model])
+        if is_nemo:
+            model = build_from_full_state_dict(arch, nemo_state, megatron_dir)  # re-cut to TP=1 vocab padding
+            del nemo_state
+        else:
+            [model] = build_model_chunks(arch, initialize_weights=False)
+            load_megatron_checkpoint(megatron_dir, [model])
         full_state = unwrap_model(model).state_dict()
         writer = SafetensorsWriter(out_dir, max_shard_bytes)
         tensors = iter_hf_tensors(full_state, arch)
@@ -493,4 +502,9 @@ def convert_megatron_to_hf(
     source = tokenizer_dir or os.path.join(megatron_dir, TOKENIZER_DIR)
     if os.path.isdir(source):
         copy_tokenizer_files(source, out_dir)
+    elif is_nemo:
+        import warnings
+
+        warnings.warn(f"{megatron_dir}: a .nemo carries no tokenizer files; pass tokenizer_dir "
+                      "(--tokenizer-dir) to ship the tokenizer and chat template with the model")
     return files

@@ -77,7 +77,8 @@ def megatron_to_hf_main(argv=None) -> int:
     from nemo_kd.convert.hf_config import FAMILIES
 
     parser = argparse.ArgumentParser(description=_MEGATRON_TO_HF_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--megatron-dir", required=True, help="checkpoint written by save_megatron_checkpoint")
+    parser.add_argument("--megatron-dir", required=True,
+                        help="checkpoint written by save_megatron_checkpoint, or a distilled student's .nemo")
     parser.add_argument("--out", required=True, help="output HF model directory")
     parser.add_argument("--family", choices=sorted(set(FAMILIES.values())), default=None,
                         help="HF model family (needed when the model was not imported from HF)")
