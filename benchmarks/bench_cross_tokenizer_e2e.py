@@ -353,8 +353,13 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/xtok_e2e")
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
+    ap.add_argument("--teacher-steps", type=int, help="override the configuration's teacher_steps")
+    ap.add_argument("--student-steps", type=int, help="override the configuration's student_steps")
     args = ap.parse_args(argv)
     cfg = E2EConfig(**TINY) if args.tiny else E2EConfig()
+    for key in ("teacher_steps", "student_steps"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
     results = run(args.out, cfg)
     print(_report(results), flush=True)
     return results
