@@ -155,6 +155,25 @@ def make_inputs(n, v, k, device, seed=0):
     return logits, torch.cat([t_ids, labels], 1), t_logp
 
 
+def _variant_rows(emit, n, v, variants, inputs, floor_ms, lbytes, timer, reps, warmup) -> None:
+    """One table row per variant: time, × naive (the first variant), × floor, extra memory, Δgrad vs naive."""
+    naive_ms, ref = None, None
+    for name, fn, inplace in variants:
+        try:
+            ms, peak, grad = run_logits_variant(fn, *inputs, timer, reps, warmup, inplace)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            emit(f"| {n} | {v} | {name} | OOM | | | | | |")
+            continue
+        if name == "naive":
+            naive_ms, ref = ms, grad
+        dgrad = f"{(grad - ref).abs().max().item():.2e}" if ref is not None else ""
+        mem = f"{peak / 2**30:.3f} | {100 * peak / lbytes:.0f}%" if peak is not None else "n/a | n/a"
+        vs_naive = f"{naive_ms / ms:.2f}" if naive_ms else ""
+        emit(f"| {n} | {v} | {name} | {ms:.3f} | {vs_naive} | {ms / floor_ms:.2f} | {mem} | {dgrad} |")
+        del grad
+
+
 def run_logits_variant(loss_fn, logits0, ids, t_logp, timer, reps, warmup, inplace):
     """(median ms, peak extra bytes, grad as fp32) of ``loss_fn(logits, ids, t_logp)`` + ∂loss/∂logits."""
     logits = logits0.clone().requires_grad_(True)
@@ -325,21 +344,7 @@ def bench_full(shapes, device, timer, reps, warmup, emit):
         lbytes = student.numel() * student.element_size()
         floor_ms = (2 * reads + 1) * lbytes / args.bandwidth * 1e3
         emit(f"| {n} | {v} | HBM floor | {floor_ms:.3f} | | 1.00 | | | |")
-        naive_ms, ref = None, None
-        for name, fn, inplace in variants:
-            try:
-                ms, peak, grad = run_logits_variant(fn, student, teacher, labels, timer, reps, warmup, inplace)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                emit(f"| {n} | {v} | {name} | OOM | | | | | |")
-                continue
-            if name == "naive":
-                naive_ms, ref = ms, grad
-            dgrad = f"{(grad - ref).abs().max().item():.2e}" if ref is not None else ""
-            mem = f"{peak / 2**30:.3f} | {100 * peak / lbytes:.0f}%" if peak is not None else "n/a | n/a"
-            vs_naive = f"{naive_ms / ms:.2f}" if naive_ms else ""
-            emit(f"| {n} | {v} | {name} | {ms:.3f} | {vs_naive} | {ms / floor_ms:.2f} | {mem} | {dgrad} |")
-            del grad
+        _variant_rows(emit, n, v, variants, (student, teacher, labels), floor_ms, lbytes, timer, reps, warmup)
         if fk is None:
             emit(f"| {n} | {v} | fused | n/a ({FUSED_ERR}) | | | | | |")
         del student, teacher, labels
@@ -406,21 +411,7 @@ def bench_topk(shapes, device, timer, reps, warmup, emit):
         lbytes = logits.numel() * logits.element_size()
         floor_ms = 3 * lbytes / args.bandwidth * 1e3
         emit(f"| {n} | {v} | HBM floor | {floor_ms:.3f} | | 1.00 | | | |")
-        naive_ms, ref = None, None
-        for name, fn, inplace in variants:
-            try:
-                ms, peak, grad = run_logits_variant(fn, logits, ids, t_logp, timer, reps, warmup, inplace)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                emit(f"| {n} | {v} | {name} | OOM | | | | | |")
-                continue
-            if name == "naive":
-                naive_ms, ref = ms, grad
-            dgrad = f"{(grad - ref).abs().max().item():.2e}" if ref is not None else ""
-            mem = f"{peak / 2**30:.3f} | {100 * peak / lbytes:.0f}%" if peak is not None else "n/a | n/a"
-            vs_naive = f"{naive_ms / ms:.2f}" if naive_ms else ""
-            emit(f"| {n} | {v} | {name} | {ms:.3f} | {vs_naive} | {ms / floor_ms:.2f} | {mem} | {dgrad} |")
-            del grad
+        _variant_rows(emit, n, v, variants, (logits, ids, t_logp), floor_ms, lbytes, timer, reps, warmup)
         if lt is None:
             emit(f"| {n} | {v} | fused | n/a ({FUSED_ERR}) | | | | | |")
         if device.type == "cuda":

@@ -246,9 +246,10 @@ def test_objective_fused_equals_torch(small_blocks, mode, loss_type, scale):
     teacher = FullTeacher(t_logits) if mode == "online" else TopKTeacher(vals, ids, lse)
     results = {}
     for kernel in ("torch", "fused"):
+        # a stored top-k teacher's LSE is at temperature 1: exact_tail takes no teacher temperature there
         cfg = DistillationLossConfig(kd_loss_type=loss_type, topk_convention="exact_tail", kd_loss_weight=1.0,
-                                     sft_loss_weight=0.5, logits_scale=scale, target_logits_scale=1.1,
-                                     kd_kernel=kernel)
+                                     sft_loss_weight=0.5, logits_scale=scale,
+                                     target_logits_scale=1.1 if mode == "online" else 1.0, kd_kernel=kernel)
         batch = ObjectiveBatch(labels=labels, loss_mask=mask, teacher=teacher)
         x = logits.clone().requires_grad_(True)
         out = DistillationObjective(cfg)(x * 1, batch, objective_normalisers(cfg, [batch]))
