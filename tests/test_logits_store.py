@@ -402,3 +402,36 @@ def test_kill_and_resume_two_ranks_random_points(tmp_path):
 
 if __name__ == "__main__":
     _child_main(sys.argv[1:])
+
+
+@pytest.mark.parametrize("values_dtype", ["bfloat16", "float16"])
+def test_logprob_encoding_keeps_a_confident_teachers_probabilities(tmp_path, values_dtype):
+    """16-bit raw logits of 20-30 lose the top token's probability (bf16 step 0.125); stored as z − LSE
+    (format 3) the reader's exp(z − LSE) matches the float64 truth to ~1e-4, and the tail 1 − Σp stays
+    a probability. The raw-logit encoding of the same data is shown to be off by percents."""
+    rng = np.random.default_rng(0)
+    n, k = 12, K
+    full = rng.normal(size=(n, 1000)) * 2.0
+    full[:, 0] += 27.0  # a confident teacher: top-1 probability ~ 0.99+
+    full[:, 1:k] += 18.0
+    lse = np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) + full.max(1)
+    order = np.argsort(-full, axis=1)[:, :k]
+    z = np.take_along_axis(full, order, 1)
+    truth = np.exp(z - lse[:, None])  # float64
+    errors = {}
+    for encoding in ("logits", "logprobs"):
+        path = tmp_path / encoding
+        version = 3 if encoding == "logprobs" else 1
+        m = _manifest(1, values_dtype, max_seq_length=n, values_encoding=encoding, format_version=version,
+                      min_reader_version=version)
+        w = StoreWriter(path, m, 0, 1)
+        w.append(0, z.astype(np.float32), order, lse.astype(np.float32), -1.0)
+        w.finalize()
+        got = StoreReader(path)[0]
+        p = np.exp(got.values.double().numpy() - got.lse.double().numpy()[:, None])
+        errors[encoding] = np.abs(p - truth).max()
+        if encoding == "logprobs":
+            assert (p.sum(1) <= 1 + 1e-3).all()  # the tail 1 − Σp is a probability up to ~1e-4 rounding
+    assert errors["logprobs"] < 5e-4 and errors["logits"] > 20 * errors["logprobs"], errors
+    with pytest.raises(ValueError, match="format_version >= 3"):
+        StoreManifest(k=K, max_seq_length=8, num_samples=1, values_encoding="logprobs").validate()

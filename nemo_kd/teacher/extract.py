@@ -370,13 +370,16 @@ def compute_topk_logits(
         max_seq_length=max_len, num_samples=num_samples, logits_scale_applied=False, logits_scale=1.0,
         teacher_vocab_size=int(teacher.vocab_size),
     )
+    if cfg.values_dtype != "float32":  # 16-bit values as log-probs (store format 3, see nemo_kd.teacher.store)
+        manifest.values_encoding = "logprobs"
+        manifest.format_version = manifest.min_reader_version = 3
     if cfg.top_k > teacher.vocab_size:
         raise ValueError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
     is_writer = teacher.owns_logits and layout.last_stage and layout.tp_rank == 0
     xtok = None
     if cfg.align_teacher_template:
         xtok = _CrossTokenizer(cfg, ctok, student_tokenizer, teacher, records)
-        manifest.format_version = manifest.min_reader_version = 2
+        manifest.format_version = manifest.min_reader_version = max(2, manifest.format_version)
         manifest.extensions = {ALIGNMENT_EXTENSION: xtok.extension}
     elif student_tokenizer is not None:
         raise ValueError("a student tokenizer was given but align_teacher_template is false: the store would be "

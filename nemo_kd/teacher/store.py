@@ -90,9 +90,20 @@ distillation without changing any v1 file:
   int64, offset int64, num_groups int32, num_student_tokens int32,
   num_teacher_tokens int32`` (32 bytes) per sample.
 
-A cross-tokenizer store writes ``format_version = min_reader_version = 2``: a v1
+A cross-tokenizer store writes ``format_version = min_reader_version >= 2``: a v1
 reader would feed teacher-vocabulary ids to a student with another vocabulary, so it
-refuses with a clear error instead. Resume and atomicity cover the alignment files
+refuses with a clear error instead.
+
+Format version 3 (log-prob values)
+----------------------------------
+With 16-bit ``values_dtype`` the top-k values are stored as log-probs ``z − LSE``
+(``values_encoding: "logprobs"``, ``format_version = min_reader_version = 3``) and the
+reader adds the fp32 LSE back, so consumers still see logits. Why: a confident
+teacher's raw logits of 20–30 have a bf16 step of 0.125, so ``exp(z − LSE)`` of its top
+token came back as 0.94–1.05 and the ``exact_tail`` tail bucket (``1 − Σ p``) was noise;
+as log-probs near 0 the same 16 bits resolve probabilities to ~1e-5. Temperature still
+applies at training time (``softmax(s·z)`` is invariant to the per-row shift). fp32
+values stay raw logits (format 1 or 2); older readers refuse a version-3 store. Resume and atomicity cover the alignment files
 exactly like the payload (same commit point, same truncation on reopen).
 
 Reading
@@ -151,8 +162,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "nemo_kd.teacher_logits_store"
-FORMAT_VERSION = 2  # the newest format this module writes (1 without cross-tokenizer data, 2 with)
-READER_VERSION = 2  # the newest min_reader_version this module can read
+FORMAT_VERSION = 3  # the newest format this module writes (module docstring, "Versioning")
+READER_VERSION = 3  # the newest min_reader_version this module can read
+VALUES_ENCODINGS = ("logits", "logprobs")  # what the stored top-k values are (module docstring)
 ALIGNMENT_EXTENSION = "cross_tokenizer_alignment"  # format version 2: the cross-tokenizer alignment
 ALIGNMENT_EXTENSION_LAYOUT = 1  # layout of the extension's files (bump on change)
 VOCAB_MAP_FILE = "vocab_map.npy"
@@ -291,6 +303,7 @@ class StoreManifest:
     max_seq_length: int = 0
     num_samples: int = 0
     logits_scale_applied: bool = False  # True: stored values/LSE already include logits_scale
+    values_encoding: str = "logits"  # "logprobs": values stored as z − LSE (format 3); readers return z
     logits_scale: float = 1.0
     teacher_vocab_size: Optional[int] = None
     world_size: int = 1
@@ -323,21 +336,32 @@ class StoreManifest:
             missing = [key for key in _ALIGNMENT_KEYS if key not in ext]
             if missing:
                 raise ValueError(f"the {ALIGNMENT_EXTENSION} extension lacks {missing}")
-            if (self.format_version, self.min_reader_version) != (2, 2):
-                raise ValueError("a cross-tokenizer store is format_version 2 with min_reader_version 2, got "
+            if self.format_version < 2 or self.min_reader_version < 2:
+                raise ValueError("a cross-tokenizer store is format_version >= 2 with min_reader_version >= 2, got "
                                  f"{self.format_version} / {self.min_reader_version}")
-        elif self.format_version != 1:
-            raise ValueError(f"format_version {self.format_version} without the {ALIGNMENT_EXTENSION} extension: "
-                             "a same-tokenizer store is written as format version 1")
+        elif self.format_version == 2:
+            raise ValueError(f"format_version 2 without the {ALIGNMENT_EXTENSION} extension: a same-tokenizer store "
+                             "is written as format version 1 (or 3 with log-prob values)")
+        if self.values_encoding not in VALUES_ENCODINGS:
+            raise ValueError(f"values_encoding must be one of {VALUES_ENCODINGS}, got {self.values_encoding!r}")
+        if self.values_encoding == "logprobs" and (self.format_version < 3 or self.min_reader_version < 3):
+            raise ValueError("log-prob encoded values need format_version >= 3 and min_reader_version >= 3 (an older "
+                             f"reader would take them for logits), got {self.format_version} / "
+                             f"{self.min_reader_version}")
+
+    def _as_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["values_encoding"] == "logits":  # formats 1/2 stay byte-identical to what their writers wrote
+            del d["values_encoding"]
+        return d
 
     def settings(self) -> Dict[str, Any]:
         """The build settings (no shard list / totals), as plain JSON data."""
-        d = dataclasses.asdict(self)
-        return {key: d[key] for key in _SETTINGS_KEYS}
+        d = self._as_dict()
+        return {key: d[key] for key in _SETTINGS_KEYS + ("values_encoding",) if key in d}
 
     def to_json(self) -> str:
-        d = dataclasses.asdict(self)
-        return json.dumps(d, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        return json.dumps(self._as_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StoreManifest":
@@ -753,7 +777,9 @@ class StoreWriter:
             raise ValueError(f"sample {sample_index}: non-finite (NaN/Inf) teacher logits, LSE or sequence log-prob")
         if i.size and (i.min() < 0 or i.max() >= (m.teacher_vocab_size or 2**31)):
             raise ValueError(f"sample {sample_index}: token id out of range [0, {m.teacher_vocab_size or 2**31})")
-        encoded = _encode_values(v, m.values_dtype)
+        # log-prob encoding: z − LSE is ≤ 0 and ≈ 0 for the teacher's likely tokens, where 16-bit
+        # floats are finest; raw logits of 20-30 have a bf16 step of 0.125 (module docstring)
+        encoded = _encode_values(v - l[:, None] if m.values_encoding == "logprobs" else v, m.values_dtype)
         if m.values_dtype == "float16" and not np.isfinite(encoded).all():
             raise ValueError(f"sample {sample_index}: teacher logits overflow float16; use values_dtype='bfloat16'")
         block = b"".join(
@@ -1103,6 +1129,8 @@ class StoreReader:
         off += n * 4
         raw = np.frombuffer(buf, dtype=self._vdtype, count=n * k, offset=off).reshape(n, k)
         values = _decode_values(raw, self.manifest.values_dtype)
+        if self.manifest.values_encoding == "logprobs":
+            values = values + lse[:, None]  # back to logits (fp32): z − LSE stays as precise as stored
         if not (np.isfinite(values).all() and np.isfinite(lse).all()):
             raise StoreCorruptError(f"sample {sample_index}: non-finite (NaN/Inf) teacher logits or LSE in the store")
         return values, ids.copy(), lse, float(row["seq_logprob"])
