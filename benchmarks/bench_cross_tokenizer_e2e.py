@@ -18,9 +18,10 @@ Stages (TP = PP = DP = 1, the Megatron :class:`~nemo_kd.models.engine.Distillati
 5. students – the same small GPT architecture and initial weights (vocabulary rows
    aside), the same samples in the same order: BPE student from the BPE teacher (same
    tokenizer), SentencePiece student from the BPE teacher (cross-tokenizer), from the
-   SentencePiece teacher (same tokenizer) and with SFT only (no teacher). The last two
-   separate what cross-tokenizer KD transfers from what the student's tokenizer and
-   template cost it on this task;
+   SentencePiece teacher (same tokenizer), with SFT only (no teacher) and with SFT on the
+   transfer prompts' *clean* labels (what one-hot-like targets can teach this student).
+   The last three separate what cross-tokenizer KD transfers from what the student's
+   tokenizer and template cost it on this task;
 6. held-out metrics on ``test`` for every student: exact match of greedy generations,
    KL(teacher ‖ student) over aligned tokens, token agreement, and the sequence NLL of
    the clean reference (nats per sample: comparable across tokenizers, unlike per-token
@@ -169,7 +170,7 @@ def _plot(hists: Dict[str, dict], path: str) -> None:
         return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for (name, h), color in zip(hists.items(), ("tab:blue", "tab:red", "tab:green", "tab:gray")):
+    for (name, h), color in zip(hists.items(), ("tab:blue", "tab:red", "tab:green", "tab:gray", "tab:olive")):
         steps = list(range(1, len(h["loss"]) + 1))
         if not all(math.isnan(x) for x in h["xtok_kl"]):  # an SFT-only run has no KL to plot
             axes[0].plot(steps, h["xtok_kl"], color=color, alpha=0.25)
@@ -214,6 +215,11 @@ def run(out: str, cfg: E2EConfig) -> dict:
     train_sentencepiece_unigram(texts, vocab_size=cfg.tok_vocab, save_dir=os.path.join(out, "tok_spm"))
     t_tok = AutoTokenizer.from_pretrained(os.path.join(out, "tok_bpe"))
     s_tok = AutoTokenizer.from_pretrained(os.path.join(out, "tok_spm"))
+    # the transfer prompts with *clean* labels: the SFT run on them bounds what one-hot-like targets teach
+    paths["transfer_clean"] = os.path.join(out, "data", "transfer_clean.jsonl")
+    with open(paths["transfer_clean"], "w") as f:
+        for r in rows["transfer"]:
+            f.write(json.dumps({**r, "response": task.answer(r["prompt"])}) + "\n")
     records = {s: read_records(p) for s, p in paths.items()}
     ct = {"bpe": ConversationTokenizer(t_tok, "chat", cfg.seq_length),
           "spm": ConversationTokenizer(s_tok, "chat", cfg.seq_length)}
@@ -273,14 +279,16 @@ def run(out: str, cfg: E2EConfig) -> dict:
         runs = {"same tokenizer (BPE teacher, BPE/ChatML student)": ("same_bpe", "bpe", kd),
                 "cross-tokenizer (BPE teacher, SentencePiece/Llama-2 student)": ("cross", "spm", kd),
                 "same tokenizer (SentencePiece teacher and student)": ("same_spm", "spm", kd),
-                "no teacher (SentencePiece student, SFT only)": (None, "spm", sft_only)}
+                "no teacher (SentencePiece student, SFT only)": (None, "spm", sft_only),
+                "no teacher (SentencePiece student, SFT on clean labels)": (None, "spm", sft_only)}
         from nemo_kd.data.kd_dataset import collate
 
         order = init = None
         hists, engines = {}, {}
         vocab = max(len(t_tok), len(s_tok))  # one model vocabulary size: identical parameter shapes and init
         for name, (kind, side, loss_kw) in runs.items():
-            ds = DistillationDataset(records["transfer"], ct[side], store=stores[(kind, "transfer")] if kind else None,
+            split = "transfer_clean" if "clean labels" in name else "transfer"
+            ds = DistillationDataset(records[split], ct[side], store=stores[(kind, "transfer")] if kind else None,
                                      k=cfg.top_k if kind else None, student_vocab_size=vocab)
             test_kind = kind or "cross"  # SFT only: held-out KL against the BPE teacher, as the cross run
             test_ds = DistillationDataset(records["test"], ct[side], store=stores[(test_kind, "test")], k=cfg.top_k,

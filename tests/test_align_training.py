@@ -264,7 +264,7 @@ def test_tiny_cross_family_distillation_end_to_end(tmp_path):
     results = bench.run(str(tmp_path), bench.E2EConfig(**bench.TINY))
     assert os.path.getsize(tmp_path / "loss_curves.png") > 10_000
     runs = {k: v for k, v in results.items() if isinstance(v, dict) and "heldout" in v}
-    assert len(runs) == 4  # BPE→BPE, BPE→SentencePiece, SentencePiece→SentencePiece, SentencePiece SFT only
+    assert len(runs) == 5  # BPE→BPE, BPE→SentencePiece, SentencePiece→SentencePiece, two SFT-only baselines
     runs = {k: v for k, v in runs.items() if not k.startswith("no teacher")}
     for name, r in runs.items():
         h = results["histories"][name]
