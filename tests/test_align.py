@@ -458,3 +458,20 @@ def test_boundary_map_carries_the_first_token_across_templates(toks):
     ref = topk_kd_loss(student[:1].double(), z.double(), ids, lse[:1].double(), topk_convention="exact_tail")
     torch.testing.assert_close(out.per_token[0].double(), ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.mapped_topk_ids[0][keep], hand_ids[keep])
+
+
+def test_end_of_completion_group():
+    """Tokens after fully aligned content (each side's end of turn) become one group: a chain group when
+    they do not map (▁ </s> vs <|im_end|>); none when the content was truncated."""
+    from nemo_kd.align.vocab_map import VocabMap
+
+    vm = VocabMap(np.array([0, 1, 2, -1, -1]), 6, 5, 6, 5)  # teacher 3 (end of turn) maps to nothing
+    # content: 2 one-to-one groups over 4 bytes; then the student has 2 more tokens, the teacher 1
+    arr = np.array([[0, 1, 0, 1, 0, 2], [1, 2, 1, 2, 2, 4]])
+    full = AlignmentGroups(arr, 4, 3, 4)
+    batch = build_cross_tokenizer_batch([full], [[0, 1, 4, 5]], [[0, 1, 3]], vm, [10], [20])
+    assert batch.o2o_student_rows.tolist() == [10, 11] and batch.num_chain_groups == 1
+    assert batch.chain_student_rows.tolist() == [12, 13] and batch.chain_teacher_rows.tolist() == [22]
+    assert batch.num_aligned_student_tokens == full.num_aligned_student_tokens + 2
+    truncated = AlignmentGroups(arr, 4, 3, 6)  # 2 content bytes were never aligned: no end group
+    assert build_cross_tokenizer_batch([truncated], [[0, 1, 4, 5]], [[0, 1, 3]], vm, [10], [20]).num_chain_groups == 0

@@ -30,6 +30,12 @@ compared with the student's at ``s``'s position by the *existing* top-k loss
 * several teacher ids mapping to one student id (SentencePiece ``A`` and ``<0x41>``)
   are merged first: ``z_merged = LSE_i(t·z_i)/t`` so that ``p_merged = Σ_i p_i``.
 
+**The end of the completion** – the tokens after the content on both sides (each
+template's end of turn, e.g. ``▁ </s>`` vs ``<|im_end|>``) form one more group when the
+whole content is aligned: a one-to-one mapped group when they map (same template: the
+identity), else a chain group below comparing both models' probability that the answer
+ends there.
+
 **All other groups** (one-to-many, many-to-one, many-to-many, and one-to-one groups
 whose tokens do not map to each other) – the *chain-rule group probability*. For a
 group whose bytes are tokenised as ``s_1..s_a`` by the student and ``t_1..t_b`` by the
@@ -75,7 +81,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from nemo_kd.align.groups import S_END, S_START, T_END, T_START, AlignmentGroups
+from nemo_kd.align.groups import B_END, S_END, S_START, T_END, T_START, AlignmentGroups
 from nemo_kd.align.vocab_map import VocabMap
 from nemo_kd.losses.divergences import BucketSpace, divergence
 from nemo_kd.losses.kd import DEFAULT_TAIL_FLOOR, _temperature_factor, _with_tail_bucket, topk_kd_loss
@@ -172,6 +178,10 @@ def build_cross_tokenizer_batch(
         n_aligned += al.num_aligned_student_tokens
         if not len(a):
             continue
+        end = _end_of_completion_group(a, al, len(s_ids), len(t_ids))
+        if end is not None:
+            a = np.concatenate([a, end[None]], 0)
+            n_aligned += int(end[S_END] - end[S_START])
         one = (a[:, S_END] - a[:, S_START] == 1) & (a[:, T_END] - a[:, T_START] == 1)
         n_o2o += int(one.sum())
         t_first = t_ids[a[:, T_START]]
@@ -209,6 +219,21 @@ def build_cross_tokenizer_batch(
     )
     batch.compute_stats()
     return batch
+
+
+def _end_of_completion_group(a: np.ndarray, al: AlignmentGroups, n_s: int, n_t: int) -> Optional[np.ndarray]:
+    """The tokens after the content on both sides (each template's end of turn: ``▁ </s>`` vs
+    ``<|im_end|>``) as one more group: both models' probability that the completion ends here.
+
+    Only when the whole content is aligned (no truncation on either side) and both sides have
+    tokens left. Without it a student never gets a KD signal for *stopping*, and on a
+    verifiable task that also cost it the prompt↔answer alignment that the end-of-answer
+    prediction teaches (measured in ``benchmarks/bench_cross_tokenizer_e2e.py``).
+    """
+    s_end, t_end = int(a[-1, S_END]), int(a[-1, T_END])
+    if int(a[-1, B_END]) != al.content_bytes or s_end >= n_s or t_end >= n_t:
+        return None
+    return np.array([s_end, n_s, t_end, n_t, al.content_bytes, al.content_bytes], dtype=np.int64)
 
 
 def _expand(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
