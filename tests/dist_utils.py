@@ -71,3 +71,31 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+class WorldOfOne:
+    """``initialize_parallel`` in the pytest process (a world of one on a free port), torn down after.
+
+    ``kw``: :class:`nemo_kd.parallel.ParallelConfig` fields (default: ``seed=5``).
+    """
+
+    def __init__(self, **kw):
+        self.kw = kw or {"seed": 5}
+
+    def __enter__(self):
+        from nemo_kd.parallel import ParallelConfig, initialize_parallel
+
+        self.old = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        initialize_parallel(ParallelConfig(**self.kw))
+        return self
+
+    def __exit__(self, *exc):
+        from nemo_kd.parallel import destroy_parallel
+
+        destroy_parallel()
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

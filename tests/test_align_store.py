@@ -8,11 +8,12 @@ same-tokenizer path (format 1) and ``align_teacher_template: true`` (format 2).
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
+
+from dist_utils import WorldOfOne
 
 K, MAX_LEN = 6, 96
 
@@ -31,32 +32,6 @@ RESPONSES = [
     "日本語 text\n\nnew lines",
     " ".join(f"word{j}" for j in range(60)),  # over-long: truncated on both sides
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class WorldOfOne:
-    def __enter__(self):
-        from nemo_kd.parallel import ParallelConfig, initialize_parallel
-
-        self.old = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        initialize_parallel(ParallelConfig(seed=5))
-        return self
-
-    def __exit__(self, *exc):
-        from nemo_kd.parallel import destroy_parallel
-
-        destroy_parallel()
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def write_data(path, n=len(RESPONSES)):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from test_align_store import CORPUS, MAX_LEN, RESPONSES, WorldOfOne, write_data
+from dist_utils import WorldOfOne, run_distributed
+from test_align_store import CORPUS, MAX_LEN, RESPONSES, write_data
 
 K = 6
 SEQ = MAX_LEN

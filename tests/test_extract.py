@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from dist_utils import WorldOfOne, run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K, MAX_LEN, BATCH = 8, 48, 4
@@ -29,31 +29,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _WorldOfOne:
-    """initialize_parallel in the pytest process (a world of one on a free port), torn down after."""
-
-    def __init__(self, **kw):
-        self.kw = kw
-
-    def __enter__(self):
-        from nemo_kd.parallel import ParallelConfig, initialize_parallel
-
-        self.old = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        initialize_parallel(ParallelConfig(**self.kw))
-        return self
-
-    def __exit__(self, *exc):
-        from nemo_kd.parallel import destroy_parallel
-
-        destroy_parallel()
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _texts():
@@ -91,7 +66,7 @@ def assets(tmp_path_factory):
     _write_data(data)
     cfg = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
                          vocab_size=len(tok), max_position_embeddings=64)
-    with _WorldOfOne(seed=5):
+    with WorldOfOne(seed=5):
         full = {k: v for k, v in build_gpt_model(cfg).state_dict().items() if torch.is_tensor(v)}
         full["output_layer.weight"] = full["output_layer.weight"] * 40
         save_full_checkpoint(str(d / "teacher"), full, cfg)
@@ -190,7 +165,7 @@ def test_store_round_trip_equals_live_teacher_loss(assets):
     from nemo_kd.teacher.store import StoreReader
 
     cfg = assets["cfg"]
-    with _WorldOfOne(seed=5):
+    with WorldOfOne(seed=5):
         model = build_gpt_model(cfg)
         model.load_state_dict(shard_state_dict(assets["full"], cfg), strict=False)
         model.eval()
@@ -249,7 +224,7 @@ def test_mismatch_errors(assets, tmp_path):
     with pytest.raises(StoreMismatchError, match="k: store has 8, expected 16"):
         reader.check_compatible(k=16)
     # Re-running into the finished store with another k is refused (never mixed or overwritten).
-    with _WorldOfOne(seed=5):
+    with WorldOfOne(seed=5):
         teacher = MegatronTeacher(assets["teacher_path"])
         with pytest.raises(StoreMismatchError, match="k: "):
             compute_topk_logits(_extract_cfg(assets["store"], assets["data"], top_k=16), teacher, assets["tok"])
@@ -269,7 +244,7 @@ def test_malformed_input_and_skip(assets, tmp_path):
     lines[2] = '{"prompt": "hi", "response": 3}'
     lines[4] = '{"prompt": "unterminated'
     bad.write_text("\n".join(lines) + "\n")
-    with _WorldOfOne(seed=5):
+    with WorldOfOne(seed=5):
         teacher = MegatronTeacher(assets["teacher_path"])
         with pytest.raises(DataError, match=re.escape(f"{bad}:3: wrong type for field 'response'")):
             compute_topk_logits(_extract_cfg(str(tmp_path / "s1"), str(bad)), teacher, assets["tok"])
@@ -312,7 +287,7 @@ def test_nan_teacher_names_the_sample(assets, tmp_path):
     from nemo_kd.teacher.topk import NonFiniteLogitsError
 
     sample = _nan_teacher(assets, str(tmp_path / "nan_teacher"))
-    with _WorldOfOne(seed=5):
+    with WorldOfOne(seed=5):
         teacher = MegatronTeacher(str(tmp_path / "nan_teacher"))
         with pytest.raises(NonFiniteLogitsError, match=rf"sample {sample} \(row"):
             compute_topk_logits(_extract_cfg(str(tmp_path / "s"), assets["data"]), teacher, assets["tok"])
@@ -380,7 +355,7 @@ def test_hf_teacher_matches_hand_computation(assets, tmp_path):
     from nemo_kd.teacher.teachers import MegatronTeacher
 
     out = str(tmp_path / "store_megatron")
-    with _WorldOfOne():
+    with WorldOfOne(seed=1234):
         compute_topk_logits(_extract_cfg(out, assets["data"], values_dtype="float32"), MegatronTeacher(path), assets["tok"])
     megatron = StoreReader(out)
     for i in range(N_SAMPLES):
@@ -445,7 +420,7 @@ def test_kill_and_resume_is_byte_identical(assets, tmp_path):
     from nemo_kd.teacher.extract import compute_topk_logits
     from nemo_kd.teacher.teachers import MegatronTeacher
 
-    with _WorldOfOne(seed=1234):
+    with WorldOfOne(seed=1234):
         compute_topk_logits(_extract_cfg(ref, assets["data"], batch_size=2), MegatronTeacher(assets["teacher_path"]),
                             assets["tok"])
     got, want = _store_files(out), _store_files(ref)
