@@ -330,28 +330,34 @@ def read_nemo_archive(path: str) -> Tuple[HFArchitecture, Dict[str, torch.Tensor
     The archive holds ``model_config.yaml`` (``student``: the ``GPTModelConfig``;
     ``student_hf_architecture``: what it cannot say, for HF-initialised students) and
     ``model_weights.ckpt`` (``student.*`` tensors, gathered over TP/PP by ``save_to``).
-    Read from the tar without extracting to disk; weights with ``torch.load(weights_only=True)``.
+    The weights are copied out of the tar to a temporary file and memory-mapped
+    (``torch.load(weights_only=True, mmap=True)``), so the model is never held twice in
+    host memory (archive bytes + tensors).
     """
-    import io
     import tarfile
+    import tempfile
 
     import yaml
 
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
-            missing = [n for n in ("model_config.yaml", "model_weights.ckpt") if n not in members]
-            if missing:
-                raise ValueError(f"{path}: not a nemo_kd .nemo (missing {missing}; has {sorted(members)})")
-            model_cfg = yaml.safe_load(tar.extractfile(members["model_config.yaml"]).read())
-            weights = io.BytesIO(tar.extractfile(members["model_weights.ckpt"]).read())
-    except tarfile.TarError as e:
-        raise ValueError(f"{path}: cannot read the .nemo archive: {e}") from e
-    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("student"), dict):
-        raise ValueError(f"{path}: model_config.yaml has no 'student' architecture section")
-    arch = HFArchitecture.from_dict({**(model_cfg.get("student_hf_architecture") or {"family": None}),
-                                     "model": model_cfg["student"]})
-    sd = torch.load(weights, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "model_weights.ckpt")
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+                missing = [n for n in ("model_config.yaml", "model_weights.ckpt") if n not in members]
+                if missing:
+                    raise ValueError(f"{path}: not a nemo_kd .nemo (missing {missing}; has {sorted(members)})")
+                model_cfg = yaml.safe_load(tar.extractfile(members["model_config.yaml"]).read())
+                with tar.extractfile(members["model_weights.ckpt"]) as src, open(weights, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+        except tarfile.TarError as e:
+            raise ValueError(f"{path}: cannot read the .nemo archive: {e}") from e
+        if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("student"), dict):
+            raise ValueError(f"{path}: model_config.yaml has no 'student' architecture section")
+        arch = HFArchitecture.from_dict({**(model_cfg.get("student_hf_architecture") or {"family": None}),
+                                         "model": model_cfg["student"]})
+        # the mapping stays valid after the file is unlinked (POSIX); tensors are read on first use
+        sd = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
     full = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
     if not full:
         raise ValueError(f"{path}: model_weights.ckpt holds no 'student.*' tensors")
