@@ -364,36 +364,30 @@ def dev_name(device):
     return torch.cuda.get_device_name() if device.type == "cuda" else "CPU (TRITON_INTERPRET=1, smoke only)"
 
 
-def tune(n, v, k, device, timer, reps, warmup):
-    """Sweep the fused kernels' block sizes / warps; keep the fastest for the table."""
-    logits, ids, t_logp = make_inputs(n, v, k, device)
-    best, lines = None, [f"\nfused block sweep at N={n} V={v} (fwd+bwd ms):"]
-    for block in (2048, 4096, 8192):
+def _sweep(module, blocks, fn, inputs, title, timer, reps, warmup):
+    """Time ``fn`` for every block size × warps of a kernel module; leave the fastest set in it."""
+    best, lines = None, [title]
+    for block in blocks:
         for warps in (4, 8, 16):
-            lt.FWD_BLOCK_V = lt.BWD_BLOCK_V = block
-            lt.FWD_NUM_WARPS = lt.BWD_NUM_WARPS = warps
-            ms = run_logits_variant(loss_fused, logits, ids, t_logp, timer, reps, warmup, False)[0]
+            module.FWD_BLOCK_V = module.BWD_BLOCK_V = block
+            module.FWD_NUM_WARPS = module.BWD_NUM_WARPS = warps
+            ms = run_logits_variant(fn, *inputs, timer, reps, warmup, False)[0]
             lines.append(f"  block={block:5d} warps={warps:2d}: {ms:8.3f}")
             if best is None or ms < best[0]:
                 best = (ms, block, warps)
-    _, lt.FWD_BLOCK_V, lt.FWD_NUM_WARPS = best
-    lt.BWD_BLOCK_V, lt.BWD_NUM_WARPS = lt.FWD_BLOCK_V, lt.FWD_NUM_WARPS
-    lines.append(f"  -> using block={lt.FWD_BLOCK_V} warps={lt.FWD_NUM_WARPS}")
-    student, teacher, labels = full_inputs(n, v, device)
-    fn = full_lib("fused", args.full_loss, args.jsd_beta)
-    best, lines2 = None, [f"full-vocab fused block sweep at N={n} V={v} (fwd+bwd ms):"]
-    for block in (1024, 2048, 4096):
-        for warps in (4, 8, 16):
-            fk.FWD_BLOCK_V = fk.BWD_BLOCK_V = block
-            fk.FWD_NUM_WARPS = fk.BWD_NUM_WARPS = warps
-            ms = run_logits_variant(fn, student, teacher, labels, timer, reps, warmup, False)[0]
-            lines2.append(f"  block={block:5d} warps={warps:2d}: {ms:8.3f}")
-            if best is None or ms < best[0]:
-                best = (ms, block, warps)
-    _, fk.FWD_BLOCK_V, fk.FWD_NUM_WARPS = best
-    fk.BWD_BLOCK_V, fk.BWD_NUM_WARPS = fk.FWD_BLOCK_V, fk.FWD_NUM_WARPS
-    lines2.append(f"  -> using block={fk.FWD_BLOCK_V} warps={fk.FWD_NUM_WARPS}")
-    print("\n".join(lines + lines2), flush=True)
+    _, module.FWD_BLOCK_V, module.FWD_NUM_WARPS = best
+    module.BWD_BLOCK_V, module.BWD_NUM_WARPS = module.FWD_BLOCK_V, module.FWD_NUM_WARPS
+    lines.append(f"  -> using block={module.FWD_BLOCK_V} warps={module.FWD_NUM_WARPS}")
+    return lines
+
+
+def tune(n, v, k, device, timer, reps, warmup):
+    """Sweep the fused kernels' block sizes / warps; keep the fastest for the table."""
+    lines = _sweep(lt, (2048, 4096, 8192), loss_fused, make_inputs(n, v, k, device),
+                   f"\nfused block sweep at N={n} V={v} (fwd+bwd ms):", timer, reps, warmup)
+    lines += _sweep(fk, (1024, 2048, 4096), full_lib("fused", args.full_loss, args.jsd_beta), full_inputs(n, v, device),
+                    f"full-vocab fused block sweep at N={n} V={v} (fwd+bwd ms):", timer, reps, warmup)
+    print("\n".join(lines), flush=True)
 
 
 def bench_topk(shapes, device, timer, reps, warmup, emit):
