@@ -404,3 +404,77 @@ def test_exact_tail_teacher_temperature_refused_at_construction(world):
 
     with pytest.raises(ValueError, match="temperature 1"):
         GPTDistillationModel(_cfg(world, **{"kd.target_logits_scale": 0.5}))  # _cfg uses exact_tail
+
+
+def test_preference_pairs_offline_dpkd_matches_hand_computation(world, tmp_path):
+    """A pair file (teacher-style chosen vs student-style rejected) → compute_topk_logits → the NeMo model:
+    both sides of every pair share a microbatch, and the DPKD + L_pos + L_neg objective of a batch equals a
+    float64 hand computation from the student's and the teacher's own forward passes."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.teacher.extract import ExtractConfig, compute_topk_logits
+    from nemo_kd.teacher.teachers import MegatronTeacher, load_megatron_teacher
+
+    pairs = str(tmp_path / "pairs.jsonl")
+    with open(pairs, "w") as f:
+        for i in range(N // 2):
+            f.write(json.dumps({"id": f"q{i}", "prompt": f"what is {i} plus {i * 3}?",
+                                "chosen": f"{i + i * 3} because adding numbers",
+                                "rejected": "numbers" + " adding" * (1 + i % 3)}) + "\n")
+    tok = AutoTokenizer.from_pretrained(world["tok_dir"])
+    store = str(tmp_path / "pair_store")
+    compute_topk_logits(ExtractConfig(data_path=pairs, output_path=store, top_k=K, max_seq_length=MAX_LEN,
+                                      values_dtype="float32", batch_size=4, progress=False),
+                        MegatronTeacher(world["teacher"]), tok)
+    beta, w_pos, w_neg = 0.5, 1.0, 0.25
+    cfg = _cfg(world, **{"data.train_ds.file_path": pairs, "data.train_ds.logits_store": store,
+                         "data.validation_ds": None, "kd.sft_loss_weight": 0.0, "kd.dpo_loss_weight": 1.0,
+                         "kd.preference_loss_type": "dpkd", "kd.preference_beta": beta,
+                         "kd.positive_kd_weight": w_pos, "kd.negative_kd_weight": w_neg, "max_steps": 2})
+    model = GPTDistillationModel(cfg)
+    steps = list(model._train_dl)
+    assert len(steps) == N // 4  # 16 rows = 8 pairs, global batch of 4 rows
+    for step in steps:
+        for mb in step:  # every microbatch holds whole pairs, chosen (role 1) with rejected (role 2)
+            ids, roles = mb["pair_ids"].tolist(), mb["roles"].tolist()
+            assert sorted(roles) == [1, 2] and len(set(ids)) == 1
+    seen = sorted(int(mb["pair_ids"][0]) for step in steps for mb in step)
+    assert seen == list(range(N // 2))
+
+    # Hand computation for the first step's batch: log-probs in float64 from both models' logits.
+    batch = steps[0]
+    teacher, _ = load_megatron_teacher(world["teacher"], 0, 1, 0, 1)
+    model.eval()
+    kd_sum, kd_tokens, pref_terms = 0.0, 0, []
+    for mb in batch:
+        with torch.no_grad():
+            # the student's softmax spans Megatron's padded vocabulary (as its CE does); the
+            # teacher's stored distribution excludes the padding rows (compute_topk_logits)
+            s = model(mb["inputs"]).double()
+            t = teacher(mb["inputs"], mb["position_ids"], None).double()[..., :world["vocab"]]
+        ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+        mask = mb["loss_mask"].bool()
+        seq = {}
+        for row in range(mb["inputs"].shape[0]):
+            m = mask[row]
+            lab = mb["labels"][row][m]
+            # exact_tail forward KL over the teacher's top-K + one tail bucket (the config's convention)
+            top = torch.topk(lt[row][m], K, dim=-1)
+            p, q = top.values.exp(), ls[row][m].gather(-1, top.indices).exp()
+            p_tail, q_tail = (1 - p.sum(-1)).clamp(min=0), (1 - q.sum(-1)).clamp(min=1e-30)
+            kl = (p * (p.log() - q.log())).sum(-1) + torch.where(p_tail > 0, p_tail * (p_tail.log() - q_tail.log()), 0)
+            w = w_pos if int(mb["roles"][row]) == 1 else w_neg
+            kd_sum += w * float(kl.sum())
+            kd_tokens += int(m.sum())
+            seq[int(mb["roles"][row])] = (float(ls[row][m].gather(-1, lab[:, None]).sum()),
+                                          float(lt[row][m].gather(-1, lab[:, None]).sum()), int(m.sum()))
+        (qw, pw, nw), (ql, pl, nl) = seq[1], seq[2]
+        u = beta * (qw - pw) / nw - beta * (ql - pl) / nl
+        pref_terms.append(-math.log(1 / (1 + math.exp(-u))))
+    out = model.engine.eval_step(batch)
+    assert out["kd_loss"] == pytest.approx(kd_sum / kd_tokens, rel=1e-4)
+    assert out["preference_loss"] == pytest.approx(sum(pref_terms) / len(pref_terms), rel=1e-4)
+    assert out["loss"] == pytest.approx(kd_sum / kd_tokens + sum(pref_terms) / len(pref_terms), rel=1e-4)

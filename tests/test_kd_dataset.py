@@ -54,3 +54,41 @@ def test_sampler_partitions_global_batches_and_resumes():
     assert next(resumed) == steps[3][1] and next(resumed) == steps[4][1]
     with pytest.raises(DataConfigError, match="multiple of micro_batch_size"):
         GlobalBatchSampler(n, 3, gbs, 0, dp)
+
+
+def test_sampler_keeps_pairs_together_and_collate_marks_roles():
+    n, micro, gbs, dp = 24, 4, 8, 2
+    for epoch_step in range(6):  # 3 steps per epoch: two epochs
+        for r in range(dp):
+            it = iter(GlobalBatchSampler(n, micro, gbs, r, dp, seed=5, group_size=2, consumed_samples=epoch_step * gbs))
+            for mb in next(it):
+                assert all(mb[i] % 2 == 0 and mb[i + 1] == mb[i] + 1 for i in range(0, micro, 2)), mb
+    # group_size=1 keeps the historical order (resuming old runs is unchanged)
+    plain = np.random.default_rng(5).permutation(n)
+    assert GlobalBatchSampler(n, micro, gbs, seed=5)._order(0).tolist() == plain.tolist()
+    with pytest.raises(DataConfigError, match="multiple of 2"):
+        GlobalBatchSampler(n, 3, 6, group_size=2)
+    chosen = DistillationSample(0, np.array([1, 2, 3]), np.array([0, 1, 1], dtype=np.int8), role="chosen", pair=4)
+    rejected = DistillationSample(1, np.array([1, 2, 5, 6]), np.array([0, 1, 1, 1], dtype=np.int8), role="rejected",
+                                  pair=4)
+    b = collate([chosen, rejected], seq_length=5, pad_id=0)
+    assert b["roles"].tolist() == [1, 2] and b["pair_ids"].tolist() == [4, 4]  # ROLE_POSITIVE, ROLE_NEGATIVE
+    assert "roles" not in collate([_sample(0, [1, 2, 3], [0, 1, 1])], seq_length=5, pad_id=0)
+
+
+def test_overlong_side_drops_the_whole_pair(tmp_path):
+    import json
+
+    from nemo_kd.data.kd_dataset import DistillationDataset
+    from nemo_kd.data.records import read_records
+    from nemo_kd.data.tokenization import ConversationTokenizer
+    from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
+
+    tok = train_byte_level_bpe(["short answer long answer " * 4], vocab_size=280, save_dir=str(tmp_path / "tok"))
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "q", "chosen": "short", "rejected": "long answer " * 30},
+            {"prompt": "q", "chosen": "short", "rejected": "short answer"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = DistillationDataset(read_records(str(path)), ConversationTokenizer(tok, "chat", 40, overlong="drop"))
+    assert ds.dropped_pairs == 1 and ds.group_size == 2 and len(ds) == 2
+    assert [(ds[i].role, ds[i].pair) for i in range(2)] == [("chosen", 1), ("rejected", 1)]

@@ -127,3 +127,44 @@ def test_content_hash_is_stable_and_content_sensitive(tmp_path):
         [GOOD_PAIR],
     ):
         assert read_records(_write_lines(tmp_path / "c.jsonl", changed)).content_hash != h
+
+
+def test_preference_pairs_become_consecutive_chosen_rejected_records(tmp_path):
+    chat_prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    path = _write_lines(tmp_path / "pairs.jsonl", [
+        {"id": "p", "prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"messages": chat_prompt, "chosen": [{"role": "assistant", "content": "Hello"}], "rejected": "Go away"},
+    ])
+    rs = read_records(path)
+    assert len(rs) == 4 and rs.num_pairs == 2 and rs.is_preference
+    assert [(r.index, r.role, r.pair, r.source_line) for r in rs] == [
+        (0, "chosen", 0, 1), (1, "rejected", 0, 1), (2, "chosen", 1, 2), (3, "rejected", 1, 2)]
+    assert rs[0].messages == ({"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"})
+    assert rs[3].messages == (*chat_prompt, {"role": "assistant", "content": "Go away"})
+    assert rs[3].prompt_messages == tuple(chat_prompt) and rs[3].completion_text == "Go away"
+    # The role is part of the content hash; plain samples hash as before (no role key).
+    swapped = read_records(_write_lines(tmp_path / "swapped.jsonl", [
+        {"id": "p", "prompt": "2+2?", "chosen": "5", "rejected": "4"},
+        {"messages": chat_prompt, "chosen": [{"role": "assistant", "content": "Hello"}], "rejected": "Go away"}]))
+    assert swapped.content_hash != rs.content_hash
+    single = read_records(_write_lines(tmp_path / "single.jsonl", [GOOD_PAIR]))
+    assert single[0].role == "single" and single[0].pair == -1 and not single.is_preference
+    assert "role" not in single[0].canonical()
+
+
+@pytest.mark.parametrize("obj, reason", [
+    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "  "}, "empty 'rejected' response"),
+    ({"prompt": "q", "response": "r", "chosen": "a", "rejected": "b"}, "ambiguous sample"),
+    ({"chosen": "a", "rejected": "b"}, "needs 'prompt' or 'messages'"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "wrong type for field 'chosen'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
+      "chosen": "a", "rejected": "b"}, "must hold only assistant turns"),
+])
+def test_malformed_pairs_name_file_and_line(tmp_path, obj, reason):
+    path = _write_lines(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, obj])
+    with pytest.raises(DataError) as e:
+        read_records(path)
+    assert e.value.line == 2 and reason in e.value.reason, str(e.value)
+    rs = read_records(path, skip_bad_samples=True)  # the good pair survives whole
+    assert len(rs) == 2 and rs.num_pairs == 1 and len(rs.skipped) == 1

@@ -2,6 +2,9 @@
 
 from nemo_kd.data.records import (
     ALLOWED_ROLES,
+    ROLE_CHOSEN,
+    ROLE_REJECTED,
+    ROLE_SINGLE,
     DataError,
     Record,
     RecordSet,
@@ -13,6 +16,9 @@ from nemo_kd.data.records import (
 __all__ = [
     "ALLOWED_ROLES",
     "DataError",
+    "ROLE_CHOSEN",
+    "ROLE_REJECTED",
+    "ROLE_SINGLE",
     "Record",
     "RecordSet",
     "SkippedSample",

@@ -31,6 +31,14 @@ index tensors that tie them to student rows (the ``xtok_*`` keys of
   student's, so Megatron's schedules need nothing new) and the rows of its logits to
   reduce to top-``k`` during the step.
 
+Preference pairs (records with ``role`` chosen / rejected, :mod:`nemo_kd.data.records`):
+the two sides of a pair are consecutive samples; a pair whose either side is dropped as
+over-long is dropped whole (counted in :attr:`DistillationDataset.dropped_pairs`), and
+:func:`collate` adds ``roles`` (the objective's ``ROLE_POSITIVE`` / ``ROLE_NEGATIVE``) and
+``pair_ids`` ``[B]``. :class:`GlobalBatchSampler` with ``group_size=2`` (the dataset's
+:attr:`~DistillationDataset.group_size`) shuffles pairs, never splitting one across
+microbatches, as the sequence-level preference term needs both sides together.
+
 :class:`GlobalBatchSampler` yields, step after step, the sample indices of this
 data-parallel rank's microbatches (Megatron's global-batch arithmetic), shuffled per
 epoch from a seed and resumable from a number of consumed samples.
@@ -44,8 +52,13 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from nemo_kd.data.records import RecordSet
+from nemo_kd.data.records import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SINGLE, RecordSet
 from nemo_kd.data.tokenization import ConversationTokenizer
+from nemo_kd.losses.objective import ROLE_NEGATIVE, ROLE_POSITIVE
+from nemo_kd.losses.objective import ROLE_SINGLE as OBJECTIVE_ROLE_SINGLE
+
+# Record roles as the objective numbers them (the teacher's response is the preferred one).
+_OBJECTIVE_ROLES = {ROLE_SINGLE: OBJECTIVE_ROLE_SINGLE, ROLE_CHOSEN: ROLE_POSITIVE, ROLE_REJECTED: ROLE_NEGATIVE}
 
 
 class DataConfigError(ValueError):
@@ -71,6 +84,8 @@ class DistillationSample:
     loss_mask: np.ndarray  # int8 [L], 1 on completion tokens
     teacher: Optional[object] = None  # nemo_kd.teacher.store.TeacherTopK
     xtok: Optional[CrossTokenizerSample] = None  # cross-tokenizer samples only
+    role: str = ROLE_SINGLE  # nemo_kd.data.records: single | chosen | rejected
+    pair: int = -1  # preference pair number, -1 for a single
 
 
 class DistillationDataset(torch.utils.data.Dataset):
@@ -96,6 +111,7 @@ class DistillationDataset(torch.utils.data.Dataset):
         self.records = records
         self.tokenizer = tokenizer
         self.samples: List[Optional[DistillationSample]] = []
+        self.dropped_pairs = 0
         if store is not None and teacher_tokenizer is not None:
             raise DataConfigError("teacher_tokenizer is for online cross-tokenizer KD; an offline store carries the "
                                   "teacher's tokenisation itself")
@@ -115,11 +131,23 @@ class DistillationDataset(torch.utils.data.Dataset):
                 index=rec.index,
                 input_ids=np.asarray(tok.input_ids, dtype=np.int64),
                 loss_mask=np.asarray(tok.loss_mask, dtype=np.int8),
+                role=rec.role,
+                pair=rec.pair,
             )
             if teacher_tokenizer is not None:
                 sample.xtok = self._online_alignment(rec, tok, teacher_tokenizer, name, k or 100)
             self.samples.append(sample)
-        self.valid_indices = [i for i, s in enumerate(self.samples) if s is not None]
+        if records.is_preference:
+            # A pair is trained as a pair: drop both sides when either was dropped as over-long.
+            kept = [i for i in range(0, len(self.samples), 2)
+                    if self.samples[i] is not None and self.samples[i + 1] is not None]
+            self.dropped_pairs = len(self.samples) // 2 - len(kept)
+            self.valid_indices = [j for i in kept for j in (i, i + 1)]
+        elif any(r.role != ROLE_SINGLE for r in records):
+            raise DataConfigError(f"{records.source or 'the dataset'} mixes preference pairs and single samples: "
+                                  "train pairs from a file of pairs only")
+        else:
+            self.valid_indices = [i for i, s in enumerate(self.samples) if s is not None]
         self.store = store
         if store is not None and getattr(store, "cross_tokenizer", False):
             # The store's payload is the teacher's rendering: check the *student* side it was aligned for.
@@ -155,6 +183,11 @@ class DistillationDataset(torch.utils.data.Dataset):
                                     vocab_map=self.vocab_map, teacher_input_ids=ids, top_k=int(k))
 
     @property
+    def group_size(self) -> int:
+        """Consecutive samples that must share a microbatch: 2 for preference pairs, else 1."""
+        return 2 if self.records.is_preference else 1
+
+    @property
     def cross_tokenizer(self) -> bool:
         return self.vocab_map is not None
 
@@ -176,7 +209,7 @@ class DistillationDataset(torch.utils.data.Dataset):
             al = teacher.alignment
             xtok = CrossTokenizerSample(groups=al.groups(), teacher_completion_ids=al.teacher_ids.astype(np.int64),
                                         vocab_map=self.vocab_map, teacher_logprobs=al.teacher_logprobs)
-        return DistillationSample(s.index, s.input_ids, s.loss_mask, teacher, xtok)
+        return DistillationSample(s.index, s.input_ids, s.loss_mask, teacher, xtok, s.role, s.pair)
 
 
 def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int, k: Optional[int] = None) -> Dict[str, torch.Tensor]:
@@ -185,7 +218,8 @@ def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int,
     Returns tensors ``inputs``/``labels``/``position_ids`` ``[B, S]`` int64,
     ``loss_mask`` ``[B, S]`` float, and with teacher data ``teacher_values`` ``[B, S, k]``
     fp32 (−inf where absent), ``teacher_ids`` ``[B, S, k]`` int64, ``teacher_lse``
-    ``[B, S]`` fp32, ``teacher_seq_logprob`` ``[B]`` fp64.
+    ``[B, S]`` fp32, ``teacher_seq_logprob`` ``[B]`` fp64; with preference pairs
+    ``roles`` ``[B]`` (the objective's ROLE_*) and ``pair_ids`` ``[B]``.
     """
     b, s = len(samples), seq_length
     tokens = torch.full((b, s + 1), pad_id, dtype=torch.long)
@@ -225,6 +259,9 @@ def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int,
     }
     if has_teacher:
         batch.update(teacher_values=t_vals, teacher_ids=t_ids, teacher_lse=t_lse, teacher_seq_logprob=t_seq)
+    if any(smp.role != ROLE_SINGLE for smp in samples):
+        batch.update(roles=torch.tensor([_OBJECTIVE_ROLES[smp.role] for smp in samples]),
+                     pair_ids=torch.tensor([smp.pair for smp in samples]))
     if cross:
         batch.update(_collate_cross_tokenizer(samples, s))
     return batch
@@ -313,14 +350,22 @@ class GlobalBatchSampler:
     order, and DP rank ``r`` takes its ``micro_batch_size × num_microbatches`` block of it.
     A trailing partial global batch is dropped. ``consumed_samples`` (a multiple of the
     global batch size) resumes exactly where a previous run stopped.
+
+    ``group_size`` > 1 keeps runs of that many consecutive samples together (preference
+    pairs): the permutation is over groups, every size counts samples, and the micro
+    batch size must be a multiple of the group size.
     """
 
     def __init__(self, num_samples: int, micro_batch_size: int, global_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 1234, shuffle: bool = True, consumed_samples: int = 0):
+                 dp_size: int = 1, seed: int = 1234, shuffle: bool = True, consumed_samples: int = 0,
+                 group_size: int = 1):
         per_step = micro_batch_size * dp_size
         if global_batch_size % per_step:
             raise DataConfigError(f"global_batch_size={global_batch_size} must be a multiple of micro_batch_size × "
                                   f"data-parallel size = {micro_batch_size} × {dp_size}")
+        if micro_batch_size % group_size or num_samples % group_size:
+            raise DataConfigError(f"micro_batch_size={micro_batch_size} must be a multiple of {group_size}: "
+                                  "both sides of a preference pair go into the same microbatch")
         if num_samples < global_batch_size:
             raise DataConfigError(f"the dataset has {num_samples} samples, fewer than one global batch "
                                   f"({global_batch_size})")
@@ -328,6 +373,7 @@ class GlobalBatchSampler:
             raise DataConfigError(f"consumed_samples={consumed_samples} is not a multiple of the global batch size")
         self.num_samples, self.micro, self.gbs = num_samples, micro_batch_size, global_batch_size
         self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        self.group_size = group_size
         self.num_microbatches = global_batch_size // per_step
         self.steps_per_epoch = num_samples // global_batch_size
         self.consumed_samples = consumed_samples
@@ -335,7 +381,9 @@ class GlobalBatchSampler:
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.num_samples)
-        return np.random.default_rng(self.seed + epoch).permutation(self.num_samples)
+        g = self.group_size
+        groups = np.random.default_rng(self.seed + epoch).permutation(self.num_samples // g)
+        return (groups[:, None] * g + np.arange(g)).reshape(-1)
 
     def __iter__(self) -> Iterator[List[List[int]]]:
         while True:

@@ -7,7 +7,13 @@ Hugging Face ``datasets`` dataset saved with ``save_to_disk``:
   ``[{"role": "user", ...}, {"role": "assistant", ...}]``;
 * ``{"messages": [{"role": str, "content": str}, ...], "id": optional}`` – the
   trailing run of ``assistant`` turns is the completion, everything before is the
-  prompt.
+  prompt;
+* a preference pair, ``{"prompt": str | "messages": [prompt turns], "chosen": ...,
+  "rejected": ..., "id": optional}`` (the TRL/DPO layout; ``chosen``/``rejected`` a
+  string or a list of assistant turns) – becomes *two* consecutive records, the
+  chosen conversation (:data:`ROLE_CHOSEN`) then the rejected one
+  (:data:`ROLE_REJECTED`), sharing a pair number. Preference distillation makes the
+  teacher's response the chosen one and the student's the rejected one.
 
 Every sample keeps its raw text (the messages, untouched): a later stage renders
 them with a chat template (possibly the teacher's own), so nothing here tokenises
@@ -16,7 +22,7 @@ the reason; with ``skip_bad_samples=True`` such samples are dropped and listed i
 :attr:`RecordSet.skipped` instead.
 
 :attr:`RecordSet.content_hash` is a stable sha256 over the canonical JSON of the
-kept records (ids and messages, in order) – independent of file names, line
+kept records (ids, messages and pair roles, in order) – independent of file names, line
 numbers, key order and whitespace – so a logits store can tell it was built from a
 different dataset.
 """
@@ -32,6 +38,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 __all__ = [
     "ALLOWED_ROLES",
     "DataError",
+    "ROLE_CHOSEN",
+    "ROLE_REJECTED",
+    "ROLE_SINGLE",
     "Record",
     "RecordSet",
     "SkippedSample",
@@ -40,6 +49,8 @@ __all__ = [
 ]
 
 ALLOWED_ROLES = ("system", "user", "assistant", "tool")
+# Record.role: an ordinary sample, or one side of a preference pair.
+ROLE_SINGLE, ROLE_CHOSEN, ROLE_REJECTED = "single", "chosen", "rejected"
 
 
 def completion_start(messages: Sequence[Dict[str, str]]) -> int:
@@ -85,6 +96,9 @@ class Record:
         messages: ``({"role", "content"}, ...)``; the trailing assistant turns are
             the completion. Content is the raw text, never templated.
         source_file / source_line: where it came from (line is 1-based).
+        role: :data:`ROLE_SINGLE`, or :data:`ROLE_CHOSEN` / :data:`ROLE_REJECTED` for the
+            two sides of a preference pair (consecutive records, chosen first).
+        pair: the pair's number (0..pairs-1) among the kept pairs; -1 for a single.
     """
 
     index: int
@@ -92,6 +106,8 @@ class Record:
     messages: Tuple[Dict[str, str], ...]
     source_file: str = ""
     source_line: int = 0
+    role: str = ROLE_SINGLE
+    pair: int = -1
 
     @property
     def num_completion_messages(self) -> int:
@@ -118,8 +134,12 @@ class Record:
         return "\n".join(m["content"] for m in self.completion_messages)
 
     def canonical(self) -> Dict[str, Any]:
-        """The hashed content: id and messages (not index or source location)."""
-        return {"id": self.id, "messages": [dict(m) for m in self.messages]}
+        """The hashed content: id, messages and pair role (not index or source location).
+        A single's form has no role, so hashes of plain datasets never change."""
+        out = {"id": self.id, "messages": [dict(m) for m in self.messages]}
+        if self.role != ROLE_SINGLE:
+            out["role"] = self.role
+        return out
 
 
 @dataclass
@@ -150,6 +170,15 @@ class RecordSet:
                 h.update(b"\n")
             self._hash = "sha256:" + h.hexdigest()
         return self._hash
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(r.role == ROLE_CHOSEN for r in self.records)
+
+    @property
+    def is_preference(self) -> bool:
+        """Every record is one side of a preference pair (a pair dataset)."""
+        return bool(self.records) and all(r.role != ROLE_SINGLE for r in self.records)
 
     def skipped_report(self) -> str:
         """Human-readable list of skipped samples (empty string if none)."""
@@ -210,11 +239,53 @@ def _validate_messages(messages: Any) -> Tuple[Dict[str, str], ...]:
     return tuple(out)
 
 
-def _validate_object(obj: Any) -> Tuple[SampleId, Tuple[Dict[str, str], ...]]:
-    """(id, messages) of a decoded sample, or raise :class:`_Invalid`."""
+def _check_completion(messages: Tuple[Dict[str, str], ...], what: str = "completion") -> None:
+    # Whitespace-only completions carry no training signal and usually mean a broken export.
+    if not any(m["content"].strip() for m in messages[completion_start(messages) :]):
+        raise _Invalid(f"empty {what}: the final assistant turn(s) contain no text")
+
+
+def _validate_pair(obj: Dict[str, Any]) -> List[Tuple[str, Tuple[Dict[str, str], ...]]]:
+    """``[(ROLE_CHOSEN, messages), (ROLE_REJECTED, messages)]`` of a preference pair."""
+    if "response" in obj:
+        raise _Invalid("ambiguous sample: has 'response' and 'chosen'/'rejected'")
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise _Invalid(f"missing field '{key}' (a preference pair needs 'chosen' and 'rejected')")
+    if obj.get("messages") is not None:
+        if "prompt" in obj:
+            raise _Invalid("ambiguous sample: has both 'messages' and 'prompt'")
+        prompt = obj["messages"]
+        if not isinstance(prompt, list) or not prompt:
+            raise _Invalid("field 'messages' of a preference pair must be a non-empty list of prompt turns")
+    elif "prompt" in obj:
+        prompt = [{"role": "user", "content": _require_str(obj["prompt"], "field 'prompt'")}]
+    else:
+        raise _Invalid("missing field: a preference pair needs 'prompt' or 'messages'")
+    out = []
+    for key, role in (("chosen", ROLE_CHOSEN), ("rejected", ROLE_REJECTED)):
+        side = obj[key]
+        turns = [{"role": "assistant", "content": side}] if isinstance(side, str) else side
+        if not isinstance(turns, list):
+            raise _Invalid(f"wrong type for field '{key}': expected string or list of assistant turns, "
+                           f"got {_type_name(side)}")
+        messages = _validate_messages(list(prompt) + list(turns))
+        if completion_start(messages) != len(prompt):
+            raise _Invalid(f"field '{key}' must hold only assistant turns after a prompt that does not end "
+                           "with an assistant turn")
+        _check_completion(messages, f"'{key}' response")
+        out.append((role, messages))
+    return out
+
+
+def _validate_object(obj: Any) -> List[Tuple[SampleId, str, Tuple[Dict[str, str], ...]]]:
+    """``[(id, role, messages)]`` of a decoded sample (two entries for a preference pair),
+    or raise :class:`_Invalid`."""
     if not isinstance(obj, dict):
         raise _Invalid(f"wrong type for sample: expected JSON object, got {_type_name(obj)}")
     sid = _validate_id(obj)
+    if "chosen" in obj or "rejected" in obj:
+        return [(sid, role, messages) for role, messages in _validate_pair(obj)]
     if "messages" in obj and obj["messages"] is not None:
         if "prompt" in obj or "response" in obj:
             raise _Invalid("ambiguous sample: has both 'messages' and 'prompt'/'response'")
@@ -228,10 +299,8 @@ def _validate_object(obj: Any) -> Tuple[SampleId, Tuple[Dict[str, str], ...]]:
         prompt = _require_str(obj["prompt"], "field 'prompt'")
         response = _require_str(obj["response"], "field 'response'")
         messages = ({"role": "user", "content": prompt}, {"role": "assistant", "content": response})
-    # Whitespace-only completions carry no training signal and usually mean a broken export.
-    if not any(m["content"].strip() for m in messages[completion_start(messages) :]):
-        raise _Invalid("empty completion: the final assistant turn(s) contain no text")
-    return sid, messages
+    _check_completion(messages)
+    return [(sid, ROLE_SINGLE, messages)]
 
 
 # ----------------------------------------------------------------------------- readers
@@ -285,17 +354,21 @@ def records_from_objects(
     """Validate ``(file, line, obj, pre_error)`` tuples into a :class:`RecordSet`."""
     records: List[Record] = []
     skipped: List[SkippedSample] = []
+    pairs = 0
     for file, line, obj, pre_error in items:
         try:
             if pre_error is not None:
                 raise _Invalid(pre_error)
-            sid, messages = _validate_object(obj)
+            entries = _validate_object(obj)
         except _Invalid as e:
             if not skip_bad_samples:
                 raise DataError(file, line, str(e)) from None
             skipped.append(SkippedSample(file, line, str(e)))
             continue
-        records.append(Record(len(records), sid, messages, file, line))
+        pair = pairs if len(entries) == 2 else -1
+        pairs += len(entries) == 2
+        for sid, role, messages in entries:
+            records.append(Record(len(records), sid, messages, file, line, role, pair))
     return RecordSet(records, skipped, source)
 
 

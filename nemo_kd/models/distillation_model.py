@@ -134,9 +134,11 @@ class _StepSampler:
     """``len()`` steps per Lightning epoch from a :class:`GlobalBatchSampler` started at the
     current data position (``start()``, read at ``iter`` time: after a checkpoint restore)."""
 
-    def __init__(self, num_samples: int, micro: int, gbs: int, seed: int, shuffle: bool, start=lambda: 0):
+    def __init__(self, num_samples: int, micro: int, gbs: int, seed: int, shuffle: bool, start=lambda: 0,
+                 group_size: int = 1):
         self.kw = dict(num_samples=num_samples, micro_batch_size=micro, global_batch_size=gbs,
-                       dp_rank=state.dp_rank(), dp_size=state.dp_size(), seed=seed, shuffle=shuffle)
+                       dp_rank=state.dp_rank(), dp_size=state.dp_size(), seed=seed, shuffle=shuffle,
+                       group_size=group_size)
         self.start = start
         GlobalBatchSampler(**self.kw)  # validates the sizes now
         self.steps = num_samples // gbs
@@ -326,7 +328,14 @@ class GPTDistillationModel(ModelPT):
             raise DataConfigError("train_ds micro/global batch size differs from the engine's")
         sampler = _StepSampler(len(dataset), micro, gbs, int(ds.get("seed", 1234)),
                                bool(ds.get("shuffle", train)),
-                               start=(lambda: self.consumed_samples) if train else (lambda: 0))
+                               start=(lambda: self.consumed_samples) if train else (lambda: 0),
+                               group_size=dataset.group_size)
+        if dataset.group_size == 2 and self._loss_cfg.dpo_loss_weight == 0:
+            log.warning("%s holds preference pairs but kd.dpo_loss_weight=0: only the token-level terms train",
+                        ds["file_path"])
+        if dataset.dropped_pairs:
+            log.warning("%d preference pair(s) of %s dropped: a side exceeds max_seq_length=%d", dataset.dropped_pairs,
+                        ds["file_path"], max_len)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         loader = torch.utils.data.DataLoader(_StepData(dataset, self._seq_length, pad_id), sampler=sampler,
                                              batch_size=None, num_workers=int(ds.get("num_workers", 0)))
