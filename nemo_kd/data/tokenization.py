@@ -113,19 +113,24 @@ class ConversationTokenizer:
     def render(self, messages: Sequence[Dict[str, str]]) -> Tuple[str, str]:
         """``(prompt_text, completion_text)`` exactly as this model should see them."""
         prompt_msgs, completion_msgs = split_prompt_completion(messages)
+        prompt = self.render_prompt(prompt_msgs)
         if self.prompt_format == "plain":
-            prompt = "\n".join(m["content"] for m in prompt_msgs) + "\n"
             completion = "".join(m["content"] for m in completion_msgs) + (self.tokenizer.eos_token or "")
             return prompt, completion
-        tok = self.tokenizer
-        prompt = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(list(prompt_msgs) + completion_msgs, tokenize=False)
+        full = self.tokenizer.apply_chat_template(list(prompt_msgs) + completion_msgs, tokenize=False)
         if not full.startswith(prompt):
             raise TokenizationError(
                 "the chat template does not render the prompt as a prefix of the full conversation "
                 "(add_generation_prompt output differs); cannot locate the completion"
             )
         return prompt, full[len(prompt):]
+
+    def render_prompt(self, prompt_messages: Sequence[Dict[str, str]]) -> str:
+        """The text a model reads before it answers (the generation prompt included): what
+        :meth:`render` puts before the completion, and what sampling starts from."""
+        if self.prompt_format == "plain":
+            return "\n".join(m["content"] for m in prompt_messages) + "\n"
+        return self.tokenizer.apply_chat_template(list(prompt_messages), tokenize=False, add_generation_prompt=True)
 
     def _encode(self, text: str, char_offset: int) -> Tuple[List[int], List[Tuple[int, int]]]:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

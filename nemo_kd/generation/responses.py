@@ -1,0 +1,218 @@
+"""Prompts in, sampled responses out: the JSON Lines every pipeline stage reads and writes.
+
+**Prompts** (:func:`read_prompts`): one object per line, ``{"prompt": str}`` or
+``{"messages": [prompt turns]}`` (trailing assistant turns, if any, are dropped: a
+training file works as a prompt file), with an optional ``id`` and an optional
+``reference`` answer for rule-based scoring (a ``response`` field serves as the
+reference when ``reference`` is absent). Errors name ``file:line``.
+
+**Responses** (:func:`sample_responses`, :func:`read_responses`): one object per sampled
+response::
+
+    {"id": <prompt id>, "prompt_index": i, "sample": j, "messages": [prompt turns],
+     "response": str, "finished": bool, "num_tokens": int, "temperature": T,
+     "logprobs": [...], "token_offsets": [[start, end], ...]}
+
+``logprobs`` are the sampling model's log-probs of the response tokens at temperature 1
+(the raw distribution, as vLLM reports them; what divergence-aware selection compares
+with the student's teacher-forced log-probs: both sides on the same footing whatever the
+sampling temperature) and ``token_offsets`` their character spans in ``response``; both
+are optional, so responses produced by another engine (vLLM, TensorRT-LLM) enter the
+same pipeline.
+Response ``j`` of prompt ``i`` is drawn with sample index ``i·n + j`` (:mod:`sampling`'s
+reproducibility contract), so a run split over data-parallel ranks writes the same
+responses as one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from nemo_kd.data.records import DataError, _iter_jsonl, completion_start
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    id: Any
+    messages: Tuple[Dict[str, str], ...]  # prompt turns only
+    reference: Optional[str] = None
+
+
+def _prompt_from_object(obj: Any, file: str, line: int, index: int) -> Prompt:
+    if not isinstance(obj, dict):
+        raise DataError(file, line, "expected a JSON object")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in msgs):
+            raise DataError(file, line, "field 'messages' must be a list of {role, content} strings")
+        msgs = msgs[:completion_start(msgs)]
+        if not msgs:
+            raise DataError(file, line, "no prompt turns before the assistant turn(s)")
+    elif isinstance(obj.get("prompt"), str):
+        msgs = [{"role": "user", "content": obj["prompt"]}]
+    else:
+        raise DataError(file, line, "missing field: expected 'prompt' (string) or 'messages'")
+    ref = obj.get("reference", obj.get("response"))
+    if ref is not None and not isinstance(ref, str):
+        raise DataError(file, line, "field 'reference' must be a string")
+    return Prompt(index, obj.get("id", index), tuple({"role": m["role"], "content": m["content"]} for m in msgs), ref)
+
+
+def read_prompts(path: str) -> List[Prompt]:
+    """Prompts of a JSON Lines file (module docstring); ``DataError`` names file:line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such prompt file: {path}")
+    out: List[Prompt] = []
+    for line, obj, err in _iter_jsonl(path):
+        if err is not None:
+            raise DataError(path, line, err)
+        out.append(_prompt_from_object(obj, path, line, len(out)))
+    return out
+
+
+def write_jsonl_atomic(path: str, rows: Sequence[Dict[str, Any]]) -> None:
+    """All rows or nothing: a temp file renamed over ``path`` (a killed run leaves no half file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_responses(path: str) -> Dict[int, List[Dict[str, Any]]]:
+    """Responses grouped by ``prompt_index`` (in ``sample`` order); ``DataError`` names file:line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such responses file: {path}")
+    rows: List[Dict[str, Any]] = []
+    for line, obj, err in _iter_jsonl(path):
+        if err is not None:
+            raise DataError(path, line, err)
+        if not isinstance(obj, dict):
+            raise DataError(path, line, "expected a JSON object")
+        for key, kind in (("prompt_index", int), ("response", str), ("messages", list)):
+            if not isinstance(obj.get(key), kind):
+                raise DataError(path, line, f"missing or wrong type for field '{key}' (expected {kind.__name__})")
+        lps, offs = obj.get("logprobs"), obj.get("token_offsets")
+        if (lps is None) != (offs is None) or (lps is not None and len(lps) != len(offs)):
+            raise DataError(path, line, "'logprobs' and 'token_offsets' must be given together, one per token")
+        rows.append(obj)
+    return group_by_prompt(rows)
+
+
+def group_by_prompt(rows: Sequence[Dict[str, Any]]) -> Dict[int, List[Dict[str, Any]]]:
+    """Response rows grouped by ``prompt_index``, each group in ``sample`` order."""
+    groups: Dict[int, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt_index"], []).append(r)
+    for g in groups.values():
+        g.sort(key=lambda r: r.get("sample", 0))
+    return groups
+
+
+def _token_offsets(tokenizer, token_ids: Sequence[int], text: str, window: int = 8) -> List[Tuple[int, int]]:
+    """Character span of each token in ``text`` (the decoding of ``token_ids``).
+
+    Incremental detokenisation: token ``j`` adds ``decode(ids[s:j+1]) − decode(ids[s:j])``
+    characters, ``s = max(0, j − window)``. The window always holds a token before ``j``
+    (``j ≥ 1``), so a SentencePiece word-start space dropped at the start of a decode is
+    dropped on both sides; a byte of an unfinished multi-byte character adds nothing until
+    the token that completes it. O(n·window) decodes instead of n prefix decodes."""
+    def length(ids):
+        return len(tokenizer.decode(list(ids), skip_special_tokens=True).rstrip("\ufffd"))
+
+    spans, prev = [], 0
+    for j in range(len(token_ids)):
+        s = max(0, j - window)
+        cur = min(len(text), prev + max(0, length(token_ids[s:j + 1]) - length(token_ids[s:j])))
+        spans.append((prev, cur))
+        prev = cur
+    return spans
+
+
+def sample_responses(model, ctok, prompts: Sequence[Prompt], sampling, num_samples: int = 1, *,
+                     vocab_size: int, max_length: Optional[int] = None, batch_size: int = 64,
+                     with_logprobs: bool = True, progress=None) -> List[Dict[str, Any]]:
+    """``num_samples`` responses per prompt from ``model`` (a Megatron GPT at any TP, or
+    :class:`~nemo_kd.generation.sampling.HFCausalLM`), rendered with ``ctok`` (the model's
+    :class:`~nemo_kd.data.tokenization.ConversationTokenizer`). Rows as in the module docstring."""
+    from nemo_kd.generation.sampling import generate
+
+    if any(p.index != prompts[0].index + i for i, p in enumerate(prompts)):
+        raise ValueError("sample_responses needs a contiguous block of prompts (see shard_range)")
+    tok = ctok.tokenizer
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    rows: List[Dict[str, Any]] = []
+    ids = [list(tok(ctok.render_prompt(p.messages), add_special_tokens=False)["input_ids"]) for p in prompts]
+    # Prompt i's j-th draw is global sample index first·n + i·n + j whatever the batching.
+    first = prompts[0].index if prompts else 0
+    expanded = [ids[i] for i in range(len(prompts)) for _ in range(num_samples)]
+    gens = generate(model, expanded, sampling, eos_id=eos, pad_id=pad, vocab_size=vocab_size, max_length=max_length,
+                    batch_size=batch_size, sample_offset=first * num_samples, progress=progress, tokenizer=tok)
+    for r, g in enumerate(gens):
+        p = prompts[r // num_samples]
+        row = {"id": p.id, "prompt_index": p.index, "sample": r % num_samples, "messages": [dict(m) for m in p.messages],
+               "response": g.text, "finished": g.finished, "num_tokens": len(g.token_ids),
+               "temperature": sampling.temperature}
+        if p.reference is not None:
+            row["reference"] = p.reference
+        if with_logprobs:
+            row["logprobs"] = [float(x) for x in g.logprobs[:len(g.token_ids)]]
+            row["token_offsets"] = [list(s) for s in _token_offsets(tok, g.token_ids, g.text)]
+        rows.append(row)
+    return rows
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """The contiguous block of ``range(n)`` data-parallel rank ``rank`` of ``world`` handles."""
+    per = -(-n // world)
+    return range(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def score_responses(model, ctok, rows: Sequence[Dict[str, Any]], *, vocab_size: int,
+                    batch_size: int = 64) -> List[Tuple[List[float], List[Tuple[int, int]]]]:
+    """Teacher-forced log-probs of each row's response under ``model``, tokenised and rendered
+    by ``ctok`` (the model's own :class:`~nemo_kd.data.tokenization.ConversationTokenizer`).
+
+    Returns per row ``(logprobs, spans)`` over the tokens of the response *content* (the
+    template's end-of-turn tokens excluded): ``spans`` are character ranges in
+    ``row["response"]``, so two models with different tokenizers are compared on the same
+    text (divergence-aware selection; the teacher as judge: ``mean(logprobs)``). A row
+    longer than ``ctok.max_seq_length`` is scored on its kept tokens (truncated) or,
+    with ``overlong="drop"``, gets empty lists.
+    """
+    from nemo_kd.align.spans import locate_content
+    from nemo_kd.generation.sampling import response_logprobs
+
+    prompts, responses, spans_of = [], [], []
+    for r in rows:
+        tok = ctok(list(r["messages"]) + [{"role": "assistant", "content": r["response"]}],
+                   sample_name=f"prompt {r.get('prompt_index')} sample {r.get('sample', 0)}")
+        if tok is None:
+            prompts.append([]), responses.append([]), spans_of.append([])
+            continue
+        start = tok.completion_char_start
+        lo, hi = locate_content(tok.text[start:], [r["response"]])[0] if r["response"] else (0, 0)
+        n_p = tok.num_prompt_tokens
+        spans = [(max(0, min(s - start - lo, hi - lo)), max(0, min(e - start - lo, hi - lo)))
+                 for s, e in tok.token_char_spans[n_p:]]
+        # content tokens: those overlapping the content range, up to the last one
+        keep = max([j + 1 for j, (s, e) in enumerate(tok.token_char_spans[n_p:]) if s - start < hi], default=0)
+        prompts.append(tok.input_ids[:n_p])
+        responses.append(tok.input_ids[n_p:n_p + keep])
+        spans_of.append(spans[:keep])
+    scored = [i for i, r in enumerate(responses) if r]
+    lps = response_logprobs(model, [prompts[i] for i in scored], [responses[i] for i in scored],
+                            batch_size=batch_size, vocab_size=vocab_size) if scored else []
+    out: List[Tuple[List[float], List[Tuple[int, int]]]] = [([], []) for _ in rows]
+    for i, lp in zip(scored, lps):
+        out[i] = (lp.tolist(), spans_of[i])
+    return out
