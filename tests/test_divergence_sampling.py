@@ -10,7 +10,6 @@ from nemo_kd.generation.divergence import (
     SentenceLabel,
     assign_tokens,
     classify_sentences,
-    score_response,
     select_candidates,
     sentence_divergence,
     sentence_logprob_means,
@@ -145,18 +144,18 @@ def test_hand_computed_sentence_probabilities_with_different_tokenizers():
     assert d.sentences == SENTENCES
     assert d.labels.tolist() == [T, S, C]
     assert d.teacher_token_counts.tolist() == [2, 2, 3] and d.student_token_counts.tolist() == [5, 2, 2]
-    assert score_response(TEXT, t_spans, teacher_lp, s_spans, student_lp) == DivergenceScore(1, 1, 1, 0)
+    assert sentence_divergence(TEXT, t_spans, teacher_lp, s_spans, student_lp).score == DivergenceScore(1, 1, 1, 0)
     # β = 0.04 turns the third sentence (Δ = .05) into a teacher sentence.
-    assert score_response(TEXT, t_spans, teacher_lp, s_spans, student_lp, beta=0.04) == DivergenceScore(2, 1, 0, 0)
+    assert sentence_divergence(TEXT, t_spans, teacher_lp, s_spans, student_lp, beta=0.04).score == DivergenceScore(2, 1, 0, 0)
     # Swapping the roles swaps teacher and student sentences.
-    assert score_response(TEXT, s_spans, student_lp, t_spans, teacher_lp) == DivergenceScore(1, 1, 1, 0)
+    assert sentence_divergence(TEXT, s_spans, student_lp, t_spans, teacher_lp).score == DivergenceScore(1, 1, 1, 0)
     assert sentence_divergence(TEXT, s_spans, student_lp, t_spans, teacher_lp).labels.tolist() == [S, T, C]
 
 
 def test_same_tokens_same_logprobs_are_all_common():
     spans = spans_of(TEXT, TEXT.split(" ")[:1] + [" " + w for w in TEXT.split(" ")[1:]])
     lp = torch.linspace(-3.0, -0.1, len(spans))
-    assert score_response(TEXT, spans, lp, spans, lp) == DivergenceScore(0, 0, 3, 0)
+    assert sentence_divergence(TEXT, spans, lp, spans, lp).score == DivergenceScore(0, 0, 3, 0)
 
 
 def test_tensor_inputs_and_spans_shifted_from_a_full_rendering():
@@ -195,10 +194,10 @@ def test_sentence_without_tokens_is_nan_and_unscored():
 def test_empty_text_and_no_tokens():
     res = sentence_logprob_means([], [], [])
     assert res.mean.shape == (0,) and res.count.shape == (0,)
-    assert score_response("", [], [], [], []) == DivergenceScore(0, 0, 0, 0)
-    assert score_response("  \n", [(0, 3)], [-1.0], [(0, 1)], [-1.0]) == DivergenceScore(0, 0, 0, 0)
+    assert sentence_divergence("", [], [], [], []).score == DivergenceScore(0, 0, 0, 0)
+    assert sentence_divergence("  \n", [(0, 3)], [-1.0], [(0, 1)], [-1.0]).score == DivergenceScore(0, 0, 0, 0)
     # text with sentences but no tokens at all: every sentence unscored
-    assert score_response(TEXT, [], [], [], []) == DivergenceScore(0, 0, 0, 3)
+    assert sentence_divergence(TEXT, [], [], [], []).score == DivergenceScore(0, 0, 0, 3)
 
 
 def test_zero_probability_token():

@@ -45,7 +45,6 @@ __all__ = [
     "SentenceLogProbs",
     "assign_tokens",
     "classify_sentences",
-    "score_response",
     "select_candidates",
     "sentence_divergence",
     "sentence_logprob_means",
@@ -302,21 +301,6 @@ def sentence_divergence(
     s = sentence_logprob_means(student_token_spans, student_logprobs, sentences)
     p_t, p_s = t.mean.exp(), s.mean.exp()  # exp(NaN) stays NaN -> UNSCORED
     return SentenceDivergence(sentences, p_t, p_s, t.count, s.count, classify_sentences(p_t, p_s, beta))
-
-
-def score_response(
-    text: str,
-    teacher_token_spans: Spans,
-    teacher_logprobs: Union[Sequence[float], torch.Tensor],
-    student_token_spans: Spans,
-    student_logprobs: Union[Sequence[float], torch.Tensor],
-    beta: float = DEFAULT_BETA,
-    sentences: Optional[Sequence[Tuple[int, int]]] = None,
-) -> DivergenceScore:
-    """Sentence counts of one response; see :func:`sentence_divergence`."""
-    return sentence_divergence(
-        text, teacher_token_spans, teacher_logprobs, student_token_spans, student_logprobs, beta, sentences
-    ).score
 
 
 def select_candidates(scores_per_question: Sequence[Optional[DivergenceScore]]) -> Optional[int]:
