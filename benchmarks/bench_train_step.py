@@ -25,13 +25,35 @@ the timed steps in the same run:
   before the timed steps); "step extra" = VmHWM − VmRSS before them. RSS includes the
   allocator's cached pages, so it over-states live tensors; compare variants, not absolutes.
 
+Loss memory, in place vs not (``--inplace both``, the default, runs every variant with
+``inplace_logits_grad`` on and off; ``DistillationLossConfig.inplace_logits_grad``). After
+the timed steps each run takes two more steps, each measuring one window per microbatch
+(max over microbatches), as bytes above the window's start:
+
+* "loss extra": from the objective's call (the logits already exist) to the moment the
+  gradient w.r.t. the logits is complete — the loss's own extra peak (its gradient buffer,
+  unless in place, plus scratch);
+* "head window": from the output layer's forward to the completed gradient w.r.t. its input
+  (hidden states) — the logits themselves, Megatron's ``[s, b] → [b, s]`` copy, the fp32
+  upcast of bf16 logits (Float16Module), the loss, and the output layer's backward (whose
+  ``grad_output.contiguous()`` copies a transposed gradient when micro-batch > 1).
+
+Both are reported as a ratio to the logits' size (the ``[b, s, V/TP]`` tensor the loss gets,
+in its dtype). Issue 7's target: loss extra ≤ 0.10×. Measured on CUDA with
+``torch.cuda.max_memory_allocated`` (reset at the window's start); on CPU with
+``torch.profiler`` (``profile_memory=True``): the window is a ``record_function`` range and the
+peak is the largest "Total Allocated" of the allocator's memory events inside it minus the
+value just before it — live bytes of tensors allocated since profiling started, so exact for
+anything the window allocates and frees (the logits are allocated inside the head window).
+
 With ``--repeat R`` the variant list runs R times round-robin and each variant reports its
 median-time run (other jobs on a shared machine slow whichever variant runs beside them).
 Ratios are against ``sft``. The issue's target: KD ≤ 1.05× the SFT step time. On CPU the
 fused variants run in Triton's interpreter (``TRITON_INTERPRET=1``): a correctness smoke,
 their times mean nothing; they are left out unless ``--cpu-fused``.
 
-    python benchmarks/bench_train_step.py                      # CPU, small (< 3 min)
+    python benchmarks/bench_train_step.py                      # CPU, small (~5 min: in place on and off)
+    python benchmarks/bench_train_step.py --repeat 1 --cpu-fused --variants sft topk-torch topk-fused online-fused
     python benchmarks/bench_train_step.py --gpu                # issue's size: ~1.7B GPT, V=128256, seq 2048, mbs 4
     python benchmarks/bench_train_step.py --gpu --layers 16 --micro-batch 2 --variants sft topk-fused
 """
@@ -75,12 +97,15 @@ def parse_args(argv=None):
     p.add_argument("--sft-weight", type=float, default=1.0, help="SFT weight of the KD variants")
     p.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    p.add_argument("--inplace", choices=("both", "on", "off"), default="both",
+                   help="inplace_logits_grad of every variant (both: run each variant with it on and off)")
     p.add_argument("--repeat", type=int, default=None,
                    help="run the variant list this many times round-robin and report the median (shared machines)")
     p.add_argument("--cpu-threads", type=int, default=1, help="OMP threads of each CPU run")
     p.add_argument("--cpu-fused", action="store_true", help="on CPU, also run the fused variants (interpreter)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-inplace", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     preset = PRESETS["gpu" if a.gpu else "cpu"]
     for key, value in preset.items():
@@ -130,6 +155,95 @@ def _microbatches(a, batch, online):
     return [{k: batch[k][i:i + m] for k in keys} for i in range(0, a.global_batch, m)]
 
 
+class _Window:
+    """Peak memory above its start of a code window opened / closed from hooks (module docstring)."""
+
+    def __init__(self, name, cuda):
+        self.name, self.cuda, self.peaks, self._rf = name, cuda, [], None
+
+    def open(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._rf = torch.autograd.profiler.record_function(self.name)
+            self._rf.__enter__()
+
+    def close(self, *_):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peaks.append(torch.cuda.max_memory_allocated() - self.base)
+        elif self._rf is not None:
+            self._rf.__exit__(None, None, None)
+            self._rf = None
+
+    def peaks_from_trace(self, path):
+        """CPU: per window range, max "Total Allocated" inside it minus the last value before it."""
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+        mem = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events
+                     if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0)
+        for r in (e for e in events if e.get("name") == self.name and e.get("ph") == "X"):
+            start, end = float(r["ts"]), float(r["ts"]) + float(r["dur"])
+            before = [v for t, v in mem if t < start]
+            base = before[-1] if before else 0
+            inside = [v for t, v in mem if start <= t <= end]
+            self.peaks.append(max(inside, default=base) - base)
+
+
+def _loss_memory(engine, mbs, cuda):
+    """One extra step per window ("loss", "head"; module docstring): max peak over microbatches."""
+    import tempfile
+
+    import torch
+
+    gpt = next(m for m in engine.module.modules() if hasattr(m, "output_layer"))  # GPTModel in Float16Module
+    objective = engine.objective
+    info = {}
+    result = {}
+    for name in ("loss", "head"):
+        win = _Window("nemo_kd_" + name + "_window", cuda)
+
+        def probe(logits, batch, norms, win=win, name=name):
+            if name == "loss" and torch.is_grad_enabled():
+                win.open()
+                logits.register_hook(win.close)  # fires once ∂L/∂logits is complete
+            flat = logits.reshape(-1, logits.shape[-1])
+            info.update(logits_bytes=logits.numel() * logits.element_size(),
+                        inplace=objective.inplace_blocker(flat, batch) or "yes")
+            return objective(logits, batch, norms)
+
+        def head_pre(module, inputs, win=win, name=name):
+            if name == "head" and torch.is_grad_enabled():
+                win.open()
+                inputs[0].register_hook(win.close)  # fires once ∂L/∂hidden (the head's backward) is done
+
+        handle = gpt.output_layer.register_forward_pre_hook(head_pre)
+        engine.objective = probe
+        try:
+            if cuda:
+                engine.train_step(mbs)
+            else:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                    engine.train_step(mbs)
+                with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                    prof.export_chrome_trace(f.name)
+                    win.peaks_from_trace(f.name)
+        finally:
+            engine.objective = objective
+            handle.remove()
+        result[name] = max(win.peaks) if win.peaks else float("nan")
+    return dict(logits_bytes=info["logits_bytes"], loss_extra=result["loss"], head_window=result["head"],
+                inplace_used=info["inplace"])
+
+
 def run_child(a):
     import torch
 
@@ -153,12 +267,13 @@ def run_child(a):
                                      ffn_hidden_size=a.ffn * t_hidden // a.hidden, vocab_size=a.vocab,
                                      max_position_embeddings=a.seq, params_dtype=a.dtype,
                                      transformer_impl=a.transformer_impl)
+    inplace = a.child_inplace == "on"
     if v == "sft":
-        loss_cfg = DistillationLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0)
+        loss_cfg = DistillationLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0, inplace_logits_grad=inplace)
     else:
         loss_cfg = DistillationLossConfig(kd_loss_type=a.online_loss if online else a.kd_loss, kd_loss_weight=1.0,
                                           sft_loss_weight=a.sft_weight, topk_convention=a.topk_convention,
-                                          kd_kernel=kernel)
+                                          kd_kernel=kernel, inplace_logits_grad=inplace)
     initialize_parallel(ParallelConfig(seed=1234))
     try:
         engine = DistillationEngine(model_cfg, loss_cfg, OptimConfig(lr=1e-5, clip_grad=1.0),
@@ -183,8 +298,9 @@ def run_child(a):
         sync()
         ms = (time.perf_counter() - t0) / a.steps * 1e3
         peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
-        return dict(variant=v, ms=ms, peak=peak, extra=peak - base, loss=losses[-1],
-                    device=torch.cuda.get_device_name() if cuda else "CPU")
+        mem = _loss_memory(engine, mbs, cuda)  # after the timed steps: its hooks / profiler cost no time there
+        return dict(variant=v, inplace=a.child_inplace, ms=ms, peak=peak, extra=peak - base, loss=losses[-1],
+                    device=torch.cuda.get_device_name() if cuda else "CPU", **mem)
     finally:
         destroy_parallel()
 
@@ -212,29 +328,32 @@ def main():
         # make step times swing by 10× (seen with 2 threads on 2 busy cores).
         env["OMP_NUM_THREADS"] = str(a.cpu_threads)
     argv = [x for x in sys.argv[1:]]
-    runs = {v: [] for v in variants}
+    modes = ("on", "off") if a.inplace == "both" else (a.inplace,)
+    jobs = [(v, m) for v in variants for m in modes]
+    runs = {j: [] for j in jobs}
     for _ in range(a.repeat):
-        for v in variants:
+        for v, m in jobs:
             t = time.perf_counter()
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child", v], env=env, cwd=ROOT,
-                                  capture_output=True, text=True)
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", v, "--child-inplace", m]
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
-                print(f"{v}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+                print(f"{v} (in place {m}): failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr,
+                      flush=True)
                 continue
-            runs[v].append(json.loads(line[-1][len("RESULT "):]))
-            print(f"  {v}: {runs[v][-1]['ms']:.1f} ms/step (run {time.perf_counter() - t:.0f} s)", file=sys.stderr,
-                  flush=True)
+            runs[(v, m)].append(json.loads(line[-1][len("RESULT "):]))
+            print(f"  {v} (in place {m}): {runs[(v, m)][-1]['ms']:.1f} ms/step (run {time.perf_counter() - t:.0f} s)",
+                  file=sys.stderr, flush=True)
     results = []
-    for v in variants:
-        if not runs[v]:
-            results.append(dict(variant=v, error=True))
+    for v, m in jobs:
+        if not runs[(v, m)]:
+            results.append(dict(variant=v, inplace=m, error=True))
             continue
-        ordered = sorted(runs[v], key=lambda r: r["ms"])
+        ordered = sorted(runs[(v, m)], key=lambda r: r["ms"])
         med = dict(ordered[(len(ordered) - 1) // 2])  # the lower median: a real run's numbers
         results.append(med)
     ok = [r for r in results if not r.get("error")]
-    sft = next((r for r in ok if r["variant"] == "sft"), None)
+    sfts = {r["inplace"]: r for r in ok if r["variant"] == "sft"}  # ratios against SFT in the same mode
     dev = ok[0]["device"] if ok else ("CUDA" if cuda else "CPU")
     mem_kind = "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM)"
     rows = [
@@ -244,19 +363,28 @@ def main():
         f"top-k: k={a.topk} {a.topk_convention} {a.kd_loss}; online: {a.online_loss} vs a teacher of "
         f"{a.teacher_layers or a.layers}L h{a.teacher_hidden or a.hidden} (its forward is in the step); KD variants "
         f"add SFT × {a.sft_weight}. {a.steps} timed steps after {a.warmup} warm-up, the run with the median "
-        f"time of {a.repeat} (round-robin); memory: {mem_kind} over the timed steps; step extra = peak − before them.",
+        f"time of {a.repeat} (round-robin); memory: {mem_kind} over the timed steps; step extra = peak − before "
+        f"them. "
+        f"Loss extra / head window: peak above the window's start over the logits' size "
+        f"({'torch.cuda.max_memory_allocated' if cuda else 'torch.profiler memory events'}; module docstring); "
+        f"'in place' is what the objective did (or why not).",
         "",
-        "| variant | ms/step | × SFT | peak GiB | × SFT | step extra GiB | last loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | in place | ms/step | × SFT | peak GiB | × SFT | step extra GiB | logits MiB "
+        "| loss extra × logits | head window × logits | last loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("error"):
-            rows.append(f"| {r['variant']} | failed | | | | | |")
+            rows.append(f"| {r['variant']} | {r['inplace']} | failed | | | | | | | | |")
             continue
+        sft = sfts.get(r["inplace"])
         rt = f"{r['ms'] / sft['ms']:.3f}" if sft else ""
         rm = f"{r['peak'] / sft['peak']:.3f}" if sft else ""
-        rows.append(f"| {r['variant']} | {r['ms']:.1f} | {rt} | {r['peak'] / 2**30:.3f} | {rm} | "
-                    f"{r['extra'] / 2**30:.3f} | {r['loss']:.4f} |")
+        lb = r["logits_bytes"]
+        used = "yes" if r["inplace_used"] == "yes" else f"no ({r['inplace_used']})"
+        rows.append(f"| {r['variant']} | {used} | {r['ms']:.1f} | {rt} | {r['peak'] / 2**30:.3f} | {rm} | "
+                    f"{r['extra'] / 2**30:.3f} | {lb / 2**20:.1f} | {r['loss_extra'] / lb:.3f} | "
+                    f"{r['head_window'] / lb:.3f} | {r['loss']:.4f} |")
     if not cuda and not a.cpu_fused:
         rows.append("")
         rows.append("(fused variants left out on CPU: Triton's interpreter times mean nothing; --cpu-fused runs them)")

@@ -315,6 +315,8 @@ class FusedFullKD(torch.autograd.Function):
         g_y = zeros if g_lp is None else torch.where(alive_a, g_lp.float(), zeros).contiguous()
         if inplace:
             grad = student.detach()  # same storage: the caller promised the logits are dead
+            # Triton's stores bypass autograd's version counter: bump it by hand (see logprobs_triton).
+            torch.autograd.graph.increment_version(grad)
         else:
             grad = torch.empty((n, v_local), dtype=student.dtype, device=student.device)
         if n > 0 and v_local > 0:
@@ -350,7 +352,8 @@ def fused_full_kd_loss(
         label_ids: optional ``[N]`` global ids: also return the student's log-prob at
             them at scale ``s``, from the same passes (the CE at temperature 1 when s = 1).
         inplace_backward: write the gradient over ``student_logits`` (which must then not
-            be used after this backward).
+            be used after this backward; the version counter is bumped, so an autograd node
+            that saved them and runs later fails loudly).
 
     No ``T²`` factor and no masking by the loss mask here: :func:`nemo_kd.losses.kd.full_kd_loss`
     is the public entry point (``impl="fused"``).

@@ -217,6 +217,9 @@ class FusedVocabParallelLogProbsAt(torch.autograd.Function):
         coeff = coeff.contiguous()
         if ctx.inplace:
             grad = logits.detach()  # same storage: the caller promised the logits are dead
+            # Triton's stores bypass autograd's version counter: bump it by hand so another node
+            # that saved these logits (and runs later) fails loudly instead of reading gradients.
+            torch.autograd.graph.increment_version(grad)
         else:
             grad = torch.empty((n, v_local), dtype=logits.dtype, device=logits.device)
         rtne = grad.dtype == torch.bfloat16 and _is_interpreted()

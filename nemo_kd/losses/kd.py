@@ -87,18 +87,44 @@ def _temperature_factor(temperature_squared: bool, logits_scale: float) -> float
     return 1.0 / logits_scale**2 if temperature_squared else 1.0
 
 
-def _gather_scaled_logits(logits: torch.Tensor, ids: torch.Tensor, scale: float, group: ProcessGroup) -> torch.Tensor:
+class _GatherInplaceBackward(torch.autograd.Function):
+    """``logits.gather(-1, index)`` whose backward writes its (sparse) gradient over the logits.
+
+    ``torch.gather``'s backward is ``zeros_like(logits).scatter_add_(-1, index, grad)``: a
+    dense ``[N, V/TP]`` buffer for k values per row. This one zeroes the logits' own storage
+    and scatters into it (same values, same bits); ``zero_`` through the detached alias
+    bumps the shared version counter, so a later reader of the logits fails loudly.
+    The logits are saved only as the destination (their values are never read in backward).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, index):
+        ctx.save_for_backward(logits, index)
+        return logits.gather(-1, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, index = ctx.saved_tensors
+        out = logits.detach()
+        out.zero_()
+        return out.scatter_add_(-1, index, grad.to(out.dtype)), None
+
+
+def _gather_scaled_logits(logits: torch.Tensor, ids: torch.Tensor, scale: float, group: ProcessGroup,
+                          inplace_backward: bool = False) -> torch.Tensor:
     """``scale·z`` at global ``ids`` ``[N, k]`` from the vocab shards (differentiable).
 
     Each rank gathers the ids it owns in the logits' own dtype (no fp32 copy of the
     shard), the partials are summed over TP (identity backward), and the gradient
-    lands only in the owner's shard.
+    lands only in the owner's shard (in the logits' own storage with ``inplace_backward``).
     """
     acc = accumulation_dtype(logits.dtype)
     v_local = logits.shape[-1]
     local = ids - vocab_shard_range(v_local, group)[0]
     owned = (local >= 0) & (local < v_local)
-    picked = torch.gather(logits, -1, local.clamp(0, v_local - 1)).to(acc)
+    index = local.clamp(0, v_local - 1)
+    picked = _GatherInplaceBackward.apply(logits, index) if inplace_backward else torch.gather(logits, -1, index)
+    picked = picked.to(acc)
     picked = all_reduce_sum(torch.where(owned, picked, torch.zeros_like(picked)), group)
     return picked * scale if scale != 1.0 else picked
 
@@ -142,6 +168,7 @@ def topk_kd_loss(
     group: ProcessGroup = None,
     impl: str = "torch",
     label_ids: Optional[torch.Tensor] = None,
+    inplace_backward: bool = False,
 ):
     """Per-token KD divergence ``[N]`` against a teacher's stored top-k logits.
 
@@ -167,6 +194,10 @@ def topk_kd_loss(
             the *same* pass over the vocabulary as the KD term when ``logits_scale``
             is 1 (ids = top-k ∪ label: one forward and one backward pass over the
             logits for KD + CE together), else from a second pass at scale 1.
+        inplace_backward: write ``∂/∂student_logits`` over the logits' own storage
+            (:func:`~nemo_kd.losses.vocab_parallel.logits_overwrite_blocker`). Only
+            when a single autograd node reads the logits: refused (ValueError) with
+            ``label_ids`` at ``logits_scale != 1``, where KD and the label are two passes.
 
     Returns:
         ``[N]`` fp32 (fp64 for fp64 logits) per-token divergence, replicated on the TP
@@ -215,23 +246,28 @@ def topk_kd_loss(
     k = ids.shape[1]
     label_lp = None
     share_pass = label_ids is not None and logits_scale == 1.0
+    if inplace_backward and label_ids is not None and not share_pass:
+        raise ValueError("inplace_backward needs one pass over the logits, but KD at logits_scale != 1 and the "
+                         "label log-prob at temperature 1 are two (two nodes would each own the gradient buffer)")
+    inplace = dict(inplace_backward=inplace_backward)  # exactly one of the calls below runs with it
     if share_pass:
         # One vocab pass for KD and CE: log-probs at [top-k ids | label].
         lp_all, _ = vocab_parallel_logprobs_at(student_logits, torch.cat([ids, label_ids.long()[:, None]], dim=1),
-                                               group=group, impl=impl)
+                                               group=group, impl=impl, **inplace)
         logq_at, label_lp = lp_all[:, :k], lp_all[:, k]
     elif label_ids is not None:
         label_lp, _ = vocab_parallel_logprobs_at(student_logits, label_ids.long(), group=group, impl=impl)
     if topk_convention == "renormalized":
         log_p = torch.log_softmax(z_t, dim=-1).to(acc)
         # The LSE cancels in the renormalisation: gathered logits suffice (no vocab pass).
-        s = logq_at if share_pass else _gather_scaled_logits(student_logits, ids, logits_scale, group)
+        s = logq_at if share_pass else _gather_scaled_logits(student_logits, ids, logits_scale, group, **inplace)
         s = torch.where(slot, s, neg_inf)
         log_q = s - torch.logsumexp(s, dim=-1, keepdim=True)
     else:
         log_p = _with_tail_bucket(z_t - lse_t[:, None], tail_floor).to(acc)
         if not share_pass:
-            logq_at, _ = vocab_parallel_logprobs_at(student_logits, ids, scale=logits_scale, group=group, impl=impl)
+            logq_at, _ = vocab_parallel_logprobs_at(student_logits, ids, scale=logits_scale, group=group, impl=impl,
+                                                    **inplace)
         log_q = _with_tail_bucket(torch.where(slot, logq_at, neg_inf), tail_floor)
 
     loss = divergence(loss_type, log_p, log_q, BucketSpace.replicated(),
@@ -255,6 +291,7 @@ def full_kd_loss(
     group: ProcessGroup = None,
     impl: str = "torch",
     label_ids: Optional[torch.Tensor] = None,
+    inplace_backward: bool = False,
 ):
     """Per-token full-vocabulary KD divergence ``[N]`` against an online teacher.
 
@@ -276,6 +313,12 @@ def full_kd_loss(
     else torch). ``label_ids`` ``[N]``: also return the student's ``log q(label)`` at
     temperature 1, as :func:`topk_kd_loss` does (from the fused kernel's own passes
     when ``logits_scale`` is 1), i.e. ``(divergence, label_logprobs)``.
+
+    ``inplace_backward``: the fused kernel writes ``∂/∂student_logits`` over the logits
+    (:func:`~nemo_kd.losses.vocab_parallel.logits_overwrite_blocker`). Refused
+    (ValueError) on the torch path, whose fp32 log-softmax, divergence and label pass are
+    several autograd nodes reading the logits, and with ``label_ids`` at
+    ``logits_scale != 1`` (two passes).
     """
     _check_common(student_logits, loss_type, logits_scale)
     if teacher_logits.shape != student_logits.shape:
@@ -291,10 +334,13 @@ def full_kd_loss(
 
         if loss_type in FUSED_FULL_LOSS_TYPES:
             share_pass = label_ids is not None and logits_scale == 1.0
+            if inplace_backward and label_ids is not None and not share_pass:
+                raise ValueError("inplace_backward needs one pass over the logits, but KD at logits_scale != 1 and "
+                                 "the label log-prob at temperature 1 are two")
             loss, label_lp = fused_full_kd_loss(
                 student_logits, teacher_logits, loss_type=loss_type, logits_scale=logits_scale,
                 target_logits_scale=target_logits_scale, jsd_beta=jsd_beta, group=group,
-                label_ids=label_ids if share_pass else None)
+                label_ids=label_ids if share_pass else None, inplace_backward=inplace_backward)
             if label_ids is not None and not share_pass:
                 label_lp, _ = vocab_parallel_logprobs_at(student_logits, label_ids.long(), group=group, impl="fused")
             loss = loss * _temperature_factor(temperature_squared, logits_scale)
@@ -304,6 +350,10 @@ def full_kd_loss(
         else:
             raise ValueError(f"impl='fused' full-vocab KD supports loss_type in {FUSED_FULL_LOSS_TYPES}, got "
                              f"{loss_type!r}: use impl='torch' (or 'auto', which falls back to torch)")
+    if inplace_backward:
+        raise ValueError(f"inplace_backward needs the fused full-vocab kernel (impl='fused', loss_type in "
+                         f"('forward_kl', 'reverse_kl', 'jsd')); the torch path ({loss_type!r}) reads the logits "
+                         "in several autograd nodes")
     space = BucketSpace.sharded(group)
     acc = accumulation_dtype(student_logits.dtype)
     with torch.no_grad():

@@ -34,6 +34,29 @@ For one global batch (all microbatches on all DP ranks)::
   pairs: every term is a mean over the whole global batch, never over a microbatch
   (:mod:`nemo_kd.losses.reduction`).
 
+In-place logits gradient (``inplace_logits_grad``, default on). Where ONE autograd node
+reads the student logits — one vocab-parallel log-prob pass
+(:func:`~nemo_kd.losses.vocab_parallel.vocab_parallel_logprobs_at`) for top-k KD with
+its labels (KD + SFT + preference share it), SFT / preference alone, top-k KD alone
+(``exact_tail``: that pass; ``renormalized``: the gather of the k logits), or the fused
+online full-vocab kernel (``kd_kernel="fused"``, forward_kl / reverse_kl / jsd, with its
+label log-prob) — that node writes ``∂L/∂logits`` over the logits' own storage, so the
+loss allocates no second ``[tokens, V/TP]`` buffer. The terms' gradients accumulate
+inside that node (its upstream gradients are summed by autograd before it runs), so
+KD + CE + preference is exact. Everything else the objective reads from the logits is
+read in the forward, before any backward: ``token_agreement`` (``logits.detach()``),
+the KD / CE values, the sequence log-probs of the preference term (from the same pass).
+Configurations with two autograd readers of the logits fall back to a separate gradient
+buffer, with a warning naming the reason (:meth:`DistillationObjective.inplace_blocker`):
+SFT label smoothing (a ``Σ_v z_v`` term beside the log-prob pass), KD at
+``logits_scale != 1`` together with label log-probs at temperature 1 (two passes), the
+torch online full-vocab path and divergences without a fused kernel (skew_*, akl), and
+cross-tokenizer KD (mapped top-k + chain log-probs). Logits whose storage is a leaf
+(user data, a parameter, or a view of one) are never overwritten. The caller's part of
+the contract: nothing reads the logits after ``backward()`` — true of the Megatron step
+(:mod:`nemo_kd.models.engine`); the write bumps autograd's version counter, so any other
+autograd node that saved them fails loudly rather than silently.
+
 :func:`objective_normalisers` computes the three counts from the masks of all of a
 step's local microbatches (one small all-reduce over DP);
 :meth:`DistillationObjective.__call__` returns one microbatch's contribution to
@@ -43,6 +66,7 @@ detached metrics.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional, Sequence
 
@@ -55,7 +79,12 @@ from nemo_kd.losses.divergences import LOSS_TYPES
 from nemo_kd.losses.kd import TOPK_CONVENTIONS, full_kd_loss, token_agreement, topk_kd_loss
 from nemo_kd.losses.reduction import contribution, global_count, masked_sum
 from nemo_kd.losses.sequence import sequence_logprobs
-from nemo_kd.losses.vocab_parallel import ProcessGroup, vocab_parallel_logprobs_at
+from nemo_kd.losses.vocab_parallel import (
+    ProcessGroup,
+    logits_overwrite_blocker,
+    resolve_impl,
+    vocab_parallel_logprobs_at,
+)
 
 # Row roles in a microbatch.
 ROLE_SINGLE, ROLE_POSITIVE, ROLE_NEGATIVE = 0, 1, 2
@@ -97,6 +126,13 @@ class DistillationLossConfig:
     negative_kd_weight: float = 1.0
     reduction: str = "token"
     kd_kernel: str = "torch"
+    # Write the loss's logits gradient over the logits' own storage where one pass owns them
+    # (module docstring; other configurations fall back with a warning). On by default: it
+    # removes the loss's [tokens, V/TP] gradient buffer from the training step (issue 7's
+    # memory target), the gradient is bit-identical (tests/test_inplace_grad.py), and the
+    # training step's logits are dead after the loss (nemo_kd.models.engine). False: the
+    # separate-buffer reference path.
+    inplace_logits_grad: bool = True
 
     @classmethod
     def from_dict(cls, d) -> "DistillationLossConfig":
@@ -262,12 +298,63 @@ class DistillationObjective:
         self.cfg = cfg
         self.group = group
 
-    def _kd_per_token(self, logits: torch.Tensor, teacher, labels: Optional[torch.Tensor]):
+    def _need_label_lp(self, batch: ObjectiveBatch) -> bool:
+        # Token log-probs at the labels serve both the SFT term (CE = −log q_y without
+        # smoothing) and the sequence log-probs of the preference term, at temperature 1
+        # (logits_scale is a KD setting); with a top-k teacher they come from the KD's own pass.
+        c = self.cfg
+        need_seq = c.dpo_loss_weight > 0 and _pairs(batch)[0].numel() > 0
+        return need_seq or (c.sft_loss_weight > 0 and c.sft_label_smoothing == 0.0)
+
+    def inplace_blocker(self, logits: torch.Tensor, batch: ObjectiveBatch) -> Optional[str]:
+        """Why this microbatch's logits gradient will NOT be written in place (``None``: it will).
+
+        ``logits``: ``[N, V/TP]`` as :meth:`__call__` flattens them. In place needs a
+        single autograd reader of the logits (module docstring) and disposable storage
+        (:func:`~nemo_kd.losses.vocab_parallel.logits_overwrite_blocker`).
+        """
+        c = self.cfg
+        if not c.inplace_logits_grad:
+            return "inplace_logits_grad=False"
+        reason = logits_overwrite_blocker(logits)
+        if reason is not None:
+            return reason
+        return self._inplace_config_blocker(logits, batch)
+
+    def _inplace_config_blocker(self, logits: torch.Tensor, batch: ObjectiveBatch) -> Optional[str]:
+        """The configuration's reason for two autograd readers of the logits (``None``: one)."""
+        c = self.cfg
+        if c.sft_loss_weight > 0 and c.sft_label_smoothing > 0:
+            return "SFT label smoothing differentiates Σ_v z_v beside the log-prob pass (two readers of the logits)"
+        if c.kd_loss_weight == 0:
+            return None  # SFT / preference: one log-prob pass at the labels
+        teacher = batch.teacher
+        if isinstance(teacher, CrossTokenizerTeacher):
+            return "cross-tokenizer KD reads the logits in several passes (mapped top-k and chain log-probs)"
+        if c.logits_scale != 1.0 and self._need_label_lp(batch):
+            return ("KD at logits_scale != 1 and the label log-probs at temperature 1 are two passes over the "
+                    "logits")
+        impl = resolve_impl(c.kd_kernel, logits)
+        if isinstance(teacher, FullTeacher):
+            fused_types = ()
+            if impl == "fused":
+                try:
+                    from nemo_kd.kernels.full_kd_triton import FUSED_FULL_LOSS_TYPES as fused_types
+                except ImportError:
+                    pass
+            if c.kd_loss_type not in fused_types:
+                return (f"online full-vocab KD without the fused kernel (kd_kernel={c.kd_kernel!r}, "
+                        f"kd_loss_type={c.kd_loss_type!r}) differentiates an fp32 log-softmax through several nodes")
+        if impl == "fused" and logits.stride(-1) != 1:
+            return "the fused kernels write in place only into logits with unit column stride"
+        return None
+
+    def _kd_per_token(self, logits: torch.Tensor, teacher, labels: Optional[torch.Tensor], inplace: bool = False):
         """``(kd [N], log q(label) [N] or None)``; top-k KD shares its vocab pass with the labels."""
         c = self.cfg
         common = dict(loss_type=c.kd_loss_type, logits_scale=c.logits_scale, target_logits_scale=c.target_logits_scale,
                       jsd_beta=c.jsd_beta, skew_alpha=c.skew_alpha, akl_mu=c.akl_mu,
-                      temperature_squared=c.temperature_squared, group=self.group)
+                      temperature_squared=c.temperature_squared, group=self.group, inplace_backward=inplace)
         n = logits.shape[0]
         if isinstance(teacher, TopKTeacher):
             if c.topk_convention == "exact_tail" and c.target_logits_scale != 1.0:
@@ -295,11 +382,17 @@ class DistillationObjective:
 
         pairs_pos, pairs_neg = _pairs(batch)
         need_seq = c.dpo_loss_weight > 0 and pairs_pos.numel() > 0
-        # Token log-probs at the labels serve both the SFT term (CE = −log q_y without
-        # smoothing) and the sequence log-probs of the preference term, at temperature 1
-        # (logits_scale is a KD setting); with a top-k teacher they come from the KD's own pass.
-        need_label_lp = need_seq or (c.sft_loss_weight > 0 and c.sft_label_smoothing == 0.0)
+        need_label_lp = self._need_label_lp(batch)
         token_lp = None
+        # At most one call below gets inplace=True: the single pass that reads the logits.
+        blocker = self.inplace_blocker(logits, batch)
+        inplace = blocker is None
+        if c.inplace_logits_grad and blocker is not None and logits.requires_grad and torch.is_grad_enabled():
+            config_reason = self._inplace_config_blocker(logits, batch)
+            if config_reason is not None:  # a leaf's storage is protected on purpose: no warning
+                warnings.warn(f"inplace_logits_grad: {config_reason}; the logits gradient goes to a separate "
+                              "buffer (inplace_logits_grad=False silences this)",
+                              stacklevel=2)
 
         if c.kd_loss_weight > 0:
             xtok = None
@@ -311,7 +404,7 @@ class DistillationObjective:
                     impl=c.kd_kernel)
                 kd = xtok.per_token
             else:
-                kd, token_lp = self._kd_per_token(logits, batch.teacher, labels if need_label_lp else None)
+                kd, token_lp = self._kd_per_token(logits, batch.teacher, labels if need_label_lp else None, inplace)
             kd = kd.reshape(shape)
             weighted = kd * _kd_row_weights(c, roles).to(kd.dtype)[:, None]
             kd_term = contribution(weighted, kd_mask, norms.kd, c.reduction)
@@ -331,8 +424,9 @@ class DistillationObjective:
                 metrics["xtok_vocab_coverage"] = xtok.metrics["vocab_teacher_coverage"]
 
         if need_label_lp:
-            if token_lp is None:
-                token_lp = vocab_parallel_logprobs_at(logits, labels, group=self.group, impl=c.kd_kernel)[0]
+            if token_lp is None:  # no KD pass to share (in place only if no KD read the logits)
+                token_lp = vocab_parallel_logprobs_at(logits, labels, group=self.group, impl=c.kd_kernel,
+                                                      inplace_backward=inplace and c.kd_loss_weight == 0)[0]
             token_lp = token_lp.reshape(shape)
         if c.sft_loss_weight > 0:
             if c.sft_label_smoothing == 0.0:

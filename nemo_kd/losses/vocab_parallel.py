@@ -18,7 +18,9 @@ Two primitives carry all the vocabulary-sized work:
 
       ∂L/∂z_v = s · ( Σ_j g_j·[v = id_j] + (g_lse − Σ_j g_j) · softmax(s·z)_v )
 
-  where ``g_j = ∂L/∂log q(id_j)`` and ``g_lse = ∂L/∂LSE``.
+  where ``g_j = ∂L/∂log q(id_j)`` and ``g_lse = ∂L/∂LSE``. With
+  ``inplace_backward=True`` that buffer is the logits' own storage (no second
+  ``[tokens, V/TP]`` tensor); see :func:`logits_overwrite_blocker` for when that is safe.
 
 * :func:`vocab_parallel_log_softmax` – the full log-softmax of the local shard in
   fp32 (differentiable), for losses against a full (online) teacher distribution.
@@ -121,9 +123,30 @@ def _local_gather(z: torch.Tensor, ids: torch.Tensor, vocab_start: int) -> torch
     return torch.where(owned, picked, torch.zeros_like(picked))
 
 
+def logits_overwrite_blocker(logits: torch.Tensor) -> Optional[str]:
+    """Why ``logits``' storage may NOT receive their gradient in place (``None``: it may).
+
+    In-place backward overwrites the logits with ``∂L/∂logits`` while autograd runs, so
+    the storage must belong to an autograd intermediate that nothing reads after this
+    loss's backward. What can be checked here is checked: the tensor requires grad under
+    grad mode, and its storage's root tensor (``_base`` of a view) is not a leaf — a leaf
+    is user data or a parameter, never to be overwritten (a slice ``x[s]`` of a leaf ``x``
+    counts as the leaf). The rest is the caller's contract: other *autograd* users of the
+    storage whose backward runs later fail loudly, because the in-place write bumps the
+    shared version counter ("modified by an inplace operation"); plain Python reads of
+    the logits after ``backward()`` are not detectable and must not exist.
+    """
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return "the logits do not require grad here (no backward to write)"
+    root = logits if logits._base is None else logits._base
+    if root.is_leaf:
+        return "the logits' storage belongs to a leaf tensor (user data or a parameter), never overwritten"
+    return None
+
+
 class _VocabParallelLogProbsAt(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, scale, group, token_chunk):
+    def forward(ctx, logits, ids, scale, group, token_chunk, inplace):
         n, v_local = logits.shape
         vocab_start = vocab_shard_range(v_local, group)[0]
         acc = accumulation_dtype(logits.dtype)
@@ -138,7 +161,7 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
             picked[s:e] = _local_gather(z, ids[s:e], vocab_start)
         all_reduce_no_grad(picked, dist.ReduceOp.SUM, group)
         ctx.save_for_backward(logits, ids, lse)
-        ctx.scale, ctx.token_chunk, ctx.vocab_start = scale, token_chunk, vocab_start
+        ctx.scale, ctx.token_chunk, ctx.vocab_start, ctx.inplace = scale, token_chunk, vocab_start, inplace
         # Fully masked rows (LSE = −inf) give log-probs 0 and no gradient, as the fused kernel does.
         live = torch.isfinite(lse)
         return torch.where(live[:, None], picked - lse[:, None], torch.zeros_like(picked)), lse
@@ -163,7 +186,12 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
         owned = (local_ids >= 0) & (local_ids < v_local)
         at_ids = torch.where(owned, grad_logprobs * scale, torch.zeros_like(grad_logprobs))
         local_ids = local_ids.clamp(0, v_local - 1)
-        grad = torch.empty_like(logits)
+        # In place: chunk [s, e) of the logits is read (copied to fp32) before it is overwritten
+        # and no later chunk reads it, so the result is bit-identical to the separate buffer;
+        # copy_ through the detached alias bumps the shared version counter, so any other
+        # autograd node that saved these logits and runs later fails loudly instead of
+        # reading gradients as logits.
+        grad = logits.detach() if ctx.inplace else torch.empty_like(logits)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             # One fp32 chunk buffer, updated in place: s·z − LSE → exp → ·coeff → + g at ids.
@@ -173,7 +201,7 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
             g.sub_(safe_lse[s:e, None]).exp_().mul_(softmax_coeff[s:e, None])
             g.scatter_add_(-1, local_ids[s:e], at_ids[s:e])
             grad[s:e].copy_(g)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 IMPLS = ("torch", "fused", "auto")
@@ -206,6 +234,7 @@ def vocab_parallel_logprobs_at(
     group: ProcessGroup = None,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     impl: str = "torch",
+    inplace_backward: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Student log-probs at global ``ids`` and the log-sum-exp, vocab-parallel.
 
@@ -220,6 +249,10 @@ def vocab_parallel_logprobs_at(
             backward; needs Triton and CUDA logits, or CPU under ``TRITON_INTERPRET=1``;
             fp32/bf16/fp16 logits, positive ``scale``; fully masked rows give
             log-probs 0 instead of NaN) or ``"auto"`` (:func:`resolve_impl`).
+        inplace_backward: write ``∂L/∂logits`` over ``logits`` (both impls; no second
+            ``[N, V_local]`` buffer). Only when this call is the logits' sole autograd
+            consumer and nothing reads them after the backward
+            (:func:`logits_overwrite_blocker`); the gradient is the same bits.
 
     Returns:
         ``(logprobs, lse)``: fp32 (fp64 for fp64 logits) ``[N, m]`` (or ``[N]``) values
@@ -231,14 +264,15 @@ def vocab_parallel_logprobs_at(
             from nemo_kd.kernels.logprobs_triton import fused_logprobs_at
         except ImportError as e:  # keep the torch path usable without triton
             raise RuntimeError(f"impl='fused' needs triton, which failed to import: {e}") from e
-        return fused_logprobs_at(logits, ids, scale=scale, group=group)
+        return fused_logprobs_at(logits, ids, scale=scale, group=group, inplace_backward=inplace_backward)
     if logits.dim() != 2:
         raise ValueError(f"logits must be [tokens, vocab_shard], got shape {tuple(logits.shape)}")
     squeeze = ids.dim() == 1
     ids2 = ids[:, None] if squeeze else ids
     if ids2.shape[0] != logits.shape[0]:
         raise ValueError(f"ids has {ids2.shape[0]} rows but logits has {logits.shape[0]}")
-    logprobs, lse = _VocabParallelLogProbsAt.apply(logits, ids2.long(), float(scale), group, int(token_chunk))
+    logprobs, lse = _VocabParallelLogProbsAt.apply(logits, ids2.long(), float(scale), group, int(token_chunk),
+                                                   bool(inplace_backward))
     return (logprobs[:, 0] if squeeze else logprobs), lse
 
 

@@ -211,6 +211,20 @@ class DistillationEngine:
         return [o["logits"] for o in outs]
 
     def _loss_func(self, mb: dict, teacher_logits, norms, scale: float, logits: torch.Tensor):
+        # In-place logits gradient (DistillationLossConfig.inplace_logits_grad): the objective may
+        # write ∂L/∂logits over ``logits``. Safe here because nothing else needs them after the
+        # loss (megatron-core 0.16.1, gpt_model.py ``_postprocess``): the output layer is a
+        # ColumnParallelLinear whose autograd function (LinearWithGradAccumulationAndAsync-
+        # Communication) saves its input and weight, never its output; the output then goes
+        # through ``.transpose(0, 1).contiguous()`` — a copy for micro-batch > 1, the same storage
+        # for micro-batch 1 — and (bf16/fp16) Float16Module's ``.float()``; the backward of
+        # transpose / clone / the dtype cast saves nothing. The schedule replaces the output by
+        # this function's loss (forward_step_calc_loss), and the report below holds only
+        # detached scalars; the teacher's logits are a separate, never-written tensor. So the
+        # objective's own autograd node is the only holder of the logits for backward.
+        # Note: for micro-batch > 1 the gradient reaching the output layer is the [s, b] transpose
+        # of this [b, s] buffer, which Megatron copies (prepare_input_tensors_for_wgrad_compute's
+        # .contiguous()) — its own logits-sized buffer, outside the loss, in place or not.
         out = self.objective(logits, _objective_batch(mb, teacher_logits), norms)
         report = {name: v.detach().float().reshape(()) for name, v in out.metrics.items()}
         report["loss"] = out.loss.detach().float()
