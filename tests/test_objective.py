@@ -134,3 +134,26 @@ def test_exact_tail_with_a_teacher_temperature_is_refused_for_stored_teachers():
         else:
             with pytest.raises(ValueError, match="renormalized"):
                 objective(logits, batch, norms)
+
+
+def test_online_teacher_is_the_dpkd_reference():
+    """With an online (full-logits) teacher the DPKD reference log p(y|x) comes from its logits:
+    the objective equals the reference formula fed the float64 teacher sequence log-probs."""
+    from nemo_kd.losses.objective import FullTeacher
+
+    logits, labels, mask, _, _, _, roles, pairs, _ = _data(2)
+    t_logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 2
+    t_seq = (torch.log_softmax(t_logits, -1).gather(-1, labels[..., None])[..., 0] * mask).sum(-1)
+    cfg = DistillationLossConfig(kd_loss_weight=0.0, sft_loss_weight=0.3, dpo_loss_weight=1.0,
+                                 preference_loss_type="dpkd", preference_beta=0.5)
+    z = logits.clone().requires_grad_(True)
+    ref = _reference(z, labels, mask, t_logits.topk(K, -1).values, t_logits.topk(K, -1).indices, roles, t_seq, cfg)
+    ref.backward()
+    x = logits.clone().requires_grad_(True)
+    mb = ObjectiveBatch(labels, mask, FullTeacher(t_logits), roles, pairs)  # no stored sequence log-probs
+    out = DistillationObjective(cfg)(x, mb, objective_normalisers(cfg, [mb]))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.detach(), ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, z.grad, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="needs teacher_seq_logprobs"):
+        DistillationObjective(cfg)(x.detach(), ObjectiveBatch(labels, mask, None, roles, pairs), objective_normalisers(cfg, [mb]))

@@ -457,15 +457,27 @@ class DistillationObjective:
                                    teacher_topk_logits=teacher.values.reshape(n, -1), mask=mask)
         return token_agreement(logits, teacher.logits.reshape(n, -1), self.group, mask=mask)
 
+    @torch.no_grad()
+    def _online_teacher_seq_logprobs(self, batch: ObjectiveBatch) -> torch.Tensor:
+        """``log p(y | x)`` of each row's completion under the online teacher (temperature 1,
+        its full vocab-parallel logits, as its KD term sees them), the DPKD/DPO reference."""
+        logits = batch.teacher.logits.reshape(-1, batch.teacher.logits.shape[-1])
+        lp = vocab_parallel_logprobs_at(logits, batch.labels.reshape(-1), group=self.group)[0]
+        return sequence_logprobs(lp.reshape(batch.labels.shape).double(), batch.loss_mask.bool()).sum
+
     def _preference(self, seq, batch: ObjectiveBatch, pos, neg) -> pref.PreferenceOutput:
         c = self.cfg
         pol_w, pol_l = seq.sum[pos], seq.sum[neg]
         len_w, len_l = seq.length[pos], seq.length[neg]
         t = c.preference_loss_type
         if t in ("dpkd", "dpo", "ipo"):
-            if batch.teacher_seq_logprobs is None:
-                raise ValueError(f"preference_loss_type={t!r} needs teacher_seq_logprobs (the teacher is the reference)")
-            ref = batch.teacher_seq_logprobs.detach().to(pol_w.dtype)
+            ref = batch.teacher_seq_logprobs
+            if ref is None and isinstance(batch.teacher, FullTeacher):
+                ref = self._online_teacher_seq_logprobs(batch)
+            if ref is None:
+                raise ValueError(f"preference_loss_type={t!r} needs teacher_seq_logprobs (the teacher is the reference): "
+                                 "a store made by compute_topk_logits, or an online teacher")
+            ref = ref.detach().to(pol_w.dtype)
             ref_w, ref_l = ref[pos], ref[neg]
             if t == "ipo":
                 return pref.ipo_loss(pol_w, pol_l, ref_w, ref_l, tau=c.ipo_tau, chosen_lengths=len_w,
