@@ -266,7 +266,7 @@ def test_mixed_policy_samples_are_appended(world, tmp_path):
     (dict(teacher=dict(checkpoint="t", num_samples=3)), "per stage"),
     (dict(mixed_policy=dict(length_ratio=0)), "length_ratio"),
     (dict(beta=1.5), "beta"),
-    (dict(unknown=1), "unknown keys"),
+    (dict(unknown=1), "unknown pipeline keys"),
 ])
 def test_config_errors(over, match):
     from nemo_kd.generation.dasd_pipeline import DASDPipelineConfig

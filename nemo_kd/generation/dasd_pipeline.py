@@ -77,7 +77,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from nemo_kd.generation.stages import PolicySpec, load_policy, run_stage, stage_done
+from nemo_kd.generation.stages import PipelineConfig, PolicySpec, known_keys, load_policy, run_stage, stage_done
 
 SELECTIONS = ("divergence", "first", "all")
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -95,11 +95,7 @@ class DASDStage:
 
     @classmethod
     def from_dict(cls, d) -> "DASDStage":
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown stage keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
-        st = cls(**d)
+        st = cls(**known_keys(cls, d, "stage"))
         st.sampling = dict(st.sampling or {})
         if not isinstance(st.name, str) or not _STAGE_NAME.match(st.name):
             raise ValueError(f"stage name {st.name!r} must be a directory name ([A-Za-z0-9_.-], not starting "
@@ -126,11 +122,7 @@ class MixedPolicySettings:
 
     @classmethod
     def from_dict(cls, d) -> "MixedPolicySettings":
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown mixed_policy keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
-        m = cls(**d)
+        m = cls(**known_keys(cls, d, "mixed_policy"))
         m.student_sampling, m.teacher_sampling = dict(m.student_sampling or {}), dict(m.teacher_sampling or {})
         m.policy_config().validate()
         return m
@@ -142,27 +134,18 @@ class MixedPolicySettings:
 
 
 @dataclass
-class DASDPipelineConfig:
-    prompts: str = "???"
-    output_dir: str = "???"
-    teacher: PolicySpec = field(default_factory=PolicySpec)  # sampling: the base of every stage's sampling
-    student: PolicySpec = field(default_factory=PolicySpec)  # scores the candidates (and rolls out, mixed policy)
+class DASDPipelineConfig(PipelineConfig):
+    """``teacher.sampling``: the base of every stage's sampling; ``student``: scores the
+    candidates (and rolls out, mixed policy)."""
+
     stages: List[DASDStage] = field(default_factory=_default_stages)
     selection: str = "divergence"  # divergence | first | all
     beta: float = 0.1  # sentence threshold on p_T − p_S
-    response_filter: Dict[str, Any] = field(default_factory=dict)  # ResponseFilterConfig fields
     mixed_policy: MixedPolicySettings = field(default_factory=MixedPolicySettings)
-    max_seq_length: int = 2048  # prompt + response tokens (sampling and scoring)
-    batch_size: int = 64
-    parallel: Dict[str, Any] = field(default_factory=dict)  # ParallelConfig fields
-    progress: bool = True
 
     @classmethod
     def from_dict(cls, d) -> "DASDPipelineConfig":
-        d = dict(d)
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
+        d = known_keys(cls, d, "pipeline")
         for role in ("teacher", "student"):
             if "num_samples" in dict(d.get(role) or {}):
                 raise ValueError(f"{role}.num_samples is not used here: give `num_samples` per stage")
@@ -175,9 +158,7 @@ class DASDPipelineConfig:
             d["stages"] = [DASDStage.from_dict(s) for s in (d["stages"] or [])]
         d["mixed_policy"] = MixedPolicySettings.from_dict(d.get("mixed_policy"))
         cfg = cls(**d)
-        for name in ("prompts", "output_dir"):
-            if getattr(cfg, name) in (None, "???"):
-                raise ValueError(f"`{name}` is required")
+        cfg.check_required()
         if not cfg.stages:
             raise ValueError("`stages` is empty")
         names = [s.name for s in cfg.stages]

@@ -35,38 +35,24 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
-from nemo_kd.generation.stages import PolicySpec, load_policy, run_stage
+from nemo_kd.generation.stages import PipelineConfig, PolicySpec, known_keys, load_policy, run_stage
 
 SCORES = ("reference", "teacher_logprob")
 
 
 @dataclass
-class PreferencePipelineConfig:
-    prompts: str = "???"
-    output_dir: str = "???"
-    teacher: PolicySpec = field(default_factory=PolicySpec)
-    student: PolicySpec = field(default_factory=PolicySpec)
+class PreferencePipelineConfig(PipelineConfig):
     score: str = "reference"
     extract: Optional[str] = None  # regex of the answer inside a response (score=reference)
-    response_filter: Dict[str, Any] = field(default_factory=dict)  # ResponseFilterConfig fields
     pair_filter: Dict[str, Any] = field(default_factory=dict)  # PairFilterConfig fields
-    max_seq_length: int = 2048  # prompt + response tokens (sampling and scoring)
-    batch_size: int = 64
-    parallel: Dict[str, Any] = field(default_factory=dict)  # ParallelConfig fields
-    progress: bool = True
 
     @classmethod
     def from_dict(cls, d) -> "PreferencePipelineConfig":
-        d = dict(d)
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
+        d = known_keys(cls, d, "pipeline")
         d["teacher"] = PolicySpec.from_dict(d.get("teacher"))
         d["student"] = PolicySpec.from_dict(d.get("student"))
         cfg = cls(**d)
-        for name in ("prompts", "output_dir"):
-            if getattr(cfg, name) in (None, "???"):
-                raise ValueError(f"`{name}` is required")
+        cfg.check_required()
         if cfg.score not in SCORES:
             raise ValueError(f"score={cfg.score!r} is not one of {list(SCORES)}")
         return cfg
@@ -124,7 +110,7 @@ def run(cfg: PreferencePipelineConfig) -> Optional[Dict[str, Any]]:
     # 1. student negatives (the student is loaded alone: one model in memory at a time)
     student = load_policy(cfg.student, cfg.max_seq_length)
     negatives = sampled("student", cfg.student, student, score_with_teacher=False)
-    del student
+    student = None  # one model in memory at a time
     # 2. teacher positives, and (score=teacher_logprob) the teacher's judgement of both sides
     teacher = load_policy(cfg.teacher, cfg.max_seq_length)
     positives = sampled("teacher", cfg.teacher, teacher, score_with_teacher=cfg.score == "teacher_logprob")
@@ -145,7 +131,7 @@ def run(cfg: PreferencePipelineConfig) -> Optional[Dict[str, Any]]:
             all_negatives = box[0]
         negatives = run_stage(path("student_responses_judged.jsonl"),
                               dict(base, role="judge", model=asdict(cfg.teacher)), len(prompts), judge)
-    del teacher
+    teacher = None  # free it: nothing below needs a model
     if state.global_rank() != 0:
         return None
 

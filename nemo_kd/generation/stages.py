@@ -20,11 +20,21 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from nemo_kd.generation.responses import shard_range, write_jsonl_atomic
+
+
+def known_keys(cls, d, what: str) -> dict:
+    """``d`` as a plain dict, refusing keys that are not fields of the dataclass ``cls``
+    (a typo in a YAML config fails naming the section, not silently)."""
+    d = dict(d or {})
+    unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown {what} keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
+    return d
 
 
 @dataclass
@@ -41,11 +51,7 @@ class PolicySpec:
 
     @classmethod
     def from_dict(cls, d) -> "PolicySpec":
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown model keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
-        spec = cls(**d)
+        spec = cls(**known_keys(cls, d, "model"))
         if spec.checkpoint in (None, "???"):
             raise ValueError("a model needs `checkpoint`")
         if spec.backend not in ("megatron", "hf"):
@@ -56,6 +62,26 @@ class PolicySpec:
         from nemo_kd.generation.sampling import SamplingConfig
 
         return SamplingConfig(**dict(self.sampling))
+
+
+@dataclass
+class PipelineConfig:
+    """What every data pipeline's config has (``conf/build_*.yaml``); the pipelines add their own."""
+
+    prompts: str = "???"
+    output_dir: str = "???"
+    teacher: PolicySpec = field(default_factory=PolicySpec)
+    student: PolicySpec = field(default_factory=PolicySpec)
+    response_filter: Dict[str, Any] = field(default_factory=dict)  # ResponseFilterConfig fields
+    max_seq_length: int = 2048  # prompt + response tokens (sampling and scoring)
+    batch_size: int = 64  # sequences per forward (per data-parallel rank)
+    parallel: Dict[str, Any] = field(default_factory=dict)  # ParallelConfig fields
+    progress: bool = True
+
+    def check_required(self) -> None:
+        for name in ("prompts", "output_dir"):
+            if getattr(self, name) in (None, "???"):
+                raise ValueError(f"`{name}` is required")
 
 
 @dataclass

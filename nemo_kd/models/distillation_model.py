@@ -48,7 +48,6 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import torch
