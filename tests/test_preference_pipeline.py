@@ -3,6 +3,7 @@ student negatives, rule-based and teacher-judged scores, the pair-wise filter, r
 the pairs file read back as preference records."""
 
 import json
+import math
 import os
 
 import pytest
@@ -130,3 +131,82 @@ def test_teacher_judge_scores_are_its_mean_token_logprob(world, tmp_path):
     assert report["pairs"] == len(pairs)
     for p in pairs:
         assert p["chosen_score"] - p["rejected_score"] >= 0.5
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_sampled_rows_token_offsets_tile_the_response(tmp_path, kind):
+    """Each sampled token's character span: the spans tile the response in order (SentencePiece's
+    word-start spaces, byte-fallback pieces, random bytes that never complete a character)."""
+    from nemo_kd.data.tokenization import ConversationTokenizer
+    from nemo_kd.generation.responses import Prompt, sample_responses
+    from nemo_kd.generation.sampling import SamplingConfig
+
+    texts = ["encode: abc déf", "the answer is ünïcode 42.", "x y z! 3.14"] * 20
+    if kind == "bpe":
+        from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
+
+        tok = train_byte_level_bpe(texts, vocab_size=290, save_dir=str(tmp_path / "tok"))
+    else:
+        from nemo_kd.data.sentencepiece_builder import train_sentencepiece_unigram
+
+        tok = train_sentencepiece_unigram(texts, vocab_size=320, save_dir=str(tmp_path / "tok"))
+
+    class Uniform(torch.nn.Module):  # every token equally likely: random text, multi-byte pieces included
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, tokens, position_ids, mask):
+            return torch.zeros(*tokens.shape, len(tok)) + self.w
+
+    ct = ConversationTokenizer(tok, "chat", 64)
+    prompts = [Prompt(i, i, ({"role": "user", "content": "abc"},)) for i in range(6)]
+    rows = sample_responses(Uniform(), ct, prompts, SamplingConfig(temperature=1.0, max_new_tokens=12, seed=4),
+                            num_samples=2, vocab_size=len(tok))
+    checked = 0
+    for r in rows:
+        spans, text = r["token_offsets"], r["response"]
+        assert len(spans) == r["num_tokens"] == len(r["logprobs"])
+        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert spans[-1][1] == len(text) if spans else text == ""
+        checked += sum(1 for s in spans if s[1] > s[0])
+    assert checked > 50
+    # a uniform model: every token's log-prob at temperature 1 is −log(V)
+    assert all(x == pytest.approx(-math.log(len(tok)), abs=1e-5) for r in rows for x in r["logprobs"])
+
+
+def _dp_run(rank, world_size, world, prompts, out):
+    from nemo_kd.generation.preference_pipeline import run
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelConfig(seed=5))
+    try:
+        report = run(_cfg(world, out, prompts, score="teacher_logprob", pair_filter=dict(min_margin=0.2)))
+    finally:
+        destroy_parallel()
+    return report
+
+
+@pytest.mark.distributed
+def test_data_parallel_pipeline_equals_one_process(world, tmp_path):
+    """Two data-parallel ranks (each samples and judges its block of prompts) write the same responses,
+    judgements and pairs as one process: the sampler's draws depend on the prompt index only."""
+    from nemo_kd.generation.preference_pipeline import run
+    from tests.dist_utils import WorldOfOne, run_distributed
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"encode: {w}"}) + "\n" for w in ("abc", "def", "ghi", "jkl", "cab")))
+    with WorldOfOne():
+        one = run(_cfg(world, tmp_path / "one", str(prompts), score="teacher_logprob", pair_filter=dict(min_margin=0.2)))
+    reports = run_distributed(_dp_run, 2, world, str(prompts), str(tmp_path / "two"))
+    assert reports[1] is None and reports[0]["pairs"] == one["pairs"]
+    for name in ("student_responses.jsonl", "teacher_responses.jsonl", "student_responses_judged.jsonl", "pairs.jsonl"):
+        a = [json.loads(line) for line in open(tmp_path / "one" / name)]
+        b = [json.loads(line) for line in open(tmp_path / "two" / name)]
+        assert len(a) == len(b) > 0, name
+        for x, y in zip(a, b):
+            for key in ("prompt_index", "sample", "response", "chosen", "rejected"):
+                assert x.get(key) == y.get(key), (name, key)
+            for key in ("teacher_mean_logprob", "chosen_score", "rejected_score"):
+                if key in x:
+                    assert x[key] == pytest.approx(y[key], abs=1e-5), (name, key)

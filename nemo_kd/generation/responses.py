@@ -134,6 +134,8 @@ def _token_offsets(tokenizer, token_ids: Sequence[int], text: str, window: int =
         cur = min(len(text), prev + max(0, length(token_ids[s:j + 1]) - length(token_ids[s:j])))
         spans.append((prev, cur))
         prev = cur
+    if spans:  # what is still pending at the end (bytes of an unfinished character) is the last token's
+        spans[-1] = (spans[-1][0], len(text))
     return spans
 
 
