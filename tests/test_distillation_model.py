@@ -6,6 +6,7 @@ Data made here: a byte-level BPE, 16 jsonl samples and a teacher top-k store wri
 """
 
 import json
+import math
 import os
 import socket
 
@@ -478,3 +479,54 @@ def test_preference_pairs_offline_dpkd_matches_hand_computation(world, tmp_path)
     assert out["kd_loss"] == pytest.approx(kd_sum / kd_tokens, rel=1e-4)
     assert out["preference_loss"] == pytest.approx(sum(pref_terms) / len(pref_terms), rel=1e-4)
     assert out["loss"] == pytest.approx(kd_sum / kd_tokens + sum(pref_terms) / len(pref_terms), rel=1e-4)
+
+
+def test_on_policy_steps_train_on_the_students_own_samples(world, tmp_path):
+    """GKD: with on_policy.fraction=1 every step's completions are the current student's samples
+    (prompts kept, loss mask on the sample and its end token); the batch the engine trains on is
+    exactly resample_step's, drawn reproducibly; a fit runs with the online teacher."""
+    import types
+
+    from nemo_kd.generation.on_policy import resample_step, use_student_samples, OnPolicyConfig
+    from nemo_kd.generation.sampling import SamplingConfig, generate
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    over = {"teacher": {"mode": "online", "checkpoint": world["teacher"]}, "data.train_ds.logits_store": None,
+            "data.validation_ds": None, "max_steps": 3, "kd.kd_loss_type": "jsd", "kd.sft_loss_weight": 0.0,
+            "on_policy": {"fraction": 1.0, "temperature": 1.0, "max_new_tokens": 12, "seed": 3}}
+    with pytest.raises(ValueError, match="needs teacher.mode=online"):
+        GPTDistillationModel(_cfg(world, **{"on_policy": {"fraction": 0.5}}))
+    model = GPTDistillationModel(_cfg(world, **over))
+    batch = next(iter(model._train_dl))
+    seen = []
+    model.engine.train_step = lambda mbs: seen.append(mbs) or {"loss": 0.0}
+    model.optimizers = lambda: types.SimpleNamespace(step=lambda: None)
+    model.log = lambda *a, **k: None
+    model.training_step(batch, 0)
+    ids = model._sampling_ids
+    want = resample_step(model.engine.module, batch, model._on_policy, step=0, global_batch_size=4, dp_rank=0, **ids)
+    for got, exp, orig in zip(seen[0], want, batch):
+        for key in ("inputs", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(got[key], exp[key]), key
+        for r in range(orig["inputs"].shape[0]):
+            tokens = torch.cat([orig["inputs"][r, :1], orig["labels"][r]])
+            new = torch.cat([got["inputs"][r, :1], got["labels"][r]])
+            p = int(torch.cat([torch.zeros(1), orig["loss_mask"][r]]).nonzero()[0])
+            assert torch.equal(new[:p], tokens[:p])  # the prompt is kept
+            completion = new[p:][torch.cat([torch.zeros(1), got["loss_mask"][r]])[p:] > 0].tolist()
+            # the completion is the student's own sample for this prompt, drawn as global row r
+            g = generate(model.engine.module, [tokens[:p].tolist()], SamplingConfig(temperature=1.0, seed=3,
+                         max_new_tokens=12), eos_id=ids["eos_id"], pad_id=ids["pad_id"], vocab_size=ids["vocab_size"],
+                         max_length=tokens.numel(), sample_offset=r + (2 if orig is batch[1] else 0))[0]
+            assert completion == g.token_ids + ([ids["eos_id"]] if g.finished else [])
+            assert len(completion) > 0
+    assert "teacher_values" not in seen[0][0]
+    half = OnPolicyConfig(fraction=0.3, seed=1)
+    share = sum(use_student_samples(half, s) for s in range(2000)) / 2000
+    assert abs(share - 0.3) < 0.04 and use_student_samples(half, 17) == use_student_samples(half, 17)
+
+    trainer, rec = _trainer(tmp_path, 3)
+    model = GPTDistillationModel(_cfg(world, **over), trainer=trainer)
+    trainer.fit(model)
+    assert [r["on_policy"] for r in rec.rows] == [1.0, 1.0, 1.0]
+    assert all(math.isfinite(r["kd_loss"]) and r["kd_loss"] > 0 for r in rec.rows)

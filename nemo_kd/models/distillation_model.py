@@ -160,6 +160,9 @@ class GPTDistillationModel(ModelPT):
         self._loss_cfg = DistillationLossConfig.from_dict(_plain(cfg.get("kd")))
         self._optim_cfg = OptimConfig.from_dict(_plain(cfg.get("optim")))
         self._parallel_cfg = ParallelConfig.from_dict(_plain(cfg.get("parallel")))
+        from nemo_kd.generation.on_policy import OnPolicyConfig
+
+        self._on_policy = OnPolicyConfig.from_dict(_plain(cfg.get("on_policy")))
         teacher = _plain(cfg.get("teacher")) or {"mode": "offline"}
         unknown = sorted(set(teacher) - _TEACHER_KEYS)
         if unknown:
@@ -175,6 +178,11 @@ class GPTDistillationModel(ModelPT):
             from nemo_kd.losses.objective import STORED_LSE_TEMPERATURE_ERROR
 
             raise ValueError(STORED_LSE_TEMPERATURE_ERROR)
+        if self._on_policy.enabled and (self._teacher_mode != "online" or teacher.get("tokenizer")):
+            raise ValueError("on_policy.fraction > 0 needs teacher.mode=online with the student's tokenizer: a "
+                             "stored teacher's top-k describes the dataset's responses, not the student's samples")
+        if self._on_policy.enabled and self._parallel_cfg.pipeline_model_parallel_size > 1:
+            raise ValueError("on_policy sampling needs pipeline_model_parallel_size=1 (TP and DP are fine)")
         if self._teacher_mode == "online" and not teacher.get("checkpoint"):
             raise ValueError("teacher.mode=online needs teacher.checkpoint (a Megatron teacher checkpoint directory)")
         data = _plain(cfg.get("data"))
@@ -336,6 +344,8 @@ class GPTDistillationModel(ModelPT):
             log.warning("%d preference pair(s) of %s dropped: a side exceeds max_seq_length=%d", dataset.dropped_pairs,
                         ds["file_path"], max_len)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        if train:  # what on-policy sampling needs of the tokenizer
+            self._sampling_ids = dict(eos_id=tok.eos_token_id, pad_id=pad_id, vocab_size=len(tok))
         loader = torch.utils.data.DataLoader(_StepData(dataset, self._seq_length, pad_id), sampler=sampler,
                                              batch_size=None, num_workers=int(ds.get("num_workers", 0)))
         return loader, gbs
@@ -364,7 +374,16 @@ class GPTDistillationModel(ModelPT):
 
     def training_step(self, batch: List[Dict[str, torch.Tensor]], batch_idx: int):
         t0 = time.perf_counter()
-        metrics = self.engine.train_step(batch)
+        on_policy = None
+        if self._on_policy.enabled:  # GKD: this step's completions are the student's own samples
+            from nemo_kd.generation.on_policy import resample_step
+
+            on_policy = resample_step(self.engine.module, batch, self._on_policy, step=self.global_step,
+                                      global_batch_size=self.engine.batch_cfg.global_batch_size,
+                                      dp_rank=state.dp_rank(), **self._sampling_ids)
+        metrics = self.engine.train_step(on_policy or batch)
+        if self._on_policy.enabled:
+            metrics["on_policy"] = float(on_policy is not None)
         self.optimizers().step()  # advances global_step (the engine already updated the weights)
         elapsed = time.perf_counter() - t0
         gbs = self.engine.batch_cfg.global_batch_size
