@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sequence_pipelines.py dual            # uses / makes runs/main_job
     python benchmarks/bench_sequence_pipelines.py dasd --main-job runs/main_job --out runs/dasd
+    python benchmarks/bench_sequence_pipelines.py gkd
 
 The main job leaves a clean teacher (``teacher.nemo``) and an SFT student trained on noisy
 labels (``student_SFT_only.nemo``: it has learned the annotator's letter confusions). Both
@@ -22,6 +23,10 @@ at T = 0.6 and T = 1.0 (4 each), filters, divergence-aware selection scored by t
 student, mixed-policy samples (student rollouts continued by the teacher) → one
 ``train.jsonl`` per stage → SFT on the teacher samples (DASD's loss), **low → high** (stage 2
 from stage 1's ``.nemo``) vs one stage at **T = 1.0** and at **T = 0.6**, same steps in total.
+
+**gkd** (arXiv 2306.13649): the student fine-tuned on the noisy transfer prompts with the
+co-located teacher (online, generalised JSD β = 0.5), with a fraction λ ∈ {0, 0.5, 1} of
+on-policy steps (the student's own samples replace the dataset's responses).
 
 Numbers come from this one run; nothing is hard-coded.
 """
@@ -111,9 +116,14 @@ class Setting:
             "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")}
 
     def fine_tune(self, name: str, init: str, data: str, store, loss: dict, steps: int, lr: float, batch: int,
-                  seed: int):
-        """The student from ``init`` (a .nemo) trained ``steps`` steps; returns (model, history)."""
+                  seed: int, **extra):
+        """The student from ``init`` (a .nemo) trained ``steps`` steps; ``extra``: more ``model.*``
+        settings (e.g. ``teacher``, ``on_policy``). Returns (model, history)."""
+        from omegaconf import OmegaConf
+
         mcfg = self.mj._model_config(self.cfg, self.arch, len(self.tok), data, self.tok_dir, store, loss, steps, seed)
+        for key, value in extra.items():
+            OmegaConf.update(mcfg, key, value, merge=False)
         mcfg.student_init = init
         mcfg.optim.lr, mcfg.optim.min_lr, mcfg.optim.warmup_steps = lr, lr * 0.1, 10
         mcfg.data.train_ds.micro_batch_size = mcfg.data.train_ds.global_batch_size = batch
@@ -241,9 +251,41 @@ def run_dasd(a) -> dict:
                    {"args": vars(a), "dasd_report": report, "histories": histories})
 
 
+def run_gkd(a) -> dict:
+    """On-policy distillation (GKD) with the online teacher on the noisy transfer set: the same
+    student, steps and batches, the fraction of on-policy steps λ ∈ {0, 0.5, 1}."""
+    from nemo_kd.parallel import destroy_parallel
+
+    t_start = time.time()
+    st = Setting(a.main_job, a.out)
+    st.start()
+    results, timings, histories = {"SFT student (start)": st.start_result}, {}, {}
+    data = os.path.join(a.main_job, "data", "transfer.jsonl")
+    loss = dict(kd_loss_type="jsd", jsd_beta=0.5, kd_loss_weight=1.0, sft_loss_weight=0.0)
+    try:
+        for fraction in (0.0, 0.5, 1.0):
+            name = f"online JSD, λ = {fraction}" + (" (supervised KD)" if fraction == 0 else "")
+            t0 = time.time()
+            print(f"[1/1] {name}: {a.steps} steps", flush=True)
+            model, histories[name] = st.fine_tune(
+                name, st.student, data, None, loss, a.steps, a.lr, 32, st.cfg.seed + 7,
+                teacher={"mode": "online", "checkpoint": st.teacher},
+                on_policy={"fraction": fraction, "temperature": 1.0, "max_new_tokens": st.max_new, "seed": 5})
+            results[name] = st.evaluate(model, name)
+            del model
+            timings[name] = time.time() - t0
+    finally:
+        destroy_parallel()
+    timings["total"] = time.time() - t_start
+    summary = (f"online teacher {os.path.basename(st.teacher)}, generalised JSD (β = 0.5), {a.steps} steps of 32 "
+               "prompts of the noisy transfer set from the SFT student")
+    return _finish(a.out, "On-policy distillation (GKD) on the cipher task", summary, results, timings,
+                   {"args": vars(a), "histories": histories})
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("recipe", choices=("dual", "dasd"))
+    p.add_argument("recipe", choices=("dual", "dasd", "gkd"))
     p.add_argument("--main-job", default="runs/main_job")
     p.add_argument("--out", default=None, help="default: runs/<recipe>")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: dual 150, dasd 100)")
@@ -254,7 +296,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     a.out = a.out or f"runs/{a.recipe}"
     a.steps = a.steps or (150 if a.recipe == "dual" else 100)
-    return run_dual(a) if a.recipe == "dual" else run_dasd(a)
+    return {"dual": run_dual, "dasd": run_dasd, "gkd": run_gkd}[a.recipe](a)
 
 
 if __name__ == "__main__":
