@@ -210,3 +210,44 @@ def test_data_parallel_pipeline_equals_one_process(world, tmp_path):
             for key in ("teacher_mean_logprob", "chosen_score", "rejected_score"):
                 if key in x:
                     assert x[key] == pytest.approx(y[key], abs=1e-5), (name, key)
+
+
+def test_hugging_face_teacher_backend(world, tmp_path):
+    """backend: hf — a transformers teacher (never converted) samples the positives and judges the
+    student's samples; its judgement equals a float64 forward of the HF model itself."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nemo_kd.data.tokenization import ConversationTokenizer
+    from nemo_kd.generation.preference_pipeline import run
+    from tests.dist_utils import WorldOfOne
+
+    torch.manual_seed(0)
+    tok = world["tok"]
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 24, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64))
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"encode: {w}"}) + "\n" for w in ("abc", "ghi", "jkl")))
+    with WorldOfOne():
+        run(_cfg(world, tmp_path / "out", str(prompts), score="teacher_logprob", pair_filter=dict(min_margin=0.1),
+                 teacher=dict(checkpoint=str(tmp_path / "hf"), backend="hf", num_samples=2,
+                              sampling=dict(temperature=1.0, max_new_tokens=6, seed=1))))
+    teacher_rows = [json.loads(line) for line in open(tmp_path / "out" / "teacher_responses.jsonl")]
+    assert len(teacher_rows) == 6
+    judged = [json.loads(line) for line in open(tmp_path / "out" / "student_responses_judged.jsonl")]
+    ct = ConversationTokenizer(tok, "chat", MAX_LEN)
+    hf.eval()
+    for r in judged[:4]:
+        t = ct(r["messages"] + [{"role": "assistant", "content": r["response"]}])
+        ids = torch.tensor([t.input_ids])
+        with torch.no_grad():
+            logits = hf.double()(input_ids=ids).logits[0, :, :len(tok)]  # rows past the tokenizer are no tokens
+        lp = torch.log_softmax(logits, -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+        content = [j for j in range(t.num_prompt_tokens, len(t.input_ids))
+                   if t.token_char_spans[j][0] < t.completion_char_start + len(r["response"])]
+        want = lp[[j - 1 for j in content]].mean().item() if content else 0.0
+        assert r["teacher_mean_logprob"] == pytest.approx(want, abs=1e-4)

@@ -88,7 +88,7 @@ class PipelineConfig:
 class Policy:
     model: torch.nn.Module
     ctok: object  # ConversationTokenizer
-    vocab_size: int
+    vocab_size: int  # the tokenizer's size: ids sampled and scored are below it
 
 
 def load_policy(spec: PolicySpec, max_seq_length: int) -> Policy:
@@ -118,7 +118,9 @@ def load_policy(spec: PolicySpec, max_seq_length: int) -> Policy:
     if len(tok) > vocab:
         raise ValueError(f"tokenizer {tok_path} has {len(tok)} tokens, more than the model's vocabulary ({vocab})")
     model.eval()
-    return Policy(model, ctok, vocab)
+    # Rows past the tokenizer (an HF embedding padded to a round size, e.g. Qwen's 152,064 for
+    # 151,665 tokens) are no tokens: never sample them, and leave them out of every softmax.
+    return Policy(model, ctok, len(tok))
 
 
 def _settings_hash(settings: Dict[str, Any]) -> str:
