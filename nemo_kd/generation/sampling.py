@@ -47,8 +47,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from nemo_kd.losses.sequence import vocab_parallel_token_logprobs
-from nemo_kd.losses.vocab_parallel import vocab_shard_range
-from nemo_kd.teacher.topk import _all_gather_cat, _valid_local_columns
+from nemo_kd.losses.vocab_parallel import all_gather_vocab, valid_vocab_columns, vocab_shard_range
 
 __all__ = [
     "Generation",
@@ -317,7 +316,7 @@ def _generate_batch(model, chunk, cfg, eos_id, pad_id, vocab_size, max_length, f
         logits = _forward(model, tokens[rows, :int(cur.max())])
         last = logits[torch.arange(len(active), device=device), cur - 1]  # [n, V_padded/TP]
         # Gather only this [n, V/TP] row (not [n, s, V/TP]); every rank then samples identically.
-        z = _all_gather_cat(last, group)[:, :vocab_size].double()  # padding rows cut off here
+        z = all_gather_vocab(last, group)[:, :vocab_size].double()  # padding rows cut off here
         logp = torch.log_softmax(z, dim=-1)
         if cfg.greedy:
             ids = z.argmax(dim=-1)
@@ -382,7 +381,7 @@ def response_logprobs(
             tokens = _right_pad(seqs, width, 0, device)
             logits = _forward(model, tokens)  # [b, s, V_padded/TP]
             v_local = logits.shape[-1]
-            valid = _valid_local_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
+            valid = valid_vocab_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
             if valid < v_local:  # Megatron's padding rows are no tokens: out of the normalisation
                 logits = logits.masked_fill(torch.arange(v_local, device=device) >= valid, float("-inf"))
             lp = vocab_parallel_token_logprobs(logits[:, :-1], tokens[:, 1:], group=group).float().cpu()

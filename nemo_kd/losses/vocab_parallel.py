@@ -66,6 +66,24 @@ def vocab_shard_range(local_vocab: int, group: ProcessGroup) -> Tuple[int, int]:
     return start, start + local_vocab
 
 
+def valid_vocab_columns(v_local: int, vocab_start: int, vocab_size: Optional[int]) -> int:
+    """How many of this shard's columns are real vocabulary (Megatron pads V to a multiple)."""
+    if vocab_size is None:
+        return v_local
+    return max(0, min(v_local, vocab_size - vocab_start))
+
+
+def all_gather_vocab(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """The vocab shards ``[..., V/TP]`` of every rank, concatenated in rank order ``[..., V]``
+    (no gradient: for small tensors such as one position's logits or top-k candidates)."""
+    world = tp_world_size(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
 def all_reduce_no_grad(x: torch.Tensor, op=dist.ReduceOp.SUM, group: ProcessGroup = None) -> torch.Tensor:
     """In-place all-reduce over ``group`` of a tensor outside autograd (a statistic)."""
     if tp_world_size(group) > 1:

@@ -36,8 +36,10 @@ import torch.distributed as dist
 from nemo_kd.losses.vocab_parallel import (
     DEFAULT_TOKEN_CHUNK,
     ProcessGroup,
+    all_gather_vocab,
     all_reduce_no_grad,
     tp_world_size,
+    valid_vocab_columns,
     vocab_parallel_logprobs_at,
     vocab_shard_range,
 )
@@ -72,13 +74,6 @@ def _row_location(row: int, row_sample_index: RowSamples, row_positions: Optiona
     return where
 
 
-def _valid_local_columns(v_local: int, vocab_start: int, vocab_size: Optional[int]) -> int:
-    """How many of this shard's columns are real vocabulary (Megatron pads V to a multiple)."""
-    if vocab_size is None:
-        return v_local
-    return max(0, min(v_local, vocab_size - vocab_start))
-
-
 def check_finite_logits(
     logits_shard: torch.Tensor,
     group: ProcessGroup = None,
@@ -95,7 +90,7 @@ def check_finite_logits(
         vocab_size: true vocabulary size; padded columns beyond it are not checked.
     """
     n, v_local = logits_shard.shape
-    valid = _valid_local_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
+    valid = valid_vocab_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
     bad = (~torch.isfinite(logits_shard[:, :valid])).any(dim=-1).to(torch.int32)
     all_reduce_no_grad(bad, dist.ReduceOp.MAX, group)
     if bool(bad.any()):
@@ -118,15 +113,6 @@ def _decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     ordered = (keys >> 32).to(torch.int32)  # arithmetic shift keeps the sign
     bits = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
     return bits.view(torch.float32), _LOW32 - (keys & _LOW32)
-
-
-def _all_gather_cat(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    world = tp_world_size(group)
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
 
 
 def vocab_parallel_topk(
@@ -160,7 +146,7 @@ def vocab_parallel_topk(
     total_vocab = v_local * tp_world_size(group) if vocab_size is None else vocab_size
     if not 1 <= k <= total_vocab:
         raise ValueError(f"k={k} must be in [1, vocab size {total_vocab}]")
-    valid = _valid_local_columns(v_local, vocab_start, vocab_size)
+    valid = valid_vocab_columns(v_local, vocab_start, vocab_size)
     # Every rank must contribute the same number of candidates to the all-gather.
     k_local = min(k, v_local)
     ids_row = torch.arange(vocab_start, vocab_start + v_local, device=logits_shard.device)
@@ -187,7 +173,7 @@ def vocab_parallel_topk(
                 if unsure.numel():
                     keys = _ordered_keys(z[unsure], ids_row[:valid].expand(unsure.numel(), valid))
                     local[unsure, :k_valid] = torch.topk(keys, k_valid, dim=-1, sorted=False).values
-        candidates = _all_gather_cat(local, group)
+        candidates = all_gather_vocab(local, group)
         best = torch.topk(candidates, k, dim=-1, sorted=True).values
         values[s:e], ids[s:e] = _decode_keys(best)
     return values, ids
@@ -204,7 +190,7 @@ def vocab_parallel_logsumexp(
 def _logprobs_and_lse(logits_shard, ids, group, vocab_size):
     """Reuse the shared primitive (max all-reduce + sum-exp all-reduce, fp32, chunked)."""
     v_local = logits_shard.shape[-1]
-    valid = _valid_local_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
+    valid = valid_vocab_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
     with torch.no_grad():
         if valid < v_local:
             logits_shard = logits_shard.clone()
