@@ -521,6 +521,10 @@ def _plain(cfg) -> dict:
     return dict(cfg)
 
 
+# Keys of conf/compute_topk_logits.yaml besides ExtractConfig's fields.
+RUN_CONFIG_KEYS = {"teacher", "parallel", "tokenizer_path"}
+
+
 def run_from_config(cfg, teacher_loader=None) -> ExtractSummary:
     """Run from the Hydra/OmegaConf config of ``conf/compute_topk_logits.yaml`` (torchrun / srun aware).
 
@@ -538,6 +542,9 @@ def run_from_config(cfg, teacher_loader=None) -> ExtractSummary:
     if unknown:
         raise ValueError(f"unknown teacher keys {unknown}")
     names = {f.name for f in dataclasses.fields(ExtractConfig)}
+    unknown = sorted(set(c) - names - RUN_CONFIG_KEYS)
+    if unknown:  # a typo would otherwise fall back to a default silently
+        raise ValueError(f"unknown compute_topk_logits keys {unknown}; valid keys: {sorted(names | RUN_CONFIG_KEYS)}")
     extract_cfg = ExtractConfig(**{k: c[k] for k in names if k in c})
     parallel = dict(c.get("parallel") or {})
     if os.environ.get("NEMO_KD_NUM_THREADS"):
