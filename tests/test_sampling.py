@@ -340,3 +340,25 @@ def test_hf_adapter_equals_transformers(tiny, tmp_path):
         ref = torch.log_softmax(z, -1).gather(1, torch.tensor(g.token_ids)[:, None])[:, 0]
         torch.testing.assert_close(_f64(g.logprobs), ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(s.double(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_cache_decoding_equals_rerunning_the_prefix(tiny, temperature):
+    """Megatron's KV cache (prefill to the shortest prompt, then one position per forward; rows inside
+    their prompt fed their prompt tokens) draws exactly what re-running the whole prefix draws."""
+    cfg = _cfg(temperature=temperature, max_new_tokens=10, seed=11)
+    kw = dict(batch_size=4, max_length=24)  # prompts of 2..16 tokens: some rows hit max_length
+    cached = _gen(tiny, tiny["prompts"], cfg, use_kv_cache=True, **kw)
+    rerun = _gen(tiny, tiny["prompts"], cfg, use_kv_cache=False, **kw)
+    assert len({len(p) for p in tiny["prompts"]}) > 3  # prompts of several lengths share a batch
+    assert any(len(p) + len(g.token_ids) == 24 for p, g in zip(tiny["prompts"], rerun))  # capped rows
+    assert len({len(g.token_ids) for g in rerun}) > 1
+    for a, b in zip(cached, rerun):
+        assert a.token_ids == b.token_ids and a.finished == b.finished
+        torch.testing.assert_close(_f64(a.logprobs), _f64(b.logprobs), rtol=0, atol=1e-5)
+        torch.testing.assert_close(_f64(a.sampling_logprobs), _f64(b.sampling_logprobs), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a Megatron-core GPTModel"):
+        from nemo_kd.generation.sampling import generate
+
+        generate(torch.nn.Linear(2, 2), tiny["prompts"][:1], cfg, eos_id=None, pad_id=0, vocab_size=2,
+                 use_kv_cache=True)

@@ -1,8 +1,8 @@
 """Batched greedy decoding for evaluation: a thin wrapper over :func:`nemo_kd.generation.sampling.generate`.
 
 One decoder serves evaluation and data generation: greedy is sampling at temperature 0
-(argmax over the real vocabulary, ties to the smallest id). Tiny models only: no KV
-cache, the right-padded batch is re-run every step (see :mod:`nemo_kd.generation.sampling`).
+(argmax over the real vocabulary, ties to the smallest id); a Megatron-core GPT decodes with
+Megatron's KV cache (see :mod:`nemo_kd.generation.sampling`).
 A row stops at the end-of-turn token (the tokenizer's EOS: ``<|im_end|>`` for the
 ChatML template) or after ``max_new_tokens``.
 """

@@ -29,11 +29,15 @@ differences in ``z`` (which move a draw only when ``u`` falls within rounding er
 a CDF boundary). Pass ``sample_offset`` = the global index of a rank's first prompt
 when prompts are split over data-parallel ranks.
 
-Decoding re-runs the whole right-padded batch every step (no KV cache: these are tiny
-models; use an external engine such as vLLM for large ones and feed its JSONL). Right
-padding is harmless under the causal mask: a row's logits at its last real position
-never see the padding after it, so rows of different lengths decode together, each
-reading its next token at its own length. Rows that are done drop out of the batch.
+Decoding. A Megatron-core ``GPTModel`` decodes with Megatron's own KV cache
+(``StaticInferenceContext``): the batch is prefilled up to its shortest prompt, then advances
+one position per forward; a row still inside its prompt is fed its prompt token, the others
+their last sample (Megatron's static-batching scheme for prompts of different lengths). Any
+other model (:class:`HFCausalLM`, or ``use_kv_cache=False``) re-runs the right-padded batch
+every step: right padding is harmless under the causal mask, a row's logits at its last real
+position never see the padding after it, and rows that are done drop out of the batch. Both
+paths give the same logits (to float rounding) and so the same samples. For very large
+models an external engine (vLLM) can produce the JSONL the pipelines read.
 """
 
 from __future__ import annotations
@@ -252,6 +256,7 @@ def generate(
     sample_offset: int = 0,
     progress=None,
     tokenizer=None,
+    use_kv_cache: Optional[bool] = None,
 ) -> List[Generation]:
     """Sample a completion of each tokenised prompt (see the module docstring).
 
@@ -272,6 +277,8 @@ def generate(
             ``(cfg.seed, sample_offset + i, step)``.
         progress: anything with ``update(n)`` (e.g. tqdm), called per finished batch.
         tokenizer: fills :attr:`Generation.text` (``decode(token_ids, skip_special_tokens=True)``).
+        use_kv_cache: decode with Megatron's KV cache (default: for a Megatron-core GPT);
+            False re-runs the whole prefix every step.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -285,12 +292,17 @@ def generate(
                              "prompt position, so a prompt needs at least one token (e.g. BOS)")
     group = _tp_group(model)
     device = _device(model)
+    if use_kv_cache is None:
+        use_kv_cache = _is_megatron_gpt(model)
+    elif use_kv_cache and not _is_megatron_gpt(model):
+        raise ValueError("use_kv_cache=True needs a Megatron-core GPTModel")
+    decode = _generate_batch_kv_cache if use_kv_cache else _generate_batch
     out: List[Generation] = []
     with _eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            out.extend(_generate_batch(model, chunk, cfg, eos_id, pad_id, vocab_size, max_length,
-                                       sample_offset + start, group, device))
+            out.extend(decode(model, chunk, cfg, eos_id, pad_id, vocab_size, max_length, sample_offset + start, group,
+                              device))
             if progress is not None:
                 progress.update(len(chunk))
     if tokenizer is not None:
@@ -299,11 +311,53 @@ def generate(
     return out
 
 
-def _generate_batch(model, chunk, cfg, eos_id, pad_id, vocab_size, max_length, first_index, group, device):
-    gens = [Generation(prompt_ids=list(p)) for p in chunk]
+def _is_megatron_gpt(model) -> bool:
+    from megatron.core.models.gpt import GPTModel
+
+    inner = model
+    while not isinstance(inner, GPTModel) and hasattr(inner, "module"):  # Float16Module, DDP
+        inner = inner.module
+    return isinstance(inner, GPTModel)
+
+
+def _budgets(chunk, cfg: SamplingConfig, max_length: Optional[int]) -> List[int]:
     # Per-row budget (not the batch's longest prompt): a row's output must not depend on its batch-mates.
-    budget = [cfg.max_new_tokens if max_length is None else max(0, min(cfg.max_new_tokens, max_length - len(p)))
-              for p in chunk]
+    return [cfg.max_new_tokens if max_length is None else max(0, min(cfg.max_new_tokens, max_length - len(p)))
+            for p in chunk]
+
+
+def _draw(z: torch.Tensor, gens: List[Generation], active: List[int], cfg: SamplingConfig, first_index: int,
+          eos_id: Optional[int]) -> List[int]:
+    """Sample the next token of each ``active`` row from its logits ``z`` ``[n, vocab_size]``
+    (any float dtype; computed in float64) and record it; returns the tokens (EOS included)."""
+    z = z.double()
+    logp = torch.log_softmax(z, dim=-1)
+    if cfg.greedy:
+        ids = z.argmax(dim=-1)
+        sample_lp = torch.zeros(len(active), dtype=torch.float64, device=z.device)
+    else:
+        log_pi = _sampling_log_probs(z, cfg)
+        u = torch.tensor([_uniform(cfg.seed, first_index + r, len(gens[r].token_ids)) for r in active],
+                         dtype=torch.float64, device=z.device)
+        ids = _inverse_cdf(log_pi, u)
+        sample_lp = log_pi.gather(-1, ids[:, None])[:, 0]
+    model_lp = logp.gather(-1, ids[:, None])[:, 0]
+    out = ids.tolist()
+    for r, t, lp, slp in zip(active, out, model_lp.tolist(), sample_lp.tolist()):
+        g = gens[r]
+        g.logprobs.append(lp)
+        g.sampling_logprobs.append(slp)
+        if t == eos_id:
+            g.finished = True
+        else:
+            g.token_ids.append(t)
+    return out
+
+
+def _generate_batch(model, chunk, cfg, eos_id, pad_id, vocab_size, max_length, first_index, group, device):
+    """Re-run the right-padded prefix every step (any model)."""
+    gens = [Generation(prompt_ids=list(p)) for p in chunk]
+    budget = _budgets(chunk, cfg, max_length)
     width = max(len(p) + n for p, n in zip(chunk, budget))
     tokens = _right_pad(chunk, width, pad_id, device)
     lengths = [len(p) for p in chunk]
@@ -316,28 +370,52 @@ def _generate_batch(model, chunk, cfg, eos_id, pad_id, vocab_size, max_length, f
         logits = _forward(model, tokens[rows, :int(cur.max())])
         last = logits[torch.arange(len(active), device=device), cur - 1]  # [n, V_padded/TP]
         # Gather only this [n, V/TP] row (not [n, s, V/TP]); every rank then samples identically.
-        z = all_gather_vocab(last, group)[:, :vocab_size].double()  # padding rows cut off here
-        logp = torch.log_softmax(z, dim=-1)
-        if cfg.greedy:
-            ids = z.argmax(dim=-1)
-            sample_lp = torch.zeros(len(active), dtype=torch.float64, device=z.device)
-        else:
-            log_pi = _sampling_log_probs(z, cfg)
-            u = torch.tensor([_uniform(cfg.seed, first_index + r, len(gens[r].token_ids)) for r in active],
-                             dtype=torch.float64, device=z.device)
-            ids = _inverse_cdf(log_pi, u)
-            sample_lp = log_pi.gather(-1, ids[:, None])[:, 0]
-        model_lp = logp.gather(-1, ids[:, None])[:, 0]
-        for r, t, lp, slp in zip(active, ids.tolist(), model_lp.tolist(), sample_lp.tolist()):
-            g = gens[r]
-            g.logprobs.append(lp)
-            g.sampling_logprobs.append(slp)
-            if t == eos_id:
-                g.finished = True
-                continue
-            g.token_ids.append(t)
-            tokens[r, lengths[r]] = t
-            lengths[r] += 1
+        z = all_gather_vocab(last, group)[:, :vocab_size]  # padding rows cut off here
+        for r, t in zip(active, _draw(z, gens, active, cfg, first_index, eos_id)):
+            if t != eos_id:
+                tokens[r, lengths[r]] = t
+                lengths[r] += 1
+
+
+def _generate_batch_kv_cache(model, chunk, cfg, eos_id, pad_id, vocab_size, max_length, first_index, group, device):
+    """Megatron's KV cache (static batching): prefill to the shortest prompt, then one position
+    per forward for the whole batch; rows inside their prompt are fed their prompt token."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    gens = [Generation(prompt_ids=list(p)) for p in chunk]
+    budget = _budgets(chunk, cfg, max_length)
+    plen = [len(p) for p in chunk]
+    total = max(n + k for n, k in zip(plen, budget))
+    tokens = _right_pad(chunk, total, pad_id, device)
+    b, start = len(chunk), min(plen)
+    ctx = StaticInferenceContext(b, total)
+
+    def step(pos: int, width: int) -> torch.Tensor:
+        position_ids = torch.arange(pos, pos + width, device=device).unsqueeze(0).expand(b, width)
+        # runtime_gather_output: Megatron gathers the TP shards of this last position's logits
+        logits = model(tokens[:, pos:pos + width], position_ids, None, inference_context=ctx,
+                       runtime_gather_output=True)
+        ctx.sequence_len_offset += width
+        return logits[:, -1, :vocab_size]  # [b, V] (only the last position is materialised)
+
+    def live(r):
+        return not gens[r].finished and len(gens[r].token_ids) < budget[r]
+
+    if not any(live(r) for r in range(b)):
+        return gens
+    z = step(0, start)  # predicts position `start`
+    for pos in range(start, total):
+        # rows whose next token (at `pos`) is theirs to sample: past their prompt and still going
+        active = [r for r in range(b) if pos >= plen[r] and pos == plen[r] + len(gens[r].token_ids) and live(r)]
+        if active:
+            drawn = _draw(z[active], gens, active, cfg, first_index, eos_id)
+            for r, t in zip(active, drawn):
+                if t != eos_id:
+                    tokens[r, pos] = t
+        if not any(live(r) for r in range(b)) or pos == total - 1:
+            return gens
+        z = step(pos, 1)  # feed position `pos` (prompt token, sample or padding): predicts pos + 1
+    return gens
 
 
 # ----------------------------------------------------------------------------- scoring
