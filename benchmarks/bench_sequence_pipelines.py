@@ -130,6 +130,13 @@ class Setting:
         model, hist, _ = self.mj._fit(name, mcfg, steps, os.path.join(self.out, "logs"))
         return model, hist
 
+    def variant(self, name: str, results: dict, timings: dict, histories: dict, *args, **kwargs) -> None:
+        """:meth:`fine_tune` from the SFT student, then evaluate; results, timing and history recorded."""
+        t0 = time.time()
+        model, histories[name] = self.fine_tune(name, self.student, *args, **kwargs)
+        results[name] = self.evaluate(model, name)
+        timings[name] = time.time() - t0
+
 
 def _table(results: dict) -> str:
     lines = ["| student | held-out CE | KL(teacher‖student) | exact match | EM, confused letters | EM, others |",
@@ -185,15 +192,11 @@ def run_dual(a) -> dict:
             "DPKD only": dict(kd_loss_weight=0.0, dpo_loss_weight=1.0),
         }
         for name in a.variants:
-            t0 = time.time()
             print(f"[3/3] {name}: {a.steps} steps on {report['pairs']} pairs", flush=True)
             loss = dict(kd_loss_type="forward_kl", topk_convention="exact_tail", sft_loss_weight=0.0,
                         preference_loss_type="dpkd", preference_beta=a.beta, **objectives[name])
-            model, histories[name] = st.fine_tune(name, st.student, pairs_file, store, loss, a.steps, a.lr,
-                                                  2 * a.pairs_batch, st.cfg.seed + 7)
-            results[name] = st.evaluate(model, name)
-            del model
-            timings[name] = time.time() - t0
+            st.variant(name, results, timings, histories, pairs_file, store, loss, a.steps, a.lr, 2 * a.pairs_batch,
+                       st.cfg.seed + 7)
     finally:
         destroy_parallel()
     timings["total"] = time.time() - t_start
@@ -265,15 +268,10 @@ def run_gkd(a) -> dict:
     try:
         for fraction in (0.0, 0.5, 1.0):
             name = f"online JSD, λ = {fraction}" + (" (supervised KD)" if fraction == 0 else "")
-            t0 = time.time()
             print(f"[1/1] {name}: {a.steps} steps", flush=True)
-            model, histories[name] = st.fine_tune(
-                name, st.student, data, None, loss, a.steps, a.lr, 32, st.cfg.seed + 7,
-                teacher={"mode": "online", "checkpoint": st.teacher},
-                on_policy={"fraction": fraction, "temperature": 1.0, "max_new_tokens": st.max_new, "seed": 5})
-            results[name] = st.evaluate(model, name)
-            del model
-            timings[name] = time.time() - t0
+            st.variant(name, results, timings, histories, data, None, loss, a.steps, a.lr, 32, st.cfg.seed + 7,
+                       teacher={"mode": "online", "checkpoint": st.teacher},
+                       on_policy={"fraction": fraction, "temperature": 1.0, "max_new_tokens": st.max_new, "seed": 5})
     finally:
         destroy_parallel()
     timings["total"] = time.time() - t_start
