@@ -75,6 +75,7 @@ _DATA_KEYS = {"file_path", "logits_store", "tokenizer", "prompt_format", "max_se
               "micro_batch_size", "global_batch_size", "seed", "shuffle", "top_k", "skip_bad_samples", "split",
               "num_workers", "defer_setup"}
 _TEACHER_KEYS = {"mode", "checkpoint", "model", "tokenizer", "prompt_format", "top_k"}
+_PROGRESS_BAR = ("loss", "kd_loss", "preference_loss", "lr")  # the rest goes to the loggers only
 
 
 def _plain(node) -> dict:
@@ -391,7 +392,7 @@ class GPTDistillationModel(ModelPT):
         metrics["tokens/s"] = gbs * self.engine.batch_cfg.seq_length / max(elapsed, 1e-9)
         metrics["consumed_samples"] = float(self.consumed_samples)
         for name, value in metrics.items():
-            self.log(name, float(value), prog_bar=name in ("loss", "kd_loss", "lr"), batch_size=gbs)
+            self.log(name, float(value), prog_bar=name in _PROGRESS_BAR, batch_size=gbs)
         self.log("global_step", float(self.global_step + 1), batch_size=gbs)
         return torch.tensor(metrics["loss"])
 
