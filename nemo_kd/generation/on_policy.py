@@ -22,7 +22,7 @@ student's tokenizer (stored top-k logits describe the dataset's responses, not t
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
@@ -39,11 +39,9 @@ class OnPolicyConfig:
 
     @classmethod
     def from_dict(cls, d) -> "OnPolicyConfig":
-        d = dict(d or {})
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown on_policy keys {unknown}; valid keys: {sorted(f.name for f in fields(cls))}")
-        cfg = cls(**d)
+        from nemo_kd.generation.stages import known_keys
+
+        cfg = cls(**known_keys(cls, d, "on_policy"))
         if not 0.0 <= cfg.fraction <= 1.0:
             raise ValueError(f"on_policy.fraction must be in [0, 1], got {cfg.fraction}")
         cfg.sampling(1)  # validates temperature / top_k / top_p / max_new_tokens
