@@ -162,7 +162,9 @@ def run_stage(path: str, settings: Dict[str, Any], num_items: int,
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank0 = not distributed or dist.get_rank() == 0
-    done = torch.tensor([int(stage_done(path, settings)) if rank0 else 0])
+    # on the collective backend's device (NCCL broadcasts CUDA tensors only)
+    device = state.device() if state.is_initialized() else torch.device("cpu")
+    done = torch.tensor([int(stage_done(path, settings)) if rank0 else 0], device=device)
     if distributed:
         dist.broadcast(done, src=0)
     if bool(done):
