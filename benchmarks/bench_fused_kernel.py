@@ -58,6 +58,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 FULL_SHAPES = [(n, v) for n in (4096, 8192, 16384) for v in (32000, 128256, 151936)]
 QUICK_SHAPES = [(8192, 128256), (16384, 151936)]
@@ -155,8 +156,9 @@ def make_inputs(n, v, k, device, seed=0):
     return logits, torch.cat([t_ids, labels], 1), t_logp
 
 
-def _variant_rows(emit, n, v, variants, inputs, floor_ms, lbytes, timer, reps, warmup) -> None:
-    """One table row per variant: time, × naive (the first variant), × floor, extra memory, Δgrad vs naive."""
+def _variant_rows(emit, n, v, variants, inputs, floor_ms, lbytes, timer, reps, warmup) -> Optional[float]:
+    """One table row per variant: time, × naive (the first variant), × floor, extra memory, Δgrad vs naive.
+    Returns the naive variant's ms (None if it did not run), the baseline of later rows."""
     naive_ms, ref = None, None
     for name, fn, inplace in variants:
         try:
@@ -172,6 +174,7 @@ def _variant_rows(emit, n, v, variants, inputs, floor_ms, lbytes, timer, reps, w
         vs_naive = f"{naive_ms / ms:.2f}" if naive_ms else ""
         emit(f"| {n} | {v} | {name} | {ms:.3f} | {vs_naive} | {ms / floor_ms:.2f} | {mem} | {dgrad} |")
         del grad
+    return naive_ms
 
 
 def run_logits_variant(loss_fn, logits0, ids, t_logp, timer, reps, warmup, inplace):
@@ -210,20 +213,19 @@ def run_logits_variant(loss_fn, logits0, ids, t_logp, timer, reps, warmup, inpla
     return statistics.median(times), peak, check
 
 
-def run_liger(n, v, hidden, device, timer, reps, warmup):
-    from liger_kernel.transformers import LigerFusedLinearJSD
-
+def _lmhead_inputs(n, v, hidden, device):
+    """Student and teacher hidden states and lm_head weights ``(x, W, x', W')`` in bf16; the
+    student's require grad (Liger's fused-linear losses take these, not logits)."""
     g = torch.Generator(device="cpu").manual_seed(1)
     mk = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(device=device, dtype=torch.bfloat16)  # noqa: E731
     xs, ws, xt, wt = mk(n, hidden), mk(v, hidden), mk(n, hidden), mk(v, hidden)
     xs.requires_grad_(True)
     ws.requires_grad_(True)
-    jsd = LigerFusedLinearJSD(jsd_beta=0.0)
+    return xs, ws, xt, wt
 
-    def step():
-        loss = jsd(xs, ws, xt, wt)
-        return torch.autograd.grad(loss, (xs, ws))
 
+def _time_and_peak(step, timer, reps, warmup):
+    """``(median ms, peak extra bytes)`` of ``step``: the peak from a first call, then timed calls."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -233,6 +235,14 @@ def run_liger(n, v, hidden, device, timer, reps, warmup):
     for _ in range(warmup):
         step()
     return statistics.median([timer(step) for _ in range(reps)]), peak
+
+
+def run_liger(n, v, hidden, device, timer, reps, warmup):
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    xs, ws, xt, wt = _lmhead_inputs(n, v, hidden, device)
+    jsd = LigerFusedLinearJSD(jsd_beta=0.0)
+    return _time_and_peak(lambda: torch.autograd.grad(jsd(xs, ws, xt, wt), (xs, ws)), timer, reps, warmup)
 
 
 _LIGER_NOTED = []
@@ -292,11 +302,7 @@ def run_lmhead_pair(n, v, hidden, beta, device, timer, reps, warmup):
     Returns ``[(name, ms, peak bytes)]``: ours = logits by matmul + fused JSD + backward
     through the matmul; Liger = ``LigerFusedLinearJSD`` (chunked, logits never materialised).
     """
-    g = torch.Generator(device="cpu").manual_seed(1)
-    mk = lambda *sh: (torch.randn(*sh, generator=g) * 0.02).to(device=device, dtype=torch.bfloat16)  # noqa: E731
-    xs, ws, xt, wt = mk(n, hidden), mk(v, hidden), mk(n, hidden), mk(v, hidden)
-    xs.requires_grad_(True)
-    ws.requires_grad_(True)
+    xs, ws, xt, wt = _lmhead_inputs(n, v, hidden, device)
 
     def ours():
         with torch.no_grad():
@@ -312,18 +318,7 @@ def run_lmhead_pair(n, v, hidden, beta, device, timer, reps, warmup):
         variants.append(("liger-fl-jsd", lambda: torch.autograd.grad(jsd(xs, ws, xt, wt), (xs, ws))))
     except ImportError:
         note_liger_missing()
-    out = []
-    for name, step in variants:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        for _ in range(warmup):
-            step()
-        out.append((name, statistics.median([timer(step) for _ in range(reps)]), peak))
-    return out
+    return [(name, *_time_and_peak(step, timer, reps, warmup)) for name, step in variants]
 
 
 def bench_full(shapes, device, timer, reps, warmup, emit):
@@ -405,7 +400,7 @@ def bench_topk(shapes, device, timer, reps, warmup, emit):
         lbytes = logits.numel() * logits.element_size()
         floor_ms = 3 * lbytes / args.bandwidth * 1e3
         emit(f"| {n} | {v} | HBM floor | {floor_ms:.3f} | | 1.00 | | | |")
-        _variant_rows(emit, n, v, variants, (logits, ids, t_logp), floor_ms, lbytes, timer, reps, warmup)
+        naive_ms = _variant_rows(emit, n, v, variants, (logits, ids, t_logp), floor_ms, lbytes, timer, reps, warmup)
         if lt is None:
             emit(f"| {n} | {v} | fused | n/a ({FUSED_ERR}) | | | | | |")
         if device.type == "cuda":
