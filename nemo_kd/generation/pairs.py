@@ -123,7 +123,7 @@ def build_preference_pairs(prompts, positives: Dict[int, List[dict]], negatives:
 
     ``prompts``: :class:`~nemo_kd.generation.responses.Prompt` list; ``positives`` /
     ``negatives``: response rows grouped by prompt index (teacher samples / student samples,
-    :func:`~nemo_kd.generation.responses.read_responses`); ``score(prompt, row)``: higher is
+    :func:`~nemo_kd.generation.responses.group_by_prompt`); ``score(prompt, row)``: higher is
     better. Rows failing ``response_filter`` (a
     :class:`~nemo_kd.generation.filters.ResponseFilterConfig`) are no candidates. Returns the
     pairs and a report: prompts without a pair, filter counts per side.

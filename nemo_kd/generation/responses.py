@@ -6,8 +6,7 @@ training file works as a prompt file), with an optional ``id`` and an optional
 ``reference`` answer for rule-based scoring (a ``response`` field serves as the
 reference when ``reference`` is absent). Errors name ``file:line``.
 
-**Responses** (:func:`sample_responses`, :func:`read_responses`): one object per sampled
-response::
+**Responses** (:func:`sample_responses`): one object per sampled response::
 
     {"id": <prompt id>, "prompt_index": i, "sample": j, "messages": [prompt turns],
      "response": str, "finished": bool, "num_tokens": int, "temperature": T,
@@ -16,9 +15,7 @@ response::
 ``logprobs`` are the sampling model's log-probs of the response tokens at temperature 1
 (the raw distribution, as vLLM reports them; what divergence-aware selection compares
 with the student's teacher-forced log-probs: both sides on the same footing whatever the
-sampling temperature) and ``token_offsets`` their character spans in ``response``; both
-are optional, so responses produced by another engine (vLLM, TensorRT-LLM) enter the
-same pipeline.
+sampling temperature) and ``token_offsets`` their character spans in ``response``.
 Response ``j`` of prompt ``i`` is drawn with sample index ``i·n + j`` (:mod:`sampling`'s
 reproducibility contract), so a run split over data-parallel ranks writes the same
 responses as one process.
@@ -85,26 +82,6 @@ def write_jsonl_atomic(path: str, rows: Sequence[Dict[str, Any]]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def read_responses(path: str) -> Dict[int, List[Dict[str, Any]]]:
-    """Responses grouped by ``prompt_index`` (in ``sample`` order); ``DataError`` names file:line."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such responses file: {path}")
-    rows: List[Dict[str, Any]] = []
-    for line, obj, err in _iter_jsonl(path):
-        if err is not None:
-            raise DataError(path, line, err)
-        if not isinstance(obj, dict):
-            raise DataError(path, line, "expected a JSON object")
-        for key, kind in (("prompt_index", int), ("response", str), ("messages", list)):
-            if not isinstance(obj.get(key), kind):
-                raise DataError(path, line, f"missing or wrong type for field '{key}' (expected {kind.__name__})")
-        lps, offs = obj.get("logprobs"), obj.get("token_offsets")
-        if (lps is None) != (offs is None) or (lps is not None and len(lps) != len(offs)):
-            raise DataError(path, line, "'logprobs' and 'token_offsets' must be given together, one per token")
-        rows.append(obj)
-    return group_by_prompt(rows)
 
 
 def group_by_prompt(rows: Sequence[Dict[str, Any]]) -> Dict[int, List[Dict[str, Any]]]:

@@ -37,7 +37,7 @@ other model (:class:`HFCausalLM`, or ``use_kv_cache=False``) re-runs the right-p
 every step: right padding is harmless under the causal mask, a row's logits at its last real
 position never see the padding after it, and rows that are done drop out of the batch. Both
 paths give the same logits (to float rounding) and so the same samples. For very large
-models an external engine (vLLM) can produce the JSONL the pipelines read.
+models an external engine (vLLM) can write the training JSONL (pairs, prompt/response) instead.
 """
 
 from __future__ import annotations
