@@ -385,12 +385,13 @@ def vocab_parallel_argmax(logits: torch.Tensor, group: ProcessGroup = None) -> t
 
 @torch.no_grad()
 def token_agreement(
-    student_logits: torch.Tensor,
+    student_logits: Optional[torch.Tensor],
     teacher: torch.Tensor,
     group: ProcessGroup = None,
     *,
     teacher_topk_logits: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
+    student_argmax: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fraction of tokens where the student's argmax equals the teacher's (for logging).
 
@@ -398,9 +399,11 @@ def token_agreement(
     its top-1 is column 0, as ``torch.topk`` orders them, or the argmax of
     ``teacher_topk_logits`` when given) or the teacher's logits shard ``[N, V/TP]``
     (floating dtype; argmax vocab-parallel). ``mask`` ``[N]`` (optional) selects the
-    tokens counted. Returns a 0-dim fp32 tensor, identical on all TP ranks.
+    tokens counted. ``student_argmax`` ``[N]``: the student's global argmax ids when already
+    known (then ``student_logits`` is not read). Returns a 0-dim fp32 tensor, identical on
+    all TP ranks.
     """
-    student_top = vocab_parallel_argmax(student_logits, group)
+    student_top = student_argmax if student_argmax is not None else vocab_parallel_argmax(student_logits, group)
     if teacher.is_floating_point():
         teacher_top = vocab_parallel_argmax(teacher, group)
     elif teacher.dim() == 1:

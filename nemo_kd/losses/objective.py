@@ -76,7 +76,8 @@ from nemo_kd.align.loss import CrossTokenizerTeacher
 from nemo_kd.losses import preference as pref
 from nemo_kd.losses.cross_entropy import vocab_parallel_cross_entropy
 from nemo_kd.losses.divergences import LOSS_TYPES
-from nemo_kd.losses.kd import TOPK_CONVENTIONS, full_kd_loss, token_agreement, topk_kd_loss
+from nemo_kd.losses.kd import TOPK_CONVENTIONS, full_kd_loss, token_agreement, topk_kd_loss, vocab_parallel_argmax
+from nemo_kd.losses.projection import ProjectedLogits
 from nemo_kd.losses.reduction import contribution, global_count, masked_sum
 from nemo_kd.losses.sequence import sequence_logprobs
 from nemo_kd.losses.vocab_parallel import (
@@ -133,6 +134,13 @@ class DistillationLossConfig:
     # training step's logits are dead after the loss (nemo_kd.models.engine). False: the
     # separate-buffer reference path.
     inplace_logits_grad: bool = True
+    # Defer the output projection into the loss (nemo_kd.losses.projection): the training step
+    # computes the logits output_layer_chunk_tokens rows at a time, forward and (recomputed)
+    # backward, so the [tokens, V/TP] logits and their gradient never exist whole. Costs one
+    # more output-layer matmul; not for cross-tokenizer KD. The Megatron side is
+    # nemo_kd.models.deferred_projection.
+    fuse_output_layer: bool = False
+    output_layer_chunk_tokens: int = 2048
 
     @classmethod
     def from_dict(cls, d) -> "DistillationLossConfig":
@@ -164,6 +172,8 @@ class DistillationLossConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.kd_loss_weight + self.sft_loss_weight + self.dpo_loss_weight == 0:
             raise ValueError("all of kd_loss_weight, sft_loss_weight and dpo_loss_weight are 0: nothing to train")
+        if self.output_layer_chunk_tokens < 1:
+            raise ValueError(f"output_layer_chunk_tokens must be >= 1, got {self.output_layer_chunk_tokens}")
         if not 0.0 <= self.sft_label_smoothing < 1.0:
             raise ValueError(f"sft_label_smoothing must be in [0, 1), got {self.sft_label_smoothing}")
 
@@ -369,42 +379,92 @@ class DistillationObjective:
             return out if labels is not None else (out, None)
         raise ValueError("kd_loss_weight > 0 needs a teacher (TopKTeacher or FullTeacher) in the batch")
 
-    def __call__(self, student_logits: torch.Tensor, batch: ObjectiveBatch, norms: ObjectiveNormalisers) -> ObjectiveOutput:
-        """``student_logits``: ``[B, T, V/TP]`` (or ``[B·T, V/TP]``) this rank's vocab shard."""
+    def _row_terms(self, z: torch.Tensor, labels, t_values, t_ids, t_lse, t_logits, *, need_kd: bool,
+                   need_label_lp: bool, inplace: bool, with_argmax: bool):
+        """Per-token terms from logits rows ``z`` ``[n, V/TP]``: ``(kd, log q(label), smoothed CE, argmax)``.
+
+        Row-wise (row ``i`` of each output reads row ``i`` of ``z`` and of the row inputs
+        only), so it runs on the whole microbatch or, under a deferred output projection,
+        chunk by chunk (:meth:`ProjectedLogits.map_rows`). Terms not asked for are None.
+        """
+        c = self.cfg
+        kd = token_lp = ce = argmax = None
+        if with_argmax:  # read before any backward can overwrite z
+            argmax = vocab_parallel_argmax(z.detach(), self.group)
+        if need_kd:
+            teacher = TopKTeacher(t_values, t_ids, t_lse) if t_values is not None else FullTeacher(t_logits)
+            kd, token_lp = self._kd_per_token(z, teacher, labels if need_label_lp else None, inplace)
+        if need_label_lp and token_lp is None:  # no KD pass to share (in place only if no KD read the logits)
+            token_lp = vocab_parallel_logprobs_at(z, labels, group=self.group, impl=c.kd_kernel,
+                                                  inplace_backward=inplace and c.kd_loss_weight == 0)[0]
+        if c.sft_loss_weight > 0 and c.sft_label_smoothing > 0:
+            ce = vocab_parallel_cross_entropy(z, labels, label_smoothing=c.sft_label_smoothing, group=self.group,
+                                              impl=c.kd_kernel)
+        return kd, token_lp, ce, argmax
+
+    def __call__(self, student_logits, batch: ObjectiveBatch, norms: ObjectiveNormalisers) -> ObjectiveOutput:
+        """``student_logits``: ``[B, T, V/TP]`` (or ``[B·T, V/TP]``) this rank's vocab shard, or a
+        :class:`~nemo_kd.losses.projection.ProjectedLogits` (the output projection deferred into
+        the loss: the same terms, computed chunk by chunk; not for cross-tokenizer KD)."""
         c = self.cfg
         shape = batch.labels.shape
-        logits = student_logits.reshape(-1, student_logits.shape[-1])
+        projected = isinstance(student_logits, ProjectedLogits)
+        xtok = isinstance(batch.teacher, CrossTokenizerTeacher) and c.kd_loss_weight > 0
+        if projected and xtok:
+            raise ValueError("fuse_output_layer does not cover cross-tokenizer KD (its mapped top-k and chain "
+                             "log-probs read the logits across rows): set fuse_output_layer=false")
+        logits = student_logits if projected else student_logits.reshape(-1, student_logits.shape[-1])
         labels = batch.labels.reshape(-1)
         kd_mask, sft_mask = _term_masks(c, batch)
         roles = batch.roles_or_default()
-        loss = logits.new_zeros((), dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         metrics: Dict[str, torch.Tensor] = {}
 
         pairs_pos, pairs_neg = _pairs(batch)
         need_seq = c.dpo_loss_weight > 0 and pairs_pos.numel() > 0
         need_label_lp = self._need_label_lp(batch)
-        token_lp = None
-        # At most one call below gets inplace=True: the single pass that reads the logits.
-        blocker = self.inplace_blocker(logits, batch)
-        inplace = blocker is None
-        if c.inplace_logits_grad and blocker is not None and logits.requires_grad and torch.is_grad_enabled():
-            config_reason = self._inplace_config_blocker(logits, batch)
-            if config_reason is not None:  # a leaf's storage is protected on purpose: no warning
-                warnings.warn(f"inplace_logits_grad: {config_reason}; the logits gradient goes to a separate "
-                              "buffer (inplace_logits_grad=False silences this)",
-                              stacklevel=2)
+        inplace = False
+        if not projected:
+            # At most one pass below gets inplace=True: the single pass that reads the logits.
+            blocker = self.inplace_blocker(logits, batch)
+            inplace = blocker is None
+            if c.inplace_logits_grad and blocker is not None and logits.requires_grad and torch.is_grad_enabled():
+                config_reason = self._inplace_config_blocker(logits, batch)
+                if config_reason is not None:  # a leaf's storage is protected on purpose: no warning
+                    warnings.warn(f"inplace_logits_grad: {config_reason}; the logits gradient goes to a separate "
+                                  "buffer (inplace_logits_grad=False silences this)",
+                                  stacklevel=2)
+
+        if xtok:
+            xtok = batch.teacher.kd_loss(
+                logits, group=self.group, loss_type=c.kd_loss_type, topk_convention=c.topk_convention,
+                logits_scale=c.logits_scale, target_logits_scale=c.target_logits_scale, jsd_beta=c.jsd_beta,
+                skew_alpha=c.skew_alpha, akl_mu=c.akl_mu, temperature_squared=c.temperature_squared,
+                impl=c.kd_kernel)
+        need_kd = c.kd_loss_weight > 0 and not xtok
+        teacher = batch.teacher if need_kd else None
+        n = labels.shape[0]
+        rows = (labels,
+                teacher.values.reshape(n, -1) if isinstance(teacher, TopKTeacher) else None,
+                teacher.ids.reshape(n, -1) if isinstance(teacher, TopKTeacher) else None,
+                teacher.lse.reshape(n) if isinstance(teacher, TopKTeacher) and teacher.lse is not None else None,
+                teacher.logits.reshape(n, -1) if isinstance(teacher, FullTeacher) else None)
+        if need_kd and rows[1] is None and rows[4] is None:
+            raise ValueError("kd_loss_weight > 0 needs a teacher (TopKTeacher or FullTeacher) in the batch")
+        terms = dict(need_kd=need_kd, need_label_lp=need_label_lp)
+        if projected:
+            def per_chunk(z, *chunk_rows, backward):
+                # In backward the chunk's logits are the projection's own: written over when one pass reads them.
+                one_reader = backward and c.inplace_logits_grad and self._inplace_config_blocker(z, batch) is None
+                return self._row_terms(z, *chunk_rows, **terms, inplace=one_reader, with_argmax=need_kd and not backward)
+
+            kd, token_lp, ce, student_argmax = logits.map_rows(per_chunk, *rows)
+        else:
+            kd, token_lp, ce, student_argmax = self._row_terms(logits, *rows, **terms, inplace=inplace,
+                                                               with_argmax=need_kd)
 
         if c.kd_loss_weight > 0:
-            xtok = None
-            if isinstance(batch.teacher, CrossTokenizerTeacher):
-                xtok = batch.teacher.kd_loss(
-                    logits, group=self.group, loss_type=c.kd_loss_type, topk_convention=c.topk_convention,
-                    logits_scale=c.logits_scale, target_logits_scale=c.target_logits_scale, jsd_beta=c.jsd_beta,
-                    skew_alpha=c.skew_alpha, akl_mu=c.akl_mu, temperature_squared=c.temperature_squared,
-                    impl=c.kd_kernel)
-                kd = xtok.per_token
-            else:
-                kd, token_lp = self._kd_per_token(logits, batch.teacher, labels if need_label_lp else None, inplace)
+            kd = xtok.per_token if xtok else kd
             kd = kd.reshape(shape)
             weighted = kd * _kd_row_weights(c, roles).to(kd.dtype)[:, None]
             kd_term = contribution(weighted, kd_mask, norms.kd, c.reduction)
@@ -412,8 +472,8 @@ class DistillationObjective:
             metrics["kd_loss"] = kd_term.detach()
             metrics["teacher_student_kd_sum"] = masked_sum(kd.detach(), kd_mask)
             metrics["kd_tokens"] = kd_mask.sum()
-            if xtok is None:
-                metrics["token_agreement"] = self._token_agreement(logits.detach(), batch.teacher, kd_mask.reshape(-1))
+            if not xtok:
+                metrics["token_agreement"] = self._token_agreement(student_argmax, teacher, kd_mask.reshape(-1))
             else:  # argmax agreement where the teacher's distribution maps one-to-one onto the student's
                 metrics["token_agreement"] = token_agreement(
                     logits.detach(), xtok.mapped_topk_ids, self.group, teacher_topk_logits=xtok.mapped_topk_logits,
@@ -424,16 +484,9 @@ class DistillationObjective:
                 metrics["xtok_vocab_coverage"] = xtok.metrics["vocab_teacher_coverage"]
 
         if need_label_lp:
-            if token_lp is None:  # no KD pass to share (in place only if no KD read the logits)
-                token_lp = vocab_parallel_logprobs_at(logits, labels, group=self.group, impl=c.kd_kernel,
-                                                      inplace_backward=inplace and c.kd_loss_weight == 0)[0]
             token_lp = token_lp.reshape(shape)
         if c.sft_loss_weight > 0:
-            if c.sft_label_smoothing == 0.0:
-                ce = -token_lp
-            else:
-                ce = vocab_parallel_cross_entropy(logits, labels, label_smoothing=c.sft_label_smoothing,
-                                                  group=self.group, impl=c.kd_kernel).reshape(shape)
+            ce = -token_lp if c.sft_label_smoothing == 0.0 else ce.reshape(shape)
             sft_term = contribution(ce, sft_mask, norms.sft, c.reduction)
             loss = loss + c.sft_loss_weight * sft_term
             metrics["sft_loss"] = sft_term.detach()
@@ -449,13 +502,14 @@ class DistillationObjective:
             metrics["pairs"] = torch.tensor(pairs_pos.numel())
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
-    def _token_agreement(self, logits: torch.Tensor, teacher, mask: torch.Tensor) -> torch.Tensor:
+    def _token_agreement(self, student_argmax: torch.Tensor, teacher, mask: torch.Tensor) -> torch.Tensor:
         """Fraction of KD tokens where the student's argmax is the teacher's."""
-        n = logits.shape[0]
+        n = student_argmax.shape[0]
         if isinstance(teacher, TopKTeacher):
-            return token_agreement(logits, teacher.ids.reshape(n, -1), self.group,
+            return token_agreement(None, teacher.ids.reshape(n, -1), self.group, student_argmax=student_argmax,
                                    teacher_topk_logits=teacher.values.reshape(n, -1), mask=mask)
-        return token_agreement(logits, teacher.logits.reshape(n, -1), self.group, mask=mask)
+        return token_agreement(None, teacher.logits.reshape(n, -1), self.group, student_argmax=student_argmax,
+                               mask=mask)
 
     @torch.no_grad()
     def _online_teacher_seq_logprobs(self, batch: ObjectiveBatch) -> torch.Tensor:

@@ -41,7 +41,9 @@ from nemo_kd.losses.objective import (
     TopKTeacher,
     objective_normalisers,
 )
+from nemo_kd.losses.projection import ProjectedLogits
 from nemo_kd.models.builder import build_gpt_model
+from nemo_kd.models.deferred_projection import DeferredOutputProjection
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.parallel import state
 
@@ -175,6 +177,9 @@ class DistillationEngine:
             wd_incr_style="constant",
         )
         self.objective = DistillationObjective(loss_cfg, group=state.tp_group())
+        if loss_cfg.fuse_output_layer and cross_tokenizer:
+            raise ValueError("fuse_output_layer does not cover cross-tokenizer KD: set kd.fuse_output_layer=false")
+        self.deferred_projection = DeferredOutputProjection(self.module) if loss_cfg.fuse_output_layer else None
         self.teacher = None
         if teacher_cfg is not None:
             self.teacher = teacher_model if teacher_model is not None else build_gpt_model(teacher_cfg)
@@ -225,6 +230,9 @@ class DistillationEngine:
         # Note: for micro-batch > 1 the gradient reaching the output layer is the [s, b] transpose
         # of this [b, s] buffer, which Megatron copies (prepare_input_tensors_for_wgrad_compute's
         # .contiguous()) — its own logits-sized buffer, outside the loss, in place or not.
+        if self.deferred_projection is not None:
+            logits = ProjectedLogits(logits.reshape(-1, logits.shape[-1]), self.deferred_projection.weight,
+                                     self.loss_cfg.output_layer_chunk_tokens)
         out = self.objective(logits, _objective_batch(mb, teacher_logits), norms)
         report = {name: v.detach().float().reshape(()) for name, v in out.metrics.items()}
         report["loss"] = out.loss.detach().float()
@@ -232,7 +240,11 @@ class DistillationEngine:
 
     def _forward_step(self, norms, scale, data_iterator, model):
         mb = next(data_iterator)
-        output = model(mb["inputs"], mb["position_ids"], None)
+        if self.deferred_projection is None:
+            output = model(mb["inputs"], mb["position_ids"], None)
+        else:  # the model returns its final hidden states; the loss projects them chunk by chunk
+            with self.deferred_projection:
+                output = model(mb["inputs"], mb["position_ids"], None)
         return output, partial(self._loss_func, mb, mb.get("_teacher_logits"), norms, scale)
 
     def _reduce_reports(self, reports: List[dict]) -> Dict[str, float]:
