@@ -54,6 +54,7 @@ their times mean nothing; they are left out unless ``--cpu-fused``.
 
     python benchmarks/bench_train_step.py                      # CPU, small (~5 min: in place on and off)
     python benchmarks/bench_train_step.py --repeat 1 --cpu-fused --variants sft topk-torch topk-fused online-fused
+    python benchmarks/bench_train_step.py --repeat 1 --inplace on --projection both --chunk-tokens 64  # deferred projection
     python benchmarks/bench_train_step.py --gpu                # issue's size: ~1.7B GPT, V=128256, seq 2048, mbs 4
     python benchmarks/bench_train_step.py --gpu --layers 16 --micro-batch 2 --variants sft topk-fused
 """
@@ -99,6 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
     p.add_argument("--inplace", choices=("both", "on", "off"), default="both",
                    help="inplace_logits_grad of every variant (both: run each variant with it on and off)")
+    p.add_argument("--projection", choices=("materialised", "deferred", "both"), default="materialised",
+                   help="output projection: Megatron's output layer (materialised logits) or deferred into the loss "
+                        "(kd.fuse_output_layer, chunks of --chunk-tokens); both: run each variant both ways")
+    p.add_argument("--chunk-tokens", type=int, default=2048, help="output_layer_chunk_tokens of the deferred runs")
     p.add_argument("--repeat", type=int, default=None,
                    help="run the variant list this many times round-robin and report the median (shared machines)")
     p.add_argument("--cpu-threads", type=int, default=1, help="OMP threads of each CPU run")
@@ -106,6 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-inplace", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
+    p.add_argument("--child-projection", choices=("materialised", "deferred"), default="materialised",
+                   help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     preset = PRESETS["gpu" if a.gpu else "cpu"]
     for key, value in preset.items():
@@ -202,6 +209,8 @@ def _loss_memory(engine, mbs, cuda):
 
     import torch
 
+    from nemo_kd.losses.projection import ProjectedLogits
+
     gpt = next(m for m in engine.module.modules() if hasattr(m, "output_layer"))  # GPTModel in Float16Module
     objective = engine.objective
     info = {}
@@ -210,12 +219,18 @@ def _loss_memory(engine, mbs, cuda):
         win = _Window("nemo_kd_" + name + "_window", cuda)
 
         def probe(logits, batch, norms, win=win, name=name):
+            deferred = isinstance(logits, ProjectedLogits)
+            # Deferred projection: the loss's input is the hidden states; its gradient is complete once
+            # the chunked projection's backward is done (the loss window then holds it all).
+            watched = logits.hidden if deferred else logits
             if name == "loss" and torch.is_grad_enabled():
                 win.open()
-                logits.register_hook(win.close)  # fires once ∂L/∂logits is complete
-            flat = logits.reshape(-1, logits.shape[-1])
-            info.update(logits_bytes=logits.numel() * logits.element_size(),
-                        inplace=objective.inplace_blocker(flat, batch) or "yes")
+                watched.register_hook(win.close)  # fires once ∂L/∂(loss input) is complete
+            v_local = logits.shape[-1]
+            n = logits.shape[0] if deferred else logits.numel() // v_local
+            info.update(logits_bytes=n * v_local * watched.element_size(),
+                        inplace="deferred" if deferred else
+                        (objective.inplace_blocker(logits.reshape(-1, v_local), batch) or "yes"))
             return objective(logits, batch, norms)
 
         def head_pre(module, inputs, win=win, name=name):
@@ -267,13 +282,14 @@ def run_child(a):
                                      ffn_hidden_size=a.ffn * t_hidden // a.hidden, vocab_size=a.vocab,
                                      max_position_embeddings=a.seq, params_dtype=a.dtype,
                                      transformer_impl=a.transformer_impl)
-    inplace = a.child_inplace == "on"
+    common = dict(inplace_logits_grad=a.child_inplace == "on", fuse_output_layer=a.child_projection == "deferred",
+                  output_layer_chunk_tokens=a.chunk_tokens)
     if v == "sft":
-        loss_cfg = DistillationLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0, inplace_logits_grad=inplace)
+        loss_cfg = DistillationLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0, **common)
     else:
         loss_cfg = DistillationLossConfig(kd_loss_type=a.online_loss if online else a.kd_loss, kd_loss_weight=1.0,
                                           sft_loss_weight=a.sft_weight, topk_convention=a.topk_convention,
-                                          kd_kernel=kernel, inplace_logits_grad=inplace)
+                                          kd_kernel=kernel, **common)
     initialize_parallel(ParallelConfig(seed=1234))
     try:
         engine = DistillationEngine(model_cfg, loss_cfg, OptimConfig(lr=1e-5, clip_grad=1.0),
@@ -299,7 +315,7 @@ def run_child(a):
         ms = (time.perf_counter() - t0) / a.steps * 1e3
         peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
         mem = _loss_memory(engine, mbs, cuda)  # after the timed steps: its hooks / profiler cost no time there
-        return dict(variant=v, inplace=a.child_inplace, ms=ms, peak=peak, extra=peak - base, loss=losses[-1],
+        return dict(variant=v, inplace=a.child_inplace, projection=a.child_projection, ms=ms, peak=peak, extra=peak - base, loss=losses[-1],
                     device=torch.cuda.get_device_name() if cuda else "CPU", **mem)
     finally:
         destroy_parallel()
@@ -328,32 +344,35 @@ def main():
         # make step times swing by 10× (seen with 2 threads on 2 busy cores).
         env["OMP_NUM_THREADS"] = str(a.cpu_threads)
     argv = [x for x in sys.argv[1:]]
-    modes = ("on", "off") if a.inplace == "both" else (a.inplace,)
-    jobs = [(v, m) for v in variants for m in modes]
+    inplace_modes = ("on", "off") if a.inplace == "both" else (a.inplace,)
+    projections = ("materialised", "deferred") if a.projection == "both" else (a.projection,)
+    jobs = [(v, m, p) for p in projections for v in variants for m in inplace_modes]
     runs = {j: [] for j in jobs}
     for _ in range(a.repeat):
-        for v, m in jobs:
+        for v, m, p in jobs:
             t = time.perf_counter()
-            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", v, "--child-inplace", m]
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", v, "--child-inplace", m,
+                   "--child-projection", p]
             proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
-                print(f"{v} (in place {m}): failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr,
-                      flush=True)
+                print(f"{v} (in place {m}, {p}): failed (rc {proc.returncode})\n{proc.stderr[-3000:]}",
+                      file=sys.stderr, flush=True)
                 continue
-            runs[(v, m)].append(json.loads(line[-1][len("RESULT "):]))
-            print(f"  {v} (in place {m}): {runs[(v, m)][-1]['ms']:.1f} ms/step (run {time.perf_counter() - t:.0f} s)",
-                  file=sys.stderr, flush=True)
+            runs[(v, m, p)].append(json.loads(line[-1][len("RESULT "):]))
+            print(f"  {v} (in place {m}, {p}): {runs[(v, m, p)][-1]['ms']:.1f} ms/step "
+                  f"(run {time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
     results = []
-    for v, m in jobs:
-        if not runs[(v, m)]:
-            results.append(dict(variant=v, inplace=m, error=True))
+    for v, m, p in jobs:
+        if not runs[(v, m, p)]:
+            results.append(dict(variant=v, inplace=m, projection=p, error=True))
             continue
-        ordered = sorted(runs[(v, m)], key=lambda r: r["ms"])
+        ordered = sorted(runs[(v, m, p)], key=lambda r: r["ms"])
         med = dict(ordered[(len(ordered) - 1) // 2])  # the lower median: a real run's numbers
         results.append(med)
     ok = [r for r in results if not r.get("error")]
-    sfts = {r["inplace"]: r for r in ok if r["variant"] == "sft"}  # ratios against SFT in the same mode
+    # Ratios against SFT in the same modes (in place, projection).
+    sfts = {(r["inplace"], r["projection"]): r for r in ok if r["variant"] == "sft"}
     dev = ok[0]["device"] if ok else ("CUDA" if cuda else "CPU")
     mem_kind = "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM)"
     rows = [
@@ -367,22 +386,23 @@ def main():
         f"them. "
         f"Loss extra / head window: peak above the window's start over the logits' size "
         f"({'torch.cuda.max_memory_allocated' if cuda else 'torch.profiler memory events'}; module docstring); "
-        f"'in place' is what the objective did (or why not).",
+        f"'in place' is what the objective did (or why not); 'deferred': kd.fuse_output_layer (the loss projects "
+        f"the hidden states {a.chunk_tokens} tokens at a time; the logits never exist whole).",
         "",
-        "| variant | in place | ms/step | × SFT | peak GiB | × SFT | step extra GiB | logits MiB "
+        "| variant | projection | in place | ms/step | × SFT | peak GiB | × SFT | step extra GiB | logits MiB "
         "| loss extra × logits | head window × logits | last loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("error"):
-            rows.append(f"| {r['variant']} | {r['inplace']} | failed | | | | | | | | |")
+            rows.append(f"| {r['variant']} | {r['projection']} | {r['inplace']} | failed | | | | | | | | |")
             continue
-        sft = sfts.get(r["inplace"])
+        sft = sfts.get((r["inplace"], r["projection"]))
         rt = f"{r['ms'] / sft['ms']:.3f}" if sft else ""
         rm = f"{r['peak'] / sft['peak']:.3f}" if sft else ""
         lb = r["logits_bytes"]
-        used = "yes" if r["inplace_used"] == "yes" else f"no ({r['inplace_used']})"
-        rows.append(f"| {r['variant']} | {used} | {r['ms']:.1f} | {rt} | {r['peak'] / 2**30:.3f} | {rm} | "
+        used = r["inplace_used"] if r["inplace_used"] in ("yes", "deferred") else f"no ({r['inplace_used']})"
+        rows.append(f"| {r['variant']} | {r['projection']} | {used} | {r['ms']:.1f} | {rt} | {r['peak'] / 2**30:.3f} | {rm} | "
                     f"{r['extra'] / 2**30:.3f} | {lb / 2**20:.1f} | {r['loss_extra'] / lb:.3f} | "
                     f"{r['head_window'] / lb:.3f} | {r['loss']:.4f} |")
     if not cuda and not a.cpu_fused:

@@ -16,6 +16,12 @@ exact contribution to the global-batch objective times ``M·DP``, which the sche
 (÷M) and DDP's gradient average (÷DP) undo. Each term is thus a mean over the whole
 global batch, whatever the microbatch split.
 
+Deferred output projection (``kd.fuse_output_layer``): the student's forward runs inside
+:class:`~nemo_kd.models.deferred_projection.DeferredOutputProjection`, so the last stage
+returns its final hidden states and the objective receives
+:class:`~nemo_kd.losses.projection.ProjectedLogits` (hidden states + the output weight),
+computing the logits chunk by chunk; the weight's gradient reaches DDP as usual.
+
 Online teacher: with PP > 1 the teacher's activations travel through its own
 pipeline, so the teacher runs first, forward-only, over the step's microbatches, and
 its logits shards (``[b, s, V/TP]``, the teacher's dtype) are kept on the last stage
