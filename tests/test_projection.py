@@ -43,9 +43,10 @@ def test_map_rows_equals_the_materialised_logits(chunk):
     ids = torch.randint(0, V, (n, 3), generator=g)
     c_lp, c_lse = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
 
-    def fn(z, ids, backward):
-        lp, lse = vocab_parallel_logprobs_at(z, ids, scale=0.7, inplace_backward=backward)
-        return lp, None, lse, z.detach().argmax(-1)
+    def fn(z, ids, differentiate, metrics):
+        arg = z.detach().argmax(-1) if metrics else None
+        lp, lse = vocab_parallel_logprobs_at(z, ids, scale=0.7, inplace_backward=differentiate)
+        return lp, None, lse, arg
 
     lp, none, lse, arg = ProjectedLogits(hidden, weight, chunk).map_rows(fn, ids)
     assert none is None and not arg.is_floating_point()
@@ -123,6 +124,31 @@ def test_objective_on_projected_logits_equals_materialised(name):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dpo_weight,matmuls_per_chunk", [(0.0, 3), (1.0, 4)])
+def test_output_layer_matmuls_per_chunk(monkeypatch, dpo_weight, matmuls_per_chunk):
+    """Without a sequence-level term the loss is linear in the per-token terms and the projection
+    takes each chunk's gradient in the forward: 3 matmuls per chunk, as Megatron's output layer
+    (forward, input and weight gradients); the preference term needs the recompute (4)."""
+    g = torch.Generator().manual_seed(5)
+    batch = _batch("topk", torch.float64, g)
+    hidden = torch.randn(B * T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    cfg = DistillationLossConfig(topk_convention="exact_tail", sft_loss_weight=0.5, dpo_loss_weight=dpo_weight)
+    calls = []
+    real = torch.matmul
+    real_addmm_ = torch.Tensor.addmm_
+    monkeypatch.setattr(torch, "matmul", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, a, b: calls.append(1) or real_addmm_(self, a, b))
+    out = DistillationObjective(cfg)(ProjectedLogits(hidden, weight, 7), batch, objective_normalisers(cfg, [batch]))
+    out.loss.backward()
+    chunks = -(-B * T // 7)
+    assert len(calls) == matmuls_per_chunk * chunks
+    with torch.no_grad():  # evaluation: the forward only
+        calls.clear()
+        DistillationObjective(cfg)(ProjectedLogits(hidden, weight, 7), batch, objective_normalisers(cfg, [batch]))
+        assert len(calls) == chunks
+
+
 def _triton():
     try:
         import triton  # noqa: F401
@@ -164,7 +190,7 @@ def test_bf16_weight_gradient_is_accumulated_in_fp32():
         w = w.detach().clone().requires_grad_()
         if projected:
             (lp,) = ProjectedLogits(h, w, 8).map_rows(
-                lambda z, ids, backward: (vocab_parallel_logprobs_at(z, ids)[0],), ids)
+                lambda z, ids, differentiate, metrics: (vocab_parallel_logprobs_at(z, ids)[0],), ids)
         else:
             lp = vocab_parallel_logprobs_at(h.to(w.dtype) @ w.t(), ids)[0]
         return torch.autograd.grad(loss_of(lp), w)[0]

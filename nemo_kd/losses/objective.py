@@ -452,25 +452,32 @@ class DistillationObjective:
         if need_kd and rows[1] is None and rows[4] is None:
             raise ValueError("kd_loss_weight > 0 needs a teacher (TopKTeacher or FullTeacher) in the batch")
         terms = dict(need_kd=need_kd, need_label_lp=need_label_lp)
+        token_loss = None  # set when the projection computes the token-level loss itself
         if projected:
-            def per_chunk(z, *chunk_rows, backward):
-                # In backward the chunk's logits are the projection's own: written over when one pass reads them.
-                one_reader = backward and c.inplace_logits_grad and self._inplace_config_blocker(z, batch) is None
-                return self._row_terms(z, *chunk_rows, **terms, inplace=one_reader, with_argmax=need_kd and not backward)
+            def per_chunk(z, *chunk_rows, differentiate, metrics):
+                # A chunk being differentiated is the projection's own: written over when one pass reads it.
+                one_reader = differentiate and c.inplace_logits_grad and self._inplace_config_blocker(z, batch) is None
+                return self._row_terms(z, *chunk_rows, **terms, inplace=one_reader, with_argmax=need_kd and metrics)
 
-            kd, token_lp, ce, student_argmax = logits.map_rows(per_chunk, *rows)
+            if not need_seq and torch.is_grad_enabled() and logits.requires_grad:
+                # The loss is linear in the per-token terms: their coefficients are known now, so the
+                # projection takes each chunk's gradient while its logits are live (no recompute).
+                coeffs = self._token_coefficients(shape, kd_mask, sft_mask, roles, norms, need_kd, need_label_lp)
+                token_loss, (kd, token_lp, ce, student_argmax) = logits.linear_loss(per_chunk, coeffs, *rows)
+            else:
+                kd, token_lp, ce, student_argmax = logits.map_rows(per_chunk, *rows)
         else:
             kd, token_lp, ce, student_argmax = self._row_terms(logits, *rows, **terms, inplace=inplace,
                                                                with_argmax=need_kd)
-
-        if c.kd_loss_weight > 0:
-            kd = xtok.per_token if xtok else kd
-            kd = kd.reshape(shape)
-            weighted = kd * _kd_row_weights(c, roles).to(kd.dtype)[:, None]
-            kd_term = contribution(weighted, kd_mask, norms.kd, c.reduction)
-            loss = loss + c.kd_loss_weight * kd_term
+        if xtok:
+            kd = xtok.per_token
+        terms_loss, kd_term, sft_term = self._token_level_loss(kd, token_lp, ce, shape, kd_mask, sft_mask, roles, norms)
+        loss = loss + (terms_loss if token_loss is None else token_loss)
+        if need_label_lp:
+            token_lp = token_lp.reshape(shape)
+        if kd_term is not None:
             metrics["kd_loss"] = kd_term.detach()
-            metrics["teacher_student_kd_sum"] = masked_sum(kd.detach(), kd_mask)
+            metrics["teacher_student_kd_sum"] = masked_sum(kd.detach().reshape(shape), kd_mask)
             metrics["kd_tokens"] = kd_mask.sum()
             if not xtok:
                 metrics["token_agreement"] = self._token_agreement(student_argmax, teacher, kd_mask.reshape(-1))
@@ -482,13 +489,7 @@ class DistillationObjective:
                 metrics["xtok_one_to_one"] = torch.tensor(float(xb.num_one_to_one))
                 metrics["xtok_completion_tokens"] = torch.tensor(float(xb.num_student_tokens))
                 metrics["xtok_vocab_coverage"] = xtok.metrics["vocab_teacher_coverage"]
-
-        if need_label_lp:
-            token_lp = token_lp.reshape(shape)
-        if c.sft_loss_weight > 0:
-            ce = -token_lp if c.sft_label_smoothing == 0.0 else ce.reshape(shape)
-            sft_term = contribution(ce, sft_mask, norms.sft, c.reduction)
-            loss = loss + c.sft_loss_weight * sft_term
+        if sft_term is not None:
             metrics["sft_loss"] = sft_term.detach()
 
         if need_seq:
@@ -501,6 +502,35 @@ class DistillationObjective:
             metrics["preference_accuracy_sum"] = (out.margins > 0).sum()
             metrics["pairs"] = torch.tensor(pairs_pos.numel())
         return ObjectiveOutput(loss=loss, metrics=metrics)
+
+    def _token_level_loss(self, kd, token_lp, ce, shape, kd_mask, sft_mask, roles, norms):
+        """``(w_kd·KD term + w_sft·SFT term, KD term, SFT term)`` from per-token values (None: not used)."""
+        c = self.cfg
+        loss, kd_term, sft_term = 0.0, None, None
+        if c.kd_loss_weight > 0:
+            kd = kd.reshape(shape)
+            weighted = kd * _kd_row_weights(c, roles).to(kd.dtype)[:, None]
+            kd_term = contribution(weighted, kd_mask, norms.kd, c.reduction)
+            loss = loss + c.kd_loss_weight * kd_term
+        if c.sft_loss_weight > 0:
+            ce = -token_lp.reshape(shape) if c.sft_label_smoothing == 0.0 else ce.reshape(shape)
+            sft_term = contribution(ce, sft_mask, norms.sft, c.reduction)
+            loss = loss + c.sft_loss_weight * sft_term
+        return loss, kd_term, sft_term
+
+    def _token_coefficients(self, shape, kd_mask, sft_mask, roles, norms, need_kd, need_label_lp):
+        """``∂L/∂(kd, log q(label), smoothed CE, argmax)`` per token ``[N]`` (None: no gradient): the
+        token-level loss is linear in them (masks, row weights and global normalisers only)."""
+        c = self.cfg
+        n = shape.numel()
+        probes = [torch.zeros(n, dtype=torch.float64, device=kd_mask.device, requires_grad=True) if want else None
+                  for want in (need_kd, need_label_lp, c.sft_loss_weight > 0 and c.sft_label_smoothing > 0)]
+        with torch.enable_grad():
+            loss, _, _ = self._token_level_loss(*probes, shape, kd_mask, sft_mask, roles, norms)
+            used = [p for p in probes if p is not None]
+            grads = iter(torch.autograd.grad(loss, used, allow_unused=True)) if torch.is_tensor(loss) else iter(())
+        out = [next(grads) if p is not None else None for p in probes]
+        return (*[g if g is None else g.detach() for g in out], None)
 
     def _token_agreement(self, student_argmax: torch.Tensor, teacher, mask: torch.Tensor) -> torch.Tensor:
         """Fraction of KD tokens where the student's argmax is the teacher's."""

@@ -39,9 +39,10 @@ from nemo_kd.losses.vocab_parallel import accumulation_dtype
 
 DEFAULT_PROJECTION_CHUNK = 2048
 
-# f(z_chunk [c, V/TP], *row_chunks, backward: bool) -> tuple of per-row outputs ([c, ...] or None).
-# ``backward`` is True when f runs inside the projection's backward: it may then write its
-# gradient over z (the chunk is the projection's own) and skip its no-grad metrics.
+# f(z_chunk [c, V/TP], *row_chunks, differentiate: bool, metrics: bool) -> tuple of per-row outputs
+# ([c, ...] or None, the same layout for every chunk). ``differentiate``: z will be differentiated
+# right after this call and is the projection's own, so f may write its gradient over z (when a
+# single pass reads it); ``metrics``: compute the no-grad outputs (an argmax) too, else None there.
 RowFunction = Callable[..., Tuple[Optional[torch.Tensor], ...]]
 
 
@@ -53,17 +54,65 @@ def _row_slices(rows: Sequence[Optional[torch.Tensor]], s: int, e: int):
     return [r[s:e] if r is not None else None for r in rows]
 
 
+def _chunks(n: int, token_chunk: int):
+    for s in range(0, max(n, 1), token_chunk):
+        yield s, min(n, s + token_chunk)
+
+
+class _ProjectionGrads:
+    """``∂L/∂hidden`` and ``∂L/∂weight`` accumulated chunk by chunk from ``∂L/∂Z_c``."""
+
+    def __init__(self, hidden, weight, want_h: bool, want_w: bool):
+        self.weight = weight
+        self.hidden = torch.zeros_like(hidden) if want_h else None
+        # fp32 (fp64) sum over chunks; for fp32/fp64 weights this is the returned gradient itself.
+        self.weight_grad = torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype),
+                                       device=weight.device) if want_w else None
+
+    def differentiate(self, fn, hidden, rows, s, e, coeffs, present, metrics: bool):
+        """Run ``fn`` on chunk ``[s, e)`` with gradient, pull ``coeffs`` (per-output ``∂L/∂out``, aligned
+        with the outputs present in ``present``) back to ``Z_c`` and on to hidden and weight.
+        Returns fn's outputs, detached."""
+        w = self.weight
+        h = hidden[s:e].to(w.dtype)
+        with torch.enable_grad():
+            z = torch.matmul(h, w.t()).requires_grad_()
+            outs = tuple(fn(z, *_row_slices(rows, s, e), differentiate=True, metrics=metrics))
+            kept = [o for o, keep in zip(outs, present) if keep] if present is not None else list(outs)
+            pairs = [(o, g[s:e]) for o, g in zip(kept, coeffs)
+                     if o is not None and g is not None and o.requires_grad and o.is_floating_point()]
+            grad_z = torch.autograd.grad([o for o, _ in pairs], [z], [g.to(o.dtype) for o, g in pairs])[0] \
+                if pairs else None
+        if grad_z is not None:
+            if self.hidden is not None:
+                self.hidden[s:e] = torch.matmul(grad_z, w).to(self.hidden.dtype)
+            if self.weight_grad is not None:
+                if self.weight_grad.dtype == w.dtype:
+                    self.weight_grad.addmm_(grad_z.t(), h)
+                else:  # bf16/fp16: each chunk's product in the weight's dtype, the sum over chunks in fp32
+                    self.weight_grad += torch.matmul(grad_z.t(), h)
+        return tuple(o.detach() if o is not None else None for o in outs)
+
+    def result(self):
+        w = self.weight_grad.to(self.weight.dtype) if self.weight_grad is not None else None
+        return self.hidden, w
+
+
+def _cat_outputs(pieces, layout):
+    present = [o is not None for o in pieces[0]]
+    layout.extend(present)  # the caller restores fn's Nones from it
+    return present, [torch.cat([p[i] for p in pieces]) for i, keep in enumerate(present) if keep]
+
+
 class _ProjectRowwise(torch.autograd.Function):
+    """Outputs of ``fn`` over chunks; backward recomputes each chunk (4 matmuls in all)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, fn, token_chunk, layout, *rows):
-        n = hidden.shape[0]
-        pieces = []
-        for s in range(0, max(n, 1), token_chunk):
-            e = min(n, s + token_chunk)
-            pieces.append(tuple(fn(_project(hidden[s:e], weight), *_row_slices(rows, s, e), backward=False)))
-        present = [o is not None for o in pieces[0]]
-        layout.extend(present)  # the caller restores fn's Nones from it
-        outs = [torch.cat([p[i] for p in pieces]) for i, keep in enumerate(present) if keep]
+        pieces = [tuple(fn(_project(hidden[s:e], weight), *_row_slices(rows, s, e), differentiate=False,
+                           metrics=True))
+                  for s, e in _chunks(hidden.shape[0], token_chunk)]
+        present, outs = _cat_outputs(pieces, layout)
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
         ctx.save_for_backward(hidden, weight, *rows)
         ctx.fn, ctx.token_chunk, ctx.present = fn, token_chunk, present
@@ -72,36 +121,40 @@ class _ProjectRowwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         hidden, weight, *rows = ctx.saved_tensors
-        n = hidden.shape[0]
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype), device=weight.device) \
-            if want_w else None
-        for s in range(0, n, ctx.token_chunk):
-            e = min(n, s + ctx.token_chunk)
-            h = hidden[s:e].to(weight.dtype)
-            with torch.enable_grad():
-                z = torch.matmul(h, weight.t()).requires_grad_()
-                # grads[j] belongs to the j-th output present in the forward; with backward=True fn
-                # may return None at a metric's place (no gradient goes there anyway).
-                outs = [o for o, keep in zip(ctx.fn(z, *_row_slices(rows, s, e), backward=True), ctx.present)
-                        if keep]
-                pairs = [(o, g[s:e]) for o, g in zip(outs, grads)
-                         if o is not None and g is not None and o.requires_grad and o.is_floating_point()]
-                if not pairs:
-                    continue
-                (grad_z,) = torch.autograd.grad([o for o, _ in pairs], [z], [g.to(o.dtype) for o, g in pairs])
-            if want_h:
-                grad_h[s:e] = torch.matmul(grad_z, weight).to(hidden.dtype)
-            if want_w:
-                if grad_w.dtype == weight.dtype:
-                    grad_w.addmm_(grad_z.t(), h)
-                else:  # bf16/fp16: each chunk's product in the weight's dtype, the sum over chunks in fp32
-                    grad_w += torch.matmul(grad_z.t(), h)
-            del z, grad_z
-        if want_w:
-            grad_w = grad_w.to(weight.dtype)
-        return (grad_h, grad_w, None, None, None) + (None,) * len(rows)
+        acc = _ProjectionGrads(hidden, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        for s, e in _chunks(hidden.shape[0], ctx.token_chunk):
+            # grads[j] belongs to the j-th output present in the forward (None at a metric's place).
+            acc.differentiate(ctx.fn, hidden, rows, s, e, grads, ctx.present, metrics=False)
+        return acc.result() + (None, None, None) + (None,) * len(rows)
+
+
+class _ProjectRowwiseLinear(torch.autograd.Function):
+    """``L = Σ_j Σ_i coeffs_j[i] · out_j[i]`` with its gradient computed in the forward (3 matmuls).
+
+    Returns ``(L, *outputs detached)``; backward scales the stored ``∂L/∂hidden``,
+    ``∂L/∂weight`` by the incoming scalar gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, fn, token_chunk, layout, coeffs, *rows):
+        acc = _ProjectionGrads(hidden, weight, hidden.requires_grad, weight.requires_grad)
+        pieces, loss = [], torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for s, e in _chunks(hidden.shape[0], token_chunk):
+            outs = acc.differentiate(fn, hidden, rows, s, e, coeffs, None, metrics=True)
+            for o, c in zip(outs, coeffs):
+                if o is not None and c is not None:
+                    loss += (o.double() * c[s:e].double()).sum()
+            pieces.append(outs)
+        _, outs = _cat_outputs(pieces, layout)
+        grad_h, grad_w = acc.result()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(*outs)
+        return (loss.to(accumulation_dtype(weight.dtype)), *outs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grads = [g * grad_loss.to(g.dtype) if g is not None else None for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
 @dataclass
@@ -144,7 +197,7 @@ class ProjectedLogits:
         return _project(self.hidden, self.weight)
 
     def map_rows(self, fn: RowFunction, *rows: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
-        """``fn(Z, *rows, backward=False)`` computed chunk by chunk, differentiable w.r.t. hidden and weight.
+        """``fn(Z, *rows)`` computed chunk by chunk, differentiable w.r.t. hidden and weight.
 
         ``fn`` must be row-wise: output row ``i`` depends on logits row ``i`` and row ``i``
         of each of ``rows`` (``[N, ...]`` tensors or None, never differentiated) only, and
@@ -152,11 +205,32 @@ class ProjectedLogits:
         collectives inside ``fn`` are fine (all ranks run the same chunks). Integer
         outputs (an argmax) are returned without gradient.
         """
+        self._check_rows(rows)
+        layout = []
+        outs = iter(_ProjectRowwise.apply(self.hidden, self.weight, fn, int(self.token_chunk), layout, *rows))
+        return tuple(next(outs) if present else None for present in layout)
+
+    def linear_loss(self, fn: RowFunction, coeffs: Sequence[Optional[torch.Tensor]],
+                    *rows: Optional[torch.Tensor]):
+        """``(L, outputs)`` with ``L = Σ_j Σ_i coeffs[j][i] · fn(Z)_j[i]`` and ``fn``'s outputs (detached).
+
+        For a loss that is linear in ``fn``'s per-row outputs, with coefficients known before
+        the logits exist (global-batch normalisers, masks, term weights): each chunk's
+        ``∂L/∂Z_c`` is taken while ``Z_c`` is live, so the projection costs three matmuls
+        like the materialised output layer (no backward recompute). ``coeffs[j]``: ``[N]``
+        (or None) for output ``j``. ``L`` is differentiable w.r.t. hidden and weight; the
+        outputs are for metrics. Same contract on ``fn`` as :meth:`map_rows`.
+        """
+        self._check_rows(rows)
+        layout = []
+        loss, *outs = _ProjectRowwiseLinear.apply(self.hidden, self.weight, fn, int(self.token_chunk), layout,
+                                                  tuple(coeffs), *rows)
+        outs = iter(outs)
+        return loss, tuple(next(outs) if present else None for present in layout)
+
+    def _check_rows(self, rows):
         for r in rows:
             if r is not None and r.shape[0] != self.hidden.shape[0]:
                 raise ValueError(f"row input with {r.shape[0]} rows for {self.hidden.shape[0]} tokens")
             if r is not None and r.requires_grad:
-                raise ValueError("map_rows differentiates the projection only; detach the row inputs")
-        layout = []
-        outs = iter(_ProjectRowwise.apply(self.hidden, self.weight, fn, int(self.token_chunk), layout, *rows))
-        return tuple(next(outs) if present else None for present in layout)
+                raise ValueError("the projection differentiates hidden and weight only; detach the row inputs")
