@@ -15,6 +15,10 @@ Variants, each timed forward+backward to ``∂L/∂logits`` (bf16):
 * torch      – ``vocab_parallel_logprobs_at(impl="torch")`` (token-chunked)
 * fused      – ``vocab_parallel_logprobs_at(impl="fused")`` (Triton, 1 pass fwd + 1 pass bwd)
 * fused-inpl – fused with ``inplace_backward=True`` (gradient written over the logits)
+* with the lm_head (hidden ``--liger-hidden``, time from hidden states to their and the
+  weight's gradients): ``lmhead+fused-inpl`` (logits by matmul, fused in-place loss) vs
+  ``projected+fused`` (the deferred output projection, ``ProjectedLogits.linear_loss``:
+  chunks of ``--projection-chunk`` tokens, the logits never exist whole)
 * liger-jsd  – Liger-Kernel ``LigerFusedLinearJSD`` if importable. NOT like-for-like: it
   fuses the lm_head matmuls (hidden ``--liger-hidden``) and computes a full-vocab JSD.
 
@@ -27,11 +31,11 @@ reverse_kl | jsd, ``--jsd-beta``)::
 * torch      – ``full_kd_loss(impl="torch", label_ids=...)`` (the reference path)
 * fused      – ``full_kd_loss(impl="fused", label_ids=...)`` (:mod:`nemo_kd.kernels.full_kd_triton`)
 * fused-inpl – ``fused_full_kd_loss(..., inplace_backward=True)``
-* with ``liger_kernel`` installed (CUDA only; skipped with a message otherwise), a
-  like-for-like pair on the same hidden states and lm_head weights (``--liger-hidden``),
-  JSD(β = ``--jsd-beta``): ``lmhead+fused`` (our fused loss on ``x @ Wᵀ`` logits, backward
-  through the matmul) vs ``liger-fl-jsd`` (``LigerFusedLinearJSD``, chunked, never
-  materialises the logits).
+* on the same hidden states and lm_head weights (``--liger-hidden``), JSD(β = ``--jsd-beta``):
+  ``lmhead+fused`` (our fused loss on ``x @ Wᵀ`` logits, backward through the matmul),
+  ``projected+fused`` (the deferred output projection: student and teacher logits both
+  computed chunk by chunk, never whole) and, with ``liger_kernel`` installed (CUDA only),
+  ``liger-fl-jsd`` (``LigerFusedLinearJSD``, chunked) — like for like.
 
 Reported: median time of ≥10 reps (CUDA events, after warm-up); peak extra memory =
 ``max_memory_allocated`` during one step minus what was allocated before it (the
@@ -74,6 +78,8 @@ def parse_args():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--liger-hidden", type=int, default=4096, help="hidden size for the Liger fused-linear row")
+    p.add_argument("--projection-chunk", type=int, default=2048,
+                   help="tokens per chunk of the deferred output projection rows (ProjectedLogits)")
     p.add_argument("--tune", action="store_true", help="sweep fused block sizes / warps on the first shape")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--case", choices=("topk", "full", "both"), default="both")
@@ -95,6 +101,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from nemo_kd.losses.kd import full_kd_loss  # noqa: E402
+from nemo_kd.losses.projection import ProjectedLogits  # noqa: E402
 from nemo_kd.losses.vocab_parallel import vocab_parallel_logprobs_at  # noqa: E402
 
 try:
@@ -225,7 +232,11 @@ def _lmhead_inputs(n, v, hidden, device):
 
 
 def _time_and_peak(step, timer, reps, warmup):
-    """``(median ms, peak extra bytes)`` of ``step``: the peak from a first call, then timed calls."""
+    """``(median ms, peak extra bytes)`` of ``step``: the peak from a first call, then timed calls
+    (CPU smoke: no peak, NaN)."""
+    if not timer.cuda:
+        step()
+        return statistics.median([timer(step) for _ in range(reps)]), float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -243,6 +254,38 @@ def run_liger(n, v, hidden, device, timer, reps, warmup):
     xs, ws, xt, wt = _lmhead_inputs(n, v, hidden, device)
     jsd = LigerFusedLinearJSD(jsd_beta=0.0)
     return _time_and_peak(lambda: torch.autograd.grad(jsd(xs, ws, xt, wt), (xs, ws)), timer, reps, warmup)
+
+
+def run_lmhead_topk(n, v, k, hidden, device, timer, reps, warmup):
+    """Top-k FKL + CE including the lm_head: logits by matmul + fused in-place loss + backward through
+    the matmul, vs the deferred projection (``ProjectedLogits.linear_loss``, chunks of
+    ``--projection-chunk`` tokens, gradient taken per chunk in the forward). ``[(name, ms, peak)]``."""
+    xs, ws, _, _ = _lmhead_inputs(n, v, hidden, device)
+    ids, t_logp = make_inputs(n, v, k, device)[1:]  # the same teacher ids / log-probs as the logits rows
+    p = t_logp.exp()
+    # L = mean_n [Σ_j p_j (log p_j − log q_j) − log q(y)]: linear in the log-probs at the k+1 ids.
+    coeff = torch.cat([-p, -torch.ones(n, 1, device=device)], 1) / n
+
+    def lmhead():
+        return torch.autograd.grad(loss_fused_inplace(xs @ ws.t(), ids, t_logp), (xs, ws))
+
+    def projected():
+        def chunk_lp(z, ids_c, differentiate, metrics):
+            return (lt.fused_logprobs_at(z, ids_c, inplace_backward=differentiate)[0],)
+
+        const = (p * t_logp).sum() / n
+        loss, _ = ProjectedLogits(xs, ws, args.projection_chunk).linear_loss(chunk_lp, (coeff,), ids)
+        return torch.autograd.grad(loss + const, (xs, ws))
+
+    rows = [(name, *_time_and_peak(step, timer, reps, warmup), _max_delta(step(), lmhead()))
+            for name, step in (("lmhead+fused-inpl", lmhead),
+                               (f"projected+fused (chunk {args.projection_chunk})", projected))]
+    return rows
+
+
+def _max_delta(grads, ref):
+    """Largest |difference| between two gradient tuples (the Δgrad column of the lm_head rows)."""
+    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(grads, ref))
 
 
 _LIGER_NOTED = []
@@ -310,7 +353,17 @@ def run_lmhead_pair(n, v, hidden, beta, device, timer, reps, warmup):
         kd, _ = fk.fused_full_kd_loss(xs @ ws.t(), t_logits, loss_type="jsd", jsd_beta=beta)
         return torch.autograd.grad(kd.mean(), (xs, ws))
 
-    variants = [("lmhead+fused", ours)]
+    def projected():  # the deferred output projection: neither side's logits ever exist whole
+        def chunk_jsd(z, xt_c, differentiate, metrics):
+            kd, _ = fk.fused_full_kd_loss(z, xt_c @ wt.t(), loss_type="jsd", jsd_beta=beta,
+                                          inplace_backward=differentiate)
+            return (kd,)
+
+        loss, _ = ProjectedLogits(xs, ws, args.projection_chunk).linear_loss(
+            chunk_jsd, (torch.full((n,), 1.0 / n, device=device),), xt)
+        return torch.autograd.grad(loss, (xs, ws))
+
+    variants = [("lmhead+fused", ours), (f"projected+fused (chunk {args.projection_chunk})", projected)]
     try:
         from liger_kernel.transformers import LigerFusedLinearJSD
 
@@ -318,7 +371,7 @@ def run_lmhead_pair(n, v, hidden, beta, device, timer, reps, warmup):
         variants.append(("liger-fl-jsd", lambda: torch.autograd.grad(jsd(xs, ws, xt, wt), (xs, ws))))
     except ImportError:
         note_liger_missing()
-    return [(name, *_time_and_peak(step, timer, reps, warmup)) for name, step in variants]
+    return [(name, *_time_and_peak(step, timer, reps, warmup), _max_delta(step(), ours())) for name, step in variants]
 
 
 def bench_full(shapes, device, timer, reps, warmup, emit):
@@ -343,16 +396,18 @@ def bench_full(shapes, device, timer, reps, warmup, emit):
         if fk is None:
             emit(f"| {n} | {v} | fused | n/a ({FUSED_ERR}) | | | | | |")
         del student, teacher, labels
-        if device.type == "cuda" and fk is not None:
+        if fk is not None:
             try:
-                for name, ms, peak in run_lmhead_pair(n, v, args.liger_hidden, beta, device, timer, reps, warmup):
-                    emit(f"| {n} | {v} | {name} (JSD β={beta}, incl. lm_head H={args.liger_hidden}) | {ms:.3f} | | | "
-                         f"{peak / 2**30:.3f} | {100 * peak / lbytes:.0f}% | |")
+                for name, ms, peak, delta in run_lmhead_pair(n, v, args.liger_hidden, beta, device, timer, reps,
+                                                             warmup):
+                    emit(f"| {n} | {v} | {name} (JSD β={beta}, incl. lm_head H={args.liger_hidden}; Δgrad vs "
+                         f"lmhead) | {ms:.3f} | | | {peak / 2**30:.3f} | {100 * peak / lbytes:.0f}% | {delta:.2e} |")
             except torch.cuda.OutOfMemoryError:
                 emit(f"| {n} | {v} | lm_head pair | OOM | | | | | |")
             except Exception as e:  # an API drift in liger must not kill the table
                 emit(f"| {n} | {v} | lm_head pair | error: {type(e).__name__}: {e} | | | | | |")
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def dev_name(device):
@@ -403,6 +458,10 @@ def bench_topk(shapes, device, timer, reps, warmup, emit):
         naive_ms = _variant_rows(emit, n, v, variants, (logits, ids, t_logp), floor_ms, lbytes, timer, reps, warmup)
         if lt is None:
             emit(f"| {n} | {v} | fused | n/a ({FUSED_ERR}) | | | | | |")
+        if lt is not None:
+            for name, ms, peak, delta in run_lmhead_topk(n, v, k, args.liger_hidden, device, timer, reps, warmup):
+                emit(f"| {n} | {v} | {name} (incl. lm_head H={args.liger_hidden}; Δgrad vs lmhead) | {ms:.3f} | | | "
+                     f"{peak / 2**30:.3f} | {100 * peak / lbytes:.0f}% | {delta:.2e} |")
         if device.type == "cuda":
             try:
                 ms, peak = run_liger(n, v, args.liger_hidden, device, timer, reps, warmup)

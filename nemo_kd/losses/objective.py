@@ -135,9 +135,10 @@ class DistillationLossConfig:
     # separate-buffer reference path.
     inplace_logits_grad: bool = True
     # Defer the output projection into the loss (nemo_kd.losses.projection): the training step
-    # computes the logits output_layer_chunk_tokens rows at a time, forward and (recomputed)
-    # backward, so the [tokens, V/TP] logits and their gradient never exist whole. Costs one
-    # more output-layer matmul; not for cross-tokenizer KD. The Megatron side is
+    # computes the logits output_layer_chunk_tokens rows at a time, so the [tokens, V/TP] logits
+    # and their gradient never exist whole. Token-level terms take each chunk's gradient in the
+    # forward (three output-layer matmuls, as unfused); a sequence-level preference term needs a
+    # recompute in backward (four). Not for cross-tokenizer KD. The Megatron side is
     # nemo_kd.models.deferred_projection.
     fuse_output_layer: bool = False
     output_layer_chunk_tokens: int = 2048

@@ -4,22 +4,25 @@ A KD step's largest tensors are the student's logits ``[tokens, V/TP]`` and thei
 gradient. With a deferred projection the loss receives the output layer's *input*
 (hidden states ``[N, H]``, the same on every TP rank) and this rank's vocab-parallel
 weight ``W`` ``[V/TP, H]`` (:class:`ProjectedLogits`) instead of ``Z = H·Wᵀ``, and runs
-any row-wise function of the logits (:meth:`ProjectedLogits.map_rows`: the objective's
-per-token KD / CE / log-prob terms) over token chunks of ``token_chunk`` rows:
+any row-wise function of the logits (the objective's per-token KD / CE / log-prob terms) over token chunks of ``token_chunk`` rows.
 
-* forward: for each chunk ``Z_c = H_c·Wᵀ`` (the weight's dtype, as Megatron's output
-  layer computes it), ``f(Z_c)``, drop ``Z_c``. Outputs are per-token ``[N, ...]``.
-* backward, given ``G = ∂L/∂f(Z)``: for each chunk recompute ``Z_c``, differentiate
-  ``f`` on it (``∂L/∂Z_c``, written over ``Z_c`` itself when ``f`` has one reader of
-  the logits), then ``∂L/∂H_c = ∂L/∂Z_c · W`` and ``∂L/∂W += (∂L/∂Z_c)ᵀ · H_c``
-  (accumulated over chunks in fp32, fp64 for fp64 weights).
+Two modes, by what the caller knows when the loss runs:
 
-Peak extra memory is one or two chunks of logits, whatever the sequence length; the
-price is one more ``[chunk, H] × [H, V/TP]`` matmul per chunk (the recompute): four
-output-layer matmuls instead of three. Liger-Kernel's fused-linear losses avoid the
-fourth by computing the gradient during the forward, which needs ``∂L/∂f`` before the
-loss exists; here ``f``'s outputs feed reductions the chunk cannot see (global-batch
-normalisers, sequence sums of the preference terms), so the gradient waits for backward.
+* :meth:`ProjectedLogits.linear_loss` — the loss is ``Σ_j Σ_i c_j[i]·f(Z)_j[i]`` with
+  coefficients known up front (the token-level KD / CE terms: masks, row weights and
+  global-batch normalisers). For each chunk: ``Z_c = H_c·Wᵀ`` (the weight's dtype, as
+  Megatron's output layer computes it), ``f(Z_c)``, ``∂L/∂Z_c`` (written over ``Z_c`` when
+  ``f`` has one reader of the logits), ``∂L/∂H_c = ∂L/∂Z_c · W``, ``∂L/∂W += (∂L/∂Z_c)ᵀ·H_c``
+  (summed over chunks in fp32, fp64 for fp64 weights); drop ``Z_c``. Backward only scales
+  the stored gradients. Three matmuls per token, as the materialised output layer does
+  (Liger-Kernel's fused-linear losses work this way).
+* :meth:`ProjectedLogits.map_rows` — ``f``'s outputs feed something the chunk cannot see
+  (sequence sums of the preference terms), so ``∂L/∂f`` exists only in backward: the
+  forward computes ``f(Z_c)`` and drops ``Z_c``; the backward recomputes ``Z_c`` and then
+  proceeds as above. Four matmuls per token.
+
+Peak extra memory is one or two chunks of logits plus the weight's gradient, whatever
+the sequence length.
 
 Tensor parallelism: each rank projects onto its own vocab shard and ``f`` does its own
 TP reductions (every rank runs the same chunks in the same order); ``∂L/∂H`` is this
