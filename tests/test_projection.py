@@ -149,6 +149,41 @@ def test_output_layer_matmuls_per_chunk(monkeypatch, dpo_weight, matmuls_per_chu
         assert len(calls) == chunks
 
 
+@pytest.mark.parametrize("kw", [
+    dict(kd_loss_type="jsd", sft_loss_weight=0.5),
+    dict(kd_loss_type="skew_rkl", dpo_loss_weight=1.0, preference_loss_type="dpkd"),  # teacher as DPKD reference
+], ids=["jsd_sft", "skew_rkl_dpkd"])
+def test_deferred_online_teacher_equals_its_logits(kw):
+    """An online teacher given as its hidden states + output weight (never projected whole)."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(6)
+    batch = _batch("topk", torch.float64, g)  # labels, masks, pairs; the teacher is replaced below
+    t_hidden = torch.randn(B * T, H, generator=g, dtype=torch.float64)
+    t_weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    hidden = torch.randn(B * T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    cfg = DistillationLossConfig(**kw)
+    deferred = dataclasses.replace(batch, teacher=FullTeacher(ProjectedLogits(t_hidden, t_weight, 5)),
+                                   teacher_seq_logprobs=None)
+    whole = dataclasses.replace(batch, teacher=FullTeacher((t_hidden @ t_weight.t()).reshape(B, T, V)),
+                                teacher_seq_logprobs=None)
+    results = []
+    for b, projected in ((deferred, True), (whole, False), (deferred, False)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logits = ProjectedLogits(h, w, 5) if projected else (h @ w.t()).reshape(B, T, V)
+        out = DistillationObjective(cfg)(logits, b, objective_normalisers(cfg, [b]))
+        results.append((out.loss.detach(), out.metrics, _grads(out.loss, h, w)))
+    (loss, metrics, grads), ref = results[0], results[1]
+    assert ref[1]["kd_loss"] > 0.1 and 0 < ref[1]["token_agreement"] <= 1
+    for got in (results[0], results[2]):  # student deferred or whole, teacher deferred
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+        for key in ref[1]:
+            torch.testing.assert_close(got[1][key].double(), ref[1][key].double(), rtol=1e-12, atol=1e-12)
+        for a, b in zip(got[2], ref[2]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def _triton():
     try:
         import triton  # noqa: F401
@@ -270,29 +305,38 @@ def _engine_data():
     return [{k: v[i:i + MICRO] for k, v in batch.items()} for i in range(0, GBS, MICRO)]
 
 
-def _engine_body(rank, world, tp, pp, loss_kw, model_kw, steps):
-    """``steps`` engine steps with the projection in the output layer, then deferred, same weights."""
-    from nemo_kd.models import GPTModelConfig
+def _engine_body(rank, world, tp, pp, loss_kw, model_kw, steps, online=False):
+    """``steps`` engine steps with the projection in the output layer, then deferred, same weights
+    (``online``: a co-located teacher, deferred too)."""
+    from nemo_kd.models import GPTModelConfig, build_gpt_model
     from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, state
 
     model_cfg = GPTModelConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2,
                                ffn_hidden_size=64, vocab_size=EVOCAB, max_position_embeddings=SEQ, **model_kw)
+    teacher_cfg = GPTModelConfig(num_layers=1, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96,
+                                 vocab_size=EVOCAB, max_position_embeddings=SEQ) if online else None
     out, init = {}, None
     for fuse in (False, True):
         initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=5))
         try:
+            teacher = build_gpt_model(teacher_cfg) if online else None  # same seed: same teacher both times
             engine = DistillationEngine(model_cfg, DistillationLossConfig(**loss_kw, fuse_output_layer=fuse,
                                                                           output_layer_chunk_tokens=5),
                                         OptimConfig(lr=1e-2, clip_grad=1.0),
                                         BatchConfig(micro_batch_size=MICRO, global_batch_size=GBS, seq_length=SEQ),
-                                        max_steps=steps)
+                                        max_steps=steps, teacher_cfg=teacher_cfg, teacher_model=teacher)
             if init is None:
                 init = {k: v.detach().clone() for k, v in engine.module.state_dict().items() if torch.is_tensor(v)}
             engine.module.load_state_dict(init, strict=False)
             widths = []
             engine.module.register_forward_hook(lambda mod, inp, o: widths.append(o.shape[-1]))
-            history = [engine.train_step(_engine_data()) for _ in range(steps)]
+            if online:
+                teacher.register_forward_hook(lambda mod, inp, o: widths.append(o.shape[-1]))
+            data = _engine_data()
+            if online:
+                data = [{k: v for k, v in mb.items() if not k.startswith("teacher_")} for mb in data]
+            history = [engine.train_step(data) for _ in range(steps)]
             weights = {k: v.detach().double().numpy().copy() for k, v in engine.module.state_dict().items()
                        if torch.is_tensor(v) and v.is_floating_point()}
             out[fuse] = dict(history=history, weights=weights, widths=widths,
@@ -306,7 +350,7 @@ def _assert_same_training(results, v_local, rtol):
     for r in results:
         off, on = r[False], r[True]
         if r[True]["last_stage"]:
-            assert set(off["widths"]) == {v_local} and set(on["widths"]) == {HIDDEN}, (off["widths"], on["widths"])
+            assert set(off["widths"]) == {v_local} and set(on["widths"]) <= {HIDDEN, 48}, (off["widths"], on["widths"])
         for a, b in zip(off["history"], on["history"]):
             for key in ("loss", "kd_loss", "sft_loss", "grad_norm", "token_agreement"):
                 assert abs(a[key] - b[key]) <= rtol * max(1.0, abs(a[key])), (key, a[key], b[key])
@@ -335,3 +379,12 @@ def test_engine_step_with_deferred_projection_tied_embeddings():
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_engine_step_with_deferred_projection_parallel(tp, pp):
     _assert_same_training(run_distributed(_engine_body, tp * pp, tp, pp, LOSS, {}, 2), EVOCAB // tp, 1e-5)
+
+
+ONLINE_LOSS = dict(kd_loss_weight=1.0, sft_loss_weight=0.5, kd_loss_type="jsd")
+
+
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.distributed)])
+def test_engine_step_online_teacher_deferred(tp):
+    """Online teacher: its hidden states, not its logits, kept for the loss; same training."""
+    _assert_same_training(run_distributed(_engine_body, tp, tp, 1, ONLINE_LOSS, {}, 2, True), EVOCAB // tp, 1e-5)

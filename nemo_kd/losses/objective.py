@@ -205,9 +205,26 @@ STORED_LSE_TEMPERATURE_ERROR = (
 
 @dataclass
 class FullTeacher:
-    """Online teacher logits, this TP rank's vocab shard ``[B, T, V/TP]`` (student's sharding)."""
+    """Online teacher logits, this TP rank's vocab shard ``[B, T, V/TP]`` (student's sharding).
 
-    logits: torch.Tensor
+    Or a :class:`~nemo_kd.losses.projection.ProjectedLogits` (its final hidden states and
+    output weight, ``kd.fuse_output_layer``): the teacher's logits are then computed chunk by
+    chunk beside the student's and never exist whole either.
+    """
+
+    logits: object  # torch.Tensor | ProjectedLogits
+
+    @property
+    def projected(self) -> bool:
+        return isinstance(self.logits, ProjectedLogits)
+
+    def rows(self, n: int) -> torch.Tensor:
+        """What the per-token terms read per row: logits ``[n, V/TP]`` or hidden states ``[n, H]``."""
+        return self.logits.hidden.reshape(n, -1).detach() if self.projected else self.logits.reshape(n, -1)
+
+    def chunk_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of a chunk of :meth:`rows`."""
+        return self.logits.project_rows(rows) if self.projected else rows
 
 
 @dataclass
@@ -382,16 +399,19 @@ class DistillationObjective:
 
     def _row_terms(self, z: torch.Tensor, labels, t_values, t_ids, t_lse, t_logits, *, need_kd: bool,
                    need_label_lp: bool, inplace: bool, with_argmax: bool):
-        """Per-token terms from logits rows ``z`` ``[n, V/TP]``: ``(kd, log q(label), smoothed CE, argmax)``.
+        """Per-token terms from logits rows ``z`` ``[n, V/TP]``: ``(kd, log q(label), smoothed CE, student
+        argmax, online teacher's argmax)``.
 
         Row-wise (row ``i`` of each output reads row ``i`` of ``z`` and of the row inputs
         only), so it runs on the whole microbatch or, under a deferred output projection,
         chunk by chunk (:meth:`ProjectedLogits.map_rows`). Terms not asked for are None.
         """
         c = self.cfg
-        kd = token_lp = ce = argmax = None
+        kd = token_lp = ce = argmax = t_argmax = None
         if with_argmax:  # read before any backward can overwrite z
             argmax = vocab_parallel_argmax(z.detach(), self.group)
+            if t_logits is not None:
+                t_argmax = vocab_parallel_argmax(t_logits, self.group)
         if need_kd:
             teacher = TopKTeacher(t_values, t_ids, t_lse) if t_values is not None else FullTeacher(t_logits)
             kd, token_lp = self._kd_per_token(z, teacher, labels if need_label_lp else None, inplace)
@@ -401,7 +421,7 @@ class DistillationObjective:
         if c.sft_loss_weight > 0 and c.sft_label_smoothing > 0:
             ce = vocab_parallel_cross_entropy(z, labels, label_smoothing=c.sft_label_smoothing, group=self.group,
                                               impl=c.kd_kernel)
-        return kd, token_lp, ce, argmax
+        return kd, token_lp, ce, argmax, t_argmax
 
     def __call__(self, student_logits, batch: ObjectiveBatch, norms: ObjectiveNormalisers) -> ObjectiveOutput:
         """``student_logits``: ``[B, T, V/TP]`` (or ``[B·T, V/TP]``) this rank's vocab shard, or a
@@ -449,27 +469,33 @@ class DistillationObjective:
                 teacher.values.reshape(n, -1) if isinstance(teacher, TopKTeacher) else None,
                 teacher.ids.reshape(n, -1) if isinstance(teacher, TopKTeacher) else None,
                 teacher.lse.reshape(n) if isinstance(teacher, TopKTeacher) and teacher.lse is not None else None,
-                teacher.logits.reshape(n, -1) if isinstance(teacher, FullTeacher) else None)
+                teacher.rows(n) if isinstance(teacher, FullTeacher) else None)
+        full_teacher = teacher if isinstance(teacher, FullTeacher) else None
         if need_kd and rows[1] is None and rows[4] is None:
             raise ValueError("kd_loss_weight > 0 needs a teacher (TopKTeacher or FullTeacher) in the batch")
         terms = dict(need_kd=need_kd, need_label_lp=need_label_lp)
         token_loss = None  # set when the projection computes the token-level loss itself
         if projected:
-            def per_chunk(z, *chunk_rows, differentiate, metrics):
+            def per_chunk(z, labels_c, tv, ti, tl, t_rows, differentiate, metrics):
                 # A chunk being differentiated is the projection's own: written over when one pass reads it.
                 one_reader = differentiate and c.inplace_logits_grad and self._inplace_config_blocker(z, batch) is None
-                return self._row_terms(z, *chunk_rows, **terms, inplace=one_reader, with_argmax=need_kd and metrics)
+                t_logits = full_teacher.chunk_logits(t_rows) if full_teacher is not None else None
+                return self._row_terms(z, labels_c, tv, ti, tl, t_logits, **terms, inplace=one_reader,
+                                       with_argmax=need_kd and metrics)
 
             if not need_seq and torch.is_grad_enabled() and logits.requires_grad:
                 # The loss is linear in the per-token terms: their coefficients are known now, so the
                 # projection takes each chunk's gradient while its logits are live (no recompute).
                 coeffs = self._token_coefficients(shape, kd_mask, sft_mask, roles, norms, need_kd, need_label_lp)
-                token_loss, (kd, token_lp, ce, student_argmax) = logits.linear_loss(per_chunk, coeffs, *rows)
+                token_loss, (kd, token_lp, ce, student_argmax, teacher_argmax) = logits.linear_loss(
+                    per_chunk, coeffs, *rows)
             else:
-                kd, token_lp, ce, student_argmax = logits.map_rows(per_chunk, *rows)
+                kd, token_lp, ce, student_argmax, teacher_argmax = logits.map_rows(per_chunk, *rows)
         else:
-            kd, token_lp, ce, student_argmax = self._row_terms(logits, *rows, **terms, inplace=inplace,
-                                                               with_argmax=need_kd)
+            if full_teacher is not None and full_teacher.projected:  # a deferred teacher beside whole student logits
+                rows = rows[:4] + (full_teacher.chunk_logits(rows[4]),)
+            kd, token_lp, ce, student_argmax, teacher_argmax = self._row_terms(logits, *rows, **terms,
+                                                                               inplace=inplace, with_argmax=need_kd)
         if xtok:
             kd = xtok.per_token
         terms_loss, kd_term, sft_term = self._token_level_loss(kd, token_lp, ce, shape, kd_mask, sft_mask, roles, norms)
@@ -481,7 +507,8 @@ class DistillationObjective:
             metrics["teacher_student_kd_sum"] = masked_sum(kd.detach().reshape(shape), kd_mask)
             metrics["kd_tokens"] = kd_mask.sum()
             if not xtok:
-                metrics["token_agreement"] = self._token_agreement(student_argmax, teacher, kd_mask.reshape(-1))
+                metrics["token_agreement"] = self._token_agreement(student_argmax, teacher, kd_mask.reshape(-1),
+                                                                   teacher_argmax)
             else:  # argmax agreement where the teacher's distribution maps one-to-one onto the student's
                 metrics["token_agreement"] = token_agreement(
                     logits.detach(), xtok.mapped_topk_ids, self.group, teacher_topk_logits=xtok.mapped_topk_logits,
@@ -533,21 +560,28 @@ class DistillationObjective:
         out = [next(grads) if p is not None else None for p in probes]
         return (*[g if g is None else g.detach() for g in out], None)
 
-    def _token_agreement(self, student_argmax: torch.Tensor, teacher, mask: torch.Tensor) -> torch.Tensor:
-        """Fraction of KD tokens where the student's argmax is the teacher's."""
+    def _token_agreement(self, student_argmax: torch.Tensor, teacher, mask: torch.Tensor,
+                         teacher_argmax: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fraction of KD tokens where the student's argmax is the teacher's (the online teacher's
+        argmax comes from the per-token pass, ``teacher_argmax``)."""
         n = student_argmax.shape[0]
         if isinstance(teacher, TopKTeacher):
             return token_agreement(None, teacher.ids.reshape(n, -1), self.group, student_argmax=student_argmax,
                                    teacher_topk_logits=teacher.values.reshape(n, -1), mask=mask)
-        return token_agreement(None, teacher.logits.reshape(n, -1), self.group, student_argmax=student_argmax,
-                               mask=mask)
+        return token_agreement(None, teacher_argmax, self.group, student_argmax=student_argmax, mask=mask)
 
     @torch.no_grad()
     def _online_teacher_seq_logprobs(self, batch: ObjectiveBatch) -> torch.Tensor:
         """``log p(y | x)`` of each row's completion under the online teacher (temperature 1,
         its full vocab-parallel logits, as its KD term sees them), the DPKD/DPO reference."""
-        logits = batch.teacher.logits.reshape(-1, batch.teacher.logits.shape[-1])
-        lp = vocab_parallel_logprobs_at(logits, batch.labels.reshape(-1), group=self.group)[0]
+        teacher, labels = batch.teacher, batch.labels.reshape(-1)
+        if teacher.projected:  # chunk by chunk from its hidden states
+            lp = teacher.logits.map_rows(
+                lambda z, y, differentiate, metrics: (vocab_parallel_logprobs_at(z, y, group=self.group)[0],),
+                labels)[0]
+        else:
+            logits = teacher.logits.reshape(-1, teacher.logits.shape[-1])
+            lp = vocab_parallel_logprobs_at(logits, labels, group=self.group)[0]
         return sequence_logprobs(lp.reshape(batch.labels.shape).double(), batch.loss_mask.bool()).sum
 
     def _preference(self, seq, batch: ObjectiveBatch, pos, neg) -> pref.PreferenceOutput:

@@ -195,6 +195,11 @@ class ProjectedLogits:
     def requires_grad(self) -> bool:
         return self.hidden.requires_grad or self.weight.requires_grad
 
+    def project_rows(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        """Logits of some rows of the hidden states (no gradient): a frozen teacher's chunk."""
+        with torch.no_grad():
+            return _project(hidden_rows, self.weight)
+
     def materialize(self) -> torch.Tensor:
         """The whole logits shard (differentiable): for references and tests only."""
         return _project(self.hidden, self.weight)

@@ -20,7 +20,9 @@ Deferred output projection (``kd.fuse_output_layer``): the student's forward run
 :class:`~nemo_kd.models.deferred_projection.DeferredOutputProjection`, so the last stage
 returns its final hidden states and the objective receives
 :class:`~nemo_kd.losses.projection.ProjectedLogits` (hidden states + the output weight),
-computing the logits chunk by chunk; the weight's gradient reaches DDP as usual.
+computing the logits chunk by chunk; the weight's gradient reaches DDP as usual. An online
+teacher then keeps its final hidden states (not its logits) for the loss, which projects them
+chunk by chunk beside the student's.
 
 Online teacher: with PP > 1 the teacher's activations travel through its own
 pipeline, so the teacher runs first, forward-only, over the step's microbatches, and
@@ -186,11 +188,13 @@ class DistillationEngine:
         if loss_cfg.fuse_output_layer and cross_tokenizer:
             raise ValueError("fuse_output_layer does not cover cross-tokenizer KD: set kd.fuse_output_layer=false")
         self.deferred_projection = DeferredOutputProjection(self.module) if loss_cfg.fuse_output_layer else None
-        self.teacher = None
+        self.teacher = self.teacher_projection = None
         if teacher_cfg is not None:
             self.teacher = teacher_model if teacher_model is not None else build_gpt_model(teacher_cfg)
             self.teacher.requires_grad_(False)
             self.teacher.eval()
+            if loss_cfg.fuse_output_layer:
+                self.teacher_projection = DeferredOutputProjection(self.teacher)
         self.step = 0
 
     # ------------------------------------------------------------------ schedules
@@ -208,12 +212,20 @@ class DistillationEngine:
     def _teacher_logits(self, microbatches: List[dict]) -> List[Optional[torch.Tensor]]:
         """Online teacher: forward-only through its pipeline; logits kept on the last stage."""
 
+        deferred = self.teacher_projection
+
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             # Cross-tokenizer: the teacher reads its own rendering/tokenisation (same [B, S] shape).
-            out = model(mb.get("xtok_teacher_inputs", mb["inputs"]),
-                        mb.get("xtok_teacher_position_ids", mb["position_ids"]), None)
-            return out, lambda logits: (logits.new_zeros(()), {"logits": logits.detach()})
+            inputs = (mb.get("xtok_teacher_inputs", mb["inputs"]),
+                      mb.get("xtok_teacher_position_ids", mb["position_ids"]), None)
+            if deferred is None:
+                return model(*inputs), lambda logits: (logits.new_zeros(()), {"logits": logits.detach()})
+            with deferred:  # keep the final hidden states ([b, s, H], not [b, s, V/TP]) until the loss
+                out = model(*inputs)
+            weight = deferred.weight.detach()
+            return out, lambda hidden: (hidden.new_zeros(()), {"logits": ProjectedLogits(
+                hidden.detach().reshape(-1, hidden.shape[-1]), weight, self.loss_cfg.output_layer_chunk_tokens)})
 
         with torch.no_grad():
             outs = self._run_schedule(self.teacher, forward_step, microbatches, forward_only=True)
@@ -236,7 +248,7 @@ class DistillationEngine:
         # Note: for micro-batch > 1 the gradient reaching the output layer is the [s, b] transpose
         # of this [b, s] buffer, which Megatron copies (prepare_input_tensors_for_wgrad_compute's
         # .contiguous()) — its own logits-sized buffer, outside the loss, in place or not.
-        if self.deferred_projection is not None:
+        if self.deferred_projection is not None:  # ``logits`` are the final hidden states
             logits = ProjectedLogits(logits.reshape(-1, logits.shape[-1]), self.deferred_projection.weight,
                                      self.loss_cfg.output_layer_chunk_tokens)
         out = self.objective(logits, _objective_batch(mb, teacher_logits), norms)
