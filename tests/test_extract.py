@@ -114,7 +114,7 @@ def test_reference_store_and_summary(assets):
 # ----------------------------------------------------------------------------- TP=2 / PP=2
 
 
-def _dist_extract(rank, world, tp, pp, teacher_path, tok_dir, data, out, mbs):
+def _dist_extract(rank, world, tp, pp, teacher_path, tok_dir, data, out, mbs, fuse=False):
     from transformers import AutoTokenizer
 
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
@@ -124,7 +124,8 @@ def _dist_extract(rank, world, tp, pp, teacher_path, tok_dir, data, out, mbs):
     initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=5))
     try:
         teacher = MegatronTeacher(teacher_path)
-        summary = compute_topk_logits(_extract_cfg(out, data, micro_batch_size=mbs), teacher,
+        summary = compute_topk_logits(_extract_cfg(out, data, micro_batch_size=mbs, fuse_output_layer=fuse,
+                                                   output_layer_chunk_tokens=5), teacher,
                                       AutoTokenizer.from_pretrained(tok_dir))
         return summary.num_tokens
     finally:
@@ -143,13 +144,33 @@ def _assert_same_store(path, ref_path):
         assert abs(slp - rslp) < 1e-4 * max(1.0, abs(rslp)), (i, slp, rslp)
 
 
+def test_deferred_projection_extraction_equals_reference(assets):
+    """fuse_output_layer: only completion rows projected, 5 at a time — the same store."""
+    from nemo_kd.teacher.extract import compute_topk_logits
+    from nemo_kd.teacher.teachers import MegatronTeacher
+
+    out = str(assets["dir"] / "store_deferred")
+    with WorldOfOne(seed=5):
+        teacher = MegatronTeacher(assets["teacher_path"])
+        widths = []
+        teacher.model.register_forward_hook(lambda mod, inp, o: widths.append(o.shape[-1]))
+        summary = compute_topk_logits(_extract_cfg(out, assets["data"], fuse_output_layer=True,
+                                                   output_layer_chunk_tokens=5), teacher, assets["tok"])
+    assert set(widths) == {assets["cfg"].hidden_size}  # the model returned hidden states, never logits
+    assert summary.num_tokens == assets["summary"].num_tokens
+    _assert_same_store(out, assets["store"])
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp,dp,mbs", [(2, 1, 1, None), (1, 2, 1, 2), (1, 1, 2, None)], ids=["tp2", "pp2", "dp2"])
-def test_parallel_extraction_equals_tp1(assets, tp, pp, dp, mbs):
-    """TP=2 and PP=2 (2 micro-batches per batch) give the TP=1 store; DP=2 writes 2 shards with the same content."""
-    out = str(assets["dir"] / f"store_tp{tp}_pp{pp}_dp{dp}")
+@pytest.mark.parametrize("tp,pp,dp,mbs,fuse", [(2, 1, 1, None, False), (1, 2, 1, 2, False), (1, 1, 2, None, False),
+                                               (2, 1, 1, None, True), (1, 2, 1, 2, True)],
+                         ids=["tp2", "pp2", "dp2", "tp2_deferred", "pp2_deferred"])
+def test_parallel_extraction_equals_tp1(assets, tp, pp, dp, mbs, fuse):
+    """TP=2 and PP=2 (2 micro-batches per batch) give the TP=1 store; DP=2 writes 2 shards with the same
+    content; with the deferred output projection too."""
+    out = str(assets["dir"] / f"store_tp{tp}_pp{pp}_dp{dp}_{fuse}")
     tokens = run_distributed(_dist_extract, tp * pp * dp, tp, pp, assets["teacher_path"], str(assets["dir"] / "tok"),
-                             assets["data"], out, mbs)
+                             assets["data"], out, mbs, fuse)
     assert tokens == [assets["summary"].num_tokens] * (tp * pp * dp)
     _assert_same_store(out, assets["store"])
     shards = sorted(f for f in os.listdir(out) if f.endswith(".bin"))

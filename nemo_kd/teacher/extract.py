@@ -63,6 +63,7 @@ import torch.distributed as dist
 
 from nemo_kd.data.records import RecordSet, read_records
 from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, TokenizedSample
+from nemo_kd.losses.projection import ProjectedLogits
 from nemo_kd.teacher.store import (
     ALIGNMENT_EXTENSION,
     StoredAlignment,
@@ -104,10 +105,17 @@ class ExtractConfig:
     student_tokenizer_path: Optional[str] = None  # HF tokenizer directory of the student (run_from_config)
     student_prompt_format: str = "chat"  # chat (the student tokenizer's template) | plain
     student_max_seq_length: Optional[int] = None  # None: max_seq_length (must equal the training data's)
+    # Megatron teacher: project only the completion positions' hidden states onto the vocabulary,
+    # output_layer_chunk_tokens at a time (nemo_kd.losses.projection), instead of computing
+    # [batch, seq, V/TP] logits for every position (prompt and padding included).
+    fuse_output_layer: bool = False
+    output_layer_chunk_tokens: int = 2048
 
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.output_layer_chunk_tokens < 1:
+            raise ValueError(f"output_layer_chunk_tokens must be >= 1, got {self.output_layer_chunk_tokens}")
         if self.batch_size < 1 or self.commit_every < 1:
             raise ValueError("batch_size and commit_every must be >= 1")
         mbs = self.micro_batch_size or self.batch_size
@@ -244,7 +252,9 @@ class _BatchStats:
             return  # every TP rank caught the same error: skip (collectives stay matched)
         t0 = time.perf_counter()
         try:
-            b = logits.shape[0]
+            seq = self.tokens.shape[1]
+            # [mbs, S, V/TP] logits, or the deferred projection's [mbs·S, H] hidden states
+            b = logits.shape[0] // seq if isinstance(logits, ProjectedLogits) else logits.shape[0]
             r_idx, pos, samples = [], [], []
             for r in range(first, first + b):
                 row = self.rows[r]
@@ -259,12 +269,20 @@ class _BatchStats:
             r_idx, pos, samples = torch.cat(r_idx), torch.cat(pos), torch.cat(samples)
             labels = self.tokens[r_idx + first, pos + 1]
             dev = logits.device
-            rows = logits[r_idx.to(dev), pos.to(dev)]  # [n, V/TP]
-            stats = teacher_token_stats(
-                rows, self.k, labels.to(dev), group=group, row_sample_index=samples, row_positions=pos + 1,
-                vocab_size=self.vocab_size,
-            )
-            self.parts.append((stats.values.cpu(), stats.ids.cpu(), stats.lse.cpu(), stats.label_logprobs.cpu()))
+            if isinstance(logits, ProjectedLogits):
+                # Deferred output projection: only the completion rows are projected, a chunk at a time
+                # (no [B, S, V/TP] logits; prompt and padding positions skip the output layer).
+                hidden = logits.hidden[(r_idx * seq + pos).to(dev)]
+                spans = [(c, min(len(pos), c + logits.token_chunk)) for c in range(0, len(pos), logits.token_chunk)]
+                chunks = [(logits.project_rows(hidden[c:e]), c, e) for c, e in spans]
+            else:
+                chunks = [(logits[r_idx.to(dev), pos.to(dev)], 0, len(pos))]  # [n, V/TP]
+            for rows, c, e in chunks:
+                stats = teacher_token_stats(
+                    rows, self.k, labels[c:e].to(dev), group=group, row_sample_index=samples[c:e],
+                    row_positions=pos[c:e] + 1, vocab_size=self.vocab_size,
+                )
+                self.parts.append((stats.values.cpu(), stats.ids.cpu(), stats.lse.cpu(), stats.label_logprobs.cpu()))
         except BaseException as e:  # noqa: BLE001 - re-raised after the pipeline schedule drains
             self.error = e
         finally:
@@ -420,7 +438,8 @@ def compute_topk_logits(
         tokens, rows = _pad_batch(batch_samples, indices, mbs)
         collector = _BatchStats(rows, tokens, cfg.top_k, teacher.vocab_size)
         if tokens is not None:
-            teacher.run(tokens, collector, mbs)
+            teacher.run(tokens, collector, mbs,
+                        output_chunk_tokens=cfg.output_layer_chunk_tokens if cfg.fuse_output_layer else None)
         stats_s += collector.seconds
         failed = torch.tensor([1 if collector.error is not None else 0], dtype=torch.int64)
         layout.all_reduce_mp(failed)

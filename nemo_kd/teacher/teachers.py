@@ -114,7 +114,12 @@ class Teacher:
         """Whether this rank receives logits (the last pipeline stage)."""
         return True
 
-    def run(self, tokens: torch.Tensor, callback: LogitsCallback, micro_batch_size: Optional[int] = None) -> None:
+    def run(self, tokens: torch.Tensor, callback: LogitsCallback, micro_batch_size: Optional[int] = None,
+            output_chunk_tokens: Optional[int] = None) -> None:
+        """Forward ``tokens`` ``[B, S]``; ``callback(first_row, logits [mbs, S, V/TP], tp_group)`` per
+        micro-batch on the last stage. ``output_chunk_tokens``: defer the output projection — the
+        callback gets a :class:`~nemo_kd.losses.projection.ProjectedLogits` of the final hidden
+        states ``[mbs·S, H]`` (row ``r·S + p``) and projects only the rows it needs, in chunks."""
         raise NotImplementedError
 
 
@@ -206,9 +211,14 @@ class MegatronTeacher(Teacher):
     def owns_logits(self) -> bool:
         return self._state.is_pipeline_last_stage()
 
-    def run(self, tokens: torch.Tensor, callback: LogitsCallback, micro_batch_size: Optional[int] = None) -> None:
+    def run(self, tokens: torch.Tensor, callback: LogitsCallback, micro_batch_size: Optional[int] = None,
+            output_chunk_tokens: Optional[int] = None) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from nemo_kd.losses.projection import ProjectedLogits
+        from nemo_kd.models.deferred_projection import DeferredOutputProjection
+
+        deferred = DeferredOutputProjection(self.model) if output_chunk_tokens else None
         b, s = tokens.shape
         mbs = min(micro_batch_size or b, b)
         if b % mbs:
@@ -221,9 +231,16 @@ class MegatronTeacher(Teacher):
 
         def forward_step(data_iterator, model):
             first = next(data_iterator)
-            output = model(tokens[first:first + mbs], position_ids, None)
+            if deferred is None:
+                output = model(tokens[first:first + mbs], position_ids, None)
+            else:
+                with deferred:
+                    output = model(tokens[first:first + mbs], position_ids, None)
+                weight = deferred.weight
 
             def loss_func(logits):
+                if deferred is not None:  # the final hidden states [mbs, S, H]
+                    logits = ProjectedLogits(logits.reshape(-1, logits.shape[-1]), weight, output_chunk_tokens)
                 callback(first, logits, group)
                 return torch.zeros(1, device=logits.device), {}
 
@@ -271,7 +288,11 @@ class HFTeacher(Teacher):
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.max_seq_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
-    def run(self, tokens: torch.Tensor, callback: LogitsCallback, micro_batch_size: Optional[int] = None) -> None:
+    def run(self, tokens: torch.Tensor, callback: LogitsCallback, micro_batch_size: Optional[int] = None,
+            output_chunk_tokens: Optional[int] = None) -> None:
+        if output_chunk_tokens:
+            raise ValueError("fuse_output_layer needs a Megatron teacher (a transformers model computes its own "
+                             "logits); set fuse_output_layer=false for teacher.type=hf")
         b, s = tokens.shape
         mbs = min(micro_batch_size or b, b)
         tokens = tokens.to(self._device)
