@@ -23,7 +23,7 @@ Variants, each timed forward+backward to ``∂L/∂logits`` (bf16):
   fuses the lm_head matmuls (hidden ``--liger-hidden``) and computes a full-vocab JSD.
 
 **full** (online teacher: full teacher logits, same vocabulary; ``--full-loss`` forward_kl |
-reverse_kl | jsd, ``--jsd-beta``)::
+reverse_kl | jsd | skew_fkl | skew_rkl, ``--jsd-beta``, ``--skew-alpha``)::
 
     L = D(p_teacher ‖ q_student) − log q(y),     averaged over tokens
 
@@ -83,8 +83,10 @@ def parse_args():
     p.add_argument("--tune", action="store_true", help="sweep fused block sizes / warps on the first shape")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--case", choices=("topk", "full", "both"), default="both")
-    p.add_argument("--full-loss", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
+    p.add_argument("--full-loss", choices=("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl"),
+                   default="forward_kl")
     p.add_argument("--jsd-beta", type=float, default=0.5)
+    p.add_argument("--skew-alpha", type=float, default=0.1, help="α of skew_fkl / skew_rkl (DistiLLM's 0.1)")
     return p.parse_args()
 
 
@@ -317,6 +319,10 @@ def full_naive(loss_type, beta):
             kd = (p * (logp - logq)).sum(-1)
         elif loss_type == "reverse_kl":
             kd = (q * (logq - logp)).sum(-1)
+        elif loss_type == "skew_fkl":  # KL(p ‖ α·p + (1−α)·q), α = beta
+            kd = (p * (logp - torch.log(beta * p + (1 - beta) * q))).sum(-1)
+        elif loss_type == "skew_rkl":  # KL(q ‖ (1−α)·p + α·q)
+            kd = (q * (logq - torch.log((1 - beta) * p + beta * q))).sum(-1)
         else:
             logm = torch.log(beta * p + (1 - beta) * q)
             kd = (beta * p * (logp - logm) + (1 - beta) * q * (logq - logm)).sum(-1)
@@ -324,17 +330,23 @@ def full_naive(loss_type, beta):
     return fn
 
 
+def _param(loss_type, value):
+    """The loss's parameter as a keyword: skew_alpha for skew_*, jsd_beta otherwise."""
+    return dict(skew_alpha=value) if loss_type.startswith("skew") else dict(jsd_beta=value)
+
+
 def full_lib(impl, loss_type, beta):
     def fn(student, teacher, labels):
-        kd, lp = full_kd_loss(student, teacher, loss_type=loss_type, jsd_beta=beta, impl=impl, label_ids=labels)
+        kd, lp = full_kd_loss(student, teacher, loss_type=loss_type, **_param(loss_type, beta), impl=impl,
+                              label_ids=labels)
         return (kd - lp).mean()
     return fn
 
 
 def full_fused_inplace(loss_type, beta):
     def fn(student, teacher, labels):
-        kd, lp = fk.fused_full_kd_loss(student, teacher, loss_type=loss_type, jsd_beta=beta, label_ids=labels,
-                                       inplace_backward=True)
+        kd, lp = fk.fused_full_kd_loss(student, teacher, loss_type=loss_type, **_param(loss_type, beta),
+                                       label_ids=labels, inplace_backward=True)
         return (kd - lp).mean()
     return fn
 
@@ -375,13 +387,15 @@ def run_lmhead_pair(n, v, hidden, beta, device, timer, reps, warmup):
 
 
 def bench_full(shapes, device, timer, reps, warmup, emit):
-    loss_type, beta = args.full_loss, args.jsd_beta
-    reads = 3 if loss_type == "jsd" else 2
+    loss_type = args.full_loss
+    beta = args.skew_alpha if loss_type.startswith("skew") else args.jsd_beta
+    reads = 2 if loss_type in ("forward_kl", "reverse_kl") else 3  # mixtures: a second pass
     variants = [("naive", full_naive(loss_type, beta), False), ("torch", full_lib("torch", loss_type, beta), False)]
     if fk is not None:
         variants += [("fused", full_lib("fused", loss_type, beta), False),
                      ("fused-inpl", full_fused_inplace(loss_type, beta), True)]
-    label = f"{loss_type}" + (f"(β={beta})" if loss_type == "jsd" else "")
+    label = f"{loss_type}" + (f"(β={beta})" if loss_type == "jsd" else f"(α={beta})" if loss_type.startswith("skew")
+                              else "")
     emit(f"\n# online teacher, full-vocab {label} + CE, fwd+bwd to bf16 grad — {dev_name(device)}\n")
     emit(f"floor = ({reads} reads of student + {reads} of teacher + 1 write) × logits bytes / {args.bandwidth:.3g} B/s; "
          "mem = peak extra allocation as % of the student logits' bytes.\n")
@@ -398,9 +412,10 @@ def bench_full(shapes, device, timer, reps, warmup, emit):
         del student, teacher, labels
         if fk is not None:
             try:
-                for name, ms, peak, delta in run_lmhead_pair(n, v, args.liger_hidden, beta, device, timer, reps,
+                # JSD(--jsd-beta) whatever --full-loss is: the like-for-like loss of Liger's fused-linear JSD
+                for name, ms, peak, delta in run_lmhead_pair(n, v, args.liger_hidden, args.jsd_beta, device, timer, reps,
                                                              warmup):
-                    emit(f"| {n} | {v} | {name} (JSD β={beta}, incl. lm_head H={args.liger_hidden}; Δgrad vs "
+                    emit(f"| {n} | {v} | {name} (JSD β={args.jsd_beta}, incl. lm_head H={args.liger_hidden}; Δgrad vs "
                          f"lmhead) | {ms:.3f} | | | {peak / 2**30:.3f} | {100 * peak / lbytes:.0f}% | {delta:.2e} |")
             except torch.cuda.OutOfMemoryError:
                 emit(f"| {n} | {v} | lm_head pair | OOM | | | | | |")
@@ -435,7 +450,8 @@ def tune(n, v, k, device, timer, reps, warmup):
     """Sweep the fused kernels' block sizes / warps; keep the fastest for the table."""
     lines = _sweep(lt, (2048, 4096, 8192), loss_fused, make_inputs(n, v, k, device),
                    f"\nfused block sweep at N={n} V={v} (fwd+bwd ms):", timer, reps, warmup)
-    lines += _sweep(fk, (1024, 2048, 4096), full_lib("fused", args.full_loss, args.jsd_beta), full_inputs(n, v, device),
+    lines += _sweep(fk, (1024, 2048, 4096), full_lib("fused", args.full_loss, args.skew_alpha if args.full_loss.startswith(
+        "skew") else args.jsd_beta), full_inputs(n, v, device),
                     f"full-vocab fused block sweep at N={n} V={v} (fwd+bwd ms):", timer, reps, warmup)
     print("\n".join(lines), flush=True)
 

@@ -38,7 +38,12 @@ from nemo_kd.losses.vocab_parallel import resolve_impl  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")
 
 NEG_INF = float("-inf")
-LOSSES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]
+# (loss_type, its parameter: jsd_beta for jsd, skew_alpha for skew_*; unused otherwise)
+LOSSES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("skew_fkl", 0.1), ("skew_rkl", 0.25)]
+
+
+def _param(loss_type, value):
+    return dict(skew_alpha=value) if loss_type.startswith("skew") else dict(jsd_beta=value)
 
 
 def _small_blocks():
@@ -99,18 +104,31 @@ def _check(out, ref, dtype, rows=slice(None), value_tol=2e-5, lp_atol=2e-5, grad
 ])
 def test_matches_float64_torch(small_blocks, loss_type, beta, dtype, scales, t2):
     student, teacher, labels, g_kd, g_lp = _inputs(5, 101, dtype, seed=0)  # 101 = 3 blocks of 32 + 5
-    kw = dict(loss_type=loss_type, jsd_beta=beta, logits_scale=scales[0], target_logits_scale=scales[1],
-              temperature_squared=t2)
+    kw = dict(loss_type=loss_type, **_param(loss_type, beta), logits_scale=scales[0],
+              target_logits_scale=scales[1], temperature_squared=t2)
     ref = _reference(student, teacher, labels, g_kd, g_lp, **kw)
     assert ref[0].min() > 0.01  # a non-trivial divergence on every row
     _check(_run(student, teacher, labels, g_kd, g_lp, "fused", **kw), ref, dtype)
 
 
-@pytest.mark.parametrize("beta,equals", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
-def test_jsd_end_points_are_the_kls(small_blocks, beta, equals):
+@pytest.mark.parametrize("kw,equals", [(dict(loss_type="jsd", jsd_beta=0.0), "forward_kl"),
+                                       (dict(loss_type="jsd", jsd_beta=1.0), "reverse_kl"),
+                                       (dict(loss_type="skew_fkl", skew_alpha=0.0), "forward_kl"),
+                                       (dict(loss_type="skew_rkl", skew_alpha=0.0), "reverse_kl")])
+def test_mixture_end_points_are_the_kls(small_blocks, kw, equals):
     student, teacher, labels, g_kd, g_lp = _inputs(3, 70, torch.float32, seed=1)
     ref = _reference(student, teacher, labels, g_kd, g_lp, loss_type=equals)
-    _check(_run(student, teacher, labels, g_kd, g_lp, "fused", loss_type="jsd", jsd_beta=beta), ref, torch.float32)
+    _check(_run(student, teacher, labels, g_kd, g_lp, "fused", **kw), ref, torch.float32)
+
+
+@pytest.mark.parametrize("loss_type", ["skew_fkl", "skew_rkl"])
+def test_skew_at_alpha_one_is_zero(small_blocks, loss_type):
+    """α = 1: the mixture is the reference itself, D = 0 and no KD gradient (the CE's remains)."""
+    student, teacher, labels, g_kd, g_lp = _inputs(3, 70, torch.float32, seed=4)
+    kd, lp, grad = _run(student, teacher, labels, g_kd, g_lp, "fused", loss_type=loss_type, skew_alpha=1.0)
+    ref = _reference(student, teacher, labels, torch.zeros_like(g_kd), g_lp, loss_type=loss_type, skew_alpha=1.0)
+    assert kd.abs().max() < 1e-6
+    torch.testing.assert_close(grad.double(), ref[2], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("loss_type,beta", LOSSES)
@@ -138,17 +156,19 @@ def test_masks_large_logits_and_fully_masked_rows(small_blocks, loss_type, beta)
         student = torch.where(keep[:, None] & torch.isinf(teacher), NEG_INF, student)
     if loss_type == "forward_kl":
         student[6, 10] = NEG_INF  # teacher mass where the student has none: FKL = +inf, as in the torch path
-    kw = dict(loss_type=loss_type, jsd_beta=beta, logits_scale=1.0, target_logits_scale=0.8)
+    kw = dict(loss_type=loss_type, **_param(loss_type, beta), logits_scale=1.0, target_logits_scale=0.8)
     out = _run(student, teacher, labels, g_kd, g_lp, "fused", **kw)
     ref = _reference(student, teacher, labels, g_kd, g_lp, **kw)
     live = [0, 1, 2, 3, 5, 6]
     assert torch.isfinite(ref[0][live[:-1]]).all()
     # Row 2: disjoint modes; the KLs are huge (not NaN), JSD_β is near its bound H(β) = 0.611.
-    assert ref[0][2] > (100 if loss_type != "jsd" else 0.6)
+    # (skew KLs are bounded by −log α: ~2.3 / 1.4 here)
+    assert ref[0][2] > {"jsd": 0.6, "skew_fkl": 2.0, "skew_rkl": 1.2}.get(loss_type, 100)
     assert torch.isfinite(ref[0][6]) == (loss_type != "forward_kl")
     # Logits near 1e4 leave the fp32 LSE good to ~ulp(1e4) ≈ 1e-3: log-probs to 1e-3 absolute,
     # probabilities (the gradient) to 1e-3 relative; the torch fp32 path is no better.
-    _check(out, ref, torch.float32, rows=live, value_tol=1e-4 if loss_type != "jsd" else 2e-5, lp_atol=2e-3,
+    _check(out, ref, torch.float32, rows=live, value_tol=2e-5 if loss_type == "jsd" else 1e-4,
+           lp_atol=2e-3,
            grad_rtol=1e-3)
     assert out[0][3] == 0 and (out[2][3, :85] != 0).all()  # teacher-less row: only the CE gradient
     # The padding row: KD and label log-prob 0, gradient exactly 0 (the torch path gives NaN there).
@@ -160,7 +180,7 @@ def test_inplace_backward_gives_same_gradient(small_blocks, dtype):
     student, teacher, labels, g_kd, g_lp = _inputs(4, 75, dtype, seed=3)
     for loss_type, beta in LOSSES:
         # logits_scale 1: full_kd_loss's label log-prob (temperature 1) is then the kernel's own.
-        kw = dict(loss_type=loss_type, jsd_beta=beta, logits_scale=1.0, target_logits_scale=0.9)
+        kw = dict(loss_type=loss_type, **_param(loss_type, beta), logits_scale=1.0, target_logits_scale=0.9)
         out = _run(student, teacher, labels, g_kd, g_lp, "fused", **kw)
         out_inplace = _run(student, teacher, labels, g_kd, g_lp, "fused", inplace=True, **kw)
         torch.testing.assert_close(out_inplace[2], out[2], atol=0, rtol=0)
@@ -208,6 +228,8 @@ def test_tp2_fused_equals_tp1_float64():
     student[3] *= 2e3  # large logits
     teacher[4] = NEG_INF  # teacher fully masked
     cases = [(dict(loss_type="jsd", jsd_beta=0.3, logits_scale=1.0, target_logits_scale=1.2), False),
+             (dict(loss_type="skew_fkl", skew_alpha=0.1, logits_scale=1.0, target_logits_scale=1.2), True),
+             (dict(loss_type="skew_rkl", skew_alpha=0.2, logits_scale=0.9, target_logits_scale=1.0), False),
              (dict(loss_type="forward_kl", logits_scale=1.0, target_logits_scale=0.7), True),
              (dict(loss_type="reverse_kl", logits_scale=1.0, target_logits_scale=0.7), False)]
     for kw, inplace in cases:
@@ -279,11 +301,12 @@ def build(fn, **cx):
         default = "*fp32" if a.endswith("_ptr") else "i64" if a.startswith("stride") else "fp32"
         sig[a] = "constexpr" if a in cx else types.get(a, default)
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32))
-for loss in (0, 1, 2):
+for loss in (0, 1, 2, 3, 4):
     for has_label in (True, False):
         build(fk._stats_kernel, LOSS=loss, HAS_LABEL=has_label, BLOCK_V=fk.FWD_BLOCK_V)
     build(fk._bwd_kernel, LOSS=loss, BLOCK_V=fk.BWD_BLOCK_V, EMULATE_RTNE_BF16=False)
-build(fk._jsd_kernel, BLOCK_V=fk.FWD_BLOCK_V)
+    if loss >= 2:
+        build(fk._mixture_kernel, LOSS=loss, BLOCK_V=fk.FWD_BLOCK_V)
 build(lt._fwd_kernel, BLOCK_V=lt.FWD_BLOCK_V, BLOCK_J=lt.BLOCK_J)  # the primitive shares store_out
 build(lt._bwd_dense_kernel, BLOCK_V=lt.BWD_BLOCK_V, EMULATE_RTNE_BF16=False)
 build(lt._bwd_ids_kernel, BLOCK_J=lt.BLOCK_J, EMULATE_RTNE_BF16=False)

@@ -12,6 +12,8 @@ temperatures ``s`` (``logits_scale``) and ``t`` (``target_logits_scale``)::
     FKL  = Σ_v p_v (log p_v − log q_v)   = W_f / S_b − log S_b + log S_a
     RKL  = Σ_v q_v (log q_v − log p_v)   = W_r / S_a − log S_a + log S_b
     JSD_β = β·Σ p (log p − log m) + (1−β)·Σ q (log q − log m),   m = β·p + (1−β)·q
+    SKL_α = Σ p (log p − log m),   m = α·p + (1−α)·q          (skew forward KL, β = α)
+    SRKL_α = Σ q (log q − log m),  m = (1−α)·p + α·q          (skew reverse KL, β = 1−α)
 
 with ``S_a = Σ e^{a−M_a}``, ``S_b = Σ e^{b−M_b}`` (``M`` the row maxima) and the
 shift-relative sums ``W_f = Σ e^{b−M_b}·((b−M_b) − (a−M_a))``, ``W_r = Σ e^{a−M_a}·((a−M_a)
@@ -24,18 +26,20 @@ label log-prob)::
     ∂FKL/∂a_v  = q_v − p_v
     ∂RKL/∂a_v  = q_v·(log q_v − log p_v − RKL)
     ∂JSD/∂a_v  = (1−β)·q_v·(log q_v − log m_v − KL(q‖m))      [∂JSD/∂q_v = (1−β)·log(q_v/m_v)]
+    ∂SKL/∂a_v  = (1−α)·q_v·(Σ_u q_u·p_u/m_u − p_v/m_v)
+    ∂SRKL/∂a_v = q_v·(log q_v − log m_v − α·q_v/m_v − SRKL + α·Σ_u q_u²/m_u)
     ∂z_v       = s·( g·∂D/∂a_v + g_y·([v = y] − q_v) )
 
 Passes over ``[N, V_local]`` (student + teacher shards read together):
 
 * forward: ONE pass (FKL, RKL) computing per row, with a block-wise online max, the
-  local ``M_a, S_a, M_b, S_b, W`` and ``a_y`` at the label if this shard owns it; JSD needs
-  the global ``A, B`` inside ``log m``, so it takes a second pass for ``Σ`` of its terms
-  and of ``KL(q‖m)``.
+  local ``M_a, S_a, M_b, S_b, W`` and ``a_y`` at the label if this shard owns it; the
+  mixture losses (JSD, skew FKL/RKL) need the global ``A, B`` inside ``log m``, so they take
+  a second pass for ``Σ`` of their terms and of the statistic their gradient needs.
 * TP: ONE all-gather of the per-rank ``[N, 6]`` statistics (each rank then combines the
   ranks' maxima and rescaled sums itself, which a single all-reduce cannot do, as the
-  rescaling needs the global maxima first), plus, for JSD only, one ``[N, 2]`` SUM
-  all-reduce of the second pass.
+  rescaling needs the global maxima first), plus, for the mixture losses only, one
+  ``[N, 2]`` SUM all-reduce of the second pass.
 * backward: ONE pass reading both shards and writing ``∂L/∂z`` in the logits' dtype
   into a fresh buffer, or over the student logits with ``inplace_backward=True``.
 
@@ -65,8 +69,9 @@ import triton.language as tl
 
 from nemo_kd.kernels.common import check_fused_supported, is_interpreted, store_out, tp_rank, tp_size
 
-FUSED_FULL_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
-_FKL, _RKL, _JSD = 0, 1, 2
+FUSED_FULL_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl")
+# Mixture losses (codes ≥ 2) share the second pass: D = w_p·KL(p‖m) + w_q·KL(q‖m), m = β·p + (1−β)·q.
+_FKL, _RKL, _JSD, _SKEW_FKL, _SKEW_RKL = 0, 1, 2, 3, 4
 # Per-row statistics of the first pass: max/sum of a, max/sum of b, W, a at the label.
 _NSTAT = 6
 
@@ -145,12 +150,14 @@ def _stats_kernel(
 
 
 @triton.jit
-def _jsd_kernel(
+def _mixture_kernel(
     zs_ptr, zt_ptr, lse_a_ptr, lse_b_ptr, out_ptr,
     V, stride_s, stride_t, s_scale, t_scale, beta,
-    BLOCK_V: tl.constexpr,
+    LOSS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Per row, second pass for JSD_β: [Σ_v jsd terms, KL(q‖m)] of this shard, given global A, B."""
+    """Per row, the second pass of the mixture losses over this shard, given the global A, B:
+    ``[D, X]`` with D the divergence's sum and X the statistic its gradient needs —
+    JSD: KL(q‖m); skew FKL: Σ q·p/m; skew RKL: Σ q²/m (module docstring)."""
     row = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + row * stride_s
     zt_row = zt_ptr + row * stride_t
@@ -171,8 +178,15 @@ def _jsd_kernel(
         # m = 0 only where both masses vanish (or flush to zero): such a column adds 0.
         kq = tl.where((q > 0.0) & (m > 0.0), q * (lq - lm), 0.0)
         kp = tl.where((p > 0.0) & (m > 0.0), p * (lp - lm), 0.0)
-        j += beta * kp + (1.0 - beta) * kq
-        k += kq
+        if LOSS == 2:
+            j += beta * kp + (1.0 - beta) * kq
+            k += kq
+        elif LOSS == 3:
+            j += kp
+            k += tl.where(m > 0.0, q * (p / m), 0.0)
+        else:
+            j += kq
+            k += tl.where(m > 0.0, q * (q / m), 0.0)
     tl.store(out_ptr + row * 2, tl.sum(j, axis=0))
     tl.store(out_ptr + row * 2 + 1, tl.sum(k, axis=0))
 
@@ -185,8 +199,9 @@ def _bwd_kernel(
 ):
     """grad[n, v] = s·(g_n·∂D/∂a_v + g_y·([v = y] − q_v)) in grad's dtype (may alias the student logits).
 
-    ``r_n`` is the row's RKL value (reverse_kl) or KL(q‖m) (jsd); ``label`` the local
-    label column or −1. Dead rows come with g = 0 and lse = +inf (q, p = 0).
+    ``r`` ``[N, 2]``: the row's divergence and the second pass's statistic X (mixture
+    losses); ``label`` the local label column or −1. Dead rows come with g = 0 and
+    lse = +inf (q, p = 0).
     """
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -203,12 +218,20 @@ def _bwd_kernel(
     if LOSS == 0:
         d = q - p
     elif LOSS == 1:
-        r = tl.load(r_ptr + row)
+        r = tl.load(r_ptr + row * 2)
         d = tl.where(q > 0.0, q * ((lq - lp) - r), 0.0)
     else:
-        r = tl.load(r_ptr + row)
+        r = tl.load(r_ptr + row * 2)
+        x = tl.load(r_ptr + row * 2 + 1)
         m = beta * p + (1.0 - beta) * q
-        d = tl.where((q > 0.0) & (m > 0.0), (1.0 - beta) * q * ((lq - tl.log(m)) - r), 0.0)
+        ok = (q > 0.0) & (m > 0.0)
+        m_safe = tl.where(m > 0.0, m, 1.0)
+        if LOSS == 2:
+            d = tl.where(ok, (1.0 - beta) * q * ((lq - tl.log(m_safe)) - x), 0.0)
+        elif LOSS == 3:
+            d = tl.where(ok, (1.0 - beta) * q * (x - p / m_safe), 0.0)
+        else:  # skew RKL: α = 1 − β
+            d = tl.where(ok, q * ((lq - tl.log(m_safe)) - (1.0 - beta) * (q / m_safe) - r + (1.0 - beta) * x), 0.0)
     # A dead row (g = 0) stays exactly 0 even where d is infinite.
     g = tl.where(g_kd != 0.0, g_kd * d, 0.0) - g_y * q + tl.where(c == label, g_y, 0.0)
     store_out(grad_ptr + row * stride_g + c, g * s_scale, inb, EMULATE_RTNE_BF16)
@@ -284,18 +307,18 @@ class FusedFullKD(torch.autograd.Function):
         else:
             part = torch.zeros(n, 2, dtype=torch.float32, device=dev)
             if n > 0:
-                _jsd_kernel[(n,)](
+                _mixture_kernel[(n,)](
                     student, teacher, lse_a_k, lse_b_k, part,
                     v_local, student.stride(0), teacher.stride(0), s, t, beta,
-                    BLOCK_V=FWD_BLOCK_V, num_warps=FWD_NUM_WARPS,
+                    LOSS=loss, BLOCK_V=FWD_BLOCK_V, num_warps=FWD_NUM_WARPS,
                 )
             if tp > 1:
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
             kd = part[:, 0]
-            kl_qm = part[:, 1]
+            stat = part[:, 1]
         kd = torch.where(row_ok, kd, zero)
         label_lp = torch.where(alive_a, a_y - lse_a, zero)
-        r = kd if loss == _RKL else (kl_qm if loss == _JSD else zero)
+        r = torch.stack([kd, stat if loss >= _JSD else zero], dim=1)
         if has_label:
             local = labels - vocab_start
             label_local = torch.where((local >= 0) & (local < v_local), local, torch.full_like(local, -1))
@@ -329,6 +352,14 @@ class FusedFullKD(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
+# loss_type -> (kernel code, β of the mixture m = β·p + (1−β)·q as a function of (jsd_beta, skew_alpha))
+_MIXTURES = {
+    "jsd": (_JSD, lambda jsd_beta, alpha: jsd_beta),
+    "skew_fkl": (_SKEW_FKL, lambda jsd_beta, alpha: alpha),  # KL(p ‖ α·p + (1−α)·q)
+    "skew_rkl": (_SKEW_RKL, lambda jsd_beta, alpha: 1.0 - alpha),  # KL(q ‖ (1−α)·p + α·q)
+}
+
+
 def fused_full_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -337,6 +368,7 @@ def fused_full_kd_loss(
     logits_scale: float = 1.0,
     target_logits_scale: float = 1.0,
     jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
     group: Optional[dist.ProcessGroup] = None,
     label_ids: Optional[torch.Tensor] = None,
     inplace_backward: bool = False,
@@ -346,7 +378,8 @@ def fused_full_kd_loss(
     Args:
         student_logits / teacher_logits: ``[N, V/TP]`` this rank's shards (same sharding),
             fp32/bf16/fp16; the teacher is never differentiated.
-        loss_type: ``forward_kl``, ``reverse_kl`` or ``jsd`` (``p`` = teacher, β = ``jsd_beta``).
+        loss_type: ``forward_kl``, ``reverse_kl``, ``jsd`` (β = ``jsd_beta``), ``skew_fkl`` or
+            ``skew_rkl`` (α = ``skew_alpha``); ``p`` = teacher.
         logits_scale / target_logits_scale: inverse temperatures ``s`` / ``t`` (> 0).
         group: the TP process group (``None``: one rank).
         label_ids: optional ``[N]`` global ids: also return the student's log-prob at
@@ -370,9 +403,17 @@ def fused_full_kd_loss(
         raise ValueError(f"scales must be > 0, got {logits_scale}, {target_logits_scale}")
     if not 0.0 <= jsd_beta <= 1.0:
         raise ValueError(f"jsd beta must be in [0, 1], got {jsd_beta}")
-    kind = {"forward_kl": _FKL, "reverse_kl": _RKL, "jsd": _JSD}[loss_type]
-    if kind == _JSD and jsd_beta in (0.0, 1.0):  # the end points are exactly FKL / RKL
-        kind = _FKL if jsd_beta == 0.0 else _RKL
+    if not 0.0 <= skew_alpha <= 1.0:
+        raise ValueError(f"skew alpha must be in [0, 1], got {skew_alpha}")
+    kind, beta = {"forward_kl": _FKL, "reverse_kl": _RKL}.get(loss_type), 0.0
+    if kind is None:
+        kind, mix = _MIXTURES[loss_type]
+        beta = float(mix(jsd_beta, skew_alpha))
+    # End points that are exactly FKL / RKL (JSD's by TRL's convention; skew at α = 0).
+    if kind == _JSD and beta in (0.0, 1.0):
+        kind = _FKL if beta == 0.0 else _RKL
+    elif (kind, beta) in ((_SKEW_FKL, 0.0), (_SKEW_RKL, 1.0)):
+        kind = _FKL if kind == _SKEW_FKL else _RKL
     if student_logits.stride(-1) != 1:
         if inplace_backward:
             raise ValueError("inplace_backward=True needs student logits with unit column stride")
@@ -385,5 +426,5 @@ def fused_full_kd_loss(
         if labels.shape[0] != student_logits.shape[0]:
             raise ValueError(f"label_ids has {labels.shape[0]} entries, logits {student_logits.shape[0]} rows")
     kd, label_lp = FusedFullKD.apply(student_logits, teacher, labels, kind, float(logits_scale),
-                                     float(target_logits_scale), float(jsd_beta), group, bool(inplace_backward))
+                                     float(target_logits_scale), beta, group, bool(inplace_backward))
     return kd, (label_lp if labels is not None else None)
