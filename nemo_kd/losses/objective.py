@@ -547,7 +547,7 @@ class DistillationObjective:
         return loss, kd_term, sft_term
 
     def _token_coefficients(self, shape, kd_mask, sft_mask, roles, norms, need_kd, need_label_lp):
-        """``∂L/∂(kd, log q(label), smoothed CE, argmax)`` per token ``[N]`` (None: no gradient): the
+        """``∂L/∂`` each output of :meth:`_row_terms` per token ``[N]`` (None: no gradient): the
         token-level loss is linear in them (masks, row weights and global normalisers only)."""
         c = self.cfg
         n = shape.numel()
@@ -558,7 +558,7 @@ class DistillationObjective:
             used = [p for p in probes if p is not None]
             grads = iter(torch.autograd.grad(loss, used, allow_unused=True)) if torch.is_tensor(loss) else iter(())
         out = [next(grads) if p is not None else None for p in probes]
-        return (*[g if g is None else g.detach() for g in out], None)
+        return (*[g if g is None else g.detach() for g in out], None, None)  # the two argmaxes: no gradient
 
     def _token_agreement(self, student_argmax: torch.Tensor, teacher, mask: torch.Tensor,
                          teacher_argmax: Optional[torch.Tensor] = None) -> torch.Tensor:
