@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (the `device` tool), one call per stage; results under $OUT:
+#
+#   bash scripts/gpu_wheels.sh                          # here, once: .whl/ (megatron-core cp312, liger-kernel)
+#   run(command="bash scripts/gpu_session.sh kernels", carry=[".whl"], timeout_s=600)
+#   run(command="bash scripts/gpu_session.sh step",    carry=[".whl"], timeout_s=600)
+#   run(command="bash scripts/gpu_session.sh extract", carry=[".whl"], timeout_s=600)
+#
+# Stages (each well inside the 10-minute limit of one call):
+#   kernels  issue 7: fused top-k and online kernels vs naive / torch / HBM floor, block-size sweep,
+#            lm_head rows (materialised vs deferred projection) and Liger's fused-linear JSD
+#   step     issue 7: a Megatron step of a ~1.7B GPT (V=128256), SFT vs top-k KD vs online KD,
+#            logits materialised vs deferred (kd.fuse_output_layer); the KD / SFT time ratio
+#   extract  issue 3: compute_topk_logits throughput vs the teacher's forward-only pass at V=128256,
+#            whole logits and deferred projection
+# GPU_SESSION_SMOKE=1 runs every stage at CPU smoke size (checks this script, not the GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:-kernels}
+OUT=${OUT:-/tmp/gpu_session_out}
+mkdir -p "$OUT"
+smoke=${GPU_SESSION_SMOKE:-0}
+PY=${PYTHON:-python3}
+if [ "$smoke" = 0 ]; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/summary.md"
+else
+    export TRITON_INTERPRET=1
+    echo "smoke run (CPU)" | tee "$OUT/summary.md"
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+
+step() {  # step NAME CMD...: full log in $OUT/NAME.log, its tail in summary.md
+    local name=$1; shift
+    echo "== $name: $*" | tee -a "$OUT/summary.md"
+    local t0=$SECONDS
+    "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 60 "$OUT/$name.log" >> "$OUT/summary.md"
+    echo "== $name: rc $rc, $((SECONDS - t0)) s" | tee -a "$OUT/summary.md"
+}
+
+case "$stage" in
+kernels)
+    if [ "$smoke" = 1 ]; then
+        step kernels "$PY" benchmarks/bench_fused_kernel.py --cpu-smoke --liger-hidden 32 --projection-chunk 8
+    else
+        step kernels_topk "$PY" benchmarks/bench_fused_kernel.py --tune --quick --case topk
+        step kernels_full "$PY" benchmarks/bench_fused_kernel.py --quick --case full --full-loss jsd
+        step kernels_skew "$PY" benchmarks/bench_fused_kernel.py --quick --case full --full-loss skew_rkl
+    fi
+    ;;
+step)
+    if [ "$smoke" = 1 ]; then
+        step train_step "$PY" benchmarks/bench_train_step.py --repeat 1 --steps 1 --warmup 1 --inplace on \
+            --projection both --variants sft topk-torch
+    else
+        step train_step "$PY" benchmarks/bench_train_step.py --gpu --inplace on --projection both \
+            --variants sft topk-fused online-fused --out "$OUT/train_step.md"
+    fi
+    ;;
+extract)
+    if [ "$smoke" = 1 ]; then
+        args=(--vocab 4096 --hidden 64 --layers 2 --heads 4 --seq 128 --batch 2 --samples 4 --k 16 --repeats 1)
+    else
+        args=(--vocab 128256 --hidden 2048 --layers 16 --heads 16 --seq 2048 --batch 8 --samples 64 --k 64
+              --params-dtype bf16)
+    fi
+    step extract_whole "$PY" benchmarks/bench_extract.py "${args[@]}"
+    step extract_deferred "$PY" benchmarks/bench_extract.py "${args[@]}" --fuse-output-layer
+    ;;
+*)
+    echo "unknown stage $stage (kernels | step | extract)" >&2
+    exit 2
+    ;;
+esac
