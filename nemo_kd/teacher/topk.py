@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from nemo_kd.losses.vocab_parallel import (
     DEFAULT_TOKEN_CHUNK,
+    accumulation_dtype,
     ProcessGroup,
     all_gather_vocab,
     all_reduce_no_grad,
@@ -91,7 +92,11 @@ def check_finite_logits(
     """
     n, v_local = logits_shard.shape
     valid = valid_vocab_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
-    bad = (~torch.isfinite(logits_shard[:, :valid])).any(dim=-1).to(torch.int32)
+    # A row's sum is finite iff all its values are (NaN and ±inf propagate; +inf with −inf gives
+    # NaN), short of overflowing the accumulator, which takes |logits| ~ 1e33: one reduction pass,
+    # instead of isfinite's [N, V] mask (2.3x slower than the rest of the statistics on CPU).
+    row_sums = logits_shard[:, :valid].sum(dim=-1, dtype=accumulation_dtype(logits_shard.dtype))
+    bad = (~torch.isfinite(row_sums)).to(torch.int32)
     all_reduce_no_grad(bad, dist.ReduceOp.MAX, group)
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten().tolist()
@@ -193,8 +198,11 @@ def _logprobs_and_lse(logits_shard, ids, group, vocab_size):
     valid = valid_vocab_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
     with torch.no_grad():
         if valid < v_local:
-            logits_shard = logits_shard.clone()
-            logits_shard[:, valid:] = float("-inf")
+            if tp_world_size(group) == 1:  # a view of the real columns (global ids still start at 0)
+                logits_shard = logits_shard[:, :valid]
+            else:  # narrowing would move this rank's global ids: mask a copy instead
+                logits_shard = logits_shard.clone()
+                logits_shard[:, valid:] = float("-inf")
         return vocab_parallel_logprobs_at(logits_shard, ids, scale=1.0, group=group)
 
 
