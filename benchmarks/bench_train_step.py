@@ -94,7 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--topk-convention", choices=("renormalized", "exact_tail"), default="exact_tail")
     p.add_argument("--kd-loss", default="forward_kl", help="top-k divergence")
-    p.add_argument("--online-loss", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
+    p.add_argument("--online-loss", choices=("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl", "akl"),
+                   default="forward_kl")
     p.add_argument("--sft-weight", type=float, default=1.0, help="SFT weight of the KD variants")
     p.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
