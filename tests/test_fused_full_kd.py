@@ -39,10 +39,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) e
 
 NEG_INF = float("-inf")
 # (loss_type, its parameter: jsd_beta for jsd, skew_alpha for skew_*; unused otherwise)
-LOSSES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("skew_fkl", 0.1), ("skew_rkl", 0.25)]
+LOSSES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("skew_fkl", 0.1), ("skew_rkl", 0.25),
+          ("akl", 0.5)]
 
 
 def _param(loss_type, value):
+    if loss_type == "akl":
+        return dict(akl_mu=value)
     return dict(skew_alpha=value) if loss_type.startswith("skew") else dict(jsd_beta=value)
 
 
@@ -121,6 +124,19 @@ def test_mixture_end_points_are_the_kls(small_blocks, kw, equals):
     _check(_run(student, teacher, labels, g_kd, g_lp, "fused", **kw), ref, torch.float32)
 
 
+@pytest.mark.parametrize("mu", [0.0, 0.3, 0.7, 0.9])
+def test_akl_head_from_top_k_and_by_bisection(small_blocks, monkeypatch, mu):
+    """AKL's head from the teacher's top-k equals the sorted reference; a flat teacher whose head
+    runs past the top-k (AKL_TOPK = 4 here) takes the bisection and still matches."""
+    student, teacher, labels, g_kd, g_lp = _inputs(4, 70, torch.float32, seed=7)
+    teacher[1] = teacher[1] * 0.01  # nearly flat: the head holds most of the vocabulary
+    kw = dict(loss_type="akl", akl_mu=mu, logits_scale=1.0, target_logits_scale=1.1)
+    ref = _reference(student, teacher, labels, g_kd, g_lp, **kw)
+    for topk in (64, 4):
+        monkeypatch.setattr(fk, "AKL_TOPK", topk)
+        _check(_run(student, teacher, labels, g_kd, g_lp, "fused", **kw), ref, torch.float32)
+
+
 @pytest.mark.parametrize("loss_type", ["skew_fkl", "skew_rkl"])
 def test_skew_at_alpha_one_is_zero(small_blocks, loss_type):
     """α = 1: the mixture is the reference itself, D = 0 and no KD gradient (the CE's remains)."""
@@ -137,7 +153,7 @@ def test_masks_large_logits_and_fully_masked_rows(small_blocks, loss_type, beta)
     student[:, 85:] = NEG_INF  # padded vocabulary columns, masked on both sides
     teacher[:, 85:] = NEG_INF
     teacher[0, ::4] = NEG_INF  # teacher-only zeros (RKL: masked in the student too, so it stays finite)
-    if loss_type == "reverse_kl":
+    if loss_type in ("reverse_kl", "akl"):  # (AKL weighs in the reverse KL)
         student[0, ::4] = NEG_INF
     labels[0] = 8  # ... a label at one of them
     student[1, 40:64] = NEG_INF  # whole blocks masked, different ones on each side
@@ -151,7 +167,7 @@ def test_masks_large_logits_and_fully_masked_rows(small_blocks, loss_type, beta)
     teacher[4] = NEG_INF
     student[5, :] = 1e4  # a flat row far from 0, on both sides
     teacher[5, :85] = -1e4
-    if loss_type == "reverse_kl":  # q > 0 = p would make RKL +inf: mask the student wherever the teacher is
+    if loss_type in ("reverse_kl", "akl"):  # q > 0 = p would make RKL +inf: mask the student wherever the teacher is
         keep = torch.tensor([False, True, True, False, False, True, True])
         student = torch.where(keep[:, None] & torch.isinf(teacher), NEG_INF, student)
     if loss_type == "forward_kl":
@@ -191,8 +207,6 @@ def test_dispatch_and_errors():
     assert resolve_impl("auto", student) == "torch"  # CPU: the interpreter is for tests only
     torch.testing.assert_close(full_kd_loss(student, teacher, loss_type="akl", impl="auto"),
                                full_kd_loss(student, teacher, loss_type="akl"))
-    with pytest.raises(ValueError, match="supports loss_type"):
-        full_kd_loss(student, teacher, loss_type="akl", impl="fused")
     with pytest.raises(ValueError, match="impl must be one of"):
         full_kd_loss(student, teacher, impl="cuda")
     with pytest.raises(TypeError, match="fp64"):
@@ -230,10 +244,11 @@ def test_tp2_fused_equals_tp1_float64():
     cases = [(dict(loss_type="jsd", jsd_beta=0.3, logits_scale=1.0, target_logits_scale=1.2), False),
              (dict(loss_type="skew_fkl", skew_alpha=0.1, logits_scale=1.0, target_logits_scale=1.2), True),
              (dict(loss_type="skew_rkl", skew_alpha=0.2, logits_scale=0.9, target_logits_scale=1.0), False),
+             (dict(loss_type="akl", akl_mu=0.5, logits_scale=1.0, target_logits_scale=0.8), True),
              (dict(loss_type="forward_kl", logits_scale=1.0, target_logits_scale=0.7), True),
              (dict(loss_type="reverse_kl", logits_scale=1.0, target_logits_scale=0.7), False)]
     for kw, inplace in cases:
-        if kw["loss_type"] == "reverse_kl":  # keep RKL finite: mask the student where the teacher is masked
+        if kw["loss_type"] in ("reverse_kl", "akl"):  # keep RKL finite: mask the student where the teacher is masked
             student = torch.where(torch.isinf(teacher) & (torch.arange(5) != 4)[:, None], NEG_INF, student)
         ref = _reference(student, teacher, labels, g_kd, g_lp, **kw)
         outs = run_distributed(_tp2_body, 2, student, teacher, labels, g_kd, g_lp, kw, inplace)
@@ -301,7 +316,8 @@ def build(fn, **cx):
         default = "*fp32" if a.endswith("_ptr") else "i64" if a.startswith("stride") else "fp32"
         sig[a] = "constexpr" if a in cx else types.get(a, default)
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32))
-for loss in (0, 1, 2, 3, 4):
+build(fk._akl_gap_kernel, BLOCK_V=fk.FWD_BLOCK_V)
+for loss in (0, 1, 2, 3, 4, 5):
     for has_label in (True, False):
         build(fk._stats_kernel, LOSS=loss, HAS_LABEL=has_label, BLOCK_V=fk.FWD_BLOCK_V)
     build(fk._bwd_kernel, LOSS=loss, BLOCK_V=fk.BWD_BLOCK_V, EMULATE_RTNE_BF16=False)

@@ -6,7 +6,7 @@ below imports the module that defines it (which needs ``triton``).
 * :func:`fused_logprobs_at` – the fused vocab-parallel log-prob primitive
   (``vocab_parallel_logprobs_at(..., impl="fused")``), with optional in-place backward
   (:mod:`nemo_kd.kernels.logprobs_triton`).
-* :func:`fused_full_kd_loss` – full-vocabulary forward KL / reverse KL / JSD / skew KLs against an
+* :func:`fused_full_kd_loss` – full-vocabulary forward KL / reverse KL / JSD / skew KLs / AKL against an
   online teacher's vocab shard, plus the label log-prob, in one pass over both shards
   (``full_kd_loss(..., impl="fused")``; :mod:`nemo_kd.kernels.full_kd_triton`).
 * :mod:`nemo_kd.kernels.common` – helpers shared by both.

@@ -1,8 +1,9 @@
 """Fused Triton full-vocabulary KD (online teacher) + CE at the label, vocab-parallel.
 
-Computes what :func:`nemo_kd.losses.kd.full_kd_loss` computes for ``forward_kl``,
-``reverse_kl`` and ``jsd`` (and, optionally, the student's log-prob at the label, the
-CE term) without materialising any fp32 ``[N, V]`` tensor. Per token (row) ``n``, with
+Computes what :func:`nemo_kd.losses.kd.full_kd_loss` computes for every divergence
+(``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_fkl``, ``skew_rkl``, ``akl``; and, optionally,
+the student's log-prob at the label, the CE term) without materialising any fp32 ``[N, V]``
+tensor. Per token (row) ``n``, with
 this rank's shards ``z`` (student) and ``u`` (teacher) ``[N, V_local]``, inverse
 temperatures ``s`` (``logits_scale``) and ``t`` (``target_logits_scale``)::
 
@@ -14,6 +15,7 @@ temperatures ``s`` (``logits_scale``) and ``t`` (``target_logits_scale``)::
     JSD_β = β·Σ p (log p − log m) + (1−β)·Σ q (log q − log m),   m = β·p + (1−β)·q
     SKL_α = Σ p (log p − log m),   m = α·p + (1−α)·q          (skew forward KL, β = α)
     SRKL_α = Σ q (log q − log m),  m = (1−α)·p + α·q          (skew reverse KL, β = 1−α)
+    AKL_μ  = w_h·FKL + (1−w_h)·RKL,  w_h = Σ_head |p−q| / Σ |p−q|   (constants for autograd)
 
 with ``S_a = Σ e^{a−M_a}``, ``S_b = Σ e^{b−M_b}`` (``M`` the row maxima) and the
 shift-relative sums ``W_f = Σ e^{b−M_b}·((b−M_b) − (a−M_a))``, ``W_r = Σ e^{a−M_a}·((a−M_a)
@@ -28,6 +30,12 @@ label log-prob)::
     ∂JSD/∂a_v  = (1−β)·q_v·(log q_v − log m_v − KL(q‖m))      [∂JSD/∂q_v = (1−β)·log(q_v/m_v)]
     ∂SKL/∂a_v  = (1−α)·q_v·(Σ_u q_u·p_u/m_u − p_v/m_v)
     ∂SRKL/∂a_v = q_v·(log q_v − log m_v − α·q_v/m_v − SRKL + α·Σ_u q_u²/m_u)
+    ∂AKL/∂a_v  = w_h·∂FKL/∂a_v + (1−w_h)·∂RKL/∂a_v
+
+AKL's head (the largest teacher probabilities with cumulative mass ≤ μ, top-1 included) is a
+threshold on the teacher's raw logits read off its vocab-parallel top-``AKL_TOPK`` (the exact
+bisection of the torch path for rows whose head runs past them); both KLs come from the first
+pass (``W_f`` and ``W_r``), the two gaps from a second pass, one ``[N, 2]`` all-reduce.
     ∂z_v       = s·( g·∂D/∂a_v + g_y·([v = y] − q_v) )
 
 Passes over ``[N, V_local]`` (student + teacher shards read together):
@@ -69,11 +77,16 @@ import triton.language as tl
 
 from nemo_kd.kernels.common import check_fused_supported, is_interpreted, store_out, tp_rank, tp_size
 
-FUSED_FULL_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl")
-# Mixture losses (codes ≥ 2) share the second pass: D = w_p·KL(p‖m) + w_q·KL(q‖m), m = β·p + (1−β)·q.
-_FKL, _RKL, _JSD, _SKEW_FKL, _SKEW_RKL = 0, 1, 2, 3, 4
-# Per-row statistics of the first pass: max/sum of a, max/sum of b, W, a at the label.
-_NSTAT = 6
+FUSED_FULL_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl", "akl")
+# Mixture losses (codes 2–4) share the second pass: D = w_p·KL(p‖m) + w_q·KL(q‖m), m = β·p + (1−β)·q.
+# AKL (5) takes both KLs from the first pass and its head/tail gaps from a second one.
+_FKL, _RKL, _JSD, _SKEW_FKL, _SKEW_RKL, _AKL = 0, 1, 2, 3, 4, 5
+# AKL's head (top teacher probabilities with cumulative mass ≤ μ) is read off the teacher's top
+# AKL_TOPK; rows whose head does not end inside them (very flat teachers) fall back to the
+# bisection of nemo_kd.losses.divergences.BucketSpace over that row.
+AKL_TOPK = 64
+# Per-row statistics of the first pass: max/sum of a, max/sum of b, W, a at the label, W_r (AKL).
+_NSTAT = 7
 
 # Columns per iteration over BOTH shards: 2048 lanes × 2 streams over 8 warps keeps 16
 # fp32 values per thread in flight per iteration. Env overrides for tuning on a GPU.
@@ -110,6 +123,7 @@ def _stats_kernel(
     s_a = tl.zeros([BLOCK_V], tl.float32)
     s_b = tl.zeros([BLOCK_V], tl.float32)
     w = tl.zeros([BLOCK_V], tl.float32)
+    w2 = tl.zeros([BLOCK_V], tl.float32)  # AKL: W_r beside W_f
     for start in range(0, V, BLOCK_V):
         c = start + cols
         inb = c < V
@@ -124,12 +138,16 @@ def _stats_kernel(
         r_b = tl.where(m_b == float("-inf"), 0.0, tl.exp(m_b - new_b))
         e_a = tl.exp(a - sh_a)  # 0 at -inf
         e_b = tl.exp(b - sh_b)
-        if LOSS == 0:  # W_f = Σ e^{b-sh_b}((b-sh_b) - (a-sh_a)): moving the shifts adds (Δsh_a - Δsh_b)·S_b
-            w = r_b * (w + ((sh_a - old_sh_a) - (sh_b - old_sh_b)) * s_b)
-            w += tl.where(b > float("-inf"), e_b * ((b - sh_b) - (a - sh_a)), 0.0)
-        elif LOSS == 1:  # W_r = Σ e^{a-sh_a}((a-sh_a) - (b-sh_b))
+        if LOSS == 1:  # W_r = Σ e^{a-sh_a}((a-sh_a) - (b-sh_b))
             w = r_a * (w + ((sh_b - old_sh_b) - (sh_a - old_sh_a)) * s_a)
             w += tl.where(a > float("-inf"), e_a * ((a - sh_a) - (b - sh_b)), 0.0)
+        else:  # W_f = Σ e^{b-sh_b}((b-sh_b) - (a-sh_a)): moving the shifts adds (Δsh_a - Δsh_b)·S_b
+            # (FKL and AKL; unused by the mixture losses, whose pass is bound by memory anyway)
+            w = r_b * (w + ((sh_a - old_sh_a) - (sh_b - old_sh_b)) * s_b)
+            w += tl.where(b > float("-inf"), e_b * ((b - sh_b) - (a - sh_a)), 0.0)
+        if LOSS == 5:
+            w2 = r_a * (w2 + ((sh_b - old_sh_b) - (sh_a - old_sh_a)) * s_a)
+            w2 += tl.where(a > float("-inf"), e_a * ((a - sh_a) - (b - sh_b)), 0.0)
         s_a = s_a * r_a + e_a
         s_b = s_b * r_b + e_b
         m_a = new_a
@@ -147,6 +165,37 @@ def _stats_kernel(
         tl.store(out + 5, tl.where(owned, a_y, 0.0))
     else:
         tl.store(out + 5, 0.0)
+    tl.store(out + 6, tl.sum(w2, axis=0))
+
+
+@triton.jit
+def _akl_gap_kernel(
+    zs_ptr, zt_ptr, lse_a_ptr, lse_b_ptr, thr_ptr, out_ptr,
+    V, stride_s, stride_t, s_scale, t_scale,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row, AKL's gaps over this shard: ``[Σ_{u ≥ thr} |p − q|, Σ |p − q|]`` (head, all), with the
+    head given by a threshold on the teacher's *raw* logits ``u`` (exact: no rounding of p in between)."""
+    row = tl.program_id(0).to(tl.int64)
+    zs_row = zs_ptr + row * stride_s
+    zt_row = zt_ptr + row * stride_t
+    lse_a = tl.load(lse_a_ptr + row)
+    lse_b = tl.load(lse_b_ptr + row)
+    thr = tl.load(thr_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    head = tl.zeros([BLOCK_V], tl.float32)
+    total = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        c = start + cols
+        inb = c < V
+        q = tl.exp(tl.load(zs_row + c, mask=inb, other=float("-inf")).to(tl.float32) * s_scale - lse_a)
+        u = tl.load(zt_row + c, mask=inb, other=float("-inf")).to(tl.float32)
+        p = tl.exp(u * t_scale - lse_b)
+        gap = tl.abs(p - q)
+        head += tl.where(u >= thr, gap, 0.0)
+        total += gap
+    tl.store(out_ptr + row * 2, tl.sum(head, axis=0))
+    tl.store(out_ptr + row * 2 + 1, tl.sum(total, axis=0))
 
 
 @triton.jit
@@ -217,6 +266,11 @@ def _bwd_kernel(
     p = tl.exp(lp)
     if LOSS == 0:
         d = q - p
+    elif LOSS == 5:  # AKL: w_h·∂FKL + (1 − w_h)·∂RKL with r = [RKL, w_h] (weights are constants)
+        r = tl.load(r_ptr + row * 2)
+        w_h = tl.load(r_ptr + row * 2 + 1)
+        d_r = tl.where(q > 0.0, (1.0 - w_h) * q * ((lq - lp) - r), 0.0)
+        d = w_h * (q - p) + tl.where(w_h < 1.0, d_r, 0.0)
     elif LOSS == 1:
         r = tl.load(r_ptr + row * 2)
         d = tl.where(q > 0.0, q * ((lq - lp) - r), 0.0)
@@ -238,29 +292,67 @@ def _bwd_kernel(
 
 
 def _combine(stats: torch.Tensor, loss: int) -> Tuple[torch.Tensor, ...]:
-    """Merge the ranks' first-pass statistics ``[TP, N, 6]`` (TP = 1 included).
+    """Merge the ranks' first-pass statistics ``[TP, N, 7]`` (TP = 1 included).
 
     Sums move from each rank's shift to the global one: ``S ← e^{M_r − M}·S_r`` and, for
     ``W`` (relative to both shifts), ``W ← e^{M_r − M}·(W_r + (Δsh_other − Δsh_own)·S_r)``.
     A rank with no finite value (``M_r = −inf``) has ``S_r = W_r = 0`` and contributes 0.
-    Returns ``(A, B, S_a, S_b, W, a_label)`` per row (A/B = −inf: dead row).
+    Returns ``(A, B, S_a, S_b, W_f, W_r, a_label)`` per row (A/B = −inf: dead row; the W a
+    loss does not use are 0).
     """
-    m_a, s_a, m_b, s_b, w, a_y = stats.unbind(-1)
+    m_a, s_a, m_b, s_b, w, a_y, w2 = stats.unbind(-1)
     ninf = float("-inf")
     gm_a, gm_b = m_a.max(dim=0).values, m_b.max(dim=0).values
     sh = lambda m: torch.where(m == ninf, torch.zeros_like(m), m)  # noqa: E731
     gsh_a, gsh_b, sh_a, sh_b = sh(gm_a), sh(gm_b), sh(m_a), sh(m_b)
     f_a, f_b = torch.exp(m_a - gsh_a), torch.exp(m_b - gsh_b)  # 0 for empty ranks
     S_a, S_b = (f_a * s_a).sum(0), (f_b * s_b).sum(0)
-    if loss == _FKL:
-        part = f_b * (w + ((gsh_a - sh_a) - (gsh_b - sh_b)) * s_b)
-        part = torch.where(f_b > 0, part, torch.zeros_like(part))  # an underflowed rank adds 0, not 0·inf
-    elif loss == _RKL:
-        part = f_a * (w + ((gsh_b - sh_b) - (gsh_a - sh_a)) * s_a)
-        part = torch.where(f_a > 0, part, torch.zeros_like(part))
-    else:
-        part = torch.zeros_like(w)
-    return gsh_a + torch.log(S_a), gsh_b + torch.log(S_b), S_a, S_b, part.sum(0), a_y.sum(0)
+
+    def moved(f, w_rank, own_shift, own_global, other_shift, other_global, s_rank):
+        part = f * (w_rank + ((other_global - other_shift) - (own_global - own_shift)) * s_rank)
+        return torch.where(f > 0, part, torch.zeros_like(part)).sum(0)  # an underflowed rank adds 0, not 0·inf
+
+    zero = torch.zeros_like(S_a)
+    w_f = moved(f_b, w, sh_b, gsh_b, sh_a, gsh_a, s_b) if loss in (_FKL, _AKL) else zero
+    w_r = moved(f_a, w if loss == _RKL else w2, sh_a, gsh_a, sh_b, gsh_b, s_a) if loss in (_RKL, _AKL) else zero
+    return gsh_a + torch.log(S_a), gsh_b + torch.log(S_b), S_a, S_b, w_f, w_r, a_y.sum(0)
+
+
+def _akl_head_threshold(teacher: torch.Tensor, lse_b: torch.Tensor, t: float, mu: float, group) -> torch.Tensor:
+    """AKL's head as a threshold on the teacher's raw logits: head = {u ≥ u*} per row.
+
+    The head (:meth:`~nemo_kd.losses.divergences.BucketSpace.head_mask`) is the prefix of the
+    teacher's sorted probabilities with cumulative mass ≤ μ, the top-1 always included; ``p``
+    is monotone in ``u`` (t > 0), so it is read off the global top-``AKL_TOPK`` logits
+    (vocab-parallel). Rows whose prefix reaches the end of the top-k (the head may go on: very
+    flat teachers) take the exact bisection on ``p`` over the whole row, turned back into the
+    smallest logit of the head. Thresholds are stored logits, so the kernel's comparison is exact.
+    """
+    from nemo_kd.losses.divergences import BucketSpace
+    from nemo_kd.teacher.topk import vocab_parallel_topk
+
+    n = teacher.shape[0]
+    k = min(AKL_TOPK, teacher.shape[1] * tp_size(group))
+    vals, _ = vocab_parallel_topk(teacher, k, group)  # raw fp32 logits, descending
+    p_top = torch.exp(vals * t - lse_b[:, None])
+    inside = (torch.cumsum(p_top, dim=-1) <= mu).sum(-1)
+    thr = vals.gather(-1, (inside.clamp(min=1) - 1)[:, None])[:, 0]
+    open_rows = torch.nonzero(inside >= k).flatten()
+    if tp_size(group) > 1:  # every rank takes part in the bisection's all-reduces for the same rows
+        flag = torch.zeros(n, dtype=torch.int32, device=teacher.device)
+        flag[open_rows] = 1
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        open_rows = torch.nonzero(flag).flatten()
+    if open_rows.numel():
+        u = teacher[open_rows].float()
+        p_rows = torch.exp(u * t - lse_b[open_rows, None])
+        space = BucketSpace.sharded(group if tp_size(group) > 1 else None)
+        in_head = p_rows >= space.mass_threshold(p_rows, mu)[:, None]
+        u_min = torch.where(in_head, u, torch.full_like(u, float("inf"))).min(dim=-1).values
+        if tp_size(group) > 1:
+            dist.all_reduce(u_min, op=dist.ReduceOp.MIN, group=group)
+        thr[open_rows] = torch.minimum(u_min, vals[open_rows, 0])  # the top-1 is always in the head
+    return thr
 
 
 class FusedFullKD(torch.autograd.Function):
@@ -292,7 +384,7 @@ class FusedFullKD(torch.autograd.Function):
             stats = torch.stack(gathered)
         else:
             stats = stats[None]
-        lse_a, lse_b, S_a, S_b, w, a_y = _combine(stats, loss)
+        lse_a, lse_b, S_a, S_b, w_f, w_r, a_y = _combine(stats, loss)
         alive_a, alive_b = torch.isfinite(lse_a), torch.isfinite(lse_b)
         row_ok = alive_a & alive_b
         zero = torch.zeros_like(lse_a)
@@ -300,10 +392,32 @@ class FusedFullKD(torch.autograd.Function):
         # Backward / second pass: lse = +inf on dead rows makes q (resp. p) exactly 0 there.
         lse_a_k = torch.where(alive_a, lse_a, inf)
         lse_b_k = torch.where(alive_b, lse_b, inf)
+        fkl = w_f / S_b - torch.log(S_b) + torch.log(S_a)
+        rkl = w_r / S_a - torch.log(S_a) + torch.log(S_b)
+        stat = zero
         if loss == _FKL:
-            kd = w / S_b - torch.log(S_b) + torch.log(S_a)
+            kd = fkl
         elif loss == _RKL:
-            kd = w / S_a - torch.log(S_a) + torch.log(S_b)
+            kd = rkl
+        elif loss == _AKL:
+            thr = _akl_head_threshold(teacher, lse_b_k, t, beta, group)
+            gaps = torch.zeros(n, 2, dtype=torch.float32, device=dev)
+            if n > 0:
+                _akl_gap_kernel[(n,)](
+                    student, teacher, lse_a_k, lse_b_k, thr.contiguous(), gaps,
+                    v_local, student.stride(0), teacher.stride(0), s, t,
+                    BLOCK_V=FWD_BLOCK_V, num_warps=FWD_NUM_WARPS,
+                )
+            if tp > 1:
+                dist.all_reduce(gaps, op=dist.ReduceOp.SUM, group=group)
+            g_head, g_total = gaps.unbind(-1)
+            w_h = torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, torch.ones_like(g_total)),
+                              torch.full_like(g_total, 0.5))
+            # A zero weight must not turn an infinite KL into NaN (as the torch path).
+            kd = torch.where(w_h > 0, w_h * fkl, zero) + torch.where(w_h < 1, (1 - w_h) * rkl, zero)
+            stat = w_h
+            beta = 0.0
+            rkl = torch.where(w_h < 1, rkl, zero)
         else:
             part = torch.zeros(n, 2, dtype=torch.float32, device=dev)
             if n > 0:
@@ -318,7 +432,7 @@ class FusedFullKD(torch.autograd.Function):
             stat = part[:, 1]
         kd = torch.where(row_ok, kd, zero)
         label_lp = torch.where(alive_a, a_y - lse_a, zero)
-        r = torch.stack([kd, stat if loss >= _JSD else zero], dim=1)
+        r = torch.stack([rkl if loss == _AKL else kd, stat], dim=1)
         if has_label:
             local = labels - vocab_start
             label_local = torch.where((local >= 0) & (local < v_local), local, torch.full_like(local, -1))
@@ -369,6 +483,7 @@ def fused_full_kd_loss(
     target_logits_scale: float = 1.0,
     jsd_beta: float = 0.5,
     skew_alpha: float = 0.1,
+    akl_mu: float = 0.5,
     group: Optional[dist.ProcessGroup] = None,
     label_ids: Optional[torch.Tensor] = None,
     inplace_backward: bool = False,
@@ -378,8 +493,8 @@ def fused_full_kd_loss(
     Args:
         student_logits / teacher_logits: ``[N, V/TP]`` this rank's shards (same sharding),
             fp32/bf16/fp16; the teacher is never differentiated.
-        loss_type: ``forward_kl``, ``reverse_kl``, ``jsd`` (β = ``jsd_beta``), ``skew_fkl`` or
-            ``skew_rkl`` (α = ``skew_alpha``); ``p`` = teacher.
+        loss_type: ``forward_kl``, ``reverse_kl``, ``jsd`` (β = ``jsd_beta``), ``skew_fkl`` /
+            ``skew_rkl`` (α = ``skew_alpha``) or ``akl`` (μ = ``akl_mu``); ``p`` = teacher.
         logits_scale / target_logits_scale: inverse temperatures ``s`` / ``t`` (> 0).
         group: the TP process group (``None``: one rank).
         label_ids: optional ``[N]`` global ids: also return the student's log-prob at
@@ -405,8 +520,12 @@ def fused_full_kd_loss(
         raise ValueError(f"jsd beta must be in [0, 1], got {jsd_beta}")
     if not 0.0 <= skew_alpha <= 1.0:
         raise ValueError(f"skew alpha must be in [0, 1], got {skew_alpha}")
-    kind, beta = {"forward_kl": _FKL, "reverse_kl": _RKL}.get(loss_type), 0.0
-    if kind is None:
+    kind, beta = {"forward_kl": _FKL, "reverse_kl": _RKL, "akl": _AKL}.get(loss_type), 0.0
+    if kind == _AKL:
+        if not 0.0 <= akl_mu <= 1.0:
+            raise ValueError(f"akl mu must be in [0, 1], got {akl_mu}")
+        beta = float(akl_mu)  # carried in the β slot: AKL has no mixture
+    elif kind is None:
         kind, mix = _MIXTURES[loss_type]
         beta = float(mix(jsd_beta, skew_alpha))
     # End points that are exactly FKL / RKL (JSD's by TRL's convention; skew at α = 0).

@@ -105,9 +105,10 @@ class BucketSpace:
             head_sorted = torch.cumsum(sorted_p, dim=-1) <= mu
             head_sorted[..., 0] = True
             return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
-        return (p >= self._mass_threshold(p, mu)[:, None]) | (p >= self.max_no_grad(p)[:, None])
+        return (p >= self.mass_threshold(p, mu)[:, None]) | (p >= self.max_no_grad(p)[:, None])
 
-    def _mass_threshold(self, p: torch.Tensor, mu: float) -> torch.Tensor:
+    def mass_threshold(self, p: torch.Tensor, mu: float) -> torch.Tensor:
+        """``t* = min{t : Σ_{p_u ≥ t} p_u ≤ μ}`` per row of ``p`` ``[N, B]`` by bisection (:meth:`head_mask`)."""
         int_dtype = {torch.float32: torch.int32, torch.float64: torch.int64}[p.dtype]
         one_bits = int(torch.tensor(1.0, dtype=p.dtype).view(int_dtype))
         n = p.shape[0]

@@ -339,7 +339,8 @@ def full_kd_loss(
                                  "the label log-prob at temperature 1 are two")
             loss, label_lp = fused_full_kd_loss(
                 student_logits, teacher_logits, loss_type=loss_type, logits_scale=logits_scale,
-                target_logits_scale=target_logits_scale, jsd_beta=jsd_beta, skew_alpha=skew_alpha, group=group,
+                target_logits_scale=target_logits_scale, jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu,
+                group=group,
                 label_ids=label_ids if share_pass else None, inplace_backward=inplace_backward)
             if label_ids is not None and not share_pass:
                 label_lp, _ = vocab_parallel_logprobs_at(student_logits, label_ids.long(), group=group, impl="fused")
@@ -351,8 +352,7 @@ def full_kd_loss(
             raise ValueError(f"impl='fused' full-vocab KD supports loss_type in {FUSED_FULL_LOSS_TYPES}, got "
                              f"{loss_type!r}: use impl='torch' (or 'auto', which falls back to torch)")
     if inplace_backward:
-        raise ValueError("inplace_backward needs the fused full-vocab kernel (impl='fused', a loss_type it "
-                         f"covers: not akl); the torch path ({loss_type!r}) reads the logits "
+        raise ValueError("inplace_backward needs the fused full-vocab kernel (impl='fused'); the torch path ({loss_type!r}) reads the logits "
                          "in several autograd nodes")
     space = BucketSpace.sharded(group)
     acc = accumulation_dtype(student_logits.dtype)

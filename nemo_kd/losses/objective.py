@@ -39,7 +39,7 @@ reads the student logits — one vocab-parallel log-prob pass
 (:func:`~nemo_kd.losses.vocab_parallel.vocab_parallel_logprobs_at`) for top-k KD with
 its labels (KD + SFT + preference share it), SFT / preference alone, top-k KD alone
 (``exact_tail``: that pass; ``renormalized``: the gather of the k logits), or the fused
-online full-vocab kernel (``kd_kernel="fused"``, every divergence but akl, with its
+online full-vocab kernel (``kd_kernel="fused"``, every divergence, with its
 label log-prob) — that node writes ``∂L/∂logits`` over the logits' own storage, so the
 loss allocates no second ``[tokens, V/TP]`` buffer. The terms' gradients accumulate
 inside that node (its upstream gradients are summed by autograd before it runs), so
@@ -50,7 +50,7 @@ Configurations with two autograd readers of the logits fall back to a separate g
 buffer, with a warning naming the reason (:meth:`DistillationObjective.inplace_blocker`):
 SFT label smoothing (a ``Σ_v z_v`` term beside the log-prob pass), KD at
 ``logits_scale != 1`` together with label log-probs at temperature 1 (two passes), the
-torch online full-vocab path and divergences without a fused kernel (akl), and
+torch online full-vocab path, and
 cross-tokenizer KD (mapped top-k + chain log-probs). Logits whose storage is a leaf
 (user data, a parameter, or a view of one) are never overwritten. The caller's part of
 the contract: nothing reads the logits after ``backward()`` — true of the Megatron step
@@ -93,7 +93,7 @@ PREFERENCE_TYPES = ("dpkd", "dpo", "ipo", "cpo", "simpo")
 REDUCTIONS = ("token", "sequence")
 # kd_kernel: "torch" (the reference path; default), "fused" (Triton kernels: the vocab-parallel
 # log-prob primitive for top-k KD, CE and sequence log-probs, nemo_kd.kernels.full_kd_triton for
-# an online teacher's forward_kl / reverse_kl / jsd / skew_fkl / skew_rkl; errors where a kernel cannot run) or "auto"
+# an online teacher's divergences; errors where a kernel cannot run) or "auto"
 # (fused on CUDA when Triton imports and the kernel covers the divergence, torch otherwise).
 KERNELS = ("torch", "fused", "auto")
 
