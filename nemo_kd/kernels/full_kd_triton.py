@@ -85,6 +85,7 @@ _FKL, _RKL, _JSD, _SKEW_FKL, _SKEW_RKL, _AKL = 0, 1, 2, 3, 4, 5
 # AKL_TOPK; rows whose head does not end inside them (very flat teachers) fall back to the
 # bisection of nemo_kd.losses.divergences.BucketSpace over that row.
 AKL_TOPK = 64
+AKL_BISECTION_ROWS = 32  # rows per step of that fallback (its fp32 scratch is rows × V/TP)
 # Per-row statistics of the first pass: max/sum of a, max/sum of b, W, a at the label, W_r (AKL).
 _NSTAT = 7
 
@@ -325,15 +326,19 @@ def _akl_head_threshold(teacher: torch.Tensor, lse_b: torch.Tensor, t: float, mu
     teacher's sorted probabilities with cumulative mass ≤ μ, the top-1 always included; ``p``
     is monotone in ``u`` (t > 0), so it is read off the global top-``AKL_TOPK`` logits
     (vocab-parallel). Rows whose prefix reaches the end of the top-k (the head may go on: very
-    flat teachers) take the exact bisection on ``p`` over the whole row, turned back into the
-    smallest logit of the head. Thresholds are stored logits, so the kernel's comparison is exact.
+    flat teachers) take the exact bisection on ``p`` over the whole row (an fp32 copy of those
+    rows only), turned back into the smallest logit of the head. Thresholds are stored logits,
+    so the kernel's comparison is exact.
     """
     from nemo_kd.losses.divergences import BucketSpace
-    from nemo_kd.teacher.topk import vocab_parallel_topk
+    from nemo_kd.losses.vocab_parallel import all_gather_vocab
 
-    n = teacher.shape[0]
-    k = min(AKL_TOPK, teacher.shape[1] * tp_size(group))
-    vals, _ = vocab_parallel_topk(teacher, k, group)  # raw fp32 logits, descending
+    n, v_local = teacher.shape
+    k = min(AKL_TOPK, v_local * tp_size(group))
+    # Values only (ties do not matter for a threshold): each shard's top-k in the teacher's dtype,
+    # then the top-k of the k·TP candidates; raw logits as fp32, descending.
+    local = teacher.topk(min(k, v_local), dim=-1).values.float()
+    vals = all_gather_vocab(local, group).topk(k, dim=-1).values
     p_top = torch.exp(vals * t - lse_b[:, None])
     inside = (torch.cumsum(p_top, dim=-1) <= mu).sum(-1)
     thr = vals.gather(-1, (inside.clamp(min=1) - 1)[:, None])[:, 0]
@@ -343,15 +348,16 @@ def _akl_head_threshold(teacher: torch.Tensor, lse_b: torch.Tensor, t: float, mu
         flag[open_rows] = 1
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         open_rows = torch.nonzero(flag).flatten()
-    if open_rows.numel():
-        u = teacher[open_rows].float()
-        p_rows = torch.exp(u * t - lse_b[open_rows, None])
-        space = BucketSpace.sharded(group if tp_size(group) > 1 else None)
+    space = BucketSpace.sharded(group if tp_size(group) > 1 else None)
+    for c in range(0, open_rows.numel(), AKL_BISECTION_ROWS):  # fp32 scratch bounded to a few rows
+        rows = open_rows[c:c + AKL_BISECTION_ROWS]
+        u = teacher[rows].float()
+        p_rows = torch.exp(u * t - lse_b[rows, None])
         in_head = p_rows >= space.mass_threshold(p_rows, mu)[:, None]
         u_min = torch.where(in_head, u, torch.full_like(u, float("inf"))).min(dim=-1).values
         if tp_size(group) > 1:
             dist.all_reduce(u_min, op=dist.ReduceOp.MIN, group=group)
-        thr[open_rows] = torch.minimum(u_min, vals[open_rows, 0])  # the top-1 is always in the head
+        thr[rows] = torch.minimum(u_min, vals[rows, 0])  # the top-1 is always in the head
     return thr
 
 
