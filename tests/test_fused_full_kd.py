@@ -317,13 +317,12 @@ def build(fn, **cx):
         default = "*fp32" if a.endswith("_ptr") else "i64" if a.startswith("stride") else "fp32"
         sig[a] = "constexpr" if a in cx else types.get(a, default)
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32))
-build(fk._akl_gap_kernel, BLOCK_V=fk.FWD_BLOCK_V)
 for loss in (0, 1, 2, 3, 4, 5):
     for has_label in (True, False):
         build(fk._stats_kernel, LOSS=loss, HAS_LABEL=has_label, BLOCK_V=fk.FWD_BLOCK_V)
     build(fk._bwd_kernel, LOSS=loss, BLOCK_V=fk.BWD_BLOCK_V, EMULATE_RTNE_BF16=False)
     if loss >= 2:
-        build(fk._mixture_kernel, LOSS=loss, BLOCK_V=fk.FWD_BLOCK_V)
+        build(fk._second_pass_kernel, LOSS=loss, BLOCK_V=fk.FWD_BLOCK_V)
 build(lt._fwd_kernel, BLOCK_V=lt.FWD_BLOCK_V, BLOCK_J=lt.BLOCK_J)  # the primitive shares store_out
 build(lt._bwd_dense_kernel, BLOCK_V=lt.BWD_BLOCK_V, EMULATE_RTNE_BF16=False)
 build(lt._bwd_ids_kernel, BLOCK_J=lt.BLOCK_J, EMULATE_RTNE_BF16=False)

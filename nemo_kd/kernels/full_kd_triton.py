@@ -170,44 +170,15 @@ def _stats_kernel(
 
 
 @triton.jit
-def _akl_gap_kernel(
+def _second_pass_kernel(
     zs_ptr, zt_ptr, lse_a_ptr, lse_b_ptr, thr_ptr, out_ptr,
-    V, stride_s, stride_t, s_scale, t_scale,
-    BLOCK_V: tl.constexpr,
-):
-    """Per row, AKL's gaps over this shard: ``[Σ_{u ≥ thr} |p − q|, Σ |p − q|]`` (head, all), with the
-    head given by a threshold on the teacher's *raw* logits ``u`` (exact: no rounding of p in between)."""
-    row = tl.program_id(0).to(tl.int64)
-    zs_row = zs_ptr + row * stride_s
-    zt_row = zt_ptr + row * stride_t
-    lse_a = tl.load(lse_a_ptr + row)
-    lse_b = tl.load(lse_b_ptr + row)
-    thr = tl.load(thr_ptr + row)
-    cols = tl.arange(0, BLOCK_V)
-    head = tl.zeros([BLOCK_V], tl.float32)
-    total = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        c = start + cols
-        inb = c < V
-        q = tl.exp(tl.load(zs_row + c, mask=inb, other=float("-inf")).to(tl.float32) * s_scale - lse_a)
-        u = tl.load(zt_row + c, mask=inb, other=float("-inf")).to(tl.float32)
-        p = tl.exp(u * t_scale - lse_b)
-        gap = tl.abs(p - q)
-        head += tl.where(u >= thr, gap, 0.0)
-        total += gap
-    tl.store(out_ptr + row * 2, tl.sum(head, axis=0))
-    tl.store(out_ptr + row * 2 + 1, tl.sum(total, axis=0))
-
-
-@triton.jit
-def _mixture_kernel(
-    zs_ptr, zt_ptr, lse_a_ptr, lse_b_ptr, out_ptr,
     V, stride_s, stride_t, s_scale, t_scale, beta,
     LOSS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Per row, the second pass of the mixture losses over this shard, given the global A, B:
-    ``[D, X]`` with D the divergence's sum and X the statistic its gradient needs —
-    JSD: KL(q‖m); skew FKL: Σ q·p/m; skew RKL: Σ q²/m (module docstring)."""
+    """Per row, the second pass over this shard (mixture losses and AKL), given the global A, B:
+    ``[D, X]`` — JSD: [JSD, KL(q‖m)]; skew FKL: [SKL, Σ q·p/m]; skew RKL: [SRKL, Σ q²/m]
+    (module docstring); AKL: [Σ_{u ≥ thr} |p − q|, Σ |p − q|], the head given by a threshold
+    ``thr`` on the teacher's *raw* logits ``u`` (exact: no rounding of p in between)."""
     row = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + row * stride_s
     zt_row = zt_ptr + row * stride_t
@@ -220,9 +191,14 @@ def _mixture_kernel(
         c = start + cols
         inb = c < V
         lq = tl.load(zs_row + c, mask=inb, other=float("-inf")).to(tl.float32) * s_scale - lse_a
-        lp = tl.load(zt_row + c, mask=inb, other=float("-inf")).to(tl.float32) * t_scale - lse_b
+        u = tl.load(zt_row + c, mask=inb, other=float("-inf")).to(tl.float32)
+        lp = u * t_scale - lse_b
         q = tl.exp(lq)
         p = tl.exp(lp)
+        if LOSS == 5:
+            gap = tl.abs(p - q)
+            j += tl.where(u >= tl.load(thr_ptr + row), gap, 0.0)
+            k += gap
         m = beta * p + (1.0 - beta) * q
         lm = tl.log(m)
         # m = 0 only where both masses vanish (or flush to zero): such a column adds 0.
@@ -234,7 +210,7 @@ def _mixture_kernel(
         elif LOSS == 3:
             j += kp
             k += tl.where(m > 0.0, q * (p / m), 0.0)
-        else:
+        elif LOSS == 4:
             j += kq
             k += tl.where(m > 0.0, q * (q / m), 0.0)
     tl.store(out_ptr + row * 2, tl.sum(j, axis=0))
@@ -405,18 +381,20 @@ class FusedFullKD(torch.autograd.Function):
             kd = fkl
         elif loss == _RKL:
             kd = rkl
-        elif loss == _AKL:
-            thr = _akl_head_threshold(teacher, lse_b_k, t, beta, group)
-            gaps = torch.zeros(n, 2, dtype=torch.float32, device=dev)
+        if loss >= _JSD:  # the second pass (mixture losses, AKL's gaps), one [N, 2] all-reduce
+            # AKL: its head threshold; μ rides in the β slot, and its m (β = 0) is unused.
+            thr = _akl_head_threshold(teacher, lse_b_k, t, beta, group) if loss == _AKL else zero
+            part = torch.zeros(n, 2, dtype=torch.float32, device=dev)
             if n > 0:
-                _akl_gap_kernel[(n,)](
-                    student, teacher, lse_a_k, lse_b_k, thr.contiguous(), gaps,
-                    v_local, student.stride(0), teacher.stride(0), s, t,
-                    BLOCK_V=FWD_BLOCK_V, num_warps=FWD_NUM_WARPS,
+                _second_pass_kernel[(n,)](
+                    student, teacher, lse_a_k, lse_b_k, thr.contiguous(), part,
+                    v_local, student.stride(0), teacher.stride(0), s, t, 0.0 if loss == _AKL else beta,
+                    LOSS=loss, BLOCK_V=FWD_BLOCK_V, num_warps=FWD_NUM_WARPS,
                 )
             if tp > 1:
-                dist.all_reduce(gaps, op=dist.ReduceOp.SUM, group=group)
-            g_head, g_total = gaps.unbind(-1)
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+        if loss == _AKL:
+            g_head, g_total = part.unbind(-1)
             w_h = torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, torch.ones_like(g_total)),
                               torch.full_like(g_total, 0.5))
             # A zero weight must not turn an infinite KL into NaN (as the torch path).
@@ -424,16 +402,7 @@ class FusedFullKD(torch.autograd.Function):
             stat = w_h
             beta = 0.0
             rkl = torch.where(w_h < 1, rkl, zero)
-        else:
-            part = torch.zeros(n, 2, dtype=torch.float32, device=dev)
-            if n > 0:
-                _mixture_kernel[(n,)](
-                    student, teacher, lse_a_k, lse_b_k, part,
-                    v_local, student.stride(0), teacher.stride(0), s, t, beta,
-                    LOSS=loss, BLOCK_V=FWD_BLOCK_V, num_warps=FWD_NUM_WARPS,
-                )
-            if tp > 1:
-                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+        elif loss >= _JSD:
             kd = part[:, 0]
             stat = part[:, 1]
         kd = torch.where(row_ok, kd, zero)
