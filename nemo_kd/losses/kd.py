@@ -352,8 +352,8 @@ def full_kd_loss(
             raise ValueError(f"impl='fused' full-vocab KD supports loss_type in {FUSED_FULL_LOSS_TYPES}, got "
                              f"{loss_type!r}: use impl='torch' (or 'auto', which falls back to torch)")
     if inplace_backward:
-        raise ValueError("inplace_backward needs the fused full-vocab kernel (impl='fused'); the torch path ({loss_type!r}) reads the logits "
-                         "in several autograd nodes")
+        raise ValueError(f"inplace_backward needs the fused full-vocab kernel (impl='fused'); the torch path "
+                         f"({loss_type!r}) reads the logits in several autograd nodes")
     space = BucketSpace.sharded(group)
     acc = accumulation_dtype(student_logits.dtype)
     with torch.no_grad():

@@ -347,10 +347,14 @@ class DistillationObjective:
         reason = logits_overwrite_blocker(logits)
         if reason is not None:
             return reason
-        return self._inplace_config_blocker(logits, batch)
+        return self._inplace_config_blocker(batch, logits)
 
-    def _inplace_config_blocker(self, logits: torch.Tensor, batch: ObjectiveBatch) -> Optional[str]:
-        """The configuration's reason for two autograd readers of the logits (``None``: one)."""
+    def _inplace_config_blocker(self, batch: ObjectiveBatch, logits) -> Optional[str]:
+        """The configuration's reason for two autograd readers of the logits (``None``: one).
+
+        ``logits``: a tensor, or :class:`ProjectedLogits` (whose chunks are fresh, contiguous
+        matmul outputs); only their device, dtype and column stride are read.
+        """
         c = self.cfg
         if c.sft_loss_weight > 0 and c.sft_label_smoothing > 0:
             return "SFT label smoothing differentiates Σ_v z_v beside the log-prob pass (two readers of the logits)"
@@ -373,7 +377,7 @@ class DistillationObjective:
             if c.kd_loss_type not in fused_types:
                 return (f"online full-vocab KD without the fused kernel (kd_kernel={c.kd_kernel!r}, "
                         f"kd_loss_type={c.kd_loss_type!r}) differentiates an fp32 log-softmax through several nodes")
-        if impl == "fused" and logits.stride(-1) != 1:
+        if impl == "fused" and not isinstance(logits, ProjectedLogits) and logits.stride(-1) != 1:
             return "the fused kernels write in place only into logits with unit column stride"
         return None
 
@@ -450,7 +454,7 @@ class DistillationObjective:
             blocker = self.inplace_blocker(logits, batch)
             inplace = blocker is None
             if c.inplace_logits_grad and blocker is not None and logits.requires_grad and torch.is_grad_enabled():
-                config_reason = self._inplace_config_blocker(logits, batch)
+                config_reason = self._inplace_config_blocker(batch, logits)
                 if config_reason is not None:  # a leaf's storage is protected on purpose: no warning
                     warnings.warn(f"inplace_logits_grad: {config_reason}; the logits gradient goes to a separate "
                                   "buffer (inplace_logits_grad=False silences this)",
@@ -476,12 +480,14 @@ class DistillationObjective:
         terms = dict(need_kd=need_kd, need_label_lp=need_label_lp)
         token_loss = None  # set when the projection computes the token-level loss itself
         if projected:
+            # A chunk being differentiated is the projection's own: written over when one pass reads it
+            # (decided once here, not per chunk: the reason depends on the configuration only).
+            chunk_inplace = c.inplace_logits_grad and self._inplace_config_blocker(batch, logits) is None
+
             def per_chunk(z, labels_c, tv, ti, tl, t_rows, differentiate, metrics):
-                # A chunk being differentiated is the projection's own: written over when one pass reads it.
-                one_reader = differentiate and c.inplace_logits_grad and self._inplace_config_blocker(z, batch) is None
                 t_logits = full_teacher.chunk_logits(t_rows) if full_teacher is not None else None
-                return self._row_terms(z, labels_c, tv, ti, tl, t_logits, **terms, inplace=one_reader,
-                                       with_argmax=need_kd and metrics)
+                return self._row_terms(z, labels_c, tv, ti, tl, t_logits, **terms,
+                                       inplace=differentiate and chunk_inplace, with_argmax=need_kd and metrics)
 
             if not need_seq and torch.is_grad_enabled() and logits.requires_grad:
                 # The loss is linear in the per-token terms: their coefficients are known now, so the

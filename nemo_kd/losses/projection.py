@@ -79,7 +79,7 @@ class _ProjectionGrads:
         w = self.weight
         h = hidden[s:e].to(w.dtype)
         with torch.enable_grad():
-            z = torch.matmul(h, w.t()).requires_grad_()
+            z = _project(h, w).requires_grad_()
             outs = tuple(fn(z, *_row_slices(rows, s, e), differentiate=True, metrics=metrics))
             kept = [o for o, keep in zip(outs, present) if keep] if present is not None else list(outs)
             pairs = [(o, g[s:e]) for o, g in zip(kept, coeffs)
@@ -171,6 +171,11 @@ class ProjectedLogits:
     hidden: torch.Tensor
     weight: torch.Tensor
     token_chunk: int = DEFAULT_PROJECTION_CHUNK
+
+    @classmethod
+    def of_hidden_states(cls, hidden: torch.Tensor, weight: torch.Tensor, token_chunk: int) -> "ProjectedLogits":
+        """From a model's final hidden states ``[..., H]`` (e.g. ``[b, s, H]``; rows flattened in order)."""
+        return cls(hidden.reshape(-1, hidden.shape[-1]), weight, token_chunk)
 
     def __post_init__(self):
         if self.hidden.dim() != 2 or self.weight.dim() != 2 or self.hidden.shape[1] != self.weight.shape[1]:

@@ -21,7 +21,7 @@ the model outside the context get real logits.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -93,3 +93,15 @@ class DeferredOutputProjection:
     def __exit__(self, *exc) -> None:
         if self.layer is not None:
             del self.layer.forward
+
+
+def run_model(model: torch.nn.Module, deferred: Optional[DeferredOutputProjection], *inputs
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(model(*inputs), None)``, or with ``deferred``: ``(final hidden states, output weight)``
+    from a forward inside it (build the loss's :class:`~nemo_kd.losses.projection.ProjectedLogits`
+    with ``ProjectedLogits.of_hidden_states``)."""
+    if deferred is None:
+        return model(*inputs), None
+    with deferred:
+        out = model(*inputs)
+    return out, deferred.weight

@@ -51,7 +51,7 @@ from nemo_kd.losses.objective import (
 )
 from nemo_kd.losses.projection import ProjectedLogits
 from nemo_kd.models.builder import build_gpt_model
-from nemo_kd.models.deferred_projection import DeferredOutputProjection
+from nemo_kd.models.deferred_projection import DeferredOutputProjection, run_model
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.parallel import state
 
@@ -212,20 +212,19 @@ class DistillationEngine:
     def _teacher_logits(self, microbatches: List[dict]) -> List[Optional[torch.Tensor]]:
         """Online teacher: forward-only through its pipeline; logits kept on the last stage."""
 
-        deferred = self.teacher_projection
-
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             # Cross-tokenizer: the teacher reads its own rendering/tokenisation (same [B, S] shape).
-            inputs = (mb.get("xtok_teacher_inputs", mb["inputs"]),
-                      mb.get("xtok_teacher_position_ids", mb["position_ids"]), None)
-            if deferred is None:
-                return model(*inputs), lambda logits: (logits.new_zeros(()), {"logits": logits.detach()})
-            with deferred:  # keep the final hidden states ([b, s, H], not [b, s, V/TP]) until the loss
-                out = model(*inputs)
-            weight = deferred.weight.detach()
-            return out, lambda hidden: (hidden.new_zeros(()), {"logits": ProjectedLogits(
-                hidden.detach().reshape(-1, hidden.shape[-1]), weight, self.loss_cfg.output_layer_chunk_tokens)})
+            # Deferred projection: keep the final hidden states ([b, s, H], not [b, s, V/TP]) for the loss.
+            out, weight = run_model(model, self.teacher_projection, mb.get("xtok_teacher_inputs", mb["inputs"]),
+                                    mb.get("xtok_teacher_position_ids", mb["position_ids"]), None)
+
+            def keep(out):
+                kept = out.detach() if weight is None else ProjectedLogits.of_hidden_states(
+                    out.detach(), weight.detach(), self.loss_cfg.output_layer_chunk_tokens)
+                return out.new_zeros(()), {"logits": kept}
+
+            return out, keep
 
         with torch.no_grad():
             outs = self._run_schedule(self.teacher, forward_step, microbatches, forward_only=True)
@@ -233,7 +232,7 @@ class DistillationEngine:
             return [None] * len(microbatches)
         return [o["logits"] for o in outs]
 
-    def _loss_func(self, mb: dict, teacher_logits, norms, scale: float, logits: torch.Tensor):
+    def _loss_func(self, mb: dict, teacher_logits, norms, scale: float, output_weight, logits: torch.Tensor):
         # In-place logits gradient (DistillationLossConfig.inplace_logits_grad): the objective may
         # write ∂L/∂logits over ``logits``. Safe here because nothing else needs them after the
         # loss (megatron-core 0.16.1, gpt_model.py ``_postprocess``): the output layer is a
@@ -248,9 +247,8 @@ class DistillationEngine:
         # Note: for micro-batch > 1 the gradient reaching the output layer is the [s, b] transpose
         # of this [b, s] buffer, which Megatron copies (prepare_input_tensors_for_wgrad_compute's
         # .contiguous()) — its own logits-sized buffer, outside the loss, in place or not.
-        if self.deferred_projection is not None:  # ``logits`` are the final hidden states
-            logits = ProjectedLogits(logits.reshape(-1, logits.shape[-1]), self.deferred_projection.weight,
-                                     self.loss_cfg.output_layer_chunk_tokens)
+        if output_weight is not None:  # deferred projection: ``logits`` are the final hidden states
+            logits = ProjectedLogits.of_hidden_states(logits, output_weight, self.loss_cfg.output_layer_chunk_tokens)
         out = self.objective(logits, _objective_batch(mb, teacher_logits), norms)
         report = {name: v.detach().float().reshape(()) for name, v in out.metrics.items()}
         report["loss"] = out.loss.detach().float()
@@ -258,12 +256,9 @@ class DistillationEngine:
 
     def _forward_step(self, norms, scale, data_iterator, model):
         mb = next(data_iterator)
-        if self.deferred_projection is None:
-            output = model(mb["inputs"], mb["position_ids"], None)
-        else:  # the model returns its final hidden states; the loss projects them chunk by chunk
-            with self.deferred_projection:
-                output = model(mb["inputs"], mb["position_ids"], None)
-        return output, partial(self._loss_func, mb, mb.get("_teacher_logits"), norms, scale)
+        # Deferred projection: the model returns its final hidden states; the loss projects them in chunks.
+        output, weight = run_model(model, self.deferred_projection, mb["inputs"], mb["position_ids"], None)
+        return output, partial(self._loss_func, mb, mb.get("_teacher_logits"), norms, scale, weight)
 
     def _reduce_reports(self, reports: List[dict]) -> Dict[str, float]:
         """Sum each microbatch's report, average fractions, all-reduce over DP, share across PP."""

@@ -267,22 +267,23 @@ class _BatchStats:
             if not r_idx:
                 return
             r_idx, pos, samples = torch.cat(r_idx), torch.cat(pos), torch.cat(samples)
-            labels = self.tokens[r_idx + first, pos + 1]
             dev = logits.device
+            labels = self.tokens[r_idx + first, pos + 1].to(dev)
+
+            def stats_of(rows, labels, samples, positions, differentiate=False, metrics=True):
+                st = teacher_token_stats(rows, self.k, labels, group=group, row_sample_index=samples,
+                                         row_positions=positions, vocab_size=self.vocab_size)
+                return st.values, st.ids, st.lse, st.label_logprobs
+
             if isinstance(logits, ProjectedLogits):
                 # Deferred output projection: only the completion rows are projected, a chunk at a time
                 # (no [B, S, V/TP] logits; prompt and padding positions skip the output layer).
-                hidden = logits.hidden[(r_idx * seq + pos).to(dev)]
-                spans = [(c, min(len(pos), c + logits.token_chunk)) for c in range(0, len(pos), logits.token_chunk)]
-                chunks = [(logits.project_rows(hidden[c:e]), c, e) for c, e in spans]
+                completion = ProjectedLogits(logits.hidden[(r_idx * seq + pos).to(dev)], logits.weight,
+                                             logits.token_chunk)
+                stats = completion.map_rows(stats_of, labels, samples, pos + 1)
             else:
-                chunks = [(logits[r_idx.to(dev), pos.to(dev)], 0, len(pos))]  # [n, V/TP]
-            for rows, c, e in chunks:
-                stats = teacher_token_stats(
-                    rows, self.k, labels[c:e].to(dev), group=group, row_sample_index=samples[c:e],
-                    row_positions=pos[c:e] + 1, vocab_size=self.vocab_size,
-                )
-                self.parts.append((stats.values.cpu(), stats.ids.cpu(), stats.lse.cpu(), stats.label_logprobs.cpu()))
+                stats = stats_of(logits[r_idx.to(dev), pos.to(dev)], labels, samples, pos + 1)  # [n, V/TP]
+            self.parts.append(tuple(t.cpu() for t in stats))
         except BaseException as e:  # noqa: BLE001 - re-raised after the pipeline schedule drains
             self.error = e
         finally:

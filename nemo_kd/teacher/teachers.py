@@ -216,7 +216,7 @@ class MegatronTeacher(Teacher):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from nemo_kd.losses.projection import ProjectedLogits
-        from nemo_kd.models.deferred_projection import DeferredOutputProjection
+        from nemo_kd.models.deferred_projection import DeferredOutputProjection, run_model
 
         deferred = DeferredOutputProjection(self.model) if output_chunk_tokens else None
         b, s = tokens.shape
@@ -231,16 +231,11 @@ class MegatronTeacher(Teacher):
 
         def forward_step(data_iterator, model):
             first = next(data_iterator)
-            if deferred is None:
-                output = model(tokens[first:first + mbs], position_ids, None)
-            else:
-                with deferred:
-                    output = model(tokens[first:first + mbs], position_ids, None)
-                weight = deferred.weight
+            output, weight = run_model(model, deferred, tokens[first:first + mbs], position_ids, None)
 
             def loss_func(logits):
-                if deferred is not None:  # the final hidden states [mbs, S, H]
-                    logits = ProjectedLogits(logits.reshape(-1, logits.shape[-1]), weight, output_chunk_tokens)
+                if weight is not None:  # deferred: the final hidden states [mbs, S, H]
+                    logits = ProjectedLogits.of_hidden_states(logits, weight, output_chunk_tokens)
                 callback(first, logits, group)
                 return torch.zeros(1, device=logits.device), {}
 
