@@ -76,7 +76,7 @@ def test_world_size_validation(single_process_env):
     assert not state.is_initialized() and not dist.is_initialized()  # nothing left behind
     with pytest.raises(ValueError, match="positive integer"):
         ParallelConfig(pipeline_model_parallel_size=0)
-    with pytest.raises(ValueError, match="Unknown ParallelConfig keys"):
+    with pytest.raises(ValueError, match="unknown ParallelConfig keys"):
         ParallelConfig.from_dict({"tensor_parallel_size": 2})
 
 
@@ -206,7 +206,7 @@ def test_model_config_validation():
         _tiny_cfg(num_query_groups=3)
     with pytest.raises(ValueError, match="normalization must be one of"):
         _tiny_cfg(normalization="rmsnorm")
-    with pytest.raises(ValueError, match="Unknown GPTModelConfig keys \\['num_heads'\\]"):
+    with pytest.raises(ValueError, match="unknown GPTModelConfig keys \\['num_heads'\\]"):
         GPTModelConfig.from_dict(dict(num_layers=1, hidden_size=8, num_heads=2, vocab_size=10))
     from omegaconf import OmegaConf
 

@@ -216,7 +216,7 @@ def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int,
     """Pad to ``seq_length`` inputs and shift labels; place teacher rows at label positions.
 
     Returns tensors ``inputs``/``labels``/``position_ids`` ``[B, S]`` int64,
-    ``loss_mask`` ``[B, S]`` float, and with teacher data ``teacher_values`` ``[B, S, k]``
+    ``loss_mask`` ``[B, S]`` float, ``num_tokens`` ``[B]`` (real, unpadded input tokens), and with teacher data ``teacher_values`` ``[B, S, k]``
     fp32 (−inf where absent), ``teacher_ids`` ``[B, S, k]`` int64, ``teacher_lse``
     ``[B, S]`` fp32, ``teacher_seq_logprob`` ``[B]`` fp64; with preference pairs
     ``roles`` ``[B]`` (the objective's ROLE_*) and ``pair_ids`` ``[B]``.
@@ -256,6 +256,8 @@ def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int,
         "loss_mask": token_mask[:, 1:].contiguous(),
         "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
         "sample_index": torch.tensor([smp.index for smp in samples]),
+        # the model reads this many real tokens per row; the rest of ``seq_length`` is padding
+        "num_tokens": torch.tensor([min(len(smp.input_ids), s) for smp in samples]),
     }
     if has_teacher:
         batch.update(teacher_values=t_vals, teacher_ids=t_ids, teacher_lse=t_lse, teacher_seq_logprob=t_seq)

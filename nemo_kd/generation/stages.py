@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from nemo_kd.config_keys import check_keys
 from nemo_kd.generation.responses import shard_range, write_jsonl_atomic
 
 
@@ -31,9 +32,7 @@ def known_keys(cls, d, what: str) -> dict:
     """``d`` as a plain dict, refusing keys that are not fields of the dataclass ``cls``
     (a typo in a YAML config fails naming the section, not silently)."""
     d = dict(d or {})
-    unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"unknown {what} keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
+    check_keys(what, d, cls.__dataclass_fields__)
     return d
 
 

@@ -72,6 +72,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from nemo_kd.config_keys import check_keys
 from nemo_kd.align.loss import CrossTokenizerTeacher
 from nemo_kd.losses import preference as pref
 from nemo_kd.losses.cross_entropy import vocab_parallel_cross_entropy
@@ -146,10 +147,7 @@ class DistillationLossConfig:
     @classmethod
     def from_dict(cls, d) -> "DistillationLossConfig":
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown loss config keys {unknown}; known keys: {sorted(known)}")
+        check_keys("loss config", d, {f.name for f in fields(cls)})
         cfg = cls(**d)
         cfg.validate()
         return cfg

@@ -14,7 +14,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["GPTModelConfig", "DTYPES"]
+from nemo_kd.config_keys import check_keys
+
+__all__ = ["GPTModelConfig", "DTYPES", "dtype_name"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {
@@ -22,6 +24,11 @@ _DTYPE_ALIASES = {
     "bfloat16": "bf16", "bf16-mixed": "bf16", "torch.bfloat16": "bf16",
     "float16": "fp16", "16": "fp16", "half": "fp16", "torch.float16": "fp16",
 }
+
+
+def dtype_name(name) -> str:
+    """``fp32`` | ``bf16`` | ``fp16`` for any of their usual spellings (others returned as given)."""
+    return _DTYPE_ALIASES.get(str(name), str(name))
 
 
 @dataclasses.dataclass
@@ -60,7 +67,7 @@ class GPTModelConfig:
     softmax_scale: Optional[float] = None
 
     def __post_init__(self):
-        self.params_dtype = _DTYPE_ALIASES.get(str(self.params_dtype), str(self.params_dtype))
+        self.params_dtype = dtype_name(self.params_dtype)
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
@@ -147,9 +154,7 @@ class GPTModelConfig:
             pass
         d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Unknown GPTModelConfig keys {unknown}; valid keys: {sorted(names)}")
+        check_keys("GPTModelConfig", d, names)
         return cls(**d)
 
     def to_dict(self) -> dict:

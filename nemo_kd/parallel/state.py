@@ -29,6 +29,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 
+from nemo_kd.config_keys import check_keys
+
 __all__ = [
     "ParallelConfig",
     "initialize_parallel",
@@ -93,9 +95,7 @@ class ParallelConfig:
         """From a dict or OmegaConf node; unknown keys are an error (catches typos)."""
         d = _to_plain_dict(d)
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Unknown ParallelConfig keys {unknown}; valid keys: {sorted(names)}")
+        check_keys("ParallelConfig", d, names)
         return cls(**d)
 
 
