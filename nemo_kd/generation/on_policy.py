@@ -98,6 +98,7 @@ def resample_completions(model, mb: Dict[str, torch.Tensor], cfg: OnPolicyConfig
                     cfg.sampling(cfg.max_new_tokens), eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
                     max_length=s + 1, sample_offset=sample_offset)
     new_tokens, new_mask = tokens.clone(), torch.zeros_like(token_mask)
+    num_tokens = mb["num_tokens"].clone() if "num_tokens" in mb else None  # real input tokens per row
     for r, (p, gen) in enumerate(zip(prompt_len, gens)):
         if not bool(has_completion[r]):
             continue
@@ -105,9 +106,13 @@ def resample_completions(model, mb: Dict[str, torch.Tensor], cfg: OnPolicyConfig
         new_tokens[r, p:] = pad_id
         new_tokens[r, p:p + len(completion)] = torch.tensor(completion, dtype=tokens.dtype)
         new_mask[r, p:p + len(completion)] = True
+        if num_tokens is not None:
+            num_tokens[r] = min(p + len(completion), s)
     out = {k: v for k, v in mb.items() if k not in _RESPONSE_KEYS}
     out.update(inputs=new_tokens[:, :-1].contiguous(), labels=new_tokens[:, 1:].contiguous(),
                loss_mask=new_mask[:, 1:].to(mask.dtype).contiguous())
+    if num_tokens is not None:
+        out["num_tokens"] = num_tokens
     return out
 
 

@@ -14,10 +14,11 @@
   student's ``params_dtype`` and Lightning runs at ``32-true`` (its own AMP would cast twice).
   A ``model.precision`` or ``model.student.params_dtype`` that says otherwise is a conflict;
 * resolves ``trainer.accelerator: auto`` (GPU when CUDA is available, else CPU);
-* checkpoints always: every ``exp_manager.checkpoint_callback_params.every_n_train_steps``
-  steps and at the end, whether or not validation exists. ``val_loss`` is monitored only
-  when ``model.data.validation_ds.file_path`` is set; otherwise the newest steps are kept
-  (``monitor: step``). File names carry the step (``<name>--step=120-last.ckpt``);
+* checkpoints always, and at the end. Without validation: every
+  ``exp_manager.checkpoint_callback_params.every_n_train_steps`` steps, keeping the newest
+  (``monitor: step``). With validation (``model.data.validation_ds.file_path`` set): after each
+  validation, every ``trainer.val_check_interval`` steps (null: ``every_n_train_steps``), ranked
+  by ``val_loss``. File names carry the step (``<name>--step=120-last.ckpt``);
 * turns NeMo's own preemption callback off (CUDA-only, SIGTERM on rank 0 only): the run's
   ``preemption.signals`` go to :class:`~nemo_kd.training.preemption.PreemptionCheckpoint`.
 
@@ -37,11 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from nemo_kd.config_keys import check_keys
 from nemo_kd.generation.on_policy import OnPolicyConfig
 from nemo_kd.losses.objective import DistillationLossConfig
-try:  # TEMPORARY-TRANSITION: nemo_kd.migrate lands in parallel; remove this guard when it does
-    from nemo_kd.migrate.aligner_config import aligner_key_hint
-except ImportError:
-    def aligner_key_hint(key):
-        return None
+from nemo_kd.migrate.aligner_config import aligner_key_hint
 from nemo_kd.models.config import GPTModelConfig, dtype_name
 from nemo_kd.models.engine import OptimConfig
 from nemo_kd.parallel.state import ParallelConfig
@@ -265,8 +262,15 @@ def _resolve_checkpointing(cfg: DictConfig, validation: bool) -> None:
         name = exp.get("name") or cfg.get("name") or "gpt_kd"
         params.filename = f"{name}--{{val_loss:.4f}}-{{step}}" if params.monitor == "val_loss" else f"{name}--{{step}}"
     params.save_last = True
-    if not validation:
+    cfg.trainer.check_val_every_n_epoch = None  # intervals count steps over the whole run
+    if validation:
+        # Saved after each validation, so that the checkpoint is ranked by the val_loss of its own
+        # step (a save at the train-batch end would precede that step's validation).
+        interval = int(cfg.trainer.get("val_check_interval") or every)
+        cfg.trainer.val_check_interval = interval
+        params.every_n_train_steps = None
+        params.every_n_epochs = 1
+    else:
         # NeMo's end-of-training save of the -last checkpoint keys on val_check_interval: align it
         # with the checkpoint interval so a run whose length is not a multiple still ends saved.
         cfg.trainer.val_check_interval = int(every)
-        cfg.trainer.check_val_every_n_epoch = None
