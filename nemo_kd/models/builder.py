@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -12,11 +13,11 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_kd.models.config import GPTModelConfig
+from nemo_kd.models.config import DTYPES, GPTModelConfig
 from nemo_kd.models.layer_spec import get_gpt_block_spec, get_gpt_layer_spec
 from nemo_kd.parallel import state
 
-__all__ = ["to_transformer_config", "build_gpt_model"]
+__all__ = ["to_transformer_config", "build_gpt_model", "in_params_dtype", "half_precision_output"]
 
 
 def to_transformer_config(cfg: GPTModelConfig, **overrides) -> TransformerConfig:
@@ -127,3 +128,36 @@ def build_gpt_model(
         model = Float16Module(tconfig, model)
     return model
 
+
+def in_params_dtype(model: torch.nn.Module, params_dtype: str) -> torch.nn.Module:
+    """``model`` (a ``GPTModel`` chunk, bare or in ``Float16Module``) computing in ``params_dtype``.
+
+    What :func:`build_gpt_model` would have built for that dtype: the weights cast, the
+    ``TransformerConfig``'s ``params_dtype`` / ``pipeline_dtype`` (the dtype of the pipeline's
+    p2p buffers) / ``bf16`` / ``fp16`` set alike, and ``Float16Module`` around it for bf16/fp16.
+    For a model no optimizer holds yet (an online teacher loaded in its checkpoint's dtype);
+    returns ``model`` itself when it already matches.
+    """
+    dtype = DTYPES[params_dtype]
+    inner = model.module if isinstance(model, Float16Module) else model
+    if inner.config.params_dtype == dtype and isinstance(model, Float16Module) == (params_dtype != "fp32"):
+        return model
+    config = inner.config
+    config.params_dtype = config.pipeline_dtype = dtype
+    config.bf16, config.fp16 = params_dtype == "bf16", params_dtype == "fp16"
+    inner.to(dtype)
+    return Float16Module(config, inner) if params_dtype != "fp32" else inner
+
+
+def half_precision_output(model: torch.nn.Module):
+    """``model``'s forward returning the last stage's output in the model's own dtype.
+
+    ``Float16Module`` upcasts the last stage's output to fp32 by default (``fp32_output=True``):
+    for logits a ``[b, s, V/TP]`` fp32 copy whose gradient is cast back down. The nemo_kd losses
+    read bf16/fp16 logits directly and accumulate in fp32 (``losses.vocab_parallel.accumulation_dtype``),
+    with the same values and the same once-rounded gradient, so the copy is skipped; the in-place
+    logits gradient (``kd.inplace_logits_grad``) then overwrites the model's own logits. A
+    bare fp32 model (or DDP around one) is returned unchanged.
+    """
+    inner = model.module if not isinstance(model, Float16Module) and hasattr(model, "module") else model
+    return functools.partial(model, fp32_output=False) if isinstance(inner, Float16Module) else model

@@ -6,8 +6,8 @@ A checkpoint is a directory::
                        Megatron optimizer's state mapped onto them (Adam moments, fp32 main
                        params) – global, layout-independent keys, so a run saved at
                        (TP, PP, DP) = (2, 1, 1) resumes at (1, 2, 1) or (1, 1, 2)
-    <path>/common.pt   rank 0: scheduler, engine step, the saving layout and whatever the
-                       caller adds (Lightning loops and callbacks, ``consumed_samples``)
+    <path>/common.pt   rank 0: scheduler, engine step, skipped-step count, the saving layout
+                       and whatever the caller adds (Lightning loops and callbacks, ``consumed_samples``)
     <path>/rng/rank<N>.pt   each rank's RNG states (torch, CUDA, Megatron's tracker, python, numpy)
 
 Resuming restores weights, optimizer, scheduler and data position at any layout the
@@ -129,7 +129,7 @@ def save_training_checkpoint(engine, path: str, common: Optional[Dict[str, Any]]
         torch.save({"format": FORMAT, "layout": _layout(), "student": engine.student_cfg.to_dict(),
                     "padded_vocab_rows": engine.student_cfg.padded_vocab_size(state.tp_size()),
                     "scheduler": engine.scheduler.state_dict(), "engine_step": engine.step,
-                    "extra": common or {}}, os.path.join(tmp, COMMON_FILE))
+                    "skipped_steps": engine.skipped_steps, "extra": common or {}}, os.path.join(tmp, COMMON_FILE))
     _barrier()
     if _rank() == 0:
         old = f"{path}.old-{os.getpid()}"
@@ -167,11 +167,13 @@ def load_training_checkpoint(engine, path: str) -> Dict[str, Any]:
     from nemo_kd.convert.hf_weights import unwrap_model
 
     unwrap_model(engine.module).load_state_dict(loaded["model"], strict=True)
+    # bf16/fp16: this also restores the fp32 main params (and fp16's loss scale) from the checkpoint.
+    # No reload_model_params() after it (Megatron-LM calls that only when the optimizer is not
+    # loaded): it copies the model's bf16/fp16 params over the fp32 main params, rounding them.
     engine.optimizer.load_state_dict(loaded["optimizer"])
-    if hasattr(engine.optimizer, "reload_model_params"):
-        engine.optimizer.reload_model_params()  # model params from the loaded fp32 main params
     engine.scheduler.load_state_dict(common["scheduler"])
     engine.step = int(common["engine_step"])
+    engine.skipped_steps = int(common.get("skipped_steps", 0))  # fp16 overflow count (absent before it was kept)
     rng_file = os.path.join(path, RNG_DIR, f"rank{_rank()}.pt")
     if common["layout"] == _layout() and os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True)["rng"])

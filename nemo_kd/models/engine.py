@@ -24,6 +24,15 @@ computing the logits chunk by chunk; the weight's gradient reaches DDP as usual.
 teacher then keeps its final hidden states (not its logits) for the loss, which projects them
 chunk by chunk beside the student's.
 
+Mixed precision (``params_dtype`` bf16/fp16, from ``trainer.precision``): Megatron's own path,
+as Megatron-LM trains — the student in ``Float16Module``, DDP reducing fp32 grads
+(``grad_reduce_in_fp32``), ``Float16OptimizerWithFloat16Params`` stepping fp32 main params; fp16
+adds Megatron's loss scaling (``config.grad_scale_func = optimizer.scale_loss``: the schedule
+scales each microbatch's loss, the optimizer unscales, skips a step whose grads overflow and
+lowers the scale; the scheduler then does not advance, ``skipped_steps`` counts it). The
+objective reads the logits in the model's dtype and accumulates in fp32; the online teacher
+runs in the student's dtype.
+
 Online teacher: with PP > 1 the teacher's activations travel through its own
 pipeline, so the teacher runs first, forward-only, over the step's microbatches, and
 its logits shards (``[b, s, V/TP]``, the teacher's dtype) are kept on the last stage
@@ -33,7 +42,7 @@ for the student's loss. The teacher never sees gradients.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -50,7 +59,7 @@ from nemo_kd.losses.objective import (
     objective_normalisers,
 )
 from nemo_kd.losses.projection import ProjectedLogits
-from nemo_kd.models.builder import build_gpt_model
+from nemo_kd.models.builder import build_gpt_model, half_precision_output, in_params_dtype
 from nemo_kd.models.deferred_projection import DeferredOutputProjection, run_model
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.parallel import state
@@ -71,6 +80,25 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False  # GPU only: Megatron's sharded optimizer state
+    # fp16 students only (Megatron's loss scaling; bf16 and fp32 need none). ``loss_scale``:
+    # None = dynamic (Megatron's DynamicGradScaler: start at ``initial_loss_scale``, halve after
+    # ``hysteresis`` overflowing steps, never below ``min_loss_scale``, double after
+    # ``loss_scale_window`` clean steps); a number = that static scale. Megatron's defaults.
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: float = 1000
+    hysteresis: int = 2
+
+    def __post_init__(self):
+        if self.loss_scale is not None and not self.loss_scale > 0:
+            raise ValueError(f"optim.loss_scale must be None (dynamic) or > 0, got {self.loss_scale}")
+        if not 0 < self.min_loss_scale <= self.initial_loss_scale:
+            raise ValueError(f"optim needs 0 < min_loss_scale ({self.min_loss_scale}) <= initial_loss_scale "
+                             f"({self.initial_loss_scale})")
+        if self.loss_scale_window < 1 or self.hysteresis < 1:
+            raise ValueError(f"optim.loss_scale_window ({self.loss_scale_window}) and optim.hysteresis "
+                             f"({self.hysteresis}) must be >= 1")
 
     @classmethod
     def from_dict(cls, d) -> "OptimConfig":
@@ -166,16 +194,25 @@ class DistillationEngine:
         )
         tconfig.no_sync_func = self.ddp.no_sync
         tconfig.finalize_model_grads_func = finalize_model_grads
-        bf16 = student_cfg.params_dtype == "bf16"
+        # bf16/fp16: Megatron's Float16OptimizerWithFloat16Params (fp32 main params; the grads
+        # arrive in fp32 through grad_reduce_in_fp32 above), as Megatron-LM trains them.
+        fp16 = student_cfg.params_dtype == "fp16"
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, weight_decay=optim_cfg.weight_decay,
                 adam_beta1=optim_cfg.adam_beta1, adam_beta2=optim_cfg.adam_beta2, adam_eps=optim_cfg.adam_eps,
-                clip_grad=optim_cfg.clip_grad, bf16=bf16, params_dtype=student_cfg.torch_dtype,
+                clip_grad=optim_cfg.clip_grad, bf16=student_cfg.params_dtype == "bf16", fp16=fp16,
+                params_dtype=student_cfg.torch_dtype, loss_scale=optim_cfg.loss_scale,
+                initial_loss_scale=optim_cfg.initial_loss_scale, min_loss_scale=optim_cfg.min_loss_scale,
+                loss_scale_window=optim_cfg.loss_scale_window, hysteresis=optim_cfg.hysteresis,
                 use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
             ),
             [self.ddp],
         )
+        # fp16: the schedule multiplies each microbatch's loss by the optimizer's loss scale
+        # before backward (schedules.backward_step), which optimizer.step() divides out of the
+        # fp32 main grads, skipping the step on inf/NaN — what Megatron-LM's training sets up.
+        tconfig.grad_scale_func = self.optimizer.scale_loss if fp16 else None
         decay_steps = optim_cfg.decay_steps or max_steps
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr, max_lr=optim_cfg.lr,
@@ -190,12 +227,17 @@ class DistillationEngine:
         self.deferred_projection = DeferredOutputProjection(self.module) if loss_cfg.fuse_output_layer else None
         self.teacher = self.teacher_projection = None
         if teacher_cfg is not None:
-            self.teacher = teacher_model if teacher_model is not None else build_gpt_model(teacher_cfg)
+            # The run's precision (the student's, from trainer.precision) governs the teacher too,
+            # as one Lightning precision plugin casts every module of a NeMo model: a bf16 run
+            # runs its online teacher in bf16 whatever dtype its checkpoint recorded.
+            self.teacher = in_params_dtype(teacher_model, student_cfg.params_dtype) if teacher_model is not None \
+                else build_gpt_model(replace(teacher_cfg, params_dtype=student_cfg.params_dtype))
             self.teacher.requires_grad_(False)
             self.teacher.eval()
             if loss_cfg.fuse_output_layer:
                 self.teacher_projection = DeferredOutputProjection(self.teacher)
         self.step = 0
+        self.skipped_steps = 0  # optimizer steps skipped for inf/NaN gradients (fp16 overflow)
 
     # ------------------------------------------------------------------ schedules
 
@@ -216,7 +258,8 @@ class DistillationEngine:
             mb = next(data_iterator)
             # Cross-tokenizer: the teacher reads its own rendering/tokenisation (same [B, S] shape).
             # Deferred projection: keep the final hidden states ([b, s, H], not [b, s, V/TP]) for the loss.
-            out, weight = run_model(model, self.teacher_projection, mb.get("xtok_teacher_inputs", mb["inputs"]),
+            out, weight = run_model(half_precision_output(model), self.teacher_projection,
+                                    mb.get("xtok_teacher_inputs", mb["inputs"]),
                                     mb.get("xtok_teacher_position_ids", mb["position_ids"]), None)
 
             def keep(out):
@@ -239,11 +282,13 @@ class DistillationEngine:
         # ColumnParallelLinear whose autograd function (LinearWithGradAccumulationAndAsync-
         # Communication) saves its input and weight, never its output; the output then goes
         # through ``.transpose(0, 1).contiguous()`` — a copy for micro-batch > 1, the same storage
-        # for micro-batch 1 — and (bf16/fp16) Float16Module's ``.float()``; the backward of
-        # transpose / clone / the dtype cast saves nothing. The schedule replaces the output by
-        # this function's loss (forward_step_calc_loss), and the report below holds only
-        # detached scalars; the teacher's logits are a separate, never-written tensor. So the
-        # objective's own autograd node is the only holder of the logits for backward.
+        # for micro-batch 1 — and (bf16/fp16) past Float16Module without its fp32 upcast
+        # (``half_precision_output``: the loss reads the model's dtype, so the buffer written is the
+        # model's own bf16/fp16 logits); the backward of transpose / clone saves nothing. The
+        # schedule replaces the output by this function's loss (forward_step_calc_loss), and the
+        # report below holds only detached scalars; the teacher's logits are a separate,
+        # never-written tensor. So the objective's own autograd node is the only holder of the
+        # logits for backward.
         # Note: for micro-batch > 1 the gradient reaching the output layer is the [s, b] transpose
         # of this [b, s] buffer, which Megatron copies (prepare_input_tensors_for_wgrad_compute's
         # .contiguous()) — its own logits-sized buffer, outside the loss, in place or not.
@@ -257,7 +302,9 @@ class DistillationEngine:
     def _forward_step(self, norms, scale, data_iterator, model):
         mb = next(data_iterator)
         # Deferred projection: the model returns its final hidden states; the loss projects them in chunks.
-        output, weight = run_model(model, self.deferred_projection, mb["inputs"], mb["position_ids"], None)
+        # bf16/fp16: the logits (or hidden states) reach the loss in the model's dtype, see half_precision_output.
+        output, weight = run_model(half_precision_output(model), self.deferred_projection, mb["inputs"],
+                                   mb["position_ids"], None)
         return output, partial(self._loss_func, mb, mb.get("_teacher_logits"), norms, scale, weight)
 
     def _reduce_reports(self, reports: List[dict]) -> Dict[str, float]:
@@ -318,10 +365,14 @@ class DistillationEngine:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
+        else:  # inf/NaN grads (fp16 overflow): weights, Adam state and schedule untouched
+            self.skipped_steps += 1
         self.step += 1
         metrics = self._reduce_reports(reports)
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                       lr=lr, update_skipped=float(not ok))
+                       lr=lr, update_skipped=float(not ok), skipped_steps=float(self.skipped_steps))
+        if self.student_cfg.params_dtype == "fp16":  # the scale the next step uses (already lowered on overflow)
+            metrics["loss_scale"] = float(self.optimizer.get_loss_scale())
         return metrics
 
     @torch.no_grad()

@@ -19,8 +19,13 @@ gloo, the optimizer step) is device agnostic.
   meaningless when both generators are the same;
 * ``clip_grad_by_total_norm_fp32`` as imported by the optimizer, routed through
   Megatron's own ``use_decoupled_grad`` branch (the default branch asserts a CUDA tensor type);
-* ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings with PP>1) runs
-  with ``Tensor.cuda`` as the identity for the duration of the call.
+* ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings with PP>1) and
+  ``DynamicGradScaler.load_state_dict`` (resuming an fp16 run: ``scale.cuda(...)``) run
+  with ``Tensor.cuda`` as the identity for the duration of the call;
+* ``Float16OptimizerWithFloat16Params.__init__`` (bf16/fp16 students: fp32 main params)
+  runs with ``Tensor.type()`` naming a CPU tensor by its CUDA type for the duration of the
+  call: it sorts parameters by ``param.type() in ['torch.cuda.HalfTensor',
+  'torch.cuda.BFloat16Tensor']`` / ``== 'torch.cuda.FloatTensor'`` and raises otherwise.
 
 Global ``torch`` is otherwise never modified, and the shim does nothing where CUDA is
 available: GPU runs execute Megatron unpatched. What it does not cover (on purpose):
@@ -61,6 +66,8 @@ _MODULES_WITH_CPU_TORCH = {
     "megatron.core.distributed.distributed_data_parallel": "torch.cuda.synchronize in buffer helpers",
     # found_inf / grad scale tensors created with device='cuda'.
     "megatron.core.optimizer.optimizer": "found_inf and scale tensors on 'cuda'",
+    # fp16 loss scaling: the scale, min scale, growth and backoff factors created with device='cuda'.
+    "megatron.core.optimizer.grad_scaler": "loss-scale tensors on 'cuda'",
     # grad-norm accumulators created with device='cuda'.
     "megatron.core.optimizer.clip_grads": "grad-norm scratch on 'cuda'",
     # local_multi_tensor_l2_norm (the grad-norm fallback without apex/TE) returns on "cuda".
@@ -177,6 +184,33 @@ def _with_tensor_cuda_as_identity(method):
     return wrapped
 
 
+def _with_cpu_tensors_typed_as_cuda(method):
+    """Run ``method`` with ``Tensor.type()`` (no arguments) of a CPU tensor returning its CUDA
+    type name (``torch.BFloat16Tensor`` -> ``torch.cuda.BFloat16Tensor``), restored afterwards.
+
+    Only the name changes: the tensors, their dtypes and ``Tensor.type(dtype)`` conversions
+    are untouched, so Megatron's dtype-based sorting runs exactly as on a GPU.
+    """
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        original_type = torch.Tensor.type
+
+        def cuda_named_type(self, *a, **k):
+            name = original_type(self, *a, **k)
+            if a or k or self.device.type != "cpu":
+                return name
+            return name.replace("torch.", "torch.cuda.", 1)
+
+        torch.Tensor.type = cuda_named_type
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original_type
+
+    return wrapped
+
+
 class _DropCpuRngChangedWarning(logging.Filter):
     """On CPU the tracked generator *is* the CPU generator, so fork()'s
     "CPU RNG state changed within GPU RNG context" warning fires on every dropout."""
@@ -234,6 +268,19 @@ def install_cpu_shim() -> List[str]:
         LanguageModule.setup_embeddings_and_output_layer
     )
     PATCHED.append("megatron.core.models.common.language_module.language_module.LanguageModule.setup_embeddings_and_output_layer")
+
+    # bf16/fp16: the mixed-precision optimizer accepts only CUDA tensor type names for its
+    # parameters ('torch.cuda.BFloat16Tensor' etc.; a CPU one is 'torch.BFloat16Tensor').
+    optimizer.Float16OptimizerWithFloat16Params.__init__ = _with_cpu_tensors_typed_as_cuda(
+        optimizer.Float16OptimizerWithFloat16Params.__init__
+    )
+    PATCHED.append(f"{optimizer.__name__}.Float16OptimizerWithFloat16Params.__init__")
+    grad_scaler = importlib.import_module("megatron.core.optimizer.grad_scaler")
+    # fp16 resume: the loaded scale goes through state_dict['scale'].cuda(current_device()).
+    grad_scaler.DynamicGradScaler.load_state_dict = _with_tensor_cuda_as_identity(
+        grad_scaler.DynamicGradScaler.load_state_dict
+    )
+    PATCHED.append(f"{grad_scaler.__name__}.DynamicGradScaler.load_state_dict")
     return list(PATCHED)
 
 
