@@ -9,11 +9,11 @@ one train.jsonl per stage; see conf/build_dasd_data.yaml and :mod:`nemo_kd.gener
 
 import hydra
 
-from nemo_kd.generation.dasd_pipeline import run_from_config
-
 
 @hydra.main(config_path="../conf", config_name="build_dasd_data", version_base=None)
 def main(cfg) -> None:
+    from nemo_kd.generation.dasd_pipeline import run_from_config  # here, not above: `--help` needs no torch
+
     run_from_config(cfg)  # prints a summary per stage on global rank 0
 
 

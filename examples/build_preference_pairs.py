@@ -9,11 +9,11 @@ and :mod:`nemo_kd.generation.preference_pipeline`.
 
 import hydra
 
-from nemo_kd.generation.preference_pipeline import run_from_config
-
 
 @hydra.main(config_path="../conf", config_name="build_preference_pairs", version_base=None)
 def main(cfg) -> None:
+    from nemo_kd.generation.preference_pipeline import run_from_config  # here, not above: `--help` needs no torch
+
     run_from_config(cfg)  # prints a summary on global rank 0
 
 

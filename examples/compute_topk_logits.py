@@ -10,11 +10,11 @@ Same as the console script ``nemo-kd-compute-topk-logits``. Resumes an interrupt
 
 import hydra
 
-from nemo_kd.teacher.extract import run_from_config
-
 
 @hydra.main(config_path="../conf", config_name="compute_topk_logits", version_base=None)
 def main(cfg) -> None:
+    from nemo_kd.teacher.extract import run_from_config  # here, not above: `--help` needs no torch
+
     run_from_config(cfg)  # prints the summary on global rank 0
 
 

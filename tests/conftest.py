@@ -9,3 +9,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # switch must be set here, before any test module is collected. A GPU run that wants
 # compiled kernels sets TRITON_INTERPRET=0 explicitly.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tokenizers unpacked from .nemo files go to a content-addressed cache (nemo_kd.models.nemo_artifacts):
+# one per test session, not the user's ~/.cache/nemo_kd (subprocesses inherit it).
+if "NEMO_KD_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["NEMO_KD_CACHE_DIR"] = tempfile.mkdtemp(prefix="nemo_kd_test_cache_")

@@ -1,10 +1,16 @@
 """Command-line conversions (console scripts ``nemo-kd-convert-hf-to-megatron`` and
-``nemo-kd-convert-megatron-to-hf``; ``examples/convert_*.py`` call the same functions)."""
+``nemo-kd-convert-megatron-to-hf``; ``examples/convert_*.py`` call the same functions).
+
+Arguments are parsed before anything heavy is imported (torch, Megatron: seconds), so
+``--help`` and usage errors answer at once; ``tests/test_cli_startup.py`` checks it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 
 __all__ = ["hf_to_megatron_main", "megatron_to_hf_main"]
 
@@ -23,11 +29,13 @@ _MEGATRON_TO_HF_DOC = """Export a nemo_kd Megatron checkpoint (e.g. the distille
 
     python examples/convert_megatron_to_hf.py --megatron-dir /ckpt/student --out /export/student-hf
 
+    python examples/convert_megatron_to_hf.py --megatron-dir runs/student.nemo --out /export/student-hf --family llama
+
 The result loads with ``transformers.AutoModelForCausalLM.from_pretrained`` and
-``AutoTokenizer.from_pretrained`` (tokenizer files and chat template are copied from the
-checkpoint's ``tokenizer/`` or --tokenizer-dir). Runs in one process: peak host memory is
-the full model plus one output shard (--max-shard-size). Also installed as the console
-script ``nemo-kd-convert-megatron-to-hf``.
+``AutoTokenizer.from_pretrained`` (tokenizer files and chat template are copied from
+--tokenizer-dir, else the checkpoint's ``tokenizer/``, else the tokenizer packed inside the
+``.nemo``). Runs in one process: peak host memory is the full model plus one output shard
+(--max-shard-size). Also installed as the console script ``nemo-kd-convert-megatron-to-hf``.
 """
 
 
@@ -74,26 +82,42 @@ def _size(text: str) -> int:
 
 
 def megatron_to_hf_main(argv=None) -> int:
-    from nemo_kd.convert.hf_config import FAMILIES
-
     parser = argparse.ArgumentParser(description=_MEGATRON_TO_HF_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megatron-dir", required=True,
                         help="checkpoint written by save_megatron_checkpoint, or a distilled student's .nemo")
     parser.add_argument("--out", required=True, help="output HF model directory")
-    parser.add_argument("--family", choices=sorted(set(FAMILIES.values())), default=None,
-                        help="HF model family (needed when the model was not imported from HF)")
-    parser.add_argument("--tokenizer-dir", default=None, help="take tokenizer files / chat template from here")
+    parser.add_argument("--family", default=None,
+                        help="HF model family, e.g. llama, qwen2, gpt2 (needed when the model was not imported "
+                             "from HF; an unknown name lists the valid ones)")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="take tokenizer files / chat template from here (default: the checkpoint's own)")
     parser.add_argument("--max-shard-size", type=_size, default="5GB", help="e.g. 2GB, 500MB")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from nemo_kd.convert import convert_megatron_to_hf
+    from nemo_kd.convert import FAMILIES, convert_megatron_to_hf
 
+    families = sorted(set(FAMILIES.values()))
+    if args.family is not None and args.family not in families:
+        parser.error(f"argument --family: invalid choice {args.family!r} (choose from {', '.join(families)})")
     try:
-        files = convert_megatron_to_hf(args.megatron_dir, args.out, family=args.family, tokenizer_dir=args.tokenizer_dir,
-                                       max_shard_bytes=args.max_shard_size, progress=not args.no_progress)
+        with _nemo_tokenizer(args.megatron_dir, args.tokenizer_dir) as tokenizer_dir:
+            files = convert_megatron_to_hf(args.megatron_dir, args.out, family=args.family, tokenizer_dir=tokenizer_dir,
+                                           max_shard_bytes=args.max_shard_size, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(files)} weight file(s) and config.json to {args.out}")
     return 0
+
+
+@contextlib.contextmanager
+def _nemo_tokenizer(path: str, tokenizer_dir):
+    """``tokenizer_dir`` if given; for a ``.nemo``, else, its packed tokenizer in a temporary directory."""
+    if tokenizer_dir is not None or not path.endswith(".nemo"):
+        yield tokenizer_dir
+        return
+    from nemo_kd.models.nemo_artifacts import extract_nemo_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="nemo_kd_tokenizer_") as tmp:
+        yield tmp if extract_nemo_tokenizer(path, tmp) else None  # none packed (older .nemo): the export warns

@@ -4,8 +4,12 @@ See :mod:`nemo_kd.parallel.state` (groups, ranks, seeding) and
 :mod:`nemo_kd.parallel.cpu_shim` (running Megatron's training paths on CPU).
 """
 
-from nemo_kd.parallel.cpu_shim import install_cpu_shim
-from nemo_kd.parallel.state import (
+from nemo_kd.optional_extras import report_optional_extras
+
+report_optional_extras()  # Megatron comes in here: "optional GPU extras not installed: ..." once, rank 0
+
+from nemo_kd.parallel.cpu_shim import install_cpu_shim  # noqa: E402
+from nemo_kd.parallel.state import (  # noqa: E402
     ParallelConfig,
     cp_group,
     cp_size,

@@ -1,0 +1,260 @@
+"""A ``.nemo`` is self-contained: the student's tokenizer travels inside it, and ``import nemo_kd`` is
+all a fresh process needs to restore it.
+
+Made here: a byte-level BPE tokenizer, 16 jsonl samples, an SFT-only student trained for 2 steps and
+saved as ``student.nemo``. Then the tokenizer directory and the trainer's tokenizer cache are deleted
+and the ``.nemo`` moved (what a copy to another machine looks like); every check runs in a fresh
+process with an empty cache, against references recorded before the deletion: the original files'
+bytes, their token ids, the dataset's tokenisation, the student's weights and logits.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import pytest
+import torch
+
+MAX_LEN, N = 40, 16
+TEXTS = ["what is 3 plus 9? 12 because adding numbers", "question 7: answer 28, because adding numbers works."]
+MESSAGES = [{"role": "user", "content": "what is 2 plus 6?"}, {"role": "assistant", "content": "8"}]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _run(script: str, cache_dir: str, timeout: int = 240) -> dict:
+    """Run ``script`` in a fresh interpreter (world of one, its own empty cache); return its last JSON line."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NEMO_KD_CACHE_DIR=cache_dir,
+               OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """student.nemo of a 2-step SFT run, with its tokenizer directory and tokenizer cache deleted."""
+    import lightning.pytorch as pl
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from nemo_kd.parallel.strategy import MegatronStrategy
+
+    d = tmp_path_factory.mktemp("artifacts")
+    env_keys = ("MASTER_ADDR", "MASTER_PORT", "NEMO_KD_CACHE_DIR")
+    old = {k: os.environ.get(k) for k in env_keys}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NEMO_KD_CACHE_DIR=str(d / "cache"))
+    texts = [f"question {i}: what is {i} plus {i * 3}? answer: {i + i * 3}, because adding numbers works."
+             for i in range(40)]
+    tok_dir = str(d / "tok")
+    tok = train_byte_level_bpe(texts, vocab_size=300, save_dir=tok_dir)
+    data = str(d / "train.jsonl")
+    with open(data, "w") as f:
+        for i in range(N):
+            f.write(json.dumps({"prompt": f"what is {i} plus {i * 3}?", "response": f"{i + i * 3} because adding"})
+                    + "\n")
+    cfg = OmegaConf.create(dict(
+        student=dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                     vocab_size=len(tok), max_position_embeddings=64),
+        teacher=dict(mode="none"), kd=dict(kd_loss_weight=0.0, sft_loss_weight=1.0),
+        optim=dict(lr=1e-2, warmup_steps=1), parallel=dict(seed=7), max_steps=2,
+        data=dict(train_ds=dict(file_path=data, tokenizer=tok_dir, prompt_format="chat", max_seq_length=MAX_LEN,
+                                micro_batch_size=2, global_batch_size=4, seed=1), validation_ds=None)))
+    initialize_parallel(ParallelConfig(seed=7))
+    try:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=MegatronStrategy(), max_steps=2,
+                             use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             limit_val_batches=0, default_root_dir=str(d / "fit"))
+        model = GPTDistillationModel(cfg, trainer=trainer)
+        init = {k: v.clone() for k, v in model.student.state_dict().items() if torch.is_tensor(v)}
+        trainer.fit(model)
+        assert trainer.global_step == 2
+        weights = {k: v.detach().clone() for k, v in model.student.state_dict().items() if torch.is_tensor(v)}
+        assert any(not torch.equal(weights[k], init[k]) for k in init)  # it trained
+        ids = torch.tensor([tok(TEXTS[0])["input_ids"][:16]])
+        model.eval()
+        with torch.no_grad():
+            logits = model(ids)[..., : len(tok)]
+        dataset = model._train_dl.dataset.dataset
+        ref = dict(
+            ids=[tok(t)["input_ids"] for t in TEXTS], chat=tok.apply_chat_template(MESSAGES, tokenize=False),
+            samples=[[list(map(int, dataset[i].input_ids)), list(map(float, dataset[i].loss_mask))]
+                     for i in range(len(dataset))],
+            files={n: _sha256(os.path.join(tok_dir, n)) for n in os.listdir(tok_dir)}, tok_dir=tok_dir,
+            trained_tokenizer_dir=model.tokenizer_dir, vocab=len(tok))
+        torch.save(weights, str(d / "weights.pt"))
+        torch.save({"ids": ids, "logits": logits}, str(d / "logits.pt"))
+        os.makedirs(d / "saved")
+        model.save_to(str(d / "saved" / "student.nemo"))
+        assert sorted(os.listdir(d / "saved")) == ["student.nemo"]  # written under a temporary name, renamed
+        del model, trainer
+    finally:
+        destroy_parallel()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    # "another machine": neither the tokenizer directory nor the trainer's cache exists, the .nemo moved
+    shutil.rmtree(tok_dir)
+    shutil.rmtree(d / "cache")
+    os.makedirs(d / "moved")
+    shutil.move(str(d / "saved" / "student.nemo"), str(d / "moved" / "student.nemo"))
+    return dict(dir=d, nemo=str(d / "moved" / "student.nemo"), weights=str(d / "weights.pt"),
+                logits=str(d / "logits.pt"), ref=ref)
+
+
+def test_tokenizer_files_are_packed_and_recorded(packed):
+    """The archive holds each tokenizer file as a NeMo artifact (``<uuid>_<name>``), byte-identical, and
+    ``model_config.yaml`` names them ``nemo:...`` under ``tokenizer.files`` (no absolute path needed)."""
+    import yaml
+
+    with tarfile.open(packed["nemo"], "r:*") as tar:
+        members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+        cfg = yaml.safe_load(tar.extractfile(members["model_config.yaml"]).read())
+        section = cfg["tokenizer"]
+        assert section["library"] == "huggingface" and section["source"] == packed["ref"]["tok_dir"]
+        names = {e["name"]: e["path"] for e in section["files"].values()}
+        assert set(names) == set(packed["ref"]["files"])  # tokenizer.json, tokenizer_config.json, ...
+        assert {"tokenizer.json", "tokenizer_config.json"} <= set(names)
+        for name, path in names.items():
+            assert path.startswith("nemo:") and path.endswith("_" + name), path
+            data = tar.extractfile(members[path[len("nemo:"):]]).read()
+            assert hashlib.sha256(data).hexdigest() == packed["ref"]["files"][name], name
+
+
+def test_import_nemo_kd_restores_in_a_fresh_process(packed, tmp_path):
+    """``import nemo_kd`` then ``ModelPT.restore_from``: no UnsafeTargetError, same weights and logits, the
+    tokenizer loads from the model's own copy and tokenises like the deleted original, the training data
+    tokenises identically through it, and a re-saved .nemo restores after the first one is gone."""
+    nemo = str(tmp_path / "student.nemo")
+    shutil.copy(packed["nemo"], nemo)
+    out = _run(f"""
+        import hashlib, json, os, sys
+        import torch
+        import nemo_kd
+        assert "nemo_kd.models.distillation_model" not in sys.modules and "nemo" not in sys.modules
+        from nemo.core.classes import ModelPT
+        from transformers import AutoTokenizer
+
+        def check(m):
+            ref = torch.load({packed['weights']!r}, weights_only=True)
+            sd = {{k: v for k, v in m.student.state_dict().items() if torch.is_tensor(v)}}
+            x = torch.load({packed['logits']!r}, weights_only=True)
+            m.eval()
+            with torch.no_grad():
+                logits = m(x["ids"])[..., :{packed['ref']['vocab']}]
+            tok = AutoTokenizer.from_pretrained(m.tokenizer_dir)
+            return dict(cls=type(m).__module__ + "." + type(m).__name__, keys=sorted(sd) == sorted(ref),
+                        weights=all(torch.equal(sd[k], ref[k]) for k in ref), logits=torch.equal(logits, x["logits"]),
+                        tokenizer_dir=m.tokenizer_dir, ids=[tok(t)["input_ids"] for t in {TEXTS!r}],
+                        chat=tok.apply_chat_template({MESSAGES!r}, tokenize=False),
+                        files={{n: hashlib.sha256(open(os.path.join(m.tokenizer_dir, n), "rb").read()).hexdigest()
+                               for n in os.listdir(m.tokenizer_dir)}})
+
+        m = ModelPT.restore_from({nemo!r}, map_location=torch.device("cpu"))
+        first = check(m)
+        m.setup_training_data(m.cfg.data.train_ds)  # data.train_ds.tokenizer names the deleted directory
+        ds = m._train_dl.dataset.dataset
+        first["samples"] = [[list(map(int, ds[i].input_ids)), list(map(float, ds[i].loss_mask))]
+                            for i in range(len(ds))]
+        m.save_to({str(tmp_path / "resaved.nemo")!r})
+        os.remove({nemo!r})
+        os.environ["NEMO_KD_CACHE_DIR"] = {str(tmp_path / "cache2")!r}  # nothing cached for the second restore
+        second = check(ModelPT.restore_from({str(tmp_path / "resaved.nemo")!r}, map_location=torch.device("cpu")))
+        print(json.dumps(dict(first=first, second=second)))
+    """, cache_dir=str(tmp_path / "cache1"))
+    ref = packed["ref"]
+    for which, cache in (("first", "cache1"), ("second", "cache2")):
+        got = out[which]
+        assert got["cls"] == "nemo_kd.models.distillation_model.GPTDistillationModel"
+        assert got["keys"] and got["weights"] and got["logits"], which
+        assert got["tokenizer_dir"].startswith(str(tmp_path / cache)), got["tokenizer_dir"]
+        assert got["files"] == ref["files"]  # byte-identical to the deleted originals
+        assert got["ids"] == ref["ids"] and got["chat"] == ref["chat"]
+    assert out["first"]["samples"] == ref["samples"]
+
+
+def test_convert_cli_exports_the_packed_tokenizer(packed, tmp_path):
+    """``nemo-kd-convert-megatron-to-hf`` of the .nemo with no --tokenizer-dir: the HF directory carries the
+    tokenizer (byte-identical files, same ids and chat template) and the model's logits are the student's."""
+    out_dir = str(tmp_path / "hf")
+    out = _run(f"""
+        import json, sys
+        import torch
+        from nemo_kd.convert.cli import megatron_to_hf_main
+        rc = megatron_to_hf_main(["--megatron-dir", {packed['nemo']!r}, "--out", {out_dir!r}, "--family", "llama",
+                                  "--no-progress"])
+        assert rc == 0, rc
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({out_dir!r})
+        model = AutoModelForCausalLM.from_pretrained({out_dir!r}, torch_dtype=torch.float32).eval()
+        x = torch.load({packed['logits']!r}, weights_only=True)
+        with torch.no_grad():
+            logits = model(x["ids"]).logits[..., :{packed['ref']['vocab']}]
+        err = float((logits - x["logits"]).abs().max())
+        print(json.dumps(dict(ids=[tok(t)["input_ids"] for t in {TEXTS!r}], err=err,
+                              chat=tok.apply_chat_template({MESSAGES!r}, tokenize=False))))
+    """, cache_dir=str(tmp_path / "cache"))
+    ref = packed["ref"]
+    for name, digest in ref["files"].items():
+        assert _sha256(os.path.join(out_dir, name)) == digest, name
+    assert out["ids"] == ref["ids"] and out["chat"] == ref["chat"]
+    assert out["err"] < 1e-4, out["err"]
+
+
+def test_missing_packed_file_is_named(packed, tmp_path, monkeypatch):
+    """``nemo_tokenizer_dir`` of the .nemo holds the original files (cached once, reused); a .nemo whose config
+    records a tokenizer file the archive lacks fails naming the file and the .nemo."""
+    from nemo_kd.models.nemo_artifacts import NemoTokenizerError, extract_nemo_tokenizer, nemo_tokenizer_dir
+
+    monkeypatch.setenv("NEMO_KD_CACHE_DIR", str(tmp_path / "cache"))
+    local = nemo_tokenizer_dir(packed["nemo"])
+    assert local.startswith(str(tmp_path / "cache"))
+    assert {n: _sha256(os.path.join(local, n)) for n in os.listdir(local)} == packed["ref"]["files"]
+    assert nemo_tokenizer_dir(packed["nemo"]) == local and len(os.listdir(tmp_path / "cache" / "tokenizers")) == 1
+
+    broken = str(tmp_path / "broken.nemo")
+    with tarfile.open(packed["nemo"], "r:*") as src, tarfile.open(broken, "w") as dst:
+        for m in src.getmembers():
+            if not m.name.endswith("_tokenizer_config.json"):
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    assert sorted(extract_nemo_tokenizer(packed["nemo"], str(tmp_path / "ok"))) == sorted(packed["ref"]["files"])
+    with pytest.raises(NemoTokenizerError, match=r"broken\.nemo: tokenizer file 'tokenizer_config\.json'"):
+        extract_nemo_tokenizer(broken, str(tmp_path / "out"))
+
+
+def test_import_nemo_kd_is_light_and_registers_either_order():
+    """``import nemo_kd`` imports neither NeMo nor torch; NeMo's allow-list gains ``nemo_kd.`` whether NeMo is
+    imported after nemo_kd (the import hook) or before it."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    light = subprocess.run([sys.executable, "-c", "import sys, nemo_kd; print(sorted({m.split('.')[0] for m in "
+                            "sys.modules} & {'nemo', 'torch', 'megatron', 'transformers'}))"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert light.returncode == 0 and light.stdout.strip() == "[]", light.stdout + light.stderr
+    before = subprocess.run([sys.executable, "-c", "from nemo.core.classes import common; import nemo_kd; "
+                             "print(common.ALLOWED_TARGET_PREFIXES.count('nemo_kd.'))"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert before.returncode == 0 and before.stdout.strip().splitlines()[-1] == "1", before.stdout + before.stderr
