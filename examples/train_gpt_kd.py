@@ -6,11 +6,19 @@
     torchrun --nproc-per-node 8 examples/train_gpt_kd.py trainer.devices=8 model.parallel.tensor_model_parallel_size=2 ...
 
 See ``conf/gpt_kd.yaml`` (offline teacher store) and ``conf/gpt_kd_online.yaml`` (online teacher).
+The whole config is checked first (``nemo_kd.training.run_config``): unknown keys, conflicting
+precision settings and NeMo-Aligner keys at their old places are refused before anything is
+built. A preemption signal (SIGUSR1 from ``#SBATCH --signal``, or SIGTERM) saves a checkpoint
+after the current step and exits 0 without ``student.nemo``; rerun with
+``exp_manager.resume_if_exists=true`` to continue (``examples/slurm/*.sbatch`` requeue themselves).
 """
 
 import os
 
+import nemo_kd  # noqa: F401  first: registers the "nemo_kd." allow-list and quiets optional-extras warnings
+
 import lightning.pytorch as pl
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
 from nemo.core.config import hydra_runner
@@ -20,19 +28,32 @@ from nemo.utils.exp_manager import exp_manager
 from nemo_kd.models.distillation_model import GPTDistillationModel
 from nemo_kd.parallel import ParallelConfig
 from nemo_kd.parallel.strategy import MegatronStrategy
+from nemo_kd.training.preemption import PreemptionCheckpoint
+from nemo_kd.training.run_config import prepare_run_config
 
 
 @hydra_runner(config_path="../conf", config_name="gpt_kd")
 def main(cfg) -> None:
-    OmegaConf.resolve(cfg)  # the saved model config must not point at trainer.* any more
+    run = prepare_run_config(cfg)  # strict keys, one precision setting, device, checkpoint cadence
     logging.info(f"\n{OmegaConf.to_yaml(cfg)}")
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg["use_distributed_sampler"] = False
+    logging.info(f"device: {run.accelerator}, student dtype: {run.params_dtype}, validation: {run.validation}")
+    preemption = PreemptionCheckpoint(run.preemption_signals)
+    preemption.install()  # before the models load: a signal now is kept for the first step (uninstall: after fit)
     strategy = MegatronStrategy(ParallelConfig.from_dict(cfg.model.parallel))
-    trainer = pl.Trainer(strategy=strategy, **trainer_cfg)
+    # Under Slurm, Lightning would requeue on SIGUSR1 itself; the batch script does (examples/slurm/common.sh).
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    trainer = pl.Trainer(strategy=strategy, callbacks=[preemption], plugins=plugins,
+                         **OmegaConf.to_container(cfg.trainer))
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
     model = GPTDistillationModel(cfg.model, trainer=trainer)
-    trainer.fit(model)
+    try:
+        trainer.fit(model)
+    finally:
+        preemption.uninstall()
+    if preemption.preempted:
+        logging.info(f"preempted at step {trainer.global_step}: checkpoint saved under {log_dir}; "
+                     "resume with exp_manager.resume_if_exists=true")
+        return
     path = os.path.join(str(log_dir), "student.nemo")
     model.save_to(path)
     if trainer.is_global_zero:

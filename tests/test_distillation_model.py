@@ -149,7 +149,7 @@ def test_bad_configs_fail_at_construction(world):
         GPTDistillationModel(_cfg(world, **{"parallel.tensor_model_parallel_size": 3}))
     with pytest.raises(StoreMismatchError, match="max_seq_length"):  # the store was made with MAX_LEN
         GPTDistillationModel(_cfg(world, **{"data.train_ds.max_seq_length": MAX_LEN - 8}))
-    with pytest.raises(ValueError, match="unknown teacher keys"):
+    with pytest.raises(ValueError, match="unknown model.teacher keys"):
         GPTDistillationModel(_cfg(world, **{"teacher.path": "x"}))
 
 
@@ -530,3 +530,22 @@ def test_on_policy_steps_train_on_the_students_own_samples(world, tmp_path):
     trainer.fit(model)
     assert [r["on_policy"] for r in rec.rows] == [1.0, 1.0, 1.0]
     assert all(math.isfinite(r["kd_loss"]) and r["kd_loss"] > 0 for r in rec.rows)
+
+
+def test_throughput_counts_real_tokens_and_the_bar_shows_configured_terms(world, offline_run):
+    from nemo_kd.data.kd_dataset import collate
+    from nemo_kd.models.distillation_model import GPTDistillationModel, _global_tokens
+
+    model, _, rows, _ = offline_run
+    # the progress bar: the loss, the weighted terms (KD 1.0, SFT 0.5; no preference term) and the rate
+    assert model._progress_bar == {"loss", "kd_loss", "sft_loss", "lr"}
+    sft_only = GPTDistillationModel(_cfg(world, **{"teacher.mode": "none", "kd.kd_loss_weight": 0.0,
+                                                   "kd.sft_loss_weight": 1.0}))
+    assert sft_only._progress_bar == {"loss", "sft_loss", "lr"}
+    # tokens/s counts the real tokens of the step; padded_tokens/s the whole [gbs, seq] grid
+    ds = model._train_dl.dataset.dataset
+    mbs = [collate([ds[i] for i in (0, 1)], MAX_LEN, 0), collate([ds[i] for i in (2, 3)], MAX_LEN, 0)]
+    want = sum(min(len(ds[i].input_ids), MAX_LEN) for i in range(4))
+    assert want < 4 * MAX_LEN and _global_tokens(mbs) == want
+    for row in rows:
+        assert 0 < row["tokens/s"] < row["padded_tokens/s"]

@@ -103,12 +103,17 @@ class DistillationDataset(torch.utils.data.Dataset):
         student_vocab_size / teacher_vocab_size: the models' output rows (unpadded
             ``vocab_size`` of their configs) for the vocabulary map; default: the
             tokenizers' sizes.
+        topk_convention: the training's ``kd.topk_convention`` when given: ``exact_tail`` on a
+            store without the teacher's full-vocabulary log-sum-exp (imported NeMo-Aligner top-k)
+            is refused naming the store.
     """
 
     def __init__(self, records: RecordSet, tokenizer: ConversationTokenizer, store=None, k: Optional[int] = None,
                  teacher_tokenizer: Optional[ConversationTokenizer] = None, student_vocab_size: Optional[int] = None,
-                 teacher_vocab_size: Optional[int] = None):
+                 teacher_vocab_size: Optional[int] = None, topk_convention: Optional[str] = None):
         self.records = records
+        if store is not None:
+            store.check_topk_convention(topk_convention)  # before tokenising: a config error, said at once
         self.tokenizer = tokenizer
         self.samples: List[Optional[DistillationSample]] = []
         self.dropped_pairs = 0

@@ -39,7 +39,10 @@ Only the student is part of ``state_dict()`` (``self.student`` is the engine's
 Megatron module), so ``save_to`` writes the student weights to ``model_weights.ckpt``
 and ``restore_from`` rebuilds the engine from the config and loads them. Under TP/PP the
 ``.nemo`` still holds the full (TP=1, PP=1) student, gathered at save and re-sharded at
-restore, so a ``.nemo`` restores with any layout.
+restore, so a ``.nemo`` restores with any layout. The student's tokenizer files
+(``data.train_ds.tokenizer``) travel inside it as NeMo artifacts (``model.tokenizer``, see
+:mod:`nemo_kd.models.nemo_artifacts`): a restored model finds them in ``tokenizer_dir``
+wherever it runs, and ``import nemo_kd`` is all ``ModelPT.restore_from`` needs.
 """
 
 from __future__ import annotations
@@ -60,8 +63,10 @@ from nemo_kd.data.kd_dataset import DataConfigError, DistillationDataset, Global
 from nemo_kd.losses.objective import DistillationLossConfig
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
+from nemo_kd.models.nemo_artifacts import TOKENIZER_SECTION, register_tokenizer
 from nemo_kd.parallel import state
 from nemo_kd.parallel.state import ParallelConfig
+from nemo_kd.training.run_config import check_model_config, validation_configured
 
 nemo_kd._allow_nemo_restore()
 # Metrics are reduced over data-parallel ranks by the engine already.
@@ -71,11 +76,10 @@ __all__ = ["GPTDistillationModel"]
 
 log = logging.getLogger(__name__)
 
-_DATA_KEYS = {"file_path", "logits_store", "tokenizer", "prompt_format", "max_seq_length", "overlong",
-              "micro_batch_size", "global_batch_size", "seed", "shuffle", "top_k", "skip_bad_samples", "split",
-              "num_workers", "defer_setup"}
-_TEACHER_KEYS = {"mode", "checkpoint", "model", "tokenizer", "prompt_format", "top_k"}
-_PROGRESS_BAR = ("loss", "kd_loss", "preference_loss", "lr")  # the rest goes to the loggers only
+# The progress bar shows the loss, the terms the config weighs in (kd.<term>_weight > 0) and the rate;
+# everything else goes to the loggers only.
+_TERM_WEIGHTS = {"kd_loss": ("kd_loss_weight",), "sft_loss": ("sft_loss_weight",),
+                 "preference_loss": ("dpo_loss_weight",)}
 
 
 def _plain(node) -> dict:
@@ -84,6 +88,17 @@ def _plain(node) -> dict:
     if isinstance(node, DictConfig):
         return OmegaConf.to_container(node, resolve=True)
     return dict(node)
+
+
+def _global_tokens(microbatches: List[Dict[str, torch.Tensor]]) -> float:
+    """Real (unpadded) input tokens of the whole global batch: this rank's, summed over DP."""
+    local = sum(int(mb["num_tokens"].sum()) if "num_tokens" in mb else int(mb["inputs"].numel())
+                for mb in microbatches)
+    if state.dp_size() == 1:
+        return float(local)
+    total = torch.tensor([local], dtype=torch.float64, device=state.device())
+    torch.distributed.all_reduce(total, group=state.dp_group())
+    return float(total.item())
 
 
 class _EngineOptimizer(torch.optim.Optimizer):
@@ -157,17 +172,17 @@ class GPTDistillationModel(ModelPT):
 
     def __init__(self, cfg: DictConfig, trainer=None):
         # Parse and validate everything before touching the parallel state.
+        check_model_config(cfg)  # every key under model.*, with the closest valid key
         self._student_cfg = GPTModelConfig.from_dict(_plain(cfg.student))
         self._loss_cfg = DistillationLossConfig.from_dict(_plain(cfg.get("kd")))
+        self._progress_bar = {"loss", "lr"} | {term for term, weights in _TERM_WEIGHTS.items()
+                                               if any(getattr(self._loss_cfg, w, 0) for w in weights)}
         self._optim_cfg = OptimConfig.from_dict(_plain(cfg.get("optim")))
         self._parallel_cfg = ParallelConfig.from_dict(_plain(cfg.get("parallel")))
         from nemo_kd.generation.on_policy import OnPolicyConfig
 
         self._on_policy = OnPolicyConfig.from_dict(_plain(cfg.get("on_policy")))
         teacher = _plain(cfg.get("teacher")) or {"mode": "offline"}
-        unknown = sorted(set(teacher) - _TEACHER_KEYS)
-        if unknown:
-            raise ValueError(f"unknown teacher keys {unknown}; valid keys: {sorted(_TEACHER_KEYS)}")
         self._teacher_mode = teacher.get("mode", "offline")
         if self._teacher_mode not in ("offline", "online", "none"):
             raise ValueError(f"teacher.mode must be 'offline', 'online' or 'none', got {self._teacher_mode!r}")
@@ -187,10 +202,6 @@ class GPTDistillationModel(ModelPT):
         if self._teacher_mode == "online" and not teacher.get("checkpoint"):
             raise ValueError("teacher.mode=online needs teacher.checkpoint (a Megatron teacher checkpoint directory)")
         data = _plain(cfg.get("data"))
-        for split in ("train_ds", "validation_ds"):
-            unknown = sorted(set(data.get(split) or {}) - _DATA_KEYS)
-            if unknown:
-                raise ValueError(f"unknown data.{split} keys {unknown}; valid keys: {sorted(_DATA_KEYS)}")
         train_ds = data.get("train_ds") or {}
         self._seq_length = int(train_ds.get("max_seq_length", self._student_cfg.max_position_embeddings))
         if self._seq_length > self._student_cfg.max_position_embeddings:
@@ -204,6 +215,7 @@ class GPTDistillationModel(ModelPT):
 
         super().__init__(cfg=cfg, trainer=trainer)
         self.automatic_optimization = False
+        self.tokenizer_dir = self._pack_tokenizer()  # the student's tokenizer, carried by the .nemo
 
         if not state.is_initialized():
             state.initialize_parallel(self._parallel_cfg)
@@ -274,7 +286,7 @@ class GPTDistillationModel(ModelPT):
         if not restoring:
             if data.get("train_ds") and not train_ds.get("defer_setup", False):
                 self.setup_training_data(cfg.data.train_ds)
-            if data.get("validation_ds") and not data["validation_ds"].get("defer_setup", False):
+            if validation_configured(cfg) and not data["validation_ds"].get("defer_setup", False):
                 self.setup_validation_data(cfg.data.validation_ds)
 
     @staticmethod
@@ -289,17 +301,18 @@ class GPTDistillationModel(ModelPT):
 
     def _build_loader(self, ds_cfg, train: bool):
         ds = _plain(ds_cfg)
-        for key in ("file_path", "tokenizer"):
-            if not ds.get(key):
-                raise DataConfigError(f"data.{'train_ds' if train else 'validation_ds'}.{key} is required")
+        split = "train_ds" if train else "validation_ds"
+        if not ds.get("file_path"):
+            raise DataConfigError(f"data.{split}.file_path is required")
         from transformers import AutoTokenizer
 
         from nemo_kd.data.records import read_records
         from nemo_kd.data.tokenization import ConversationTokenizer
 
-        tok = AutoTokenizer.from_pretrained(ds["tokenizer"])
+        tok_path = self._data_tokenizer(ds.get("tokenizer"), split)
+        tok = AutoTokenizer.from_pretrained(tok_path)
         if len(tok) > self._student_cfg.vocab_size:
-            raise DataConfigError(f"tokenizer {ds['tokenizer']} has {len(tok)} tokens, more than student.vocab_size "
+            raise DataConfigError(f"tokenizer {tok_path} has {len(tok)} tokens, more than student.vocab_size "
                                   f"({self._student_cfg.vocab_size})")
         max_len = int(ds.get("max_seq_length", self._seq_length))
         if max_len > self._seq_length:
@@ -330,7 +343,8 @@ class GPTDistillationModel(ModelPT):
         dataset = DistillationDataset(records, ctok, store=store,
                                       k=self._teacher.get("top_k") if teacher_ctok is not None else ds.get("top_k"),
                                       teacher_tokenizer=teacher_ctok, student_vocab_size=self._student_cfg.vocab_size,
-                                      teacher_vocab_size=teacher_vocab)
+                                      teacher_vocab_size=teacher_vocab,
+                                      topk_convention=self._loss_cfg.topk_convention if store is not None else None)
         micro, gbs = int(ds.get("micro_batch_size", 1)), int(ds.get("global_batch_size", 1))
         if train and (micro, gbs) != (self.engine.batch_cfg.micro_batch_size, self.engine.batch_cfg.global_batch_size):
             raise DataConfigError("train_ds micro/global batch size differs from the engine's")
@@ -386,13 +400,14 @@ class GPTDistillationModel(ModelPT):
         if self._on_policy.enabled:
             metrics["on_policy"] = float(on_policy is not None)
         self.optimizers().step()  # advances global_step (the engine already updated the weights)
-        elapsed = time.perf_counter() - t0
+        elapsed = max(time.perf_counter() - t0, 1e-9)
         gbs = self.engine.batch_cfg.global_batch_size
         self.consumed_samples += gbs
-        metrics["tokens/s"] = gbs * self.engine.batch_cfg.seq_length / max(elapsed, 1e-9)
+        metrics["tokens/s"] = _global_tokens(on_policy or batch) / elapsed  # real tokens, not padding
+        metrics["padded_tokens/s"] = gbs * self.engine.batch_cfg.seq_length / elapsed
         metrics["consumed_samples"] = float(self.consumed_samples)
         for name, value in metrics.items():
-            self.log(name, float(value), prog_bar=name in _PROGRESS_BAR, batch_size=gbs)
+            self.log(name, float(value), prog_bar=name in self._progress_bar, batch_size=gbs)
         self.log("global_step", float(self.global_step + 1), batch_size=gbs)
         return torch.tensor(metrics["loss"])
 
@@ -412,8 +427,59 @@ class GPTDistillationModel(ModelPT):
     def _model_parallel(self) -> bool:
         return state.is_initialized() and state.tp_size() * state.pp_size() > 1
 
+    # ------------------------------------------------------------------ .nemo
+
+    def _pack_tokenizer(self) -> Optional[str]:
+        """Register the student's tokenizer files as artifacts (:mod:`nemo_kd.models.nemo_artifacts`).
+
+        A new model packs ``data.train_ds.tokenizer`` (the tokenizer it trains with); a restored
+        one finds the files NeMo extracted and keeps them in nemo_kd's cache, since NeMo's
+        extraction directory is deleted when ``restore_from`` returns. Returns that local
+        directory (``AutoTokenizer.from_pretrained`` loads it), ``None`` if there is none.
+        """
+        source = None
+        if not self._is_model_being_restored():
+            path = (_plain(self._cfg.get("data")).get("train_ds") or {}).get("tokenizer")
+            if path and os.path.isdir(path):
+                source = path
+            elif path and not os.path.exists(path):
+                log.warning("data.train_ds.tokenizer=%s is not a local directory: the .nemo will not carry the "
+                            "tokenizer (pass a directory to make it self-contained)", path)
+        return register_tokenizer(self, _plain(self._cfg.get(TOKENIZER_SECTION)) or None, source)
+
+    def _data_tokenizer(self, path: Optional[str], split: str) -> str:
+        """``data.<split>.tokenizer``, or the tokenizer this model carries when that is unset or is the
+        directory the carried files came from and it is not on this machine (a restored model)."""
+        packed = getattr(self, "tokenizer_dir", None)
+        source = (_plain(self._cfg.get(TOKENIZER_SECTION)) or {}).get("source")
+        if path and (os.path.exists(path) or packed is None or os.path.abspath(path) != source):
+            return path
+        if packed is None:
+            raise DataConfigError(f"data.{split}.tokenizer is required (this model carries no tokenizer)")
+        if path:
+            log.info("data.%s.tokenizer %s is not on this machine: using the model's own copy %s", split, path, packed)
+        return packed
+
+    def _save_nemo(self, save_path: str):
+        """``ModelPT.save_to`` under a temporary name, renamed by the writing rank: an interrupted save
+        never leaves a truncated file under ``save_path``."""
+        from nemo.utils.get_rank import is_global_rank_zero
+
+        if "://" in str(save_path):  # object storage (multistorageclient): NeMo's own upload
+            return super().save_to(save_path)
+        save_path = os.path.abspath(os.path.expanduser(str(save_path)))
+        partial = os.path.join(os.path.dirname(save_path), f".{os.path.basename(save_path)}.partial")
+        try:
+            out = super().save_to(partial)
+            if is_global_rank_zero():
+                os.replace(partial, save_path)
+            return out
+        finally:
+            if is_global_rank_zero() and os.path.exists(partial):
+                os.remove(partial)
+
     def save_to(self, save_path: str):
-        """Write ``.nemo``: the config and the *full* (TP=1, PP=1) student weights.
+        """Write ``.nemo``: the config, the *full* (TP=1, PP=1) student weights and its tokenizer files.
 
         Under TP/PP the shards of data-parallel replica 0 are gathered to global rank 0
         (``gather_object``: CPU copies, fine for students that fit one host's memory),
@@ -421,7 +487,7 @@ class GPTDistillationModel(ModelPT):
         ``restore_from`` shards them again for whatever layout it runs with.
         """
         if not self._model_parallel():
-            return super().save_to(save_path)
+            return self._save_nemo(save_path)
         import torch.distributed as dist
 
         from nemo_kd.models import gather_state_dict
@@ -438,7 +504,7 @@ class GPTDistillationModel(ModelPT):
             full = gather_state_dict(shards, self._student_cfg)  # keeps this layout's padded vocab rows
             self._export_state = {f"student.{k}": v for k, v in full.items()}
         try:
-            return super().save_to(save_path)
+            return self._save_nemo(save_path)
         finally:
             self._export_state = None
             dist.barrier()

@@ -106,6 +106,16 @@ applies at training time (``softmax(s·z)`` is invariant to the per-row shift). 
 values stay raw logits (format 1 or 2); older readers refuse a version-3 store. Resume and atomicity cover the alignment files
 exactly like the payload (same commit point, same truncation on reopen).
 
+Statistics a store may lack (imported stores)
+--------------------------------------------
+``unavailable_statistics`` (a manifest list, absent when empty: stores written by
+``compute_topk_logits`` are unchanged) names what an imported store could not be given:
+``"full_vocabulary_lse"`` – its ``lse`` is the log-sum-exp of the k stored logits only
+(NeMo-Aligner top-k files without ``log_sum_exp_logits``), so the tail mass ``1 − Σ p`` is
+unknown and ``topk_convention: exact_tail`` is refused (:meth:`StoreReader.check_topk_convention`);
+``"seq_logprob"`` – the per-sample ``seq_logprob`` is a placeholder 0 (Aligner keeps no
+teacher log-prob of the reference completion).
+
 Reading
 -------
 :class:`StoreReader` memory-maps every shard; ``reader[i]`` returns a
@@ -141,8 +151,11 @@ __all__ = [
     "ALIGN_INDEX_DTYPE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "FULL_VOCABULARY_LSE",
     "INDEX_DTYPE",
     "READER_VERSION",
+    "SEQ_LOGPROB",
+    "UNAVAILABLE_STATISTICS",
     "VALUES_DTYPES",
     "ShardInfo",
     "StoreCorruptError",
@@ -165,6 +178,10 @@ FORMAT_NAME = "nemo_kd.teacher_logits_store"
 FORMAT_VERSION = 3  # the newest format this module writes (module docstring, "Versioning")
 READER_VERSION = 3  # the newest min_reader_version this module can read
 VALUES_ENCODINGS = ("logits", "logprobs")  # what the stored top-k values are (module docstring)
+# What an imported store may lack (module docstring, "Statistics a store may lack").
+FULL_VOCABULARY_LSE = "full_vocabulary_lse"
+SEQ_LOGPROB = "seq_logprob"
+UNAVAILABLE_STATISTICS = (FULL_VOCABULARY_LSE, SEQ_LOGPROB)
 ALIGNMENT_EXTENSION = "cross_tokenizer_alignment"  # format version 2: the cross-tokenizer alignment
 ALIGNMENT_EXTENSION_LAYOUT = 1  # layout of the extension's files (bump on change)
 VOCAB_MAP_FILE = "vocab_map.npy"
@@ -283,6 +300,7 @@ _SETTINGS_KEYS = (
     "teacher_vocab_size",
     "world_size",
     "extensions",
+    "unavailable_statistics",
 )
 
 
@@ -304,6 +322,7 @@ class StoreManifest:
     num_samples: int = 0
     logits_scale_applied: bool = False  # True: stored values/LSE already include logits_scale
     values_encoding: str = "logits"  # "logprobs": values stored as z − LSE (format 3); readers return z
+    unavailable_statistics: List[str] = field(default_factory=list)  # e.g. ["full_vocabulary_lse"] (docstring)
     logits_scale: float = 1.0
     teacher_vocab_size: Optional[int] = None
     world_size: int = 1
@@ -313,6 +332,11 @@ class StoreManifest:
     format: str = FORMAT_NAME
     format_version: int = 1  # 2 only with the cross-tokenizer extension (module docstring)
     min_reader_version: int = 1
+
+    @property
+    def exact_tail_available(self) -> bool:
+        """Whether ``lse`` is the teacher's full-vocabulary log-sum-exp (what ``exact_tail`` needs)."""
+        return FULL_VOCABULARY_LSE not in (self.unavailable_statistics or [])
 
     @property
     def is_cross_tokenizer(self) -> bool:
@@ -342,6 +366,9 @@ class StoreManifest:
         elif self.format_version == 2:
             raise ValueError(f"format_version 2 without the {ALIGNMENT_EXTENSION} extension: a same-tokenizer store "
                              "is written as format version 1 (or 3 with log-prob values)")
+        unknown = sorted(set(self.unavailable_statistics or []) - set(UNAVAILABLE_STATISTICS))
+        if unknown:
+            raise ValueError(f"unavailable_statistics: unknown {unknown}, known {list(UNAVAILABLE_STATISTICS)}")
         if self.values_encoding not in VALUES_ENCODINGS:
             raise ValueError(f"values_encoding must be one of {VALUES_ENCODINGS}, got {self.values_encoding!r}")
         if self.values_encoding == "logprobs" and (self.format_version < 3 or self.min_reader_version < 3):
@@ -353,6 +380,8 @@ class StoreManifest:
         d = dataclasses.asdict(self)
         if d["values_encoding"] == "logits":  # formats 1/2 stay byte-identical to what their writers wrote
             del d["values_encoding"]
+        if not d["unavailable_statistics"]:  # likewise every store that lacks nothing
+            del d["unavailable_statistics"]
         return d
 
     def settings(self) -> Dict[str, Any]:
@@ -1164,6 +1193,16 @@ class StoreReader:
             actual = _sha256_file(os.path.join(self.path, name))
             if actual != expected:
                 raise StoreCorruptError(f"{os.path.join(self.path, name)}: checksum {actual} != manifest {expected}")
+
+    def check_topk_convention(self, topk_convention: Optional[str]) -> None:
+        """Refuse ``exact_tail`` on a store whose ``lse`` covers only the k stored logits."""
+        if topk_convention == "exact_tail" and not self.manifest.exact_tail_available:
+            raise StoreMismatchError([
+                "topk_convention=exact_tail needs the teacher's full-vocabulary log-sum-exp, and this store has "
+                f"only the log-sum-exp of its k={self.manifest.k} stored logits (unavailable_statistics: "
+                f"{self.manifest.unavailable_statistics}; e.g. NeMo-Aligner top-k logits imported without "
+                "log_sum_exp_logits): use topk_convention=renormalized, or extract the teacher again with "
+                "compute_topk_logits"], self.path)
 
     def check_compatible(
         self,

@@ -39,19 +39,39 @@ class PreemptionCheckpoint(Callback):
         self.received: Optional[signal.Signals] = None
         self.preempted = False
         self._previous: Dict[signal.Signals, object] = {}
+        self._installed_early = False
 
     # -- signal handlers: only remember; the work happens at the step boundary
     def _handler(self, signum, frame) -> None:
         self.received = signal.Signals(signum)
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def install(self) -> None:
+        """Take the signals now (idempotent). A recipe calls it before building the models, so that a
+        signal that comes while a large model loads is kept for the first step instead of killing the
+        process (SIGUSR1's default action); ``on_train_start`` installs them otherwise."""
+        self._installed_early = True
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handler)
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handler)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Again at train start: Lightning's SignalConnector registers its own handlers in between.
+        for sig in self.signals:
+            if signal.getsignal(sig) != self._handler:
+                previous = signal.signal(sig, self._handler)
+                self._previous.setdefault(sig, previous)
+
+    def uninstall(self) -> None:
+        """Give the signals back to the handlers found before :meth:`install`."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Installed early, the recipe uninstalls after trainer.fit: Lightning's SignalConnector puts back
+        # the handlers it found (ours) at its teardown, after this hook.
+        if not self._installed_early:
+            self.uninstall()
 
     def _anyone_signalled(self, device) -> bool:
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
