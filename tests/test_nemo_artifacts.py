@@ -41,7 +41,8 @@ def _sha256(path) -> str:
 def _run(script: str, cache_dir: str, timeout: int = 240) -> dict:
     """Run ``script`` in a fresh interpreter (world of one, its own empty cache); return its last JSON line."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NEMO_KD_CACHE_DIR=cache_dir,
-               OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+               PYTHONPATH=REPO, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the logits compare bit for bit:
+    # the reference came from this process, and another thread count splits the matmuls' sums differently
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
@@ -62,9 +63,10 @@ def packed(tmp_path_factory):
     from nemo_kd.parallel.strategy import MegatronStrategy
 
     d = tmp_path_factory.mktemp("artifacts")
-    env_keys = ("MASTER_ADDR", "MASTER_PORT", "NEMO_KD_CACHE_DIR")
-    old = {k: os.environ.get(k) for k in env_keys}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NEMO_KD_CACHE_DIR=str(d / "cache"))
+    env = pytest.MonkeyPatch()  # session-scoped: the function-scoped monkeypatch fixture is not available
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                           NEMO_KD_CACHE_DIR=str(d / "cache")).items():
+        env.setenv(key, value)
     texts = [f"question {i}: what is {i} plus {i * 3}? answer: {i + i * 3}, because adding numbers works."
              for i in range(40)]
     tok_dir = str(d / "tok")
@@ -112,11 +114,7 @@ def packed(tmp_path_factory):
         del model, trainer
     finally:
         destroy_parallel()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.undo()
     # "another machine": neither the tokenizer directory nor the trainer's cache exists, the .nemo moved
     shutil.rmtree(tok_dir)
     shutil.rmtree(d / "cache")
