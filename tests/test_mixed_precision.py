@@ -444,11 +444,69 @@ def test_bf16_tp2_matches_tp1():
     assert max(gn) < 0.04, gn
 
 
+# ------------------------------------------------------------------------------ distributed optimizer, DP = 2
+
+
+def _dp_run(rank, world, distributed, weights, ckpt_dir):
+    """bf16 at DP=2: 4 steps, a checkpoint, 2 more; then a fresh engine resumes from the checkpoint
+    and runs the same 2 steps. Returns both histories."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from nemo_kd.models.checkpointing import load_training_checkpoint, save_training_checkpoint
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, state
+
+    initialize_parallel(ParallelConfig(seed=5))
+    try:
+        def steps(engine, which):
+            return [engine.train_step(_microbatches(s, state.dp_rank(), state.dp_size())) for s in which]
+
+        engine = _engine("bf16", steps=6, use_distributed_optimizer=distributed)
+        assert any(isinstance(o, DistributedOptimizer) for o in engine.optimizer.chained_optimizers) == distributed
+        _load(engine, weights)
+        history = steps(engine, range(4))
+        save_training_checkpoint(engine, ckpt_dir)
+        history += steps(engine, (4, 5))
+        resumed = _engine("bf16", steps=6, use_distributed_optimizer=distributed)
+        load_training_checkpoint(resumed, ckpt_dir)
+        again = steps(resumed, (4, 5))
+        final, resumed_final = _params_and_main_shards(engine), _params_and_main_shards(resumed)
+        return history, again, len(final) == len(resumed_final) and all(map(torch.equal, final, resumed_final))
+    finally:
+        destroy_parallel()
+
+
+def _params_and_main_shards(engine):
+    """The bf16 parameters and this rank's fp32 main params (whole for the plain optimizer, its DP shard for
+    the distributed one)."""
+    (inner,) = engine.optimizer.chained_optimizers
+    main = getattr(inner, "shard_fp32_from_float16_groups", None) or inner.fp32_from_float16_groups
+    return [p.detach().clone() for p in _gpt(engine).parameters()] + [t.detach().clone() for g in main for t in g]
+
+
+@pytest.mark.distributed
+def test_bf16_distributed_optimizer_dp2_matches_and_resumes(tmp_path):
+    """Megatron's distributed optimizer (what NeMo-Aligner's distributed_fused_adam configs ask for) at
+    DP=2 over gloo: the same losses and grad norms as the non-distributed mixed-precision optimizer (the
+    fp32 grads of two ranks reduce-scattered instead of all-reduced: the same sums), and its checkpoint
+    ('fully_reshardable') resumes bit-identically."""
+    with WorldOfOne():
+        weights = _init_weights(torch.bfloat16)
+    plain, plain_again, plain_same = run_distributed(_dp_run, 2, False, weights, str(tmp_path / "plain"))[0]
+    dist, dist_again, dist_same = run_distributed(_dp_run, 2, True, weights, str(tmp_path / "distributed"))[0]
+    for a, b in zip(plain, dist):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
+    assert plain_same and dist_same
+    for a, b in zip(dist[4:], dist_again):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+
+
 # ------------------------------------------------------------------------------ the shim
 
 
 def test_cpu_shim_mixed_precision_patches():
-    """The two patches behind bf16/fp16 on CPU are installed, recorded, scoped to their call."""
+    """The patches behind bf16/fp16 and the distributed optimizer on CPU are installed, recorded, scoped to
+    their call."""
     from megatron.core.optimizer import grad_scaler, optimizer
 
     from nemo_kd.parallel import cpu_shim
@@ -456,7 +514,11 @@ def test_cpu_shim_mixed_precision_patches():
     patched = cpu_shim.install_cpu_shim()
     for name in ("megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__",
                  "megatron.core.optimizer.grad_scaler.DynamicGradScaler.load_state_dict",
-                 "megatron.core.optimizer.grad_scaler.torch"):
+                 "megatron.core.optimizer.grad_scaler.torch",
+                 "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
+                 "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero",
+                 "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states",
+                 "megatron.core.optimizer.distrib_optimizer.torch"):
         assert name in patched, name
     assert isinstance(grad_scaler.torch, cpu_shim._CpuTorch)
     assert optimizer.Float16OptimizerWithFloat16Params.__init__.__wrapped__.__qualname__ == \

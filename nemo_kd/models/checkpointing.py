@@ -45,6 +45,7 @@ __all__ = ["CheckpointLayoutError", "is_training_checkpoint", "load_training_che
 log = logging.getLogger(__name__)
 
 FORMAT = "nemo_kd.training_checkpoint.v1"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 WEIGHTS_DIR, COMMON_FILE, RNG_DIR = "weights", "common.pt", "rng"
 
 
@@ -74,7 +75,27 @@ def _sharded(engine, is_loading: bool) -> dict:
     from nemo_kd.convert.hf_weights import unwrap_model
 
     model_sd = unwrap_model(engine.module).sharded_state_dict()
-    return {"model": model_sd, "optimizer": engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    # Megatron's distributed optimizer defaults to 'fully_sharded_model_space' (flattened ranges, which
+    # megatron-core 0.16's dist_checkpointing refuses to save); 'fully_reshardable' stores each
+    # parameter's state in its canonical shape, so a checkpoint reshards over TP/PP/DP like the
+    # non-distributed optimizer's. Other optimizers ignore the metadata.
+    optimizer_sd = engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    return {"model": model_sd, "optimizer": optimizer_sd}
+
+
+def _materialise_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer the Adam state tensors the checkpoint is loaded into.
+
+    Without TE's/apex's fused Adam, Megatron's ``DistributedOptimizer.state_dict`` reads the step
+    from the per-parameter state, which a never-stepped optimizer lacks (``assert len(steps) == 1``).
+    Megatron's own dummy-state initialiser (one step on zero grads) creates it; every value it
+    touches (moments, step, fp32 main params) is overwritten by the load that follows.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -163,6 +184,7 @@ def load_training_checkpoint(engine, path: str) -> Dict[str, Any]:
             f"{path}: saved at TP={common['layout']['tp']} with {common['padded_vocab_rows']} padded vocabulary rows; "
             f"TP={state.tp_size()} pads to {rows}, and the optimizer state of padded rows cannot be resharded. "
             f"Resume at a TP that pads alike, or set vocab_size to a multiple of 128*TP.")
+    _materialise_distributed_optimizer_state(engine.optimizer)
     loaded = dist_checkpointing.load(_sharded(engine, is_loading=True), os.path.join(path, WEIGHTS_DIR))
     from nemo_kd.convert.hf_weights import unwrap_model
 

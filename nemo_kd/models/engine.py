@@ -79,7 +79,7 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False  # GPU only: Megatron's sharded optimizer state
+    use_distributed_optimizer: bool = False  # Megatron's DistributedOptimizer: Adam state sharded over DP
     # fp16 students only (Megatron's loss scaling; bf16 and fp32 need none). ``loss_scale``:
     # None = dynamic (Megatron's DynamicGradScaler: start at ``initial_loss_scale``, halve after
     # ``hysteresis`` overflowing steps, never below ``min_loss_scale``, double after

@@ -23,9 +23,14 @@ gloo, the optimizer step) is device agnostic.
   ``DynamicGradScaler.load_state_dict`` (resuming an fp16 run: ``scale.cuda(...)``) run
   with ``Tensor.cuda`` as the identity for the duration of the call;
 * ``Float16OptimizerWithFloat16Params.__init__`` (bf16/fp16 students: fp32 main params)
-  runs with ``Tensor.type()`` naming a CPU tensor by its CUDA type for the duration of the
-  call: it sorts parameters by ``param.type() in ['torch.cuda.HalfTensor',
-  'torch.cuda.BFloat16Tensor']`` / ``== 'torch.cuda.FloatTensor'`` and raises otherwise.
+  and ``DistributedOptimizer.__init__`` run with ``Tensor.type()`` naming a CPU tensor by
+  its CUDA type for the duration of the call: they sort parameters by ``param.type() in
+  ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']`` / ``== 'torch.cuda.FloatTensor'``
+  and raise otherwise; ``DistributedOptimizer.get_parameter_state_dp_zero`` (its
+  checkpoint gather) runs with ``Tensor.cuda`` as the identity, and its checkpoint load keeps
+  the ``step`` of ``torch.optim.Adam`` (the optimizer without TE/apex) instead of asking the
+  saved tensors for it, one tensor per parameter (Megatron shares one, which Adam's in-place
+  increment then advances once per parameter: a resumed run's bias correction would drift).
 
 Global ``torch`` is otherwise never modified, and the shim does nothing where CUDA is
 available: GPU runs execute Megatron unpatched. What it does not cover (on purpose):
@@ -78,6 +83,8 @@ _MODULES_WITH_CPU_TORCH = {
     "megatron.core.transformer.attention": "KV-cache buffers on current_device()",
     # Gathers along the last dim (inference's runtime_gather_output under TP) allocate on current_device().
     "megatron.core.tensor_parallel.mappings": "TP gather buffers on current_device()",
+    # The distributed optimizer's checkpoint gather (fully_reshardable) and state load on current_device().
+    "megatron.core.optimizer.distrib_optimizer": "checkpoint gather/load buffers on current_device()",
 }
 
 
@@ -211,6 +218,25 @@ def _with_cpu_tensors_typed_as_cuda(method):
     return wrapped
 
 
+def _keeping_torch_adam_step(method):
+    """``DistributedOptimizer._set_main_param_and_optimizer_states`` that leaves torch Adam's ``step``
+    (absent from the saved tensors, restored by ``load_state_dict`` before) as it is, unshared."""
+
+    @functools.wraps(method)
+    def wrapped(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                # load_state_dict gave every parameter the *same* step tensor, which torch Adam then
+                # increments in place once per parameter: give each its own.
+                state["step"] = state["step"].clone()
+                tensors = {**tensors, "step": state["step"]}  # copied onto itself
+        return method(self, model_param, tensors)
+
+    return wrapped
+
+
 class _DropCpuRngChangedWarning(logging.Filter):
     """On CPU the tracked generator *is* the CPU generator, so fork()'s
     "CPU RNG state changed within GPU RNG context" warning fires on every dropout."""
@@ -275,6 +301,26 @@ def install_cpu_shim() -> List[str]:
         optimizer.Float16OptimizerWithFloat16Params.__init__
     )
     PATCHED.append(f"{optimizer.__name__}.Float16OptimizerWithFloat16Params.__init__")
+    distrib_optimizer = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    # Megatron's distributed optimizer sorts its parameters by the same CUDA type names.
+    distrib_optimizer.DistributedOptimizer.__init__ = _with_cpu_tensors_typed_as_cuda(
+        distrib_optimizer.DistributedOptimizer.__init__
+    )
+    PATCHED.append(f"{distrib_optimizer.__name__}.DistributedOptimizer.__init__")
+    # ...and its checkpoint gather moves each shard with send_tensor.cuda() before the collective.
+    distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero = _with_tensor_cuda_as_identity(
+        distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero
+    )
+    PATCHED.append(f"{distrib_optimizer.__name__}.DistributedOptimizer.get_parameter_state_dp_zero")
+    # Without TE/apex (every CPU run) its inner optimizer is torch.optim.Adam, whose per-parameter state
+    # also holds "step"; loading a fully_reshardable checkpoint copies every state key from the saved
+    # tensors, which carry param/exp_avg/exp_avg_sq only (KeyError: 'step'). load_state_dict has already
+    # set "step" from the saved param groups (one tensor shared by every parameter, which torch Adam
+    # increments in place once per parameter per step): keep it, one copy per parameter.
+    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = _keeping_torch_adam_step(
+        distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+    )
+    PATCHED.append(f"{distrib_optimizer.__name__}.DistributedOptimizer._set_main_param_and_optimizer_states")
     grad_scaler = importlib.import_module("megatron.core.optimizer.grad_scaler")
     # fp16 resume: the loaded scale goes through state_dict['scale'].cuda(current_device()).
     grad_scaler.DynamicGradScaler.load_state_dict = _with_tensor_cuda_as_identity(
