@@ -344,7 +344,10 @@ class GPTDistillationModel(ModelPT):
                                       k=self._teacher.get("top_k") if teacher_ctok is not None else ds.get("top_k"),
                                       teacher_tokenizer=teacher_ctok, student_vocab_size=self._student_cfg.vocab_size,
                                       teacher_vocab_size=teacher_vocab,
-                                      topk_convention=self._loss_cfg.topk_convention if store is not None else None)
+                                      # what the KD term will read from the store (nothing when it weighs 0)
+                                      topk_convention=self._loss_cfg.topk_convention if store is not None and any(
+                                          (self._loss_cfg.kd_loss_weight, self._loss_cfg.positive_kd_weight,
+                                           self._loss_cfg.negative_kd_weight)) else None)
         micro, gbs = int(ds.get("micro_batch_size", 1)), int(ds.get("global_batch_size", 1))
         if train and (micro, gbs) != (self.engine.batch_cfg.micro_batch_size, self.engine.batch_cfg.global_batch_size):
             raise DataConfigError("train_ds micro/global batch size differs from the engine's")
