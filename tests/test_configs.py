@@ -10,11 +10,11 @@ from omegaconf import OmegaConf
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
-def _compose(name):
+def _compose(name, resolve=True):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF, version_base=None):
-        return OmegaConf.to_container(compose(config_name=name), resolve=True)
+        return OmegaConf.to_container(compose(config_name=name), resolve=resolve)
 
 
 def _fill(d, value="x"):
@@ -35,18 +35,21 @@ def test_training_configs_parse(name):
     from nemo_kd.generation.on_policy import OnPolicyConfig
     from nemo_kd.losses.objective import DistillationLossConfig
     from nemo_kd.models import GPTModelConfig
-    from nemo_kd.models.distillation_model import _DATA_KEYS, _TEACHER_KEYS
     from nemo_kd.models.engine import OptimConfig
     from nemo_kd.parallel import ParallelConfig
+    from nemo_kd.training.run_config import DATA_KEYS, TEACHER_KEYS, prepare_run_config
 
-    model = _fill(_compose(name))["model"]
+    # the recipe's whole-config check (strict keys, precision, checkpointing), on the shipped file
+    cfg = OmegaConf.create(_fill(_compose(name, resolve=False)))
+    prepare_run_config(cfg, cuda_available=False)  # resolves cfg in place
+    model = OmegaConf.to_container(cfg.model)
     GPTModelConfig.from_dict(model["student"])
     loss = DistillationLossConfig.from_dict(model["kd"])
     OptimConfig.from_dict(model["optim"])
     ParallelConfig.from_dict(model["parallel"])
     OnPolicyConfig.from_dict(model.get("on_policy"))
-    assert set(model["teacher"]) <= _TEACHER_KEYS
-    assert set(model["data"]["train_ds"]) <= _DATA_KEYS
+    assert set(model["teacher"]) <= TEACHER_KEYS
+    assert set(model["data"]["train_ds"]) <= DATA_KEYS
     if name == "gpt_kd_preference":
         assert loss.dpo_loss_weight > 0 and loss.preference_loss_type == "dpkd"
         assert model["data"]["train_ds"]["micro_batch_size"] % 2 == 0  # pairs share a microbatch
