@@ -71,6 +71,9 @@ def to_transformer_config(cfg: GPTModelConfig, **overrides) -> TransformerConfig
         apply_rope_fusion=False,
         persist_layer_norm=False,
     )
+    # Megatron's default scope "full" is its own deprecated spelling of [] (the whole layer, if CUDA
+    # graphs are on): it warns on every config built with defaults.
+    kwargs.setdefault("cuda_graph_scope", [])
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
