@@ -257,6 +257,12 @@ def _check_megatron_version() -> None:
         )
 
 
+def _wrap_method(cls, name: str, wrapper) -> None:
+    """``cls.name = wrapper(cls.name)``, recorded in :data:`PATCHED` as ``module.Class.name``."""
+    setattr(cls, name, wrapper(getattr(cls, name)))
+    PATCHED.append(f"{cls.__module__}.{cls.__qualname__}.{name}")
+
+
 def install_cpu_shim() -> List[str]:
     """Install the CPU shim once; returns the patched ``module.symbol`` names.
 
@@ -290,43 +296,26 @@ def install_cpu_shim() -> List[str]:
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
     # Tied embeddings over PP>1: the stage-sync does weight.data = weight.data.cuda() before its all-reduce.
-    LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as_identity(
-        LanguageModule.setup_embeddings_and_output_layer
-    )
-    PATCHED.append("megatron.core.models.common.language_module.language_module.LanguageModule.setup_embeddings_and_output_layer")
+    _wrap_method(LanguageModule, "setup_embeddings_and_output_layer", _with_tensor_cuda_as_identity)
 
     # bf16/fp16: the mixed-precision optimizer accepts only CUDA tensor type names for its
     # parameters ('torch.cuda.BFloat16Tensor' etc.; a CPU one is 'torch.BFloat16Tensor').
-    optimizer.Float16OptimizerWithFloat16Params.__init__ = _with_cpu_tensors_typed_as_cuda(
-        optimizer.Float16OptimizerWithFloat16Params.__init__
-    )
-    PATCHED.append(f"{optimizer.__name__}.Float16OptimizerWithFloat16Params.__init__")
+    _wrap_method(optimizer.Float16OptimizerWithFloat16Params, "__init__", _with_cpu_tensors_typed_as_cuda)
     distrib_optimizer = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
-    # Megatron's distributed optimizer sorts its parameters by the same CUDA type names.
-    distrib_optimizer.DistributedOptimizer.__init__ = _with_cpu_tensors_typed_as_cuda(
-        distrib_optimizer.DistributedOptimizer.__init__
-    )
-    PATCHED.append(f"{distrib_optimizer.__name__}.DistributedOptimizer.__init__")
+    # Megatron's distributed optimizer sorts its parameters by the same CUDA type names...
+    _wrap_method(distrib_optimizer.DistributedOptimizer, "__init__", _with_cpu_tensors_typed_as_cuda)
     # ...and its checkpoint gather moves each shard with send_tensor.cuda() before the collective.
-    distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero = _with_tensor_cuda_as_identity(
-        distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero
-    )
-    PATCHED.append(f"{distrib_optimizer.__name__}.DistributedOptimizer.get_parameter_state_dp_zero")
+    _wrap_method(distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero", _with_tensor_cuda_as_identity)
     # Without TE/apex (every CPU run) its inner optimizer is torch.optim.Adam, whose per-parameter state
     # also holds "step"; loading a fully_reshardable checkpoint copies every state key from the saved
     # tensors, which carry param/exp_avg/exp_avg_sq only (KeyError: 'step'). load_state_dict has already
     # set "step" from the saved param groups (one tensor shared by every parameter, which torch Adam
     # increments in place once per parameter per step): keep it, one copy per parameter.
-    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = _keeping_torch_adam_step(
-        distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
-    )
-    PATCHED.append(f"{distrib_optimizer.__name__}.DistributedOptimizer._set_main_param_and_optimizer_states")
+    _wrap_method(distrib_optimizer.DistributedOptimizer, "_set_main_param_and_optimizer_states",
+                 _keeping_torch_adam_step)
     grad_scaler = importlib.import_module("megatron.core.optimizer.grad_scaler")
     # fp16 resume: the loaded scale goes through state_dict['scale'].cuda(current_device()).
-    grad_scaler.DynamicGradScaler.load_state_dict = _with_tensor_cuda_as_identity(
-        grad_scaler.DynamicGradScaler.load_state_dict
-    )
-    PATCHED.append(f"{grad_scaler.__name__}.DynamicGradScaler.load_state_dict")
+    _wrap_method(grad_scaler.DynamicGradScaler, "load_state_dict", _with_tensor_cuda_as_identity)
     return list(PATCHED)
 
 
