@@ -9,6 +9,7 @@ bytes, their token ids, the dataset's tokenisation, the student's weights and lo
 """
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -58,6 +59,7 @@ def packed(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
+    from nemo_kd.data.tokenization import tokenizer_hash
     from nemo_kd.models.distillation_model import GPTDistillationModel
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from nemo_kd.parallel.strategy import MegatronStrategy
@@ -105,7 +107,7 @@ def packed(tmp_path_factory):
             samples=[[list(map(int, dataset[i].input_ids)), list(map(float, dataset[i].loss_mask))]
                      for i in range(len(dataset))],
             files={n: _sha256(os.path.join(tok_dir, n)) for n in os.listdir(tok_dir)}, tok_dir=tok_dir,
-            trained_tokenizer_dir=model.tokenizer_dir, vocab=len(tok))
+            trained_tokenizer_dir=model.tokenizer_dir, vocab=len(tok), tokenizer_hash=tokenizer_hash(tok))
         torch.save(weights, str(d / "weights.pt"))
         torch.save({"ids": ids, "logits": logits}, str(d / "logits.pt"))
         os.makedirs(d / "saved")
@@ -121,7 +123,7 @@ def packed(tmp_path_factory):
     os.makedirs(d / "moved")
     shutil.move(str(d / "saved" / "student.nemo"), str(d / "moved" / "student.nemo"))
     return dict(dir=d, nemo=str(d / "moved" / "student.nemo"), weights=str(d / "weights.pt"),
-                logits=str(d / "logits.pt"), ref=ref)
+                logits=str(d / "logits.pt"), ref=ref, data=data)
 
 
 def test_tokenizer_files_are_packed_and_recorded(packed):
@@ -242,6 +244,45 @@ def test_missing_packed_file_is_named(packed, tmp_path, monkeypatch):
     assert sorted(extract_nemo_tokenizer(packed["nemo"], str(tmp_path / "ok"))) == sorted(packed["ref"]["files"])
     with pytest.raises(NemoTokenizerError, match=r"broken\.nemo: tokenizer file 'tokenizer_config\.json'"):
         extract_nemo_tokenizer(broken, str(tmp_path / "out"))
+
+
+def test_nemo_teacher_extracts_with_its_packed_tokenizer(packed, tmp_path):
+    """compute_topk_logits with a .nemo teacher and no tokenizer_path, its tokenizer directory gone: the store is
+    made with the packed tokenizer (the manifest's tokenizer hash is the original tokenizer's), and a .nemo that
+    packs none is refused naming it."""
+    out = _run(f"""
+        import json
+        from omegaconf import OmegaConf
+        from nemo_kd.teacher.extract import run_from_config
+        from nemo_kd.teacher.store import StoreReader
+        run_from_config(OmegaConf.create(dict(data_path={packed['data']!r}, output_path={str(tmp_path / 'store')!r},
+                                              top_k=4, max_seq_length={MAX_LEN}, progress=False,
+                                              teacher=dict(path={packed['nemo']!r}))))
+        m = StoreReader({str(tmp_path / 'store')!r}, verify_checksums=True).manifest
+        print(json.dumps(dict(tokenizer_hash=m.tokenizer_hash, num_samples=m.num_samples, k=m.k)))
+    """, cache_dir=str(tmp_path / "cache"))
+    assert out["tokenizer_hash"] == packed["ref"]["tokenizer_hash"] + ":chat"
+    assert (out["num_samples"], out["k"]) == (N, 4)
+
+    from nemo_kd.models.nemo_artifacts import NemoTokenizerError, checkpoint_tokenizer_dir
+
+    bare = str(tmp_path / "bare.nemo")
+    with tarfile.open(packed["nemo"], "r:*") as src, tarfile.open(bare, "w") as dst:
+        for m in src.getmembers():
+            if m.name.endswith("model_config.yaml"):
+                import yaml
+
+                cfg = yaml.safe_load(src.extractfile(m).read())
+                cfg.pop("tokenizer")
+                data = yaml.safe_dump(cfg).encode()
+                m.size = len(data)
+                dst.addfile(m, io.BytesIO(data))
+            else:
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    with pytest.raises(NemoTokenizerError, match=r"bare\.nemo: this \.nemo packs no tokenizer"):
+        checkpoint_tokenizer_dir(bare)
+    assert checkpoint_tokenizer_dir(bare, "/given/tok") == "/given/tok"
+    assert checkpoint_tokenizer_dir(str(tmp_path)) == str(tmp_path)  # a checkpoint directory holds its own
 
 
 def test_import_nemo_kd_is_light_and_registers_either_order():

@@ -96,7 +96,9 @@ def load_policy(spec: PolicySpec, max_seq_length: int) -> Policy:
 
     from nemo_kd.data.tokenization import ConversationTokenizer
 
-    tok_path = spec.tokenizer or spec.checkpoint
+    from nemo_kd.models.nemo_artifacts import checkpoint_tokenizer_dir
+
+    tok_path = checkpoint_tokenizer_dir(spec.checkpoint, spec.tokenizer)  # a .nemo: its packed tokenizer
     if os.path.isfile(tok_path):
         raise ValueError(f"{spec.checkpoint}: give `tokenizer` (a tokenizer directory) for a checkpoint file")
     tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=spec.trust_remote_code)

@@ -39,8 +39,8 @@ from typing import Dict, List, Optional
 
 from nemo_kd.convert.checkpoint_io import copy_tokenizer_files
 
-__all__ = ["TOKENIZER_SECTION", "NemoTokenizerError", "cache_root", "extract_nemo_tokenizer", "nemo_tokenizer_dir",
-           "persist_tokenizer_dir", "register_tokenizer"]
+__all__ = ["TOKENIZER_SECTION", "NemoTokenizerError", "cache_root", "checkpoint_tokenizer_dir", "extract_nemo_tokenizer",
+           "nemo_tokenizer_dir", "persist_tokenizer_dir", "register_tokenizer"]
 
 TOKENIZER_SECTION = "tokenizer"  # model config key of the packed tokenizer
 _LIBRARY = "huggingface"
@@ -232,3 +232,21 @@ def nemo_tokenizer_dir(nemo_path: str) -> Optional[str]:
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+
+
+def checkpoint_tokenizer_dir(checkpoint: str, tokenizer: Optional[str] = None) -> str:
+    """The Hugging Face tokenizer directory for a model given as ``checkpoint``.
+
+    ``tokenizer`` when given; for a ``.nemo`` file, the tokenizer packed in it
+    (:func:`nemo_tokenizer_dir`: found on any machine, whatever path it was saved from); else the
+    checkpoint itself (an HF or converted Megatron directory holds its tokenizer files).
+    """
+    if tokenizer:
+        return tokenizer
+    if checkpoint.endswith(".nemo") and os.path.isfile(checkpoint):
+        found = nemo_tokenizer_dir(checkpoint)
+        if found is None:
+            raise NemoTokenizerError(f"{checkpoint}: this .nemo packs no tokenizer (saved before nemo_kd packed "
+                                     "them): give its tokenizer directory")
+        return found
+    return checkpoint

@@ -575,7 +575,9 @@ def run_from_config(cfg, teacher_loader=None) -> ExtractSummary:
     try:
         from transformers import AutoTokenizer
 
-        tok_path = c.get("tokenizer_path") or spec.path
+        from nemo_kd.models.nemo_artifacts import checkpoint_tokenizer_dir
+
+        tok_path = checkpoint_tokenizer_dir(spec.path, c.get("tokenizer_path"))  # a .nemo: its packed tokenizer
         tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=bool(spec.trust_remote_code))
         student_tokenizer = None
         if extract_cfg.align_teacher_template:
