@@ -66,7 +66,9 @@ _MODEL_SECTIONS: Dict[str, Optional[frozenset]] = {
     "max_steps": None, "precision": None, "tokenizer": None, "target": None, "nemo_version": None,
 }
 MODEL_KEYS = frozenset(_MODEL_SECTIONS)
-_TOP_LEVEL = frozenset({"name", "trainer", "exp_manager", "model", "preemption"})
+# "hydra": Hydra's own settings; a recipe never sees them (Hydra takes the node), a YAML loaded without
+# Hydra (a migrated config checked as a file) does.
+_TOP_LEVEL = frozenset({"name", "trainer", "exp_manager", "model", "preemption", "hydra"})
 _PREEMPTION_KEYS = frozenset({"signals"})
 
 # trainer.precision -> the student's params_dtype (Megatron's mixed precision).
