@@ -280,6 +280,19 @@ def test_malformed_input_and_skip(assets, tmp_path):
     assert r.num_tokens(5) == 0  # dataset sample 5 is file line 8 (sample 7): dropped, stored with 0 tokens
     assert r[5].seq_logprob == 0.0
 
+    # no sample at all (an empty file, or only bad lines skipped): refused, nothing written
+    empty, only_bad = tmp_path / "empty.jsonl", tmp_path / "only_bad.jsonl"
+    empty.write_text("")
+    only_bad.write_text('{"prompt": "hi", "response": 3}\n')
+    with WorldOfOne(seed=5):
+        with pytest.raises(ValueError, match=re.escape(f"{empty}: no samples to extract")):
+            compute_topk_logits(_extract_cfg(str(tmp_path / "s3"), str(empty)), teacher, assets["tok"])
+        with pytest.raises(ValueError, match=re.escape(f"{only_bad}: no samples to extract (every line was bad: "
+                                                       f"skipped 1 bad sample(s):\n  {only_bad}:1: wrong type")):
+            compute_topk_logits(_extract_cfg(str(tmp_path / "s4"), str(only_bad), skip_bad_samples=True),
+                                teacher, assets["tok"])
+    assert not (tmp_path / "s3").exists() and not (tmp_path / "s4").exists()
+
 
 def _nan_teacher(assets, path):
     """A teacher checkpoint with NaN in the embedding of a token first seen as late as possible; its sample."""
@@ -448,3 +461,16 @@ def test_kill_and_resume_is_byte_identical(assets, tmp_path):
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], f"{name} differs after kill-and-resume"
+
+
+def test_hf_teacher_type_on_a_nemo_or_missing_path_says_so(tmp_path):
+    """teacher.type=hf given a .nemo (or a file, or nothing) is refused naming the path and the fix, not with
+    transformers' "not a valid JSON file"."""
+    from nemo_kd.teacher.teachers import TeacherSpec, build_teacher
+
+    nemo = tmp_path / "teacher.nemo"
+    nemo.write_bytes(b"not read")
+    with pytest.raises(ValueError, match=re.escape(f"teacher.path={nemo} is a .nemo file: use teacher.type=megatron")):
+        build_teacher(TeacherSpec(type="hf", path=str(nemo)))
+    with pytest.raises(ValueError, match=re.escape(f"teacher.path={tmp_path / 'gone'} is missing")):
+        build_teacher(TeacherSpec(type="hf", path=str(tmp_path / "gone")))

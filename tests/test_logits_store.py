@@ -153,6 +153,31 @@ def test_checksum_detects_flipped_byte(tmp_path):
         StoreReader(tmp_path)
 
 
+def test_manifest_names_files_inside_the_store_and_reads_or_says_where(tmp_path):
+    """An edited manifest cannot make the reader open a file outside the store, and one that is not valid
+    JSON (or not a manifest) is refused naming its path, not with a bare JSONDecodeError."""
+    store = tmp_path / "store"
+    _write(store, 6)
+    manifest = store / "manifest.json"
+    good = json.loads(manifest.read_text())
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((store / good["shards"][0]["payload_file"]).read_bytes())  # same size: only the name is wrong
+    for field, name in (("payload_file", "../outside.bin"), ("payload_file", str(outside)), ("index_file", ".."),
+                        ("index_file", "")):
+        edited = json.loads(json.dumps(good))
+        edited["shards"][0][field] = name
+        manifest.write_text(json.dumps(edited))
+        with pytest.raises(StoreCorruptError, match=rf"manifest\.json: shards\[0\]\.{field}=.* is not a file name "
+                                                    "inside the store"):
+            StoreReader(store)
+    for text in ('{"format": "nemo_kd.teacher_logits_store", "k": 8,', "[1, 2]", '{"shards": [{"x": 1}]}'):
+        manifest.write_text(text)
+        with pytest.raises(StoreCorruptError, match=rf"{store}/manifest\.json: unreadable manifest"):
+            StoreReader(store)
+    manifest.write_text(json.dumps(good))
+    assert len(StoreReader(store, verify_checksums=True)) == 6
+
+
 def test_check_compatible_names_what_differs(tmp_path):
     _write(tmp_path, 10)
     reader = StoreReader(tmp_path)

@@ -28,6 +28,46 @@ def single_process_env(monkeypatch):
     destroy_parallel()
 
 
+_WORLD_OF_ONE = """
+import os, torch, torch.distributed as dist
+from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+initialize_parallel(ParallelConfig())
+t = torch.ones(1)
+dist.all_reduce(t)
+print(int(t.item()), dist.get_world_size(), os.environ.get("MASTER_PORT"))
+destroy_parallel()
+"""
+
+
+def test_a_world_of_one_takes_no_port():
+    """Single-process runs side by side on one machine (extraction beside training) while another process holds
+    port 29500 (the fixed default rendezvous port before): two world-of-one initialisations at once succeed,
+    and neither sets MASTER_PORT."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+           and not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = socket.socket()
+    try:
+        holder.bind(("", 29500))
+        holder.listen()
+    except OSError:  # someone holds it already: the same situation
+        pass
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", _WORLD_OF_ONE], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        holder.close()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert out.split()[-3:] == ["1", "1", "None"], out
+
+
 def _tiny_cfg(**overrides):
     from nemo_kd.models import GPTModelConfig
 

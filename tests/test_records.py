@@ -168,3 +168,22 @@ def test_malformed_pairs_name_file_and_line(tmp_path, obj, reason):
     assert e.value.line == 2 and reason in e.value.reason, str(e.value)
     rs = read_records(path, skip_bad_samples=True)  # the good pair survives whole
     assert len(rs) == 2 and rs.num_pairs == 1 and len(rs.skipped) == 1
+
+
+def test_lone_surrogates_are_a_data_error_that_skip_bad_samples_can_skip(tmp_path):
+    """JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer can encode: refused with file:line
+    and field before it reaches one; with skip_bad_samples the sample is dropped and named, the rest kept."""
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"prompt": "fine", "response": "ok"}),
+             '{"prompt": "fine", "response": "a\\ud800"}',  # what json.dumps writes for a lone surrogate
+             json.dumps({"messages": [{"role": "user", "content": "q\udfff"}, {"role": "assistant", "content": "a"}]}),
+             json.dumps({"prompt": "emoji \U0001F600 is fine", "response": "\u00e9"})]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: unencodable text in field 'response': \\ud800 at character 1"):
+        read_records(path)
+    rs = read_records(path, skip_bad_samples=True)
+    assert [r.source_line for r in rs] == [1, 4]
+    assert [(s.line, s.reason) for s in rs.skipped] == [
+        (2, "unencodable text in field 'response': \\ud800 at character 1 (surrogates not allowed)"),
+        (3, "unencodable text in messages[0].content: \\udfff at character 1 (surrogates not allowed)")]
+    assert len(rs) + len(rs.skipped) == len(lines)

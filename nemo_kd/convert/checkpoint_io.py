@@ -29,7 +29,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -81,20 +80,13 @@ class LoadedModel(NamedTuple):
     arch: HFArchitecture
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def ensure_parallel(parallel: Optional[ParallelConfig] = None) -> Iterator[bool]:
     """Make sure Megatron's parallel state exists for the body; yields whether we created it.
 
     Already initialised: used as is (``parallel``, if given, must match its TP/PP).
-    Otherwise: initialised from ``parallel`` (default TP=1, PP=1) -- for a plain
-    single-process run on a free localhost port so concurrent conversions do not collide --
-    and torn down on exit.
+    Otherwise: initialised from ``parallel`` (default TP=1, PP=1; a plain single-process run
+    needs no rendezvous port, so concurrent conversions do not collide) and torn down on exit.
     """
     if state.is_initialized():
         if parallel is not None and (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size) != (
@@ -103,10 +95,7 @@ def ensure_parallel(parallel: Optional[ParallelConfig] = None) -> Iterator[bool]
                              f"TP={parallel.tensor_model_parallel_size} PP={parallel.pipeline_model_parallel_size}")
         yield False
         return
-    if not dist.is_initialized() and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = os.environ.get("NEMO_KD_MASTER_PORT") or str(_free_port())
-    state.initialize_parallel(parallel or ParallelConfig())
+    state.initialize_parallel(parallel or ParallelConfig())  # a world of one needs no port
     try:
         yield True
     finally:

@@ -202,6 +202,11 @@ def _type_name(x: Any) -> str:
 def _require_str(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise _Invalid(f"wrong type for {what}: expected string, got {_type_name(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates: no tokenizer takes them
+        raise _Invalid(f"unencodable text in {what}: {value[e.start:e.end].encode('unicode_escape').decode()} at "
+                       f"character {e.start} ({e.reason})") from None
     return value
 
 

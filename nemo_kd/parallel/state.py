@@ -136,14 +136,18 @@ def _init_torch_distributed(cfg: ParallelConfig) -> None:
     if rank is None or world is None:
         # A plain single-process run (python script.py, pytest): world of one.
         rank, world, local_rank = 0, 1, 0
-    os.environ.setdefault("MASTER_ADDR", _slurm_master_addr() or "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
     backend = cfg.backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(local_rank or 0)
-    dist.init_process_group(
-        backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=cfg.timeout_minutes)
-    )
+    timeout = timedelta(minutes=cfg.timeout_minutes)
+    if world == 1:
+        # Nobody to meet: an in-process store, no TCP port (a fixed default port made two single-process
+        # runs on one machine, say extraction beside training, fail with EADDRINUSE).
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr() or "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
     _OWNS_PROCESS_GROUP = True
 
 

@@ -380,6 +380,9 @@ def compute_topk_logits(
                          f"{teacher.max_seq_length}")
     ctok = ConversationTokenizer(tokenizer, cfg.prompt_format, max_len, cfg.overlong)
     num_samples = len(records)
+    if num_samples == 0:  # a 0-sample store would pass every check and train on nothing
+        raise ValueError(f"{cfg.data_path or records.source}: no samples to extract"
+                         + (f" (every line was bad: {records.skipped_report()})" if records.skipped else ""))
     block = shard_sample_range(num_samples, layout.dp_rank, layout.dp_size)
     samples = _tokenize_block(records, ctok, block)
 

@@ -991,6 +991,22 @@ class TeacherTopK:
         return int(self.ids.shape[0])
 
 
+def _confine_file_names(m: StoreManifest, manifest_path: str) -> None:
+    """Every file a manifest names is a plain file name in the store directory (no path, no ``..``):
+    an edited manifest must not make the reader open files elsewhere."""
+    names = [(f"shards[{i}].{field}", getattr(s, field)) for i, s in enumerate(m.shards)
+             for field in ("payload_file", "index_file")]
+    ext = (m.extensions or {}).get(ALIGNMENT_EXTENSION) or {}
+    names += [(f"extensions.{ALIGNMENT_EXTENSION}.shards[{i}].{field}", a.get(field))
+              for i, a in enumerate(ext.get("shards") or []) for field in ("payload_file", "index_file")]
+    if "vocab_map_file" in ext:
+        names.append((f"extensions.{ALIGNMENT_EXTENSION}.vocab_map_file", ext["vocab_map_file"]))
+    for where, name in names:
+        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name \
+                or "/" in name or "\\" in name:
+            raise StoreCorruptError(f"{manifest_path}: {where}={name!r} is not a file name inside the store")
+
+
 class StoreReader:
     """Random access to a finished store by dataset sample index (memory-mapped)."""
 
@@ -1001,9 +1017,13 @@ class StoreReader:
             raise StoreIncompleteError(
                 f"{self.path}: no {_MANIFEST} – the store is incomplete (not every rank finalized) or not a store"
             )
-        with open(manifest_path) as f:
-            self.manifest = StoreManifest.from_json(f.read())
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                self.manifest = StoreManifest.from_json(f.read())
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            raise StoreCorruptError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e})") from None
         m = self.manifest
+        _confine_file_names(m, manifest_path)
         if m.format != FORMAT_NAME:
             raise StoreError(f"{manifest_path}: not a teacher logits store (format {m.format!r})")
         if m.min_reader_version > READER_VERSION:

@@ -317,6 +317,13 @@ def build_teacher(spec: TeacherSpec, loader: Optional[CheckpointLoader] = None) 
     if spec.type == "megatron":
         return MegatronTeacher(spec.path, loader=loader, name=spec.name)
     if spec.type == "hf":
+        if not os.path.isdir(spec.path):  # transformers' own error for a file reads "not a valid JSON file"
+            kind = "a .nemo file" if spec.path.endswith(".nemo") else ("a file" if os.path.exists(spec.path) else
+                                                                       "missing")
+            raise ValueError(f"teacher.type=hf needs a Hugging Face model directory (config.json + weights); "
+                             f"teacher.path={spec.path} is {kind}"
+                             + (": use teacher.type=megatron, which loads .nemo files" if kind == "a .nemo file"
+                                else ""))
         from nemo_kd.parallel import state
 
         if state.is_initialized() and (state.tp_size() > 1 or state.pp_size() > 1):
