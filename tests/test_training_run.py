@@ -193,3 +193,57 @@ def test_checkpoints_without_validation_then_preempt_and_resume_bit_identical(wo
     for key, value in reference.items():
         if torch.is_tensor(value):
             assert torch.equal(resumed[key], value), key
+
+
+def test_every_sample_that_does_not_train_is_named(world, tmp_path, caplog):  # noqa: F811
+    """skip_bad_samples and overlong=drop: a bad line, an over-long sample and one whose prompt alone is over
+    max_seq_length are each named (file:line, sample, reason) in the log and in dropped.jsonl of the run, the
+    first step's metrics count them, and lines in = samples trained + named drops."""
+    import json
+
+    lines = open(world["data"]).read().splitlines()
+    lines.insert(2, '{"prompt": "a bad line", "response": 7}')
+    lines.append(json.dumps({"id": "long", "prompt": "what is 1 plus 3?", "response": " plus" * 3 * MAX_LEN}))
+    lines.append(json.dumps({"id": "long-prompt", "prompt": " plus" * 3 * MAX_LEN, "response": "4"}))
+    data = tmp_path / "with_drops.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = _run_cfg(world, tmp_path / "run", steps=1, every=1)
+    cfg.model.teacher.mode = "none"  # SFT only: no store for this file
+    cfg.model.kd.kd_loss_weight = 0.0
+    cfg.model.data.train_ds.logits_store = None
+    cfg.model.data.train_ds.file_path = str(data)
+    cfg.model.data.train_ds.skip_bad_samples = True
+    cfg.model.data.train_ds.overlong = "drop"
+    seen = {}
+
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    original = GPTDistillationModel.training_step
+
+    def recording(self, batch, batch_idx):
+        out = original(self, batch, batch_idx)
+        seen.update({k: float(v) for k, v in self.trainer.callback_metrics.items()})
+        seen["trained"] = len(self._train_dl.dataset.dataset)
+        return out
+
+    GPTDistillationModel.training_step = recording
+    try:
+        _as_a_new_process()
+        _recipe()(cfg)
+    finally:
+        GPTDistillationModel.training_step = original
+    drops = [json.loads(line) for line in (tmp_path / "run" / "dropped.jsonl").read_text().splitlines()]
+    n = len(lines)
+    import re
+
+    assert [(d["line"], d.get("id")) for d in drops] == [(3, None), (n - 1, "long"), (n, "long-prompt")]
+    assert drops[0]["reason"] == "wrong type for field 'response': expected string, got int"
+    long, long_prompt = (re.fullmatch(rf"(\d+) tokens > max_seq_length={MAX_LEN} \(overlong=drop\)", drops[1]["reason"]),
+                         re.fullmatch(rf"the prompt alone is (\d+) tokens, max_seq_length={MAX_LEN}", drops[2]["reason"]))
+    assert long and int(long.group(1)) > MAX_LEN and long_prompt and int(long_prompt.group(1)) > MAX_LEN, drops
+    assert [d["sample"] for d in drops[1:]] == [n - 3, n - 2]  # indices among the valid records (the bad line is none)
+    assert all(d["file"] == str(data) and d["split"] == "train" for d in drops)
+    assert f"{data}: 3 of {n} samples will not train: {data}:3: wrong type" in caplog.text
+    assert f"(all listed in {tmp_path / 'run' / 'dropped.jsonl'})" in caplog.text
+    assert seen["dropped_samples"] == 3.0
+    assert seen["trained"] + len(drops) == n  # every line: trained or named

@@ -88,6 +88,10 @@ class DistillationSample:
     pair: int = -1  # preference pair number, -1 for a single
 
 
+def _drop(rec, reason: str) -> Dict[str, object]:
+    return dict(file=rec.source_file, line=rec.source_line, sample=rec.index, id=rec.id, reason=reason)
+
+
 class DistillationDataset(torch.utils.data.Dataset):
     """Student-tokenised records, optionally joined to a teacher logits store.
 
@@ -126,11 +130,17 @@ class DistillationDataset(torch.utils.data.Dataset):
 
             self.vocab_map = build_vocab_map(tokenizer.tokenizer, teacher_tokenizer.tokenizer, student_vocab_size,
                                              teacher_vocab_size)
+        # Every sample of the file that will not train, and why (the training run logs and writes them).
+        self.drops: List[Dict[str, object]] = [dict(file=s.file, line=s.line, reason=s.reason)
+                                               for s in records.skipped]
         for rec in records:
             name = f"{rec.source_file}:{rec.source_line}" if rec.source_file else f"sample {rec.index}"
+            dropped_before = tokenizer.stats.dropped
             tok = tokenizer(list(rec.messages), sample_name=name)
             if tok is None:  # dropped as over-long (counted in tokenizer.stats)
                 self.samples.append(None)
+                reason = tokenizer.stats.dropped_reasons[-1] if tokenizer.stats.dropped > dropped_before else "over-long"
+                self.drops.append(_drop(rec, reason))
                 continue
             sample = DistillationSample(
                 index=rec.index,
@@ -147,6 +157,10 @@ class DistillationDataset(torch.utils.data.Dataset):
             kept = [i for i in range(0, len(self.samples), 2)
                     if self.samples[i] is not None and self.samples[i + 1] is not None]
             self.dropped_pairs = len(self.samples) // 2 - len(kept)
+            for i in range(0, len(self.samples), 2):
+                for side, other in ((i, i + 1), (i + 1, i)):
+                    if self.samples[side] is not None and self.samples[other] is None:
+                        self.drops.append(_drop(records[side], f"its pair's other side (sample {other}) was dropped"))
             self.valid_indices = [j for i in kept for j in (i, i + 1)]
         elif any(r.role != ROLE_SINGLE for r in records):
             raise DataConfigError(f"{records.source or 'the dataset'} mixes preference pairs and single samples: "

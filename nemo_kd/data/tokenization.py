@@ -49,6 +49,7 @@ class TokenizationStats:
     truncated: int = 0
     dropped: int = 0
     dropped_indices: List[int] = field(default_factory=list)
+    dropped_reasons: List[str] = field(default_factory=list)  # one per dropped index, said to the user
 
 
 def split_prompt_completion(messages: Sequence[Dict[str, str]]) -> Tuple[list, list]:
@@ -154,6 +155,9 @@ class ConversationTokenizer:
             if self.overlong == "drop" or keep < 1:
                 self.stats.dropped += 1
                 self.stats.dropped_indices.append(self.stats.samples - 1)
+                self.stats.dropped_reasons.append(
+                    f"the prompt alone is {len(p_ids)} tokens, max_seq_length={self.max_seq_length}" if keep < 1 else
+                    f"{len(p_ids) + len(c_ids)} tokens > max_seq_length={self.max_seq_length} (overlong=drop)")
                 return None
             c_ids, c_spans = c_ids[:keep], c_spans[:keep]
             truncated = True

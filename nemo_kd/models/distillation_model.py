@@ -361,12 +361,36 @@ class GPTDistillationModel(ModelPT):
         if dataset.dropped_pairs:
             log.warning("%d preference pair(s) of %s dropped: a side exceeds max_seq_length=%d", dataset.dropped_pairs,
                         ds["file_path"], max_len)
+        self._report_drops(dataset, ds["file_path"], "train" if train else "validation")
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         if train:  # what on-policy sampling needs of the tokenizer
             self._sampling_ids = dict(eos_id=tok.eos_token_id, pad_id=pad_id, vocab_size=len(tok))
         loader = torch.utils.data.DataLoader(_StepData(dataset, self._seq_length, pad_id), sampler=sampler,
                                              batch_size=None, num_workers=int(ds.get("num_workers", 0)))
         return loader, gbs
+
+    def _report_drops(self, dataset: DistillationDataset, file_path: str, split: str) -> None:
+        """Name every sample of ``file_path`` that will not train: in the log (the first few) and, whole, in
+        ``dropped.jsonl`` (``dropped.validation.jsonl``) of the run directory; the count goes to the first
+        step's metrics (``dropped_samples``)."""
+        drops = dataset.drops
+        total = len(dataset.records) + len(dataset.records.skipped)  # samples read + lines that were no sample
+        if split == "train":
+            self._dropped_train_samples = len(drops)
+        if not drops:
+            return
+        shown = "; ".join(f"{d['file']}:{d['line']}" + (f" (sample {d['sample']})" if "sample" in d else "")
+                          + f": {d['reason']}" for d in drops[:5])
+        run_dir = getattr(self._trainer, "default_root_dir", None) if self._trainer is not None else None
+        path = os.path.join(run_dir, "dropped.jsonl" if split == "train" else f"dropped.{split}.jsonl") \
+            if run_dir else None
+        log.warning("%s: %d of %d samples will not %s: %s%s%s", file_path, len(drops), total,
+                    "train" if split == "train" else "be validated", shown, " ..." if len(drops) > 5 else "",
+                    f" (all listed in {path})" if path else "")
+        if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            from nemo_kd.generation.responses import write_jsonl_atomic
+
+            write_jsonl_atomic(path, [dict(split=split, **d) for d in drops])
 
     def setup_training_data(self, train_data_config):
         self._train_dl, self._train_gbs = self._build_loader(train_data_config, train=True)
@@ -409,6 +433,8 @@ class GPTDistillationModel(ModelPT):
         metrics["tokens/s"] = _global_tokens(on_policy or batch) / elapsed  # real tokens, not padding
         metrics["padded_tokens/s"] = gbs * self.engine.batch_cfg.seq_length / elapsed
         metrics["consumed_samples"] = float(self.consumed_samples)
+        if self.global_step == 1 and getattr(self, "_dropped_train_samples", None) is not None:
+            metrics["dropped_samples"] = float(self._dropped_train_samples)  # named in the log and dropped.jsonl
         for name, value in metrics.items():
             self.log(name, float(value), prog_bar=name in self._progress_bar, batch_size=gbs)
         self.log("global_step", float(self.global_step + 1), batch_size=gbs)
