@@ -255,7 +255,7 @@ def test_mismatch_errors(assets, tmp_path):
         assert again.num_tokens == assets["summary"].num_tokens
 
 
-def test_malformed_input_and_skip(assets, tmp_path):
+def test_malformed_input_and_skip(assets, tmp_path, caplog):
     from nemo_kd.data import DataError
     from nemo_kd.teacher.extract import compute_topk_logits
     from nemo_kd.teacher.teachers import MegatronTeacher
@@ -272,6 +272,9 @@ def test_malformed_input_and_skip(assets, tmp_path):
         s = compute_topk_logits(_extract_cfg(str(tmp_path / "s2"), str(bad), skip_bad_samples=True, overlong="drop"),
                                 teacher, assets["tok"])
     assert s.skipped == 2 and s.num_samples == N_SAMPLES - 2 and s.dropped == 1 and s.truncated == 0
+    # the over-long sample is named with its reason (dataset sample 5, file line 8)
+    assert re.search(rf"sample 5 \({re.escape(str(bad))}:8\): not extracted, \d+ tokens > max_seq_length=\d+ "
+                     r"\(overlong=drop\)", caplog.text), caplog.text
     assert f"{bad}:3:" in s.skipped_report and f"{bad}:5: bad JSON" in s.skipped_report
     assert "skipped bad input  2" in s.format()
     from nemo_kd.teacher.store import StoreReader

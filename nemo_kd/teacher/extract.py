@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -80,6 +81,8 @@ __all__ = ["ExtractConfig", "ExtractSummary", "compute_topk_logits", "run_from_c
 
 # Test hook: seconds to sleep after each batch (lets the kill-and-resume test land a SIGKILL mid-run).
 _BATCH_DELAY_ENV = "NEMO_KD_EXTRACT_BATCH_DELAY"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -221,7 +224,12 @@ def _sample_name(records: RecordSet, i: int) -> str:
 def _tokenize_block(records: RecordSet, ctok: ConversationTokenizer, block: range) -> List[Optional[TokenizedSample]]:
     out = []
     for i in block:
+        dropped_before = ctok.stats.dropped
         ts = ctok(records[i].messages, sample_name=_sample_name(records, i))
+        if ts is None and ctok.stats.dropped > dropped_before:  # each rank names the drops of its own block
+            log.warning("%s%s: not extracted, %s (stored with 0 tokens; training drops it too)",
+                        f"id {records[i].id!r}, " if records[i].id is not None else "", _sample_name(records, i),
+                        ctok.stats.dropped_reasons[-1])
         if ts is not None and ts.num_prompt_tokens < 1:
             raise TokenizationError(f"{_sample_name(records, i)}: the prompt renders to no tokens, so the first "
                                     "completion token has no teacher position predicting it")
