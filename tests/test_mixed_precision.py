@@ -10,6 +10,7 @@ TP=2, and ``build_gpt_model`` for the teacher's cast.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -538,3 +539,26 @@ def test_cpu_shim_mixed_precision_patches():
     assert float(scaler.scale) == 2.0 and scaler.scale.device.type == "cpu"
     with pytest.raises((AssertionError, RuntimeError)):
         torch.zeros(1).cuda()  # Tensor.cuda is itself again outside the patched call
+
+
+def test_a_save_removes_what_a_killed_save_left(tmp_path):
+    """A process killed while saving leaves ``<name>.ckpt.tmp-<pid>`` (a whole checkpoint) or, between the two
+    renames, ``<name>.ckpt.old-<pid>``: the next save in that directory removes them, keeps finished checkpoints
+    and other files, and its own checkpoint loads."""
+    from nemo_kd.models.checkpointing import load_training_checkpoint, save_training_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    for leftover in ("gpt_kd--step=3.ckpt.tmp-4242", "gpt_kd--step=3.ckpt.old-4242"):
+        os.makedirs(ckpts / leftover / "weights")
+        (ckpts / leftover / "weights" / "blob").write_bytes(b"x" * 1000)
+    (ckpts / "notes.tmp-1").write_text("a file, not a save's directory")
+    with WorldOfOne():
+        engine = _engine("fp32", steps=2)
+        engine.train_step(_microbatches(0))
+        save_training_checkpoint(engine, str(ckpts / "gpt_kd--step=1.ckpt"))
+        assert sorted(os.listdir(ckpts)) == ["gpt_kd--step=1.ckpt", "notes.tmp-1"]
+        save_training_checkpoint(engine, str(ckpts / "gpt_kd--step=1-last.ckpt"))
+        assert sorted(os.listdir(ckpts)) == ["gpt_kd--step=1-last.ckpt", "gpt_kd--step=1.ckpt", "notes.tmp-1"]
+        resumed = _engine("fp32", steps=2)
+        load_training_checkpoint(resumed, str(ckpts / "gpt_kd--step=1.ckpt"))
+        assert resumed.step == engine.step == 1

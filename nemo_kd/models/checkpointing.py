@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 from typing import Any, Dict, Optional
 
@@ -123,6 +124,19 @@ def _set_rng_state(rng: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
+_LEFTOVER = re.compile(r".+\.(tmp|old)-\d+$")  # the temporary names save_training_checkpoint uses
+
+
+def _remove_leftovers(directory: str, keep: str) -> None:
+    """Delete the temporary checkpoint directories a killed save left in ``directory`` (one checkpoint's size
+    each). A run directory has one writer, so any such directory but this save's own is a leftover."""
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        full = os.path.join(directory, name)
+        if _LEFTOVER.fullmatch(name) and full != keep and os.path.isdir(full):
+            log.warning("removing %s: a checkpoint save that did not finish (killed process)", full)
+            shutil.rmtree(full, ignore_errors=True)
+
+
 def save_training_checkpoint(engine, path: str, common: Optional[Dict[str, Any]] = None) -> None:
     """Save the engine's student, optimizer, scheduler and step (all ranks call it).
 
@@ -139,6 +153,7 @@ def save_training_checkpoint(engine, path: str, common: Optional[Dict[str, Any]]
         dist.broadcast_object_list(names, src=0)
     tmp = names[0]
     if _rank() == 0:
+        _remove_leftovers(os.path.dirname(path), keep=tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, WEIGHTS_DIR))
         os.makedirs(os.path.join(tmp, RNG_DIR))
