@@ -135,12 +135,10 @@ class DistillationDataset(torch.utils.data.Dataset):
                                                for s in records.skipped]
         for rec in records:
             name = f"{rec.source_file}:{rec.source_line}" if rec.source_file else f"sample {rec.index}"
-            dropped_before = tokenizer.stats.dropped
             tok = tokenizer(list(rec.messages), sample_name=name)
-            if tok is None:  # dropped as over-long (counted in tokenizer.stats)
+            if tok is None:  # dropped as over-long: the tokenizer recorded why
                 self.samples.append(None)
-                reason = tokenizer.stats.dropped_reasons[-1] if tokenizer.stats.dropped > dropped_before else "over-long"
-                self.drops.append(_drop(rec, reason))
+                self.drops.append(_drop(rec, tokenizer.stats.dropped_reasons[-1]))
                 continue
             sample = DistillationSample(
                 index=rec.index,

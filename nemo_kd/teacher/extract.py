@@ -224,9 +224,8 @@ def _sample_name(records: RecordSet, i: int) -> str:
 def _tokenize_block(records: RecordSet, ctok: ConversationTokenizer, block: range) -> List[Optional[TokenizedSample]]:
     out = []
     for i in block:
-        dropped_before = ctok.stats.dropped
         ts = ctok(records[i].messages, sample_name=_sample_name(records, i))
-        if ts is None and ctok.stats.dropped > dropped_before:  # each rank names the drops of its own block
+        if ts is None:  # dropped as over-long; each rank names the drops of its own block
             log.warning("%s%s: not extracted, %s (stored with 0 tokens; training drops it too)",
                         f"id {records[i].id!r}, " if records[i].id is not None else "", _sample_name(records, i),
                         ctok.stats.dropped_reasons[-1])
