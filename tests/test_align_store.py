@@ -138,15 +138,21 @@ def test_same_tokenizer_path_is_format_1_without_alignment_files(assets):
     from nemo_kd.teacher.store import StoreReader
 
     files = sorted(os.listdir(assets["v1"]))
-    assert files == ["manifest.json", "shard-00000.bin", "shard-00000.idx", "shard-00000.json"]
+    assert files == ["manifest.json", "shard-00000.bin", "shard-00000.idx", "shard-00000.json", "shard-00000.sum"]
     m = json.loads(open(os.path.join(assets["v1"], "manifest.json")).read())
-    assert (m["format_version"], m["min_reader_version"], m["extensions"]) == (1, 1, {})
+    # only the per-sample checksums, an extension every v1 reader ignores
+    assert (m["format_version"], m["min_reader_version"], sorted(m["extensions"])) == (1, 1, ["sample_checksums"])
+    assert m["extensions"]["sample_checksums"]["fields"] == ["payload", "ids", "lse", "values"]
     shard = json.loads(open(os.path.join(assets["v1"], "shard-00000.json")).read())
-    assert set(shard) == {"rank", "settings", "shard"}
+    assert set(shard) == {"rank", "settings", "shard", "checksum_shard"}
     assert StoreReader(assets["v1"])[0].alignment is None
     assert sorted(os.listdir(assets["v2"])) == files[:1] + ["shard-00000.align.bin", "shard-00000.align.idx",
                                                             "shard-00000.bin", "shard-00000.idx",
-                                                            "shard-00000.json", "vocab_map.npy"]
+                                                            "shard-00000.json", "shard-00000.sum", "vocab_map.npy"]
+    m2 = json.loads(open(os.path.join(assets["v2"], "manifest.json")).read())
+    assert m2["extensions"]["sample_checksums"]["fields"] == ["payload", "ids", "lse", "values", "alignment",
+                                                              "alignment_groups",
+                                                              "teacher_ids", "teacher_logprobs"]
 
 
 def test_reader_refuses_mismatched_student_tokenizer_dataset_or_length(assets, tmp_path):

@@ -107,16 +107,17 @@ def test_round_trip(tmp_path, values_dtype):
 
 
 def test_bf16_bytes_per_token_budget(tmp_path):
-    # Realistic lengths (>= 3 tokens): payload + index within 6k + 16 bytes per token.
+    # Realistic lengths (>= 6 tokens): payload + index + per-sample checksums within 6k + 16 bytes per token.
     def sample(i):
-        n = 3 + i % 14
+        n = 6 + i % 11  # <= MAX_LEN
         return np.full((n, K), 1.5, np.float32), np.ones((n, K), np.int64), np.zeros(n, np.float32), -1.0
 
     info = _write(tmp_path, 64, sample_fn=sample)
     assert info.payload_bytes == sum(bytes_per_sample(sample(i)[0].shape[0], K, "bfloat16") for i in range(64))
-    per_token = (info.payload_bytes + info.num_samples * INDEX_DTYPE.itemsize) / info.num_tokens
+    per_token = (info.payload_bytes + info.num_samples * (INDEX_DTYPE.itemsize + 32)) / info.num_tokens
     assert per_token <= 6 * K + 16, per_token
-    whole_files = (info.payload_bytes + info.index_bytes) / info.num_tokens  # incl. the .npy header
+    sums = os.path.getsize(tmp_path / "shard-00000.sum")  # incl. its .npy header, as the index's
+    whole_files = (info.payload_bytes + info.index_bytes + sums) / info.num_tokens
     assert whole_files <= 6 * K + 16, whole_files
 
 
@@ -226,20 +227,36 @@ def test_writer_validation_errors(tmp_path):
         StoreWriter(tmp_path / "h", _manifest(1, "float16"), 0, 1).append(0, np.full((1, K), 1e6), np.zeros((1, K)), np.zeros(1), 0.0)
 
 
+def _as_newer_writer(path, edit):
+    """Apply ``edit(settings)`` to the manifest and every shard record alike: what a newer writer writes."""
+    manifest_path = path / "manifest.json"
+    m = json.loads(manifest_path.read_text())
+    edit(m)
+    manifest_path.write_text(json.dumps(m))
+    for record_path in path.glob("shard-*[0-9].json"):
+        record = json.loads(record_path.read_text())
+        edit(record["settings"])
+        for ext in record["settings"].get("extensions", {}).values():
+            ext.pop("shards", None)
+        record_path.write_text(json.dumps(record))
+
+
 def test_format_versioning(tmp_path):
     _write(tmp_path, 3)
-    manifest_path = tmp_path / "manifest.json"
-    m = json.loads(manifest_path.read_text())
-    # A newer writer's additive keys and extensions are ignored by this reader ...
-    m["extensions"] = {"something_new": {"x": 1}}
-    m["future_key"] = 3
-    m["format_version"] = 2
-    manifest_path.write_text(json.dumps(m))
+
+    def newer(m):  # a newer writer's additive keys and extensions are ignored by this reader ...
+        m["extensions"]["something_new"] = {"x": 1}
+        m["future_key"] = 3
+        m["format_version"] = 2
+
+    _as_newer_writer(tmp_path, newer)
     assert StoreReader(tmp_path)[1].num_tokens == _sample(1)[0].shape[0]
-    # ... but a store that needs a newer reader (e.g. cross-tokenizer ids) is refused.
-    m["min_reader_version"] = 2
-    m["extensions"] = {"cross_tokenizer_alignment": {}}
-    manifest_path.write_text(json.dumps(m))
+
+    def needs_newer_reader(m):  # ... but a store that needs a newer reader (e.g. cross-tokenizer ids) is refused.
+        m["min_reader_version"] = 2
+        m["extensions"]["cross_tokenizer_alignment"] = {}
+
+    _as_newer_writer(tmp_path, needs_newer_reader)
     with pytest.raises(StoreError, match="needs reader version >= 2.*cross-tokenizer"):
         StoreReader(tmp_path)
 
@@ -364,7 +381,8 @@ def test_kill_and_resume_single_rank_is_byte_identical(tmp_path):
     ref = tmp_path / "ref"
     _write(ref, n)
     reference = _files(ref)
-    assert sorted(reference) == ["manifest.json", "shard-00000.bin", "shard-00000.idx", "shard-00000.json"]
+    assert sorted(reference) == ["manifest.json", "shard-00000.bin", "shard-00000.idx", "shard-00000.json",
+                                 "shard-00000.sum"]
 
     out = tmp_path / "killed"
     specs = [

@@ -326,7 +326,7 @@ class GPTDistillationModel(ModelPT):
                 raise DataConfigError("teacher.mode=offline needs data.*.logits_store (a teacher top-k store)")
             from nemo_kd.teacher.store import StoreReader
 
-            store = StoreReader(ds["logits_store"])
+            store = StoreReader(ds["logits_store"], verify_checksums=bool(ds.get("verify_logits_store", False)))
             tv = store.manifest.teacher_vocab_size
             if tv and tv > self._student_cfg.vocab_size and not getattr(store, "cross_tokenizer", False):
                 raise DataConfigError(f"the store's teacher vocabulary ({tv}) is larger than student.vocab_size "

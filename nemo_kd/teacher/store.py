@@ -27,12 +27,15 @@ Format version 1 (a directory)
 ``shard-{rank:05d}.idx``
     A ``.npy`` file (``np.load(mmap_mode="r")``), one packed row per sample:
     ``sample_index int64, offset int64, num_tokens int32, seq_logprob float64``
-    (28 bytes). With the at most 2 bytes of padding, a sample costs ``6k + 4``
-    bytes per token plus 30 bytes: at most ``6k + 16`` per token for every
-    sample of 3 or more tokens.
+    (28 bytes). With the at most 2 bytes of padding and its 32 bytes of checksums
+    (``.sum`` below), a sample costs ``6k + 4`` bytes per token plus 62 bytes: at
+    most ``6k + 16`` per token for every sample of 6 or more tokens.
+``shard-{rank:05d}.sum``
+    A ``.npy`` file of per-sample checksums, one row per sample (``extensions["sample_checksums"]``,
+    "Verified reads" below).
 ``shard-{rank:05d}.json``
-    The shard's own record (settings + :class:`ShardInfo`), the marker that the
-    shard is final; ``manifest.json`` is assembled from these.
+    The shard's own record (settings + :class:`ShardInfo` + its checksum file), the marker that the
+    shard is final; ``manifest.json`` is assembled from these, and every open checks it against them.
 
 Samples are assigned to DP ranks in contiguous blocks (:func:`shard_sample_range`),
 so a sample's shard is found by bisection and its record in O(1).
@@ -60,8 +63,8 @@ The manifest carries ``format_version`` (what the writer wrote) and
 ``min_reader_version`` (the oldest reader that may use the store); a reader refuses
 a store whose ``min_reader_version`` is above its own version, and otherwise ignores
 manifest keys and ``extensions`` entries it does not know. A store without
-cross-tokenizer data is written exactly as format version 1 (byte-identical to what
-a v1 writer writes; every v1 reader reads it). Version 2 adds cross-tokenizer
+cross-tokenizer data is written as format version 1 (every v1 reader reads it; the
+per-sample checksums are an extension it ignores). Version 2 adds cross-tokenizer
 distillation without changing any v1 file:
 
 * the v1 per-token payload stays as is; its rows are the completion tokens of the
@@ -116,6 +119,26 @@ unknown and ``topk_convention: exact_tail`` is refused (:meth:`StoreReader.check
 ``"seq_logprob"`` – the per-sample ``seq_logprob`` is a placeholder 0 (Aligner keeps no
 teacher log-prob of the reference completion).
 
+Verified reads
+--------------
+Nothing is decoded from a store that is not what the writer wrote:
+
+* **per-sample checksums** (``extensions["sample_checksums"]``: layout 1, xxh3_64, an extension every older
+  reader ignores, so no format version changes): per sample one hash over its ``ids | lse | values`` laid end
+  to end (checked on every read, one call), and one per field (to name the field that fails); cross-tokenizer
+  stores the same for ``alignment groups | teacher_ids | teacher_logprobs``. The hashes are seeded with the
+  decoding settings (``k``, ``values_dtype``, ``values_encoding``, ``logits_scale``), so an edit of those in the
+  manifest *and* the records still fails;
+* at every open: the manifest against each ``shard-XXXXX.json`` (every setting, every :class:`ShardInfo` field,
+  each extension's shard entry; differences named), file names confined to the store directory, file sizes,
+  the index layout the manifest implies (sample ids, token counts, offsets laid end to end at ``k`` and
+  ``values_dtype``) and the small files (indices, checksums) hashed whole (sha256);
+* whole-file sha256 of the payloads: ``StoreReader(path, verify_checksums=True)`` (training:
+  ``data.*.verify_logits_store``) or ``nemo-kd-verify-store`` (:mod:`nemo_kd.teacher.verify_store`).
+
+A store written before per-sample checksums has no ``.sum`` files: it is read after its files are hashed
+whole at open (logged), since nothing else would catch a flipped byte.
+
 Reading
 -------
 :class:`StoreReader` memory-maps every shard; ``reader[i]`` returns a
@@ -125,7 +148,7 @@ dataset sample ``i``; in a cross-tokenizer store its ``alignment`` is the sample
 :meth:`StoreReader.check_compatible` refuses, with :class:`StoreMismatchError`
 (naming the store and each differing field), a store built for another dataset,
 tokenizer (the student's, for a cross-tokenizer store), ``k`` or length;
-:meth:`StoreReader.verify_checksums` re-hashes every file.
+:meth:`StoreReader.verify_checksums` re-hashes every file (and with ``samples=True`` reads every sample).
 
 This module imports torch lazily (only to hand tensors to callers), so a writer
 process does not pay torch's import time.
@@ -139,12 +162,14 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import numpy as np
+import xxhash
 
 __all__ = [
     "ALIGNMENT_EXTENSION",
@@ -154,6 +179,7 @@ __all__ = [
     "FULL_VOCABULARY_LSE",
     "INDEX_DTYPE",
     "READER_VERSION",
+    "SAMPLE_CHECKSUMS_EXTENSION",
     "SEQ_LOGPROB",
     "UNAVAILABLE_STATISTICS",
     "VALUES_DTYPES",
@@ -185,6 +211,14 @@ UNAVAILABLE_STATISTICS = (FULL_VOCABULARY_LSE, SEQ_LOGPROB)
 ALIGNMENT_EXTENSION = "cross_tokenizer_alignment"  # format version 2: the cross-tokenizer alignment
 ALIGNMENT_EXTENSION_LAYOUT = 1  # layout of the extension's files (bump on change)
 VOCAB_MAP_FILE = "vocab_map.npy"
+# Per-sample checksums (module docstring, "Verified reads"): one xxh3_64 per stored field of each sample.
+SAMPLE_CHECKSUMS_EXTENSION = "sample_checksums"
+SAMPLE_CHECKSUMS_LAYOUT = 1
+SAMPLE_CHECKSUM_ALGORITHM = "xxh3_64"
+# The first checksum of each group covers the group's fields end to end (one hash call per read); the others name
+# the field that fails when it does not match.
+PAYLOAD_FIELDS = ("payload", "ids", "lse", "values")
+ALIGNMENT_FIELDS = ("alignment", "alignment_groups", "teacher_ids", "teacher_logprobs")
 # Keys every cross-tokenizer extension must carry (besides "shards", added by finalize_manifest).
 _ALIGNMENT_KEYS = ("layout", "alignment_algorithm", "alignment_version", "student_tokenizer_hash",
                    "teacher_tokenizer_hash", "student_max_seq_length", "student_real_vocab", "teacher_real_vocab",
@@ -202,6 +236,7 @@ ALIGN_INDEX_DTYPE = np.dtype([("sample_index", "<i8"), ("offset", "<i8"), ("num_
 _ALIGN = 4  # sample blocks start 4-byte aligned so the int32/fp32 sections are aligned
 _MANIFEST = "manifest.json"
 _HASH_CHUNK = 8 << 20
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -498,6 +533,34 @@ def _decode_values(raw: np.ndarray, values_dtype: str) -> np.ndarray:
     return raw.astype("<f4")
 
 
+# ----------------------------------------------------------------------------- per-sample checksums
+
+
+def checksum_dtype(cross_tokenizer: bool) -> np.dtype:
+    """One ``<u8`` xxh3_64 per stored field of a sample (the rows of ``shard-XXXXX.sum``)."""
+    fields = PAYLOAD_FIELDS + (ALIGNMENT_FIELDS if cross_tokenizer else ())
+    return np.dtype([(name, "<u8") for name in fields])
+
+
+def sample_checksums_extension(cross_tokenizer: bool) -> Dict[str, Any]:
+    """The ``sample_checksums`` extension a writer records (``shards`` is added by :func:`finalize_manifest`)."""
+    return {"layout": SAMPLE_CHECKSUMS_LAYOUT, "algorithm": SAMPLE_CHECKSUM_ALGORITHM,
+            "fields": list(checksum_dtype(cross_tokenizer).names)}
+
+
+def _checksum_seed(m: "StoreManifest") -> int:
+    """The hash seed: the settings that say how the bytes decode. An edit of ``k``, ``values_dtype`` or
+    ``values_encoding`` in the manifest and in the shard records alike still fails every sample's check."""
+    decoding = json.dumps({"k": m.k, "values_dtype": m.values_dtype, "values_encoding": m.values_encoding,
+                           "logits_scale_applied": m.logits_scale_applied, "logits_scale": m.logits_scale},
+                          sort_keys=True)
+    return xxhash.xxh3_64_intdigest(decoding.encode())
+
+
+def _checksum(data, seed: int) -> int:
+    return xxhash.xxh3_64_intdigest(data, seed)
+
+
 @dataclass
 class StoredAlignment:
     """One sample's cross-tokenizer data (format version 2, module docstring).
@@ -627,6 +690,10 @@ class StoreWriter:
         if self.manifest.format_version > FORMAT_VERSION:
             raise ValueError(f"this writer writes format versions <= {FORMAT_VERSION}, not {self.manifest.format_version}")
         self.cross_tokenizer = self.manifest.is_cross_tokenizer
+        # every store this writer writes carries per-sample checksums (an extension: older readers ignore it)
+        self.manifest.extensions[SAMPLE_CHECKSUMS_EXTENSION] = sample_checksums_extension(self.cross_tokenizer)
+        self._sum_dtype = checksum_dtype(self.cross_tokenizer)
+        self._seed = _checksum_seed(self.manifest)
         self.assigned = shard_sample_range(self.manifest.num_samples, self.rank, self.world_size)
         self._tag = f"r{self.rank}"
         base = os.path.join(self.path, f"shard-{self.rank:05d}")
@@ -635,10 +702,12 @@ class StoreWriter:
         self._progress_file, self._done_file = base + ".progress.json", base + ".json"
         self.align_payload_file, self.align_index_file = base + ".align.bin", base + ".align.idx"
         self._align_partial, self._align_index_partial = base + ".align.bin.partial", base + ".align.idx.partial"
-        self._payload = self._index = None
+        self.checksum_file, self._checksum_partial = base + ".sum", base + ".sum.partial"
+        self._payload = self._index = self._sums = None
         self._align = self._align_index = None
         self._align_bytes = self._committed_align_bytes = 0
         self.align_shard: Optional[Dict[str, Any]] = None
+        self.checksum_shard: Optional[Dict[str, Any]] = None
         self._committed_samples = self._committed_bytes = 0
         self._samples = self._bytes = self._tokens = 0  # appended, committed or not
         self._committed_tokens = 0
@@ -709,10 +778,10 @@ class StoreWriter:
             self._bytes = self._committed_bytes = self.shard_info.payload_bytes
             self.resumed_from = self.assigned.stop
             self.align_shard = record.get("alignment_shard")
+            self.checksum_shard = record.get("checksum_shard")
             # A kill during finalize's last step may leave these behind.
-            _remove_if_exists(self._progress_file)
-            _remove_if_exists(self._index_partial)
-            _remove_if_exists(self._align_index_partial)
+            for leftover in (self._progress_file, self._index_partial, self._align_index_partial, self._checksum_partial):
+                _remove_if_exists(leftover)
             return
         if os.path.exists(self._progress_file):
             with open(self._progress_file) as f:
@@ -729,7 +798,8 @@ class StoreWriter:
             self._committed_bytes = int(progress["payload_bytes"])
             self._committed_tokens = int(progress["num_tokens"])
             index_bytes = self._committed_samples * INDEX_DTYPE.itemsize
-            files = [(self._payload_partial, self._committed_bytes), (self._index_partial, index_bytes)]
+            files = [(self._payload_partial, self._committed_bytes), (self._index_partial, index_bytes),
+                     (self._checksum_partial, self._committed_samples * self._sum_dtype.itemsize)]
             if self.cross_tokenizer:
                 self._committed_align_bytes = int(progress["align_bytes"])
                 files += [(self._align_partial, self._committed_align_bytes),
@@ -743,19 +813,21 @@ class StoreWriter:
             for f, (_, size) in zip(handles, files):
                 f.truncate(size)
                 f.seek(0, io.SEEK_END)
-            self._payload, self._index = handles[:2]
+            self._payload, self._index, self._sums = handles[:3]
             if self.cross_tokenizer:
-                self._align, self._align_index = handles[2:]
+                self._align, self._align_index = handles[3:]
                 self._align_bytes = self._committed_align_bytes
             self._samples, self._bytes, self._tokens = self._committed_samples, self._committed_bytes, self._committed_tokens
             self.resumed_from = self.next_sample_index
             return
         # Nothing committed yet: whatever is on disk for this rank is garbage of a killed run.
         for stale in (self._payload_partial, self._index_partial, self.payload_file, self.index_file,
-                      self._align_partial, self._align_index_partial, self.align_payload_file, self.align_index_file):
+                      self._align_partial, self._align_index_partial, self.align_payload_file, self.align_index_file,
+                      self._checksum_partial, self.checksum_file):
             _remove_if_exists(stale)
         self._payload = open(self._payload_partial, "w+b")
         self._index = open(self._index_partial, "w+b")
+        self._sums = open(self._checksum_partial, "w+b")
         if self.cross_tokenizer:
             self._align = open(self._align_partial, "w+b")
             self._align_index = open(self._align_index_partial, "w+b")
@@ -811,14 +883,16 @@ class StoreWriter:
         encoded = _encode_values(v - l[:, None] if m.values_encoding == "logprobs" else v, m.values_dtype)
         if m.values_dtype == "float16" and not np.isfinite(encoded).all():
             raise ValueError(f"sample {sample_index}: teacher logits overflow float16; use values_dtype='bfloat16'")
-        block = b"".join(
-            (np.ascontiguousarray(i, dtype="<i4").tobytes(), np.ascontiguousarray(l).tobytes(), encoded.tobytes())
-        )
+        fields = (np.ascontiguousarray(i, dtype="<i4").tobytes(), np.ascontiguousarray(l).tobytes(), encoded.tobytes())
+        block = b"".join(fields)
+        sums = (block,) + fields
         block += b"\0" * (-len(block) % _ALIGN)
         row = np.array([(sample_index, self._bytes, n, float(seq_logprob))], dtype=INDEX_DTYPE)
         if alignment is not None:
             _check_alignment(sample_index, alignment, n)
             a_block = alignment.to_bytes()
+            sums += (a_block, alignment.packed.tobytes(), alignment.teacher_ids.tobytes(),
+                     alignment.teacher_logprobs.tobytes())
             a_row = np.array([(sample_index, self._align_bytes, alignment.num_groups, alignment.num_student_tokens, n)],
                              dtype=ALIGN_INDEX_DTYPE)
             self._align.write(a_block)
@@ -826,6 +900,7 @@ class StoreWriter:
             self._align_bytes += len(a_block)
         self._payload.write(block)
         self._index.write(row.tobytes())
+        self._sums.write(np.array([tuple(_checksum(f, self._seed) for f in sums)], dtype=self._sum_dtype).tobytes())
         self._samples += 1
         self._bytes += len(block)
         self._tokens += n
@@ -834,7 +909,7 @@ class StoreWriter:
         """Make every appended sample durable (fsync data, then atomically record progress)."""
         if self.is_finished or (self._samples == self._committed_samples and os.path.exists(self._progress_file)):
             return
-        for f in (self._payload, self._index, self._align, self._align_index):
+        for f in (self._payload, self._index, self._sums, self._align, self._align_index):
             if f is not None:
                 f.flush()
                 os.fsync(f.fileno())
@@ -870,6 +945,10 @@ class StoreWriter:
                 buf = io.BytesIO()
                 np.save(buf, np.frombuffer(self._align_index.read(), dtype=ALIGN_INDEX_DTYPE), allow_pickle=False)
                 _atomic_write(self.align_index_file, buf.getvalue(), self._tag)
+            self._sums.seek(0)
+            buf = io.BytesIO()
+            np.save(buf, np.frombuffer(self._sums.read(), dtype=self._sum_dtype), allow_pickle=False)
+            _atomic_write(self.checksum_file, buf.getvalue(), self._tag)
             self._close_files()
             os.replace(self._payload_partial, self.payload_file)
             if self.cross_tokenizer:
@@ -900,10 +979,13 @@ class StoreWriter:
                     "index_sha256": _sha256_file(self.align_index_file),
                 }
                 record["alignment_shard"] = self.align_shard
+            self.checksum_shard = {"rank": self.rank, "file": os.path.basename(self.checksum_file),
+                                   "bytes": os.path.getsize(self.checksum_file),
+                                   "sha256": _sha256_file(self.checksum_file)}
+            record["checksum_shard"] = self.checksum_shard
             _atomic_write(self._done_file, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), self._tag)
-            _remove_if_exists(self._progress_file)
-            _remove_if_exists(self._index_partial)
-            _remove_if_exists(self._align_index_partial)
+            for leftover in (self._progress_file, self._index_partial, self._align_index_partial, self._checksum_partial):
+                _remove_if_exists(leftover)
             self.shard_info = info
         try:
             finalize_manifest(self.path, tag=self._tag)
@@ -912,10 +994,10 @@ class StoreWriter:
         return self.shard_info
 
     def _close_files(self) -> None:
-        for f in (self._payload, self._index, self._align, self._align_index):
+        for f in (self._payload, self._index, self._sums, self._align, self._align_index):
             if f is not None:
                 f.close()
-        self._payload = self._index = self._align = self._align_index = None
+        self._payload = self._index = self._sums = self._align = self._align_index = None
 
     def close(self) -> None:
         """Close without committing (uncommitted appends are dropped on the next open)."""
@@ -968,6 +1050,12 @@ def finalize_manifest(path: Union[str, os.PathLike], tag: Optional[str] = None) 
         ext = dict(manifest.extensions[ALIGNMENT_EXTENSION])
         ext["shards"] = [by_rank[s.rank] for s in shards]
         manifest.extensions = dict(manifest.extensions, **{ALIGNMENT_EXTENSION: ext})
+    if SAMPLE_CHECKSUMS_EXTENSION in manifest.extensions:
+        by_rank = {r["rank"]: r.get("checksum_shard") for r in records}
+        if any(by_rank[s.rank] is None for s in shards):
+            raise StoreCorruptError(f"{path}: a shard record lacks its per-sample checksum file")
+        ext = dict(manifest.extensions[SAMPLE_CHECKSUMS_EXTENSION], shards=[by_rank[s.rank] for s in shards])
+        manifest.extensions = dict(manifest.extensions, **{SAMPLE_CHECKSUMS_EXTENSION: ext})
     _atomic_write(os.path.join(path, _MANIFEST), manifest.to_json().encode(), tag or f"p{os.getpid()}")
     return manifest
 
@@ -1001,10 +1089,21 @@ def _confine_file_names(m: StoreManifest, manifest_path: str) -> None:
               for i, a in enumerate(ext.get("shards") or []) for field in ("payload_file", "index_file")]
     if "vocab_map_file" in ext:
         names.append((f"extensions.{ALIGNMENT_EXTENSION}.vocab_map_file", ext["vocab_map_file"]))
+    sums = (m.extensions or {}).get(SAMPLE_CHECKSUMS_EXTENSION) or {}
+    names += [(f"extensions.{SAMPLE_CHECKSUMS_EXTENSION}.shards[{i}].file", c.get("file") if isinstance(c, dict) else c)
+              for i, c in enumerate(sums.get("shards") or [])]
     for where, name in names:
         if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name \
                 or "/" in name or "\\" in name:
             raise StoreCorruptError(f"{manifest_path}: {where}={name!r} is not a file name inside the store")
+
+
+def _comparable_settings(m: StoreManifest) -> Dict[str, Any]:
+    """A manifest's build settings with defaults filled in and without the shard lists finalize adds."""
+    out = {key: getattr(m, key) for key in _SETTINGS_KEYS + ("values_encoding",)}
+    out["extensions"] = {name: {key: v for key, v in ext.items() if key != "shards"} if isinstance(ext, dict) else ext
+                         for name, ext in (m.extensions or {}).items()}
+    return out
 
 
 class StoreReader:
@@ -1044,39 +1143,202 @@ class StoreReader:
                     f"has layout {ext.get('layout')!r}, this reader knows {ALIGNMENT_EXTENSION_LAYOUT}"))
         self._k, self._vdtype = m.k, VALUES_DTYPES[m.values_dtype]
         self._first = [s.first_sample for s in m.shards]
-        self._payloads, self._indices = [], []
-        for s in m.shards:
-            for name, size in ((s.payload_file, s.payload_bytes), (s.index_file, s.index_bytes)):
-                actual = os.path.getsize(os.path.join(self.path, name)) if os.path.exists(os.path.join(self.path, name)) else None
-                if actual != size:
-                    raise StoreCorruptError(f"{os.path.join(self.path, name)}: {actual} bytes, manifest says {size}")
+        self._sum_info = (m.extensions or {}).get(SAMPLE_CHECKSUMS_EXTENSION)
+        if self._sum_info is not None and (self._sum_info.get("layout") != SAMPLE_CHECKSUMS_LAYOUT or
+                                           self._sum_info.get("algorithm") != SAMPLE_CHECKSUM_ALGORITHM or
+                                           self._sum_info.get("fields") != list(checksum_dtype(self.cross_tokenizer).names)):
+            raise StoreError(f"{manifest_path}: per-sample checksums of layout {self._sum_info.get('layout')!r} / "
+                             f"{self._sum_info.get('algorithm')!r} / fields {self._sum_info.get('fields')!r}: this "
+                             f"reader knows layout {SAMPLE_CHECKSUMS_LAYOUT}, {SAMPLE_CHECKSUM_ALGORITHM}")
+        self._cross_check_records(manifest_path)
+        # The small files (indices, checksums) are hashed whole at every open: a few ms per million samples.
+        for name, size, digest in self._files(True):
+            file = os.path.join(self.path, name)
+            actual = os.path.getsize(file) if os.path.exists(file) else None
+            if actual != size:
+                raise StoreCorruptError(f"{file}: {actual} bytes, manifest says {size}")
+            if _sha256_file(file) != digest:
+                raise StoreCorruptError(f"{file}: checksum differs from the manifest's {digest}: the file is damaged")
+        for name, size, _ in self._files(False):
+            file = os.path.join(self.path, name)
+            actual = os.path.getsize(file) if os.path.exists(file) else None
+            if actual != size:
+                raise StoreCorruptError(f"{file}: {actual} bytes, manifest says {size}")
+        self._payloads, self._indices, self._sums = [], [], []
+        for pos, s in enumerate(m.shards):
             payload = os.path.join(self.path, s.payload_file)
-            self._payloads.append(np.memmap(payload, dtype=np.uint8, mode="r") if s.payload_bytes else np.zeros(0, np.uint8))
+            self._payloads.append(memoryview(np.memmap(payload, dtype=np.uint8, mode="r")) if s.payload_bytes
+                                  else memoryview(b""))
             index = np.load(os.path.join(self.path, s.index_file), mmap_mode="r" if s.num_samples else None, allow_pickle=False)
             if index.dtype != INDEX_DTYPE or index.shape != (s.num_samples,):
                 raise StoreCorruptError(f"{s.index_file}: index has dtype {index.dtype} shape {index.shape}, expected {s.num_samples} rows")
+            self._check_payload_layout(pos, s, index)
             self._indices.append(index)
+            if self._sum_info is not None:
+                c = self._sum_info["shards"][pos]
+                sums = np.load(os.path.join(self.path, c["file"]), allow_pickle=False)
+                if sums.dtype != checksum_dtype(self.cross_tokenizer) or sums.shape != (s.num_samples,):
+                    raise StoreCorruptError(f"{os.path.join(self.path, c['file'])}: checksums of dtype {sums.dtype} "
+                                            f"shape {sums.shape}, expected {s.num_samples} rows")
+                self._sums.append(np.ascontiguousarray(sums).view("<u8").reshape(s.num_samples, -1))
+        self._seed = _checksum_seed(m)
         self._align_payloads, self._align_indices = [], []
         if self.cross_tokenizer:
-            ashards = m.extensions[ALIGNMENT_EXTENSION]["shards"]
-            if [a["rank"] for a in ashards] != [s.rank for s in m.shards]:
-                raise StoreCorruptError(f"{manifest_path}: the alignment shards do not match the payload shards")
-            for s, a in zip(m.shards, ashards):
-                for name, size in ((a["payload_file"], a["payload_bytes"]), (a["index_file"], a["index_bytes"])):
-                    file = os.path.join(self.path, name)
-                    actual = os.path.getsize(file) if os.path.exists(file) else None
-                    if actual != size:
-                        raise StoreCorruptError(f"{file}: {actual} bytes, manifest says {size}")
-                self._align_payloads.append(np.memmap(os.path.join(self.path, a["payload_file"]), dtype=np.uint8,
-                                                      mode="r") if a["payload_bytes"] else np.zeros(0, np.uint8))
+            for pos, (s, a) in enumerate(zip(m.shards, m.extensions[ALIGNMENT_EXTENSION]["shards"])):
+                self._align_payloads.append(memoryview(np.memmap(os.path.join(self.path, a["payload_file"]),
+                                                                 dtype=np.uint8, mode="r")) if a["payload_bytes"]
+                                            else memoryview(b""))
                 index = np.load(os.path.join(self.path, a["index_file"]), mmap_mode="r" if s.num_samples else None,
                                 allow_pickle=False)
                 if index.dtype != ALIGN_INDEX_DTYPE or index.shape != (s.num_samples,):
                     raise StoreCorruptError(f"{a['index_file']}: index has dtype {index.dtype} shape {index.shape}, "
                                             f"expected {s.num_samples} rows")
+                self._check_alignment_layout(pos, a, index)
                 self._align_indices.append(index)
+        if self._sum_info is None:
+            # Written before per-sample checksums: the only check left is the whole files, so do it now.
+            log.warning("%s: written before per-sample checksums (nemo_kd < 0.2): verifying every file whole at open",
+                        self.path)
+            verify_checksums = True
+        self.has_sample_checksums = self._sum_info is not None
         if verify_checksums:
             self.verify_checksums()
+
+    # -- open-time checks: the manifest against the shard records and the sizes it implies
+
+    def _cross_check_records(self, manifest_path: str) -> None:
+        """The manifest is assembled from the ``shard-XXXXX.json`` records: every field must still agree."""
+        m = self.manifest
+        if len({s.rank for s in m.shards}) != len(m.shards) or len(m.shards) != m.world_size:
+            raise StoreCorruptError(f"{manifest_path}: {len(m.shards)} shards listed for world_size {m.world_size}")
+        mine = _comparable_settings(m)
+        listed = {name: ext.get("shards") for name, ext in (m.extensions or {}).items() if isinstance(ext, dict)}
+        for name, shards in listed.items():
+            if name in (ALIGNMENT_EXTENSION, SAMPLE_CHECKSUMS_EXTENSION) and \
+                    (not isinstance(shards, list) or [x.get("rank") for x in shards] != [s.rank for s in m.shards]):
+                raise StoreCorruptError(f"{manifest_path}: extensions.{name}.shards do not list the payload shards")
+        for pos, s in enumerate(m.shards):
+            record_file = os.path.join(self.path, f"shard-{s.rank:05d}.json")
+            try:
+                with open(record_file, encoding="utf-8") as f:
+                    record = json.load(f)
+            except FileNotFoundError:
+                raise StoreCorruptError(f"{record_file}: missing; every store holds one record per shard, which its "
+                                        f"manifest {manifest_path} is checked against") from None
+            except ValueError as e:
+                raise StoreCorruptError(f"{record_file}: unreadable shard record ({e})") from None
+            try:  # normalised as the manifest is: keys this reader knows, defaults filled in
+                theirs = _comparable_settings(StoreManifest.from_dict(dict(record.get("settings") or {}, shards=[])))
+            except (TypeError, ValueError, KeyError, AttributeError) as e:
+                raise StoreCorruptError(f"{record_file}: unreadable shard record settings ({e})") from None
+            diffs = []
+            for key in sorted(set(mine) | set(theirs)):
+                if key == "extensions":
+                    ours_x, theirs_x = mine.get(key) or {}, theirs.get(key) or {}
+                    for name in sorted(set(ours_x) | set(theirs_x)):
+                        if ours_x.get(name) != theirs_x.get(name):
+                            diffs.append(f"extensions.{name}: manifest {ours_x.get(name)!r}, record "
+                                         f"{theirs_x.get(name)!r}")
+                elif mine.get(key) != theirs.get(key):
+                    diffs.append(f"{key}: manifest {mine.get(key)!r}, record {theirs.get(key)!r}")
+            for key, value in dataclasses.asdict(s).items():
+                if (record.get("shard") or {}).get(key) != value:
+                    diffs.append(f"shards[{pos}].{key}: manifest {value!r}, record {(record.get('shard') or {}).get(key)!r}")
+            for name, record_key in ((ALIGNMENT_EXTENSION, "alignment_shard"), (SAMPLE_CHECKSUMS_EXTENSION, "checksum_shard")):
+                if listed.get(name) is not None and record.get(record_key) != listed[name][pos]:
+                    diffs.append(f"extensions.{name}.shards[{pos}]: manifest {listed[name][pos]!r}, record "
+                                 f"{record.get(record_key)!r}")
+            if diffs:
+                raise StoreCorruptError(f"{manifest_path} disagrees with the shard record {record_file} (an edited or "
+                                        "mixed-up manifest; refusing to read the payload through it):\n  - "
+                                        + "\n  - ".join(diffs))
+
+    def _check_payload_layout(self, pos: int, s: ShardInfo, index) -> None:
+        """Sample ids, token counts and offsets of a shard's index against the manifest's ``k`` and ``values_dtype``."""
+        m, file = self.manifest, os.path.join(self.path, s.payload_file)
+        ids = np.asarray(index["sample_index"])
+        expected_ids = np.arange(s.first_sample, s.first_sample + s.num_samples)
+        if not np.array_equal(ids, expected_ids):
+            bad = int(np.flatnonzero(ids != expected_ids)[0])
+            raise StoreCorruptError(f"{s.index_file}: row {bad} is for sample {int(ids[bad])}, expected "
+                                    f"{int(expected_ids[bad])}")
+        n = np.asarray(index["num_tokens"]).astype(np.int64)
+        if len(n) and (n.min() < 0 or n.max() > m.max_seq_length):
+            bad = int(np.flatnonzero((n < 0) | (n > m.max_seq_length))[0])
+            raise StoreCorruptError(f"{s.index_file}: sample {s.first_sample + bad} has {int(n[bad])} tokens, outside "
+                                    f"[0, max_seq_length={m.max_seq_length}]")
+        if int(n.sum()) != s.num_tokens:
+            raise StoreCorruptError(f"{s.index_file}: the index counts {int(n.sum())} tokens, the manifest's "
+                                    f"shards[{pos}].num_tokens says {s.num_tokens}")
+        per_token = m.k * 4 + 4 + m.k * self._vdtype.itemsize
+        sizes = -(-(n * per_token) // _ALIGN) * _ALIGN
+        ends = np.cumsum(sizes)
+        total = int(ends[-1]) if len(ends) else 0
+        if total != s.payload_bytes:
+            raise StoreCorruptError(
+                f"{file}: its {s.num_samples} samples of {s.num_tokens} tokens take {total} bytes at k={m.k}, "
+                f"values_dtype={m.values_dtype} ({per_token} bytes a token), but the file has {s.payload_bytes}: "
+                "the manifest's k / values_dtype do not describe this payload")
+        offsets = np.asarray(index["offset"])
+        if not np.array_equal(offsets, ends - sizes):
+            bad = int(np.flatnonzero(offsets != ends - sizes)[0])
+            raise StoreCorruptError(f"{s.index_file}: sample {s.first_sample + bad} starts at byte {int(offsets[bad])}"
+                                    f", its predecessors end at {int((ends - sizes)[bad])}")
+
+    def _check_alignment_layout(self, pos: int, a: Mapping[str, Any], index) -> None:
+        s = self.manifest.shards[pos]
+        if not np.array_equal(np.asarray(index["sample_index"]), np.arange(s.first_sample, s.first_sample + s.num_samples)):
+            raise StoreCorruptError(f"{a['index_file']}: its rows are not samples {s.first_sample}..")
+        n_teacher = np.asarray(index["num_teacher_tokens"]).astype(np.int64)
+        if not np.array_equal(n_teacher, np.asarray(self._indices[pos]["num_tokens"]).astype(np.int64)):
+            bad = int(np.flatnonzero(n_teacher != np.asarray(self._indices[pos]["num_tokens"]))[0])
+            raise StoreCorruptError(f"{a['index_file']}: sample {s.first_sample + bad} has {int(n_teacher[bad])} "
+                                    f"teacher tokens, the payload index {int(self._indices[pos]['num_tokens'][bad])}")
+        sizes = 4 * (6 * (np.asarray(index["num_groups"]).astype(np.int64) + 1) + 2 * n_teacher)
+        ends = np.cumsum(sizes)
+        total = int(ends[-1]) if len(ends) else 0
+        if total != a["payload_bytes"] or not np.array_equal(np.asarray(index["offset"]), ends - sizes):
+            raise StoreCorruptError(f"{os.path.join(self.path, a['payload_file'])}: the alignment index implies "
+                                    f"{total} bytes laid end to end, the file has {a['payload_bytes']}")
+
+    def _files(self, small_only: bool):
+        """``(name, bytes, sha256)`` of the store's small files (indices, checksums) or of its payloads."""
+        m, out = self.manifest, []
+        info = (m.extensions or {}).get(ALIGNMENT_EXTENSION) if self.cross_tokenizer else None
+        for pos, s in enumerate(m.shards):
+            a = info["shards"][pos] if info else None
+            if small_only:
+                out.append((s.index_file, s.index_bytes, s.index_sha256))
+                if a:
+                    out.append((a["index_file"], a["index_bytes"], a["index_sha256"]))
+                if self._sum_info is not None:
+                    c = self._sum_info["shards"][pos]
+                    out.append((c["file"], c["bytes"], c["sha256"]))
+            else:
+                out.append((s.payload_file, s.payload_bytes, s.payload_sha256))
+                if a:
+                    out.append((a["payload_file"], a["payload_bytes"], a["payload_sha256"]))
+        return out
+
+    def _verify_sample(self, shard: int, pos: int, sample_index: int, fields, first_column: int, buf, file: str,
+                       base: int = 0) -> None:
+        """Check a sample's contiguous ``fields`` (``(name, start, nbytes)`` in ``buf``, laid end to end) with one
+        hash against the recorded checksum in ``first_column``; on a mismatch name the field whose own checksum
+        fails (``base``: where ``buf`` starts in the file, for the message)."""
+        recorded = self._sums[shard][pos]
+        start, end = fields[0][1], fields[-1][1] + fields[-1][2]
+        if _checksum(buf[start:end], self._seed) == int(recorded[first_column]):
+            return
+        failed = [(name, a, nbytes, column) for column, (name, a, nbytes) in enumerate(fields, first_column + 1)
+                  if _checksum(buf[a:a + nbytes], self._seed) != int(recorded[column])]
+        name, start, nbytes, column = failed[0] if failed else ("fields", start, end - start, first_column)
+        raise StoreCorruptError(
+            f"{self.path}: sample {sample_index} ({file}, bytes {base + start}..{base + start + nbytes}): its {name} "
+            "fail their "
+            f"{SAMPLE_CHECKSUM_ALGORITHM} checksum (read {_checksum(buf[start:start + nbytes], self._seed):016x}, "
+            f"recorded {int(recorded[column]):016x}): the store is damaged. Re-extract it or restore the file; "
+            f"`nemo-kd-verify-store {self.path}` checks every sample (if every field of every sample fails, the "
+            "manifest's and shard records' k / values_dtype / values_encoding were edited)")
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -1121,9 +1383,14 @@ class StoreReader:
         shard, row = self._align_row(sample_index)
         g, n = int(row["num_groups"]), int(row["num_teacher_tokens"])
         off, buf = int(row["offset"]), self._align_payloads[shard]
-        if off + 4 * (6 * (g + 1) + 2 * n) > buf.shape[0]:
-            raise StoreCorruptError(f"sample {sample_index}: alignment record runs past the end of "
-                                    f"{self.alignment_info['shards'][shard]['payload_file']}")
+        file = self.alignment_info['shards'][shard]['payload_file']
+        if off + 4 * (6 * (g + 1) + 2 * n) > len(buf):
+            raise StoreCorruptError(f"sample {sample_index}: alignment record runs past the end of {file}")
+        if self._sums:
+            self._verify_sample(shard, sample_index - self._first[shard], sample_index,
+                                (("alignment groups", off, 24 * (g + 1)), ("teacher_ids", off + 24 * (g + 1), 4 * n),
+                                 ("teacher_logprobs", off + 24 * (g + 1) + 4 * n, 4 * n)), len(PAYLOAD_FIELDS), buf,
+                                file)
         packed = np.frombuffer(buf, dtype="<i4", count=6 * (g + 1), offset=off).reshape(g + 1, 6).copy()
         off += 24 * (g + 1)
         ids = np.frombuffer(buf, dtype="<i4", count=n, offset=off).copy()
@@ -1170,19 +1437,27 @@ class StoreReader:
         shard, row = self._locate(sample_index)
         n, off, k = int(row["num_tokens"]), int(row["offset"]), self._k
         buf = self._payloads[shard]
-        if off + bytes_per_sample(n, k, self.manifest.values_dtype) > buf.shape[0]:
+        if off + bytes_per_sample(n, k, self.manifest.values_dtype) > len(buf):
             raise StoreCorruptError(f"sample {sample_index}: record runs past the end of {self.manifest.shards[shard].payload_file}")
-        ids = np.frombuffer(buf, dtype="<i4", count=n * k, offset=off).reshape(n, k)
-        off += n * k * 4
-        lse = np.frombuffer(buf, dtype="<f4", count=n, offset=off).copy()
-        off += n * 4
-        raw = np.frombuffer(buf, dtype=self._vdtype, count=n * k, offset=off).reshape(n, k)
+        # One copy of the sample's bytes out of the memory map: the checksum is taken over exactly the bytes
+        # decoded below (the file cannot change between check and use), and while they are in cache.
+        ids_bytes, lse_bytes = 4 * n * k, 4 * n
+        block = bytearray(buf[off:off + ids_bytes + lse_bytes + n * k * self._vdtype.itemsize])
+        if self._sums:
+            self._verify_sample(shard, sample_index - self._first[shard], sample_index,
+                                (("ids", 0, ids_bytes), ("lse", ids_bytes, lse_bytes),
+                                 ("values", ids_bytes + lse_bytes, len(block) - ids_bytes - lse_bytes)), 0,
+                                memoryview(block),
+                                self.manifest.shards[shard].payload_file, base=off)
+        ids = np.frombuffer(block, dtype="<i4", count=n * k).reshape(n, k)
+        lse = np.frombuffer(block, dtype="<f4", count=n, offset=ids_bytes)
+        raw = np.frombuffer(block, dtype=self._vdtype, count=n * k, offset=ids_bytes + lse_bytes).reshape(n, k)
         values = _decode_values(raw, self.manifest.values_dtype)
         if self.manifest.values_encoding == "logprobs":
             values = values + lse[:, None]  # back to logits (fp32): z − LSE stays as precise as stored
         if not (np.isfinite(values).all() and np.isfinite(lse).all()):
             raise StoreCorruptError(f"sample {sample_index}: non-finite (NaN/Inf) teacher logits or LSE in the store")
-        return values, ids.copy(), lse, float(row["seq_logprob"])
+        return values, ids, lse, float(row["seq_logprob"])
 
     def __getitem__(self, sample_index: int) -> TeacherTopK:
         import torch
@@ -1197,22 +1472,32 @@ class StoreReader:
             self.alignment(int(sample_index)) if self.cross_tokenizer else None,
         )
 
-    def verify_checksums(self) -> None:
-        """Re-hash every shard file; :class:`StoreCorruptError` names the first damaged one."""
-        for s in self.manifest.shards:
-            for name, expected in ((s.payload_file, s.payload_sha256), (s.index_file, s.index_sha256)):
-                actual = _sha256_file(os.path.join(self.path, name))
-                if actual != expected:
-                    raise StoreCorruptError(f"{os.path.join(self.path, name)}: checksum {actual} != manifest {expected}")
+    def verification_steps(self, samples: bool = False) -> int:
+        """How many ``progress`` calls :meth:`verify_checksums` makes (files, then samples)."""
+        return len(self._files(True)) + len(self._files(False)) + (1 if self.cross_tokenizer else 0) + \
+            (len(self) if samples else 0)
+
+    def verify_checksums(self, samples: bool = False, progress: Optional[Callable[[int], None]] = None) -> None:
+        """Re-hash every file whole against the manifest's sha256 (``samples``: then read every sample
+        through its per-sample checks too); :class:`StoreCorruptError` names the first damaged one.
+        ``progress(nbytes_or_samples)`` is called as the work advances (for a progress bar)."""
+        files = [(name, digest) for name, _, digest in self._files(True) + self._files(False)]
         info = self.alignment_info
-        files = [(a[f], a[h]) for a in info.get("shards", []) for f, h in (("payload_file", "payload_sha256"),
-                                                                           ("index_file", "index_sha256"))]
         if info:
             files.append((info["vocab_map_file"], info["vocab_map_sha256"]))
         for name, expected in files:
             actual = _sha256_file(os.path.join(self.path, name))
             if actual != expected:
                 raise StoreCorruptError(f"{os.path.join(self.path, name)}: checksum {actual} != manifest {expected}")
+            if progress is not None:
+                progress(1)
+        if samples:
+            for i in range(len(self)):
+                self.read_numpy(i)
+                if self.cross_tokenizer:
+                    self.alignment(i)
+                if progress is not None:
+                    progress(1)
 
     def check_topk_convention(self, topk_convention: Optional[str]) -> None:
         """Refuse ``exact_tail`` on a store whose ``lse`` covers only the k stored logits."""
