@@ -443,8 +443,6 @@ def test_kill_and_resume_two_ranks_random_points(tmp_path):
     _assert_store_content(out, n)
 
 
-if __name__ == "__main__":
-    _child_main(sys.argv[1:])
 
 
 @pytest.mark.parametrize("values_dtype", ["bfloat16", "float16"])
@@ -478,3 +476,47 @@ def test_logprob_encoding_keeps_a_confident_teachers_probabilities(tmp_path, val
     assert errors["logprobs"] < 5e-4 and errors["logits"] > 20 * errors["logprobs"], errors
     with pytest.raises(ValueError, match="format_version >= 3"):
         StoreManifest(k=K, max_seq_length=8, num_samples=1, values_encoding="logprobs").validate()
+
+
+def test_a_second_writer_is_refused_naming_the_first_which_completes_a_byte_identical_store(tmp_path, caplog):
+    """Two runs into one store directory: the second is refused (holder's pid and host named) before it touches a
+    file; the first ends with the same bytes as a run alone. A writer killed holding the lock is taken over."""
+    from nemo_kd.output_lock import OutputLockedError
+
+    n = 24
+    ref = tmp_path / "ref"
+    _write(ref, n)
+    store = tmp_path / "store"
+    cmd = [sys.executable, _THIS_FILE, str(store), "0", "1", str(n), "4", "none", "0.05"]  # ~1.2 s of appends
+    env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    lock_file = store / ".shard-00000.writer.lock"
+    deadline = time.monotonic() + 60
+    while not (lock_file.exists() and lock_file.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    before = _files(store)
+    with pytest.raises(OutputLockedError, match=rf"{store}: this teacher logits store \(the shard of rank 0\) is being "
+                                                rf"written by another process \(host .*, pid {first.pid}"):
+        StoreWriter(store, _manifest(n), 0, 1)
+    with pytest.raises(OutputLockedError, match=f"pid {first.pid}"):  # other data, same directory: refused alike
+        StoreWriter(store, _manifest(n + 5, k=K + 1), 0, 1)
+    assert set(_files(store)) >= set(before) - {".shard-00000.writer.lock"}  # the refused writers removed nothing
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err.decode()
+    assert _files(store) == _files(ref)  # byte-identical, no lock file, no stray progress file
+
+    # killed while holding the lock: the next writer takes over (logging whose it was) and completes the store
+    killed = tmp_path / "killed"
+    assert _run_child(killed, 0, 1, n, "append:7") == -signal.SIGKILL
+    record = json.loads((killed / ".shard-00000.writer.lock").read_text())
+    with caplog.at_level("WARNING", logger="nemo_kd.output_lock"):
+        w = StoreWriter(killed, _manifest(n), 0, 1)
+    assert w._lock.took_over["pid"] == record["pid"] and f"pid {record['pid']}" in caplog.text
+    for i in w.remaining():
+        w.append(i, *_sample(i))
+    w.finalize()
+    assert _files(killed) == _files(ref)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

@@ -63,21 +63,26 @@ its phases still has work. Every costly output (``teacher_responses``, ``scored`
 :func:`~nemo_kd.generation.stages.run_stage`; each stage's settings include those of the
 stages it reads, so a rerun resumes at the first unfinished output and outputs of other
 settings are refused (delete them and the ones after them). ``selected.jsonl``,
-``train.jsonl`` and ``report.json`` are cheap and rewritten on every run. Under ``torchrun``
+``train.jsonl`` and ``report.json`` are cheap and rewritten on every run. One run per
+``output_dir``: the run holds the directory's writer lock
+(:func:`~nemo_kd.generation.stages.output_writer`), so a second run into it is refused naming
+the first; temporary files a killed run left (in ``output_dir`` and its stage directories)
+are removed at the next start. Under ``torchrun``
 / ``srun`` the prompts are split over data-parallel ranks (TP shards each model; PP must be
 1 to sample).
 """
 
 from __future__ import annotations
 
-import json
+import glob
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from nemo_kd.generation.stages import PipelineConfig, PolicySpec, known_keys, load_policy, run_stage, stage_done
+from nemo_kd.generation.stages import (TEMP_GLOBS, PipelineConfig, PolicySpec, atomic_write_json, atomic_write_jsonl,
+                                      known_keys, load_policy, output_writer, run_stage, stage_done)
 
 SELECTIONS = ("divergence", "first", "all")
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -224,10 +229,8 @@ _ROW_KEYS = ("id", "prompt_index", "sample", "messages", "response", "finished",
 
 def run(cfg: DASDPipelineConfig) -> Optional[Dict[str, Any]]:
     """Run the pipeline (module docstring); returns the report on global rank 0."""
-    from nemo_kd.generation.divergence import sentence_divergence
-    from nemo_kd.generation.filters import ResponseFilterConfig, filter_response
-    from nemo_kd.generation.preference_pipeline import _progress
-    from nemo_kd.generation.responses import read_prompts, sample_responses, score_responses
+    from nemo_kd.generation.filters import ResponseFilterConfig
+    from nemo_kd.generation.responses import read_prompts
     from nemo_kd.parallel import ParallelConfig, state
 
     t0 = time.time()
@@ -235,8 +238,21 @@ def run(cfg: DASDPipelineConfig) -> Optional[Dict[str, Any]]:
     prompts = read_prompts(cfg.prompts)
     if not state.is_initialized():
         state.initialize_parallel(ParallelConfig(**dict(cfg.parallel)))
-    rank0 = state.global_rank() == 0
     os.makedirs(cfg.output_dir, exist_ok=True)
+    temps = TEMP_GLOBS + tuple(f"{glob.escape(st.name)}/{g}" for st in cfg.stages for g in TEMP_GLOBS)
+    with output_writer(cfg.output_dir, "DASD pipeline output directory", temps):  # one run per output_dir
+        return _run(cfg, prompts, resp_filter, t0)
+
+
+def _run(cfg: DASDPipelineConfig, prompts, resp_filter, t0: float) -> Optional[Dict[str, Any]]:
+    """The phases, with the output directory's writer lock held."""
+    from nemo_kd.generation.divergence import sentence_divergence
+    from nemo_kd.generation.filters import filter_response
+    from nemo_kd.generation.preference_pipeline import _progress
+    from nemo_kd.generation.responses import sample_responses, score_responses
+    from nemo_kd.parallel import state
+
+    rank0 = state.global_rank() == 0
     path = lambda stage, name: os.path.join(cfg.output_dir, stage.name, name)  # noqa: E731
     base = {"prompts": os.path.abspath(cfg.prompts), "max_seq_length": cfg.max_seq_length}
     mixed_on = cfg.mixed_policy.enabled
@@ -332,15 +348,13 @@ def run(cfg: DASDPipelineConfig) -> Optional[Dict[str, Any]]:
         return None
 
     # 5. training files and the report
-    from nemo_kd.generation.responses import write_jsonl_atomic
-
     report: Dict[str, Any] = {"prompts": len(prompts), "selection": cfg.selection, "beta": cfg.beta, "stages": {}}
     for st in cfg.stages:
         sel, mix = selected[st.name], mixed[st.name] or []
-        write_jsonl_atomic(path(st, "selected.jsonl"), sel)
+        atomic_write_jsonl(path(st, "selected.jsonl"), sel)
         kept_mixed = [r for r in mix if r["filter"] is None]
         train = _train_records(sel, kept_mixed, one_per_prompt=cfg.selection != "all")
-        write_jsonl_atomic(path(st, "train.jsonl"), train)
+        atomic_write_jsonl(path(st, "train.jsonl"), train)
         rep = _stage_report(st, cfg.stage_sampling(st), candidates[st.name], scored[st.name], sel,
                             mix if mixed_on else None, len(prompts), len(train))
         report["stages"][st.name] = rep
@@ -349,8 +363,7 @@ def run(cfg: DASDPipelineConfig) -> Optional[Dict[str, Any]]:
               + (f", {rep['mixed']['kept']} mixed samples" if mixed_on else "")
               + f" -> {path(st, 'train.jsonl')} ({len(train)} samples)", flush=True)
     report["seconds"] = time.time() - t0
-    with open(os.path.join(cfg.output_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    atomic_write_json(os.path.join(cfg.output_dir, "report.json"), report)
     return report
 
 

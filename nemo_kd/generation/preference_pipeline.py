@@ -23,19 +23,22 @@ Then ``compute_topk_logits`` over ``pairs.jsonl`` stores the teacher's top-k for
 ``L_DPO + L_pos + L_neg`` (``conf/gpt_kd_preference.yaml``).
 
 Each stage's output is written atomically with its settings (:mod:`stages`): an
-interrupted run resumes at the first unfinished stage. Under ``torchrun`` / ``srun`` the
+interrupted run resumes at the first unfinished stage. One run per ``output_dir``: the run
+holds the directory's writer lock (:func:`~nemo_kd.generation.stages.output_writer`), so a
+second run into it is refused naming the first; temporary files of a killed run are removed
+at the next start. Under ``torchrun`` / ``srun`` the
 prompts are split over data-parallel ranks (TP shards each model; PP must be 1 to sample).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
-from nemo_kd.generation.stages import PipelineConfig, PolicySpec, known_keys, load_policy, run_stage
+from nemo_kd.generation.stages import (PipelineConfig, PolicySpec, atomic_write_json, atomic_write_jsonl, known_keys,
+                                      load_policy, output_writer, run_stage)
 
 SCORES = ("reference", "teacher_logprob")
 
@@ -69,9 +72,8 @@ def _progress(total: int, desc: str, enabled: bool):
 def run(cfg: PreferencePipelineConfig) -> Optional[Dict[str, Any]]:
     """Run the pipeline (module docstring); returns the report on global rank 0."""
     from nemo_kd.generation.filters import ResponseFilterConfig
-    from nemo_kd.generation.pairs import PairFilterConfig, build_preference_pairs, verifier_score
-    from nemo_kd.generation.responses import (group_by_prompt, read_prompts, sample_responses, score_responses,
-                                              write_jsonl_atomic)
+    from nemo_kd.generation.pairs import PairFilterConfig
+    from nemo_kd.generation.responses import read_prompts
     from nemo_kd.parallel import ParallelConfig, state
 
     t0 = time.time()
@@ -87,6 +89,16 @@ def run(cfg: PreferencePipelineConfig) -> Optional[Dict[str, Any]]:
     if not state.is_initialized():
         state.initialize_parallel(ParallelConfig(**dict(cfg.parallel)))
     os.makedirs(cfg.output_dir, exist_ok=True)
+    with output_writer(cfg.output_dir, "preference pipeline output directory"):  # one run per output_dir
+        return _run(cfg, prompts, pair_cfg, resp_filter, t0)
+
+
+def _run(cfg: PreferencePipelineConfig, prompts, pair_cfg, resp_filter, t0: float) -> Optional[Dict[str, Any]]:
+    """The stages, with the output directory's writer lock held."""
+    from nemo_kd.generation.pairs import build_preference_pairs, verifier_score
+    from nemo_kd.generation.responses import group_by_prompt, sample_responses, score_responses
+    from nemo_kd.parallel import state
+
     path = lambda name: os.path.join(cfg.output_dir, name)  # noqa: E731
     base = {"prompts": os.path.abspath(cfg.prompts), "max_seq_length": cfg.max_seq_length}
 
@@ -142,7 +154,7 @@ def run(cfg: PreferencePipelineConfig) -> Optional[Dict[str, Any]]:
         score = lambda p, r: r["teacher_mean_logprob"]  # noqa: E731
     pairs, report = build_preference_pairs(prompts, group_by_prompt(positives), group_by_prompt(negatives), score,
                                            pair_cfg, resp_filter)
-    write_jsonl_atomic(path("pairs.jsonl"), pairs)
+    atomic_write_jsonl(path("pairs.jsonl"), pairs)
     out = {
         "prompts": report["prompts"], "pairs": report["pairs"], "prompts_without_pair": report["prompts_without_pair"],
         "teacher_samples": len(positives), "student_samples": len(negatives),
@@ -152,8 +164,7 @@ def run(cfg: PreferencePipelineConfig) -> Optional[Dict[str, Any]]:
         "negative_filter": {"kept": report["negative_filter"].kept, **report["negative_filter"].dropped},
         "seconds": time.time() - t0,
     }
-    with open(path("report.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    atomic_write_json(path("report.json"), out)
     print(f"pairs: {out['pairs']} from {out['prompts']} prompts ({out['prompts_without_pair']} without a pair); "
           f"mean score teacher {out['mean_score_teacher']:.3f} vs student {out['mean_score_student']:.3f}; "
           f"-> {path('pairs.jsonl')}", flush=True)

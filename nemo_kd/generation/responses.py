@@ -72,18 +72,6 @@ def read_prompts(path: str) -> List[Prompt]:
     return out
 
 
-def write_jsonl_atomic(path: str, rows: Sequence[Dict[str, Any]]) -> None:
-    """All rows or nothing: a temp file renamed over ``path`` (a killed run leaves no half file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def group_by_prompt(rows: Sequence[Dict[str, Any]]) -> Dict[int, List[Dict[str, Any]]]:
     """Response rows grouped by ``prompt_index``, each group in ``sample`` order."""
     groups: Dict[int, List[Dict[str, Any]]] = {}

@@ -12,20 +12,37 @@ sharding of the prompts, and resumable, atomic stage outputs.
   settings skips a finished stage; different settings against an existing output are
   refused (delete it to redo the stage), so an interrupted pipeline resumes stage by stage
   and never mixes outputs of different settings.
+* :func:`output_writer` – one writer per output directory: global rank 0 holds the
+  directory's :class:`~nemo_kd.output_lock.OutputLock` (``<dir>/.writer.lock``) for the whole
+  run, so a second run into the same directory is refused at start-up naming the first
+  (host, pid, start time, Slurm job, command), on every rank. With the lock held it removes
+  the temporary files (``*.tmp-*``) a killed run left, naming them in the log; a run killed
+  while holding the lock leaves a stale lock that the next run takes over. A pipeline wraps
+  its whole run in it; :func:`run_stage` called outside one locks the output's directory for
+  the stage. Temporary names carry :func:`~nemo_kd.output_lock.temp_tag` (per process, per
+  host), written by :func:`atomic_write_jsonl` / :func:`atomic_write_json`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from nemo_kd.config_keys import check_keys
-from nemo_kd.generation.responses import shard_range, write_jsonl_atomic
+from nemo_kd.generation.responses import shard_range
+from nemo_kd.output_lock import OutputLock, OutputLockedError, remove_stale_temps, temp_tag
+
+logger = logging.getLogger(__name__)
+
+TEMP_GLOBS = ("*.tmp-*",)  # temporary files of atomic_write_* in an output directory (not its subdirectories)
 
 
 def known_keys(cls, d, what: str) -> dict:
@@ -143,11 +160,98 @@ def stage_done(path: str, settings: Dict[str, Any]) -> bool:
     return True
 
 
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{temp_tag()}"  # per process and host: no two writers share a temp name
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> None:
+    """All rows or nothing: a per-process temp file (``<path>.tmp-<temp_tag>``) renamed over ``path``."""
+    def write(f):
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    _atomic_write(path, write)
+
+
+def atomic_write_json(path: str, obj: Any, indent: Optional[int] = 1) -> None:
+    """``obj`` as JSON, written like :func:`atomic_write_jsonl`."""
+    _atomic_write(path, lambda f: json.dump(obj, f, indent=indent, default=str))
+
+
 def _write_meta(path: str, settings: Dict[str, Any], extra: Dict[str, Any]) -> None:
-    tmp = f"{path}.meta.json.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"settings": settings, "settings_hash": _settings_hash(settings), **extra}, f, indent=1, default=str)
-    os.replace(tmp, path + ".meta.json")
+    atomic_write_json(path + ".meta.json", {"settings": settings, "settings_hash": _settings_hash(settings), **extra})
+
+
+_covered: List[str] = []  # absolute output directories this process runs inside an output_writer of (every rank)
+
+
+def _dist_rank0():
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return distributed, (not distributed or dist.get_rank() == 0)
+
+
+@contextlib.contextmanager
+def output_writer(directory: str, what: str = "pipeline output directory",
+                  temp_globs: Sequence[str] = TEMP_GLOBS) -> Iterator[Optional[OutputLock]]:
+    """One writer per output ``directory`` for the duration of the block (module docstring).
+
+    Collective under ``torch.distributed``: global rank 0 takes the lock; if it is refused,
+    every rank raises :class:`~nemo_kd.output_lock.OutputLockedError` with rank 0's message
+    (no rank is left waiting in a collective). With the lock held, rank 0 removes what
+    ``temp_globs`` (relative to ``directory``) match (temporary files of killed runs) and
+    logs them. Yields the lock on global rank 0, ``None`` on the other ranks.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    distributed, rank0 = _dist_rank0()
+    lock, err = None, None
+    if rank0:
+        try:
+            lock = OutputLock(directory, name="writer", what=what).acquire()
+        except Exception as e:  # every rank must hear of it: report, then raise
+            err = e
+    if distributed:
+        import torch.distributed as dist
+
+        box = [None if err is None else (isinstance(err, OutputLockedError), type(err).__name__, str(err),
+                                         getattr(err, "holder", None))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and err is None:
+            refused, kind, msg, holder = box[0]
+            err = (OutputLockedError(f"(global rank 0) {msg}", directory, holder,
+                                     os.path.join(directory, ".writer.lock")) if refused else
+                   RuntimeError(f"global rank 0 could not take the writer's lock of {directory}: {kind}: {msg}"))
+    if err is not None:
+        raise err
+    _covered.append(directory)
+    try:
+        if rank0:
+            removed = [p for g in temp_globs for p in remove_stale_temps(directory, g, keep_tag=temp_tag())]
+            if removed:
+                logger.warning("%s: removed %d temporary file(s) left by a killed run: %s", directory, len(removed),
+                               ", ".join(removed))
+        yield lock
+    finally:
+        _covered.remove(directory)
+        if lock is not None:
+            lock.release()
+
+
+def _is_covered(path: str) -> bool:
+    p = os.path.abspath(path)
+    return any(p.startswith(d.rstrip(os.sep) + os.sep) for d in _covered)
 
 
 def run_stage(path: str, settings: Dict[str, Any], num_items: int,
@@ -155,19 +259,39 @@ def run_stage(path: str, settings: Dict[str, Any], num_items: int,
     """Run ``work`` on this DP rank's block of ``range(num_items)``; global rank 0 writes all rows.
 
     Returns the rows on global rank 0 (``None`` elsewhere), read back from ``path`` when the
-    stage was already done with the same ``settings``.
+    stage was already done with the same ``settings``. Outside an :func:`output_writer` of a
+    directory above ``path``, the stage holds the writer's lock of ``path``'s directory
+    (refused while another process writes there; temporary files of ``path`` that a killed
+    run left are removed).
     """
+    if _is_covered(path):
+        return _run_stage(path, settings, num_items, work)
+    name = glob.escape(os.path.basename(path))
+    with output_writer(os.path.dirname(os.path.abspath(path)), "stage output directory",
+                       (f"{name}.tmp-*", f"{name}.meta.json.tmp-*")):
+        return _run_stage(path, settings, num_items, work)
+
+
+def _run_stage(path: str, settings: Dict[str, Any], num_items: int,
+               work: Callable[[range], List[Dict[str, Any]]]) -> Optional[List[Dict[str, Any]]]:
     import torch.distributed as dist
+
+    distributed, rank0 = _dist_rank0()
+    if not distributed:  # one process: it is rank 0 of a data-parallel world of one
+        if stage_done(path, settings):
+            with open(path) as f:
+                return [json.loads(line) for line in f]
+        rows = work(range(num_items)) if num_items else []
+        atomic_write_jsonl(path, rows)
+        _write_meta(path, settings, {"rows": len(rows)})
+        return rows
 
     from nemo_kd.parallel import state
 
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank0 = not distributed or dist.get_rank() == 0
     # on the collective backend's device (NCCL broadcasts CUDA tensors only)
     device = state.device() if state.is_initialized() else torch.device("cpu")
     done = torch.tensor([int(stage_done(path, settings)) if rank0 else 0], device=device)
-    if distributed:
-        dist.broadcast(done, src=0)
+    dist.broadcast(done, src=0)
     if bool(done):
         if not rank0:
             return None
@@ -176,14 +300,12 @@ def run_stage(path: str, settings: Dict[str, Any], num_items: int,
     dp_rank, dp_size = (state.dp_rank(), state.dp_size()) if state.is_initialized() else (0, 1)
     block = shard_range(num_items, dp_rank, dp_size)
     rows = work(block) if len(block) else []
-    if distributed:
-        gathered: List[Optional[List[Dict[str, Any]]]] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, rows if state.tp_rank() == 0 else [])
-        rows = [r for part in gathered for r in part]
+    gathered: List[Optional[List[Dict[str, Any]]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows if state.tp_rank() == 0 else [])
+    rows = [r for part in gathered for r in part]
     if rank0:
-        write_jsonl_atomic(path, rows)
+        atomic_write_jsonl(path, rows)
         _write_meta(path, settings, {"rows": len(rows)})
-    if distributed:
-        dist.barrier()
+    dist.barrier()
     return rows if rank0 else None
 

@@ -388,9 +388,9 @@ class GPTDistillationModel(ModelPT):
                     "train" if split == "train" else "be validated", shown, " ..." if len(drops) > 5 else "",
                     f" (all listed in {path})" if path else "")
         if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-            from nemo_kd.generation.responses import write_jsonl_atomic
+            from nemo_kd.generation.stages import atomic_write_jsonl
 
-            write_jsonl_atomic(path, [dict(split=split, **d) for d in drops])
+            atomic_write_jsonl(path, [dict(split=split, **d) for d in drops])
 
     def setup_training_data(self, train_data_config):
         self._train_dl, self._train_gbs = self._build_loader(train_data_config, train=True)

@@ -171,6 +171,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import numpy as np
 import xxhash
 
+from nemo_kd.output_lock import OutputLock, remove_stale_temps, temp_tag
+
 __all__ = [
     "ALIGNMENT_EXTENSION",
     "ALIGN_INDEX_DTYPE",
@@ -695,7 +697,7 @@ class StoreWriter:
         self._sum_dtype = checksum_dtype(self.cross_tokenizer)
         self._seed = _checksum_seed(self.manifest)
         self.assigned = shard_sample_range(self.manifest.num_samples, self.rank, self.world_size)
-        self._tag = f"r{self.rank}"
+        self._tag = temp_tag(f"r{self.rank}-")  # per process: a killed writer's temp files are told from ours
         base = os.path.join(self.path, f"shard-{self.rank:05d}")
         self.payload_file, self.index_file = base + ".bin", base + ".idx"
         self._payload_partial, self._index_partial = base + ".bin.partial", base + ".idx.partial"
@@ -713,8 +715,16 @@ class StoreWriter:
         self._committed_tokens = 0
         self.shard_info: Optional[ShardInfo] = None
         self.resumed_from: Optional[int] = None  # sample index a resume continued from
-        os.makedirs(self.path, exist_ok=True)
-        self._open()
+        # One writer per shard: a second process writing this rank's shard (another run into the same directory)
+        # is refused naming this one; a killed writer's lock is taken over. Ranks of one run hold their own.
+        self._lock = OutputLock(self.path, name=f"shard-{self.rank:05d}.writer",
+                                what=f"teacher logits store (the shard of rank {self.rank})").acquire()
+        try:
+            self._open()
+        except BaseException:
+            self._close_files()
+            self._lock.release()
+            raise
 
     def write_vocab_map(self, data: bytes) -> None:
         """Write the cross-tokenizer store's ``vocab_map.npy`` (atomically; every rank writes the same
@@ -766,8 +776,12 @@ class StoreWriter:
             )
 
     def _open(self) -> None:
-        for stale in glob.glob(glob.escape(os.path.join(self.path, "")) + f"*.tmp-{self._tag}"):
-            os.remove(stale)  # our own half-written temp files from a killed run
+        # Temp files of this rank's killed writers (the lock says none is alive); "*.tmp-r{rank}": older writers'.
+        removed = remove_stale_temps(self.path, f"*.tmp-r{self.rank}-*", keep_tag=self._tag) + \
+            remove_stale_temps(self.path, f"*.tmp-r{self.rank}")
+        if removed:
+            log.info("%s: removed %d temporary file(s) of a killed writer of shard %d: %s", self.path, len(removed),
+                     self.rank, ", ".join(os.path.basename(f) for f in removed))
         if os.path.exists(self._done_file):
             with open(self._done_file) as f:
                 record = json.load(f)
@@ -991,6 +1005,7 @@ class StoreWriter:
             finalize_manifest(self.path, tag=self._tag)
         except StoreIncompleteError:
             pass  # other ranks still writing; the last one to finish writes it
+        self._lock.release()
         return self.shard_info
 
     def _close_files(self) -> None:
@@ -1000,8 +1015,9 @@ class StoreWriter:
         self._payload = self._index = self._sums = self._align = self._align_index = None
 
     def close(self) -> None:
-        """Close without committing (uncommitted appends are dropped on the next open)."""
+        """Close without committing (uncommitted appends are dropped on the next open) and release the shard."""
         self._close_files()
+        self._lock.release()
 
     def __enter__(self) -> "StoreWriter":
         return self
