@@ -4,7 +4,8 @@ Writes a store shaped like a training one (bf16 log-prob values, k top-k entries
 sample through ``StoreReader.__getitem__`` (what the training dataset calls) in alternating passes: verified
 (xxh3_64 of each sample's ids, LSE and values) and not verified (the same reader with its checksum table
 detached), sample by sample in alternating order. The page cache is warm in both, so the ratio is the CPU cost of the checks against the rest of the
-read (decode, copies, tensors); a cold read from disk makes the checks' share smaller still. Also prints what
+read (decode, copies, tensors); ``--cold`` drops the page cache before every pass (root), so that the reads
+come from the disk as a store larger than memory does in training. Also prints what
 opening the store costs (manifest vs shard records, layout check, hashing the index and checksum files).
 
     .venv/bin/python benchmarks/bench_store_read.py               # 2000 samples x 512 tokens, k=32
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before every pass (root only): reads come from the disk")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "store")
@@ -75,9 +78,20 @@ def main() -> None:
             opens.append(time.perf_counter() - start)
         sums = reader._sums
         _pass(reader, sums)  # warm the page cache
-        verified, plain = zip(*(_pass(reader, sums) for _ in range(args.passes)))
+
+        def one_pass():
+            if args.cold:
+                reader.close()
+                os.sync()
+                with open("/proc/sys/vm/drop_caches", "w") as f:  # PermissionError without root: say so
+                    f.write("1\n")
+                reader.__init__(path)
+            return _pass(reader, reader._sums)
+
+        verified, plain = zip(*(one_pass() for _ in range(args.passes)))
         v, p = statistics.median(verified), statistics.median(plain)
         n = len(reader)
+        print(f"page cache: {'dropped before each pass (reads from disk)' if args.cold else 'warm'}")
         print(f"store: {n} samples, {reader.manifest.num_tokens} tokens, k={args.k} bf16, {size / 2**20:.0f} MiB")
         print(f"open (cross-checks + index/checksum sha256): median {1e3 * statistics.median(opens):.1f} ms")
         print(f"read, verified:     {n / v:9.0f} samples/s  ({size / 2**20 / v:6.0f} MiB/s)  median of {args.passes}")

@@ -11,6 +11,11 @@ precision settings and NeMo-Aligner keys at their old places are refused before 
 built. A preemption signal (SIGUSR1 from ``#SBATCH --signal``, or SIGTERM) saves a checkpoint
 after the current step and exits 0 without ``student.nemo``; rerun with
 ``exp_manager.resume_if_exists=true`` to continue (``examples/slurm/*.sbatch`` requeue themselves).
+A resumed run leaves what an uninterrupted one leaves (``nemo_kd.training.resume``): TensorBoard
+steps continue without a duplicate or a shift, checkpoint names get no ``-v1``, and the run holds
+a lock on its checkpoint directory from start to end (a second training into the same run
+directory is refused, naming the first); at the start, with the lock held, what a killed run
+left there is repaired and named in the log (temporary directories of unfinished saves included).
 """
 
 import os
@@ -29,6 +34,7 @@ from nemo_kd.models.distillation_model import GPTDistillationModel
 from nemo_kd.parallel import ParallelConfig
 from nemo_kd.parallel.strategy import MegatronStrategy
 from nemo_kd.training.preemption import PreemptionCheckpoint
+from nemo_kd.training.resume import ResumeContinuity, TrainingRunLock
 from nemo_kd.training.run_config import prepare_run_config
 
 
@@ -37,27 +43,32 @@ def main(cfg) -> None:
     run = prepare_run_config(cfg)  # strict keys, one precision setting, device, checkpoint cadence
     logging.info(f"\n{OmegaConf.to_yaml(cfg)}")
     logging.info(f"device: {run.accelerator}, student dtype: {run.params_dtype}, validation: {run.validation}")
-    preemption = PreemptionCheckpoint(run.preemption_signals)
-    preemption.install()  # before the models load: a signal now is kept for the first step (uninstall: after fit)
-    strategy = MegatronStrategy(ParallelConfig.from_dict(cfg.model.parallel))
-    # Under Slurm, Lightning would requeue on SIGUSR1 itself; the batch script does (examples/slurm/common.sh).
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
-    trainer = pl.Trainer(strategy=strategy, callbacks=[preemption], plugins=plugins,
-                         **OmegaConf.to_container(cfg.trainer))
-    log_dir = exp_manager(trainer, cfg.get("exp_manager"))
-    model = GPTDistillationModel(cfg.model, trainer=trainer)
-    try:
-        trainer.fit(model)
-    finally:
-        preemption.uninstall()
-    if preemption.preempted:
-        logging.info(f"preempted at step {trainer.global_step}: checkpoint saved under {log_dir}; "
-                     "resume with exp_manager.resume_if_exists=true")
-        return
-    path = os.path.join(str(log_dir), "student.nemo")
-    model.save_to(path)
-    if trainer.is_global_zero:
-        logging.info(f"student saved to {path}")
+    # One writer per run directory, held from before exp_manager reads the checkpoints (to pick the one to
+    # resume from) until the end; what a killed predecessor left there is repaired now, with the lock held.
+    # A second training into the same directory stops here, naming the first, before anything is changed.
+    with TrainingRunLock().acquire(cfg.get("exp_manager")) as run_lock:
+        preemption = PreemptionCheckpoint(run.preemption_signals)
+        preemption.install()  # before the models load: a signal now is kept for the first step (uninstall: after)
+        try:
+            strategy = MegatronStrategy(ParallelConfig.from_dict(cfg.model.parallel))
+            # Under Slurm, Lightning would requeue on SIGUSR1 itself; the batch script does (examples/slurm/common.sh)
+            plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+            trainer = pl.Trainer(strategy=strategy, callbacks=[preemption, ResumeContinuity()], plugins=plugins,
+                                 **OmegaConf.to_container(cfg.trainer))
+            log_dir = exp_manager(trainer, cfg.get("exp_manager"))
+            run_lock.attach(trainer)  # the directory exp_manager chose, if it was not known before (a new version)
+            model = GPTDistillationModel(cfg.model, trainer=trainer)
+            trainer.fit(model)
+        finally:
+            preemption.uninstall()
+        if preemption.preempted:
+            logging.info(f"preempted at step {trainer.global_step}: checkpoint saved under {log_dir}; "
+                         "resume with exp_manager.resume_if_exists=true")
+            return
+        path = os.path.join(str(log_dir), "student.nemo")
+        model.save_to(path)
+        if trainer.is_global_zero:
+            logging.info(f"student saved to {path}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,14 @@ architecture divides into. RNG states are per rank, so they are restored only wh
 layout is the one that saved them (else a warning: the run goes on, with fresh RNG
 streams – which matters only for dropout).
 
-The write is atomic: everything goes to ``<path>.tmp-<pid>`` first and is renamed into
-place by rank 0 after every rank finished, so a run killed mid-save leaves the previous
-checkpoint untouched and no half-written one that looks complete.
+The write is atomic: everything goes to ``<path>.tmp-<tag>`` first (``<tag>``: the writing
+process's :func:`nemo_kd.output_lock.temp_tag`, ``p<pid>-<host>-<time>``, unique on a shared
+file system) and is renamed into place by rank 0 after every rank finished, so a run killed
+mid-save leaves the previous checkpoint untouched and no half-written one that looks complete.
+Overwriting an existing name (a resumed run saving a step its killed predecessor saved too)
+moves the old one to ``<path>.old-<tag>`` between the two renames. What a killed save leaves
+is repaired by :func:`repair_interrupted_saves`: at the next start of a run (with the run's
+lock held, :mod:`nemo_kd.training.resume`) and again at every save.
 
 Vocabulary padding: Megatron pads the vocabulary to a multiple of 128·TP, so changing TP
 can change the embedding's row count. Model weights cope (:mod:`nemo_kd.convert.checkpoint_io`
@@ -33,15 +38,17 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_kd.output_lock import temp_tag
 from nemo_kd.parallel import state
 
-__all__ = ["CheckpointLayoutError", "is_training_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
+__all__ = ["CheckpointLayoutError", "is_training_checkpoint", "load_training_checkpoint", "remove_training_checkpoint",
+           "repair_interrupted_saves", "save_training_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +131,67 @@ def _set_rng_state(rng: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-_LEFTOVER = re.compile(r".+\.(tmp|old)-\d+$")  # the temporary names save_training_checkpoint uses
+# The temporary names save_training_checkpoint uses: <path>.tmp-<tag> / <path>.old-<tag>, and
+# remove_training_checkpoint's <path>.del-<tag>; <tag> a temp_tag (p<pid>-<host>-<time>) or, from before
+# temp_tag, the bare pid.
+INTERRUPTED_SAVE_NAME = re.compile(r"(?P<path>.+)\.(?P<kind>tmp|old|del)-(?P<tag>\d+|p\d+-[A-Za-z0-9_.-]+)")
+_REMOVED_WHAT = {"tmp": "the unfinished checkpoint of a killed save",
+                 "old": "the checkpoint a killed save had replaced already",
+                 "del": "a checkpoint whose removal was killed"}
 
 
-def _remove_leftovers(directory: str, keep: str) -> None:
-    """Delete the temporary checkpoint directories a killed save left in ``directory`` (one checkpoint's size
-    each). A run directory has one writer, so any such directory but this save's own is a leftover."""
-    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+def repair_interrupted_saves(directory: str, keep_tag: Optional[str] = None) -> List[str]:
+    """Repair what saves killed in ``directory`` left; return what was done, one line each (for the log).
+
+    * ``<path>.old-<tag>`` with no ``<path>``: the save was killed between its two renames. Its
+      ``<path>.tmp-<tag>`` is complete then (the renames start after every rank finished), so the
+      swap is completed; without one the old checkpoint is put back. Either way ``<path>`` is a
+      complete checkpoint again (a ``-last`` one is what the next resume needs).
+    * every other ``<path>.tmp-<tag>`` / ``<path>.old-<tag>`` directory (a half-written checkpoint,
+      or one already replaced) and every ``<path>.del-<tag>`` (a removal that was killed) is removed:
+      each is a checkpoint's size.
+
+    Only directories with these names are touched, and not those of ``keep_tag`` (this process's
+    own save). Call it on one rank, with the directory's one writer (the run's lock) holding it:
+    then no live process owns what it removes.
+    """
+    done: List[str] = []
+    if not os.path.isdir(directory):
+        return done
+    leftovers = []
+    for name in sorted(os.listdir(directory)):
+        match = INTERRUPTED_SAVE_NAME.fullmatch(name)
         full = os.path.join(directory, name)
-        if _LEFTOVER.fullmatch(name) and full != keep and os.path.isdir(full):
-            log.warning("removing %s: a checkpoint save that did not finish (killed process)", full)
+        if match and match["tag"] != keep_tag and os.path.isdir(full):
+            leftovers.append((match, full))
+    for match, full in leftovers:
+        path = os.path.join(directory, match["path"])
+        if match["kind"] != "old" or os.path.exists(path):
+            continue
+        tmp = f"{path}.tmp-{match['tag']}"
+        for source, what in ((tmp, "completed a save killed between its renames"),
+                             (full, "put back the checkpoint a killed save was replacing")):
+            if is_training_checkpoint(source):
+                os.replace(source, path)
+                done.append(f"{path}: {what} (from {os.path.basename(source)})")
+                break
+    for match, full in leftovers:
+        if os.path.isdir(full):
             shutil.rmtree(full, ignore_errors=True)
+            done.append(f"{full}: removed, {_REMOVED_WHAT[match['kind']]}")
+    return done
+
+
+def remove_training_checkpoint(path: str) -> None:
+    """Remove the checkpoint at ``path`` (one rank) so that a kill cannot leave half of one under its name:
+    it is renamed to ``<path>.del-<tag>`` first (one atomic step: ``path`` is then gone, and a resume cannot pick a
+    checkpoint whose weights were half deleted), then deleted; a kill during the delete leaves the ``.del-``
+    directory to :func:`repair_interrupted_saves`."""
+    if not os.path.exists(path):
+        return
+    doomed = f"{os.path.abspath(path)}.del-{temp_tag()}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_training_checkpoint(engine, path: str, common: Optional[Dict[str, Any]] = None) -> None:
@@ -147,13 +204,17 @@ def save_training_checkpoint(engine, path: str, common: Optional[Dict[str, Any]]
     from nemo_kd.convert.checkpoint_io import _cpu_safe_dist_checkpointing
 
     path = os.path.abspath(path)
-    # every rank must agree on the temporary directory: rank 0 names it
-    names = [f"{path}.tmp-{os.getpid()}"]
+    # every rank must agree on the temporary directory: rank 0 names it (its process's tag)
+    tags = [temp_tag()]
     if dist.is_initialized():
-        dist.broadcast_object_list(names, src=0)
-    tmp = names[0]
+        dist.broadcast_object_list(tags, src=0)
+    tag = tags[0]
+    tmp = f"{path}.tmp-{tag}"
     if _rank() == 0:
-        _remove_leftovers(os.path.dirname(path), keep=tmp)
+        # a run's start repairs its checkpoint directory already (nemo_kd.training.resume); this catches
+        # checkpoints saved outside the recipe (a directory has one writer: any other save's temp is dead)
+        for line in repair_interrupted_saves(os.path.dirname(path), keep_tag=tag):
+            log.warning(line)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, WEIGHTS_DIR))
         os.makedirs(os.path.join(tmp, RNG_DIR))
@@ -168,7 +229,7 @@ def save_training_checkpoint(engine, path: str, common: Optional[Dict[str, Any]]
                     "skipped_steps": engine.skipped_steps, "extra": common or {}}, os.path.join(tmp, COMMON_FILE))
     _barrier()
     if _rank() == 0:
-        old = f"{path}.old-{os.getpid()}"
+        old = f"{path}.old-{tag}"  # a kill between the two renames: repair_interrupted_saves completes the swap
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)

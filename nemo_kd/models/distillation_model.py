@@ -66,6 +66,7 @@ from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
 from nemo_kd.models.nemo_artifacts import TOKENIZER_SECTION, register_tokenizer
 from nemo_kd.parallel import state
 from nemo_kd.parallel.state import ParallelConfig
+from nemo_kd.training.resume import settle_loop_state
 from nemo_kd.training.run_config import check_model_config, validation_configured
 
 nemo_kd._allow_nemo_restore()
@@ -449,9 +450,16 @@ class GPTDistillationModel(ModelPT):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["consumed_samples"] = self.consumed_samples
+        # Lightning saves mid-step (before the step's logger step and completed batch are counted): save the
+        # loop state of the finished step, so that the resumed run logs at the next TensorBoard step and keeps
+        # the uninterrupted run's epoch boundaries (nemo_kd.training.resume).
+        settle_loop_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.consumed_samples = int(checkpoint.get("consumed_samples", 0))
+        # Checkpoints saved before settle_loop_state existed: the same correction here (this hook runs before
+        # Lightning restores its loops from this dict; on a settled checkpoint it changes nothing).
+        settle_loop_state(checkpoint)
 
     def _model_parallel(self) -> bool:
         return state.is_initialized() and state.tp_size() * state.pp_size() > 1

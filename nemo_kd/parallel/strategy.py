@@ -147,10 +147,10 @@ class MegatronStrategy(DDPStrategy):
         save_training_checkpoint(self.lightning_module.engine, str(filepath), _plain_containers(rest))
 
     def remove_checkpoint(self, filepath) -> None:
-        import shutil
+        from nemo_kd.models.checkpointing import remove_training_checkpoint
 
         if self.global_rank == 0:
-            shutil.rmtree(filepath, ignore_errors=True)
+            remove_training_checkpoint(str(filepath))
 
     def load_checkpoint(self, checkpoint_path):
         """Restore student, optimizer, scheduler and RNG straight into the engine (at this

@@ -1336,15 +1336,17 @@ class StoreReader:
                     out.append((a["payload_file"], a["payload_bytes"], a["payload_sha256"]))
         return out
 
-    def _verify_sample(self, shard: int, pos: int, sample_index: int, fields, first_column: int, buf, file: str,
-                       base: int = 0) -> None:
-        """Check a sample's contiguous ``fields`` (``(name, start, nbytes)`` in ``buf``, laid end to end) with one
-        hash against the recorded checksum in ``first_column``; on a mismatch name the field whose own checksum
-        fails (``base``: where ``buf`` starts in the file, for the message)."""
+    def _sample_intact(self, shard: int, pos: int, column: int, data) -> bool:
+        """Whether ``data`` (a sample's fields laid end to end) hashes to the checksum recorded in ``column``: the
+        check of every read, kept to one hash and one lookup (the read itself is a copy and a decode)."""
+        return _checksum(data, self._seed) == self._sums[shard].item(pos, column)
+
+    def _raise_corrupt_sample(self, shard: int, pos: int, sample_index: int, fields, first_column: int, buf,
+                              file: str, base: int = 0) -> None:
+        """A sample failed :meth:`_sample_intact`: name the field of ``fields`` (``(name, start, nbytes)`` in
+        ``buf``) whose own checksum fails (``base``: where ``buf`` starts in the file, for the message)."""
         recorded = self._sums[shard][pos]
         start, end = fields[0][1], fields[-1][1] + fields[-1][2]
-        if _checksum(buf[start:end], self._seed) == int(recorded[first_column]):
-            return
         failed = [(name, a, nbytes, column) for column, (name, a, nbytes) in enumerate(fields, first_column + 1)
                   if _checksum(buf[a:a + nbytes], self._seed) != int(recorded[column])]
         name, start, nbytes, column = failed[0] if failed else ("fields", start, end - start, first_column)
@@ -1402,11 +1404,12 @@ class StoreReader:
         file = self.alignment_info['shards'][shard]['payload_file']
         if off + 4 * (6 * (g + 1) + 2 * n) > len(buf):
             raise StoreCorruptError(f"sample {sample_index}: alignment record runs past the end of {file}")
-        if self._sums:
-            self._verify_sample(shard, sample_index - self._first[shard], sample_index,
-                                (("alignment groups", off, 24 * (g + 1)), ("teacher_ids", off + 24 * (g + 1), 4 * n),
-                                 ("teacher_logprobs", off + 24 * (g + 1) + 4 * n, 4 * n)), len(PAYLOAD_FIELDS), buf,
-                                file)
+        pos = sample_index - self._first[shard]
+        if self._sums and not self._sample_intact(shard, pos, len(PAYLOAD_FIELDS), buf[off:off + 24 * (g + 1) + 8 * n]):
+            self._raise_corrupt_sample(shard, pos, sample_index,
+                                       (("alignment groups", off, 24 * (g + 1)), ("teacher_ids", off + 24 * (g + 1), 4 * n),
+                                        ("teacher_logprobs", off + 24 * (g + 1) + 4 * n, 4 * n)), len(PAYLOAD_FIELDS),
+                                       buf, file)
         packed = np.frombuffer(buf, dtype="<i4", count=6 * (g + 1), offset=off).reshape(g + 1, 6).copy()
         off += 24 * (g + 1)
         ids = np.frombuffer(buf, dtype="<i4", count=n, offset=off).copy()
@@ -1459,12 +1462,12 @@ class StoreReader:
         # decoded below (the file cannot change between check and use), and while they are in cache.
         ids_bytes, lse_bytes = 4 * n * k, 4 * n
         block = bytearray(buf[off:off + ids_bytes + lse_bytes + n * k * self._vdtype.itemsize])
-        if self._sums:
-            self._verify_sample(shard, sample_index - self._first[shard], sample_index,
-                                (("ids", 0, ids_bytes), ("lse", ids_bytes, lse_bytes),
-                                 ("values", ids_bytes + lse_bytes, len(block) - ids_bytes - lse_bytes)), 0,
-                                memoryview(block),
-                                self.manifest.shards[shard].payload_file, base=off)
+        pos = sample_index - self._first[shard]
+        if self._sums and not self._sample_intact(shard, pos, 0, block):
+            self._raise_corrupt_sample(shard, pos, sample_index,
+                                       (("ids", 0, ids_bytes), ("lse", ids_bytes, lse_bytes),
+                                        ("values", ids_bytes + lse_bytes, len(block) - ids_bytes - lse_bytes)), 0,
+                                       memoryview(block), self.manifest.shards[shard].payload_file, base=off)
         ids = np.frombuffer(block, dtype="<i4", count=n * k).reshape(n, k)
         lse = np.frombuffer(block, dtype="<f4", count=n, offset=ids_bytes)
         raw = np.frombuffer(block, dtype=self._vdtype, count=n * k, offset=ids_bytes + lse_bytes).reshape(n, k)

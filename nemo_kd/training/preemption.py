@@ -94,7 +94,12 @@ class PreemptionCheckpoint(Callback):
         from nemo.utils.exp_manager import _flush_in_flight_batch_progress
 
         _flush_in_flight_batch_progress(trainer)
-        checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+        # A step that is also due a periodic checkpoint gets it, as in an uninterrupted run: the checkpoint
+        # callback runs after this one (Lightning orders checkpoint callbacks last) and skips a step that
+        # already has a save, so saving only -last here would lose, e.g., step=6 of every_n_train_steps=3.
+        checkpoint.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if checkpoint._last_global_step_saved != trainer.global_step:
+            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
         trainer.should_stop = True
 
 
