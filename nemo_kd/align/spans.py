@@ -68,30 +68,55 @@ def _byte_level_decoder() -> Dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _json_types(node) -> List[str]:
-    """Every ``"type"`` value in a (nested) tokenizers JSON component."""
-    out: List[str] = []
+def _json_nodes(node) -> List[dict]:
+    """Every component (a dict with a ``"type"``) in a (nested) tokenizers JSON component."""
+    out: List[dict] = []
     if isinstance(node, dict):
         if "type" in node:
-            out.append(str(node["type"]))
+            out.append(node)
         for v in node.values():
-            out.extend(_json_types(v))
+            out.extend(_json_nodes(v))
     elif isinstance(node, list):
         for v in node:
-            out.extend(_json_types(v))
+            out.extend(_json_nodes(v))
     return out
+
+
+def _backend_spec(tokenizer) -> Optional[dict]:
+    """The ``tokenizer.json`` of a fast tokenizer as a dict (``None`` without a Rust backend)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return None if backend is None else json.loads(backend.to_str())
+
+
+def _style_of(spec: Optional[dict]) -> str:
+    nodes = [] if spec is None else _json_nodes(spec.get("pre_tokenizer")) + _json_nodes(spec.get("decoder"))
+    return "byte_level" if any(n["type"] == "ByteLevel" for n in nodes) else "sentencepiece"
 
 
 def tokenizer_style(tokenizer) -> str:
     """``"byte_level"`` (GPT-2-style byte alphabet) or ``"sentencepiece"`` (``▁`` + ``<0xXX>``)."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        types = _json_types(spec.get("pre_tokenizer")) + _json_types(spec.get("decoder"))
-        if "ByteLevel" in types:
-            return "byte_level"
-    return "sentencepiece"
+    return _style_of(_backend_spec(getattr(tokenizer, "tokenizer", tokenizer)))
+
+
+def _marker_replacements(spec: Optional[dict]) -> List[Tuple[str, str]]:
+    """``(marker, text)`` pairs the tokenizer round-trips: its input side turns ``text`` into
+    ``marker`` (a normaliser ``Replace`` with a string pattern, a ``Metaspace`` pre-tokenizer:
+    ``" "`` → ``"▁"``) and its decoder turns ``marker`` back into ``text`` (a decoder ``Replace``, a
+    ``Metaspace`` decoder). Only such a pair says what a marker in an added token stands for."""
+    if spec is None:
+        return []
+    encode, decode = set(), set()
+    for node in _json_nodes(spec.get("normalizer")) + _json_nodes(spec.get("pre_tokenizer")):
+        if node["type"] == "Replace" and "String" in (node.get("pattern") or {}):
+            encode.add((str(node["content"]), str(node["pattern"]["String"])))
+        elif node["type"] == "Metaspace":
+            encode.add((str(node.get("replacement", "▁")), " "))
+    for node in _json_nodes(spec.get("decoder")):
+        if node["type"] == "Replace" and "String" in (node.get("pattern") or {}):
+            decode.add((str(node["pattern"]["String"]), str(node["content"])))
+        elif node["type"] == "Metaspace":
+            decode.add((str(node.get("replacement", "▁")), " "))
+    return sorted(encode & decode)
 
 
 @dataclass
@@ -101,7 +126,14 @@ class TokenBytes:
     ``table[i]`` are the bytes token ``i`` stands for (``b""`` for ids without a
     token); ``lengths`` is ``len(table[i])`` as an int64 array; ``special[i]`` marks
     added special tokens (template tokens: ``<|im_end|>``, ``</s>``, ...);
-    ``byte_fallback[i]`` marks SentencePiece ``<0xXX>`` byte tokens.
+    ``byte_fallback[i]`` marks SentencePiece ``<0xXX>`` byte tokens; ``normalizer`` is
+    the tokenizer's normaliser (``normalize_str``), ``None`` without one.
+
+    An added token stands for what it decodes to in the rendered text: a special token
+    (``<|im_end|>``, ``<end_of_turn>``) for the UTF-8 of its content, a non-special one for
+    its content with the tokenizer's round-tripped markers put back
+    (:func:`_marker_replacements`): Gemma-3's whitespace tokens ``▁▁`` … (added tokens, ids
+    138–167) are runs of spaces, as its model pieces and every byte-level ``ĠĠ…`` are.
     """
 
     table: List[bytes]
@@ -109,11 +141,14 @@ class TokenBytes:
     special: np.ndarray
     byte_fallback: np.ndarray
     style: str
+    normalizer: Optional[object] = None
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "TokenBytes":
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        style = tokenizer_style(tokenizer)
+        spec = _backend_spec(tokenizer)
+        style = _style_of(spec)
+        markers = _marker_replacements(spec)
         vocab = tokenizer.get_vocab()
         size = max(max(vocab.values()) + 1, len(tokenizer))
         table = [b""] * size
@@ -125,8 +160,12 @@ class TokenBytes:
         dec = _byte_level_decoder()
         for piece, tid in vocab.items():
             if tid in added:
-                table[tid] = str(added[tid].content).encode("utf-8")
+                content = str(added[tid].content)
                 special[tid] = bool(getattr(added[tid], "special", False))
+                if not special[tid]:
+                    for marker, text in markers:
+                        content = content.replace(marker, text)
+                table[tid] = content.encode("utf-8")
                 continue
             if style == "byte_level":
                 try:
@@ -141,7 +180,9 @@ class TokenBytes:
                 else:
                     table[tid] = piece.replace("▁", " ").encode("utf-8")
         lengths = np.fromiter((len(b) for b in table), dtype=np.int64, count=size)
-        return cls(table=table, lengths=lengths, special=special, byte_fallback=byte_fb, style=style)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        return cls(table=table, lengths=lengths, special=special, byte_fallback=byte_fb, style=style,
+                   normalizer=None if backend is None else backend.normalizer)
 
 
 _TOKEN_BYTES_CACHE: Dict[int, Tuple[object, TokenBytes]] = {}
@@ -169,36 +210,71 @@ def _char_to_byte_index(text: str) -> np.ndarray:
     return out
 
 
+def _merges(normalizer, left: str, char: str) -> bool:
+    """Whether the normaliser joins ``char`` to ``left`` (NFC composes ``e`` + U+0301 into ``é``,
+    Hangul jamo into a syllable): normalising them together differs from normalising them apart."""
+    if normalizer is None or not left:
+        return False
+    return normalizer.normalize_str(left + char) != normalizer.normalize_str(left) + normalizer.normalize_str(char)
+
+
 def _spans_from_offsets(token_bytes: TokenBytes, ids: np.ndarray, text: str,
                         char_offsets: Sequence[Tuple[int, int]]) -> np.ndarray:
     """Byte spans from character offsets (the fallback path of :func:`token_byte_spans`).
 
-    Greedy, left to right: a token ends ``own`` bytes (its own byte length) after the
-    previous one when that lands inside its last character (``pos[e−1] < end ≤
-    pos[e]``, ``e`` its character end) – exact for pieces of a multi-byte character
-    (``ĠðŁ`` ``Ļ`` ``Ĥ`` all report the character span of 🙂) and for tokens ending
-    mid-character; otherwise (a normaliser changed the bytes) it ends at its
-    character end. Gaps (trimmed spaces) go to the next token.
+    The tokenizer's offsets point into the *original* text, so the spans are its bytes:
+
+    * a *unit* is a run of consecutive tokens that share characters (the pieces of one
+      character: ``<0xF0>`` … byte fallback, a byte-level ``ĠðŁ`` ``Ļ`` ``Ĥ`` all reporting the
+      character span of 🙂); a token that shares no character is a unit of its own;
+    * a unit covers the original bytes of its characters: a token made of normalised
+      characters (Qwen's NFC ``é`` from ``e`` + U+0301) covers exactly their bytes;
+    * characters no token's offsets cover (a composing mark the normaliser folded into the
+      character before it, a trimmed space) go to the unit before them while the normaliser
+      joins them to it (:func:`_merges`), else to the unit after them; the first unit starts
+      at 0; past the last unit they stay uncovered (they belong to a next token, e.g. of a
+      truncated completion);
+    * inside a unit the tokens are split by their own byte lengths, cumulatively and clamped
+      to the unit, the last one ending at the unit's end (exact when the pieces are those
+      characters' bytes, the only case where a unit has several tokens without a normaliser);
+    * a token whose offsets cover no character is zero-width where it stands.
+
+    Spans are monotone and tile ``[0, end of the last unit)``.
     """
-    pos = _char_to_byte_index(text).tolist()
     n = len(ids)
-    ends_char = np.asarray(char_offsets, dtype=np.int64).reshape(n, 2)[:, 1].clip(0, len(text)).tolist()
+    pos = _char_to_byte_index(text).tolist()
+    offs = np.asarray(char_offsets, dtype=np.int64).reshape(n, 2).clip(0, len(text)).tolist()
     own = token_bytes.lengths[ids].tolist()
     if n and token_bytes.table[int(ids[0])][:1] == b" " and not text.startswith(" "):
-        own[0] -= 1  # a SentencePiece dummy prefix: the "▁" is not in the text
-    ends = [0] * n
-    prev = 0
-    for i in range(n):
-        e = ends_char[i]
-        cand = prev + own[i]
-        if own[i] == 0:
-            end = prev
-        elif e > 0 and pos[e - 1] < cand <= pos[e]:
-            end = cand
+        own[0] = max(own[0] - 1, 0)  # a SentencePiece dummy prefix: the "▁" is not in the text
+    units: List[List[int]] = []  # [char start, char end, token indices...]
+    for i, (a, b) in enumerate(offs):
+        if b <= a:
+            continue
+        if units and a < units[-1][1]:  # shares a character with the unit before
+            units[-1][1] = max(units[-1][1], b)
+            units[-1].append(i)
         else:
-            end = max(pos[e], prev)
-        ends[i] = end
-        prev = end
+            units.append([a, b, i])
+    # Uncovered characters between units: the earlier unit keeps those the normaliser joins to it.
+    norm = token_bytes.normalizer
+    for u, unit in enumerate(units):
+        unit[0] = 0 if u == 0 else units[u - 1][1]
+        limit = units[u + 1][0] if u + 1 < len(units) else len(text)
+        while unit[1] < limit and _merges(norm, text[unit[0]:unit[1]], text[unit[1]]):
+            unit[1] += 1
+    ends = [-1] * n
+    for unit in units:
+        at, stop = pos[unit[0]], pos[unit[1]]
+        for i in unit[2:-1]:
+            at = min(at + own[i], stop)
+            ends[i] = at
+        ends[unit[-1]] = stop
+    prev = 0
+    for i in range(n):  # zero-width tokens sit where the previous token ends
+        if ends[i] < 0:
+            ends[i] = prev
+        prev = ends[i]
     ends = np.asarray(ends, dtype=np.int64)
     starts = np.concatenate([[0], ends[:-1]]) if n else ends
     return np.stack([starts, ends], axis=1)
