@@ -1,14 +1,21 @@
 """Cross-tokenizer alignment: byte spans, groups, vocabulary map, loss (CPU, small).
 
-Two genuinely different tokenizers are trained on the fly: a byte-level BPE with the
-ChatML template (Qwen style) and a SentencePiece unigram with byte fallback and the
-Llama-2 ``[INST]`` template (Llama-2 / Mistral style).
+Genuinely different tokenizers are trained on the fly: a byte-level BPE with the
+ChatML template (Qwen style), a SentencePiece unigram with byte fallback and the
+Llama-2 ``[INST]`` template (Llama-2 / Mistral style), a SentencePiece-style BPE whose
+whitespace runs ``▁▁`` … are *added* tokens and whose template trims contents (Gemma-3
+style), and the byte-level BPE with an NFC normaliser (Qwen's), fed decomposed text.
+The real tokenizers are in ``test_align_real_tokenizers.py``.
 """
+
+import json
+import unicodedata
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from nemo_kd.align import (
     AlignmentGroups,
@@ -49,12 +56,59 @@ TRICKY = [
 ]
 
 
+# Decomposed (NFD) text, which an NFC normaliser composes: the tokens' bytes are not the text's.
+NFD_TEXTS = [unicodedata.normalize("NFD", t) for t in (
+    "Cafe\u0301 and cre\u0300me", "a n\u0303 ñandú", "한국어 텍스트", "naïve café, Zürich: Ångström")]
+
+# Gemma-3's chat template, reduced: a "model" role, contents trimmed, <end_of_turn>\n after each turn.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA_WHITESPACE = ["▁" * k for k in (2, 4, 8)]
+
+
+def _gemma_style(texts, vocab_size=400):
+    """A Gemma-3-style tokenizer: BPE with byte fallback on text whose spaces the *normaliser* writes
+    as ``▁`` (decoder: ``▁`` → space), runs of ``▁`` both model pieces and non-special added tokens
+    (as Gemma-3's ids 138–167), special ``<start_of_turn>`` / ``<end_of_turn>``."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tok.train_from_iterator(list(texts), trainer=trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                     show_progress=False))
+    spec = json.loads(tok.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    for piece in [f"<0x{b:02X}>" for b in range(256)] + ["▁"] + GEMMA_WHITESPACE:
+        vocab.setdefault(piece, len(vocab))
+    # the whitespace runs are reachable from spaces, first (Gemma's model pieces)
+    merges[:0] = [["▁", "▁"], ["▁▁", "▁▁"], ["▁▁▁▁", "▁▁▁▁"]]
+    spec["added_tokens"] += [{"id": vocab[w], "content": w, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": False} for w in GEMMA_WHITESPACE]
+    spec["decoder"] = json.loads(decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                                    decoders.Fuse()]).__getstate__())
+    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<bos>",
+                                 eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
+    hf.chat_template = GEMMA_TEMPLATE
+    return hf
+
+
 @pytest.fixture(scope="module")
 def toks(tmp_path_factory):
     d1, d2 = tmp_path_factory.mktemp("bpe"), tmp_path_factory.mktemp("spm")
     train_byte_level_bpe(CORPUS, vocab_size=400, template="chatml", save_dir=str(d1))
     train_sentencepiece_unigram(CORPUS, vocab_size=400, save_dir=str(d2))
     return AutoTokenizer.from_pretrained(str(d1)), AutoTokenizer.from_pretrained(str(d2))
+
+
+@pytest.fixture(scope="module")
+def family(toks):
+    """Every tokenizer by name: ``bpe``, ``spm``, ``gemma`` (Gemma-3 style), ``bpe_nfc`` (Qwen's NFC)."""
+    nfc = train_byte_level_bpe(CORPUS + NFD_TEXTS * 10, vocab_size=400, template="chatml")
+    nfc.backend_tokenizer.normalizer = normalizers.NFC()
+    return {"bpe": toks[0], "spm": toks[1], "gemma": _gemma_style(CORPUS), "bpe_nfc": nfc}
 
 
 def _conv(text):
@@ -111,6 +165,85 @@ def test_offset_path_agrees_with_exact_path(toks, which):
         assert set(via[:, 1][via[:, 1] > via[:, 0]]) <= set(exact[:, 1]) | {0}
 
 
+def check_unit_spans(tok, text, ids, offs, sp):
+    """Spans of ``ids`` (offsets ``offs``) in ``text``: they tile its bytes; each *unit* (a run of
+    tokens sharing characters; mostly one token) covers whole characters of the original text; those
+    characters, normalised as the tokenizer normalises, are what the unit's tokens stand for (a
+    composed ``é`` covers ``e`` + U+0301; an end-of-turn token after it covers only itself); with
+    bytes that reproduce the text, each span holds its token's bytes. Shared with the real-tokenizer
+    tests."""
+    raw = text.encode()
+    pos = np.concatenate([[0], np.cumsum([len(c.encode()) for c in text])]).astype(np.int64)
+    at_char = {int(p): c for c, p in enumerate(pos)}
+    assert sp[0, 0] == 0 and (sp[1:, 0] == sp[:-1, 1]).all() and (sp[:, 1] >= sp[:, 0]).all()
+    assert sp[-1, 1] == len(raw)
+    tb = get_token_bytes(tok)
+    norm = tok.backend_tokenizer.normalizer
+    normalise = norm.normalize_str if norm is not None else (lambda x: x)
+    if b"".join(tb.table[i] for i in ids) == raw:
+        assert [raw[a:b] for a, b in sp] == [tb.table[i] for i in ids]
+    n, i = len(ids), 0
+    while i < n:  # walk the units
+        j, end = i, offs[i][1]
+        while j + 1 < n and offs[j + 1][0] < end:
+            j += 1
+            end = max(end, offs[j][1])
+        lo, hi = int(sp[i, 0]), int(sp[j, 1])
+        assert lo in at_char and hi in at_char, (text, i, j)  # whole characters
+        own = b"".join(tb.table[k] for k in ids[i:j + 1])
+        if i == 0 and own[:1] == b" " and not text.startswith(" "):
+            own = own[1:]  # a SentencePiece dummy prefix
+        assert normalise(raw[lo:hi].decode()) == normalise(own.decode("utf-8", "replace")), (text, i, j)
+        if i == j and offs[i][1] > offs[i][0]:
+            assert hi > lo
+        i = j + 1
+
+
+@pytest.mark.parametrize("which", ["bpe", "spm", "gemma", "bpe_nfc"])
+def test_spans_hold_the_original_bytes(family, which):
+    tok = family[which]
+    for text in TRICKY + NFD_TEXTS:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        check_unit_spans(tok, text, enc["input_ids"], enc["offset_mapping"],
+                         token_byte_spans(tok, enc["input_ids"], text))
+
+
+def test_nfc_normaliser_spans_cover_the_decomposed_characters(family):
+    """Byte-level BPE + NFC on NFD text: the offset path; a composed character's token covers all of
+    the original (decomposed) bytes, no token is zero-width, equal tokenizers align one-to-one."""
+    tok = family["bpe_nfc"]
+    text = NFD_TEXTS[0]  # "Cafe\u0301 and cre\u0300me"
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    sp = token_byte_spans(tok, enc["input_ids"], text)
+    raw = text.encode()
+    assert b"".join(get_token_bytes(tok).table[i] for i in enc["input_ids"]) != raw  # composed: offset path
+    pieces = [raw[a:b].decode("utf-8", "replace") for a, b in sp]
+    assert "e\u0301" in pieces and all(pieces)  # the composed é (a token of its own) covers e + U+0301
+    check_unit_spans(tok, text, enc["input_ids"], enc["offset_mapping"], sp)
+    ct = ConversationTokenizer(tok, max_seq_length=4096)
+    for text in NFD_TEXTS:
+        _, _, g = align_conversation(_conv(text), ct, ct)
+        assert g.fraction_one_to_one == 1.0 and g.num_aligned_student_tokens == g.num_student_tokens
+
+
+def test_gemma_style_added_whitespace_tokens(family):
+    """Added (non-special) ``▁▁`` … tokens stand for spaces, as the normaliser/decoder round trip says:
+    exact spans, and they map to the byte-level space runs in both directions."""
+    gemma, bpe = family["gemma"], family["bpe"]
+    tb, gv, bv = get_token_bytes(gemma), gemma.get_vocab(), bpe.get_vocab()
+    added = {t.content: i for i, t in gemma.added_tokens_decoder.items()}
+    for w in GEMMA_WHITESPACE:
+        assert w in added and tb.table[added[w]] == b" " * len(w) and not tb.special[added[w]]
+    assert tb.table[gv["<end_of_turn>"]] == b"<end_of_turn>" and tb.special[gv["<end_of_turn>"]]
+    text = "a        b    c  d"
+    ids = gemma(text, add_special_tokens=False)["input_ids"]
+    assert {added[w] for w in GEMMA_WHITESPACE} <= set(ids)
+    sp = token_byte_spans(gemma, ids, text, char_offsets=[(0, 0)] * len(ids))  # exact path: offsets unused
+    assert [text.encode()[a:b] for a, b in sp] == [tb.table[i] for i in ids]
+    assert build_vocab_map(bpe, gemma).teacher_to_student[added["▁▁"]] == bv["ĠĠ"]
+    assert build_vocab_map(gemma, bpe).teacher_to_student[bv["ĠĠ"]] == added["▁▁"]
+
+
 # ----------------------------------------------------------------------------- groups
 
 
@@ -143,18 +276,18 @@ def _check_groups(s, t, g, s_tok, t_tok, content):
             assert (width[~in_group] == 0).all()  # only template tokens stay unaligned
 
 
-@pytest.mark.parametrize("direction", ["bpe->spm", "spm->bpe"])
-def test_groups_cover_shared_content_exactly_once(toks, direction):
-    bpe, spm = toks
-    s_tok, t_tok = (bpe, spm) if direction == "bpe->spm" else (spm, bpe)
+@pytest.mark.parametrize("direction", ["bpe->spm", "spm->bpe", "gemma->bpe", "bpe->gemma", "bpe_nfc->spm",
+                                       "gemma->bpe_nfc"])
+def test_groups_cover_shared_content_exactly_once(family, direction):
+    s_tok, t_tok = (family[name] for name in direction.split("->"))
     s_ct, t_ct = ConversationTokenizer(s_tok, max_seq_length=4096), ConversationTokenizer(t_tok, max_seq_length=4096)
     kinds = {"one_to_one": 0, "one_to_many": 0, "many_to_one": 0, "many_to_many": 0}
-    for text in TRICKY:
+    for text in TRICKY + NFD_TEXTS:
         s, t, g = align_conversation(_conv(text), s_ct, t_ct)
-        _check_groups(s, t, g, s_tok, t_tok, text.strip())  # Llama-2's template strips the content
+        _check_groups(s, t, g, s_tok, t_tok, text.strip())  # Llama-2's and Gemma's templates strip the content
         for k, v in g.kinds().items():
             kinds[k] += v
-        assert 0 < g.fraction_one_to_one <= g.fraction_aligned <= 1
+        assert 0 < g.fraction_aligned and 0 <= g.fraction_one_to_one <= g.fraction_aligned <= 1
         assert AlignmentGroups.from_numpy(g.to_numpy()).array.tolist() == g.array.tolist()
     assert all(v > 0 for v in kinds.values()), kinds  # every group kind is exercised
 
@@ -229,13 +362,41 @@ def test_vocab_map_padded_identity(tmp_path):
         build_vocab_map(a, b, student_vocab_size=real - 1)
 
 
+# ChatML with Qwen3's empty think block in front of the last answer (its template text contains "<", "k", ...).
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("answer", ["<", ">", "/", "k", "n", "think", "\n"])
+def test_content_also_in_the_template_text_is_located_after_it(family, answer):
+    """An answer that also occurs in the template text before it is aligned where it is, after the
+    template's think block; the block is unaligned (no teacher counterpart) and so is not in any group."""
+    think = train_byte_level_bpe(CORPUS, vocab_size=400, template="chatml")
+    think.chat_template = THINK_TEMPLATE
+    s_ct, t_ct = ConversationTokenizer(family["spm"], max_seq_length=4096), ConversationTokenizer(think, max_seq_length=4096)
+    s, t, g = align_conversation(_conv(answer), s_ct, t_ct)
+    text, spans = completion_byte_spans(t, think)
+    block = len("<think>\n\n</think>\n\n")
+    assert text[:block] == "<think>\n\n</think>\n\n" and text[block:block + len(answer)] == answer
+    g.validate()
+    if answer.strip():  # Llama-2's template strips a "\n" answer away: nothing shared then
+        assert g.content_bytes == len(answer) == g.aligned_bytes
+        t_tok = np.arange(g.array[0, T_START], g.array[-1, T_END])
+        assert spans[t_tok[0], 0] <= block and spans[t_tok[-1], 1] >= block + len(answer)
+        assert (spans[t_tok, 1] > block).all()  # no token of the think block is in a group
+    assert (g.teacher_group_index()[spans[:, 1] <= block] == -1).all()
+
+
 # ----------------------------------------------------------------------------- loss
 
 
-def _identity_setup(tok, seed=0):
+def _identity_setup(tok, texts):
     ct = ConversationTokenizer(tok, max_seq_length=4096)
     samples, groups = [], []
-    for text in TRICKY[:4]:
+    for text in texts:
         s, t, g = align_conversation(_conv(text), ct, ct)
         assert s.input_ids == t.input_ids and g.fraction_one_to_one == 1.0
         samples.append(s)
@@ -245,10 +406,15 @@ def _identity_setup(tok, seed=0):
 
 @pytest.mark.parametrize("convention", ["renormalized", "exact_tail"])
 @pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd", "akl"])
-def test_identity_equals_same_tokenizer_loss(toks, convention, loss_type):
-    bpe, _ = toks
-    samples, groups = _identity_setup(bpe)
-    v_student, v_teacher, k = 384 + 128, 512, 8  # same tokenizer, different padded vocabularies
+@pytest.mark.parametrize("which", ["bpe", "bpe_nfc", "gemma"])
+def test_identity_equals_same_tokenizer_loss(family, which, convention, loss_type):
+    """Equal tokenizers and templates: every token one-to-one, the same-tokenizer loss. Also on decomposed
+    text under an NFC normaliser (offset path) and across Gemma-style added whitespace tokens."""
+    bpe = family[which]
+    samples, groups = _identity_setup(bpe, TRICKY[:4] + (NFD_TEXTS if which == "bpe_nfc" else []))
+    # same tokenizer, padded vocabularies (bpe: 512 student and teacher rows)
+    v_student = v_teacher = 128 * (len(bpe) // 128 + 1)
+    k = 8
     vm = build_vocab_map(bpe, bpe, student_vocab_size=v_student, teacher_vocab_size=v_teacher)
     g = torch.Generator().manual_seed(0)
     n = sum(len(s.input_ids) for s in samples)

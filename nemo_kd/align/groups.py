@@ -9,13 +9,18 @@ Algorithm (:func:`align_token_spans`, vectorised, ``O(n_s + n_t)``):
 
 1. Each rendering's completion tokens get UTF-8 byte spans that tile the completion
    (:func:`~nemo_kd.align.spans.token_byte_spans`).
-2. The shared ranges (the assistant messages located in each rendering, extended
-   over template text identical on both sides, e.g. an end-of-turn marker of the
-   same template) define *content coordinates*: ``f(p)`` = number of content bytes before completion byte
-   ``p``; the concatenated content is the same byte string on both sides. A token's
-   content span is ``[f(start), f(end))``, so template bytes vanish and a token that
-   straddles template and content keeps only its content bytes. Content spans still
-   tile ``[0, C)`` (``f`` is monotone), with zero-width tokens for pure template.
+2. The shared ranges define *content coordinates*. Each rendering's contents are placed
+   where its template put them (:func:`_content_ranges`: a content found once is there;
+   otherwise after the template's own text, rendered with placeholder contents, so an
+   answer ``<`` is not taken from Qwen3's ``<think>``); the content characters both
+   renderings hold (all of them, or those a rewriting template kept: Llama-2's ``strip()``,
+   Qwen3's think-block formatting) are shared, extended over template text identical on
+   both sides (an end-of-turn marker of the same template). ``f(p)`` = number of shared
+   bytes before completion byte ``p``; the concatenated shared text is the same byte string
+   on both sides. A token's content span is ``[f(start), f(end))``, so template bytes
+   vanish and a token that straddles template and content keeps only its content bytes.
+   Content spans still tile ``[0, C)`` (``f`` is monotone), with zero-width tokens for
+   pure template.
 3. Two-pointer walk, as a set intersection: a *group boundary* is a byte position
    where a positive-width student token and a positive-width teacher token both end.
    Group ``g`` is the byte range between consecutive boundaries; its tokens are the
@@ -26,6 +31,17 @@ Algorithm (:func:`align_token_spans`, vectorised, ``O(n_s + n_t)``):
 4. Zero-width tokens (pure template, a SentencePiece dummy prefix) and tokens after
    ``B`` are *unaligned*: they carry no KD signal (the student's own CE still applies).
 
+Template tokens. Text one template renders and the other does not has no teacher
+counterpart and is not distilled: Qwen3's empty think block ``<think>\\n\\n</think>\\n\\n``
+before every answer (4 tokens) when the other model's template has none. Such student
+tokens are counted, as unaligned completion tokens (``num_student_tokens −
+num_aligned_student_tokens``; in training ``xtok_completion_tokens − kd_tokens``), and get
+only the SFT term (``sft_loss_weight``; none at 0): the teacher renders its own template,
+so there is no teacher distribution for the student's. With the same template on both
+sides the block is identical template text, shared, and distilled one-to-one. The end of
+turn after the content is the exception: it is one more group (the probability of
+stopping, :mod:`nemo_kd.align.loss`).
+
 Group kinds: one-to-one (1 student, 1 teacher token), one-to-many, many-to-one,
 many-to-many. :class:`AlignmentGroups` keeps them as one compact int32 array
 (per group: student token range, teacher token range, content byte range), which
@@ -34,12 +50,20 @@ is what the v2 store saves per sample.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nemo_kd.align.spans import AlignmentError, char_ranges_to_bytes, locate_content, token_byte_spans
+from nemo_kd.align.spans import (
+    AlignmentError,
+    char_ranges_to_bytes,
+    common_prefix_length,
+    locate_content,
+    token_byte_spans,
+)
+from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, split_prompt_completion
 
 # Alignment algorithm identifier stored with the groups (bump on any behaviour change).
 ALIGNMENT_ALGORITHM = "byte-span-groups"
@@ -222,48 +246,171 @@ def completion_byte_spans(sample, tokenizer) -> Tuple[str, np.ndarray]:
     return text, token_byte_spans(tokenizer, ids, text, offs)
 
 
-def _shared_char_ranges(s_text: str, t_text: str, contents: Sequence[str]):
-    """Character ranges of the text both completions share: the contents, extended over
+# Placeholder contents for rendering a template's own text (template_pieces): private-use characters,
+# which no chat template strips, escapes or looks for (Qwen3 splits contents on "</think>").
+_PLACEHOLDER = "\ue000{}\ue001"
+_PLACEHOLDER_RE = re.compile("\ue000([0-9]+)\ue001")
+
+# A content a template rewrote is matched to its rendering by a shortest edit script of at most
+# this many edits (strip()/trim and think-block re-formatting take a handful); past it only their
+# common prefix and suffix are shared (_content_blocks), which bounds the cost on unrelated text.
+MAX_REWRITE_EDITS = 256
+
+
+def template_pieces(tokenizer, messages, sample) -> Optional[List[str]]:
+    """The template's own text around the completion's contents, ``[P_0, …, P_m]``
+    (:func:`~nemo_kd.align.spans.locate_content`), from rendering ``messages`` with placeholder
+    contents the way ``sample`` was rendered: with the chat template or in the plain format,
+    whichever gives the sample's prompt. ``None`` when neither does."""
+    prompt_msgs, completion_msgs = split_prompt_completion(messages)
+    msgs, k = list(prompt_msgs), 0
+    for m in completion_msgs:
+        if m.get("content"):  # the contents completion_contents() lists
+            m = dict(m, content=_PLACEHOLDER.format(k))
+            k += 1
+        msgs.append(m)
+    prompt_text = sample.text[:sample.completion_char_start]
+    for prompt_format in ("chat", "plain"):
+        try:
+            prompt, completion = ConversationTokenizer(tokenizer, prompt_format).render(msgs)
+        except TokenizationError:  # no chat template, or one that cannot render this conversation
+            continue
+        parts = _PLACEHOLDER_RE.split(completion)
+        if prompt == prompt_text and parts[1::2] == [str(i) for i in range(k)]:
+            return parts[0::2]
+    return None
+
+
+def _unambiguous(text: str, contents: Sequence[str]) -> bool:
+    """Each content occurs verbatim, after the previous one, exactly once."""
+    at = 0
+    for c in contents:
+        k = text.find(c, at)
+        if k < 0 or text.find(c, k + 1) >= 0:
+            return False
+        at = k + len(c)
+    return True
+
+
+def _content_ranges(text: str, contents: Sequence[str], tokenizer, messages, sample) -> List[Tuple[int, int]]:
+    """Where the contents are in one completion. A content found once, verbatim, can only be
+    there; otherwise (a content also in the template text, a content the template rewrote) the
+    template's own text is rendered (:func:`template_pieces`) and the content placed after it:
+    searching from the start would find ``<`` inside Qwen3's ``<think>``, and searching back from
+    the end would find it inside ``<|im_end|>``; only the template knows where its text ends."""
+    if messages is None or _unambiguous(text, contents):
+        return locate_content(text, contents)
+    return locate_content(text, contents, template_pieces(tokenizer, messages, sample))
+
+
+def _matching_blocks(a: str, b: str, max_edits: int) -> Optional[List[Tuple[int, int, int]]]:
+    """``(i, j, n)`` runs with ``a[i:i+n] == b[j:j+n]``, in order, of a shortest edit script
+    (Myers' O((|a|+|b|)·D) greedy diff; the matched characters are a longest common
+    subsequence). ``None`` when ``a`` and ``b`` differ by more than ``max_edits`` edits."""
+    n, m = len(a), len(b)
+    v: Dict[int, int] = {1: 0}
+    trace = []
+    for d in range(max_edits + 1):
+        trace.append(dict(v))
+        for k in range(-d, d + 1, 2):
+            x = v[k + 1] if k == -d or (k != d and v[k - 1] < v[k + 1]) else v[k - 1] + 1
+            x += common_prefix_length(a, x, b, x - k)
+            v[k] = x
+            if x >= n and x - k >= m:
+                return _backtrack(trace, n, m)
+    return None
+
+
+def _backtrack(trace, n: int, m: int) -> List[Tuple[int, int, int]]:
+    """The diagonal runs of the path :func:`_matching_blocks` found, walked back from ``(n, m)``
+    (``trace[d]``: the furthest-reaching x per diagonal before round ``d``)."""
+    blocks = []
+    x, y = n, m
+    for d in range(len(trace) - 1, -1, -1):
+        v, k = trace[d], x - y
+        if d == 0:
+            mid_x = 0
+        else:
+            down = k == -d or (k != d and v[k - 1] < v[k + 1])
+            prev_k = k + 1 if down else k - 1
+            mid_x = v[prev_k] if down else v[prev_k] + 1
+        if x > mid_x:  # the diagonal run (snake) that ends at (x, y)
+            blocks.append((mid_x, mid_x - k, x - mid_x))
+        if d:
+            x = v[prev_k]
+            y = x - prev_k
+    return blocks[::-1]
+
+
+def _content_blocks(content: str, region: str) -> List[Tuple[int, int, int]]:
+    """``(content offset, region offset, length)`` runs of ``content`` that ``region`` (where a
+    rendering put it) holds verbatim: all of it, a stripped part, or, for a re-formatted content,
+    the matching runs of a shortest edit script (its common prefix and suffix past
+    :data:`MAX_REWRITE_EDITS` edits)."""
+    if region == content:
+        return [(0, 0, len(content))]
+    if region and region == content.strip():  # the template trimmed it (Llama-2, Gemma)
+        return [(content.find(region), 0, len(region))]
+    blocks = _matching_blocks(content, region, MAX_REWRITE_EDITS)
+    if blocks is None:
+        p = common_prefix_length(content, 0, region, 0)
+        q = common_prefix_length(content[::-1], 0, region[::-1], 0) if p < min(len(content), len(region)) else 0
+        q = min(q, len(content) - p, len(region) - p)
+        blocks = [(0, 0, p)] + [(len(content) - q, len(region) - q, q)]
+    return [blk for blk in blocks if blk[2] > 0]
+
+
+def _shared_char_ranges(s_text: str, t_text: str, contents: Sequence[str], s_rng, t_rng):
+    """Character ranges of the text both completions share: the content characters both renderings
+    hold (``s_rng`` / ``t_rng``: where each put each content, :func:`_content_ranges`), extended over
     template text that is identical on both sides (before, between, after them)."""
-    try:
-        s_rng, t_rng = locate_content(s_text, contents), locate_content(t_text, contents)
-    except AlignmentError:  # a template rewrote the content (Llama-2 strips it): align the stripped text
-        stripped = [c.strip() for c in contents]
-        s_rng, t_rng = locate_content(s_text, stripped), locate_content(t_text, stripped)
-    if not s_rng:
+    pairs = []  # [s_start, s_end, t_start, t_end] of identical text, in order
+    for c, (sa, sb), (ta, tb) in zip(contents, s_rng, t_rng):
+        s_blocks, t_blocks = _content_blocks(c, s_text[sa:sb]), _content_blocks(c, t_text[ta:tb])
+        i = j = 0
+        while i < len(s_blocks) and j < len(t_blocks):  # content characters present on both sides
+            (cs, xs, ns), (ct, xt, nt) = s_blocks[i], t_blocks[j]
+            lo, hi = max(cs, ct), min(cs + ns, ct + nt)
+            if lo < hi:
+                pairs.append([sa + xs + lo - cs, sa + xs + hi - cs, ta + xt + lo - ct, ta + xt + hi - ct])
+            if cs + ns <= ct + nt:
+                i += 1
+            else:
+                j += 1
+    if not pairs:
         return [], []
     # Identical template pieces (same template family, or the very same template) are shared text too.
-    s_cuts = [0] + [x for r in s_rng for x in r] + [len(s_text)]
-    t_cuts = [0] + [x for r in t_rng for x in r] + [len(t_text)]
-    s_out, t_out = [list(s_rng[0])], [list(t_rng[0])]
-    if s_text[:s_cuts[1]] == t_text[:t_cuts[1]]:
-        s_out[0][0], t_out[0][0] = 0, 0
-    for j in range(1, len(s_rng)):
-        if s_text[s_rng[j - 1][1]:s_rng[j][0]] == t_text[t_rng[j - 1][1]:t_rng[j][0]]:
-            s_out[-1][1], t_out[-1][1] = s_rng[j][1], t_rng[j][1]
+    out = [pairs[0]]
+    if s_text[:pairs[0][0]] == t_text[:pairs[0][2]]:
+        out[0][0], out[0][2] = 0, 0
+    for p in pairs[1:]:
+        if s_text[out[-1][1]:p[0]] == t_text[out[-1][3]:p[2]]:
+            out[-1][1], out[-1][3] = p[1], p[3]
         else:
-            s_out.append(list(s_rng[j]))
-            t_out.append(list(t_rng[j]))
-    if s_text[s_rng[-1][1]:] == t_text[t_rng[-1][1]:]:
-        s_out[-1][1], t_out[-1][1] = len(s_text), len(t_text)
-    return [tuple(r) for r in s_out], [tuple(r) for r in t_out]
+            out.append(p)
+    if s_text[out[-1][1]:] == t_text[out[-1][3]:]:
+        out[-1][1], out[-1][3] = len(s_text), len(t_text)
+    return [(p[0], p[1]) for p in out], [(p[2], p[3]) for p in out]
 
 
 def align_samples(student_sample, teacher_sample, student_tokenizer, teacher_tokenizer,
-                  contents: Sequence[str]) -> AlignmentGroups:
+                  contents: Sequence[str], messages=None) -> AlignmentGroups:
     """Align two renderings (:class:`~nemo_kd.data.tokenization.TokenizedSample`) of one conversation.
 
-    ``contents`` are the completion's assistant message contents, in order. The
-    shared text is those contents plus any template text that is identical in both
-    completions at the same place (so equal templates align their end-of-turn
-    tokens too, and equal tokenizers + templates give all one-to-one groups). If a
-    template rewrites the content (Llama-2's ``strip()``), the stripped contents are
-    located on both sides instead, and whitespace the renderings do not share is
-    unaligned.
+    ``contents`` are the completion's assistant message contents, in order; ``messages`` the
+    conversation, needed to place a content that also occurs in template text or that a template
+    rewrote (:func:`_content_ranges`; without it the first occurrence is taken). The shared text is
+    the content characters both renderings hold plus any template text that is identical in both
+    completions at the same place (so equal templates align their end-of-turn tokens too, and
+    equal tokenizers + templates give all one-to-one groups). Where a template rewrites a content
+    (Llama-2's ``strip()``, Gemma's ``trim``, Qwen3's think-block formatting) only the characters
+    it kept are shared; the whitespace and markers the renderings do not share are unaligned.
     """
     s_text, s_spans = completion_byte_spans(student_sample, student_tokenizer)
     t_text, t_spans = completion_byte_spans(teacher_sample, teacher_tokenizer)
-    s_chr, t_chr = _shared_char_ranges(s_text, t_text, contents)
+    s_loc = _content_ranges(s_text, contents, student_tokenizer, messages, student_sample)
+    t_loc = _content_ranges(t_text, contents, teacher_tokenizer, messages, teacher_sample)
+    s_chr, t_chr = _shared_char_ranges(s_text, t_text, contents, s_loc, t_loc)
     s_rng, t_rng = char_ranges_to_bytes(s_text, s_chr), char_ranges_to_bytes(t_text, t_chr)
     content_bytes = sum(b - a for a, b in s_rng)
     return align_token_spans(content_coordinates(s_spans, s_rng), content_coordinates(t_spans, t_rng),
@@ -272,8 +419,6 @@ def align_samples(student_sample, teacher_sample, student_tokenizer, teacher_tok
 
 def completion_contents(messages) -> list:
     """The non-empty assistant contents of a conversation's completion, in order (what both renderings share)."""
-    from nemo_kd.data.tokenization import split_prompt_completion
-
     return [m["content"] for m in split_prompt_completion(messages)[1] if m.get("content")]
 
 
@@ -288,7 +433,7 @@ def align_rendered(messages, student_sample, teacher_sample, student_tokenizer, 
         return AlignmentGroups(np.zeros((0, 6), dtype=np.int32), n_s, n_t, 0)
     try:
         return align_samples(student_sample, teacher_sample, student_tokenizer, teacher_tokenizer,
-                             completion_contents(messages))
+                             completion_contents(messages), messages)
     except AlignmentError as e:
         raise AlignmentError(f"{sample_name}: {e}") from None
 

@@ -14,8 +14,11 @@ Per token we compute its raw bytes once per vocabulary (:class:`TokenBytes`):
   space byte, ``Ċ`` the newline, ...);
 * SentencePiece style: ``▁`` is a space, ``<0xXX>`` is the single byte ``0xXX``,
   everything else is its UTF-8;
-* added/special tokens (``<|im_end|>``, ``</s>``): the UTF-8 of their content, as
-  they appear in the rendered text.
+* added tokens: what they decode to in the rendered text – a special token
+  (``<|im_end|>``, ``</s>``) the UTF-8 of its content, a non-special one its content
+  with the markers the tokenizer round-trips put back (a ``▁`` is a space where the
+  normaliser/pre-tokenizer writes spaces as ``▁`` and the decoder reads ``▁`` as a space:
+  Gemma-3's added whitespace tokens ``▁▁`` … are runs of spaces, like byte-level ``ĠĠ`` …).
 
 :func:`token_byte_spans` then gives each token of an encoded text its ``[start,
 end)`` byte span:
@@ -26,11 +29,14 @@ end)`` byte span:
    prepended to the first word, a space that is not in the text) is recognised and
    given to no byte (the first token's span shrinks by one; a lone ``▁`` becomes
    zero-width).
-2. *offset path* (a normaliser changed the text: NFKC, lower-casing, ...): the
-   tokenizer's character offsets bound each token's byte end to its last character;
-   inside it the token's own byte length decides (pieces of one character, tokens
-   ending mid-character), else the character end; gaps (trimmed spaces) go to the
-   next token. The spans are monotone, so they still tile.
+2. *offset path* (a normaliser changed the text: NFC on decomposed input, NFKC,
+   lower-casing, ...): spans are computed in the *original* text's bytes from the
+   tokenizer's character offsets (which point into the original text), so a token made
+   of normalised characters covers exactly those characters' original bytes (Qwen's
+   NFC ``é`` covers the three bytes of ``e`` + U+0301). Only where the offsets are
+   ambiguous – several tokens sharing a character (byte-fallback pieces, a byte-level
+   token ending mid-character) – the tokens' own byte lengths split it; characters no
+   token's offsets cover go to a deterministic neighbour (:func:`_spans_from_offsets`).
 
 Either way the spans tile ``[0, end of last token)`` in order: ``start[i] =
 end[i-1]``, ``end[i] >= start[i]`` (zero-width tokens are possible, e.g. a dummy
@@ -319,21 +325,72 @@ def token_byte_spans(tokenizer, token_ids: Sequence[int], text: str,
     return np.stack([starts, ends], axis=1)
 
 
-def locate_content(completion_text: str, contents: Sequence[str]) -> List[Tuple[int, int]]:
+def common_prefix_length(a: str, i: int, b: str, j: int) -> int:
+    """Length of the common prefix of ``a[i:]`` and ``b[j:]`` (doubling, then halving, slice compares)."""
+    n = min(len(a) - i, len(b) - j)
+    k, step = 0, 1
+    while k + step <= n and a[i + k:i + k + step] == b[j + k:j + k + step]:
+        k += step
+        step *= 2
+    while step > 1:
+        step //= 2
+        if k + step <= n and a[i + k:i + k + step] == b[j + k:j + k + step]:
+            k += step
+    return k
+
+
+def locate_content(completion_text: str, contents: Sequence[str],
+                   template: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
     """Character ranges of the assistant contents, in order, inside a rendered completion.
 
-    Each content is searched after the previous one; a template that trims content
-    (``content.strip()``, as Llama-2's does) is handled by the caller retrying with
-    stripped contents. Raises :class:`AlignmentError` when a content is not found.
+    ``template`` is the template's own text around the contents, ``[P_0, …, P_m]`` for ``m``
+    contents (before the first, between them, after the last: the completion would be
+    ``P_0 + c_1 + P_1 + … + c_m + P_m`` if the template kept every content verbatim; see
+    :func:`nemo_kd.align.groups.template_pieces`). With it, content ``j`` is searched from the end
+    of content ``j − 1``: its *last* verbatim occurrence that starts within the stretch where the
+    text agrees with ``P_j``. So a content that also occurs in the template text before it
+    (Qwen3's ``<think>\\n\\n</think>\\n\\n`` before an answer ``<``, ``/``, ``k`` or ``think``) is
+    found after that text, never inside it, while a content that begins like the template (a
+    think block Qwen3 keeps verbatim) may start earlier. A content not there verbatim was
+    rewritten by the template (Llama-2 and Gemma strip contents, Qwen3 re-formats a leading think
+    block); its range is then the text the template put in its place, from where the text stops
+    agreeing with ``P_j`` to where ``P_{j+1}`` starts (after the last content: to where the text's
+    end agrees with ``P_m``, the end of turn), and the caller compares it with the content.
+
+    Without ``template`` each content is searched after the previous one (the first occurrence,
+    else the first of its stripped form): right only when no template text before a content
+    contains it. Raises :class:`AlignmentError` when a content cannot be placed.
     """
-    out = []
-    at = 0
-    for c in contents:
-        k = completion_text.find(c, at)
-        if k < 0:
-            raise AlignmentError(f"assistant content {c[:40]!r} not found in the rendered completion")
-        out.append((k, k + len(c)))
-        at = k + len(c)
+    text, out, at = completion_text, [], 0
+    if template is None:
+        for c in contents:
+            k = text.find(c, at)
+            if k < 0 and c.strip():
+                c = c.strip()
+                k = text.find(c, at)
+            if k < 0:
+                raise AlignmentError(f"assistant content {c[:40]!r} not found in the rendered completion")
+            out.append((k, k + len(c)))
+            at = k + len(c)
+        return out
+    if len(template) != len(contents) + 1:
+        raise AlignmentError(f"{len(template)} template pieces for {len(contents)} contents")
+    for j, c in enumerate(contents):
+        head = at + common_prefix_length(text, at, template[j], 0)
+        k = text.rfind(c, at, head + len(c)) if c else -1
+        if k >= 0:
+            out.append((k, k + len(c)))
+            at = k + len(c)
+            continue
+        if j + 1 == len(contents):
+            end = len(text) - common_prefix_length(text[head:][::-1], 0, template[j + 1][::-1], 0)
+        else:
+            end = text.find(template[j + 1], head)
+            if end < 0:
+                raise AlignmentError(f"the template text after assistant content {c[:40]!r} is not in the "
+                                     "rendered completion")
+        out.append((head, end))
+        at = end
     return out
 
 
