@@ -41,21 +41,20 @@ def ref_log_mixture(log_a, log_b, w):
     return mixed.masked_fill(empty, float("-inf"))
 
 
+def ref_akl_head(p, mu):
+    """AKL's head by its definition, in float64: bucket v is in it iff the teacher mass strictly
+    above it is below μ (the paper's top M with cumsum reaching μ, ties kept together), or it is the max."""
+    p = p.double()
+    above = torch.where(p[:, None, :] > p[:, :, None], p[:, None, :], torch.zeros((), dtype=torch.float64)).sum(-1)
+    return (above < mu) | (p == p.max(dim=-1, keepdim=True).values)
+
+
 def ref_akl_weights(p, q, mu):
-    """AKL's head/tail weights, by an explicit per-row sort (AKL's `get_ratio`, done right)."""
-    w_head = torch.empty(p.shape[0], dtype=torch.float64)
-    for r in range(p.shape[0]):
-        order = sorted(range(p.shape[1]), key=lambda v: -float(p[r, v]))
-        cum, g_head, g_tail = 0.0, 0.0, 0.0
-        for rank, v in enumerate(order):
-            cum += float(p[r, v])
-            err = abs(float(p[r, v]) - float(q[r, v]))
-            if rank == 0 or cum <= mu:
-                g_head += err
-            else:
-                g_tail += err
-        w_head[r] = g_head / (g_head + g_tail) if g_head + g_tail > 0 else 0.5
-    return w_head
+    """AKL's head/tail weights from :func:`ref_akl_head` (AKL's `get_ratio` with the paper's head)."""
+    gap = (p.double() - q.double()).abs()
+    head = ref_akl_head(p, mu)
+    g_head, g_total = torch.where(head, gap, 0 * gap).sum(-1), gap.sum(-1)
+    return torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, 1 + 0 * g_total), 0.5 + 0 * g_total)
 
 
 def ref_divergence(loss_type, log_p, log_q, beta=0.5, alpha=0.1, mu=0.5):
@@ -183,12 +182,13 @@ def test_bad_parameters_raise():
 
 
 def _ref_head(p, mu):
+    """The paper's head by an explicit sort: the top M, M = min{m : Σ_{j≤m} p_(j) ≥ μ} (no ties here)."""
     head = torch.zeros_like(p, dtype=torch.bool)
     for r in range(p.shape[0]):
         cum = 0.0
-        for rank, v in enumerate(sorted(range(p.shape[1]), key=lambda u: -float(p[r, u]))):
+        for v in sorted(range(p.shape[1]), key=lambda u: -float(p[r, u])):
+            head[r, v] = cum < mu or not head[r].any()
             cum += float(p[r, v])
-            head[r, v] = rank == 0 or cum <= mu
     return head
 
 
@@ -200,6 +200,7 @@ def test_head_mask_sort_and_bisection_match_explicit_sort(mu, dtype):
     logits[4, 10:] = float("-inf")
     p = torch.softmax(logits, -1)
     ref = _ref_head(p, mu)
+    assert torch.equal(ref_akl_head(p, mu), ref)  # the order-free rule is the paper's top M where nothing ties
     pd = p.to(dtype)
     assert torch.equal(BucketSpace.replicated().head_mask(pd, mu), ref)
     assert torch.equal(BucketSpace.sharded(None).head_mask(pd, mu), ref)

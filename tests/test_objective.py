@@ -58,7 +58,8 @@ def _reference(logits, labels, mask, vals, ids, roles, t_seq, cfg):
     for pid in (0, 1):
         pos = [i for i in range(B) if roles[i] == ROLE_POSITIVE and [-1, 0, 0, -1, 1, 1][i] == pid][0]
         neg = [i for i in range(B) if roles[i] == ROLE_NEGATIVE and [-1, 0, 0, -1, 1, 1][i] == pid][0]
-        h = cfg.preference_beta * ((seq[pos] - t_seq[pos]) / length[pos] - (seq[neg] - t_seq[neg]) / length[neg])
+        beta = 0.1 if cfg.preference_beta is None else cfg.preference_beta  # DPKD's default
+        h = beta * ((seq[pos] - t_seq[pos]) / length[pos] - (seq[neg] - t_seq[neg]) / length[neg])
         losses.append(-F.logsigmoid(h))
     l_pref = torch.stack(losses).mean()
     return cfg.kd_loss_weight * l_kd + cfg.sft_loss_weight * l_sft + cfg.dpo_loss_weight * l_pref

@@ -20,7 +20,9 @@ temperatures ``s`` (``logits_scale``) and ``t`` (``target_logits_scale``)::
 with ``S_a = Σ e^{a−M_a}``, ``S_b = Σ e^{b−M_b}`` (``M`` the row maxima) and the
 shift-relative sums ``W_f = Σ e^{b−M_b}·((b−M_b) − (a−M_a))``, ``W_r = Σ e^{a−M_a}·((a−M_a)
 − (b−M_b))``. Working relative to the maxima keeps the KL free of the cancellation
-``E_p[b] − B`` that ±1e4 logits would cause. β = 0 / 1 are exactly FKL / RKL (TRL's
+``E_p[b] − B`` that ±1e4 logits would cause; for the same reason every per-column log-prob
+(second pass, backward, label) is formed as ``log q_v = (a_v − M_a) − log S_a``, never as
+``a_v − A`` (whose fp32 ``A`` is rounded to ulp(1e4) ≈ 1e-3 there). β = 0 / 1 are exactly FKL / RKL (TRL's
 convention, as :func:`nemo_kd.losses.divergences.generalized_jsd`). Gradients w.r.t. the
 student's logits (``g`` the upstream gradient of the row's KD value, ``g_y`` of the
 label log-prob)::
@@ -32,10 +34,11 @@ label log-prob)::
     ∂SRKL/∂a_v = q_v·(log q_v − log m_v − α·q_v/m_v − SRKL + α·Σ_u q_u²/m_u)
     ∂AKL/∂a_v  = w_h·∂FKL/∂a_v + (1−w_h)·∂RKL/∂a_v
 
-AKL's head (the largest teacher probabilities with cumulative mass ≤ μ, top-1 included) is a
-threshold on the teacher's raw logits read off its vocab-parallel top-``AKL_TOPK`` (the exact
-bisection of the torch path for rows whose head runs past them); both KLs come from the first
-pass (``W_f`` and ``W_r``), the two gaps from a second pass, one ``[N, 2]`` all-reduce.
+AKL's head (:meth:`~nemo_kd.losses.divergences.BucketSpace.head_mask`: a token is in it iff the
+teacher mass strictly above it is below μ, ties together) is a threshold on the teacher's raw
+logits read off its vocab-parallel top-``AKL_TOPK`` (the torch path's bisection for rows whose
+head runs past them); both KLs come from the first pass (``W_f`` and ``W_r``), the two gaps
+from a second pass, one ``[N, 2]`` all-reduce.
     ∂z_v       = s·( g·∂D/∂a_v + g_y·([v = y] − q_v) )
 
 Passes over ``[N, V_local]`` (student + teacher shards read together):
@@ -81,8 +84,8 @@ FUSED_FULL_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rk
 # Mixture losses (codes 2–4) share the second pass: D = w_p·KL(p‖m) + w_q·KL(q‖m), m = β·p + (1−β)·q.
 # AKL (5) takes both KLs from the first pass and its head/tail gaps from a second one.
 _FKL, _RKL, _JSD, _SKEW_FKL, _SKEW_RKL, _AKL = 0, 1, 2, 3, 4, 5
-# AKL's head (top teacher probabilities with cumulative mass ≤ μ) is read off the teacher's top
-# AKL_TOPK; rows whose head does not end inside them (very flat teachers) fall back to the
+# AKL's head (the fewest top teacher probabilities whose mass reaches μ) is read off the teacher's
+# top AKL_TOPK; rows whose head does not end inside them (very flat teachers) fall back to the
 # bisection of nemo_kd.losses.divergences.BucketSpace over that row.
 AKL_TOPK = 64
 AKL_BISECTION_ROWS = 32  # rows per step of that fallback (its fp32 scratch is rows × V/TP)
@@ -171,28 +174,31 @@ def _stats_kernel(
 
 @triton.jit
 def _second_pass_kernel(
-    zs_ptr, zt_ptr, lse_a_ptr, lse_b_ptr, thr_ptr, out_ptr,
+    zs_ptr, zt_ptr, sh_a_ptr, ls_a_ptr, sh_b_ptr, ls_b_ptr, thr_ptr, out_ptr,
     V, stride_s, stride_t, s_scale, t_scale, beta,
     LOSS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Per row, the second pass over this shard (mixture losses and AKL), given the global A, B:
+    """Per row, the second pass over this shard (mixture losses and AKL), given the global
+    shifts ``M`` (``sh``) and ``log S`` (``ls``, +inf on dead rows) of both sides:
     ``[D, X]`` — JSD: [JSD, KL(q‖m)]; skew FKL: [SKL, Σ q·p/m]; skew RKL: [SRKL, Σ q²/m]
     (module docstring); AKL: [Σ_{u ≥ thr} |p − q|, Σ |p − q|], the head given by a threshold
     ``thr`` on the teacher's *raw* logits ``u`` (exact: no rounding of p in between)."""
     row = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + row * stride_s
     zt_row = zt_ptr + row * stride_t
-    lse_a = tl.load(lse_a_ptr + row)
-    lse_b = tl.load(lse_b_ptr + row)
+    sh_a = tl.load(sh_a_ptr + row)
+    ls_a = tl.load(ls_a_ptr + row)
+    sh_b = tl.load(sh_b_ptr + row)
+    ls_b = tl.load(ls_b_ptr + row)
     cols = tl.arange(0, BLOCK_V)
     j = tl.zeros([BLOCK_V], tl.float32)
     k = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         c = start + cols
         inb = c < V
-        lq = tl.load(zs_row + c, mask=inb, other=float("-inf")).to(tl.float32) * s_scale - lse_a
+        lq = (tl.load(zs_row + c, mask=inb, other=float("-inf")).to(tl.float32) * s_scale - sh_a) - ls_a
         u = tl.load(zt_row + c, mask=inb, other=float("-inf")).to(tl.float32)
-        lp = u * t_scale - lse_b
+        lp = (u * t_scale - sh_b) - ls_b
         q = tl.exp(lq)
         p = tl.exp(lp)
         if LOSS == 5:
@@ -219,7 +225,7 @@ def _second_pass_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    zs_ptr, zt_ptr, grad_ptr, lse_a_ptr, lse_b_ptr, g_kd_ptr, r_ptr, g_y_ptr, label_ptr,
+    zs_ptr, zt_ptr, grad_ptr, sh_a_ptr, ls_a_ptr, sh_b_ptr, ls_b_ptr, g_kd_ptr, r_ptr, g_y_ptr, label_ptr,
     V, stride_s, stride_t, stride_g, s_scale, t_scale, beta,
     LOSS: tl.constexpr, BLOCK_V: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr,
 ):
@@ -227,18 +233,20 @@ def _bwd_kernel(
 
     ``r`` ``[N, 2]``: the row's divergence and the second pass's statistic X (mixture
     losses); ``label`` the local label column or −1. Dead rows come with g = 0 and
-    lse = +inf (q, p = 0).
+    log S = +inf (q, p = 0).
     """
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     inb = c < V
-    lse_a = tl.load(lse_a_ptr + row)
-    lse_b = tl.load(lse_b_ptr + row)
+    sh_a = tl.load(sh_a_ptr + row)
+    ls_a = tl.load(ls_a_ptr + row)
+    sh_b = tl.load(sh_b_ptr + row)
+    ls_b = tl.load(ls_b_ptr + row)
     g_kd = tl.load(g_kd_ptr + row)
     g_y = tl.load(g_y_ptr + row)
     label = tl.load(label_ptr + row)
-    lq = tl.load(zs_ptr + row * stride_s + c, mask=inb, other=float("-inf")).to(tl.float32) * s_scale - lse_a
-    lp = tl.load(zt_ptr + row * stride_t + c, mask=inb, other=float("-inf")).to(tl.float32) * t_scale - lse_b
+    lq = (tl.load(zs_ptr + row * stride_s + c, mask=inb, other=float("-inf")).to(tl.float32) * s_scale - sh_a) - ls_a
+    lp = (tl.load(zt_ptr + row * stride_t + c, mask=inb, other=float("-inf")).to(tl.float32) * t_scale - sh_b) - ls_b
     q = tl.exp(lq)
     p = tl.exp(lp)
     if LOSS == 0:
@@ -274,8 +282,9 @@ def _combine(stats: torch.Tensor, loss: int) -> Tuple[torch.Tensor, ...]:
     Sums move from each rank's shift to the global one: ``S ← e^{M_r − M}·S_r`` and, for
     ``W`` (relative to both shifts), ``W ← e^{M_r − M}·(W_r + (Δsh_other − Δsh_own)·S_r)``.
     A rank with no finite value (``M_r = −inf``) has ``S_r = W_r = 0`` and contributes 0.
-    Returns ``(A, B, S_a, S_b, W_f, W_r, a_label)`` per row (A/B = −inf: dead row; the W a
-    loss does not use are 0).
+    Returns ``(M_a, log S_a, M_b, log S_b, S_a, S_b, W_f, W_r, a_label)`` per row: the global
+    shifts ``M`` (0 on a dead row, whose ``log S`` is −inf), so ``A = M_a + log S_a``; the W a
+    loss does not use are 0.
     """
     m_a, s_a, m_b, s_b, w, a_y, w2 = stats.unbind(-1)
     ninf = float("-inf")
@@ -292,19 +301,23 @@ def _combine(stats: torch.Tensor, loss: int) -> Tuple[torch.Tensor, ...]:
     zero = torch.zeros_like(S_a)
     w_f = moved(f_b, w, sh_b, gsh_b, sh_a, gsh_a, s_b) if loss in (_FKL, _AKL) else zero
     w_r = moved(f_a, w if loss == _RKL else w2, sh_a, gsh_a, sh_b, gsh_b, s_a) if loss in (_RKL, _AKL) else zero
-    return gsh_a + torch.log(S_a), gsh_b + torch.log(S_b), S_a, S_b, w_f, w_r, a_y.sum(0)
+    return gsh_a, torch.log(S_a), gsh_b, torch.log(S_b), S_a, S_b, w_f, w_r, a_y.sum(0)
 
 
-def _akl_head_threshold(teacher: torch.Tensor, lse_b: torch.Tensor, t: float, mu: float, group) -> torch.Tensor:
+def _akl_head_threshold(teacher: torch.Tensor, sh_b: torch.Tensor, ls_b: torch.Tensor, t: float, mu: float,
+                        group) -> torch.Tensor:
     """AKL's head as a threshold on the teacher's raw logits: head = {u ≥ u*} per row.
 
-    The head (:meth:`~nemo_kd.losses.divergences.BucketSpace.head_mask`) is the prefix of the
-    teacher's sorted probabilities with cumulative mass ≤ μ, the top-1 always included; ``p``
-    is monotone in ``u`` (t > 0), so it is read off the global top-``AKL_TOPK`` logits
-    (vocab-parallel). Rows whose prefix reaches the end of the top-k (the head may go on: very
-    flat teachers) take the exact bisection on ``p`` over the whole row (an fp32 copy of those
-    rows only), turned back into the smallest logit of the head. Thresholds are stored logits,
-    so the kernel's comparison is exact.
+    The head (:meth:`~nemo_kd.losses.divergences.BucketSpace.head_mask`, whose rule this
+    implements) is every token whose probability is at least that of the token whose
+    cumulative mass reaches μ; ``p`` is monotone in ``u`` (t > 0), so that token is read off
+    the global top-``AKL_TOPK`` logits (vocab-parallel): ``u*`` is the value at the first
+    position where the top-k's cumulative mass (float64, as the bisection's) reaches μ, and
+    ``u ≥ u*`` takes in every token tied with it, wherever a top-k would have cut the tie. Rows
+    whose top-k mass stays below μ (the head may go on: very flat teachers) take the bisection
+    on ``p`` over the whole row (an fp32 copy of those rows only), turned back into the
+    smallest logit of the head. Thresholds are stored logits, so the kernel's comparison is
+    exact. ``sh_b``/``ls_b``: the teacher's global shift and ``log S`` (+inf on dead rows).
     """
     from nemo_kd.losses.divergences import BucketSpace
     from nemo_kd.losses.vocab_parallel import all_gather_vocab
@@ -315,10 +328,10 @@ def _akl_head_threshold(teacher: torch.Tensor, lse_b: torch.Tensor, t: float, mu
     # then the top-k of the k·TP candidates; raw logits as fp32, descending.
     local = teacher.topk(min(k, v_local), dim=-1).values.float()
     vals = all_gather_vocab(local, group).topk(k, dim=-1).values
-    p_top = torch.exp(vals * t - lse_b[:, None])
-    inside = (torch.cumsum(p_top, dim=-1) <= mu).sum(-1)
-    thr = vals.gather(-1, (inside.clamp(min=1) - 1)[:, None])[:, 0]
-    open_rows = torch.nonzero(inside >= k).flatten()
+    p_top = torch.exp((vals * t - sh_b[:, None]) - ls_b[:, None])
+    before = (torch.cumsum(p_top.double(), dim=-1) < mu).sum(-1)  # top-k tokens before the one reaching μ
+    thr = vals.gather(-1, before.clamp(max=k - 1)[:, None])[:, 0]
+    open_rows = torch.nonzero(before >= k).flatten()
     if tp_size(group) > 1:  # every rank takes part in the bisection's all-reduces for the same rows
         flag = torch.zeros(n, dtype=torch.int32, device=teacher.device)
         flag[open_rows] = 1
@@ -328,12 +341,12 @@ def _akl_head_threshold(teacher: torch.Tensor, lse_b: torch.Tensor, t: float, mu
     for c in range(0, open_rows.numel(), AKL_BISECTION_ROWS):  # fp32 scratch bounded to a few rows
         rows = open_rows[c:c + AKL_BISECTION_ROWS]
         u = teacher[rows].float()
-        p_rows = torch.exp(u * t - lse_b[rows, None])
-        in_head = p_rows >= space.mass_threshold(p_rows, mu)[:, None]
+        p_rows = torch.exp((u * t - sh_b[rows, None]) - ls_b[rows, None])
+        in_head = space.head_mask(p_rows, mu)
         u_min = torch.where(in_head, u, torch.full_like(u, float("inf"))).min(dim=-1).values
         if tp_size(group) > 1:
             dist.all_reduce(u_min, op=dist.ReduceOp.MIN, group=group)
-        thr[rows] = torch.minimum(u_min, vals[rows, 0])  # the top-1 is always in the head
+        thr[rows] = u_min
     return thr
 
 
@@ -366,14 +379,14 @@ class FusedFullKD(torch.autograd.Function):
             stats = torch.stack(gathered)
         else:
             stats = stats[None]
-        lse_a, lse_b, S_a, S_b, w_f, w_r, a_y = _combine(stats, loss)
-        alive_a, alive_b = torch.isfinite(lse_a), torch.isfinite(lse_b)
+        sh_a, ls_a, sh_b, ls_b, S_a, S_b, w_f, w_r, a_y = _combine(stats, loss)
+        alive_a, alive_b = torch.isfinite(ls_a), torch.isfinite(ls_b)
         row_ok = alive_a & alive_b
-        zero = torch.zeros_like(lse_a)
-        inf = torch.full_like(lse_a, float("inf"))
-        # Backward / second pass: lse = +inf on dead rows makes q (resp. p) exactly 0 there.
-        lse_a_k = torch.where(alive_a, lse_a, inf)
-        lse_b_k = torch.where(alive_b, lse_b, inf)
+        zero = torch.zeros_like(ls_a)
+        inf = torch.full_like(ls_a, float("inf"))
+        # Backward / second pass: log S = +inf on dead rows makes q (resp. p) exactly 0 there.
+        ls_a_k = torch.where(alive_a, ls_a, inf)
+        ls_b_k = torch.where(alive_b, ls_b, inf)
         fkl = w_f / S_b - torch.log(S_b) + torch.log(S_a)
         rkl = w_r / S_a - torch.log(S_a) + torch.log(S_b)
         stat = zero
@@ -383,11 +396,11 @@ class FusedFullKD(torch.autograd.Function):
             kd = rkl
         if loss >= _JSD:  # the second pass (mixture losses, AKL's gaps), one [N, 2] all-reduce
             # AKL: its head threshold; μ rides in the β slot, and its m (β = 0) is unused.
-            thr = _akl_head_threshold(teacher, lse_b_k, t, beta, group) if loss == _AKL else zero
+            thr = _akl_head_threshold(teacher, sh_b, ls_b_k, t, beta, group) if loss == _AKL else zero
             part = torch.zeros(n, 2, dtype=torch.float32, device=dev)
             if n > 0:
                 _second_pass_kernel[(n,)](
-                    student, teacher, lse_a_k, lse_b_k, thr.contiguous(), part,
+                    student, teacher, sh_a, ls_a_k, sh_b, ls_b_k, thr.contiguous(), part,
                     v_local, student.stride(0), teacher.stride(0), s, t, 0.0 if loss == _AKL else beta,
                     LOSS=loss, BLOCK_V=FWD_BLOCK_V, num_warps=FWD_NUM_WARPS,
                 )
@@ -406,20 +419,20 @@ class FusedFullKD(torch.autograd.Function):
             kd = part[:, 0]
             stat = part[:, 1]
         kd = torch.where(row_ok, kd, zero)
-        label_lp = torch.where(alive_a, a_y - lse_a, zero)
+        label_lp = torch.where(alive_a, (a_y - sh_a) - ls_a, zero)
         r = torch.stack([rkl if loss == _AKL else kd, stat], dim=1)
         if has_label:
             local = labels - vocab_start
             label_local = torch.where((local >= 0) & (local < v_local), local, torch.full_like(local, -1))
         else:
             label_local = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        ctx.save_for_backward(student, teacher, lse_a_k, lse_b_k, r, row_ok, alive_a, label_local)
+        ctx.save_for_backward(student, teacher, sh_a, ls_a_k, sh_b, ls_b_k, r, row_ok, alive_a, label_local)
         ctx.cfg = (loss, s, t, beta, inplace)
         return kd, label_lp
 
     @staticmethod
     def backward(ctx, g_kd, g_lp):
-        student, teacher, lse_a, lse_b, r, row_ok, alive_a, label_local = ctx.saved_tensors
+        student, teacher, sh_a, ls_a, sh_b, ls_b, r, row_ok, alive_a, label_local = ctx.saved_tensors
         loss, s, t, beta, inplace = ctx.cfg
         n, v_local = student.shape
         zeros = torch.zeros(n, dtype=torch.float32, device=student.device)
@@ -433,7 +446,7 @@ class FusedFullKD(torch.autograd.Function):
             grad = torch.empty((n, v_local), dtype=student.dtype, device=student.device)
         if n > 0 and v_local > 0:
             _bwd_kernel[(n, triton.cdiv(v_local, BWD_BLOCK_V))](
-                student, teacher, grad, lse_a, lse_b, g_kd, r.contiguous(), g_y, label_local,
+                student, teacher, grad, sh_a, ls_a, sh_b, ls_b, g_kd, r.contiguous(), g_y, label_local,
                 v_local, student.stride(0), teacher.stride(0), grad.stride(0), s, t, beta,
                 LOSS=loss, BLOCK_V=BWD_BLOCK_V, EMULATE_RTNE_BF16=grad.dtype == torch.bfloat16 and is_interpreted(),
                 num_warps=BWD_NUM_WARPS,

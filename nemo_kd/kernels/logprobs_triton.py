@@ -4,12 +4,14 @@ Computes exactly what :func:`nemo_kd.losses.vocab_parallel.vocab_parallel_logpro
 computes, for logits ``z`` ``[N, V_local]`` (this rank's shard, global ids
 ``[r·V_local, (r+1)·V_local)``), global ids ``[N, m]`` and inverse temperature ``s``::
 
-    lse_n      = LSE_v(s·z_nv)                 over the whole (sharded) vocabulary
-    logprob_nj = s·z_{n,id_nj} − lse_n
+    lse_n      = LSE_v(s·z_nv) = m_n + L_n     over the whole (sharded) vocabulary
+    logprob_nj = (s·z_{n,id_nj} − m_n) − L_n   (m_n the row max, L_n = log Σ_v exp(s·z_nv − m_n))
 
     ∂L/∂z_nv   = s · ( Σ_j g_nj·[v = id_nj] + (g_lse_n − Σ_j g_nj) · exp(s·z_nv − lse_n) )
 
-but touches ``[N, V_local]`` the minimum number of times:
+(relative to the row max, as the torch path: at |logits| ~ 1e4 ``s·z − lse`` would carry the
+fp32 LSE's rounding, ulp(1e4) ≈ 1e-3, into every log-prob and softmax), but touches
+``[N, V_local]`` the minimum number of times:
 
 * forward: ONE pass over each row (one program per row, vector-wise online
   max / sum-exp in fp32), plus a gather of ``s·z`` at the ids this shard owns
@@ -108,29 +110,30 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dense_kernel(
-    z_ptr, grad_ptr, lse_ptr, coeff_ptr,
+    z_ptr, grad_ptr, shift_ptr, ls_ptr, coeff_ptr,
     V, stride_z, stride_g, scale,
     BLOCK_V: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr,
 ):
-    """grad[n, v] = s · coeff_n · exp(s·z_nv − lse_n), stored in grad's dtype (may alias z)."""
+    """grad[n, v] = s · coeff_n · exp((s·z_nv − m_n) − L_n), stored in grad's dtype (may alias z)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = c < V
-    lse = tl.load(lse_ptr + row)  # +inf for fully masked rows: the softmax part is 0 there
+    shift = tl.load(shift_ptr + row)
+    ls = tl.load(ls_ptr + row)  # +inf for fully masked rows: the softmax part is 0 there
     coeff = tl.load(coeff_ptr + row)
     x = tl.load(z_ptr + row * stride_z + c, mask=mask, other=float("-inf")).to(tl.float32) * scale
-    g = tl.exp(x - lse) * coeff
+    g = tl.exp((x - shift) - ls) * coeff
     g = g * scale
     _store_out(grad_ptr + row * stride_g + c, g, mask, EMULATE_RTNE_BF16)
 
 
 @triton.jit
 def _bwd_ids_kernel(
-    grad_ptr, ids_ptr, gids_ptr, picked_ptr, lse_ptr, coeff_ptr,
+    grad_ptr, ids_ptr, gids_ptr, picked_ptr, shift_ptr, ls_ptr, coeff_ptr,
     V, M, stride_g, stride_ids, stride_gids, stride_picked, vocab_start, scale,
     BLOCK_J: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr,
 ):
-    """Rewrite grad at owned ids: s·(coeff·exp(s·z_id − lse) + Σ_{j': id_j' = id_j} g_j').
+    """Rewrite grad at owned ids: s·(coeff·exp((s·z_id − m) − L) + Σ_{j': id_j' = id_j} g_j').
 
     Duplicated ids get their g summed and the same value stored by each duplicate.
     Runs after the dense kernel (stream order), and never reads the logits.
@@ -151,10 +154,11 @@ def _bwd_ids_kernel(
         g_k = tl.load(gids_row + k, mask=kmask, other=0.0)
         same = (local[:, None] == local_k[None, :]) & kmask[None, :]
         gsum += tl.sum(tl.where(same, g_k[None, :], 0.0), axis=1)
-    lse = tl.load(lse_ptr + row)
+    shift = tl.load(shift_ptr + row)
+    ls = tl.load(ls_ptr + row)
     coeff = tl.load(coeff_ptr + row)
     x = tl.load(picked_ptr + row * stride_picked + j, mask=owned, other=float("-inf"))
-    val = tl.exp(x - lse) * coeff + gsum
+    val = tl.exp((x - shift) - ls) * coeff + gsum
     val = val * scale
     _store_out(grad_ptr + row * stride_g + local, val, owned, EMULATE_RTNE_BF16)
 
@@ -193,18 +197,19 @@ class FusedVocabParallelLogProbsAt(torch.autograd.Function):
             sumexp = packed[:, m]
         else:
             shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        lse = shift + torch.log(sumexp)
-        dead = torch.isneginf(lse)  # fully masked rows: no distribution at all
-        logprobs = torch.where(dead[:, None], torch.zeros_like(picked), picked - lse[:, None])
-        # The backward uses lse = +inf on dead rows so exp(s·z − lse) = 0 without a branch.
-        lse_bwd = torch.where(dead, torch.full_like(lse, float("inf")), lse)
-        ctx.save_for_backward(logits, ids, picked, lse_bwd)
+        log_sum = torch.log(sumexp)
+        dead = torch.isneginf(log_sum)  # fully masked rows: no distribution at all
+        # Relative to the row max: (s·z_id − m) − L, not s·z_id − LSE (module docstring).
+        logprobs = torch.where(dead[:, None], torch.zeros_like(picked), (picked - shift[:, None]) - log_sum[:, None])
+        # The backward uses L = +inf on dead rows so exp((s·z − m) − L) = 0 without a branch.
+        ls_bwd = torch.where(dead, torch.full_like(log_sum, float("inf")), log_sum)
+        ctx.save_for_backward(logits, ids, picked, shift, ls_bwd)
         ctx.scale, ctx.vocab_start, ctx.inplace = scale, vocab_start, inplace_backward
-        return logprobs, lse
+        return logprobs, shift + log_sum
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_lse):
-        logits, ids, picked, lse_bwd = ctx.saved_tensors
+        logits, ids, picked, shift, ls_bwd = ctx.saved_tensors
         n, v_local = logits.shape
         m = ids.shape[1]
         block_j = min(BLOCK_J, triton.next_power_of_2(max(m, 1)))
@@ -225,13 +230,13 @@ class FusedVocabParallelLogProbsAt(torch.autograd.Function):
         rtne = grad.dtype == torch.bfloat16 and _is_interpreted()
         if n > 0 and v_local > 0:
             _bwd_dense_kernel[(n, triton.cdiv(v_local, BWD_BLOCK_V))](
-                logits, grad, lse_bwd, coeff,
+                logits, grad, shift, ls_bwd, coeff,
                 v_local, logits.stride(0), grad.stride(0), ctx.scale,
                 BLOCK_V=BWD_BLOCK_V, EMULATE_RTNE_BF16=rtne, num_warps=BWD_NUM_WARPS,
             )
         if n > 0 and m > 0:
             _bwd_ids_kernel[(n, triton.cdiv(m, block_j))](
-                grad, ids, grad_logprobs, picked, lse_bwd, coeff,
+                grad, ids, grad_logprobs, picked, shift, ls_bwd, coeff,
                 v_local, m, grad.stride(0), ids.stride(0), grad_logprobs.stride(0), picked.stride(0),
                 ctx.vocab_start, ctx.scale,
                 BLOCK_J=block_j, EMULATE_RTNE_BF16=rtne, num_warps=4,

@@ -84,45 +84,57 @@ class BucketSpace:
 
     @torch.no_grad()
     def head_mask(self, p: torch.Tensor, mu: float) -> torch.Tensor:
-        """AKL's head: the largest teacher probabilities whose cumulative mass is ≤ ``mu``.
+        """AKL's head: the fewest largest teacher probabilities whose cumulative mass reaches ``mu``.
 
-        ``head = {v : Σ_{u: p_u ≥ p_v} p_u ≤ μ} ∪ {argmax p}`` (Wu et al., AKL,
-        arXiv 2404.02657: "sort p descending, head = prefix with cumsum ≤ μ, the
-        top-1 always in the head"). Returns a bool mask in the *unsorted* bucket
-        order of ``p`` (``[N, B]``, this rank's buckets when sharded).
+        The paper (Wu et al., arXiv 2404.02657, §4) sorts ``p`` descending and takes the
+        top ``M`` tokens, ``M = min{m : Σ_{j≤m} p_(j) ≥ μ}``. A sort order is arbitrary among
+        tied probabilities (bf16 teachers tie often), so the rule used on every path — top-k,
+        full vocabulary torch, the fused kernel's fast path and its bisection fallback — is
+        the order-free form of that definition: a token is in the head iff the teacher mass
+        strictly above it is below μ::
 
-        Replicated buckets sort explicitly. Sharded buckets cannot be sorted across
-        ranks without gathering the vocabulary, so the threshold ``t* = min{t :
-        F(t) ≤ μ}`` with ``F(t) = Σ_{u: p_u ≥ t} p_u`` (non-increasing in ``t``) is
-        found by bisection on the *bit pattern* of the non-negative float ``t``
-        (monotone in its value): ~30 (fp32) or ~62 (fp64) steps, each one ``[N]``
-        all-reduce, give the exact float threshold, so ``head = {p ≥ t*} ∪ {p = max p}``.
-        The two agree except on exactly tied probabilities straddling ``μ`` (the
-        sort breaks ties by position, the set definition keeps ties together).
+            head = {v : Σ_{u: p_u > p_v} p_u < μ}  ∪  {v : p_v = max p}
+                 = {v : p_v ≥ t*},   t* = max{t : F(t) ≥ μ},   F(t) = Σ_{u: p_u ≥ t} p_u
+
+        Without ties this is exactly the paper's top ``M``; a group of tied probabilities
+        that straddles μ is entirely in the head (the group's first member is in by the
+        paper's rule, and its members are indistinguishable). The union with the argmax only
+        matters at μ = 0 (the paper's ``M ≥ 1``). (The authors' released ``get_ratio`` uses
+        ``cumsum ≤ μ`` with the top-1 forced in, i.e. it leaves out the token that reaches
+        μ; the paper's text is followed here.)
+
+        Returns a bool mask ``[N, B]`` in the bucket order of ``p`` (this rank's buckets when
+        sharded). ``t*`` comes from :meth:`mass_threshold` (a bisection, no sort, no gather).
         """
-        if not self.is_sharded:
-            sorted_p, order = torch.sort(p, dim=-1, descending=True)
-            head_sorted = torch.cumsum(sorted_p, dim=-1) <= mu
-            head_sorted[..., 0] = True
-            return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
         return (p >= self.mass_threshold(p, mu)[:, None]) | (p >= self.max_no_grad(p)[:, None])
 
     def mass_threshold(self, p: torch.Tensor, mu: float) -> torch.Tensor:
-        """``t* = min{t : Σ_{p_u ≥ t} p_u ≤ μ}`` per row of ``p`` ``[N, B]`` by bisection (:meth:`head_mask`)."""
+        """``t* = max{t ≥ 0 : F(t) ≥ μ}``, ``F(t) = Σ_{u: p_u ≥ t} p_u``, per row of ``p`` ``[N, B]``.
+
+        ``F`` is non-increasing and constant between consecutive values of ``p``, so ``t*`` is
+        the probability of the token whose mass reaches μ (:meth:`head_mask`). Found by
+        bisection on the *bit pattern* of the non-negative float ``t`` (monotone in its
+        value): ~30 (fp32) or ~62 (fp64) steps, each one ``[N]`` all-reduce when sharded,
+        give the exact float. ``F`` is accumulated in float64, so whether the mass reaches
+        μ does not depend on a path's summation order. A row whose whole mass is below μ
+        gets ``t* = 0`` (every token's mass above is below μ: all in).
+        """
         int_dtype = {torch.float32: torch.int32, torch.float64: torch.int64}[p.dtype]
         one_bits = int(torch.tensor(1.0, dtype=p.dtype).view(int_dtype))
         n = p.shape[0]
-        # Invariant: F(float(hi)) ≤ μ (hi > bits(1.0) ≥ bits(max p) gives F = 0); the answer is in (lo, hi].
-        lo = torch.full((n,), -1, dtype=torch.int64, device=p.device)
+        # Invariant: F(float(lo)) ≥ μ (or lo = bits(0.0)), F(float(hi)) < μ (hi > bits(1.0) ≥ bits(max p): F = 0);
+        # the answer is lo once hi − lo = 1.
+        lo = torch.zeros((n,), dtype=torch.int64, device=p.device)
         hi = torch.full((n,), one_bits + 1, dtype=torch.int64, device=p.device)
-        for _ in range(math.ceil(math.log2(one_bits + 2))):
+        zero = torch.zeros((), dtype=p.dtype, device=p.device)
+        for _ in range(math.ceil(math.log2(one_bits + 1))):
             mid = (lo + hi) // 2
             t = mid.to(int_dtype).view(p.dtype)
-            ok = self.sum_no_grad(torch.where(p >= t[:, None], p, torch.zeros_like(p))) <= mu
-            active = hi - lo > 1  # rows already converged keep (lo, hi]
-            hi = torch.where(active & ok, mid, hi)
-            lo = torch.where(active & ~ok, mid, lo)
-        return hi.to(int_dtype).view(p.dtype)
+            ok = self.sum_no_grad(torch.where(p >= t[:, None], p, zero).to(torch.float64)) >= mu
+            active = hi - lo > 1  # rows already converged keep [lo, hi)
+            lo = torch.where(active & ok, mid, lo)
+            hi = torch.where(active & ~ok, mid, hi)
+        return lo.to(int_dtype).view(p.dtype)
 
 
 # --------------------------------------------------------------------------- numerics
@@ -236,14 +248,32 @@ def skew_reverse_kl(
     return space.sum(_plogratio(log_q, _log_mix(log_p, log_q, 1.0 - alpha)))
 
 
+@torch.no_grad()
+def akl_weights(p: torch.Tensor, q: torch.Tensor, mu: float, space: BucketSpace = _REPLICATED):
+    """AKL's ``(w_head, w_tail)`` ``[N]`` from teacher / student probabilities ``[N, B]`` (:func:`adaptive_kl`).
+
+    ``w_head = g_head / (g_head + g_tail)`` (½ where the gaps are both 0), ``w_tail = 1 − w_head``;
+    constants for autograd. Shared by :func:`adaptive_kl` and the chunked full-vocabulary path
+    (:mod:`nemo_kd.losses.full_vocab`).
+    """
+    gap = (p - q).abs()
+    head = space.head_mask(p, mu)
+    g = space.sum_no_grad(torch.stack([torch.where(head, gap, torch.zeros_like(gap)), gap]))
+    g_head, g_total = g[0], g[1]
+    w_head = torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, torch.ones_like(g_total)),
+                         torch.full_like(g_total, 0.5))
+    return w_head, 1.0 - w_head
+
+
 def adaptive_kl(
     log_p: torch.Tensor, log_q: torch.Tensor, mu: float = 0.5, space: BucketSpace = _REPLICATED
 ) -> torch.Tensor:
     """Adaptive KL (AKL, Wu et al., "Rethinking KL Divergence in KD for LLMs", arXiv 2404.02657).
 
-    Split the teacher's buckets into a *head* (the largest probabilities, cumulative
-    mass ≤ μ, the top-1 always included; :meth:`BucketSpace.head_mask`) and a *tail*
-    (the rest), measure how far the student is on each, with the student detached::
+    Split the teacher's buckets into a *head* (the fewest largest probabilities whose
+    cumulative mass reaches μ, tied probabilities kept together: a bucket is in the head
+    iff the teacher mass strictly above it is below μ; :meth:`BucketSpace.head_mask`) and
+    a *tail* (the rest), measure how far the student is on each, with the student detached::
 
         g_head = Σ_{v∈head} |p(v) − q(v)|,    g_tail = Σ_{v∉head} |p(v) − q(v)|
         AKL    = g_head/(g_head+g_tail) · KL(p‖q) + g_tail/(g_head+g_tail) · KL(q‖p)
@@ -252,14 +282,7 @@ def adaptive_kl(
     g_tail = 0``, both KLs 0) the weights are set to ½ to avoid 0/0.
     """
     with torch.no_grad():
-        p, q = torch.exp(log_p), torch.exp(log_q)
-        gap = (p - q).abs()
-        head = space.head_mask(p, mu)
-        g = space.sum_no_grad(torch.stack([torch.where(head, gap, torch.zeros_like(gap)), gap]))
-        g_head, g_total = g[0], g[1]
-        w_head = torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, torch.ones_like(g_total)),
-                             torch.full_like(g_total, 0.5))
-        w_tail = 1.0 - w_head
+        w_head, w_tail = akl_weights(torch.exp(log_p), torch.exp(log_q), mu, space)
     kls = space.sum(torch.stack([_plogratio(log_p, log_q), _plogratio(log_q, log_p)]))
     # A zero weight must not turn an infinite KL into NaN.
     fkl = torch.where(w_head > 0, w_head * kls[0], torch.zeros_like(w_head))

@@ -44,13 +44,13 @@ zero gradient, so masked or padded rows stay finite.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from nemo_kd.losses.divergences import LOSS_TYPES, BucketSpace, divergence
+from nemo_kd.losses.full_vocab import chunked_full_kd_loss
 from nemo_kd.losses.vocab_parallel import (
     ProcessGroup,
     accumulation_dtype,
@@ -58,7 +58,6 @@ from nemo_kd.losses.vocab_parallel import (
     all_reduce_sum,
     resolve_impl,
     tp_world_size,
-    vocab_parallel_log_softmax,
     vocab_parallel_logprobs_at,
     vocab_shard_range,
 )
@@ -67,9 +66,12 @@ TOPK_CONVENTIONS = ("renormalized", "exact_tail")
 
 # Smallest tail bucket under ``exact_tail``: ``tail = max(1 − Σ_k, tail_floor)`` on both
 # sides (the same floor as TRL's ``_add_tail_bucket``, which clamps log Σ at −1e-7):
-# Σ_k p_i of stored (often bf16) teacher logits can round to ≥ 1. The tail is only as
-# accurate as ``t·z_i − LSE_T`` (≈ ulp(|LSE_T|) absolute, ~4e-6 for an fp32 LSE near 40);
-# the [N, k] teacher side is computed in the wider of fp32 and the teacher's dtypes.
+# Σ_k p_i of stored (often bf16) teacher logits can round to ≥ 1. Both tails are formed in
+# float64 (:func:`_with_tail_bucket`), so they are exact functions of their inputs; what
+# remains is the inputs' own rounding: the stored fp32 ``LSE_T`` (half an ulp, ~1e-6 near
+# 20, shifts every ``log p_i`` alike and the tail by that much *absolutely*) and the
+# student's fp32 log-probs (relative to its row max, so the top one is accurate to ~1e-7
+# relative even when it is ≈ 0).
 DEFAULT_TAIL_FLOOR = 1e-7
 
 
@@ -129,19 +131,18 @@ def _gather_scaled_logits(logits: torch.Tensor, ids: torch.Tensor, scale: float,
     return picked * scale if scale != 1.0 else picked
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 − exp(x))`` for ``x < 0``, stable at both ends (Mächler, 2012)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 def _with_tail_bucket(log_probs_k: torch.Tensor, tail_floor: float) -> torch.Tensor:
     """Append ``log max(1 − Σ_k exp(log_probs_k), tail_floor)`` as bucket k+1, ``[N, k+1]``.
 
-    The clamp is applied to ``log Σ`` (``≤ log(1 − tail_floor)``), so the tail is
-    computed as ``log1mexp`` of a strictly negative number: finite value and gradient.
+    ``1 − Σ_k`` cancels: on a peaked distribution the tail is many orders below the mass,
+    so it is formed in float64 (the k terms are few), where the sum's rounding (~1e-16)
+    is far below the inputs' own; an fp32 ``logsumexp`` then ``log1mexp`` loses ~1e-7 of
+    the *mass*, i.e. ~1e-7/tail of the tail (121% on ×20-peaked teachers). Clamped
+    (value and zero gradient) at ``tail_floor``; the result keeps the input's dtype.
     """
-    log_mass = torch.logsumexp(log_probs_k, dim=-1).clamp(max=math.log1p(-tail_floor))
-    return torch.cat([log_probs_k, _log1mexp(log_mass)[:, None]], dim=-1)
+    mass = torch.exp(log_probs_k.to(torch.float64)).sum(dim=-1)
+    tail = torch.log((1.0 - mass).clamp(min=tail_floor)).to(log_probs_k.dtype)
+    return torch.cat([log_probs_k, tail[:, None]], dim=-1)
 
 
 def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -215,11 +216,9 @@ def topk_kd_loss(
         raise ValueError(f"teacher_topk_logits {tuple(teacher_topk_logits.shape)} and teacher_topk_ids "
                          f"{tuple(teacher_topk_ids.shape)} must both be [N={n}, k]")
     acc = accumulation_dtype(student_logits.dtype)
-    # The teacher side is [N, k]: computed in the wider of acc and the teacher's dtypes (1 − Σ p_i loses
-    # digits), then cast to acc.
-    teacher_dtype = torch.promote_types(acc, teacher_topk_logits.dtype)
-    if teacher_lse is not None and topk_convention == "exact_tail":
-        teacher_dtype = torch.promote_types(teacher_dtype, teacher_lse.dtype)
+    # The teacher side is [N, k]: computed in float64 (t·z_i − LSE_T is then exact in the stored
+    # values, and 1 − Σ p_i loses nothing more), then cast to acc.
+    teacher_dtype = torch.float64
 
     with torch.no_grad():
         z_t = teacher_topk_logits.detach().to(teacher_dtype) * target_logits_scale
@@ -262,7 +261,8 @@ def topk_kd_loss(
         # The LSE cancels in the renormalisation: gathered logits suffice (no vocab pass).
         s = logq_at if share_pass else _gather_scaled_logits(student_logits, ids, logits_scale, group, **inplace)
         s = torch.where(slot, s, neg_inf)
-        log_q = s - torch.logsumexp(s, dim=-1, keepdim=True)
+        # torch.log_softmax is (s − max) − log Σ exp(s − max): no rounding at ulp(|s|) for |s| ~ 1e4.
+        log_q = torch.log_softmax(s, dim=-1)
     else:
         log_p = _with_tail_bucket(z_t - lse_t[:, None], tail_floor).to(acc)
         if not share_pass:
@@ -296,29 +296,30 @@ def full_kd_loss(
     """Per-token full-vocabulary KD divergence ``[N]`` against an online teacher.
 
     ``teacher_logits`` is the teacher's vocab shard ``[N, V/TP]`` with the student's
-    sharding (same TP group, same vocabulary); it is detached. Both sides are
-    vocab-parallel log-softmaxes (:func:`vocab_parallel_log_softmax`: fp32 ``[N, V/TP]``
-    each, no gather) and the divergence sums its buckets over the TP group
-    (``BucketSpace.sharded``). −inf teacher columns (padded vocabulary) contribute
+    sharding (same TP group, same vocabulary); it is detached (no gradient reaches it).
+    The divergences are those of :mod:`nemo_kd.losses.divergences` over the TP-sharded
+    vocabulary, no gather. −inf teacher columns (padded vocabulary) contribute
     exactly 0 to ``p·log(p/·)`` terms; reverse KL is ``+inf`` there unless the
     student's column is −inf too (see :mod:`nemo_kd.losses.divergences`). Rows
-    whose teacher logits are all −inf give exactly 0. Other arguments as in
-    :func:`topk_kd_loss`.
+    whose teacher logits are all −inf give exactly 0 (as do rows whose student logits
+    are all −inf, on both paths). Other arguments as in :func:`topk_kd_loss`.
 
-    ``impl``: ``"torch"`` (above, the reference), ``"fused"`` (the Triton kernels of
+    ``impl``: ``"torch"`` (:func:`~nemo_kd.losses.full_vocab.chunked_full_kd_loss`: row
+    chunks with closed-form gradients, the gradient itself the only thing kept for backward;
+    :func:`~nemo_kd.losses.full_vocab.reference_full_kd_loss` is the autograd reference it is
+    tested against), ``"fused"`` (the Triton kernels of
     :mod:`nemo_kd.kernels.full_kd_triton`: one pass over both shards forward (two for
-    JSD), one backward, no fp32 ``[N, V]`` tensor; ``forward_kl``, ``reverse_kl`` and
-    ``jsd`` only; rows whose *student* logits are all −inf give 0 instead of NaN) or
-    ``"auto"`` (fused on CUDA when Triton imports and the divergence is one of those,
-    else torch). ``label_ids`` ``[N]``: also return the student's ``log q(label)`` at
+    the mixtures and AKL), one backward, no fp32 ``[N, V]`` tensor; every divergence) or
+    ``"auto"`` (:func:`~nemo_kd.losses.vocab_parallel.resolve_impl`: fused for CUDA logits
+    when Triton imports, the chunked torch path elsewhere). ``label_ids`` ``[N]``: also return the student's ``log q(label)`` at
     temperature 1, as :func:`topk_kd_loss` does (from the fused kernel's own passes
     when ``logits_scale`` is 1), i.e. ``(divergence, label_logprobs)``.
 
     ``inplace_backward``: the fused kernel writes ``∂/∂student_logits`` over the logits
     (:func:`~nemo_kd.losses.vocab_parallel.logits_overwrite_blocker`). Refused
-    (ValueError) on the torch path, whose fp32 log-softmax, divergence and label pass are
-    several autograd nodes reading the logits, and with ``label_ids`` at
-    ``logits_scale != 1`` (two passes).
+    (ValueError) on the torch path, which allocates its gradient buffer in the forward while
+    the logits are still live (nothing to save by overwriting them), and with ``label_ids``
+    at ``logits_scale != 1`` (two passes).
     """
     _check_common(student_logits, loss_type, logits_scale)
     if teacher_logits.shape != student_logits.shape:
@@ -352,19 +353,14 @@ def full_kd_loss(
             raise ValueError(f"impl='fused' full-vocab KD supports loss_type in {FUSED_FULL_LOSS_TYPES}, got "
                              f"{loss_type!r}: use impl='torch' (or 'auto', which falls back to torch)")
     if inplace_backward:
+        # The chunked torch path allocates its gradient buffer in the forward (the logits are still
+        # live there), so it has no buffer to spare by writing over them.
         raise ValueError(f"inplace_backward needs the fused full-vocab kernel (impl='fused'); the torch path "
-                         f"({loss_type!r}) reads the logits in several autograd nodes")
-    space = BucketSpace.sharded(group)
-    acc = accumulation_dtype(student_logits.dtype)
-    with torch.no_grad():
-        teacher = teacher_logits.detach()
-        row_ok = torch.isfinite(space.max_no_grad(teacher.to(acc)))
-        teacher = torch.where(row_ok[:, None], teacher, torch.zeros_like(teacher))
-        log_p = vocab_parallel_log_softmax(teacher, target_logits_scale, group).to(acc)
-    log_q = vocab_parallel_log_softmax(student_logits, logits_scale, group)
-    loss = divergence(loss_type, log_p, log_q, space, jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu)
+                         f"({loss_type!r}) keeps its own gradient buffer from the forward")
+    loss = chunked_full_kd_loss(student_logits, teacher_logits, loss_type=loss_type, logits_scale=logits_scale,
+                                target_logits_scale=target_logits_scale, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
+                                akl_mu=akl_mu, group=group)
     loss = loss * _temperature_factor(temperature_squared, logits_scale)
-    loss = torch.where(row_ok, loss, torch.zeros_like(loss))
     if label_ids is None:
         return loss
     return loss, vocab_parallel_logprobs_at(student_logits, label_ids.long(), group=group, impl=impl)[0]

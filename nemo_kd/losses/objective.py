@@ -28,7 +28,10 @@ For one global batch (all microbatches on all DP ranks)::
 * ``ℓ_pref`` is the sequence-level term of each (positive, negative) pair:
   ``dpkd`` (teacher as the DPO reference, arXiv 2406.19774), ``dpo``, ``ipo``,
   ``cpo`` or ``simpo`` (:mod:`nemo_kd.losses.preference`), from the student's
-  sequence log-probs and, where a reference is used, the teacher's.
+  sequence log-probs and, where a reference is used, the teacher's. Settings left at None
+  (``preference_beta``, ``length_normalize``, ``simpo_gamma``, ``cpo_nll_length_normalize``)
+  take the form's paper default: DPO and IPO are not length-normalised, DPKD is, SimPO runs at
+  β = 2 with γ = β/2 and CPO averages its NLL over tokens (the table in that module).
 * ``N_kd``, ``N_sft`` are the global counts of the tokens (or sequences, for
   ``reduction="sequence"``) each term covers and ``N_pairs`` the global number of
   pairs: every term is a mean over the whole global batch, never over a microbatch
@@ -92,10 +95,12 @@ from nemo_kd.losses.vocab_parallel import (
 ROLE_SINGLE, ROLE_POSITIVE, ROLE_NEGATIVE = 0, 1, 2
 PREFERENCE_TYPES = ("dpkd", "dpo", "ipo", "cpo", "simpo")
 REDUCTIONS = ("token", "sequence")
-# kd_kernel: "torch" (the reference path; default), "fused" (Triton kernels: the vocab-parallel
-# log-prob primitive for top-k KD, CE and sequence log-probs, nemo_kd.kernels.full_kd_triton for
-# an online teacher's divergences; errors where a kernel cannot run) or "auto"
-# (fused on CUDA when Triton imports and the kernel covers the divergence, torch otherwise).
+# kd_kernel: "auto" (default: the fused kernels for CUDA logits when Triton imports, the torch
+# path elsewhere, e.g. on CPU; vocab_parallel.resolve_impl), "torch" (the chunked vocab-parallel
+# log-prob primitive and, for an online teacher, nemo_kd.losses.full_vocab's chunked full-vocab
+# path) or "fused" (Triton kernels: the vocab-parallel log-prob primitive for top-k KD, CE and
+# sequence log-probs, nemo_kd.kernels.full_kd_triton for an online teacher's divergences; errors
+# where a kernel cannot run).
 KERNELS = ("torch", "fused", "auto")
 
 
@@ -114,20 +119,22 @@ class DistillationLossConfig:
     skew_alpha: float = 0.1
     akl_mu: float = 0.5
     sft_label_smoothing: float = 0.0
-    # Sequence-level preference term over (positive, negative) pairs.
+    # Sequence-level preference term over (positive, negative) pairs. None: the form's paper default
+    # (nemo_kd.losses.preference's table), resolved per form at the call; a value set is used as is.
     preference_loss_type: str = "dpkd"
     dpo_loss_weight: float = 0.0
-    preference_beta: float = 0.1
-    length_normalize: bool = True
+    preference_beta: Optional[float] = None  # None: dpkd / dpo / cpo 0.1, simpo 2.0 (unused by ipo: ipo_tau)
+    length_normalize: Optional[bool] = None  # dpkd / dpo / ipo rewards; None: dpkd true, dpo / ipo false
     preference_label_smoothing: float = 0.0
     ipo_tau: float = 0.1
-    simpo_gamma: float = 1.0
+    simpo_gamma: Optional[float] = None  # None: β/2 (SimPO's γ/β ≈ 0.5)
     cpo_nll_weight: float = 1.0
+    cpo_nll_length_normalize: Optional[bool] = None  # None: true, per-token mean NLL (released code, TRL)
     # Token-level KD weights of the positive / negative responses (L_pos, L_neg).
     positive_kd_weight: float = 1.0
     negative_kd_weight: float = 1.0
     reduction: str = "token"
-    kd_kernel: str = "torch"
+    kd_kernel: str = "auto"
     # Write the loss's logits gradient over the logits' own storage where one pass owns them
     # (module docstring; other configurations fall back with a warning). On by default: it
     # removes the loss's [tokens, V/TP] gradient buffer from the training step (issue 7's
@@ -167,7 +174,7 @@ class DistillationLossConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("logits_scale", "target_logits_scale", "preference_beta", "ipo_tau"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.kd_loss_weight + self.sft_loss_weight + self.dpo_loss_weight == 0:
             raise ValueError("all of kd_loss_weight, sft_loss_weight and dpo_loss_weight are 0: nothing to train")
@@ -374,7 +381,8 @@ class DistillationObjective:
                     pass
             if c.kd_loss_type not in fused_types:
                 return (f"online full-vocab KD without the fused kernel (kd_kernel={c.kd_kernel!r}, "
-                        f"kd_loss_type={c.kd_loss_type!r}) differentiates an fp32 log-softmax through several nodes")
+                        f"kd_loss_type={c.kd_loss_type!r}) runs the chunked torch path, which allocates its own gradient "
+                        f"buffer in the forward")
         if impl == "fused" and not isinstance(logits, ProjectedLogits) and logits.stride(-1) != 1:
             return "the fused kernels write in place only into logits with unit column stride"
         return None
@@ -589,10 +597,15 @@ class DistillationObjective:
         return sequence_logprobs(lp.reshape(batch.labels.shape).double(), batch.loss_mask.bool()).sum
 
     def _preference(self, seq, batch: ObjectiveBatch, pos, neg) -> pref.PreferenceOutput:
+        """The preference form's per-pair losses; settings left None take the form's own (paper) default."""
         c = self.cfg
         pol_w, pol_l = seq.sum[pos], seq.sum[neg]
         len_w, len_l = seq.length[pos], seq.length[neg]
         t = c.preference_loss_type
+
+        def chosen(**kw):  # only the settings the user gave: the loss functions' defaults are the papers'
+            return {k: v for k, v in kw.items() if v is not None}
+
         if t in ("dpkd", "dpo", "ipo"):
             ref = batch.teacher_seq_logprobs
             if ref is None and isinstance(batch.teacher, FullTeacher):
@@ -604,15 +617,17 @@ class DistillationObjective:
             ref_w, ref_l = ref[pos], ref[neg]
             if t == "ipo":
                 return pref.ipo_loss(pol_w, pol_l, ref_w, ref_l, tau=c.ipo_tau, chosen_lengths=len_w,
-                                     rejected_lengths=len_l, length_normalize=c.length_normalize)
+                                     rejected_lengths=len_l, **chosen(length_normalize=c.length_normalize))
             if t == "dpkd":  # the teacher's output is preferred, the teacher is the reference
-                return pref.dpkd_loss(pol_w, pol_l, ref_w, ref_l, len_w, len_l, beta=c.preference_beta,
-                                      length_normalize=c.length_normalize, label_smoothing=c.preference_label_smoothing)
-            return pref.dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=c.preference_beta,
-                                 label_smoothing=c.preference_label_smoothing, chosen_lengths=len_w,
-                                 rejected_lengths=len_l, length_normalize=c.length_normalize)
+                return pref.dpkd_loss(pol_w, pol_l, ref_w, ref_l, len_w, len_l,
+                                      label_smoothing=c.preference_label_smoothing,
+                                      **chosen(beta=c.preference_beta, length_normalize=c.length_normalize))
+            return pref.dpo_loss(pol_w, pol_l, ref_w, ref_l, label_smoothing=c.preference_label_smoothing,
+                                 chosen_lengths=len_w, rejected_lengths=len_l,
+                                 **chosen(beta=c.preference_beta, length_normalize=c.length_normalize))
         if t == "cpo":
-            return pref.cpo_loss(pol_w, pol_l, beta=c.preference_beta, nll_weight=c.cpo_nll_weight,
-                                 chosen_lengths=len_w, label_smoothing=c.preference_label_smoothing)
-        return pref.simpo_loss(pol_w, pol_l, len_w, len_l, beta=c.preference_beta, gamma=c.simpo_gamma,
-                               label_smoothing=c.preference_label_smoothing)
+            return pref.cpo_loss(pol_w, pol_l, nll_weight=c.cpo_nll_weight, chosen_lengths=len_w,
+                                 label_smoothing=c.preference_label_smoothing,
+                                 **chosen(beta=c.preference_beta, length_normalize_nll=c.cpo_nll_length_normalize))
+        return pref.simpo_loss(pol_w, pol_l, len_w, len_l, label_smoothing=c.preference_label_smoothing,
+                               **chosen(beta=c.preference_beta, gamma=c.simpo_gamma))

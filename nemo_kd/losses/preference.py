@@ -18,6 +18,16 @@ share :func:`sigmoid_preference_loss`,
 form with label smoothing ``ε``: the label is flipped with probability ``ε``);
 IPO squares ``margin − 1/(2τ)`` instead.
 
+Defaults are each paper's (a caller that passes a value gets that value;
+:class:`~nemo_kd.losses.objective.DistillationLossConfig` passes only what the user set)::
+
+    form   β      length-normalised reward      other
+    dpo    0.1    no  (Eq. 7; TRL: no)
+    ipo    —      no  (Eq. 17; TRL: yes)        τ = 0.1
+    dpkd   0.1    yes (Eq. 9)
+    cpo    0.1    no  (Eq. 6)                   NLL weight 1, per-token mean NLL (released code, TRL)
+    simpo  2.0    yes (Eq. 6, always)           γ = β/2 (γ/β ≈ 0.5)
+
 Rewards and margins are returned detached, for logging.
 """
 
@@ -192,17 +202,18 @@ def cpo_loss(
     nll_weight: float = 1.0,
     chosen_lengths: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
-    length_normalize_nll: bool = False,
+    length_normalize_nll: bool = True,
 ) -> PreferenceOutput:
     """CPO (Xu et al., "Contrastive Preference Optimization", arXiv 2401.08417, Eq. 6; no reference model)::
 
-        L = −log σ(β·log π(y_w) − β·log π(y_l))  −  w·log π(y_w)
+        L = −log σ(β·log π(y_w) − β·log π(y_l))  +  w·NLL(y_w),    NLL(y_w) = −log π(y_w) / |y_w|
 
     The preference term uses sequence *sums* (not length-normalised), as in the
-    paper. The NLL term ``−log π(y_w)`` (weight ``w`` = ``nll_weight``, paper: 1) is
-    the sequence sum by default, literally the paper's formula; set
-    ``length_normalize_nll=True`` (needs ``chosen_lengths``) for the per-token mean
-    ``−log π(y_w)/|y_w|``, the scale of the released code's cross-entropy.
+    paper (β = 0.1 there). The NLL term (weight ``w`` = ``nll_weight``, paper: 1) is the
+    per-token mean by default (needs ``chosen_lengths``): Eq. 6 writes ``−log π(y_w)``,
+    but the authors' released code and TRL's ``CPOTrainer`` (``cpo_alpha = 1``) take the
+    token-mean cross-entropy, which keeps it on the preference term's scale (a sequence
+    sum is ~|y_w| times larger). ``length_normalize_nll=False`` gives the literal sum.
     Rewards ``β·log π(y)``.
     """
     r_w, r_l = _rewards(policy_chosen_logps, policy_rejected_logps, beta, None, None, False)
@@ -217,15 +228,18 @@ def simpo_loss(
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
     beta: float = 2.0,
-    gamma: float = 1.0,
+    gamma: Optional[float] = None,
     label_smoothing: float = 0.0,
 ) -> PreferenceOutput:
     """SimPO (Meng et al., arXiv 2405.14734, Eq. 6; no reference model)::
 
         L = −log σ( (β/|y_w|)·log π(y_w) − (β/|y_l|)·log π(y_l) − γ )
 
-    Defaults ``β = 2``, ``γ = 1`` (``γ/β = 0.5``) follow the paper's recommended
-    range. Rewards ``(β/|y|)·log π(y)``; ``margins`` exclude ``γ``.
+    Defaults follow the paper's recommendation, β in 2–2.5 and γ/β ≈ 0.5: ``β = 2`` and
+    ``gamma=None`` meaning ``γ = β/2`` (the official code sets γ through ``gamma_beta_ratio``;
+    TRL's ``CPOTrainer(loss_type="simpo")`` defaults to β = 0.1, γ = 0.5, far from them).
+    Rewards ``(β/|y|)·log π(y)``; ``margins`` exclude ``γ``.
     """
+    gamma = 0.5 * beta if gamma is None else gamma
     r_w, r_l = _rewards(policy_chosen_logps, policy_rejected_logps, beta, chosen_lengths, rejected_lengths, True)
     return _output(sigmoid_preference_loss(r_w - r_l - gamma, label_smoothing), r_w, r_l)

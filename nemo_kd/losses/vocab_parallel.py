@@ -11,6 +11,8 @@ Two primitives carry all the vocabulary-sized work:
   ``log q(v) = s·z_v − LSE_u(s·z_u)`` at a handful of *global* ids (the label, the
   teacher's top-k ids, ...) plus the log-sum-exp itself. Ids may live on any rank's
   shard: each rank contributes the ids it owns and one all-reduce completes them.
+  Log-probs are formed relative to the row max, ``(s·z_v − m) − log Σ_u exp(s·z_u − m)``
+  (:func:`_global_row_shift`: exact at |logits| ~ 1e4, where ``s·z_v − LSE`` is not).
   It runs in token chunks, accumulates in fp32 whatever the logits' dtype, keeps
   no fp32 copy of ``[tokens, vocab]`` for backward (only the logits and ``[tokens]``
   statistics), and writes its gradient straight into one buffer of the logits'
@@ -117,20 +119,25 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _global_lse_chunk(z: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """LSE over the full (sharded) vocabulary of fp32 chunk ``z`` [n, V_local].
+def _global_row_shift(z: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """``m = max_v z_v`` ``[n]`` over the full (sharded) vocabulary of ``z`` [n, V_local]
+    (one MAX all-reduce over TP), 0 on rows with no finite entry.
 
-    One fused local ``logsumexp`` per shard, then the shards' LSEs are combined with
-    two ``[n]`` all-reduces: ``LSE = m + log Σ_r exp(LSE_r − m)``, ``m = max_r LSE_r``.
-    A row that is −inf everywhere (fully masked) gets LSE = −inf, never NaN.
+    Log-probs are formed relative to it, ``(z_v − m) − log Σ_u exp(z_u − m)``, never as
+    ``z_v − LSE``: at |z| ~ 1e4 the fp32 LSE is rounded to ulp(1e4) ≈ 1e-3, which ``z_v − LSE``
+    carries into every log-prob (a nearly converged token reads KL = 0 with zero gradient),
+    while ``z_v − m`` is exact near the top and ``log Σ exp(z − m) ∈ [0, log V]`` is
+    accurate to ~1e-7.
     """
-    local = torch.logsumexp(z, dim=-1)
-    if tp_world_size(group) == 1:
-        return local
-    global_max = all_reduce_no_grad(local.clone(), dist.ReduceOp.MAX, group)
-    shift = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
-    sum_exp = all_reduce_no_grad(torch.exp(local - shift), dist.ReduceOp.SUM, group)
-    return shift + torch.log(sum_exp)
+    local_max = z.max(dim=-1).values if z.shape[-1] > 0 else z.new_full(z.shape[:1], float("-inf"))
+    global_max = all_reduce_no_grad(local_max, dist.ReduceOp.MAX, group)
+    return torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
+
+
+def _global_log_sum(exp_x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """``log Σ_v exp_x`` ``[n]`` over the full (sharded) vocabulary, given ``exp_x = exp(z − m)``
+    [n, V_local] (one SUM all-reduce over TP); −inf on rows that are −inf everywhere."""
+    return torch.log(all_reduce_no_grad(exp_x.sum(dim=-1), dist.ReduceOp.SUM, group))
 
 
 def _local_gather(z: torch.Tensor, ids: torch.Tensor, vocab_start: int) -> torch.Tensor:
@@ -168,38 +175,45 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
         n, v_local = logits.shape
         vocab_start = vocab_shard_range(v_local, group)[0]
         acc = accumulation_dtype(logits.dtype)
-        lse = torch.empty(n, dtype=acc, device=logits.device)
+        shift = torch.empty(n, dtype=acc, device=logits.device)
+        log_sum = torch.empty(n, dtype=acc, device=logits.device)
         picked = torch.empty(ids.shape, dtype=acc, device=logits.device)
+        private = logits.dtype != acc or scale != 1.0  # else z is a view of the logits: never written
         for s in range(0, n, token_chunk):
             e = min(n, s + token_chunk)
-            z = logits[s:e].to(acc)  # the only vocab-sized scratch: one fp32 chunk
+            z = logits[s:e].to(acc)
             if scale != 1.0:
                 z = z * scale
-            lse[s:e] = _global_lse_chunk(z, group)
+            shift[s:e] = _global_row_shift(z, group)
             picked[s:e] = _local_gather(z, ids[s:e], vocab_start)
+            # exp(s·z − m) in the chunk's one fp32 scratch buffer (the only vocab-sized one)
+            x = z.sub_(shift[s:e, None]) if private else z - shift[s:e, None]
+            log_sum[s:e] = _global_log_sum(x.exp_(), group)
         all_reduce_no_grad(picked, dist.ReduceOp.SUM, group)
-        ctx.save_for_backward(logits, ids, lse)
+        # Fully masked rows (L = −inf) give log-probs 0 and no gradient, as the fused kernel does;
+        # backward reads L = +inf there, so exp((s·z − m) − L) = 0 without a branch.
+        live = torch.isfinite(log_sum)
+        ctx.save_for_backward(logits, ids, shift, torch.where(live, log_sum, torch.full_like(log_sum, float("inf"))))
         ctx.scale, ctx.token_chunk, ctx.vocab_start, ctx.inplace = scale, token_chunk, vocab_start, inplace
-        # Fully masked rows (LSE = −inf) give log-probs 0 and no gradient, as the fused kernel does.
-        live = torch.isfinite(lse)
-        return torch.where(live[:, None], picked - lse[:, None], torch.zeros_like(picked)), lse
+        # Relative to the row max (_global_row_shift): no rounding at the ulp of the largest logit.
+        logprobs = (picked - shift[:, None]) - log_sum[:, None]
+        return torch.where(live[:, None], logprobs, torch.zeros_like(picked)), shift + log_sum
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_lse):
-        logits, ids, lse = ctx.saved_tensors
+        logits, ids, shift, log_sum = ctx.saved_tensors
         scale, chunk, vocab_start = ctx.scale, ctx.token_chunk, ctx.vocab_start
         n, v_local = logits.shape
-        acc = lse.dtype
+        acc = shift.dtype
         if grad_logprobs is None:
             grad_logprobs = torch.zeros(ids.shape, dtype=acc, device=logits.device)
         if grad_lse is None:
             grad_lse = torch.zeros(n, dtype=acc, device=logits.device)
-        live = torch.isfinite(lse)
-        grad_logprobs = torch.where(live[:, None], grad_logprobs.to(acc), torch.zeros((), dtype=acc, device=lse.device))
+        live = torch.isfinite(log_sum)  # +inf on dead rows
+        grad_logprobs = torch.where(live[:, None], grad_logprobs.to(acc), shift.new_zeros(()))
         # ∂L/∂z = s·(coeff·softmax(s·z) + Σ_j g_j·[v = id_j]) with coeff = g_lse − Σ_j g_j;
         # the factor s is folded into both parts so the chunk loop does no extra pass.
         softmax_coeff = (grad_lse.to(acc) - grad_logprobs.sum(dim=-1)) * scale
-        safe_lse = torch.where(live, lse, torch.zeros_like(lse))  # exp(−inf − 0) = 0 on dead rows
         local_ids = ids - vocab_start
         owned = (local_ids >= 0) & (local_ids < v_local)
         at_ids = torch.where(owned, grad_logprobs * scale, torch.zeros_like(grad_logprobs))
@@ -212,11 +226,11 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
         grad = logits.detach() if ctx.inplace else torch.empty_like(logits)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            # One fp32 chunk buffer, updated in place: s·z − LSE → exp → ·coeff → + g at ids.
+            # One fp32 chunk buffer, updated in place: (s·z − m) − L → exp → ·coeff → + g at ids.
             g = logits[s:e].to(acc, copy=True)
             if scale != 1.0:
                 g.mul_(scale)
-            g.sub_(safe_lse[s:e, None]).exp_().mul_(softmax_coeff[s:e, None])
+            g.sub_(shift[s:e, None]).sub_(log_sum[s:e, None]).exp_().mul_(softmax_coeff[s:e, None])
             g.scatter_add_(-1, local_ids[s:e], at_ids[s:e])
             grad[s:e].copy_(g)
         return grad, None, None, None, None, None
@@ -274,7 +288,8 @@ def vocab_parallel_logprobs_at(
 
     Returns:
         ``(logprobs, lse)``: fp32 (fp64 for fp64 logits) ``[N, m]`` (or ``[N]``) values
-        ``s·z_id − LSE(s·z)`` and fp32 ``[N]`` ``LSE(s·z)``; both differentiable.
+        ``s·z_id − LSE(s·z)``, formed as ``(s·z_id − m) − log Σ exp(s·z − m)`` (``m`` the row
+        max), and fp32 ``[N]`` ``LSE(s·z) = m + log Σ exp(s·z − m)``; both differentiable.
     """
     impl = resolve_impl(impl, logits)
     if impl == "fused":
@@ -294,38 +309,43 @@ def vocab_parallel_logprobs_at(
     return (logprobs[:, 0] if squeeze else logprobs), lse
 
 
-class _ShardedLogSoftmaxLSE(torch.autograd.Function):
-    """LSE over the sharded vocabulary, for use inside a *sharded* log-softmax.
+class _ShardedLogSumExp(torch.autograd.Function):
+    """``L = log Σ_v exp(x_v)`` over the sharded vocabulary of ``x`` (already shifted by the row
+    max, so ``L ∈ [0, log V]``), for use inside a *sharded* log-softmax.
 
-    The LSE is replicated but feeds only this rank's shard of ``z − LSE``, so each
-    rank's incoming gradient is a partial: ``∂L/∂LSE`` is its all-reduce over TP
-    (Megatron's ``copy_to_tensor_model_parallel_region`` pattern). Backward:
-    ``softmax(z)·Σ_ranks g``.
+    ``L`` is replicated but feeds only this rank's shard of ``x − L``, so each rank's
+    incoming gradient is a partial: ``∂L/∂L`` is its all-reduce over TP (Megatron's
+    ``copy_to_tensor_model_parallel_region`` pattern). Backward: ``softmax(x)·Σ_ranks g``.
     """
 
     @staticmethod
-    def forward(ctx, z, group):
-        lse = _global_lse_chunk(z, group)
-        ctx.save_for_backward(z, lse)
+    def forward(ctx, x, group):
+        log_sum = _global_log_sum(torch.exp(x), group)
+        ctx.save_for_backward(x, log_sum)
         ctx.group = group
-        return lse
+        return log_sum
 
     @staticmethod
     def backward(ctx, grad):
-        z, lse = ctx.saved_tensors
+        x, log_sum = ctx.saved_tensors
         grad = all_reduce_no_grad(grad.contiguous().clone(), dist.ReduceOp.SUM, ctx.group)
-        return torch.exp(z - lse[:, None]) * grad[:, None], None
+        return torch.exp(x - log_sum[:, None]) * grad[:, None], None
 
 
 def vocab_parallel_log_softmax(logits: torch.Tensor, scale: float = 1.0, group: ProcessGroup = None) -> torch.Tensor:
     """fp32 (fp64 for fp64 input) log-softmax of ``scale·logits`` over the TP-sharded vocabulary, local shard ``[N, V_local]``.
 
-    Differentiable. Materialises ``[N, V_local]`` fp32: use it for losses that need
-    the whole distribution (online teacher); top-k losses use
-    :func:`vocab_parallel_logprobs_at` instead.
+    ``(z − m) − log Σ exp(z − m)`` with ``m`` the global row max (one MAX all-reduce): relative
+    to the max, so |logits| ~ 1e4 lose nothing to the ulp of the LSE (see
+    :func:`_global_row_shift`). ``m`` is a constant for autograd, which is exact: the
+    log-softmax does not depend on the shift. Differentiable. Materialises ``[N, V_local]``
+    fp32: use it for losses that need the whole distribution (online teacher); top-k losses
+    use :func:`vocab_parallel_logprobs_at` instead.
     """
     z = logits.to(accumulation_dtype(logits.dtype))
     if scale != 1.0:
         z = z * scale
-    lse = _ShardedLogSoftmaxLSE.apply(z, group)
-    return z - lse[:, None]
+    with torch.no_grad():
+        shift = _global_row_shift(z.detach(), group)
+    x = z - shift[:, None]
+    return x - _ShardedLogSumExp.apply(x, group)[:, None]
