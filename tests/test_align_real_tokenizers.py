@@ -36,9 +36,10 @@ from nemo_kd.align import (
     get_token_bytes,
     token_byte_spans,
 )
-from nemo_kd.align.groups import B_END, B_START, S_END, S_START, T_END, T_START, _content_ranges, \
+from nemo_kd.align.groups import B_END, B_START, S_END, S_START, T_END, T_START, content_ranges, \
     _shared_char_ranges, content_coordinates
 from nemo_kd.data.tokenization import ConversationTokenizer
+from nemo_kd.generation.responses import response_content_tokens
 from nemo_kd.losses.kd import topk_kd_loss
 
 NAMES = ("llama2", "llama3_1", "qwen3", "gemma3")
@@ -296,8 +297,8 @@ def test_think_block_rewritten_by_the_qwen3_template_aligns_what_both_keep(cts):
 def _shared_text(s, t, s_tok, t_tok, messages):
     contents = completion_contents(messages)
     s_text, t_text = s.text[s.completion_char_start:], t.text[t.completion_char_start:]
-    s_loc = _content_ranges(s_text, contents, s_tok, messages, s)
-    t_loc = _content_ranges(t_text, contents, t_tok, messages, t)
+    s_loc = content_ranges(s_text, contents, s_tok, messages, s)
+    t_loc = content_ranges(t_text, contents, t_tok, messages, t)
     s_rng, t_rng = _shared_char_ranges(s_text, t_text, contents, s_loc, t_loc)
     s_shared, t_shared = "".join(s_text[a:b] for a, b in s_rng), "".join(t_text[a:b] for a, b in t_rng)
     assert s_shared == t_shared
@@ -313,10 +314,10 @@ def _check_pair(s, t, g, s_tok, t_tok, messages):
     contents = completion_contents(messages)
     for sample, tok, lo, hi in ((s, s_tok, S_START, S_END), (t, t_tok, T_START, T_END)):
         text, spans = completion_byte_spans(sample, tok)
-        loc = _content_ranges(text, contents, tok, messages, sample)
+        loc = content_ranges(text, contents, tok, messages, sample)
         other = t if sample is s else s
         o_text = other.text[other.completion_char_start:]
-        o_loc = _content_ranges(o_text, contents, t_tok if sample is s else s_tok, messages, other)
+        o_loc = content_ranges(o_text, contents, t_tok if sample is s else s_tok, messages, other)
         rng = _shared_char_ranges(text, o_text, contents, loc, o_loc)[0]
         pos = np.concatenate([[0], np.cumsum([len(c.encode()) for c in text])]).astype(np.int64)
         cc = content_coordinates(spans, [(int(pos[a]), int(pos[b])) for a, b in rng])
@@ -361,3 +362,34 @@ def test_truncated_mid_word(cts, pair):
         assert t.truncated and g.num_teacher_tokens == keep
         _check_pair(s, t, g, cts[s_name].tokenizer, t_ct.tokenizer, msgs)
         assert 0 < g.aligned_bytes < g.content_bytes and g.array[-1, T_END] <= keep
+
+
+# ----------------------------------------------------------------------------- response scoring spans
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("response", ["<", "/", "think", "  Paris, of course.  ", "<think>\nhm\n</think>\n\nParis."])
+def test_scored_response_spans_are_the_response_characters(cts, name, response):
+    """The spans the sampling pipelines score a response on (divergence-aware selection) are
+    character ranges of the response itself: a one-symbol answer that also occurs in the
+    template (Qwen3's ``<think>``, ``<|im_end|>``) is placed after the template's text, and a
+    content the template strips (Llama-2, Gemma) or re-formats (Qwen3's think block) maps back
+    to the response's own offsets. Reference: each scored token's text, decoded on its own, is
+    what the response holds at its span (less the whitespace the template removed)."""
+    row = {"messages": _conv("x")[:2], "response": response, "prompt_index": 0, "sample": 0}
+    _, ids, spans = response_content_tokens(cts[name], row)
+    assert len(ids) == len(spans) and ids
+    tok = cts[name].tokenizer
+    covered = "".join(response[s:e] for s, e in spans)
+    kept = response.strip() if name in ("llama2", "gemma3") else response
+    if name == "qwen3" and response.startswith("<think>"):
+        kept = "<think>\nhm\n</think>\n\nParis."  # the template keeps the think block's characters
+    assert covered.strip() == kept.strip()
+    for i, (s, e) in zip(ids, spans):
+        if e > s:
+            assert response[s:e].strip() in tok.decode([i]) or tok.decode([i]).strip() in response[s:e], \
+                (name, response, tok.decode([i]), response[s:e])
+    # template-only tokens before the content (Qwen3's empty think block) carry no characters
+    if name == "qwen3" and not response.startswith("<think>"):
+        first = [tok.decode([i]) for i, (s, e) in zip(ids, spans) if e == s]
+        assert "<think>" in "".join(first)

@@ -106,7 +106,9 @@ def test_v2_round_trip_matches_independent_alignment_and_teacher_rendering(asset
     assert (m.format_version, m.min_reader_version) == (2, 2) and v2.cross_tokenizer and not v1.cross_tokenizer
     info = v2.alignment_info
     assert info["student_tokenizer_hash"] == s_ct.hash and info["teacher_tokenizer_hash"] == t_ct.hash == m.tokenizer_hash
-    assert info["alignment_version"] == 1 and info["student_max_seq_length"] == MAX_LEN
+    from nemo_kd.align import ALIGNMENT_VERSION
+
+    assert info["alignment_version"] == ALIGNMENT_VERSION == 2 and info["student_max_seq_length"] == MAX_LEN
     vm = v2.vocab_map()
     ref_vm = build_vocab_map(assets["s_tok"], assets["t_tok"], teacher_vocab_size=m.teacher_vocab_size)
     assert np.array_equal(vm.teacher_to_student, ref_vm.teacher_to_student) and vm.is_identity is False
@@ -183,6 +185,57 @@ def test_reader_refuses_mismatched_student_tokenizer_dataset_or_length(assets, t
     # per-sample student token counts are checked too
     with pytest.raises(StoreMismatchError, match="sample 0: store has .* student completion tokens"):
         v2.check_compatible(num_completion_tokens_fn=lambda i: 10_000)
+
+
+def test_older_alignment_version_trains_with_a_warning_and_a_newer_one_is_refused(assets, tmp_path, monkeypatch,
+                                                                                  caplog):
+    """Groups an older alignment version computed are not corrupt: read as they were computed, with
+    a warning naming the store and what they lack; a version newer than this reader is refused, and
+    a sample whose packed header disagrees with the manifest's version is corrupt."""
+    import logging
+    import shutil
+
+    import nemo_kd.align.groups as groups
+    from nemo_kd.data import read_records
+    from nemo_kd.data.kd_dataset import DistillationDataset
+    from nemo_kd.teacher.extract import ExtractConfig, compute_topk_logits
+    from nemo_kd.teacher.store import StoreCorruptError, StoreReader
+    from nemo_kd.teacher.teachers import MegatronTeacher
+
+    with WorldOfOne():
+        teacher = MegatronTeacher(str(assets["dir"] / "teacher"))
+        monkeypatch.setattr(groups, "ALIGNMENT_VERSION", 1)
+        compute_topk_logits(ExtractConfig(output_path=str(tmp_path / "old"), align_teacher_template=True,
+                                          data_path=assets["data"], top_k=K, max_seq_length=MAX_LEN,
+                                          values_dtype="float32", batch_size=4, progress=False),
+                            teacher, assets["t_tok"], student_tokenizer=assets["s_tok"])
+        monkeypatch.undo()
+    old, current = StoreReader(str(tmp_path / "old"), verify_checksums=True), StoreReader(assets["v2"])
+    assert old.alignment_info["alignment_version"] == 1 and groups.ALIGNMENT_VERSION == 2
+    assert all(int(old.alignment(i).packed[0, 4]) == 1 for i in range(old.manifest.num_samples))
+    records, (s_ct, _) = read_records(assets["data"]), _cts(assets)
+    with caplog.at_level(logging.WARNING, logger="nemo_kd.data.kd_dataset"):
+        ds_current = DistillationDataset(records, s_ct, store=current, k=K)
+        assert "alignment version" not in caplog.text
+        ds = DistillationDataset(records, s_ct, store=old, k=K)
+    assert f"{old.path}: cross-tokenizer alignment version 1 (this version is 2)" in caplog.text
+    assert "one-symbol answer" in caplog.text and "Re-extract" in caplog.text
+    # the old groups are read as they were computed (here the same as version 2's: nothing on this data
+    # exercises what changed)
+    for i in range(old.manifest.num_samples):
+        assert np.array_equal(old.alignment(i).groups().array, current.alignment(i).groups().array)
+    assert len(ds) == len(ds_current) == len(records)
+
+    newer = tmp_path / "newer"
+    shutil.copytree(assets["v2"], newer)
+    for f in [newer / "manifest.json", *newer.glob("shard-*.json")]:  # a consistent edit: manifest and records
+        text = f.read_text()
+        assert text.count('"alignment_version": 2') == 1, f
+        f.write_text(text.replace('"alignment_version": 2', '"alignment_version": 3'))
+    with pytest.raises(ValueError, match=rf"{newer}: alignment version 3 is not supported \(this reader: 1 to 2\)"):
+        DistillationDataset(records, s_ct, store=StoreReader(str(newer)), k=K)
+    with pytest.raises(StoreCorruptError, match=r"sample 0: alignment version 2 in .*, the manifest says 3"):
+        StoreReader(str(newer)).alignment(0)
 
 
 def test_old_reader_refuses_v2_and_corruption_is_detected(assets, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from nemo_kd.align import ALIGNMENT_VERSION
 from nemo_kd.teacher.store import (
     ALIGNMENT_EXTENSION,
     SAMPLE_CHECKSUMS_EXTENSION,
@@ -42,7 +43,8 @@ def _sample(i):
 def _alignment(i, n_teacher):
     """A valid alignment: groups pairing teacher token t with student token t (n_student = n_teacher)."""
     g = np.array([[t, t + 1, t, t + 1, t, t + 1] for t in range(n_teacher)], dtype=np.int32).reshape(-1, 6)
-    packed = np.concatenate([np.array([[n_teacher, n_teacher, n_teacher, n_teacher, 1, 0]], np.int32), g])
+    packed = np.concatenate([np.array([[n_teacher, n_teacher, n_teacher, n_teacher, ALIGNMENT_VERSION, 0]], np.int32),
+                             g])
     rng = np.random.default_rng(100 + i)
     return StoredAlignment.from_groups(packed, rng.integers(0, 1000, n_teacher), -rng.random(n_teacher))
 

@@ -12,6 +12,7 @@
 from nemo_kd.align.groups import (
     ALIGNMENT_ALGORITHM,
     ALIGNMENT_VERSION,
+    alignment_version_notice,
     AlignmentGroups,
     align_conversation,
     align_rendered,
@@ -35,6 +36,7 @@ from nemo_kd.align.vocab_map import VocabMap, build_vocab_map
 __all__ = [
     "ALIGNMENT_ALGORITHM",
     "ALIGNMENT_VERSION",
+    "alignment_version_notice",
     "AlignmentError",
     "AlignmentGroups",
     "CrossTokenizerBatch",

@@ -10,7 +10,7 @@ Algorithm (:func:`align_token_spans`, vectorised, ``O(n_s + n_t)``):
 1. Each rendering's completion tokens get UTF-8 byte spans that tile the completion
    (:func:`~nemo_kd.align.spans.token_byte_spans`).
 2. The shared ranges define *content coordinates*. Each rendering's contents are placed
-   where its template put them (:func:`_content_ranges`: a content found once is there;
+   where its template put them (:func:`content_ranges`: a content found once is there;
    otherwise after the template's own text, rendered with placeholder contents, so an
    answer ``<`` is not taken from Qwen3's ``<think>``); the content characters both
    renderings hold (all of them, or those a rewriting template kept: Llama-2's ``strip()``,
@@ -67,7 +67,31 @@ from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, 
 
 # Alignment algorithm identifier stored with the groups (bump on any behaviour change).
 ALIGNMENT_ALGORITHM = "byte-span-groups"
-ALIGNMENT_VERSION = 1
+ALIGNMENT_VERSION = 2
+# What each version changed. The group format is the same in every version, so groups an older
+# version computed stay readable (training says what they lack, alignment_version_notice); a
+# version newer than this reader is refused.
+ALIGNMENT_VERSION_CHANGES = {
+    2: "added tokens' bytes are what they decode to (Gemma-3's whitespace runs), a normalising tokenizer's "
+       "spans are in the original text (NFC on NFD text), a content is placed where the template put it "
+       "(a one-symbol answer that also occurs in the template), a rewritten content shares what both "
+       "renderings keep, and an empty think block is not distilled",
+}
+
+
+def alignment_version_notice(version: int, where: str) -> Optional[str]:
+    """``None`` for groups of this version; for an older one, what they lack (a warning to log:
+    they are what that version computed, not corrupt); a newer or unknown one is refused
+    (:class:`ValueError` naming ``where``)."""
+    version = int(version)
+    if version == ALIGNMENT_VERSION:
+        return None
+    if not 1 <= version < ALIGNMENT_VERSION:
+        raise ValueError(f"{where}: alignment version {version} is not supported (this reader: 1 to "
+                         f"{ALIGNMENT_VERSION})")
+    changes = "; ".join(f"v{v}: {ALIGNMENT_VERSION_CHANGES[v]}" for v in range(version + 1, ALIGNMENT_VERSION + 1))
+    return (f"{where}: cross-tokenizer alignment version {version} (this version is {ALIGNMENT_VERSION}): its groups "
+            f"lack {changes}. Re-extract the store to train on the current alignment.")
 
 # Columns of AlignmentGroups.array.
 S_START, S_END, T_START, T_END, B_START, B_END = range(6)
@@ -170,8 +194,7 @@ class AlignmentGroups:
     def from_numpy(cls, packed: np.ndarray) -> "AlignmentGroups":
         packed = np.asarray(packed, dtype=np.int32).reshape(-1, 6)
         g, ns, nt, cb, version, _ = (int(x) for x in packed[0])
-        if version != ALIGNMENT_VERSION:
-            raise ValueError(f"alignment version {version} is not supported (this reader: {ALIGNMENT_VERSION})")
+        alignment_version_notice(version, "packed alignment")  # an older version reads as it was computed
         if packed.shape[0] != g + 1:
             raise ValueError(f"packed alignment has {packed.shape[0] - 1} group rows, header says {g}")
         return cls(array=packed[1:].copy(), num_student_tokens=ns, num_teacher_tokens=nt, content_bytes=cb)
@@ -292,7 +315,7 @@ def _unambiguous(text: str, contents: Sequence[str]) -> bool:
     return True
 
 
-def _content_ranges(text: str, contents: Sequence[str], tokenizer, messages, sample) -> List[Tuple[int, int]]:
+def content_ranges(text: str, contents: Sequence[str], tokenizer, messages, sample) -> List[Tuple[int, int]]:
     """Where the contents are in one completion. A content found once, verbatim, can only be
     there; otherwise (a content also in the template text, a content the template rewrote) the
     template's own text is rendered (:func:`template_pieces`) and the content placed after it:
@@ -342,6 +365,25 @@ def _backtrack(trace, n: int, m: int) -> List[Tuple[int, int, int]]:
     return blocks[::-1]
 
 
+def content_offsets(content: str, region: str) -> List[int]:
+    """For each offset ``0..len(region)`` of ``region`` (where a rendering put ``content``,
+    :func:`content_ranges`), the offset in ``content`` of the same character: through the runs
+    both hold (:func:`_content_blocks`); text the template inserted maps to where the content
+    resumes after it, text it removed is skipped. Non-decreasing, so a token's span in the
+    rendering maps to a span of the original content (empty for template-only text)."""
+    out: List[Optional[int]] = [None] * (len(region) + 1)
+    for i, j, n in _content_blocks(content, region):
+        for t in range(n + 1):
+            out[j + t] = i + t
+    nxt = len(content)
+    for p in range(len(region), -1, -1):  # an unmatched offset takes the next matched one
+        if out[p] is None:
+            out[p] = nxt
+        else:
+            nxt = out[p]
+    return out  # type: ignore[return-value]
+
+
 def _content_blocks(content: str, region: str) -> List[Tuple[int, int, int]]:
     """``(content offset, region offset, length)`` runs of ``content`` that ``region`` (where a
     rendering put it) holds verbatim: all of it, a stripped part, or, for a re-formatted content,
@@ -362,7 +404,7 @@ def _content_blocks(content: str, region: str) -> List[Tuple[int, int, int]]:
 
 def _shared_char_ranges(s_text: str, t_text: str, contents: Sequence[str], s_rng, t_rng):
     """Character ranges of the text both completions share: the content characters both renderings
-    hold (``s_rng`` / ``t_rng``: where each put each content, :func:`_content_ranges`), extended over
+    hold (``s_rng`` / ``t_rng``: where each put each content, :func:`content_ranges`), extended over
     template text that is identical on both sides (before, between, after them)."""
     pairs = []  # [s_start, s_end, t_start, t_end] of identical text, in order
     for c, (sa, sb), (ta, tb) in zip(contents, s_rng, t_rng):
@@ -399,7 +441,7 @@ def align_samples(student_sample, teacher_sample, student_tokenizer, teacher_tok
 
     ``contents`` are the completion's assistant message contents, in order; ``messages`` the
     conversation, needed to place a content that also occurs in template text or that a template
-    rewrote (:func:`_content_ranges`; without it the first occurrence is taken). The shared text is
+    rewrote (:func:`content_ranges`; without it the first occurrence is taken). The shared text is
     the content characters both renderings hold plus any template text that is identical in both
     completions at the same place (so equal templates align their end-of-turn tokens too, and
     equal tokenizers + templates give all one-to-one groups). Where a template rewrites a content
@@ -408,8 +450,8 @@ def align_samples(student_sample, teacher_sample, student_tokenizer, teacher_tok
     """
     s_text, s_spans = completion_byte_spans(student_sample, student_tokenizer)
     t_text, t_spans = completion_byte_spans(teacher_sample, teacher_tokenizer)
-    s_loc = _content_ranges(s_text, contents, student_tokenizer, messages, student_sample)
-    t_loc = _content_ranges(t_text, contents, teacher_tokenizer, messages, teacher_sample)
+    s_loc = content_ranges(s_text, contents, student_tokenizer, messages, student_sample)
+    t_loc = content_ranges(t_text, contents, teacher_tokenizer, messages, teacher_sample)
     s_chr, t_chr = _shared_char_ranges(s_text, t_text, contents, s_loc, t_loc)
     s_rng, t_rng = char_ranges_to_bytes(s_text, s_chr), char_ranges_to_bytes(t_text, t_chr)
     content_bytes = sum(b - a for a, b in s_rng)

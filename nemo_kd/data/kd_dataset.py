@@ -46,16 +46,20 @@ epoch from a seed and resumable from a number of consumed samples.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from nemo_kd.align.groups import alignment_version_notice
 from nemo_kd.data.records import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SINGLE, RecordSet
 from nemo_kd.data.tokenization import ConversationTokenizer
 from nemo_kd.losses.objective import ROLE_NEGATIVE, ROLE_POSITIVE
 from nemo_kd.losses.objective import ROLE_SINGLE as OBJECTIVE_ROLE_SINGLE
+
+logger = logging.getLogger(__name__)
 
 # Record roles as the objective numbers them (the teacher's response is the preferred one).
 _OBJECTIVE_ROLES = {ROLE_SINGLE: OBJECTIVE_ROLE_SINGLE, ROLE_CHOSEN: ROLE_POSITIVE, ROLE_REJECTED: ROLE_NEGATIVE}
@@ -176,6 +180,9 @@ class DistillationDataset(torch.utils.data.Dataset):
                 student_max_seq_length=tokenizer.max_seq_length,
                 num_completion_tokens_fn=lambda i: self._completion_tokens(i),
             )
+            notice = alignment_version_notice(store.alignment_info["alignment_version"], str(store.path))
+            if notice:
+                logger.warning(notice)
             self.vocab_map = store.vocab_map(student_vocab_size)
         elif store is not None:
             store.check_compatible(

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from nemo_kd.align.groups import content_offsets, content_ranges
 from nemo_kd.data.records import DataError, _iter_jsonl, completion_start
 
 
@@ -144,6 +145,32 @@ def shard_range(n: int, rank: int, world: int) -> range:
     return range(min(n, rank * per), min(n, (rank + 1) * per))
 
 
+def response_content_tokens(ctok, row: Dict[str, Any]) -> Tuple[List[int], List[int], List[Tuple[int, int]]]:
+    """``(prompt ids, response ids, spans)`` of ``row``'s conversation as ``ctok`` renders it:
+    the response tokens up to the last one that holds content (the end-of-turn tokens after
+    it excluded) and their character spans in ``row["response"]`` (empty for a token of the
+    template's own text). The content is placed where the template put it
+    (:func:`~nemo_kd.align.groups.content_ranges`: an answer ``<`` is not inside Qwen3's
+    ``<think>``) and mapped back through what the template rewrote
+    (:func:`~nemo_kd.align.groups.content_offsets`: Llama-2's strip, Qwen3's think block).
+    Empty lists for a row the tokenizer drops (its reason recorded by ``ctok``)."""
+    messages = list(row["messages"]) + [{"role": "assistant", "content": row["response"]}]
+    tok = ctok(messages, sample_name=f"prompt {row.get('prompt_index')} sample {row.get('sample', 0)}")
+    if tok is None:
+        return [], [], []
+    start, n_p = tok.completion_char_start, tok.num_prompt_tokens
+    text = tok.text[start:]
+    if row["response"]:
+        lo, hi = content_ranges(text, [row["response"]], ctok.tokenizer, messages, tok)[0]
+    else:
+        lo = hi = 0
+    to_response = content_offsets(row["response"], text[lo:hi])
+    spans = [(to_response[max(0, min(s - start - lo, hi - lo))], to_response[max(0, min(e - start - lo, hi - lo))])
+             for s, e in tok.token_char_spans[n_p:]]
+    keep = max([j + 1 for j, (s, _) in enumerate(tok.token_char_spans[n_p:]) if s - start < hi], default=0)
+    return list(tok.input_ids[:n_p]), list(tok.input_ids[n_p:n_p + keep]), spans[:keep]
+
+
 def score_responses(model, ctok, rows: Sequence[Dict[str, Any]], *, vocab_size: int,
                     batch_size: int = 64) -> List[Tuple[List[float], List[Tuple[int, int]]]]:
     """Teacher-forced log-probs of each row's response under ``model``, tokenised and rendered
@@ -156,26 +183,12 @@ def score_responses(model, ctok, rows: Sequence[Dict[str, Any]], *, vocab_size: 
     longer than ``ctok.max_seq_length`` is scored on its kept tokens (truncated) or,
     with ``overlong="drop"``, gets empty lists.
     """
-    from nemo_kd.align.spans import locate_content
     from nemo_kd.generation.sampling import response_logprobs
 
     prompts, responses, spans_of = [], [], []
     for r in rows:
-        tok = ctok(list(r["messages"]) + [{"role": "assistant", "content": r["response"]}],
-                   sample_name=f"prompt {r.get('prompt_index')} sample {r.get('sample', 0)}")
-        if tok is None:
-            prompts.append([]), responses.append([]), spans_of.append([])
-            continue
-        start = tok.completion_char_start
-        lo, hi = locate_content(tok.text[start:], [r["response"]])[0] if r["response"] else (0, 0)
-        n_p = tok.num_prompt_tokens
-        spans = [(max(0, min(s - start - lo, hi - lo)), max(0, min(e - start - lo, hi - lo)))
-                 for s, e in tok.token_char_spans[n_p:]]
-        # content tokens: those overlapping the content range, up to the last one
-        keep = max([j + 1 for j, (s, e) in enumerate(tok.token_char_spans[n_p:]) if s - start < hi], default=0)
-        prompts.append(tok.input_ids[:n_p])
-        responses.append(tok.input_ids[n_p:n_p + keep])
-        spans_of.append(spans[:keep])
+        p_ids, r_ids, spans = response_content_tokens(ctok, r)
+        prompts.append(p_ids), responses.append(r_ids), spans_of.append(spans)
     scored = [i for i, r in enumerate(responses) if r]
     lps = response_logprobs(model, [prompts[i] for i in scored], [responses[i] for i in scored],
                             batch_size=batch_size, vocab_size=vocab_size) if scored else []

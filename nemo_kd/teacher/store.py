@@ -637,11 +637,14 @@ def cross_tokenizer_extension(vocab_map, student_tokenizer_hash: str, teacher_to
     return ext, data
 
 
-def _check_alignment(sample_index: int, al: StoredAlignment, n_teacher: int) -> None:
+def _check_alignment(sample_index: int, al: StoredAlignment, n_teacher: int, version: int) -> None:
     """Structural checks of one sample's alignment before it is written (messages name the sample)."""
     p = al.packed
     if p.ndim != 2 or p.shape[1] != 6 or p.shape[0] < 1 or p.shape[0] != int(p[0, 0]) + 1:
         raise ValueError(f"sample {sample_index}: packed alignment must be [G + 1, 6] with G in its header row")
+    if int(p[0, 4]) != int(version):
+        raise ValueError(f"sample {sample_index}: packed alignment of version {int(p[0, 4])} in a store of alignment "
+                         f"version {version}")
     if al.num_teacher_tokens != n_teacher:
         raise ValueError(f"sample {sample_index}: the alignment counts {al.num_teacher_tokens} teacher completion "
                          f"tokens but the top-k payload has {n_teacher} rows")
@@ -903,7 +906,8 @@ class StoreWriter:
         block += b"\0" * (-len(block) % _ALIGN)
         row = np.array([(sample_index, self._bytes, n, float(seq_logprob))], dtype=INDEX_DTYPE)
         if alignment is not None:
-            _check_alignment(sample_index, alignment, n)
+            _check_alignment(sample_index, alignment, n,
+                             self.manifest.extensions[ALIGNMENT_EXTENSION]["alignment_version"])
             a_block = alignment.to_bytes()
             sums += (a_block, alignment.packed.tobytes(), alignment.teacher_ids.tobytes(),
                      alignment.teacher_logprobs.tobytes())
@@ -1418,6 +1422,10 @@ class StoreReader:
         if (al.num_groups, al.num_student_tokens, al.num_teacher_tokens) != \
                 (g, int(row["num_student_tokens"]), n):
             raise StoreCorruptError(f"sample {sample_index}: alignment header disagrees with its index row")
+        version = self.manifest.extensions[ALIGNMENT_EXTENSION]["alignment_version"]
+        if int(packed[0, 4]) != int(version):
+            raise StoreCorruptError(f"{self.path}: sample {sample_index}: alignment version {int(packed[0, 4])} in "
+                                    f"{file}, the manifest says {version}")
         return al
 
     def vocab_map(self, student_vocab_size: Optional[int] = None):
