@@ -21,7 +21,7 @@ HEAVY = ("megatron", "nemo", "transformers", "lightning", "torch")
 # nemo_kd/teacher/extract.py needs torch for its dataclasses' defaults and the extraction itself.
 TORCH_AT_IMPORT = {"nemo-kd-compute-topk-logits"}
 EXAMPLES = ("build_preference_pairs", "build_dasd_data", "compute_topk_logits", "convert_hf_to_megatron",
-            "convert_megatron_to_hf")
+            "convert_megatron_to_hf", "serve_teacher")
 
 # Runs an entry point with argv, then prints what it imported as the last line.
 _PROBE = r"""
@@ -95,8 +95,9 @@ def test_unknown_family_is_refused_with_the_valid_ones(tmp_path):
 
 _HYDRA_ENTRY_POINTS = [
     pytest.param(os.path.join(REPO, "examples", f"{n}.py"), id=f"examples/{n}.py")
-    for n in ("build_preference_pairs", "build_dasd_data", "compute_topk_logits")
-] + [pytest.param("nemo_kd.teacher.extract:main", id="nemo-kd-compute-topk-logits")]
+    for n in ("build_preference_pairs", "build_dasd_data", "compute_topk_logits", "serve_teacher")
+] + [pytest.param("nemo_kd.teacher.extract:main", id="nemo-kd-compute-topk-logits"),
+     pytest.param("nemo_kd.teacher.server:main", id="nemo-kd-serve-teacher")]
 
 
 def _run_until_task(target, overrides, cwd):

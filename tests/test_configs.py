@@ -27,7 +27,7 @@ def _fill(d, value="x"):
 def test_every_yaml_is_covered():
     assert sorted(f[:-5] for f in os.listdir(CONF) if f.endswith(".yaml")) == sorted(
         ["gpt_kd", "gpt_kd_online", "gpt_kd_preference", "compute_topk_logits", "build_preference_pairs",
-         "build_dasd_data"])
+         "build_dasd_data", "serve_teacher"])
 
 
 @pytest.mark.parametrize("name", ["gpt_kd", "gpt_kd_online", "gpt_kd_preference"])
@@ -58,15 +58,35 @@ def test_training_configs_parse(name):
 
 
 def test_compute_topk_logits_config_parses():
-    from nemo_kd.teacher.extract import RUN_CONFIG_KEYS, ExtractConfig, run_from_config
+    from nemo_kd.teacher.extract import RUN_CONFIG_KEYS, ExtractConfig, parse_teacher_section, run_from_config
     from nemo_kd.teacher.teachers import TeacherSpec
 
     c = _fill(_compose("compute_topk_logits"))
-    TeacherSpec(**c["teacher"])
+    spec, served = parse_teacher_section(c["teacher"])
+    assert isinstance(spec, TeacherSpec) and spec.type == "megatron" and served is None
+    # the shipped served-teacher keys parse into the client's settings with teacher.type=served
+    spec, served = parse_teacher_section(dict(c["teacher"], type="served", path=None, url="http://127.0.0.1:8000"))
+    assert spec.type == "served" and served.dialect == "auto" and served.concurrency >= 1
+    with pytest.raises(ValueError, match="teacher.url: for teacher.type=served only"):
+        parse_teacher_section(dict(c["teacher"], url="http://127.0.0.1:8000"))
     extract_fields = {f.name for f in dataclasses.fields(ExtractConfig)}
     assert set(c) <= extract_fields | RUN_CONFIG_KEYS, sorted(set(c) - extract_fields - RUN_CONFIG_KEYS)
     with pytest.raises(ValueError, match=r"unknown compute_topk_logits keys \['top-k'\]"):
         run_from_config(OmegaConf.create(dict(c, **{"top-k": 5})))
+
+
+def test_serve_teacher_config_parses():
+    from nemo_kd.teacher.server import RUN_CONFIG_KEYS, ServeConfig, run_from_config
+    from nemo_kd.teacher.teachers import TeacherSpec
+
+    c = _fill(_compose("serve_teacher"))
+    TeacherSpec(**c["teacher"])
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    assert set(c) <= fields | RUN_CONFIG_KEYS, sorted(set(c) - fields - RUN_CONFIG_KEYS)
+    serve = ServeConfig(**{k: v for k, v in c.items() if k in fields})
+    assert serve.host == "127.0.0.1"  # loopback unless told otherwise
+    with pytest.raises(ValueError, match=r"unknown serve_teacher keys \['max-logprobs'\]"):
+        run_from_config(OmegaConf.create(dict(c, **{"max-logprobs": 5})))
 
 
 def test_pipeline_configs_parse():

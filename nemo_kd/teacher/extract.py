@@ -57,7 +57,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,6 +74,7 @@ from nemo_kd.teacher.store import (
     finalize_manifest,
     shard_sample_range,
 )
+from nemo_kd.teacher.served import SERVED_TEACHER_EXTENSION, ServedTeacher, ServedTeacherConfig
 from nemo_kd.teacher.teachers import Teacher, TeacherSpec, build_teacher
 from nemo_kd.teacher.topk import teacher_token_stats
 
@@ -402,6 +403,9 @@ def compute_topk_logits(
     if cfg.values_dtype != "float32":  # 16-bit values as log-probs (store format 3, see nemo_kd.teacher.store)
         manifest.values_encoding = "logprobs"
         manifest.format_version = manifest.min_reader_version = 3
+    served = isinstance(teacher, ServedTeacher)  # log-probs over HTTP, LSE 0 (nemo_kd.teacher.served)
+    if served:
+        manifest.extensions = {SERVED_TEACHER_EXTENSION: teacher.manifest_record}
     if cfg.top_k > teacher.vocab_size:
         raise ValueError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
     is_writer = teacher.owns_logits and layout.last_stage and layout.tp_rank == 0
@@ -409,7 +413,7 @@ def compute_topk_logits(
     if cfg.align_teacher_template:
         xtok = _CrossTokenizer(cfg, ctok, student_tokenizer, teacher, records)
         manifest.format_version = manifest.min_reader_version = max(2, manifest.format_version)
-        manifest.extensions = {ALIGNMENT_EXTENSION: xtok.extension}
+        manifest.extensions = dict(manifest.extensions, **{ALIGNMENT_EXTENSION: xtok.extension})
     elif student_tokenizer is not None:
         raise ValueError("a student tokenizer was given but align_teacher_template is false: the store would be "
                          "built for the teacher's tokenisation only (set align_teacher_template=true)")
@@ -440,15 +444,25 @@ def compute_topk_logits(
                    desc=f"top-k logits (DP rank 0 of {layout.dp_size})")
 
     delay = float(os.environ.get(_BATCH_DELAY_ENV, "0") or 0)
+    # A served teacher scores this rank's remaining samples in order, requests running ahead of the writer.
+    stream = teacher.stream(((i, samples[i - block.start]) for i in range(start, block.stop)), cfg.top_k,
+                            lambda i: _sample_name(records, i)) if served else None
     mbs = cfg.micro_batch_size or cfg.batch_size
     samples_done = tokens_done = 0
     stats_s = write_s = 0.0
     t_loop = time.perf_counter()
     for b, indices in enumerate(_batches(block, start, cfg.batch_size)):
         batch_samples = [samples[i - block.start] for i in indices]
-        tokens, rows = _pad_batch(batch_samples, indices, mbs)
+        tokens, rows = (None, []) if served else _pad_batch(batch_samples, indices, mbs)
         collector = _BatchStats(rows, tokens, cfg.top_k, teacher.vocab_size)
-        if tokens is not None:
+        if stream is not None:
+            try:
+                collector.parts, collector.seconds = stream.next_batch(indices, batch_samples)
+            except BaseException:
+                if writer is not None:  # release the shard (committed batches stay): a caller may rerun in-process
+                    writer.close()
+                raise
+        elif tokens is not None:
             teacher.run(tokens, collector, mbs,
                         output_chunk_tokens=cfg.output_layer_chunk_tokens if cfg.fuse_output_layer else None)
         stats_s += collector.seconds
@@ -555,6 +569,31 @@ def _plain(cfg) -> dict:
 RUN_CONFIG_KEYS = {"teacher", "parallel", "tokenizer_path"}
 
 
+def parse_teacher_section(teacher_cfg) -> Tuple[TeacherSpec, Optional[ServedTeacherConfig]]:
+    """``teacher.*`` of ``conf/compute_topk_logits.yaml`` → the in-process spec and, for
+    ``teacher.type=served``, the client's settings (each key checked: a served key on an
+    in-process teacher, or ``teacher.path`` on a served one, is refused by name)."""
+    teacher_cfg = dict(teacher_cfg or {})
+    spec_keys = {f.name for f in dataclasses.fields(TeacherSpec)}
+    served_keys = {f.name: f.default for f in dataclasses.fields(ServedTeacherConfig)}
+    unknown = sorted(set(teacher_cfg) - spec_keys - set(served_keys))
+    if unknown:
+        raise ValueError(f"unknown teacher keys {unknown}; valid keys: {sorted(spec_keys | set(served_keys))}")
+    if teacher_cfg.get("type") == "served":
+        if teacher_cfg.get("path"):
+            raise ValueError("teacher.path is for in-process teachers; a served teacher is teacher.url, and its "
+                             "tokenizer (the token ids sent) is tokenizer_path")
+        served_cfg = ServedTeacherConfig(**{k: teacher_cfg[k] for k in served_keys if k in teacher_cfg})
+        return TeacherSpec(type="served", trust_remote_code=bool(teacher_cfg.get("trust_remote_code", False)),
+                           name=served_cfg.name), served_cfg
+    stray = sorted(k for k, default in served_keys.items()
+                   if k not in spec_keys and k in teacher_cfg and teacher_cfg[k] != default)
+    if stray:
+        raise ValueError(f"teacher.{', teacher.'.join(stray)}: for teacher.type=served only, not "
+                         f"teacher.type={teacher_cfg.get('type', 'megatron')}")
+    return TeacherSpec(**{k: v for k, v in teacher_cfg.items() if k in spec_keys}), None
+
+
 def run_from_config(cfg, teacher_loader=None) -> ExtractSummary:
     """Run from the Hydra/OmegaConf config of ``conf/compute_topk_logits.yaml`` (torchrun / srun aware).
 
@@ -566,17 +605,16 @@ def run_from_config(cfg, teacher_loader=None) -> ExtractSummary:
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, is_initialized
 
     c = _plain(cfg)
-    teacher_cfg = dict(c.get("teacher") or {})
-    spec = TeacherSpec(**{k: v for k, v in teacher_cfg.items() if k in {f.name for f in dataclasses.fields(TeacherSpec)}})
-    unknown = sorted(set(teacher_cfg) - {f.name for f in dataclasses.fields(TeacherSpec)})
-    if unknown:
-        raise ValueError(f"unknown teacher keys {unknown}")
+    spec, served_cfg = parse_teacher_section(c.get("teacher"))
     names = {f.name for f in dataclasses.fields(ExtractConfig)}
     unknown = sorted(set(c) - names - RUN_CONFIG_KEYS)
     if unknown:  # a typo would otherwise fall back to a default silently
         raise ValueError(f"unknown compute_topk_logits keys {unknown}; valid keys: {sorted(names | RUN_CONFIG_KEYS)}")
     extract_cfg = ExtractConfig(**{k: c[k] for k in names if k in c})
     parallel = dict(c.get("parallel") or {})
+    if served_cfg is not None and not c.get("tokenizer_path"):
+        raise ValueError("teacher.type=served needs tokenizer_path: the teacher's own tokenizer, which renders "
+                         "the token ids sent to the server")
     if os.environ.get("NEMO_KD_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["NEMO_KD_NUM_THREADS"]))
     owns = not is_initialized()
@@ -594,8 +632,13 @@ def run_from_config(cfg, teacher_loader=None) -> ExtractSummary:
             if not extract_cfg.student_tokenizer_path:
                 raise ValueError("align_teacher_template=true needs student_tokenizer_path (the student's tokenizer)")
             student_tokenizer = AutoTokenizer.from_pretrained(extract_cfg.student_tokenizer_path)
-        teacher = build_teacher(spec, loader=teacher_loader)
-        summary = compute_topk_logits(extract_cfg, teacher, tokenizer, student_tokenizer=student_tokenizer)
+        teacher = (ServedTeacher(served_cfg, tokenizer_size=len(tokenizer)) if served_cfg is not None
+                   else build_teacher(spec, loader=teacher_loader))
+        try:
+            summary = compute_topk_logits(extract_cfg, teacher, tokenizer, student_tokenizer=student_tokenizer)
+        finally:
+            if served_cfg is not None:
+                teacher.close()
         if (dist.get_rank() if dist.is_initialized() else 0) == 0:
             print(summary.format(), flush=True)
         return summary
