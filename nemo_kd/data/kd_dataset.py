@@ -245,12 +245,28 @@ def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int,
     ``[B, S]`` fp32, ``teacher_seq_logprob`` ``[B]`` fp64; with preference pairs
     ``roles`` ``[B]`` (the objective's ROLE_*) and ``pair_ids`` ``[B]``.
     """
-    b, s = len(samples), seq_length
-    tokens = torch.full((b, s + 1), pad_id, dtype=torch.long)
-    token_mask = torch.zeros(b, s + 1)
+    return collate_rows([[smp] for smp in samples], seq_length, pad_id, packed=False)
+
+
+def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, pad_id: int,
+                 packed: bool) -> Dict[str, torch.Tensor]:
+    """:func:`collate` of rows holding one sample each (``packed=False``) or several laid end to end
+    (:mod:`nemo_kd.data.packing`). A sample of ``n`` tokens takes ``L`` positions from its row's
+    offset ``o``: ``inputs[o:o+L] = ids[:L]``, ``labels[o:o+L] = ids[1:L+1]`` (padding past its
+    end), the loss mask likewise, positions ``0..L−1``; ``L = min(n, S)`` alone in a row (its last
+    input predicts padding, masked), ``L = n − 1`` packed (the last token is only a label)."""
+    samples = [smp for row in rows for smp in row]
+    b, s = len(rows), seq_length
+    inputs = torch.full((b, s), pad_id, dtype=torch.long)
+    labels = torch.full((b, s), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(b, s)
+    position_ids = torch.zeros(b, s, dtype=torch.long) if packed else torch.arange(s).unsqueeze(0).expand(b, s)
+    segment_ids = torch.full((b, s), -1, dtype=torch.long)
     cross = samples[0].xtok is not None
     if any((smp.xtok is not None) != cross for smp in samples):
         raise DataConfigError("a microbatch mixes cross-tokenizer and same-tokenizer samples")
+    if packed and (cross or any(smp.role != ROLE_SINGLE for smp in samples)):
+        raise DataConfigError("packed rows hold single same-tokenizer samples only (nemo_kd.data.packing)")
     has_teacher = samples[0].teacher is not None and not cross
     if has_teacher:
         k = samples[0].teacher.values.shape[1]
@@ -258,31 +274,47 @@ def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int,
         t_ids = torch.zeros(b, s, k, dtype=torch.long)
         t_lse = torch.zeros(b, s)
         t_seq = torch.zeros(b, dtype=torch.float64)
-    for row, smp in enumerate(samples):
-        n = len(smp.input_ids)
-        if n > s + 1:
-            raise DataConfigError(f"sample {smp.index} has {n} tokens, more than seq_length + 1 = {s + 1}; "
-                                  "set data.max_seq_length <= model seq_length + 1")
-        tokens[row, :n] = torch.from_numpy(smp.input_ids)
-        token_mask[row, :n] = torch.from_numpy(smp.loss_mask.astype(np.float32))
-        if has_teacher:
-            label_pos = torch.nonzero(token_mask[row, 1:]).flatten()  # label index t ⇔ token t+1
-            if label_pos.numel() != smp.teacher.num_tokens:
-                raise DataConfigError(f"sample {smp.index}: {label_pos.numel()} completion tokens but the teacher store "
-                                      f"has {smp.teacher.num_tokens} rows")
-            t_vals[row, label_pos] = smp.teacher.values.float()
-            t_ids[row, label_pos] = smp.teacher.ids.long()
-            t_lse[row, label_pos] = smp.teacher.lse.float()
-            t_seq[row] = smp.teacher.seq_logprob
+    num_tokens = torch.zeros(b, dtype=torch.long)
+    for row, row_samples in enumerate(rows):
+        o = 0
+        for j, smp in enumerate(row_samples):
+            n = len(smp.input_ids)
+            if n > s + 1:
+                raise DataConfigError(f"sample {smp.index} has {n} tokens, more than seq_length + 1 = {s + 1}; "
+                                      "set data.max_seq_length <= model seq_length + 1")
+            length = n - 1 if packed else min(n, s)
+            if o + length > s:
+                raise DataConfigError(f"packed row {row}: its samples need more than seq_length = {s} positions")
+            ids = torch.from_numpy(smp.input_ids)
+            mask = torch.from_numpy(smp.loss_mask.astype(np.float32))
+            inputs[row, o:o + length] = ids[:length]
+            labels[row, o:o + min(length, n - 1)] = ids[1:length + 1]
+            loss_mask[row, o:o + min(length, n - 1)] = mask[1:length + 1]
+            if packed:
+                position_ids[row, o:o + length] = torch.arange(length)
+            segment_ids[row, o:o + length] = j
+            if has_teacher:
+                label_pos = o + torch.nonzero(loss_mask[row, o:o + length]).flatten()  # label t ⇔ token t+1
+                if label_pos.numel() != smp.teacher.num_tokens:
+                    raise DataConfigError(f"sample {smp.index}: {label_pos.numel()} completion tokens but the teacher "
+                                          f"store has {smp.teacher.num_tokens} rows")
+                t_vals[row, label_pos] = smp.teacher.values.float()
+                t_ids[row, label_pos] = smp.teacher.ids.long()
+                t_lse[row, label_pos] = smp.teacher.lse.float()
+                t_seq[row] = smp.teacher.seq_logprob
+            num_tokens[row] += min(n, s)
+            o += length
     batch = {
-        "inputs": tokens[:, :-1].contiguous(),
-        "labels": tokens[:, 1:].contiguous(),
-        "loss_mask": token_mask[:, 1:].contiguous(),
-        "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
-        "sample_index": torch.tensor([smp.index for smp in samples]),
+        "inputs": inputs,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids.contiguous(),
+        "sample_index": torch.tensor([row[0].index for row in rows]),
         # the model reads this many real tokens per row; the rest of ``seq_length`` is padding
-        "num_tokens": torch.tensor([min(len(smp.input_ids), s) for smp in samples]),
+        "num_tokens": num_tokens,
     }
+    if packed:
+        batch["segment_ids"] = segment_ids
     if has_teacher:
         batch.update(teacher_values=t_vals, teacher_ids=t_ids, teacher_lse=t_lse, teacher_seq_logprob=t_seq)
     if any(smp.role != ROLE_SINGLE for smp in samples):

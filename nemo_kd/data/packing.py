@@ -1,0 +1,124 @@
+"""Sequence packing: several samples per row of ``seq_length``, attention never crossing a sample.
+
+Distillation data is of very uneven length (chat: a few hundred tokens with a tail of
+thousands; reasoning traces: tens of thousands), so padding every sample to the row length
+spends most of a step on padding. With ``data.*.pack_sequences: true`` the training rows
+hold whole samples laid end to end:
+
+* **The plan** (:func:`pack_plan`) is fixed when the dataset is built: the kept samples in a
+  seeded order (``seed``, or in order without ``shuffle``), cut into windows of
+  ``pack_window`` samples, each window packed *first-fit decreasing* (longest first, into
+  the first row with room, ties by order). A pure function of the lengths, the row length,
+  the window and the seed: every rank, every restart and every epoch see the same packs.
+  The global-batch sampler then runs over packs as it ran over samples (shuffled per epoch,
+  resumed by position), so ``micro_batch_size`` / ``global_batch_size`` count *rows*.
+* **A sample in a row** (:func:`collate_packed`) occupies ``n − 1`` positions for its ``n``
+  tokens (inputs ``ids[:-1]``, labels ``ids[1:]``: its last token is only a label; padded,
+  the extra position predicts padding and is masked); positions restart at 0 (RoPE), the
+  loss mask and the teacher's stored top-k rows follow their sample, and ``segment_ids``
+  ``[B, S]`` (−1 on padding) say which sample each position belongs to.
+* **Attention** (:func:`packed_attention_mask`): Megatron's boolean mask, ``True`` = masked,
+  ``[B, 1, S, S]`` (one byte per pair, broadcast over heads: never a float mask per head)
+  for positions of different samples; the core attention adds the causal part. The online
+  teacher reads the same rows, mask and positions.
+
+Per-token quantities then equal the padded ones sample by sample (tested: loss, metrics and
+gradients, offline and online, TP=1/TP=2/PP=2). Not packed (refused by the dataset builder
+with the reason): preference pairs (their sequence terms are per row today), cross-tokenizer
+samples (the teacher's own tokenisation has other lengths) and on-policy sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from nemo_kd.data.kd_dataset import DataConfigError, DistillationDataset, DistillationSample, collate_rows
+
+DEFAULT_PACK_WINDOW = 1000
+
+
+def sample_positions(num_tokens: int) -> int:
+    """Row positions a sample of ``num_tokens`` tokens takes in a packed row (its last token is only a label)."""
+    return max(num_tokens - 1, 0)
+
+
+def pack_plan(lengths: Sequence[int], capacity: int, window: int = DEFAULT_PACK_WINDOW, seed: int = 1234,
+              shuffle: bool = True) -> List[List[int]]:
+    """Packs of sample indices (module docstring): each pack's ``lengths`` sum to at most ``capacity``.
+
+    ``lengths`` are positions per sample (:func:`sample_positions`). Deterministic in its arguments."""
+    if capacity < 1 or window < 1:
+        raise DataConfigError(f"packing needs a row length and a window >= 1, got {capacity} and {window}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    too_long = np.flatnonzero(lengths > capacity)
+    if too_long.size:
+        raise DataConfigError(f"sample {int(too_long[0])} needs {int(lengths[too_long[0]])} positions, more than the "
+                              f"row length {capacity} (and {too_long.size - 1} more): set data.max_seq_length <= "
+                              "model seq_length")
+    order = np.random.default_rng(seed).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    packs: List[List[int]] = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        # longest first, ties in window order (a stable sort of −length)
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        rows: List[List[int]] = []
+        room: List[int] = []
+        for i in chunk.tolist():
+            n = int(lengths[i])
+            for r, free in enumerate(room):
+                if n <= free:
+                    rows[r].append(i)
+                    room[r] -= n
+                    break
+            else:
+                rows.append([i])
+                room.append(capacity - n)
+        packs.extend(rows)
+    return packs
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Item ``p`` = the samples of pack ``p`` of a :class:`DistillationDataset` (:func:`pack_plan`)."""
+
+    def __init__(self, dataset: DistillationDataset, seq_length: int, window: int = DEFAULT_PACK_WINDOW,
+                 seed: int = 1234, shuffle: bool = True):
+        if dataset.group_size != 1:
+            raise DataConfigError("pack_sequences: preference pairs are not packed (their sequence-level terms are "
+                                  "per row); set pack_sequences: false for a file of pairs")
+        if dataset.cross_tokenizer or getattr(dataset.store, "cross_tokenizer", False):
+            raise DataConfigError("pack_sequences: cross-tokenizer samples are not packed (the teacher's own "
+                                  "tokenisation has other lengths); set pack_sequences: false")
+        self.dataset, self.seq_length = dataset, seq_length
+        lengths = [sample_positions(len(dataset.samples[j].input_ids)) for j in dataset.valid_indices]
+        self.packs = pack_plan(lengths, seq_length, window, seed, shuffle)
+        self.num_positions = int(sum(lengths))
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, p: int) -> List[DistillationSample]:
+        return [self.dataset[i] for i in self.packs[p]]
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the rows' positions that are padding."""
+        return 1.0 - self.num_positions / max(1, len(self.packs) * self.seq_length)
+
+
+def collate_packed(packs: Sequence[Sequence[DistillationSample]], seq_length: int,
+                   pad_id: int) -> Dict[str, torch.Tensor]:
+    """:func:`~nemo_kd.data.kd_dataset.collate` for packed rows: the same keys (``sample_index`` and
+    ``num_tokens`` per row: the first sample's index, the samples' tokens), plus ``segment_ids``
+    ``[B, S]`` int64 (the sample's place in its row, −1 on padding)."""
+    return collate_rows(packs, seq_length, pad_id, packed=True)
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Megatron's boolean attention mask ``[B, 1, S, S]`` (``True`` = masked) keeping attention
+    inside each sample of a packed row; the causal part is the core attention's. Padding
+    positions (−1) attend among themselves: finite, and their loss is masked."""
+    seg = segment_ids
+    return (seg[:, None, :, None] != seg[:, None, None, :]).contiguous()

@@ -1,0 +1,166 @@
+"""Sequence packing (nemo_kd.data.packing): the plan, the rows, and packed == padded training.
+
+The reference for packed rows is the padded layout of the same samples (one sample per row):
+Megatron's schedule, DDP and optimizer run both, and loss, terms, gradient norm and the
+updated weights must agree step by step (offline top-k KD + SFT and an online teacher; TP=1,
+TP=2, PP=2). The plan is checked against first-fit decreasing done by hand.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from dist_utils import run_distributed
+
+SEQ, VOCAB, K = 24, 256, 6
+LENGTHS = [7, 19, 5, 12, 9, 16, 6, 11]  # tokens per sample (positions packed: n − 1)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def test_pack_plan_is_first_fit_decreasing_per_window():
+    from nemo_kd.data.packing import pack_plan
+
+    # window 1 (in order): lengths 10 4 7 3 9 -> sorted 10 9 7 4 3 into rows of 16:
+    # 10 -> r0 (6 left), 9 -> r1 (7), 7 -> r1 (0), 4 -> r0 (2), 3 -> r2; window 2: 8 8 -> one row
+    lengths = [10, 4, 7, 3, 9, 8, 8]
+    assert pack_plan(lengths, 16, window=5, shuffle=False) == [[0, 1], [4, 2], [3], [5, 6]]
+    # one window: FFD over all: 10 9 8 8 7 4 3 -> [10 4] [9 7] [8 8] [3]... (10→r0, 9→r1, 8→r2, 8→r2 (0 left),
+    # 7→r1 (0 left), 4→r0 (2 left), 3→r3)
+    assert pack_plan(lengths, 16, window=100, shuffle=False) == [[0, 1], [4, 2], [5, 6], [3]]
+    rng = np.random.default_rng(0)
+    many = rng.integers(1, 60, size=500).tolist()
+    plan = pack_plan(many, 64, window=50, seed=3)
+    assert plan == pack_plan(many, 64, window=50, seed=3)  # deterministic
+    assert sorted(i for p in plan for i in p) == list(range(500))  # every sample exactly once
+    assert all(sum(many[i] for i in p) <= 64 for p in plan)
+    assert plan != pack_plan(many, 64, window=50, seed=4)
+    with pytest.raises(ValueError, match=r"sample 2 needs 70 positions, more than the row length 64"):
+        pack_plan([3, 4, 70], 64)
+
+
+def _samples(n_samples=len(LENGTHS), with_teacher=True, seed=0):
+    from nemo_kd.data.kd_dataset import DistillationSample
+    from nemo_kd.teacher.store import TeacherTopK
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_samples):
+        n = LENGTHS[i % len(LENGTHS)]
+        ids = torch.randint(0, VOCAB, (n,), generator=g).numpy()
+        mask = np.zeros(n, dtype=np.int8)
+        mask[3:] = 1  # 3 prompt tokens
+        teacher = None
+        if with_teacher:
+            m = int(mask.sum())
+            z = torch.randn(m, VOCAB, generator=g) * 2
+            vals, tid = z.topk(K, dim=-1)
+            teacher = TeacherTopK(i, vals, tid, torch.logsumexp(z, -1), -float(i))
+        out.append(DistillationSample(i, ids, mask, teacher))
+    return out
+
+
+def test_packed_rows_hold_each_sample_as_its_padded_row_does():
+    """Sample by sample, a packed row's positions hold what the padded row holds at 0..n−2."""
+    from nemo_kd.data.kd_dataset import collate
+    from nemo_kd.data.packing import collate_packed, pack_plan, packed_attention_mask, sample_positions
+
+    samples = _samples()
+    plan = pack_plan([sample_positions(len(s.input_ids)) for s in samples], SEQ, shuffle=False)
+    packed = collate_packed([[samples[i] for i in p] for p in plan], SEQ, pad_id=0)
+    padded = collate(samples, SEQ, pad_id=0)
+    assert packed["inputs"].shape == (len(plan), SEQ) and len(plan) < len(samples)
+    assert packed["num_tokens"].sum() == padded["num_tokens"].sum() == sum(LENGTHS)
+    for row, p in enumerate(plan):
+        o = 0
+        for j, i in enumerate(p):
+            n = len(samples[i].input_ids) - 1
+            sl = slice(o, o + n)
+            for key in ("inputs", "labels", "loss_mask", "teacher_values", "teacher_ids", "teacher_lse"):
+                assert torch.equal(packed[key][row, sl], padded[key][i, :n]), key
+            assert torch.equal(packed["position_ids"][row, sl], torch.arange(n))
+            assert (packed["segment_ids"][row, sl] == j).all()
+            o += n
+        assert (packed["segment_ids"][row, o:] == -1).all() and (packed["loss_mask"][row, o:] == 0).all()
+    mask = packed_attention_mask(packed["segment_ids"])
+    assert mask.shape == (len(plan), 1, SEQ, SEQ) and mask.dtype == torch.bool
+    seg = packed["segment_ids"][0]
+    assert torch.equal(~mask[0, 0], seg[:, None] == seg[None, :])
+
+
+# ----------------------------------------------------------------------------- packed == padded training
+
+
+def _engine_run(rank, world, tp, pp, packed, online, steps, full=None):
+    from nemo_kd.data.kd_dataset import collate
+    from nemo_kd.data.packing import collate_packed, pack_plan, sample_positions
+    from nemo_kd.losses.objective import DistillationLossConfig
+    from nemo_kd.models import GPTModelConfig, build_gpt_model, shard_state_dict
+    from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, state
+
+    samples = _samples(with_teacher=not online)
+    if packed:
+        plan = pack_plan([sample_positions(len(s.input_ids)) for s in samples], SEQ, shuffle=False)
+        mbs = [collate_packed([[samples[i] for i in p]], SEQ, 0) for p in plan]  # one row per microbatch
+        batch_cfg = BatchConfig(micro_batch_size=1, global_batch_size=len(plan), seq_length=SEQ)
+    else:
+        mbs = [collate(samples[i:i + 2], SEQ, 0) for i in range(0, len(samples), 2)]
+        batch_cfg = BatchConfig(micro_batch_size=2, global_batch_size=len(samples), seq_length=SEQ)
+    model_cfg = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               ffn_hidden_size=64, vocab_size=VOCAB, max_position_embeddings=SEQ,
+                               position_embedding_type="rope")
+    teacher_cfg = GPTModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96,
+                                 vocab_size=VOCAB, max_position_embeddings=SEQ, position_embedding_type="rope") \
+        if online else None
+    loss_cfg = DistillationLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5, topk_convention="exact_tail",
+                                      kd_loss_type="forward_kl" if not online else "jsd")
+    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=5))
+    try:
+        teacher = build_gpt_model(teacher_cfg) if online else None
+        engine = DistillationEngine(model_cfg, loss_cfg, OptimConfig(lr=1e-2, warmup_steps=0, clip_grad=1.0),
+                                    batch_cfg, max_steps=steps, teacher_cfg=teacher_cfg, teacher_model=teacher)
+        if full is None:
+            full = {"student": {k: v.detach().clone() for k, v in engine.module.state_dict().items()
+                                if torch.is_tensor(v)}}
+            if online:
+                full["teacher"] = {k: v.detach().clone() for k, v in teacher.state_dict().items() if torch.is_tensor(v)}
+
+        def load(module, weights, cfg):
+            module.load_state_dict(shard_state_dict(weights, cfg, state.tp_rank(), tp, state.pp_rank(), pp),
+                                   strict=False)
+
+        load(engine.module, full["student"], model_cfg)
+        if online:
+            load(teacher, full["teacher"], teacher_cfg)
+        history = [engine.train_step([dict(mb) for mb in mbs]) for _ in range(steps)]
+        return history, engine.eval_step([dict(mb) for mb in mbs]), full
+    finally:
+        destroy_parallel()
+
+
+KEYS = ("loss", "kd_loss", "sft_loss", "grad_norm", "token_agreement", "kd_tokens")
+
+
+def _same(ref, got, tol=2e-5):
+    for r, g in zip(ref, got):
+        for key in KEYS:
+            if key in r:
+                assert abs(r[key] - g[key]) <= tol * max(1.0, abs(r[key])), (key, r[key], g[key])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
+def test_packed_equals_padded_step_by_step(online):
+    """Three optimizer steps on the same 8 samples, padded (8 rows) and packed (fewer rows):
+    same loss, KD and SFT terms, token agreement, KD token count and gradient norm each step
+    (so the same updates), at TP=1; then packed at TP=2 and PP=2 against the same reference."""
+    ref_history, ref_eval, full = run_distributed(_engine_run, 1, 1, 1, False, online, 3)[0]
+    assert ref_history[-1]["loss"] < ref_history[0]["loss"]
+    history, evals, _ = run_distributed(_engine_run, 1, 1, 1, True, online, 3, full)[0]
+    _same(ref_history, history)
+    _same([ref_eval], [evals])
+    for tp, pp in ((2, 1), (1, 2)):
+        history, evals, _ = run_distributed(_engine_run, tp * pp, tp, pp, True, online, 3, full)[0]
+        _same(ref_history, history)
