@@ -216,6 +216,8 @@ class FaultProxy:
             parsed = json.loads(body)
             self.prompts.append(parsed.get("prompt"))
             action = self.plan(n, parsed)
+        if isinstance(action, tuple) and action[0] == "retry-after":  # ("retry-after", status, header value)
+            return web.Response(status=action[1], text="busy", headers={"Retry-After": action[2]})
         if isinstance(action, tuple):  # (status, body text)
             return web.Response(status=action[0], text=action[1], content_type="application/json")
         if isinstance(action, int):
@@ -294,6 +296,35 @@ def test_retries_429_503_timeouts_resets_complete_the_store(assets, det, tmp_pat
         teacher.close()
     assert _files(out) == _files(det["ref"])  # nothing lost, nothing different
     assert "retry" in caplog.text and SECRET not in caplog.text
+
+
+def test_retry_after_is_honoured_and_other_4xx_are_not_retried(assets):
+    import email.utils
+
+    from nemo_kd.teacher.served import ServedTeacherError
+
+    ids = _ids_of(assets, 0)
+    when = email.utils.formatdate(time.time() + 2.5, usegmt=True)  # the HTTP-date form: >= 1.5 s from now
+    answers = {0: ("retry-after", 429, "0.6"), 1: ("retry-after", 503, when)}
+    with FaultProxy(assets["url"], lambda n, body: answers.get(n)) as url:
+        teacher = _served(url, backoff_initial_s=0.01, backoff_max_s=5)
+        try:
+            t0 = time.perf_counter()
+            got = teacher._loop.run(teacher.client.score(ids, 3, K, "sample 0"))
+            waited = time.perf_counter() - t0
+        finally:
+            teacher.close()
+    assert teacher.client.retries == 2 and waited >= 0.6 + 0.8  # backoff alone would be ~0.03 s
+    assert got.ids.shape == (len(ids) - 3, K)
+    for status in (400, 404, 422):
+        with FaultProxy(assets["url"], lambda n, body: (status, json.dumps({"error": {"message": "no"}}))) as url:
+            teacher = _served(url)
+            try:
+                with pytest.raises(ServedTeacherError, match=f"sample 0: POST .*: HTTP {status}: no"):
+                    teacher._loop.run(teacher.client.score(ids, 3, K, "sample 0"))
+                assert teacher.client.retries == 0
+            finally:
+                teacher.close()
 
 
 @pytest.mark.parametrize("fault, message", [

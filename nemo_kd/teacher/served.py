@@ -251,10 +251,8 @@ def parse_vllm_completion(body: Mapping[str, Any], ids: Sequence[int], first: in
     return _check_normalised(ScoredTokens(values, top_ids, labels), first, where)
 
 
-class _VLogprob(msgspec.Struct, gc=False):  # no containers inside: untracked by the GC (faster)
+class _VLogprob(msgspec.Struct, gc=False):  # vLLM's Logprob; rank / decoded_token skipped (no objects made)
     logprob: float
-    rank: Optional[int] = None
-    decoded_token: Optional[str] = None
 
 
 class _VChoice(msgspec.Struct):
