@@ -114,7 +114,7 @@ def test_reference_store_and_summary(assets):
 # ----------------------------------------------------------------------------- TP=2 / PP=2
 
 
-def _dist_extract(rank, world, tp, pp, teacher_path, tok_dir, data, out, mbs, fuse=False):
+def _dist_extract(rank, world, tp, pp, teacher_path, tok_dir, data, out, mbs, fuse=False, pack=False):
     from transformers import AutoTokenizer
 
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
@@ -125,7 +125,8 @@ def _dist_extract(rank, world, tp, pp, teacher_path, tok_dir, data, out, mbs, fu
     try:
         teacher = MegatronTeacher(teacher_path)
         summary = compute_topk_logits(_extract_cfg(out, data, micro_batch_size=mbs, fuse_output_layer=fuse,
-                                                   output_layer_chunk_tokens=5), teacher,
+                                                   output_layer_chunk_tokens=5, pack_sequences=pack,
+                                                   pack_length=64 if pack else None), teacher,
                                       AutoTokenizer.from_pretrained(tok_dir))
         return summary.num_tokens
     finally:
@@ -477,3 +478,30 @@ def test_hf_teacher_type_on_a_nemo_or_missing_path_says_so(tmp_path):
         build_teacher(TeacherSpec(type="hf", path=str(nemo)))
     with pytest.raises(ValueError, match=re.escape(f"teacher.path={tmp_path / 'gone'} is missing")):
         build_teacher(TeacherSpec(type="hf", path=str(tmp_path / "gone")))
+
+
+@pytest.mark.distributed
+def test_packed_extraction_equals_padded(assets, tmp_path):
+    """pack_sequences: a batch's samples share rows (first-fit decreasing, block attention mask,
+    positions restarting) — the same store as one padded row per sample (ids equal, values and
+    LSE within fp32 rounding), at TP=1, and at PP=2 with the deferred projection."""
+    from nemo_kd.teacher.extract import compute_topk_logits
+    from nemo_kd.teacher.teachers import MegatronTeacher
+
+    data = str(tmp_path / "short.jsonl")  # short samples (14 to 20 tokens): three or four share a row of 64
+    with open(data, "w") as f:
+        for i in range(N_SAMPLES):
+            f.write(json.dumps({"id": i, "prompt": f"{i}?", "response": f"{i * 3}" + " plus" * (i % 5)}) + "\n")
+    rows = []
+    with WorldOfOne(seed=5):
+        teacher = MegatronTeacher(assets["teacher_path"])
+        compute_topk_logits(_extract_cfg(str(tmp_path / "padded"), data), teacher, assets["tok"])
+        teacher.model.register_forward_hook(lambda mod, inp, o: rows.append(o.shape[0]))
+        summary = compute_topk_logits(_extract_cfg(str(tmp_path / "packed"), data, pack_sequences=True,
+                                                   pack_length=64), teacher, assets["tok"])
+    assert summary.num_tokens > 0 and sum(rows) <= N_SAMPLES // 2  # packed: at most half the rows
+    _assert_same_store(str(tmp_path / "packed"), str(tmp_path / "padded"))
+
+    run_distributed(_dist_extract, 2, 1, 2, assets["teacher_path"], str(assets["dir"] / "tok"), data,
+                    str(tmp_path / "packed_pp2"), 1, True, True)
+    _assert_same_store(str(tmp_path / "packed_pp2"), str(tmp_path / "padded"))

@@ -62,6 +62,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from nemo_kd.data.packing import pack_plan
 from nemo_kd.data.records import RecordSet, read_records
 from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, TokenizedSample
 from nemo_kd.losses.projection import ProjectedLogits
@@ -114,6 +115,11 @@ class ExtractConfig:
     # [batch, seq, V/TP] logits for every position (prompt and padding included).
     fuse_output_layer: bool = False
     output_layer_chunk_tokens: int = 2048
+    # Megatron teacher: each batch's samples packed into rows of max_seq_length (nemo_kd.data.packing:
+    # first-fit decreasing, attention kept inside each sample, positions restarting) instead of one
+    # right-padded row each; the same store. micro_batch_size then counts rows (None: 1).
+    pack_sequences: bool = False
+    pack_length: Optional[int] = None  # packed row length (None: max_seq_length), <= the teacher's positions
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -123,7 +129,7 @@ class ExtractConfig:
         if self.batch_size < 1 or self.commit_every < 1:
             raise ValueError("batch_size and commit_every must be >= 1")
         mbs = self.micro_batch_size or self.batch_size
-        if mbs < 1 or self.batch_size % mbs:
+        if mbs < 1 or (self.batch_size % mbs and not self.pack_sequences):  # packed: mbs counts rows
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({mbs})")
         if self.student_prompt_format not in ("chat", "plain"):
             raise ValueError(f"student_prompt_format must be 'chat' or 'plain', got {self.student_prompt_format!r}")
@@ -252,6 +258,7 @@ class _BatchStats:
     def __init__(self, rows, tokens_cpu, k, vocab_size):
         self.rows, self.tokens, self.k, self.vocab_size = rows, tokens_cpu, k, vocab_size
         self.parts: List[tuple] = []
+        self.sample_of: List[torch.Tensor] = []  # each part's rows' sample indices
         self.error: Optional[BaseException] = None
         self.seconds = 0.0
 
@@ -268,10 +275,11 @@ class _BatchStats:
                 row = self.rows[r]
                 if row is None:
                     continue
-                sample, p, length = row
-                r_idx.append(torch.full((length - p,), r - first, dtype=torch.int64))
-                pos.append(torch.arange(p - 1, length - 1))
-                samples.append(torch.full((length - p,), sample, dtype=torch.int64))
+                # a padded row is one sample at offset 0; a packed row lists its segments
+                for sample, p, length, o in (row if isinstance(row, list) else [(*row, 0)]):
+                    r_idx.append(torch.full((length - p,), r - first, dtype=torch.int64))
+                    pos.append(torch.arange(o + p - 1, o + length - 1))
+                    samples.append(torch.full((length - p,), sample, dtype=torch.int64))
             if not r_idx:
                 return
             r_idx, pos, samples = torch.cat(r_idx), torch.cat(pos), torch.cat(samples)
@@ -292,15 +300,49 @@ class _BatchStats:
             else:
                 stats = stats_of(logits[r_idx.to(dev), pos.to(dev)], labels, samples, pos + 1)  # [n, V/TP]
             self.parts.append(tuple(t.cpu() for t in stats))
+            self.sample_of.append(samples)
         except BaseException as e:  # noqa: BLE001 - re-raised after the pipeline schedule drains
             self.error = e
         finally:
             self.seconds += time.perf_counter() - t0
 
     def concatenated(self):
+        """The parts' rows in sample order (packed rows hold samples out of order; each sample's own rows
+        stay in position order: a stable sort)."""
         if not self.parts:
             return None
-        return [torch.cat([p[j] for p in self.parts]) for j in range(4)]
+        out = [torch.cat([p[j] for p in self.parts]) for j in range(4)]
+        if self.sample_of:
+            order = torch.sort(torch.cat(self.sample_of), stable=True).indices
+            out = [t[order] for t in out]
+        return out
+
+
+def _pack_batch(samples: List[Optional[TokenizedSample]], indices: range, micro_batch_size: int, seq: int):
+    """:func:`_pad_batch` with the batch's samples packed into rows of ``seq`` (first-fit decreasing,
+    :func:`~nemo_kd.data.packing.pack_plan`; a sample keeps all its tokens, so its labels stay in its
+    segment): ``(tokens, rows, position_ids, segment_ids)``, ``rows[r]`` the row's segments
+    ``(sample, P, L, offset)``."""
+    real = [(i, s) for i, s in zip(indices, samples) if s is not None]
+    if not real:
+        return None, [], None, None
+    plan = pack_plan([len(s.input_ids) for _, s in real], seq, window=len(real), shuffle=False)
+    rows_n = -(-len(plan) // micro_batch_size) * micro_batch_size
+    tokens = torch.zeros(rows_n, seq, dtype=torch.int64)
+    positions = torch.zeros(rows_n, seq, dtype=torch.int64)
+    segments = torch.full((rows_n, seq), -1, dtype=torch.int64)
+    rows: List[Optional[list]] = [None] * rows_n
+    for r, pack in enumerate(plan):
+        rows[r], o = [], 0
+        for j, q in enumerate(pack):
+            i, s = real[q]
+            n = len(s.input_ids)
+            tokens[r, o:o + n] = torch.tensor(s.input_ids, dtype=torch.int64)
+            positions[r, o:o + n] = torch.arange(n)
+            segments[r, o:o + n] = j
+            rows[r].append((i, s.num_prompt_tokens, n, o))
+            o += n
+    return tokens, rows, positions, segments
 
 
 def _pad_batch(samples: List[Optional[TokenizedSample]], indices: range, micro_batch_size: int):
@@ -404,6 +446,13 @@ def compute_topk_logits(
         manifest.values_encoding = "logprobs"
         manifest.format_version = manifest.min_reader_version = 3
     served = isinstance(teacher, ServedTeacher)  # log-probs over HTTP, LSE 0 (nemo_kd.teacher.served)
+    if cfg.pack_sequences and not teacher.packs_sequences:
+        raise ValueError(f"pack_sequences=true needs a Megatron teacher (it packs rows with a block attention "
+                         f"mask); this teacher is {type(teacher).__name__}: set pack_sequences=false")
+    if cfg.pack_sequences and cfg.pack_length is not None and not (
+            cfg.max_seq_length <= cfg.pack_length <= (teacher.max_seq_length or cfg.pack_length)):
+        raise ValueError(f"pack_length ({cfg.pack_length}) must lie between max_seq_length ({cfg.max_seq_length}) and "
+                         f"the teacher's max_position_embeddings ({teacher.max_seq_length})")
     if served:
         manifest.extensions = {SERVED_TEACHER_EXTENSION: teacher.manifest_record}
     if cfg.top_k > teacher.vocab_size:
@@ -447,13 +496,21 @@ def compute_topk_logits(
     # A served teacher scores this rank's remaining samples in order, requests running ahead of the writer.
     stream = teacher.stream(((i, samples[i - block.start]) for i in range(start, block.stop)), cfg.top_k,
                             lambda i: _sample_name(records, i)) if served else None
-    mbs = cfg.micro_batch_size or cfg.batch_size
+    # rows per forward: packed rows are few and long, so one at a time unless set
+    mbs = cfg.micro_batch_size or (1 if cfg.pack_sequences else cfg.batch_size)
     samples_done = tokens_done = 0
     stats_s = write_s = 0.0
     t_loop = time.perf_counter()
     for b, indices in enumerate(_batches(block, start, cfg.batch_size)):
         batch_samples = [samples[i - block.start] for i in indices]
-        tokens, rows = (None, []) if served else _pad_batch(batch_samples, indices, mbs)
+        positions = segments = None
+        if served:
+            tokens, rows = None, []
+        elif cfg.pack_sequences:
+            tokens, rows, positions, segments = _pack_batch(batch_samples, indices, mbs,
+                                                            cfg.pack_length or cfg.max_seq_length)
+        else:
+            tokens, rows = _pad_batch(batch_samples, indices, mbs)
         collector = _BatchStats(rows, tokens, cfg.top_k, teacher.vocab_size)
         if stream is not None:
             try:
@@ -463,8 +520,10 @@ def compute_topk_logits(
                     writer.close()
                 raise
         elif tokens is not None:
+            packing = dict(position_ids=positions, segment_ids=segments) if segments is not None else {}
             teacher.run(tokens, collector, mbs,
-                        output_chunk_tokens=cfg.output_layer_chunk_tokens if cfg.fuse_output_layer else None)
+                        output_chunk_tokens=cfg.output_layer_chunk_tokens if cfg.fuse_output_layer else None,
+                        **packing)
         stats_s += collector.seconds
         failed = torch.tensor([1 if collector.error is not None else 0], dtype=torch.int64)
         layout.all_reduce_mp(failed)

@@ -104,6 +104,7 @@ class Teacher:
     hash: str = ""
     vocab_size: int = 0  # the real vocabulary (ids >= this are padding columns, never returned)
     max_seq_length: Optional[int] = None  # longest sequence the model accepts (None: unknown)
+    packs_sequences = False  # run() takes packed rows (position_ids, segment_ids)
 
     @property
     def tp_group(self):
@@ -184,6 +185,8 @@ class MegatronTeacher(Teacher):
     to :func:`load_megatron_teacher`.
     """
 
+    packs_sequences = True
+
     def __init__(self, path: str, loader: Optional[CheckpointLoader] = None, name: Optional[str] = None):
         from nemo_kd.parallel import state
 
@@ -212,8 +215,14 @@ class MegatronTeacher(Teacher):
         return self._state.is_pipeline_last_stage()
 
     def run(self, tokens: torch.Tensor, callback: LogitsCallback, micro_batch_size: Optional[int] = None,
-            output_chunk_tokens: Optional[int] = None) -> None:
+            output_chunk_tokens: Optional[int] = None, position_ids: Optional[torch.Tensor] = None,
+            segment_ids: Optional[torch.Tensor] = None) -> None:
+        """Forward ``tokens`` ``[B, S]`` in micro-batches; ``callback(first_row, logits, tp_group)`` on the
+        last stage. Packed rows (:mod:`nemo_kd.data.packing`): ``position_ids`` and ``segment_ids``
+        ``[B, S]``, attention kept inside each segment."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from nemo_kd.data.packing import packed_attention_mask
 
         from nemo_kd.losses.projection import ProjectedLogits
         from nemo_kd.models.deferred_projection import DeferredOutputProjection, run_model
@@ -224,14 +233,19 @@ class MegatronTeacher(Teacher):
         if b % mbs:
             raise ValueError(f"batch of {b} rows is not a multiple of micro_batch_size {mbs}")
         tokens = tokens.to(self._device)
-        position_ids = torch.arange(s, device=self._device)[None].expand(mbs, s)
+        if position_ids is None:
+            position_ids = torch.arange(s, device=self._device)[None].expand(b, s)
+        position_ids = position_ids.to(self._device)
+        segment_ids = segment_ids.to(self._device) if segment_ids is not None else None
         group = self.tp_group
         starts = list(range(0, b, mbs))
         micro = iter(starts)
 
         def forward_step(data_iterator, model):
             first = next(data_iterator)
-            output, weight = run_model(model, deferred, tokens[first:first + mbs], position_ids, None)
+            rows = slice(first, first + mbs)
+            mask = packed_attention_mask(segment_ids[rows]) if segment_ids is not None else None
+            output, weight = run_model(model, deferred, tokens[rows], position_ids[rows], mask)
 
             def loss_func(logits):
                 if weight is not None:  # deferred: the final hidden states [mbs, S, H]
