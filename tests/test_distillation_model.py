@@ -534,7 +534,7 @@ def test_on_policy_steps_train_on_the_students_own_samples(world, tmp_path):
 
 def test_throughput_counts_real_tokens_and_the_bar_shows_configured_terms(world, offline_run):
     from nemo_kd.data.kd_dataset import collate
-    from nemo_kd.models.distillation_model import GPTDistillationModel, _global_tokens
+    from nemo_kd.models.distillation_model import GPTDistillationModel, _global_token_counts, _global_tokens
 
     model, _, rows, _ = offline_run
     # the progress bar: the loss, the weighted terms (KD 1.0, SFT 0.5; no preference term) and the rate
@@ -547,5 +547,9 @@ def test_throughput_counts_real_tokens_and_the_bar_shows_configured_terms(world,
     mbs = [collate([ds[i] for i in (0, 1)], MAX_LEN, 0), collate([ds[i] for i in (2, 3)], MAX_LEN, 0)]
     want = sum(min(len(ds[i].input_ids), MAX_LEN) for i in range(4))
     assert want < 4 * MAX_LEN and _global_tokens(mbs) == want
+    # loss_tokens/s: the completion tokens the loss trains on, counted by hand from each sample's mask
+    # (label t is token t+1: the mask from the second token on, within the row)
+    want_loss = sum(int(ds[i].loss_mask[1:MAX_LEN + 1].sum()) for i in range(4))
+    assert 0 < want_loss < want and _global_token_counts(mbs) == (want, want_loss)
     for row in rows:
-        assert 0 < row["tokens/s"] < row["padded_tokens/s"]
+        assert 0 < row["loss_tokens/s"] < row["tokens/s"] < row["padded_tokens/s"]

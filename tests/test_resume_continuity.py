@@ -27,7 +27,7 @@ from test_training_run import _as_a_new_process, _nemo_weights, _recipe, _run_cf
 
 STEPS, EVERY = 8, 2
 TESTS = os.path.dirname(os.path.abspath(__file__))
-TIMING = ("tokens/s", "padded_tokens/s", "train_step_timing in s")  # wall clock: the scalars that differ by run
+TIMING = ("tokens/s", "loss_tokens/s", "padded_tokens/s", "train_step_timing in s")  # wall clock: the scalars that differ by run
 
 
 def _cfg(world, log_dir, resume=False):  # noqa: F811

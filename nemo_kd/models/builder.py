@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_kd.models.config import DTYPES, GPTModelConfig
 from nemo_kd.models.layer_spec import get_gpt_block_spec, get_gpt_layer_spec
+from nemo_kd.models.sequence_parallel import with_sequence_parallel_norms
 from nemo_kd.parallel import state
 
 __all__ = ["to_transformer_config", "build_gpt_model", "in_params_dtype", "half_precision_output"]
@@ -33,6 +34,7 @@ def to_transformer_config(cfg: GPTModelConfig, **overrides) -> TransformerConfig
     cp = state.cp_size() if state.is_initialized() else 1
     parallel_cfg = state.config()
     vpp = parallel_cfg.virtual_pipeline_model_parallel_size if parallel_cfg is not None else None
+    sequence_parallel = bool(parallel_cfg.sequence_parallel) if parallel_cfg is not None else False
     cfg.validate_parallel(tp, pp, vpp)
     local = cfg.transformer_impl == "local"
     kwargs = dict(
@@ -61,6 +63,9 @@ def to_transformer_config(cfg: GPTModelConfig, **overrides) -> TransformerConfig
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
+        sequence_parallel=sequence_parallel,
+        # Activation recomputation (None: off); GPTModelConfig checked Megatron's rules already.
+        **cfg.recompute_settings,
         # No CUDA: Megatron must build weights with its CPU initialisation path.
         use_cpu_initialization=not torch.cuda.is_available(),
         # These fusions are apex/TE/jit kernels the local spec does not ship.
@@ -111,9 +116,12 @@ def build_gpt_model(
         post_process = state.is_pipeline_last_stage() and (vp_stage is None or vp_stage == vpp - 1)
     layer_spec = get_gpt_layer_spec(cfg.transformer_impl, cfg.normalization, cfg.qk_layernorm)
     num_layers_here = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    block_spec = get_gpt_block_spec(layer_spec, num_layers_here, cfg.transformer_impl)
+    if tconfig.sequence_parallel and cfg.transformer_impl == "local":
+        block_spec = with_sequence_parallel_norms(block_spec)  # TE's norms handle SP themselves
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=get_gpt_block_spec(layer_spec, num_layers_here, cfg.transformer_impl),
+        transformer_layer_spec=block_spec,
         vocab_size=cfg.padded_vocab_size(tconfig.tensor_model_parallel_size),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

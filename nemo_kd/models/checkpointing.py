@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_kd.models.config import TRAINING_ONLY_KEYS
 from nemo_kd.output_lock import temp_tag
 from nemo_kd.parallel import state
 
@@ -250,9 +251,11 @@ def load_training_checkpoint(engine, path: str) -> Dict[str, Any]:
     common = torch.load(os.path.join(path, COMMON_FILE), map_location="cpu", weights_only=True)
     if common.get("format") != FORMAT:
         raise CheckpointLayoutError(f"{path}: unknown checkpoint format {common.get('format')!r}")
-    if common["student"] != engine.student_cfg.to_dict():
-        diff = sorted(k for k in set(common["student"]) | set(engine.student_cfg.to_dict())
-                      if common["student"].get(k) != engine.student_cfg.to_dict().get(k))
+    # the architecture must agree; training-only settings (activation recompute) may change at a resume
+    saved = {k: v for k, v in common["student"].items() if k not in TRAINING_ONLY_KEYS}
+    if saved != engine.student_cfg.architecture_dict():
+        diff = sorted(k for k in set(saved) | set(engine.student_cfg.architecture_dict())
+                      if saved.get(k) != engine.student_cfg.architecture_dict().get(k))
         raise CheckpointLayoutError(f"{path}: saved for another student architecture (differs in {diff})")
     rows = engine.student_cfg.padded_vocab_size(state.tp_size())
     if common["padded_vocab_rows"] != rows:

@@ -16,7 +16,7 @@ import torch
 
 from nemo_kd.config_keys import check_keys
 
-__all__ = ["GPTModelConfig", "DTYPES", "dtype_name"]
+__all__ = ["GPTModelConfig", "DTYPES", "TRAINING_ONLY_KEYS", "dtype_name"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {
@@ -65,6 +65,16 @@ class GPTModelConfig:
     init_method_std: float = 0.02
     # None: 1 / sqrt(kv_channels).
     softmax_scale: Optional[float] = None
+    # Activation recomputation (Megatron's TransformerConfig fields; training only: a teacher runs
+    # forward-only in eval mode, where Megatron never recomputes). None: keep every activation.
+    # "selective": recompute the core attention of every layer (Megatron's default recompute_modules);
+    # "full": recompute whole layers, which ones set by recompute_method / recompute_num_layers.
+    recompute_granularity: Optional[str] = None  # None | selective | full
+    # full only: "uniform" checkpoints the input of every group of recompute_num_layers layers of a
+    # stage (the group size must divide the stage's layers); "block" recomputes the first
+    # recompute_num_layers layers of each stage and keeps the rest.
+    recompute_method: Optional[str] = None  # None | uniform | block
+    recompute_num_layers: Optional[int] = None
 
     def __post_init__(self):
         self.params_dtype = dtype_name(self.params_dtype)
@@ -99,6 +109,30 @@ class GPTModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        """Megatron's rules for the three recompute keys (``TransformerConfig.__post_init__``), worded
+        with their names here, plus what Megatron leaves to an ``IndexError`` at the first step."""
+        granularity, method, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if granularity is not None:
+            _check_choice("recompute_granularity", granularity, ("selective", "full"))
+        if method is not None:
+            _check_choice("recompute_method", method, ("uniform", "block"))
+        if granularity is None and (method is not None or n is not None):
+            raise ValueError(f"GPTModelConfig.recompute_method ({method!r}) / recompute_num_layers ({n!r}) are set "
+                             "but recompute_granularity is not: set recompute_granularity=full, or drop them")
+        if granularity == "selective" and (method is not None or n is not None):
+            raise ValueError("GPTModelConfig.recompute_granularity=selective recomputes the core attention of every "
+                             f"layer: recompute_method ({method!r}) and recompute_num_layers ({n!r}) must be null "
+                             "(they choose the layers of recompute_granularity=full)")
+        if granularity == "full":
+            if method is None:
+                raise ValueError("GPTModelConfig.recompute_granularity=full needs recompute_method: 'uniform' or 'block'")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError("GPTModelConfig.recompute_granularity=full needs recompute_num_layers, a positive "
+                                 f"integer (layers per recomputed group for 'uniform', recomputed layers per stage "
+                                 f"for 'block'), got {n!r}")
 
     # ---- derived values ----
     @property
@@ -140,6 +174,58 @@ class GPTModelConfig:
                 + (f" * virtual_pipeline_model_parallel_size ({virtual_pipeline_model_parallel_size})"
                    if virtual_pipeline_model_parallel_size else "")
             )
+        if self.recompute_granularity == "full":
+            per_chunk = self.num_layers // stages  # the layers one model chunk's block holds
+            where = "per pipeline stage" + (" and virtual stage" if virtual_pipeline_model_parallel_size else "")
+            n = self.recompute_num_layers
+            if self.recompute_method == "uniform" and per_chunk % n:
+                raise ValueError(f"recompute_method=uniform: recompute_num_layers ({n}) must divide the layers "
+                                 f"{where} ({per_chunk} = num_layers {self.num_layers} / {stages})")
+            if self.recompute_method == "block" and n > per_chunk:
+                raise ValueError(f"recompute_method=block: recompute_num_layers ({n}) must be at most the layers "
+                                 f"{where} ({per_chunk} = num_layers {self.num_layers} / {stages})")
+
+    def validate_layout(self, parallel, seq_length: Optional[int] = None) -> None:
+        """:meth:`validate_parallel` for a :class:`~nemo_kd.parallel.state.ParallelConfig`, plus what
+        nemo_kd's training supports of it, each refusal naming the key:
+
+        * ``context_parallel_size > 1``: refused. The local spec's attention has no context
+          parallelism (it needs ``transformer_impl=transformer_engine``), and with TE nothing in
+          nemo_kd splits the batch over the CP ranks yet (each rank would train on the whole
+          sequence as if it were its chunk);
+        * ``sequence_parallel``: needs TP > 1 (``ParallelConfig``) and a row length
+          (``seq_length``) divisible by TP, since Megatron splits every row over the TP ranks.
+        """
+        tp = parallel.tensor_model_parallel_size
+        self.validate_parallel(tp, parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size)
+        cp = parallel.context_parallel_size
+        if cp > 1:
+            if self.transformer_impl != "transformer_engine":
+                raise ValueError(f"parallel.context_parallel_size={cp} needs transformer_impl=transformer_engine "
+                                 f"(TE's context-parallel attention); the local spec (transformer_impl="
+                                 f"{self.transformer_impl!r}, CPU) has none: set context_parallel_size=1")
+            raise ValueError(f"parallel.context_parallel_size={cp}: nemo_kd does not split batches over context-"
+                             "parallel ranks yet (each rank would train on the whole row as if it were its chunk): "
+                             "set context_parallel_size=1")
+        if getattr(parallel, "sequence_parallel", False) and seq_length is not None and seq_length % tp:
+            raise ValueError(f"parallel.sequence_parallel=true splits every row over the {tp} tensor-parallel ranks: "
+                             f"the row length (max_seq_length={seq_length}) must be divisible by "
+                             f"tensor_model_parallel_size ({tp})")
+
+    @property
+    def recompute_settings(self) -> dict:
+        """The recompute keys, as ``TransformerConfig`` fields."""
+        return {"recompute_granularity": self.recompute_granularity, "recompute_method": self.recompute_method,
+                "recompute_num_layers": self.recompute_num_layers}
+
+    def architecture_dict(self) -> dict:
+        """:meth:`to_dict` less the training-only settings (:data:`TRAINING_ONLY_KEYS`): what must agree
+        between a checkpoint and the run that resumes or loads it."""
+        return {k: v for k, v in self.to_dict().items() if k not in TRAINING_ONLY_KEYS}
+
+    def without_recompute(self) -> "GPTModelConfig":
+        """This architecture with activation recomputation off (a forward-only model: an online teacher)."""
+        return dataclasses.replace(self, recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
 
     # ---- (de)serialisation ----
     @classmethod
@@ -159,6 +245,11 @@ class GPTModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# GPTModelConfig fields that change how a model trains, not what it is: a checkpoint saved with them
+# resumes without them (and the other way round), a checkpoint made before they existed resumes too.
+TRAINING_ONLY_KEYS = ("recompute_granularity", "recompute_method", "recompute_num_layers")
 
 
 def _check_choice(name: str, value, choices) -> None:

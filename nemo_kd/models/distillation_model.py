@@ -93,13 +93,22 @@ def _plain(node) -> dict:
 
 def _global_tokens(microbatches: List[Dict[str, torch.Tensor]]) -> float:
     """Real (unpadded) input tokens of the whole global batch: this rank's, summed over DP."""
-    local = sum(int(mb["num_tokens"].sum()) if "num_tokens" in mb else int(mb["inputs"].numel())
-                for mb in microbatches)
+    return _global_token_counts(microbatches)[0]
+
+
+def _global_token_counts(microbatches: List[Dict[str, torch.Tensor]]) -> tuple:
+    """``(real input tokens, loss tokens)`` of the whole global batch, this rank's summed over DP (one
+    all-reduce). Real: the positions the model reads that are not padding (``num_tokens``: per row, or per
+    packed row its samples' tokens); loss: the positions the objective trains on (``loss_mask`` > 0, the
+    completions)."""
+    real = sum(int(mb["num_tokens"].sum()) if "num_tokens" in mb else int(mb["inputs"].numel())
+               for mb in microbatches)
+    trained = sum(int((mb["loss_mask"] > 0).sum()) for mb in microbatches)
     if state.dp_size() == 1:
-        return float(local)
-    total = torch.tensor([local], dtype=torch.float64, device=state.device())
+        return float(real), float(trained)
+    total = torch.tensor([real, trained], dtype=torch.float64, device=state.device())
     torch.distributed.all_reduce(total, group=state.dp_group())
-    return float(total.item())
+    return float(total[0].item()), float(total[1].item())
 
 
 class _EngineOptimizer(torch.optim.Optimizer):
@@ -208,11 +217,33 @@ class GPTDistillationModel(ModelPT):
         if self._seq_length > self._student_cfg.max_position_embeddings:
             raise ValueError(f"data.train_ds.max_seq_length ({self._seq_length}) exceeds student."
                              f"max_position_embeddings ({self._student_cfg.max_position_embeddings})")
+        if train_ds.get("pack_sequences", False) and train_ds.get("pack_length") is not None:
+            # packed rows may be longer than one sample may be (max_seq_length: a sample's limit)
+            pack_length = int(train_ds["pack_length"])
+            if not self._seq_length <= pack_length <= self._student_cfg.max_position_embeddings:
+                raise ValueError(f"data.train_ds.pack_length ({pack_length}) must lie between max_seq_length "
+                                 f"({self._seq_length}) and student.max_position_embeddings "
+                                 f"({self._student_cfg.max_position_embeddings})")
+            self._seq_length = pack_length
         p = self._parallel_cfg
-        self._student_cfg.validate_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                            p.virtual_pipeline_model_parallel_size)
+        # the layout against the architecture and the row length: TP/PP/VPP splits, CP, SP (named refusals)
+        self._student_cfg.validate_layout(p, self._seq_length)
+        if p.sequence_parallel and self._on_policy.enabled:
+            raise ValueError("parallel.sequence_parallel=true with on_policy sampling: generation runs the student on "
+                             "rows whose length grows one token at a time, which sequence parallelism cannot split "
+                             "over TP: set sequence_parallel=false")
+        teacher_model_cfg = teacher.get("model") or {}
+        if any(teacher_model_cfg.get(k) is not None for k in ("recompute_granularity", "recompute_method",
+                                                                "recompute_num_layers")):
+            raise ValueError("teacher.model.recompute_*: an online teacher runs forward-only under no_grad, so there "
+                             "is nothing to recompute; set activation recomputation in model.student only")
         if p.virtual_pipeline_model_parallel_size:
-            raise ValueError("virtual pipeline stages are not supported by the distillation engine")
+            # DistillationEngine runs them (Megatron's interleaved schedule, tested against PP without VPP);
+            # what this class adds does not handle model chunks yet: its dist-checkpoints, the .nemo gather and
+            # restore (nemo_kd.models.checkpointing, save_to / load_state_dict) hold one chunk per rank.
+            raise ValueError("parallel.virtual_pipeline_model_parallel_size: the NeMo model's checkpoints and .nemo "
+                             "export hold one model chunk per rank, so training runs without virtual pipeline "
+                             "stages (DistillationEngine itself runs them); unset it")
 
         super().__init__(cfg=cfg, trainer=trainer)
         self.automatic_optimization = False
@@ -246,7 +277,8 @@ class GPTDistillationModel(ModelPT):
                                                                    state.pp_rank(), state.pp_size())
                 if teacher.get("model"):
                     declared = GPTModelConfig.from_dict(teacher["model"])
-                    if declared.to_dict() != teacher_cfg.to_dict():
+                    # recompute is a training setting of the run that saved it, not architecture
+                    if declared.architecture_dict() != teacher_cfg.architecture_dict():
                         raise ValueError(f"teacher.model does not match the checkpoint's architecture at {path}")
             elif not restoring:
                 raise FileNotFoundError(f"teacher.checkpoint {path} does not exist")
@@ -431,7 +463,9 @@ class GPTDistillationModel(ModelPT):
         elapsed = max(time.perf_counter() - t0, 1e-9)
         gbs = self.engine.batch_cfg.global_batch_size
         self.consumed_samples += gbs
-        metrics["tokens/s"] = _global_tokens(on_policy or batch) / elapsed  # real tokens, not padding
+        real_tokens, loss_tokens = _global_token_counts(on_policy or batch)
+        metrics["tokens/s"] = real_tokens / elapsed  # real input tokens, not padding
+        metrics["loss_tokens/s"] = loss_tokens / elapsed  # the tokens the loss trains on (loss_mask)
         metrics["padded_tokens/s"] = gbs * self.engine.batch_cfg.seq_length / elapsed
         metrics["consumed_samples"] = float(self.consumed_samples)
         if self.global_step == 1 and getattr(self, "_dropped_train_samples", None) is not None:

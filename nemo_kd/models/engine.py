@@ -59,7 +59,7 @@ from nemo_kd.losses.objective import (
     objective_normalisers,
 )
 from nemo_kd.losses.projection import ProjectedLogits
-from nemo_kd.models.builder import build_gpt_model, half_precision_output, in_params_dtype
+from nemo_kd.models.builder import half_precision_output, in_params_dtype
 from nemo_kd.models.deferred_projection import DeferredOutputProjection, run_model
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.parallel import state
@@ -123,6 +123,15 @@ class BatchConfig:
         return self.global_batch_size // per_step
 
 
+def check_interleaving(num_microbatches: int, pp: int, vpp: Optional[int]) -> None:
+    """Megatron's interleaved schedule (virtual pipeline stages) runs the microbatches in groups of PP per
+    virtual stage: a step's microbatch count must be a multiple of PP (else it raises mid-step)."""
+    if vpp and num_microbatches % pp:
+        raise ValueError(f"virtual_pipeline_model_parallel_size={vpp}: Megatron's interleaved schedule needs the "
+                         f"microbatches per step (global_batch_size / (micro_batch_size x data-parallel size) = "
+                         f"{num_microbatches}) to be a multiple of pipeline_model_parallel_size ({pp})")
+
+
 def _objective_batch(mb: Dict[str, torch.Tensor], teacher_logits: Optional[torch.Tensor]) -> ObjectiveBatch:
     if CrossTokenizerTeacher.in_microbatch(mb):  # the teacher's own tokenisation, aligned (nemo_kd.align)
         teacher = CrossTokenizerTeacher.from_microbatch(mb, teacher_logits)
@@ -158,6 +167,9 @@ class DistillationEngine:
         loss_cfg.validate()
         self.max_steps = max_steps
         self.num_microbatches = batch_cfg.num_microbatches(state.dp_size())
+        if state.config() is not None:
+            check_interleaving(self.num_microbatches, state.pp_size(),
+                               state.config().virtual_pipeline_model_parallel_size)
         from nemo_kd.convert.hf_config import HFArchitecture
 
         if student_init_path:
@@ -166,9 +178,7 @@ class DistillationEngine:
             from nemo_kd.convert.checkpoint_io import build_and_load
 
             loaded = build_and_load(student_init_path)
-            if len(loaded.model_chunks) != 1:
-                raise ValueError("virtual pipeline stages are not supported by the engine")
-            self.module, self.student_arch = loaded.model_chunks[0], loaded.arch
+            self.chunks, self.student_arch = list(loaded.model_chunks), loaded.arch
         else:
             from nemo_kd.convert.checkpoint_io import build_model_chunks
 
@@ -176,24 +186,33 @@ class DistillationEngine:
             # a student restored from a .nemo of an HF-initialised model is built the same way.
             self.student_arch = student_cfg if isinstance(student_cfg, HFArchitecture) \
                 else HFArchitecture(family=None, model=student_cfg)
-            self.module = build_model_chunks(self.student_arch)[0]
+            self.chunks = build_model_chunks(self.student_arch)
+        # Virtual pipeline stages (interleaved schedule): one model chunk per virtual stage, each in its
+        # own DDP (Megatron-LM's layout: bucketing for the first chunk only), one optimizer over all.
+        # ``module`` is the chunk itself without them, a ModuleList of the chunks with them.
+        self.module = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
         student_cfg = self.student_arch.model
+        if state.config() is not None:  # CP / SP against this layout and row length (named refusals)
+            student_cfg.validate_layout(state.config(), batch_cfg.seq_length)
         self.student_cfg, self.loss_cfg, self.optim_cfg, self.batch_cfg = student_cfg, loss_cfg, optim_cfg, batch_cfg
         if teacher_cfg is not None and not cross_tokenizer and teacher_cfg.padded_vocab_size(state.tp_size()) != \
                 student_cfg.padded_vocab_size(state.tp_size()):
             raise ValueError(f"online teacher vocabulary ({teacher_cfg.vocab_size}) differs from the student's "
                              f"({student_cfg.vocab_size}); cross-tokenizer online KD needs the alignment pipeline "
                              "(cross_tokenizer=True and DistillationDataset(teacher_tokenizer=...))")
-        tconfig = self.module.config
-        self.ddp = DistributedDataParallel(
-            config=tconfig,
+        self.ddps = [DistributedDataParallel(
+            config=chunk.config,
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, use_distributed_optimizer=optim_cfg.use_distributed_optimizer
             ),
-            module=self.module,
-        )
-        tconfig.no_sync_func = self.ddp.no_sync
-        tconfig.finalize_model_grads_func = finalize_model_grads
+            module=chunk, disable_bucketing=i > 0,
+        ) for i, chunk in enumerate(self.chunks)]
+        self.ddp = self.ddps[0]
+        # The schedule reads the first chunk's config; every chunk's gets the same hooks.
+        tconfigs = [chunk.config for chunk in self.chunks]
+        for tconfig in tconfigs:
+            tconfig.no_sync_func = self.ddp.no_sync if len(self.ddps) == 1 else [d.no_sync for d in self.ddps]
+            tconfig.finalize_model_grads_func = finalize_model_grads
         # bf16/fp16: Megatron's Float16OptimizerWithFloat16Params (fp32 main params; the grads
         # arrive in fp32 through grad_reduce_in_fp32 above), as Megatron-LM trains them.
         fp16 = student_cfg.params_dtype == "fp16"
@@ -207,12 +226,13 @@ class DistillationEngine:
                 loss_scale_window=optim_cfg.loss_scale_window, hysteresis=optim_cfg.hysteresis,
                 use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
             ),
-            [self.ddp],
+            self.ddps,
         )
         # fp16: the schedule multiplies each microbatch's loss by the optimizer's loss scale
         # before backward (schedules.backward_step), which optimizer.step() divides out of the
         # fp32 main grads, skipping the step on inf/NaN — what Megatron-LM's training sets up.
-        tconfig.grad_scale_func = self.optimizer.scale_loss if fp16 else None
+        for tconfig in tconfigs:
+            tconfig.grad_scale_func = self.optimizer.scale_loss if fp16 else None
         decay_steps = optim_cfg.decay_steps or max_steps
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr, max_lr=optim_cfg.lr,
@@ -224,29 +244,48 @@ class DistillationEngine:
         self.objective = DistillationObjective(loss_cfg, group=state.tp_group())
         if loss_cfg.fuse_output_layer and cross_tokenizer:
             raise ValueError("fuse_output_layer does not cover cross-tokenizer KD: set kd.fuse_output_layer=false")
-        self.deferred_projection = DeferredOutputProjection(self.module) if loss_cfg.fuse_output_layer else None
+        # the output layer is in the last chunk (of the last stage); the others' forwards never reach it
+        self.deferred_projection = DeferredOutputProjection(self.chunks[-1]) if loss_cfg.fuse_output_layer else None
         self.teacher = self.teacher_projection = None
         if teacher_cfg is not None:
             # The run's precision (the student's, from trainer.precision) governs the teacher too,
             # as one Lightning precision plugin casts every module of a NeMo model: a bf16 run
             # runs its online teacher in bf16 whatever dtype its checkpoint recorded.
-            self.teacher = in_params_dtype(teacher_model, student_cfg.params_dtype) if teacher_model is not None \
-                else build_gpt_model(replace(teacher_cfg, params_dtype=student_cfg.params_dtype))
-            self.teacher.requires_grad_(False)
-            self.teacher.eval()
+            # With virtual pipeline stages the teacher is chunked alike (``teacher_model``: its list of chunks)
+            # and runs forward-only through the same interleaved schedule.
+            if teacher_model is None:
+                from nemo_kd.convert.checkpoint_io import build_model_chunks
+
+                teacher_model = build_model_chunks(replace(teacher_cfg.without_recompute(),
+                                                           params_dtype=student_cfg.params_dtype))
+            chunks = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
+            if len(chunks) != len(self.chunks):
+                raise ValueError(f"the online teacher has {len(chunks)} model chunk(s), the student {len(self.chunks)}:"
+                                 " with virtual pipeline stages pass the teacher's chunks (one per virtual stage)")
+            self.teacher_chunks = [in_params_dtype(c, student_cfg.params_dtype) for c in chunks]
+            # A teacher runs forward-only (no_grad, eval mode): nothing to recompute, and Megatron recomputes
+            # only in training mode, so a loaded teacher whose config asks for recompute runs without it too.
+            for chunk in self.teacher_chunks:
+                chunk.requires_grad_(False)
+                chunk.eval()
+            self.teacher = self.teacher_chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(self.teacher_chunks)
             if loss_cfg.fuse_output_layer:
-                self.teacher_projection = DeferredOutputProjection(self.teacher)
+                self.teacher_projection = DeferredOutputProjection(self.teacher_chunks[-1])
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for inf/NaN gradients (fp16 overflow)
 
     # ------------------------------------------------------------------ schedules
 
     def _run_schedule(self, model, forward_step, microbatches: List[dict], forward_only: bool):
+        """``model``: a module, or the list of model chunks (virtual pipeline stages: Megatron's interleaved
+        schedule, each chunk reading every microbatch in order from its own iterator)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         b = self.batch_cfg
+        models = list(model) if isinstance(model, (list, tuple)) else [model]
+        data = iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models]
         return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+            forward_step_func=forward_step, data_iterator=data, model=models,
             num_microbatches=len(microbatches), seq_length=b.seq_length, micro_batch_size=b.micro_batch_size,
             forward_only=forward_only,
         )
@@ -270,7 +309,7 @@ class DistillationEngine:
             return out, keep
 
         with torch.no_grad():
-            outs = self._run_schedule(self.teacher, forward_step, microbatches, forward_only=True)
+            outs = self._run_schedule(self.teacher_chunks, forward_step, microbatches, forward_only=True)
         if not state.is_pipeline_last_stage():
             return [None] * len(microbatches)
         return [o["logits"] for o in outs]
@@ -355,12 +394,14 @@ class DistillationEngine:
         """One optimizer step on this rank's ``num_microbatches`` microbatches of the global batch."""
         if len(microbatches) != self.num_microbatches:
             raise ValueError(f"expected {self.num_microbatches} microbatches, got {len(microbatches)}")
-        self.ddp.train()
+        for ddp in self.ddps:
+            ddp.train()
         mbs, norms = self._prepare(microbatches)
-        self.ddp.zero_grad_buffer()
+        for ddp in self.ddps:
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         scale = float(len(mbs) * state.dp_size())  # undone by the schedule (÷M) and DDP (÷DP)
-        reports = self._run_schedule(self.ddp, partial(self._forward_step, norms, scale), mbs, forward_only=False)
+        reports = self._run_schedule(self.ddps, partial(self._forward_step, norms, scale), mbs, forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron's warmup starts at init_lr)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
@@ -378,9 +419,10 @@ class DistillationEngine:
     @torch.no_grad()
     def eval_step(self, microbatches: List[dict]) -> Dict[str, float]:
         """Forward-only objective on a batch (same normalisation; no update)."""
-        self.ddp.eval()
+        for ddp in self.ddps:
+            ddp.eval()
         mbs, norms = self._prepare(microbatches)
-        reports = self._run_schedule(self.ddp, partial(self._forward_step, norms, 1.0), mbs, forward_only=True)
+        reports = self._run_schedule(self.ddps, partial(self._forward_step, norms, 1.0), mbs, forward_only=True)
         return self._reduce_reports(reports)
 
     def config_dict(self) -> dict:

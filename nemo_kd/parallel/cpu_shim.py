@@ -30,7 +30,13 @@ gloo, the optimizer step) is device agnostic.
   checkpoint gather) runs with ``Tensor.cuda`` as the identity, and its checkpoint load keeps
   the ``step`` of ``torch.optim.Adam`` (the optimizer without TE/apex) instead of asking the
   saved tensors for it, one tensor per parameter (Megatron shares one, which Adam's in-place
-  increment then advances once per parameter: a resumed run's bias correction would drift).
+  increment then advances once per parameter: a resumed run's bias correction would drift);
+* the backward of ``LinearWithGradAccumulationAndAsyncCommunication`` (every TP linear) runs with
+  its module's ``torch`` as the CPU view for the duration of the call: under sequence parallelism
+  it allocates the reduce-scatter buffer of the input gradient with
+  ``device=torch.cuda.current_device()`` (the rest of ``tensor_parallel.layers``, weight
+  initialisation included, keeps the real ``torch``). Gloo itself has every collective sequence
+  parallelism calls (all-gather and reduce-scatter into a tensor, torch >= 2.6).
 
 Global ``torch`` is otherwise never modified, and the shim does nothing where CUDA is
 available: GPU runs execute Megatron unpatched. What it does not cover (on purpose):
@@ -237,6 +243,24 @@ def _keeping_torch_adam_step(method):
     return wrapped
 
 
+def _with_module_torch_as_cpu_view(module, cpu_torch):
+    """Run the wrapped function with ``module.torch`` as ``cpu_torch``, restored afterwards."""
+
+    def wrapper(method):
+        @functools.wraps(method)
+        def wrapped(*args, **kwargs):
+            original = module.torch
+            module.torch = cpu_torch
+            try:
+                return method(*args, **kwargs)
+            finally:
+                module.torch = original
+
+        return wrapped
+
+    return wrapper
+
+
 class _DropCpuRngChangedWarning(logging.Filter):
     """On CPU the tracked generator *is* the CPU generator, so fork()'s
     "CPU RNG state changed within GPU RNG context" warning fires on every dropout."""
@@ -316,6 +340,12 @@ def install_cpu_shim() -> List[str]:
     grad_scaler = importlib.import_module("megatron.core.optimizer.grad_scaler")
     # fp16 resume: the loaded scale goes through state_dict['scale'].cuda(current_device()).
     _wrap_method(grad_scaler.DynamicGradScaler, "load_state_dict", _with_tensor_cuda_as_identity)
+    layers = importlib.import_module("megatron.core.tensor_parallel.layers")
+    # Sequence parallelism: the TP linear's backward reduce-scatters the input gradient into a buffer
+    # made with torch.empty(..., device=torch.cuda.current_device()) (a staticmethod: wrapped as one).
+    linear = layers.LinearWithGradAccumulationAndAsyncCommunication
+    linear.backward = staticmethod(_with_module_torch_as_cpu_view(layers, cpu_torch)(linear.backward))
+    PATCHED.append(f"{linear.__module__}.{linear.__qualname__}.backward")
     return list(PATCHED)
 
 

@@ -68,6 +68,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    # Megatron's sequence parallelism: the activations outside the TP linears (norms, dropout,
+    # residuals) split along the sequence over the TP ranks. Needs TP > 1.
+    sequence_parallel: bool = False
     seed: int = 1234
     # None: "nccl" when CUDA is available, else "gloo".
     backend: Optional[str] = None
@@ -85,6 +88,12 @@ class ParallelConfig:
                 "virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2 and a value >= 1, "
                 f"got vpp={vpp}, pp={self.pipeline_model_parallel_size}"
             )
+
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"ParallelConfig.sequence_parallel must be true or false, got {self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            raise ValueError("ParallelConfig.sequence_parallel=true splits the sequence over the tensor-parallel ranks: "
+                             f"it needs tensor_model_parallel_size >= 2, got {self.tensor_model_parallel_size}")
 
     @property
     def model_parallel_size(self) -> int:
