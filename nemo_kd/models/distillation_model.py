@@ -60,6 +60,7 @@ import nemo_kd
 from nemo.core.classes import ModelPT
 
 from nemo_kd.data.kd_dataset import DataConfigError, DistillationDataset, GlobalBatchSampler, collate
+from nemo_kd.data.packing import DEFAULT_PACK_WINDOW, PackedDataset, collate_packed
 from nemo_kd.losses.objective import DistillationLossConfig
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
@@ -143,16 +144,18 @@ class _EngineOptimizer(torch.optim.Optimizer):
 
 
 class _StepData(torch.utils.data.Dataset):
-    """Item = one step: a list of microbatch index lists -> this rank's collated microbatches."""
+    """Item = one step: a list of microbatch index lists -> this rank's collated microbatches
+    (indices of samples, or of packs with a :class:`~nemo_kd.data.packing.PackedDataset`)."""
 
-    def __init__(self, dataset: DistillationDataset, seq_length: int, pad_id: int):
+    def __init__(self, dataset, seq_length: int, pad_id: int):
         self.dataset, self.seq_length, self.pad_id = dataset, seq_length, pad_id
+        self.collate = collate_packed if isinstance(dataset, PackedDataset) else collate
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, microbatches: List[List[int]]) -> List[Dict[str, torch.Tensor]]:
-        return [collate([self.dataset[i] for i in mb], self.seq_length, self.pad_id) for mb in microbatches]
+        return [self.collate([self.dataset[i] for i in mb], self.seq_length, self.pad_id) for mb in microbatches]
 
 
 class _StepSampler:
@@ -384,7 +387,20 @@ class GPTDistillationModel(ModelPT):
         micro, gbs = int(ds.get("micro_batch_size", 1)), int(ds.get("global_batch_size", 1))
         if train and (micro, gbs) != (self.engine.batch_cfg.micro_batch_size, self.engine.batch_cfg.global_batch_size):
             raise DataConfigError("train_ds micro/global batch size differs from the engine's")
-        sampler = _StepSampler(len(dataset), micro, gbs, int(ds.get("seed", 1234)),
+        rows = dataset
+        if ds.get("pack_sequences", False):  # rows of whole samples; the batch sizes count rows (nemo_kd.data.packing)
+            if self._on_policy.enabled:
+                raise DataConfigError(f"data.{split}.pack_sequences: on-policy sampling rewrites the rows' "
+                                      "completions; it runs on unpacked rows (set pack_sequences: false)")
+            if getattr(self._student_cfg, "transformer_impl", "local") == "transformer_engine":
+                raise DataConfigError(f"data.{split}.pack_sequences with transformer_impl=transformer_engine: "
+                                      "the THD (cu_seqlens) path is not wired yet; the local spec packs")
+            rows = PackedDataset(dataset, self._seq_length, int(ds.get("pack_window", DEFAULT_PACK_WINDOW)),
+                                 int(ds.get("seed", 1234)), bool(ds.get("shuffle", train)))
+            log.info("%s: %d samples packed into %d rows of %d (padding %.1f%%, window %d)", ds["file_path"],
+                     len(dataset), len(rows), self._seq_length, 100 * rows.padding_fraction,
+                     int(ds.get("pack_window", DEFAULT_PACK_WINDOW)))
+        sampler = _StepSampler(len(rows), micro, gbs, int(ds.get("seed", 1234)),
                                bool(ds.get("shuffle", train)),
                                start=(lambda: self.consumed_samples) if train else (lambda: 0),
                                group_size=dataset.group_size)
@@ -398,7 +414,7 @@ class GPTDistillationModel(ModelPT):
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         if train:  # what on-policy sampling needs of the tokenizer
             self._sampling_ids = dict(eos_id=tok.eos_token_id, pad_id=pad_id, vocab_size=len(tok))
-        loader = torch.utils.data.DataLoader(_StepData(dataset, self._seq_length, pad_id), sampler=sampler,
+        loader = torch.utils.data.DataLoader(_StepData(rows, self._seq_length, pad_id), sampler=sampler,
                                              batch_size=None, num_workers=int(ds.get("num_workers", 0)))
         return loader, gbs
 

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_kd.align.loss import CrossTokenizerTeacher
+from nemo_kd.data.packing import packed_attention_mask
 from nemo_kd.losses.objective import (
     DistillationLossConfig,
     DistillationObjective,
@@ -121,6 +122,12 @@ class BatchConfig:
             raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size × "
                              f"data-parallel size ({self.micro_batch_size} × {dp_size})")
         return self.global_batch_size // per_step
+
+
+def _attention_mask(mb: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """Packed rows (``segment_ids``, :mod:`nemo_kd.data.packing`): attention stays inside each sample.
+    Built per forward (student and teacher), not kept per microbatch: ``[B, 1, S, S]`` bytes each."""
+    return packed_attention_mask(mb["segment_ids"]) if "segment_ids" in mb else None
 
 
 def check_interleaving(num_microbatches: int, pp: int, vpp: Optional[int]) -> None:
@@ -299,7 +306,7 @@ class DistillationEngine:
             # Deferred projection: keep the final hidden states ([b, s, H], not [b, s, V/TP]) for the loss.
             out, weight = run_model(half_precision_output(model), self.teacher_projection,
                                     mb.get("xtok_teacher_inputs", mb["inputs"]),
-                                    mb.get("xtok_teacher_position_ids", mb["position_ids"]), None)
+                                    mb.get("xtok_teacher_position_ids", mb["position_ids"]), _attention_mask(mb))
 
             def keep(out):
                 kept = out.detach() if weight is None else ProjectedLogits.of_hidden_states(
@@ -343,31 +350,34 @@ class DistillationEngine:
         # Deferred projection: the model returns its final hidden states; the loss projects them in chunks.
         # bf16/fp16: the logits (or hidden states) reach the loss in the model's dtype, see half_precision_output.
         output, weight = run_model(half_precision_output(model), self.deferred_projection, mb["inputs"],
-                                   mb["position_ids"], None)
+                                   mb["position_ids"], _attention_mask(mb))
         return output, partial(self._loss_func, mb, mb.get("_teacher_logits"), norms, scale, weight)
 
     def _reduce_reports(self, reports: List[dict]) -> Dict[str, float]:
-        """Sum each microbatch's report, average fractions, all-reduce over DP, share across PP."""
+        """Sum each microbatch's report, average fractions, all-reduce over DP, share across PP.
+
+        ``token_agreement`` is weighted by each microbatch's KD tokens (a fraction of the global
+        batch's tokens, whatever the microbatch split: packed rows give what padded rows give)."""
         keys = ["loss", "kd_loss", "sft_loss", "preference_loss", "token_agreement", "teacher_student_kd_sum",
                 "kd_tokens", "preference_accuracy_sum", "pairs", "xtok_one_to_one", "xtok_completion_tokens",
                 "xtok_vocab_coverage"]
         vec = torch.zeros(len(keys), dtype=torch.float64)
         if state.is_pipeline_last_stage() and reports:
             for i, key in enumerate(keys):
-                vals = [r[key] for r in reports if key in r]
+                vals = [r[key] * r["kd_tokens"] if key == "token_agreement" else r[key] for r in reports if key in r]
                 if vals:
                     total = torch.stack(vals).double().sum()
-                    vec[i] = total / len(vals) if key in ("token_agreement", "xtok_vocab_coverage") else total
+                    vec[i] = total / len(vals) if key == "xtok_vocab_coverage" else total
         device = state.device()
         vec = vec.to(device)
         if state.pp_size() > 1:  # the last stage knows; every stage logs the same numbers
             dist.broadcast(vec, src=dist.get_global_rank(state.pp_group(), state.pp_size() - 1), group=state.pp_group())
         if state.dp_size() > 1:
             dist.all_reduce(vec, group=state.dp_group())
-            vec[keys.index("token_agreement")] /= state.dp_size()
             vec[keys.index("xtok_vocab_coverage")] /= state.dp_size()
         totals = dict(zip(keys, vec.cpu().tolist()))
-        out = {k: totals[k] for k in ("loss", "kd_loss", "sft_loss", "preference_loss", "token_agreement")}
+        out = {k: totals[k] for k in ("loss", "kd_loss", "sft_loss", "preference_loss")}
+        out["token_agreement"] = totals["token_agreement"] / totals["kd_tokens"] if totals["kd_tokens"] > 0 else 0.0
         if totals["kd_tokens"] > 0:
             out["teacher_student_kd"] = totals["teacher_student_kd_sum"] / totals["kd_tokens"]
         if totals["pairs"] > 0:

@@ -48,7 +48,8 @@ __all__ = ["DATA_KEYS", "TEACHER_KEYS", "MODEL_KEYS", "RunSettings", "check_mode
 
 DATA_KEYS = frozenset({"file_path", "logits_store", "tokenizer", "prompt_format", "max_seq_length", "overlong",
                        "micro_batch_size", "global_batch_size", "seed", "shuffle", "top_k", "skip_bad_samples",
-                       "split", "num_workers", "defer_setup", "verify_logits_store"})
+                       "split", "num_workers", "defer_setup", "verify_logits_store", "pack_sequences",
+                       "pack_length", "pack_window"})
 TEACHER_KEYS = frozenset({"mode", "checkpoint", "model", "tokenizer", "prompt_format", "top_k"})
 
 # The sections of ``model`` and what each holds (None: a leaf, or a free-form mapping written by
