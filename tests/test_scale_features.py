@@ -10,6 +10,7 @@ that silently did nothing fails: recompute runs layers (or core attention) twice
 sequence parallelism feeds the norms ``seq / TP`` positions.
 """
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -251,6 +252,47 @@ def test_virtual_pipeline_stages_equal_plain_pipeline():
         assert r["vpp2"]["counts"]["layer"] == r["pp2"]["counts"]["layer"] == 2 * micro
 
 
+def _vpp_checkpoint(rank, world, tmp):
+    """PP=2 + VPP=2: one step, a training checkpoint, then two more steps three ways: on in the same engine,
+    in a fresh VPP engine resumed from the checkpoint, in a fresh PP=2 engine (no VPP) resumed from it."""
+    from nemo_kd.models.checkpointing import load_training_checkpoint, save_training_checkpoint
+    from nemo_kd.models.engine import DistillationEngine
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+    model_cfg, loss_cfg, optim_cfg, batch_cfg = te._cfgs()
+    model_cfg = replace(model_cfg, num_layers=4)
+    path, second = os.path.join(tmp, "ckpt"), {}
+    for name, vpp, resume in [("uninterrupted", 2, False), ("resumed_vpp", 2, True), ("resumed_pp", None, True)]:
+        initialize_parallel(ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=vpp,
+                                           seed=5))
+        try:
+            engine = DistillationEngine(model_cfg, loss_cfg, optim_cfg, batch_cfg, max_steps=2)
+            if resume:
+                load_training_checkpoint(engine, path)
+            else:
+                engine.train_step(te._microbatches(0))
+                save_training_checkpoint(engine, path)
+            # two steps after the checkpoint: the second one's loss depends on the restored Adam moments
+            after = [engine.train_step(te._microbatches(s)) for s in (1, 2)]
+            second[name] = ([m["loss"] for m in after], [m["grad_norm"] for m in after], len(engine.chunks))
+        finally:
+            destroy_parallel()
+    return second
+
+
+@pytest.mark.distributed
+def test_virtual_pipeline_training_checkpoints_resume_with_and_without_virtual_stages(tmp_path):
+    second = run_distributed(_vpp_checkpoint, 2, str(tmp_path))[0]
+    ref = second["uninterrupted"]
+    assert ref[2] == second["resumed_vpp"][2] == 2 and second["resumed_pp"][2] == 1
+    for name in ("resumed_vpp", "resumed_pp"):
+        losses, norms, _ = second[name]
+        dloss = max(abs(a - b) for a, b in zip(losses, ref[0]))
+        dnorm = max(abs(a - b) for a, b in zip(norms, ref[1]))
+        print(f"{name}: max|dloss|={dloss:.2e} max|dgrad_norm|={dnorm:.2e}")
+        assert dloss < 1e-6 and dnorm < 1e-6, (name, second[name], ref)
+
+
 # ------------------------------------------------------------------ settings refused at construction
 def test_recompute_settings_refused_with_their_names():
     from nemo_kd.models import GPTModelConfig
@@ -354,7 +396,7 @@ def test_the_nemo_model_refuses_bad_scale_settings_before_building_anything():
          r"max_seq_length=31\) must be divisible by tensor_model_parallel_size \(2\)"),
         ({"parallel": {"context_parallel_size": 2}}, "context_parallel_size=2 needs transformer_impl=transformer_engine"),
         ({"parallel": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}},
-         "parallel.virtual_pipeline_model_parallel_size: the NeMo model's checkpoints"),
+         "parallel.virtual_pipeline_model_parallel_size: the NeMo model's .nemo export"),
         ({"parallel": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 3}},
          r"num_layers \(4\) must be divisible by pipeline_model_parallel_size \(2\) \* virtual"),
         ({"student.recompute_granularity": "full"}, "recompute_granularity=full needs recompute_method"),

@@ -80,10 +80,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _chunks(engine) -> list:
+    """The engine's model chunks (one per virtual pipeline stage; one without them)."""
+    return list(getattr(engine, "chunks", None) or [engine.module])
+
+
 def _sharded(engine, is_loading: bool) -> dict:
     from nemo_kd.convert.hf_weights import unwrap_model
 
-    model_sd = unwrap_model(engine.module).sharded_state_dict()
+    chunks = _chunks(engine)
+    # Virtual pipeline stages: one sharded state dict per model chunk (Megatron-LM's model0, model1, ...).
+    # Its keys are global (layer offsets of the chunk's virtual stage), so a checkpoint saved with virtual
+    # stages loads without them and the other way round.
+    model_sd = unwrap_model(chunks[0]).sharded_state_dict() if len(chunks) == 1 else \
+        {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
     # Megatron's distributed optimizer defaults to 'fully_sharded_model_space' (flattened ranges, which
     # megatron-core 0.16's dist_checkpointing refuses to save); 'fully_reshardable' stores each
     # parameter's state in its canonical shape, so a checkpoint reshards over TP/PP/DP like the
@@ -267,7 +277,12 @@ def load_training_checkpoint(engine, path: str) -> Dict[str, Any]:
     loaded = dist_checkpointing.load(_sharded(engine, is_loading=True), os.path.join(path, WEIGHTS_DIR))
     from nemo_kd.convert.hf_weights import unwrap_model
 
-    unwrap_model(engine.module).load_state_dict(loaded["model"], strict=True)
+    chunks = _chunks(engine)
+    if len(chunks) == 1:
+        unwrap_model(chunks[0]).load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(chunks):
+            unwrap_model(chunk).load_state_dict(loaded["model"][f"model{i}"], strict=True)
     # bf16/fp16: this also restores the fp32 main params (and fp16's loss scale) from the checkpoint.
     # No reload_model_params() after it (Megatron-LM calls that only when the optimizer is not
     # loaded): it copies the model's bf16/fp16 params over the fp32 main params, rounding them.

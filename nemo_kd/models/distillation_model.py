@@ -241,12 +241,13 @@ class GPTDistillationModel(ModelPT):
             raise ValueError("teacher.model.recompute_*: an online teacher runs forward-only under no_grad, so there "
                              "is nothing to recompute; set activation recomputation in model.student only")
         if p.virtual_pipeline_model_parallel_size:
-            # DistillationEngine runs them (Megatron's interleaved schedule, tested against PP without VPP);
-            # what this class adds does not handle model chunks yet: its dist-checkpoints, the .nemo gather and
-            # restore (nemo_kd.models.checkpointing, save_to / load_state_dict) hold one chunk per rank.
-            raise ValueError("parallel.virtual_pipeline_model_parallel_size: the NeMo model's checkpoints and .nemo "
-                             "export hold one model chunk per rank, so training runs without virtual pipeline "
-                             "stages (DistillationEngine itself runs them); unset it")
+            # DistillationEngine runs them (Megatron's interleaved schedule, tested against PP without VPP) and
+            # its training checkpoints hold every chunk; what this class adds does not handle model chunks yet:
+            # ``self.student`` is one GPTModel, the .nemo gather (save_to) and restore (load_state_dict) cut
+            # non-interleaved stages, ``forward`` calls one chunk.
+            raise ValueError("parallel.virtual_pipeline_model_parallel_size: the NeMo model's .nemo export and restore "
+                             "hold one model chunk per rank, so training here runs without virtual pipeline stages "
+                             "(DistillationEngine and its training checkpoints run them); unset it")
 
         super().__init__(cfg=cfg, trainer=trainer)
         self.automatic_optimization = False
