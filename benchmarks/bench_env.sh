@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The benchmark's OWN environment for benchmarks/bench_kd_loss.py: nemo_kd plus the baselines it
+# The benchmark's OWN environment for benchmarks/bench_kd_divergences.py (and bench_kd_loss.py): nemo_kd plus the baselines it
 # compares against (TRL's generalized_jsd_loss, Liger-Kernel's JSD / KL losses), which are never
 # dependencies of the package. A fresh venv (no --system-site-packages, so nothing leaks in or out
 # of .venv), torch pinned to the CPU build the project uses, so no dependency resolution can pull
 # a multi-GB CUDA torch (a constraints file holds torch at that version for every later install).
 #
 #   bash benchmarks/bench_env.sh [VENV_DIR]          # default /tmp/nemo_kd_benchenv
-#   VENV_DIR/bin/python benchmarks/bench_kd_loss.py --suite
+#   VENV_DIR/bin/python benchmarks/bench_kd_divergences.py   # every divergence, top-k and full vocabulary
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-/tmp/nemo_kd_benchenv}

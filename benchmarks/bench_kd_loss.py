@@ -16,6 +16,9 @@ minus what was held before the loss, not counting the logits' gradient buffer th
 every formulation must produce), and ratios nemo_kd / naive. No assertion on time:
 this is a benchmark, not a test.
 
+Every divergence, top-k and full vocabulary, against naive PyTorch, TRL and Liger:
+``benchmarks/bench_kd_divergences.py``.
+
     python benchmarks/bench_kd_loss.py                      # CPU, small
     python benchmarks/bench_kd_loss.py --device cuda --tokens 16384 --vocab 128256
 """

@@ -36,9 +36,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nemo_kd.losses.vocab_parallel import ProcessGroup, all_reduce_no_grad, all_reduce_sum, tp_world_size
+from nemo_kd.losses.vocab_parallel import (
+    ProcessGroup,
+    all_gather_vocab,
+    all_reduce_no_grad,
+    all_reduce_sum,
+    tp_world_size,
+)
 
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl", "akl")
+
+# AKL's head threshold is read off each row's top-HEAD_TOPK probabilities when their mass reaches μ
+# (a top-1024 costs about one pass over a 32k row on CPU, as a top-64 does; it covers flat teachers too)
+# (BucketSpace.mass_threshold); flatter rows take the bisection. The fused kernel's AKL_TOPK likewise.
+HEAD_TOPK = 1024
 
 
 # --------------------------------------------------------------------------- buckets
@@ -104,7 +115,7 @@ class BucketSpace:
         μ; the paper's text is followed here.)
 
         Returns a bool mask ``[N, B]`` in the bucket order of ``p`` (this rank's buckets when
-        sharded). ``t*`` comes from :meth:`mass_threshold` (a bisection, no sort, no gather).
+        sharded). ``t*`` comes from :meth:`mass_threshold` (the top-:data:`HEAD_TOPK` prefix, else a bisection).
         """
         return (p >= self.mass_threshold(p, mu)[:, None]) | (p >= self.max_no_grad(p)[:, None])
 
@@ -112,10 +123,30 @@ class BucketSpace:
         """``t* = max{t ≥ 0 : F(t) ≥ μ}``, ``F(t) = Σ_{u: p_u ≥ t} p_u``, per row of ``p`` ``[N, B]``.
 
         ``F`` is non-increasing and constant between consecutive values of ``p``, so ``t*`` is
-        the probability of the token whose mass reaches μ (:meth:`head_mask`). Found by
-        bisection on the *bit pattern* of the non-negative float ``t`` (monotone in its
-        value): ~30 (fp32) or ~62 (fp64) steps, each one ``[N]`` all-reduce when sharded,
-        give the exact float. ``F`` is accumulated in float64, so whether the mass reaches
+        the probability of the token whose mass reaches μ (:meth:`head_mask`). Read off the
+        row's (global) top-:data:`HEAD_TOPK` values, sorted descending ``s_1 ≥ s_2 ≥ …``:
+        ``t* = s_j`` for the first ``j`` whose prefix mass (float64) reaches μ — every value
+        above ``s_j`` sits before ``j``, so ``F(t) < μ`` for ``t > s_j``, and ``F(s_j)`` holds the
+        prefix, ties included, however a sort ordered them (the fused kernel's fast path).
+        Rows whose top-k mass stays below μ take :meth:`_mass_threshold_bisection` (same answer).
+        """
+        n, b = p.shape
+        k = min(HEAD_TOPK, b * (tp_world_size(self.group) if self._distributed else 1))
+        top = p.detach().topk(min(k, b), dim=-1).values
+        if self._distributed:  # the global top-k is among the ranks' top-k
+            top = all_gather_vocab(top.contiguous(), self.group).topk(k, dim=-1).values
+        before = (torch.cumsum(top.to(torch.float64), dim=-1) < mu).sum(-1)  # replicated on the ranks
+        t = top.gather(-1, before.clamp(max=k - 1)[:, None])[:, 0]
+        open_rows = torch.nonzero(before >= k).flatten()
+        if open_rows.numel():
+            t = t.clone()
+            t[open_rows] = self._mass_threshold_bisection(p[open_rows], mu)
+        return t
+
+    def _mass_threshold_bisection(self, p: torch.Tensor, mu: float) -> torch.Tensor:
+        """:meth:`mass_threshold` by bisection on the *bit pattern* of the non-negative float ``t``
+        (monotone in its value): ~30 (fp32) or ~62 (fp64) steps, each one ``[N]`` all-reduce when
+        sharded, give the exact float. ``F`` is accumulated in float64, so whether the mass reaches
         μ does not depend on a path's summation order. A row whose whole mass is below μ
         gets ``t* = 0`` (every token's mass above is below μ: all in).
         """

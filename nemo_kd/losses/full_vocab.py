@@ -279,7 +279,15 @@ class _ChunkedFullKD(torch.autograd.Function):
         grad, live = ctx.saved_tensors
         # ∂L/∂z = ∂L/∂D_n · s · ∂D_n/∂a; dead rows get exactly 0 (their stand-in gradient is finite).
         factor = torch.where(live, grad_loss * ctx.scale, 0.0)
-        return grad.mul_(factor[:, None]), None, None, None, None, None, None
+        if grad.dtype == factor.dtype:
+            return grad.mul_(factor[:, None]), None, None, None, None, None, None
+        # bf16/fp16 gradient, fp32 factor: ``grad.mul_(factor)`` would go through an fp32 temporary of
+        # the whole [N, V/TP] (the in-place op's type promotion); scale chunk by chunk instead.
+        chunk = default_chunk_tokens(grad.shape[-1], grad.device)
+        for lo in range(0, grad.shape[0], chunk):
+            rows = grad[lo:lo + chunk]
+            rows.copy_(rows.to(factor.dtype).mul_(factor[lo:lo + chunk, None]))
+        return grad, None, None, None, None, None, None
 
 
 def chunked_full_kd_loss(

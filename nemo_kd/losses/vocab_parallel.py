@@ -48,6 +48,17 @@ ProcessGroup = Optional[dist.ProcessGroup]
 # Tokens processed per chunk inside the fused log-prob primitive. Bounds the fp32
 # scratch memory to chunk × V/TP floats whatever the sequence length.
 DEFAULT_TOKEN_CHUNK = 4096
+# On CPU the chunk is sized by elements instead (rows × V/TP): its fp32 scratch stays cache-sized
+# (1 MiB, 8 rows at V = 32k, as the chunked full-vocabulary path) and below the logits' own size, so
+# the in-place gradient leaves the peak at the logits (a 4096-row fp32 copy of bf16 logits was 2× them).
+CPU_TOKEN_CHUNK_ELEMENTS = 2**18
+
+
+def default_token_chunk(v_local: int, device: torch.device) -> int:
+    """Rows per chunk of :func:`vocab_parallel_logprobs_at`'s torch path for a ``[N, v_local]`` shard."""
+    if device.type == "cuda":
+        return DEFAULT_TOKEN_CHUNK
+    return max(1, CPU_TOKEN_CHUNK_ELEMENTS // max(1, v_local))
 
 
 def tp_world_size(group: ProcessGroup) -> int:
@@ -264,7 +275,7 @@ def vocab_parallel_logprobs_at(
     ids: torch.Tensor,
     scale: float = 1.0,
     group: ProcessGroup = None,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    token_chunk: Optional[int] = None,
     impl: str = "torch",
     inplace_backward: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +286,8 @@ def vocab_parallel_logprobs_at(
         ids: ``[N, m]`` (or ``[N]``) global token ids, any rank's shard.
         scale: inverse temperature ``s`` applied to the logits (``logits_scale``).
         group: the tensor-parallel process group (``None``: single rank).
-        token_chunk: tokens per chunk of the torch path (the fused path streams rows).
+        token_chunk: tokens per chunk of the torch path (the fused path streams rows); default
+            :func:`default_token_chunk` (CPU: 2^18 elements per chunk; CUDA: 4096 rows).
         impl: ``"torch"`` (this module) or ``"fused"`` (the Triton kernels of
             :mod:`nemo_kd.kernels.logprobs_triton`: one pass forward, one pass
             backward; needs Triton and CUDA logits, or CPU under ``TRITON_INTERPRET=1``;
@@ -304,6 +316,8 @@ def vocab_parallel_logprobs_at(
     ids2 = ids[:, None] if squeeze else ids
     if ids2.shape[0] != logits.shape[0]:
         raise ValueError(f"ids has {ids2.shape[0]} rows but logits has {logits.shape[0]}")
+    if token_chunk is None:
+        token_chunk = default_token_chunk(logits.shape[-1], logits.device)
     logprobs, lse = _VocabParallelLogProbsAt.apply(logits, ids2.long(), float(scale), group, int(token_chunk),
                                                    bool(inplace_backward))
     return (logprobs[:, 0] if squeeze else logprobs), lse
