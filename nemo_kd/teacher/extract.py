@@ -275,8 +275,7 @@ class _BatchStats:
                 row = self.rows[r]
                 if row is None:
                     continue
-                # a padded row is one sample at offset 0; a packed row lists its segments
-                for sample, p, length, o in (row if isinstance(row, list) else [(*row, 0)]):
+                for sample, p, length, o in row:  # the row's samples (one when padded)
                     r_idx.append(torch.full((length - p,), r - first, dtype=torch.int64))
                     pos.append(torch.arange(o + p - 1, o + length - 1))
                     samples.append(torch.full((length - p,), sample, dtype=torch.int64))
@@ -321,8 +320,8 @@ class _BatchStats:
 def _pack_batch(samples: List[Optional[TokenizedSample]], indices: range, micro_batch_size: int, seq: int):
     """:func:`_pad_batch` with the batch's samples packed into rows of ``seq`` (first-fit decreasing,
     :func:`~nemo_kd.data.packing.pack_plan`; a sample keeps all its tokens, so its labels stay in its
-    segment): ``(tokens, rows, position_ids, segment_ids)``, ``rows[r]`` the row's segments
-    ``(sample, P, L, offset)``."""
+    segment): ``(tokens, rows, position_ids, segment_ids)``, ``rows[r]`` the row's samples
+    ``[(sample, P, L, offset), ...]``."""
     real = [(i, s) for i, s in zip(indices, samples) if s is not None]
     if not real:
         return None, [], None, None
@@ -346,17 +345,18 @@ def _pack_batch(samples: List[Optional[TokenizedSample]], indices: range, micro_
 
 
 def _pad_batch(samples: List[Optional[TokenizedSample]], indices: range, micro_batch_size: int):
-    """Right-padded ``[B, S]`` tokens (B a multiple of micro_batch_size) + per-row (sample, P, L)."""
+    """Right-padded ``[B, S]`` tokens (B a multiple of micro_batch_size) + per row its one sample
+    ``[(sample, P, L, offset 0)]`` (the row format of :func:`_pack_batch`)."""
     real = [(i, s) for i, s in zip(indices, samples) if s is not None]
     if not real:
         return None, []
     seq = max(len(s.input_ids) for _, s in real)
     rows_n = -(-len(real) // micro_batch_size) * micro_batch_size
     tokens = torch.zeros(rows_n, seq, dtype=torch.int64)
-    rows: List[Optional[tuple]] = [None] * rows_n
+    rows: List[Optional[list]] = [None] * rows_n
     for r, (i, s) in enumerate(real):
         tokens[r, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.int64)
-        rows[r] = (i, s.num_prompt_tokens, len(s.input_ids))
+        rows[r] = [(i, s.num_prompt_tokens, len(s.input_ids), 0)]
     return tokens, rows
 
 
