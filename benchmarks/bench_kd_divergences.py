@@ -365,6 +365,10 @@ def main():
     a.tokens = a.tokens or (16384 if cuda else 2048)
     a.vocab = a.vocab or (128256 if cuda else 32000)
     a.reps = a.reps or (10 if cuda else 5)
+    if a.formulations:
+        unknown = set(a.formulations.split(";")) - {f[0] for f in FORMULATIONS}
+        if unknown:
+            p.error(f"unknown formulations {sorted(unknown)}; known: {[f[0] for f in FORMULATIONS]}")
     if a.child:
         a.mode, a.loss, a.dtype = a.modes, a.losses, a.dtypes
         print(json.dumps(run_group(a)))

@@ -40,6 +40,17 @@ def _write(path: str, samples: int, tokens: int, k: int) -> None:
     w.finalize()
 
 
+def _pass_one_way(reader: StoreReader, sums, checked: bool) -> float:
+    """Seconds to read every sample, verified (``checked``) or not."""
+    reader._sums = sums if checked else []
+    start = time.perf_counter()
+    for i in range(len(reader)):
+        reader[i]
+    elapsed = time.perf_counter() - start
+    reader._sums = sums
+    return elapsed
+
+
 def _pass(reader: StoreReader, sums) -> tuple:
     """One read of every sample both ways, interleaved sample by sample (alternating which goes first), so that
     load from other processes on this machine falls on both alike; returns (verified, not verified) seconds."""
@@ -79,16 +90,23 @@ def main() -> None:
         sums = reader._sums
         _pass(reader, sums)  # warm the page cache
 
-        def one_pass():
-            if args.cold:
-                reader.close()
-                os.sync()
-                with open("/proc/sys/vm/drop_caches", "w") as f:  # PermissionError without root: say so
-                    f.write("1\n")
-                reader.__init__(path)
-            return _pass(reader, reader._sums)
+        def drop_cache():
+            reader.close()
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:  # PermissionError without root: say so
+                f.write("1\n")
+            reader.__init__(path)
 
-        verified, plain = zip(*(one_pass() for _ in range(args.passes)))
+        if args.cold:
+            # One way per pass, each from a dropped cache (interleaving sample by sample would let the second
+            # read of each sample hit the cache the first one filled); the order alternates between passes.
+            verified, plain = [], []
+            for i in range(args.passes):
+                for checked in ((True, False) if i % 2 else (False, True)):
+                    drop_cache()
+                    (verified if checked else plain).append(_pass_one_way(reader, reader._sums, checked))
+        else:
+            verified, plain = zip(*(_pass(reader, sums) for _ in range(args.passes)))
         v, p = statistics.median(verified), statistics.median(plain)
         n = len(reader)
         print(f"page cache: {'dropped before each pass (reads from disk)' if args.cold else 'warm'}")
