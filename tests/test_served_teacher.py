@@ -20,6 +20,7 @@ import threading
 import time
 
 import numpy as np
+import requests
 import pytest
 import torch
 from aiohttp import ClientSession, web
@@ -719,4 +720,58 @@ def test_server_killed_mid_extraction_then_rerun_is_byte_identical(assets, det, 
         proc.wait()
     assert _files(out) == _files(ref)
     # another process (its own thread count) than the det server: the same store up to float rounding
+    _assert_equals_inproc(out, assets["inproc"])
+
+
+# ----------------------------------------------------------------------------- a TP / PP teacher served under torchrun
+
+
+def _start_parallel_server(assets, tmp_path, tp, pp):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), "--master_port",
+           str(_free_port()), os.path.join(REPO, "examples", "serve_teacher.py"), f"teacher.path={assets['teacher_path']}",
+           "port=0", f"max_logprobs={K}", "model_id=tiny-teacher", f"parallel.tensor_model_parallel_size={tp}",
+           f"parallel.pipeline_model_parallel_size={pp}"]
+    env = dict(os.environ, PYTHONPATH=REPO, NEMO_KD_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("serving "):
+            return proc, line.split(" on ")[1].strip()
+    raise AssertionError("".join(lines))
+
+
+def _prompt_logprobs(url, prompt):
+    body = {"model": "tiny-teacher", "prompt": prompt, "max_tokens": 1, "temperature": 0, "prompt_logprobs": K}
+    r = requests.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_tp_pp_teacher_served_under_torchrun_equals_world_of_one(assets, tmp_path, tp, pp):
+    """Rank 0 serves, every rank runs the forward: the answers and the store equal the world-of-one server's."""
+    from nemo_kd.teacher.extract import compute_topk_logits
+
+    proc, url = _start_parallel_server(assets, tmp_path, tp, pp)
+    try:
+        # the wire answer, position by position: the same ids, ranks (the scored token's included) and greedy
+        # token as the TP = PP = 1 server's, log-probs to fp32 rounding of another reduction order
+        prompt = [5, 17, 60, 61, 62, 9, 250, 3]
+        got, ref = _prompt_logprobs(url, prompt), _prompt_logprobs(assets["url"], prompt)
+        assert got["prompt_logprobs"][0] is None and len(got["prompt_logprobs"]) == len(prompt)
+        for g, r in zip(got["prompt_logprobs"][1:], ref["prompt_logprobs"][1:]):
+            assert list(g) == list(r)
+            for t in r:
+                assert g[t]["rank"] == r[t]["rank"]
+                assert abs(g[t]["logprob"] - r[t]["logprob"]) <= 1e-5 * max(1.0, abs(r[t]["logprob"]))
+        assert got["text"] == ref["text"] or got.get("token_ids") == ref.get("token_ids")
+        out = str(tmp_path / "store")
+        compute_topk_logits(_cfg(out, assets["data"]), _served(url), assets["tok"])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
     _assert_equals_inproc(out, assets["inproc"])

@@ -187,6 +187,41 @@ def test_compute_topk_logits_equals_one_process(slurm_cluster, assets, tmp_path,
     assert f"repository {REPO}," in log and f"restart 0" in log, log
 
 
+def test_served_teacher_job_and_an_extraction_job_pointed_at_it(slurm_cluster, assets, tmp_path):
+    """serve_teacher.sbatch (a TP=2 teacher on 2 tasks) publishes its URL once it answers;
+    compute_topk_logits.sbatch with TEACHER_URL_FILE (2 client tasks: DP, one shard each) waits for it and
+    fills the store: top-k ids equal the one-process store's, log-probs within fp32 rounding."""
+    import socket
+
+    from nemo_kd.teacher.store import StoreReader
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url_file = tmp_path / "teacher.url"
+    server = sbatch("serve_teacher.sbatch", workdir=tmp_path, wait=False,
+                    env=job_env(TEACHER=assets["teacher"], TP=2, PORT=port, URL_FILE=url_file, MAX_LOGPROBS=K))
+    try:
+        _ok(sbatch("compute_topk_logits.sbatch", ["values_dtype=float32", "batch_size=4", "progress=false"],
+                   workdir=tmp_path, timeout=300,
+                   env=job_env(TEACHER_URL_FILE=url_file, TEACHER_WAIT_S=240, DATA=assets["data"],
+                               STORE=tmp_path / "store", TOKENIZER=assets["tok"], TOP_K=K, MAX_SEQ_LENGTH=MAX_LEN)))
+        assert re.fullmatch(rf"http://[\w.-]+:{port}", url_file.read_text().strip()), url_file.read_text()
+    finally:
+        subprocess.run(["scancel", str(server.job_id)], timeout=30)
+    assert "nemo_kd: teacher served on http://" in server.log(), server.log()
+    got, ref = StoreReader(tmp_path / "store", verify_checksums=True), StoreReader(assets["store"])
+    assert len(got.manifest.shards) == 2 and len(got) == len(ref) == N
+    assert got.manifest.extensions["served_teacher"]["lse_available"] is False
+    for i in range(N):
+        a, b = got[i], ref[i]
+        assert a.num_tokens == b.num_tokens > 0, i
+        assert torch.equal(a.ids, b.ids), f"sample {i}: top-k ids differ"
+        torch.testing.assert_close(a.values - a.lse[:, None], b.values - b.lse[:, None], atol=2e-5, rtol=2e-5)
+        assert abs(a.seq_logprob - b.seq_logprob) < 1e-4 * max(1.0, abs(b.seq_logprob)), i
+    wait_for_end(server, 90)
+
+
 # --------------------------------------------------------------------------- training
 
 

@@ -22,9 +22,12 @@ vLLM's error shape (``{"error": {"message", "type", "param", "code"}}``); a teac
 NaN/Inf logits is a 422 naming the prompt and position. Binds 127.0.0.1 unless ``host`` says
 otherwise; ``api_key_env`` names the environment variable of an optional bearer key.
 
-Parallelism: a world of one (TP = PP = 1; DP: run one server per GPU behind the client's
-``concurrency``). A TP/PP teacher under ``torchrun`` (rank 0 serving, every rank in the forward)
-is not done yet and is refused.
+Parallelism: a TP/PP teacher under ``torchrun`` / ``srun`` (the world is one TP × PP model, DP = 1):
+global rank 0 serves HTTP and batches; each batch is broadcast to every rank, all ranks run the
+forward (the statistics are vocab-parallel over the TP group), and the last pipeline stage's first
+TP rank sends the answers back to rank 0 (``torch.distributed`` object broadcasts on the default
+group). The other ranks wait in :func:`serve_forward_worker` until rank 0 stops. Data parallelism:
+one server per replica behind the client's ``concurrency`` (a world larger than TP × PP is refused).
 """
 
 from __future__ import annotations
@@ -98,16 +101,118 @@ class _Scored:
     next_token: int  # greedy token after the prompt
 
 
+def _world_size() -> int:
+    import torch
+
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def check_served_world() -> None:
+    """The world must be exactly one TP × PP model (one server per data-parallel replica)."""
+    if _world_size() == 1:
+        return
+    from nemo_kd.parallel import state
+
+    if state.dp_size() != 1:
+        raise ValueError(f"nemo-kd-serve-teacher: a world of {_world_size()} ranks is {state.dp_size()} "
+                         f"data-parallel replicas of a TP = {state.tp_size()} x PP = {state.pp_size()} teacher: "
+                         "start one server per replica "
+                         "(world size = TP x PP) and list them in the client")
+
+
+def _broadcast_command(command: Optional[tuple]) -> Optional[tuple]:
+    """Rank 0's command to every rank (``None`` on the others: receive)."""
+    import torch
+
+    box = [command]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def score_prompts(teacher: "Teacher", prompts: List[List[int]], k: int) -> List[Any]:
+    """Teacher-forced top-k of ``prompts`` (every rank of the teacher calls it with the same prompts).
+
+    Per prompt a :class:`_Scored` (top-k log-probs ``z − LSE``, ids, the scored tokens' log-probs and ranks,
+    the greedy next token) or the :class:`NonFiniteLogitsError` it raised; the answers are whole on global
+    rank 0 (sent there from the last pipeline stage), ``[]`` on the other ranks.
+    """
+    import torch
+
+    from nemo_kd.losses.kd import vocab_parallel_argmax
+    from nemo_kd.losses.vocab_parallel import all_reduce_no_grad, vocab_shard_range
+    from nemo_kd.teacher.topk import NonFiniteLogitsError, check_finite_logits, teacher_token_stats
+
+    b, s = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(b, s, dtype=torch.int64)
+    for r, p in enumerate(prompts):
+        tokens[r, :len(p)] = torch.tensor(p, dtype=torch.int64)
+    out: List[Any] = [None] * b
+    v = teacher.vocab_size
+
+    def callback(first, logits, group):
+        for r in range(first, first + logits.shape[0]):
+            n = len(prompts[r])
+            try:
+                z = logits[r - first, :n].float()  # [n, V/TP]: this rank's vocabulary shard
+                lo = vocab_shard_range(z.shape[-1], group)[0]
+                padding = torch.arange(lo, lo + z.shape[-1], device=z.device) >= v  # the padded vocabulary
+                z = z.masked_fill(padding, float("-inf"))
+                labels = tokens[r, 1:n].to(z.device)
+                if n > 1:
+                    st = teacher_token_stats(z[:n - 1], min(k, v), labels, group=group, row_sample_index=r,
+                                             row_positions=torch.arange(1, n), vocab_size=v)
+                    # The scored token's rank (1 = the best): its own logit from the shard that holds it, then
+                    # the logits above it counted on every shard.
+                    local = labels - lo
+                    inside = (local >= 0) & (local < z.shape[-1])
+                    own = z[:n - 1].gather(1, local.clamp(0, z.shape[-1] - 1)[:, None])[:, 0]
+                    label_z = all_reduce_no_grad(torch.where(inside, own, 0.0), group=group)
+                    ranks = all_reduce_no_grad((z[:n - 1] > label_z[:, None]).sum(-1), group=group) + 1
+                    scored = (st.values - st.lse[:, None], st.ids, st.label_logprobs, ranks)
+                else:
+                    scored = (torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64), torch.zeros(0),
+                              torch.zeros(0, dtype=torch.int64))
+                last = z[n - 1:n]
+                try:
+                    check_finite_logits(last, group, r, torch.tensor([n - 1]), v)
+                except NonFiniteLogitsError:
+                    raise NonFiniteLogitsError(f"non-finite (NaN/Inf) teacher logits in prompt {r}, the "
+                                               f"position after its last token ({n - 1})") from None
+                next_token = int(vocab_parallel_argmax(last, group)[0])
+                out[r] = _Scored(*(t.cpu() for t in scored), next_token=next_token)
+            except NonFiniteLogitsError as e:
+                out[r] = e
+
+    teacher.run(tokens, callback, micro_batch_size=b)
+    if _world_size() == 1:
+        return out
+    from nemo_kd.parallel import state
+
+    holder = state.is_pipeline_last_stage() and state.tp_rank() == 0
+    # The same source on every rank: the one global rank holding the answers (whatever the rank order).
+    src = torch.tensor([torch.distributed.get_rank() if holder else torch.distributed.get_world_size()],
+                       device=state.device())
+    torch.distributed.all_reduce(src, op=torch.distributed.ReduceOp.MIN)
+    box = [out if holder else None]
+    torch.distributed.broadcast_object_list(box, src=int(src))
+    return box[0] if torch.distributed.get_rank() == 0 else []
+
+
+def serve_forward_worker(teacher: "Teacher") -> None:
+    """Ranks other than 0: run every forward rank 0 broadcasts, until it says stop."""
+    while True:
+        command = _broadcast_command(None)
+        if command[0] == "stop":
+            return
+        _, prompts, k = command
+        score_prompts(teacher, prompts, k)
+
+
 class TeacherServer:
     """The HTTP front (aiohttp) and the batching forward of one teacher."""
 
     def __init__(self, teacher: Teacher, cfg: ServeConfig, tokenizer=None):
-        import torch
-
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
-            raise NotImplementedError("nemo-kd-serve-teacher runs at world size 1 (TP = PP = 1) for now: start one "
-                                      "server per GPU (a TP/PP teacher under torchrun is not served yet)")
+        check_served_world()
         self.teacher, self.cfg = teacher, cfg
         self.model_id = cfg.model_id or teacher.name
         self._key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
@@ -126,44 +231,17 @@ class TeacherServer:
     # -- the forward
 
     def _forward(self, prompts: List[List[int]], k: int) -> List[Any]:
-        """One padded forward over ``prompts``; per prompt a :class:`_Scored` or the exception it raised."""
-        import torch
-
-        from nemo_kd.teacher.topk import NonFiniteLogitsError, teacher_token_stats
-
-        b, s = len(prompts), max(len(p) for p in prompts)
-        tokens = torch.zeros(b, s, dtype=torch.int64)
-        for r, p in enumerate(prompts):
-            tokens[r, :len(p)] = torch.tensor(p, dtype=torch.int64)
-        out: List[Any] = [None] * b
-        v = self.teacher.vocab_size
-
-        def callback(first, logits, group):
-            for r in range(first, first + logits.shape[0]):
-                n = len(prompts[r])
-                try:
-                    z = logits[r - first, :n].float()
-                    labels = tokens[r, 1:n].to(z.device)
-                    if n > 1:
-                        st = teacher_token_stats(z[:n - 1], min(k, v), labels, group=group, row_sample_index=r,
-                                                 row_positions=torch.arange(1, n), vocab_size=v)
-                        label_z = z[:n - 1].gather(1, labels[:, None])
-                        ranks = (z[:n - 1, :v] > label_z).sum(-1) + 1
-                        scored = (st.values - st.lse[:, None], st.ids, st.label_logprobs, ranks)
-                    else:
-                        scored = (torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64), torch.zeros(0),
-                                  torch.zeros(0, dtype=torch.int64))
-                    last = z[n - 1, :v]
-                    if not torch.isfinite(last).all():
-                        raise NonFiniteLogitsError(f"non-finite (NaN/Inf) teacher logits in prompt {r}, the "
-                                                   f"position after its last token ({n - 1})")
-                    out[r] = _Scored(*(t.cpu() for t in scored), next_token=int(last.argmax()))
-                except NonFiniteLogitsError as e:
-                    out[r] = e
-
-        self.teacher.run(tokens, callback, micro_batch_size=b)
+        """One padded forward over ``prompts`` on every rank; per prompt a :class:`_Scored` or the exception it raised."""
+        if _world_size() > 1:
+            _broadcast_command(("forward", prompts, k))
+        out = score_prompts(self.teacher, prompts, k)
         self.forwards += 1
         return out
+
+    def stop_workers(self) -> None:
+        """Release the ranks waiting in :func:`serve_forward_worker` (rank 0, once, at shutdown)."""
+        if _world_size() > 1:
+            _broadcast_command(("stop",))
 
     async def _batcher(self) -> None:
         loop = asyncio.get_running_loop()
@@ -401,7 +479,12 @@ def run_from_config(cfg, teacher_loader=None) -> None:
 
             tokenizer = AutoTokenizer.from_pretrained(serve_cfg.tokenizer_path,
                                                       trust_remote_code=bool(spec.trust_remote_code))
-        server = TeacherServer(build_teacher(spec, loader=teacher_loader), serve_cfg, tokenizer)
+        teacher = build_teacher(spec, loader=teacher_loader)
+        check_served_world()
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            serve_forward_worker(teacher)  # until rank 0 stops
+            return
+        server = TeacherServer(teacher, serve_cfg, tokenizer)
 
         async def serve():
             runner, port = await server.start()
@@ -415,6 +498,8 @@ def run_from_config(cfg, teacher_loader=None) -> None:
             asyncio.run(serve())
         except KeyboardInterrupt:
             pass
+        finally:
+            server.stop_workers()
     finally:
         destroy_parallel()
 
