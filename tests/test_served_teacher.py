@@ -775,3 +775,38 @@ def test_tp_pp_teacher_served_under_torchrun_equals_world_of_one(assets, tmp_pat
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
     _assert_equals_inproc(out, assets["inproc"])
+
+
+# ----------------------------------------------------------------------------- vLLM's own protocol models
+
+
+def test_server_answers_validate_against_vllm_protocol_models(assets):
+    """The server's /v1/completions, error and /v1/models bodies parse with vLLM 0.34's own pydantic models
+    (``pip install vllm --no-deps``, tests/vllm_protocol.py), and the client decodes the body as vLLM
+    re-serialises it exactly as it decodes the server's own."""
+    from vllm_protocol import validate
+
+    from nemo_kd.teacher.served import decode_vllm_completion
+
+    prompt = [5, 17, 60, 61, 62, 9, 250, 3, 77, 12]
+    body = {"model": "tiny-teacher", "prompt": prompt, "max_tokens": 1, "temperature": 0, "prompt_logprobs": K,
+            "echo": True, "return_token_ids": True}
+    ok = requests.post(assets["url"] + "/v1/completions", json=body, timeout=60)
+    refused = requests.post(assets["url"] + "/v1/completions", json=dict(body, prompt_logprobs=K + 1), timeout=60)
+    models = requests.get(assets["url"] + "/v1/models", timeout=60)
+    assert ok.status_code == 200 and refused.status_code == 400 and models.status_code == 200
+    positions = ok.json()["choices"][0]["prompt_logprobs"]
+    assert any(len(p) == K + 1 for p in positions[1:]), "no scored token outside the top-k: the case is not covered"
+    completion, error, model_list = validate([{"kind": "completion", "body": ok.json()},
+                                              {"kind": "error", "body": refused.json()},
+                                              {"kind": "models", "body": models.json()}])
+    choice = completion["choices"][0]
+    assert choice["prompt_logprobs"][0] is None and choice["prompt_token_ids"] == prompt
+    for ours, theirs in zip(positions[1:], choice["prompt_logprobs"][1:]):
+        assert ours == theirs  # every entry: logprob, rank, decoded_token, as vLLM dumps its Logprob
+    assert error["error"]["code"] == 400 and "greater than max allowed" in error["error"]["message"]
+    assert model_list["data"][0]["id"] == "tiny-teacher" and model_list["data"][0]["max_model_len"] == 64
+    a = decode_vllm_completion(ok.content, prompt, 1, K, "sample 0")
+    b = decode_vllm_completion(json.dumps(completion).encode(), prompt, 1, K, "sample 0")
+    for x, y in zip((a.values, a.ids, a.label_logprobs), (b.values, b.ids, b.label_logprobs)):
+        np.testing.assert_array_equal(x, y)
