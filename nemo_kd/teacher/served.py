@@ -57,6 +57,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import threading
@@ -270,6 +271,7 @@ class _VCompletion(msgspec.Struct):
 
 
 _VLLM_DECODER = msgspec.json.Decoder(_VCompletion)
+_LOGPROB = operator.attrgetter("logprob")
 
 
 def _fast_vllm(raw: bytes, ids: Sequence[int], first: int, k: int) -> Optional[ScoredTokens]:
@@ -303,8 +305,9 @@ def _fast_vllm(raw: bytes, ids: Sequence[int], first: int, k: int) -> Optional[S
         return None
     total = int(counts.sum())
     flat_ids = np.fromiter(itertools.chain.from_iterable(sub), np.int64, total)
-    flat_lp = np.fromiter((v.logprob for d in sub for v in d.values()), np.float64, total)
-    label_lp = np.fromiter((o.logprob for o in own), np.float64, n)
+    # map / attrgetter / chain: the iteration runs in C (a generator expression here cost a third of the decode)
+    flat_lp = np.fromiter(map(_LOGPROB, itertools.chain.from_iterable(map(dict.values, sub))), np.float64, total)
+    label_lp = np.fromiter(map(_LOGPROB, own), np.float64, n)
     # the scored token is dropped where it is the extra (k + 1-th) entry vLLM adds outside the top-k
     extra = np.repeat(counts == k + 1, counts) & (flat_ids == np.repeat(np.asarray(labels_ids, np.int64), counts))
     keep = ~extra
