@@ -659,12 +659,13 @@ def test_server_limits_answer_4xx_naming_the_limit(assets, body, message):
 # ----------------------------------------------------------------------------- server killed and restarted
 
 
-def _start_server(assets, tmp_path, name):
-    cmd = [sys.executable, os.path.join(REPO, "examples", "serve_teacher.py"), f"teacher.path={assets['teacher_path']}",
-           "port=0", f"max_logprobs={K}", "model_id=tiny-teacher", "max_batch_tokens=1"]
-    env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(_free_port()), NEMO_KD_NUM_THREADS="1")
+def _start_server(assets, tmp_path, name, launcher=(), overrides=("max_batch_tokens=1",)):
+    """examples/serve_teacher.py in its own process (``launcher``: e.g. torchrun's argv), and its URL."""
+    cmd = [sys.executable, *launcher, os.path.join(REPO, "examples", "serve_teacher.py"),
+           f"teacher.path={assets['teacher_path']}", "port=0", f"max_logprobs={K}", "model_id=tiny-teacher", *overrides]
+    env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(_free_port()), NEMO_KD_NUM_THREADS="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -726,22 +727,6 @@ def test_server_killed_mid_extraction_then_rerun_is_byte_identical(assets, det, 
 # ----------------------------------------------------------------------------- a TP / PP teacher served under torchrun
 
 
-def _start_parallel_server(assets, tmp_path, tp, pp):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), "--master_port",
-           str(_free_port()), os.path.join(REPO, "examples", "serve_teacher.py"), f"teacher.path={assets['teacher_path']}",
-           "port=0", f"max_logprobs={K}", "model_id=tiny-teacher", f"parallel.tensor_model_parallel_size={tp}",
-           f"parallel.pipeline_model_parallel_size={pp}"]
-    env = dict(os.environ, PYTHONPATH=REPO, NEMO_KD_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("serving "):
-            return proc, line.split(" on ")[1].strip()
-    raise AssertionError("".join(lines))
-
-
 def _prompt_logprobs(url, prompt):
     body = {"model": "tiny-teacher", "prompt": prompt, "max_tokens": 1, "temperature": 0, "prompt_logprobs": K}
     r = requests.post(url + "/v1/completions", json=body, timeout=60)
@@ -756,7 +741,9 @@ def test_tp_pp_teacher_served_under_torchrun_equals_world_of_one(assets, tmp_pat
     """Rank 0 serves, every rank runs the forward: the answers and the store equal the world-of-one server's."""
     from nemo_kd.teacher.extract import compute_topk_logits
 
-    proc, url = _start_parallel_server(assets, tmp_path, tp, pp)
+    proc, url = _start_server(assets, tmp_path, "parallel", ("-m", "torch.distributed.run", "--nproc_per_node",
+                                                             str(tp * pp), "--master_port", str(_free_port())),
+                              (f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}"))
     try:
         # the wire answer, position by position: the same ids, ranks (the scored token's included) and greedy
         # token as the TP = PP = 1 server's, log-probs to fp32 rounding of another reduction order
