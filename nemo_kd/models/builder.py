@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_kd.models.config import DTYPES, GPTModelConfig
-from nemo_kd.models.layer_spec import get_gpt_block_spec, get_gpt_layer_spec
+from nemo_kd.models.layer_spec import get_gpt_block_spec, get_gpt_layer_spec, get_gpt_moe_block_spec
 from nemo_kd.models.sequence_parallel import with_sequence_parallel_norms
 from nemo_kd.parallel import state
 
@@ -35,7 +36,9 @@ def to_transformer_config(cfg: GPTModelConfig, **overrides) -> TransformerConfig
     parallel_cfg = state.config()
     vpp = parallel_cfg.virtual_pipeline_model_parallel_size if parallel_cfg is not None else None
     sequence_parallel = bool(parallel_cfg.sequence_parallel) if parallel_cfg is not None else False
-    cfg.validate_parallel(tp, pp, vpp)
+    ep = state.ep_size() if state.is_initialized() else 1
+    etp = state.etp_size() if state.is_initialized() else tp
+    cfg.validate_parallel(tp, pp, vpp, ep, etp)
     local = cfg.transformer_impl == "local"
     kwargs = dict(
         num_layers=cfg.num_layers,
@@ -66,6 +69,9 @@ def to_transformer_config(cfg: GPTModelConfig, **overrides) -> TransformerConfig
         sequence_parallel=sequence_parallel,
         # Activation recomputation (None: off); GPTModelConfig checked Megatron's rules already.
         **cfg.recompute_settings,
+        # Mixture of experts (nothing for a dense model): the router, dispatcher and expert keys as set,
+        # grouped GEMM on the TE path (SequentialMLP on the local one), experts split over EP x expert TP.
+        **_moe_kwargs(cfg, local, ep, etp),
         # No CUDA: Megatron must build weights with its CPU initialisation path.
         use_cpu_initialization=not torch.cuda.is_available(),
         # These fusions are apex/TE/jit kernels the local spec does not ship.
@@ -81,6 +87,39 @@ def to_transformer_config(cfg: GPTModelConfig, **overrides) -> TransformerConfig
     kwargs.setdefault("cuda_graph_scope", [])
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _moe_kwargs(cfg: GPTModelConfig, local: bool, ep: int, etp: int) -> dict:
+    if not cfg.is_moe:
+        return {}
+    return dict(
+        cfg.moe_settings,
+        # Megatron's grouped GEMM (TEGroupedMLP) on the TE path; the local spec runs SequentialMLP.
+        moe_grouped_gemm=not local,
+        # These are TE kernels (fused permute / router / aux loss).
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
+def _mark_experts_expert_parallel(model: torch.nn.Module) -> None:
+    """Mark every routed expert's parameters expert-parallel (``allreduce=False``), at EP=1 too.
+
+    Megatron marks them only when ``expert_model_parallel_size > 1``; the mark decides where DDP reduces
+    their gradients (its expert buffers, over the expert-data-parallel group, scaled by 1/DP: at EP=1 that
+    group is the data-parallel group, so the same sums) and which optimizer holds them (Megatron's
+    ``ChainedOptimizer`` of the dense and the expert optimizer). Marked at every EP, an MoE student's
+    optimizer is the same chain [dense, experts] whatever the layout, and its training checkpoint (whose
+    optimizer state is keyed by that chain) resumes at another EP.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            for param in module.experts.parameters():
+                param.allreduce = False
 
 
 def build_gpt_model(
@@ -114,9 +153,16 @@ def build_gpt_model(
         pre_process = state.is_pipeline_first_stage() and vp_stage in (None, 0)
     if post_process is None:
         post_process = state.is_pipeline_last_stage() and (vp_stage is None or vp_stage == vpp - 1)
-    layer_spec = get_gpt_layer_spec(cfg.transformer_impl, cfg.normalization, cfg.qk_layernorm)
     num_layers_here = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
-    block_spec = get_gpt_block_spec(layer_spec, num_layers_here, cfg.transformer_impl)
+    if cfg.is_moe:
+        # One spec per layer of this stage: MoE or dense as moe_layer_freq says (global layer index).
+        offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage)
+        pattern = cfg.moe_layer_pattern()[offset: offset + num_layers_here]
+        block_spec = get_gpt_moe_block_spec(pattern, cfg.transformer_impl, cfg.normalization, cfg.qk_layernorm,
+                                            cfg.num_moe_experts)
+    else:
+        layer_spec = get_gpt_layer_spec(cfg.transformer_impl, cfg.normalization, cfg.qk_layernorm)
+        block_spec = get_gpt_block_spec(layer_spec, num_layers_here, cfg.transformer_impl)
     if tconfig.sequence_parallel and cfg.transformer_impl == "local":
         block_spec = with_sequence_parallel_norms(block_spec)  # TE's norms handle SP themselves
     model = GPTModel(
@@ -133,6 +179,8 @@ def build_gpt_model(
         rotary_base=cfg.rotary_base,
         vp_stage=vp_stage,
     )
+    if cfg.is_moe:
+        _mark_experts_expert_parallel(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if wrap_float16 and cfg.params_dtype != "fp32":

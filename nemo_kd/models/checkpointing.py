@@ -1,4 +1,4 @@
-"""Training checkpoints through Megatron ``dist_checkpointing``: reshardable across TP/PP/DP.
+"""Training checkpoints through Megatron ``dist_checkpointing``: reshardable across TP/PP/DP (and EP).
 
 A checkpoint is a directory::
 
@@ -67,8 +67,11 @@ def is_training_checkpoint(path: str) -> bool:
 
 
 def _layout() -> Dict[str, int]:
-    return {"tp": state.tp_size(), "pp": state.pp_size(), "dp": state.dp_size(),
-            "world": dist.get_world_size() if dist.is_initialized() else 1}
+    layout = {"tp": state.tp_size(), "pp": state.pp_size(), "dp": state.dp_size(),
+              "world": dist.get_world_size() if dist.is_initialized() else 1}
+    if state.ep_size() > 1:  # expert parallelism (MoE): its ranks' RNG streams differ too (absent: EP=1)
+        layout["ep"] = state.ep_size()
+    return layout
 
 
 def _rank() -> int:

@@ -16,7 +16,7 @@ import torch
 
 from nemo_kd.config_keys import check_keys
 
-__all__ = ["GPTModelConfig", "DTYPES", "TRAINING_ONLY_KEYS", "dtype_name"]
+__all__ = ["GPTModelConfig", "DTYPES", "MOE_KEYS", "TRAINING_ONLY_KEYS", "dtype_name"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {
@@ -75,6 +75,43 @@ class GPTModelConfig:
     # recompute_num_layers layers of each stage and keeps the rest.
     recompute_method: Optional[str] = None  # None | uniform | block
     recompute_num_layers: Optional[int] = None
+    # ---- mixture of experts (Megatron's TransformerConfig fields of the same names) ----
+    # None: a dense model (every other moe_* key is then ignored and left out of to_dict()).
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    # FFN size of one routed expert. None: ffn_hidden_size.
+    moe_ffn_hidden_size: Optional[int] = None
+    # Shared experts (always active, beside the routed ones): their total FFN size, None = none;
+    # moe_shared_expert_gate: a learned sigmoid gate on their output (Qwen2-MoE).
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    # softmax: top-k of the logits, then softmax over those k (False, Mixtral/Qwen3-MoE), or softmax
+    # over every expert then top-k of the probabilities (True, unnormalised weights).
+    moe_router_pre_softmax: bool = False
+    # Multiplies the top-k routing weights (DeepSeek-V3's routed_scaling_factor). None: 1.
+    moe_router_topk_scaling_factor: Optional[float] = None
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the sigmoid scores for the
+    # top-k choice only, moved by moe_router_bias_update_rate toward balance after every step.
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    # Load-balancing loss: aux_loss (per microbatch, Switch/GShard), seq_aux_loss (per sequence,
+    # DeepSeek), global_aux_loss (over the global batch), none. Weight moe_aux_loss_coeff (0: off).
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    # Router z-loss weight (ST-MoE; None: off).
+    moe_z_loss_coeff: Optional[float] = None
+    # Router logits and combine weights in this dtype (None: the model's).
+    moe_router_dtype: Optional[str] = None  # None | fp32 | fp64
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
+    # Token dropping: each expert takes at most capacity_factor * tokens * topk / experts tokens of a
+    # microbatch (None: no dropping); drop policy by routing weight ("probs") or position;
+    # pad_to_capacity pads every expert's input to its capacity.
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_token_drop_policy: str = "probs"  # probs | position
+    moe_pad_expert_input_to_capacity: bool = False
+    # Which layers are MoE: N = every N-th layer from the first (1: all), or a list of 0/1, one per layer.
+    moe_layer_freq: Any = 1
 
     def __post_init__(self):
         self.params_dtype = dtype_name(self.params_dtype)
@@ -110,6 +147,100 @@ class GPTModelConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         self._check_recompute()
+        self._check_moe()
+
+    # ---- mixture of experts ----
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    def moe_layer_pattern(self) -> list:
+        """One 0/1 per layer: 1 = an MoE layer (Megatron's reading of ``moe_layer_freq``); all 0 when dense."""
+        if not self.is_moe:
+            return [0] * self.num_layers
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            return [1 if i % freq == 0 else 0 for i in range(self.num_layers)]
+        return [int(v) for v in freq]
+
+    def _check_moe(self) -> None:
+        """Megatron's MoE rules (``TransformerConfig.__post_init__``, its router), worded with the keys here,
+        plus the ones Megatron leaves to a shape error or a silent misroute."""
+        if not self.is_moe:
+            return
+        n, k = self.num_moe_experts, self.moe_router_topk
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"GPTModelConfig.num_moe_experts must be a positive integer or null (dense), got {n!r}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"GPTModelConfig.moe_router_topk must be a positive integer, got {k!r}")
+        if k > n:
+            raise ValueError(f"GPTModelConfig.moe_router_topk ({k}) must be at most num_moe_experts ({n}): "
+                             "a token cannot be routed to more experts than there are")
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"GPTModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            raise ValueError("GPTModelConfig.moe_shared_expert_gate gates the shared experts: set "
+                             "moe_shared_expert_intermediate_size (their FFN size) too, or drop the gate")
+        _check_choice("moe_router_score_function", self.moe_router_score_function, ("softmax", "sigmoid"))
+        _check_choice("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
+                      ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"))
+        _check_choice("moe_token_dispatcher_type", self.moe_token_dispatcher_type, ("alltoall", "allgather"))
+        _check_choice("moe_token_drop_policy", self.moe_token_drop_policy, ("probs", "position"))
+        if self.moe_router_dtype is not None:
+            _check_choice("moe_router_dtype", self.moe_router_dtype, ("fp32", "fp64"))
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            raise ValueError("GPTModelConfig.moe_router_enable_expert_bias (aux-loss-free balancing) needs "
+                             "moe_router_score_function=sigmoid (Megatron adds the bias to sigmoid scores only)")
+        if k == 1 and self.moe_router_score_function == "softmax" and not self.moe_router_pre_softmax:
+            raise ValueError("GPTModelConfig.moe_router_topk=1 with the softmax router needs moe_router_pre_softmax="
+                             "true (a softmax over the single chosen logit is always 1: the router would get no "
+                             "gradient)")
+        if not (isinstance(self.moe_aux_loss_coeff, (int, float)) and self.moe_aux_loss_coeff >= 0):
+            raise ValueError(f"GPTModelConfig.moe_aux_loss_coeff must be a number >= 0, got {self.moe_aux_loss_coeff!r}")
+        if self.moe_aux_loss_coeff > 0 and self.moe_router_load_balancing_type == "none":
+            raise ValueError(f"GPTModelConfig.moe_aux_loss_coeff={self.moe_aux_loss_coeff} with "
+                             "moe_router_load_balancing_type=none: choose aux_loss / seq_aux_loss / global_aux_loss, "
+                             "or set the coefficient to 0")
+        if self.moe_z_loss_coeff is not None and not self.moe_z_loss_coeff >= 0:
+            raise ValueError(f"GPTModelConfig.moe_z_loss_coeff must be null or >= 0, got {self.moe_z_loss_coeff!r}")
+        if not self.moe_router_bias_update_rate >= 0:
+            raise ValueError("GPTModelConfig.moe_router_bias_update_rate must be >= 0, got "
+                             f"{self.moe_router_bias_update_rate!r}")
+        cf = self.moe_expert_capacity_factor
+        if cf is not None:
+            if not (isinstance(cf, (int, float)) and cf > 0):
+                raise ValueError(f"GPTModelConfig.moe_expert_capacity_factor must be null (no token dropping) or "
+                                 f"> 0, got {cf!r}")
+            if self.moe_router_load_balancing_type not in ("aux_loss", "seq_aux_loss", "none"):
+                raise ValueError("GPTModelConfig.moe_expert_capacity_factor (token dropping) works with "
+                                 "moe_router_load_balancing_type aux_loss, seq_aux_loss or none (Megatron's rule), "
+                                 f"got {self.moe_router_load_balancing_type!r}")
+        if self.moe_pad_expert_input_to_capacity and cf is None:
+            raise ValueError("GPTModelConfig.moe_pad_expert_input_to_capacity pads to the expert capacity: set "
+                             "moe_expert_capacity_factor too")
+        freq = self.moe_layer_freq
+        if isinstance(freq, bool) or not (isinstance(freq, int) and freq >= 1 or isinstance(freq, (list, tuple))):
+            raise ValueError(f"GPTModelConfig.moe_layer_freq must be a positive integer (every N-th layer is MoE) or "
+                             f"a list of 0/1 per layer, got {freq!r}")
+        if isinstance(freq, (list, tuple)):
+            if len(freq) != self.num_layers or any(v not in (0, 1) or isinstance(v, bool) for v in freq):
+                raise ValueError(f"GPTModelConfig.moe_layer_freq as a list needs one 0 (dense) or 1 (MoE) per layer "
+                                 f"({self.num_layers}), got {list(freq)!r}")
+            self.moe_layer_freq = list(freq)
+        if not any(self.moe_layer_pattern()):
+            raise ValueError(f"GPTModelConfig.moe_layer_freq={freq!r} leaves no MoE layer: set num_moe_experts=null "
+                             "for a dense model")
+
+    @property
+    def moe_settings(self) -> dict:
+        """The MoE keys as ``TransformerConfig`` fields (empty for a dense model: Megatron's defaults)."""
+        if not self.is_moe:
+            return {}
+        return {name: getattr(self, name) for name in MOE_KEYS}
 
     def _check_recompute(self) -> None:
         """Megatron's rules for the three recompute keys (``TransformerConfig.__post_init__``), worded
@@ -151,9 +282,12 @@ class GPTModelConfig:
         return -(-self.vocab_size // multiple) * multiple
 
     def validate_parallel(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                          virtual_pipeline_model_parallel_size: Optional[int] = None) -> None:
+                          virtual_pipeline_model_parallel_size: Optional[int] = None,
+                          expert_model_parallel_size: int = 1,
+                          expert_tensor_parallel_size: Optional[int] = None) -> None:
         """Raise ``ValueError`` if this architecture cannot be split over the given layout."""
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        self._validate_expert_parallel(tp, expert_model_parallel_size, expert_tensor_parallel_size)
         if self.num_attention_heads % tp:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -185,6 +319,27 @@ class GPTModelConfig:
                 raise ValueError(f"recompute_method=block: recompute_num_layers ({n}) must be at most the layers "
                                  f"{where} ({per_chunk} = num_layers {self.num_layers} / {stages})")
 
+    def _validate_expert_parallel(self, tp: int, ep: int, etp: Optional[int]) -> None:
+        etp = tp if etp is None else etp
+        if not self.is_moe:
+            if ep > 1 or etp != tp:
+                raise ValueError(f"expert_model_parallel_size={ep} / expert_tensor_parallel_size={etp} split experts, "
+                                 "and this model has none (num_moe_experts=null): set them to 1 / null")
+            return
+        if self.num_moe_experts % ep:
+            raise ValueError(f"num_moe_experts ({self.num_moe_experts}) must be divisible by "
+                             f"expert_model_parallel_size ({ep}): every expert-parallel rank holds as many experts")
+        if self.moe_ffn_hidden_size % etp:
+            raise ValueError(f"moe_ffn_hidden_size ({self.moe_ffn_hidden_size}) must be divisible by "
+                             f"expert_tensor_parallel_size ({etp}{' = tensor_model_parallel_size' if etp == tp else ''})")
+        shared = self.moe_shared_expert_intermediate_size
+        if shared is not None and shared % tp:
+            raise ValueError(f"moe_shared_expert_intermediate_size ({shared}) must be divisible by "
+                             f"tensor_model_parallel_size ({tp})")
+        if self.add_bias_linear and etp > 1:
+            raise ValueError(f"add_bias_linear with experts needs expert_tensor_parallel_size=1 (Megatron has no "
+                             f"biased experts split over tensor-parallel ranks), got {etp}")
+
     def validate_layout(self, parallel, seq_length: Optional[int] = None) -> None:
         """:meth:`validate_parallel` for a :class:`~nemo_kd.parallel.state.ParallelConfig`, plus what
         nemo_kd's training supports of it, each refusal naming the key:
@@ -197,7 +352,9 @@ class GPTModelConfig:
           (``seq_length``) divisible by TP, since Megatron splits every row over the TP ranks.
         """
         tp = parallel.tensor_model_parallel_size
-        self.validate_parallel(tp, parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size)
+        self.validate_parallel(tp, parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size,
+                               getattr(parallel, "expert_model_parallel_size", 1),
+                               getattr(parallel, "expert_tensor_parallel_size", None))
         cp = parallel.context_parallel_size
         if cp > 1:
             if self.transformer_impl != "transformer_engine":
@@ -244,12 +401,21 @@ class GPTModelConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field; a dense model leaves out the MoE keys (its dict is the one it had before they existed)."""
+        d = dataclasses.asdict(self)
+        if not self.is_moe:
+            for name in MOE_KEYS:
+                d.pop(name)
+        return d
 
 
 # GPTModelConfig fields that change how a model trains, not what it is: a checkpoint saved with them
 # resumes without them (and the other way round), a checkpoint made before they existed resumes too.
 TRAINING_ONLY_KEYS = ("recompute_granularity", "recompute_method", "recompute_num_layers")
+
+
+# The mixture-of-experts fields (all TransformerConfig fields of the same names).
+MOE_KEYS = tuple(f.name for f in dataclasses.fields(GPTModelConfig) if f.name.startswith(("moe_", "num_moe_")))
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -158,13 +158,15 @@ class DistillationEngine:
     def __init__(self, student_cfg, loss_cfg: DistillationLossConfig, optim_cfg: OptimConfig,
                  batch_cfg: BatchConfig, max_steps: int, teacher_cfg: Optional[GPTModelConfig] = None,
                  student_init_path: Optional[str] = None, teacher_model: Optional[torch.nn.Module] = None,
-                 cross_tokenizer: bool = False):
+                 cross_tokenizer: bool = False, moe_load_log_interval: int = 100):
         """``student_cfg``: a :class:`GPTModelConfig` or an ``HFArchitecture`` (ignored when
         ``student_init_path`` names a checkpoint to start from). Online teacher: ``teacher_cfg``
         (its architecture, checked against the student's vocabulary) and ``teacher_model``,
         this rank's already loaded chunk (without it a randomly initialised one is built).
         ``cross_tokenizer``: the online teacher has its own tokenizer/vocabulary; the
-        microbatches carry its tokenisation and the alignment (:mod:`nemo_kd.align`)."""
+        microbatches carry its tokenisation and the alignment (:mod:`nemo_kd.align`).
+        ``moe_load_log_interval``: an MoE student's per-layer expert load is logged every this many
+        steps (0: never; :mod:`nemo_kd.models.router_terms`)."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -202,6 +204,12 @@ class DistillationEngine:
         if state.config() is not None:  # CP / SP against this layout and row length (named refusals)
             student_cfg.validate_layout(state.config(), batch_cfg.seq_length)
         self.student_cfg, self.loss_cfg, self.optim_cfg, self.batch_cfg = student_cfg, loss_cfg, optim_cfg, batch_cfg
+        # MoE student: the router's aux / z losses as their own objective term, the experts' load
+        self.router_terms = None
+        if student_cfg.is_moe:
+            from nemo_kd.models.router_terms import RouterTerms
+
+            self.router_terms = RouterTerms(student_cfg, self.chunks, moe_load_log_interval)
         if teacher_cfg is not None and not cross_tokenizer and teacher_cfg.padded_vocab_size(state.tp_size()) != \
                 student_cfg.padded_vocab_size(state.tp_size()):
             raise ValueError(f"online teacher vocabulary ({teacher_cfg.vocab_size}) differs from the student's "
@@ -411,7 +419,10 @@ class DistillationEngine:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         scale = float(len(mbs) * state.dp_size())  # undone by the schedule (÷M) and DDP (÷DP)
+        if self.router_terms is not None:
+            self.router_terms.begin_step(self.step)
         reports = self._run_schedule(self.ddps, partial(self._forward_step, norms, scale), mbs, forward_only=False)
+        router_metrics = self.router_terms.end_step(len(mbs)) if self.router_terms is not None else {}
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron's warmup starts at init_lr)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
@@ -420,6 +431,9 @@ class DistillationEngine:
             self.skipped_steps += 1
         self.step += 1
         metrics = self._reduce_reports(reports)
+        if router_metrics:  # the router's terms are part of the objective the step minimised
+            metrics["loss"] += router_metrics.get("router_loss", 0.0)
+            metrics.update(router_metrics)
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                        lr=lr, update_skipped=float(not ok), skipped_steps=float(self.skipped_steps))
         if self.student_cfg.params_dtype == "fp16":  # the scale the next step uses (already lowered on overflow)

@@ -37,7 +37,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-__all__ = ["SDPACoreAttention", "get_gpt_layer_spec", "get_gpt_block_spec", "LOCAL", "TRANSFORMER_ENGINE"]
+__all__ = ["SDPACoreAttention", "get_gpt_layer_spec", "get_gpt_block_spec", "get_gpt_moe_block_spec", "LOCAL",
+           "TRANSFORMER_ENGINE"]
 
 LOCAL = "local"
 TRANSFORMER_ENGINE = "transformer_engine"
@@ -166,8 +167,10 @@ class SDPACoreAttention(MegatronModule):
         return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * v.shape[-1])
 
 
-def _local_spec(normalization: str, qk_layernorm: bool) -> ModuleSpec:
-    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+def _local_spec(normalization: str, qk_layernorm: bool, num_experts: Optional[int] = None) -> ModuleSpec:
+    # num_experts: Megatron's MoELayer (TopKRouter, token dispatcher, SequentialMLP experts) as the MLP.
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization=normalization,
+                                    qk_layernorm=qk_layernorm)
     layer = spec.submodules
     layer.input_layernorm = WrappedTorchNorm
     layer.pre_mlp_layernorm = WrappedTorchNorm
@@ -178,7 +181,7 @@ def _local_spec(normalization: str, qk_layernorm: bool) -> ModuleSpec:
     return spec
 
 
-def _te_spec(normalization: str, qk_layernorm: bool) -> ModuleSpec:
+def _te_spec(normalization: str, qk_layernorm: bool, num_experts: Optional[int] = None) -> ModuleSpec:
     try:
         import transformer_engine  # noqa: F401
 
@@ -188,7 +191,9 @@ def _te_spec(normalization: str, qk_layernorm: bool) -> ModuleSpec:
             "transformer_impl='transformer_engine' needs transformer-engine (pip install "
             "'nemo_kd[gpu]' on a CUDA machine); use transformer_impl='local' on CPU"
         ) from e
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    # num_experts: MoELayer with TEGroupedMLP experts (grouped GEMM) as the MLP.
+    return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=num_experts is not None,
+                                                      qk_layernorm=qk_layernorm)
 
 
 def get_gpt_layer_spec(
@@ -222,3 +227,48 @@ def get_gpt_block_spec(layer_spec: ModuleSpec, num_layers: int, transformer_impl
     if transformer_impl == TRANSFORMER_ENGINE:
         return layer_spec
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=WrappedTorchNorm)
+
+
+def get_gpt_moe_block_spec(pattern, transformer_impl: str = LOCAL, normalization: str = "RMSNorm",
+                           qk_layernorm: bool = False, num_experts: int = 2) -> TransformerBlockSubmodules:
+    """The block spec of a mixture-of-experts stage: ``pattern`` holds one 0 (dense MLP) or 1 (MoE) per
+    layer of the stage (``GPTModelConfig.moe_layer_pattern()`` cut to it), as Megatron's
+    ``get_gpt_decoder_block_spec`` builds it from ``moe_layer_freq``.
+
+    Local: each MoE layer's MLP is Megatron's ``MoELayer`` with ``SequentialMLP`` experts (one
+    ``MLP`` per local expert, ColumnParallel/RowParallel linears: runs on CPU) and the torch norms
+    and SDPA attention of the dense local spec. TE: Megatron's TE layer spec with ``TEGroupedMLP``
+    experts (grouped GEMM), ``TENorm`` as the final norm. The experts' count comes from the
+    ``TransformerConfig`` (``num_moe_experts``); ``num_experts`` only selects the MoE variant.
+    """
+    if normalization not in ("RMSNorm", "LayerNorm"):
+        raise ValueError(f"normalization must be 'RMSNorm' or 'LayerNorm', got {normalization!r}")
+    _router_gemm_without_te()
+    if transformer_impl == LOCAL:
+        build, final_norm = _local_spec, WrappedTorchNorm
+    elif transformer_impl == TRANSFORMER_ENGINE:
+        build = _te_spec
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        raise ValueError(f"transformer_impl must be {LOCAL!r} or {TRANSFORMER_ENGINE!r}, got {transformer_impl!r}")
+    dense = moe = None
+    specs = []
+    for is_moe in pattern:
+        if is_moe:
+            moe = moe or build(normalization, qk_layernorm, num_experts)
+            specs.append(moe)
+        else:
+            dense = dense or build(normalization, qk_layernorm)
+            specs.append(dense)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
+
+
+def _router_gemm_without_te() -> None:
+    """Megatron-core 0.16.1's router gate (``moe_utils.RouterGatingLinearFunction``) tests
+    ``te_general_gemm is not None`` for its TE GEMM, a name ``moe_utils`` binds only when TE imports:
+    without TE (every CPU run, a GPU without TE) the first routed token raises ``NameError``. Bind it
+    to None there, which selects the ``torch.mm`` branch the function already has; with TE, nothing."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -15,6 +15,13 @@ canonical form the Hugging Face converter reads and writes). Layout rules (Megat
   biases are replicated: added after the all-reduce).
 * everything else (norms, q/k norms, learned position embeddings, ``_extra_state``) is
   replicated.
+* mixture-of-experts layers: the router (``mlp.router.weight``, ``expert_bias``) and the shared
+  experts' gate are replicated; the shared experts split like a dense MLP; every routed expert's
+  ``linear_fc1`` / ``linear_fc2`` splits like a dense MLP's over TP, and the experts themselves
+  are split over the expert-parallel ranks: EP rank ``r`` of ``ep`` holds global experts
+  ``[r * E / ep, (r + 1) * E / ep)``, renumbered from 0 (``mlp.experts.local_experts.{i}`` on the
+  local spec, ``mlp.experts.linear_fc{1,2}.weight{i}`` for TE's grouped GEMM).
+  :func:`merge_expert_shards` puts the EP ranks' experts back together under their global indices.
 * the vocabulary dimension is resized to ``cfg.padded_vocab_size(tp_size)`` before the
   split (trailing rows trimmed or zero-padded; the real ``vocab_size`` rows are never touched).
 * pipeline stages hold layers ``[offset, offset + n)`` renumbered from 0
@@ -38,6 +45,8 @@ __all__ = [
     "layer_offset",
     "shard_state_dict",
     "gather_state_dict",
+    "merge_expert_shards",
+    "expert_index",
     "COLUMN",
     "ROW",
     "REPLICATED",
@@ -46,6 +55,9 @@ __all__ = [
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+# A routed expert's tensor: SequentialMLP (local spec) or TEGroupedMLP (one weight{i} per local expert).
+_SEQUENTIAL_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+_GROUPED_EXPERT = re.compile(r"^(.*\.mlp\.experts\.linear_fc[12]\.(?:weight|bias))(\d+)$")
 _WORD_EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT_LAYER = "output_layer.weight"
 _VOCAB_KEYS = (_WORD_EMBEDDING, _OUTPUT_LAYER)
@@ -59,11 +71,22 @@ def split_kind(key: str) -> str:
         return COLUMN
     if re.search(r"\.(linear_proj|linear_fc2)\.weight$", key):
         return ROW
+    if _GROUPED_EXPERT.match(key):  # TE grouped GEMM: linear_fc1.weight3 is expert 3's fc1
+        return COLUMN if ".linear_fc1." in key else (ROW if ".weight" in key else REPLICATED)
     return REPLICATED
 
 
+def expert_index(key: str):
+    """``(prefix, index, suffix)`` of a routed expert's tensor key (``index``: the expert number in the
+    key), or None for every other key."""
+    match = _SEQUENTIAL_EXPERT.match(key) or _GROUPED_EXPERT.match(key)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2)), match.group(3) if match.re is _SEQUENTIAL_EXPERT else ""
+
+
 def _is_gated_fc1(key: str, cfg: GPTModelConfig) -> bool:
-    return cfg.gated_linear_unit and re.search(r"\.linear_fc1\.(weight|bias)$", key) is not None
+    return cfg.gated_linear_unit and re.search(r"\.linear_fc1\.(weight|bias)\d*$", key) is not None
 
 
 def layer_offset(cfg: GPTModelConfig, pp_rank: int, pp_size: int, vp_stage: Optional[int] = None,
@@ -129,14 +152,18 @@ def shard_state_dict(
     pp_size: int = 1,
     vp_stage: Optional[int] = None,
     vpp_size: Optional[int] = None,
+    ep_rank: int = 0,
+    ep_size: int = 1,
 ) -> Dict[str, torch.Tensor]:
-    """This rank's shard of a full (TP=1, PP=1) GPT state dict.
+    """This rank's shard of a full (TP=1, PP=1, EP=1) GPT state dict.
 
     The result loads with ``GPTModel.load_state_dict`` into the model that
     :func:`nemo_kd.models.builder.build_gpt_model` builds on rank (``tp_rank``, ``pp_rank``
-    [, ``vp_stage``]). Tensors are fresh copies.
+    [, ``vp_stage``], ``ep_rank``). Tensors are fresh copies. Experts split over TP as the
+    expert tensor parallelism Megatron defaults to (``expert_tensor_parallel_size`` = TP).
     """
-    cfg.validate_parallel(tp_size, pp_size, vpp_size)
+    cfg.validate_parallel(tp_size, pp_size, vpp_size, ep_size)
+    per_rank = cfg.num_moe_experts // ep_size if cfg.is_moe else 0
     chunks = pp_size * (vpp_size or 1)
     layers_here = cfg.num_layers // chunks
     offset = layer_offset(cfg, pp_rank, pp_size, vp_stage, vpp_size)
@@ -153,11 +180,41 @@ def shard_state_dict(
             if not offset <= index < offset + layers_here:
                 continue
             local_key = f"decoder.layers.{index - offset}.{match.group(2)}"
+            expert = expert_index(local_key)
+            if expert is not None:  # expert g lives on EP rank g // per_rank as local expert g % per_rank
+                prefix, g, suffix = expert
+                if g // per_rank != ep_rank:
+                    continue
+                local_key = f"{prefix}{g % per_rank}{suffix}"
         else:
             if not _stage_has(key, cfg, first, last, single_stage=chunks == 1):
                 continue
             local_key = key
         out[local_key] = _split(tensor, key, cfg, tp_rank, tp_size) if torch.is_tensor(tensor) else tensor
+    return out
+
+
+def merge_expert_shards(ep_shards: Sequence[Mapping[str, torch.Tensor]], cfg: GPTModelConfig) -> Dict[str, torch.Tensor]:
+    """One state dict holding every expert from the state dicts of the ``EP`` ranks at one (TP, PP)
+    position (``ep_shards[ep_rank]``): local expert ``i`` of EP rank ``r`` becomes expert ``r * E / EP + i``;
+    every other tensor is taken from EP rank 0 (the EP ranks hold the same copies of them). The result is
+    what an EP=1 rank at that position holds, ready for :func:`gather_state_dict`."""
+    ep = len(ep_shards)
+    if ep == 1:
+        return dict(ep_shards[0])
+    if not cfg.is_moe or cfg.num_moe_experts % ep:
+        raise ValueError(f"{ep} expert-parallel shards for num_moe_experts={cfg.num_moe_experts}")
+    per_rank = cfg.num_moe_experts // ep
+    out: Dict[str, torch.Tensor] = {}
+    for rank, shard in enumerate(ep_shards):
+        for key, value in shard.items():
+            expert = expert_index(key)
+            if expert is None:
+                if rank == 0:
+                    out[key] = value
+                continue
+            prefix, i, suffix = expert
+            out[f"{prefix}{rank * per_rank + i}{suffix}"] = value
     return out
 
 

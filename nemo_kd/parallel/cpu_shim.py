@@ -91,6 +91,10 @@ _MODULES_WITH_CPU_TORCH = {
     "megatron.core.tensor_parallel.mappings": "TP gather buffers on current_device()",
     # The distributed optimizer's checkpoint gather (fully_reshardable) and state load on current_device().
     "megatron.core.optimizer.distrib_optimizer": "checkpoint gather/load buffers on current_device()",
+    # MoE router: the expert-bias / token-count buffers on current_device(); gating moves a CPU gate there.
+    "megatron.core.transformer.moe.router": "expert-bias buffers and gate weight on current_device()",
+    # MoE all-to-all dispatcher: its device-to-host copies of the split sizes run on a torch.cuda.Stream.
+    "megatron.core.transformer.moe.token_dispatcher": "device-to-host side stream (torch.cuda.Stream)",
 }
 
 
@@ -105,12 +109,48 @@ def _cpu_device(device):
     return device
 
 
+class _CpuEvent:
+    """A recorded CUDA event on CPU: everything before it has already happened."""
+
+    def synchronize(self):
+        return None
+
+    def wait(self, stream=None):
+        return None
+
+
+class _CpuStream:
+    """``torch.cuda.Stream`` on CPU: work is synchronous, so waiting and recording are no-ops."""
+
+    def wait_stream(self, stream):
+        return None
+
+    def wait_event(self, event):
+        return None
+
+    def record_event(self, event=None):
+        return _CpuEvent()
+
+    def synchronize(self):
+        return None
+
+
+_CPU_DEFAULT_STREAM = _CpuStream()
+
+
 class _CpuCuda:
     """``torch.cuda`` as seen by the patched modules: the current device is the CPU."""
+
+    Stream = _CpuStream
+    Event = _CpuEvent
 
     @staticmethod
     def current_device():
         return "cpu"
+
+    @staticmethod
+    def current_stream(device=None):
+        return _CPU_DEFAULT_STREAM
 
     @staticmethod
     def synchronize(device=None):
@@ -180,6 +220,19 @@ def _clip_grads_via_decoupled_path(original):
                 del p.decoupled_grad
 
     return clip
+
+
+def _splits_as_numpy_on_cpu(original):
+    """``maybe_move_tensor_to_cpu`` as the MoE dispatcher imports it, giving a CPU tensor the form a GPU
+    run's split sizes take (``as_numpy=True``: a numpy array, what ``all_to_all_single`` reads as sizes)."""
+
+    @functools.wraps(original)
+    def move(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return move
 
 
 def _with_tensor_cuda_as_identity(method):
@@ -346,6 +399,11 @@ def install_cpu_shim() -> List[str]:
     linear = layers.LinearWithGradAccumulationAndAsyncCommunication
     linear.backward = staticmethod(_with_module_torch_as_cpu_view(layers, cpu_torch)(linear.backward))
     PATCHED.append(f"{linear.__module__}.{linear.__qualname__}.backward")
+    dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
+    # MoE all-to-all: the per-rank split sizes go through maybe_move_tensor_to_cpu(..., as_numpy=True), which
+    # converts CUDA tensors only; on CPU they would stay tensors where a GPU run hands numpy sizes on.
+    dispatcher.maybe_move_tensor_to_cpu = _splits_as_numpy_on_cpu(dispatcher.maybe_move_tensor_to_cpu)
+    PATCHED.append(f"{dispatcher.__name__}.maybe_move_tensor_to_cpu")
     return list(PATCHED)
 
 

@@ -51,6 +51,12 @@ __all__ = [
     "dp_size",
     "cp_group",
     "cp_size",
+    "ep_group",
+    "ep_rank",
+    "ep_size",
+    "etp_size",
+    "expert_dp_group",
+    "expert_dp_size",
     "is_pipeline_first_stage",
     "is_pipeline_last_stage",
     "device",
@@ -71,6 +77,12 @@ class ParallelConfig:
     # Megatron's sequence parallelism: the activations outside the TP linears (norms, dropout,
     # residuals) split along the sequence over the TP ranks. Needs TP > 1.
     sequence_parallel: bool = False
+    # Mixture of experts: the experts of each MoE layer split over this many ranks (tokens reach their
+    # experts through the token dispatcher's all-to-all / all-gather). Expert parallelism reuses the
+    # data-parallel ranks: world_size must be divisible by expert_tensor_parallel_size * EP * PP.
+    expert_model_parallel_size: int = 1
+    # Tensor parallelism inside each expert. None: tensor_model_parallel_size (Megatron's default).
+    expert_tensor_parallel_size: Optional[int] = None
     seed: int = 1234
     # None: "nccl" when CUDA is available, else "gloo".
     backend: Optional[str] = None
@@ -78,10 +90,15 @@ class ParallelConfig:
     timeout_minutes: int = 30
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ParallelConfig.{name} must be a positive integer, got {value!r}")
+        etp = self.expert_tensor_parallel_size
+        if etp is not None and (not isinstance(etp, int) or isinstance(etp, bool) or etp < 1):
+            raise ValueError(f"ParallelConfig.expert_tensor_parallel_size must be null (= tensor_model_parallel_size) "
+                             f"or a positive integer, got {etp!r}")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and (vpp < 1 or self.pipeline_model_parallel_size < 2):
             raise ValueError(
@@ -98,6 +115,12 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    @property
+    def expert_model_parallel_world(self) -> int:
+        """Ranks one copy of the experts spans: expert TP * EP * PP (the world must be a multiple)."""
+        etp = self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+        return etp * self.expert_model_parallel_size * self.pipeline_model_parallel_size
 
     @classmethod
     def from_dict(cls, d) -> "ParallelConfig":
@@ -203,11 +226,22 @@ def initialize_parallel(cfg: ParallelConfig) -> None:
             f"({cfg.pipeline_model_parallel_size}) * context_parallel_size ({cfg.context_parallel_size}) "
             f"= {cfg.model_parallel_size}"
         )
+    if world % cfg.expert_model_parallel_world != 0:
+        if _OWNS_PROCESS_GROUP:
+            destroy_parallel()
+        raise ValueError(
+            f"world size {world} is not divisible by expert_tensor_parallel_size "
+            f"({cfg.expert_tensor_parallel_size or cfg.tensor_model_parallel_size}) * expert_model_parallel_size "
+            f"({cfg.expert_model_parallel_size}) * pipeline_model_parallel_size ({cfg.pipeline_model_parallel_size}) "
+            f"= {cfg.expert_model_parallel_world}"
+        )
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
         distributed_timeout_minutes=cfg.timeout_minutes,
     )
     _CONFIG = cfg
@@ -331,6 +365,31 @@ def cp_group():
 
 def cp_size() -> int:
     return mpu.get_context_parallel_world_size()
+
+
+def ep_group():
+    return mpu.get_expert_model_parallel_group()
+
+
+def ep_rank() -> int:
+    return mpu.get_expert_model_parallel_rank()
+
+
+def ep_size() -> int:
+    return mpu.get_expert_model_parallel_world_size()
+
+
+def etp_size() -> int:
+    return mpu.get_expert_tensor_parallel_world_size()
+
+
+def expert_dp_group():
+    """The ranks holding the same experts (expert-data-parallel: their expert grads are reduced together)."""
+    return mpu.get_expert_data_parallel_group()
+
+
+def expert_dp_size() -> int:
+    return mpu.get_expert_data_parallel_world_size()
 
 
 def is_pipeline_first_stage(ignore_virtual: bool = True) -> bool:
