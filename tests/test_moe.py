@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from dist_utils import WorldOfOne, run_distributed
+# the engine test's data: random rows, a top-k teacher that prefers token (x + 1) mod V, uneven masks
+from test_engine import GBS, MICRO, SEQ, VOCAB, _microbatches
 
-SEQ, MICRO, GBS, VOCAB, K = 12, 2, 4, 256, 8
 E, TOPK, H = 4, 2, 64
 
 
@@ -258,6 +259,36 @@ def test_token_dropping_keeps_the_highest_weights_within_capacity():
         torch.testing.assert_close(probs.double(), ref_probs * (ref_map & keep), atol=1e-6, rtol=1e-6)
 
 
+def test_expert_sharding_round_trip_over_ep_and_tp():
+    """shard_state_dict hands EP rank r experts [r E/EP, (r+1) E/EP) renumbered from 0 (SequentialMLP and
+    TE grouped-GEMM names), splits them over TP like a dense MLP, and merge_expert_shards + gather_state_dict
+    give the full state dict back."""
+    from nemo_kd.models.sharding import COLUMN, ROW, gather_state_dict, merge_expert_shards, shard_state_dict, split_kind
+
+    cfg = _moe_cfg()
+    g = torch.Generator().manual_seed(0)
+    full = {"decoder.layers.0.mlp.router.weight": torch.randn(E, H, generator=g)}
+    for e in range(E):
+        full[f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight"] = torch.randn(96, H, generator=g)
+        full[f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc2.weight"] = torch.randn(H, 48, generator=g)
+        full[f"decoder.layers.1.mlp.experts.linear_fc1.weight{e}"] = torch.randn(96, H, generator=g)
+        full[f"decoder.layers.1.mlp.experts.linear_fc2.weight{e}"] = torch.randn(H, 48, generator=g)
+    assert split_kind("decoder.layers.1.mlp.experts.linear_fc1.weight3") == COLUMN
+    assert split_kind("decoder.layers.1.mlp.experts.linear_fc2.weight3") == ROW
+    shards = {(tp, ep): shard_state_dict(full, cfg, tp, 2, ep_rank=ep, ep_size=2) for tp in range(2) for ep in range(2)}
+    one = shards[(1, 1)]  # TP rank 1, EP rank 1: experts 2 and 3 as local 0 and 1, their second halves
+    assert sorted(k for k in one if "local_experts" in k) == [f"decoder.layers.0.mlp.experts.local_experts.{i}."
+                                                                f"linear_fc{j}.weight" for i in (0, 1) for j in (1, 2)]
+    gate, up = full["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"].chunk(2)
+    torch.testing.assert_close(one["decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"],
+                               torch.cat([gate[24:], up[24:]]), rtol=0, atol=0)
+    torch.testing.assert_close(one["decoder.layers.1.mlp.experts.linear_fc2.weight0"],
+                               full["decoder.layers.1.mlp.experts.linear_fc2.weight2"][:, 24:], rtol=0, atol=0)
+    merged = [[merge_expert_shards([shards[(tp, ep)] for ep in range(2)], cfg) for tp in range(2)]]
+    back = gather_state_dict(merged, cfg)
+    assert back.keys() == full.keys() and all(torch.equal(back[k], v) for k, v in full.items())
+
+
 # ---------------------------------------------------------------- EP=2 equals EP=1 (engine, offline KD)
 VARIANTS = {
     # softmax router, aux + z loss, all-to-all dispatcher
@@ -270,27 +301,6 @@ VARIANTS = {
                                    moe_token_dispatcher_type="allgather", moe_expert_capacity_factor=1.0,
                                    moe_layer_freq=[0, 1]),
 }
-
-
-def _global_batch(step):
-    g = torch.Generator().manual_seed(100 + step % 2)
-    tokens = torch.randint(0, VOCAB, (GBS, SEQ + 1), generator=g)
-    mask = torch.ones(GBS, SEQ)
-    mask[:, :3] = 0
-    mask[1, 9:] = 0
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    t_logits = torch.randn(GBS, SEQ, VOCAB, generator=g)
-    t_logits.scatter_add_(-1, ((inputs + 1) % VOCAB)[..., None], torch.full((GBS, SEQ, 1), 6.0))
-    vals, ids = t_logits.topk(K, dim=-1)
-    return dict(inputs=inputs, labels=labels, loss_mask=mask, position_ids=torch.arange(SEQ).expand(GBS, SEQ),
-                teacher_values=vals, teacher_ids=ids, teacher_lse=torch.logsumexp(t_logits, -1))
-
-
-def _microbatches(step, dp_rank, dp_size):
-    batch = _global_batch(step)
-    per_rank = GBS // dp_size
-    rows = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-    return [{k: v[rows[i:i + MICRO]] for k, v in batch.items()} for i in range(0, per_rank, MICRO)]
 
 
 def _numpy(sd):
