@@ -114,7 +114,7 @@ def _run(args, variant):
     results = sorted(queue.get(timeout=1800) for _ in range(world))
     for p in procs:
         p.join()
-    return results[0][1], sum(r[2] for r in results), results[0][3]
+    return results[0][1], results[0][2], results[0][3]
 
 
 def main(argv=None):
@@ -149,7 +149,7 @@ def main(argv=None):
           f"{args.threads} threads, {args.dispatcher} dispatcher, median of {args.repeat}")
     med = {v: statistics.median(ts) for v, ts in times.items()}
     for v in args.variants:
-        print(f"  {v:8s} {1e3 * med[v]:9.1f} ms/step   params (all ranks) {info[v][0] / 1e6:7.2f} M   "
+        print(f"  {v:8s} {1e3 * med[v]:9.1f} ms/step   params (rank 0) {info[v][0] / 1e6:7.2f} M   "
               f"loss {info[v][1]:.4f}")
     if "dense" in med and "moe-ep1" in med:
         print(f"  moe-ep1 / dense   = {med['moe-ep1'] / med['dense']:.2f}x")
