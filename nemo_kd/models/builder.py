@@ -72,6 +72,8 @@ def to_transformer_config(cfg: GPTModelConfig, **overrides) -> TransformerConfig
         # Mixture of experts (nothing for a dense model): the router, dispatcher and expert keys as set,
         # grouped GEMM on the TE path (SequentialMLP on the local one), experts split over EP x expert TP.
         **_moe_kwargs(cfg, local, ep, etp),
+        # Sliding window (window_size, window_attn_skip_freq) and attention sinks (softmax_type).
+        **cfg.attention_settings,
         # No CUDA: Megatron must build weights with its CPU initialisation path.
         use_cpu_initialization=not torch.cuda.is_available(),
         # These fusions are apex/TE/jit kernels the local spec does not ship.
@@ -86,7 +88,11 @@ def to_transformer_config(cfg: GPTModelConfig, **overrides) -> TransformerConfig
     # graphs are on): it warns on every config built with defaults.
     kwargs.setdefault("cuda_graph_scope", [])
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    tconfig = TransformerConfig(**kwargs)
+    # YaRN: GPTModel and the attention's RoPE read these as attributes of the config (no fields in 0.16.1).
+    for name, value in cfg.yarn_settings.items():
+        setattr(tconfig, name, value)
+    return tconfig
 
 
 def _moe_kwargs(cfg: GPTModelConfig, local: bool, ep: int, etp: int) -> dict:

@@ -48,7 +48,7 @@ class GPTModelConfig:
     # Megatron pads the vocabulary to a multiple of this * TP (see padded_vocab_size).
     make_vocab_size_divisible_by: int = 128
     max_position_embeddings: int = 4096
-    position_embedding_type: str = "rope"  # rope | learned_absolute
+    position_embedding_type: str = "rope"  # rope | yarn | learned_absolute
     rotary_base: int = 10000
     rotary_percent: float = 1.0
     normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
@@ -65,6 +65,30 @@ class GPTModelConfig:
     init_method_std: float = 0.02
     # None: 1 / sqrt(kv_channels).
     softmax_scale: Optional[float] = None
+    # ---- attention of the modern families (Megatron's TransformerConfig fields of the same names) ----
+    # Sliding-window attention: [left, right] (Megatron's / TE's convention: query i attends keys
+    # i - left .. i + right). GPT is causal, so right is 0; Hugging Face's sliding_window W (W keys,
+    # the query's own included: Mistral, Qwen2, gpt-oss) is [W - 1, 0]. None: full attention.
+    window_size: Optional[list] = None
+    # Which layers slide (window_size set): N = every N-th layer (N, 2N, ..., counting from 1) has full
+    # attention and the others the window (gpt-oss: 2, sliding first), or a list of 0/1 per layer
+    # (1 = sliding window). None: every layer slides.
+    window_attn_skip_freq: Any = None
+    # vanilla | off-by-one (a zero logit beside the keys) | learnable (gpt-oss's per-head sinks: a learned
+    # logit per head in the softmax's denominator, the parameter core_attention.softmax_offset, split by head
+    # over TP).
+    softmax_type: str = "vanilla"
+    # YaRN RoPE scaling (position_embedding_type=yarn; Megatron's YarnRotaryEmbedding, HF rope_type "yarn"):
+    # the scaling factor, the pre-extension context, the beta_fast/beta_slow rotation bounds, the
+    # attention (concentration) factor's mscale / mscale_all_dim (None: 0.1 ln(factor) + 1, HF's
+    # default), and whether the correction range is rounded to integers (HF's truncate).
+    yarn_rotary_scaling_factor: float = 1.0
+    yarn_original_max_position_embeddings: Optional[int] = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: Optional[float] = None
+    yarn_mscale_all_dim: Optional[float] = None
+    yarn_correction_range_round_to_int: bool = True
     # Activation recomputation (Megatron's TransformerConfig fields; training only: a teacher runs
     # forward-only in eval mode, where Megatron never recomputes). None: keep every activation.
     # "selective": recompute the core attention of every layer (Megatron's default recompute_modules);
@@ -136,7 +160,7 @@ class GPTModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_query_groups "
                 f"({self.num_query_groups})"
             )
-        _check_choice("position_embedding_type", self.position_embedding_type, ("rope", "learned_absolute"))
+        _check_choice("position_embedding_type", self.position_embedding_type, ("rope", "yarn", "learned_absolute"))
         _check_choice("normalization", self.normalization, ("RMSNorm", "LayerNorm"))
         _check_choice("activation", self.activation, ("swiglu", "gelu"))
         _check_choice("params_dtype", self.params_dtype, tuple(DTYPES))
@@ -148,6 +172,7 @@ class GPTModelConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         self._check_recompute()
         self._check_moe()
+        self._check_attention()
 
     # ---- mixture of experts ----
     @property
@@ -241,6 +266,80 @@ class GPTModelConfig:
         if not self.is_moe:
             return {}
         return {name: getattr(self, name) for name in MOE_KEYS}
+
+    # ---- attention: sliding window, sinks, YaRN ----
+    def _check_attention(self) -> None:
+        """The attention keys' rules, worded with their names (Megatron checks none of them: a bad window
+        is a wrong mask, a bad YaRN key a wrong frequency)."""
+        w = self.window_size
+        if w is not None:
+            if (not isinstance(w, (list, tuple)) or len(w) != 2
+                    or any(not isinstance(v, int) or isinstance(v, bool) for v in w)):
+                raise ValueError(f"GPTModelConfig.window_size must be null or [left, right] (two integers), got {w!r}")
+            left, right = w
+            if right != 0:
+                raise ValueError(f"GPTModelConfig.window_size={list(w)}: right must be 0 (a GPT is causal: no query "
+                                 "sees keys after it)")
+            if left < 0:
+                raise ValueError(f"GPTModelConfig.window_size={list(w)}: left must be >= 0 (the keys before the query "
+                                 "it sees; Hugging Face's sliding_window W is [W - 1, 0]); for full attention set "
+                                 "window_size=null")
+            self.window_size = [left, right]
+        freq = self.window_attn_skip_freq
+        if freq is not None:
+            if w is None:
+                raise ValueError("GPTModelConfig.window_attn_skip_freq chooses the sliding-window layers: set "
+                                 "window_size too, or drop it")
+            if isinstance(freq, bool) or not (isinstance(freq, int) and freq >= 2 or isinstance(freq, (list, tuple))):
+                raise ValueError("GPTModelConfig.window_attn_skip_freq must be an integer >= 2 (every N-th layer has "
+                                 f"full attention) or a list of 0/1 per layer (1 = sliding window), got {freq!r}")
+            if isinstance(freq, (list, tuple)):
+                if len(freq) != self.num_layers or any(isinstance(v, bool) or v not in (0, 1) for v in freq):
+                    raise ValueError("GPTModelConfig.window_attn_skip_freq as a list needs one 0 (full attention) or 1 "
+                                     f"(sliding window) per layer ({self.num_layers}), got {list(freq)!r}")
+                self.window_attn_skip_freq = list(freq)
+        _check_choice("softmax_type", self.softmax_type, ("vanilla", "off-by-one", "learnable"))
+        if self.position_embedding_type == "yarn":
+            if self.rotary_percent != 1.0:
+                raise ValueError(f"position_embedding_type=yarn needs rotary_percent=1.0 (Megatron's YaRN rotates "
+                                 f"every channel), got {self.rotary_percent}")
+            if not self.yarn_rotary_scaling_factor >= 1.0:
+                raise ValueError("GPTModelConfig.yarn_rotary_scaling_factor must be >= 1 (the context extension), "
+                                 f"got {self.yarn_rotary_scaling_factor!r}")
+            original = self.yarn_original_max_position_embeddings
+            if original is None:
+                raise ValueError("position_embedding_type=yarn needs yarn_original_max_position_embeddings (the "
+                                 "context the model was pre-trained with; HF rope_scaling.original_max_position_"
+                                 "embeddings)")
+            if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+                raise ValueError("GPTModelConfig.yarn_original_max_position_embeddings must be a positive integer, "
+                                 f"got {original!r}")
+            if not self.yarn_beta_fast > self.yarn_beta_slow > 0:
+                raise ValueError(f"GPTModelConfig.yarn_beta_fast ({self.yarn_beta_fast}) must be greater than "
+                                 f"yarn_beta_slow ({self.yarn_beta_slow}) > 0")
+        elif self.yarn_settings_changed():
+            raise ValueError(f"GPTModelConfig yarn_* keys are set but position_embedding_type is "
+                             f"{self.position_embedding_type!r}: set position_embedding_type=yarn, or drop them")
+
+    def yarn_settings_changed(self) -> bool:
+        """Whether any ``yarn_*`` key differs from its default."""
+        return any(getattr(self, f.name) != f.default for f in dataclasses.fields(self) if f.name in YARN_KEYS)
+
+    @property
+    def attention_settings(self) -> dict:
+        """The sliding-window and sink keys as ``TransformerConfig`` fields (``window_size`` a tuple, as TE
+        takes it)."""
+        return {"window_size": tuple(self.window_size) if self.window_size is not None else None,
+                "window_attn_skip_freq": self.window_attn_skip_freq, "softmax_type": self.softmax_type}
+
+    @property
+    def yarn_settings(self) -> dict:
+        """The ``yarn_*`` keys with YaRN (else empty): attributes Megatron's ``GPTModel`` (its
+        ``YarnRotaryEmbedding``) and its attention (the concentration factor on cos/sin) read off the
+        ``TransformerConfig``, which declares no such fields."""
+        if self.position_embedding_type != "yarn":
+            return {}
+        return {name: getattr(self, name) for name in YARN_KEYS}
 
     def _check_recompute(self) -> None:
         """Megatron's rules for the three recompute keys (``TransformerConfig.__post_init__``), worded
@@ -406,6 +505,11 @@ class GPTModelConfig:
         if not self.is_moe:
             for name in MOE_KEYS:
                 d.pop(name)
+        # The attention keys at their defaults are left out alike (a dict from before they existed); with
+        # YaRN every yarn_* key stays.
+        for name in ATTENTION_KEYS:
+            if d[name] == _DEFAULTS[name] and not (name in YARN_KEYS and self.position_embedding_type == "yarn"):
+                d.pop(name)
         return d
 
 
@@ -416,6 +520,11 @@ TRAINING_ONLY_KEYS = ("recompute_granularity", "recompute_method", "recompute_nu
 
 # The mixture-of-experts fields (all TransformerConfig fields of the same names).
 MOE_KEYS = tuple(f.name for f in dataclasses.fields(GPTModelConfig) if f.name.startswith(("moe_", "num_moe_")))
+
+# The sliding-window / sink / YaRN keys; to_dict() leaves out those at their defaults.
+YARN_KEYS = tuple(f.name for f in dataclasses.fields(GPTModelConfig) if f.name.startswith("yarn_"))
+ATTENTION_KEYS = ("window_size", "window_attn_skip_freq", "softmax_type") + YARN_KEYS
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTModelConfig)}
 
 
 def _check_choice(name: str, value, choices) -> None:

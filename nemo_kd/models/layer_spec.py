@@ -35,6 +35,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 __all__ = ["SDPACoreAttention", "get_gpt_layer_spec", "get_gpt_block_spec", "get_gpt_moe_block_spec", "LOCAL",
@@ -63,6 +64,24 @@ class SDPACoreAttention(MegatronModule):
     ``-10000`` fill does (instead of SDPA's NaN); such rows are padding and their loss is
     masked anyway.
 
+    Sliding window (``config.window_size`` = ``(left, right)``, on the layers
+    ``config.window_attn_skip_freq`` picks, as Megatron's ``is_layer_window_attention``): query
+    position ``i`` attends keys ``i - left .. i + right`` (``-1``: unbounded), positions
+    bottom-right aligned as the causal mask (the queries are the last ``sq`` of ``sk`` keys, so a
+    KV-cache decode step sees the window of its own position). The band is intersected with
+    whatever else masks (causal, padding, a packed row's block-diagonal mask), for every mask type
+    (the decode steps of Megatron's static inference run with ``no_mask``: TE switches those to a
+    bottom-right causal window, which is what the band is).
+
+    Attention sinks (``config.softmax_type``): ``learnable`` holds one logit per head of this rank,
+    ``softmax_offset`` ``[np]`` (Megatron's name, local and TE specs alike; split by head over TP,
+    saved as such in distributed checkpoints), ``off-by-one`` a fixed zero logit: each query's
+    softmax gets one more term ``exp(offset_h)`` in its denominator, with no value behind it
+    (gpt-oss's sinks). SDPA has no such term, so the sink enters as one extra key: queries and keys
+    gain ``pad`` zero channels, the query's first is ``1 / scale`` and the sink key's is
+    ``offset_h`` (so its scaled logit is ``offset_h``), its value is zero. The kernels, the masks and
+    the gradient (to the offset through the key) stay SDPA's.
+
     Softmax precision is the kernel's (fp32 accumulation in SDPA's fused kernels; the math
     fallback computes in the input dtype).
     """
@@ -81,11 +100,13 @@ class SDPACoreAttention(MegatronModule):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise NotImplementedError("SDPACoreAttention does not support context parallelism; use transformer_engine")
-        if config.softmax_type != "vanilla":
-            raise NotImplementedError(f"SDPACoreAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
-        if config.window_size is not None:
-            raise NotImplementedError("SDPACoreAttention does not implement sliding-window attention")
         self.layer_number = max(1, layer_number)
+        # Megatron's rule for which layers slide (layer_number counts from 1 over the whole model).
+        self.window_size = (
+            tuple(config.window_size)
+            if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, self.layer_number)
+            else None
+        )
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
 
@@ -106,16 +127,39 @@ class SDPACoreAttention(MegatronModule):
         )
         self.attention_dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
+        # Attention sinks: Megatron's DotProductAttention's parameter (name, shape [np], init).
+        if config.softmax_type == "vanilla":
+            self.softmax_offset = None
+        elif config.softmax_type == "off-by-one":
+            self.register_buffer(
+                "softmax_offset", torch.zeros(self.num_attention_heads_per_partition, dtype=config.params_dtype),
+                persistent=False,
+            )
+        elif config.softmax_type == "learnable":
+            offset = torch.nn.Parameter(torch.empty(self.num_attention_heads_per_partition, dtype=config.params_dtype))
+            if torch.cuda.is_available() and not config.use_cpu_initialization:
+                offset.data = offset.data.cuda(torch.cuda.current_device())
+            # One logit per head: split by head over TP (grad norm counts every rank's share once).
+            tensor_parallel.set_tensor_model_parallel_attributes(offset, is_parallel=True, dim=0, stride=1)
+            self.softmax_offset = offset
+            if config.perform_initialization:
+                config.init_method(self.softmax_offset)
+        else:
+            raise ValueError(f"softmax_type must be 'vanilla', 'off-by-one' or 'learnable', got {config.softmax_type!r}")
+        self.tp_group = pg_collection.tp if pg_collection is not None else None
+
     def _allowed_mask(self, attention_mask, attention_bias, attn_mask_type, sq, sk, device, dtype):
         """SDPA ``attn_mask`` (bool: True = attend, or an additive float bias) or None."""
         causal = attn_mask_type in _CAUSAL_TYPES
         use_mask = attention_mask is not None and attn_mask_type != AttnMaskType.no_mask
-        if not causal and not use_mask and attention_bias is None:
+        if not causal and not use_mask and attention_bias is None and self.window_size is None:
             return None
         allowed = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=device)
         if causal:
             # Bottom-right aligned (sq <= sk: queries are the last sq positions), as TE/flash.
             allowed = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)[None, None]
+        if self.window_size is not None:
+            allowed = allowed & _window_band(self.window_size, sq, sk, device)
         if use_mask:
             allowed = allowed & ~attention_mask.to(torch.bool)
         # Fully masked query rows: attend to everything (Megatron's -10000 fill gives the
@@ -152,6 +196,9 @@ class SDPACoreAttention(MegatronModule):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         mask = self._allowed_mask(attention_mask, attention_bias, attn_mask_type, sq, sk, q.device, q.dtype)
+        hv = v.shape[-1]
+        if self.softmax_offset is not None:
+            q, k, v, mask = self._with_sink(q, k, v, mask)
         dropout_p = self.attention_dropout_p if self.training else 0.0
 
         def attend():
@@ -163,8 +210,61 @@ class SDPACoreAttention(MegatronModule):
                 context = attend()
         else:
             context = attend()
-        # [b, np, sq, hn] -> [sq, b, np * hn]
-        return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * v.shape[-1])
+        # [b, np, sq, hn] -> [sq, b, np * hn] (less the sink's zero channels)
+        return context[..., :hv].permute(2, 0, 1, 3).reshape(sq, b, np_ * hv)
+
+    def _with_sink(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
+        """``q, k, v, mask`` with the sink as one more key (see the class docstring): ``pad`` zero channels
+        (8, so the head dim stays a multiple of 8 for the flash kernels), the query's first ``1 / scale``,
+        the sink key's ``softmax_offset[h]``, a zero value; the mask gains an always-open column."""
+        b, h, sq, _ = q.shape
+        sk = k.shape[2]
+        pad = 8
+        offset = self.softmax_offset.to(k.dtype)
+        q_extra = q.new_zeros(b, h, sq, pad)
+        q_extra[..., 0] = 1.0 / self.softmax_scale
+        q = torch.cat([q, q_extra], dim=-1)
+        k = torch.cat([k, k.new_zeros(b, h, sk, pad)], dim=-1)
+        sink_key = torch.cat([k.new_zeros(1, h, 1, k.shape[-1] - pad), offset.view(1, h, 1, 1),
+                              k.new_zeros(1, h, 1, pad - 1)], dim=-1).expand(b, h, 1, k.shape[-1])
+        k = torch.cat([k, sink_key], dim=2)
+        v = torch.cat([v, v.new_zeros(b, h, 1, v.shape[-1])], dim=2)
+        v = torch.cat([v, v.new_zeros(b, h, sk + 1, pad)], dim=-1)  # same head dim as q/k (flash kernels)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                column = mask.new_ones(mask.shape[:-1] + (1,))
+            else:
+                column = mask.new_zeros(mask.shape[:-1] + (1,))
+            mask = torch.cat([mask.expand(mask.shape[0], mask.shape[1], sq, sk), column], dim=-1)
+        return q, k, v, mask
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
+        """The learnable sinks split by head over TP (axis 0), as Megatron's ``DotProductAttention``."""
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state_dict = self.state_dict(prefix="", keep_vars=True) if self.config.softmax_type == "learnable" else {}
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {"softmax_offset": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+def _window_band(window_size, sq: int, sk: int, device) -> Tensor:
+    """``[1, 1, sq, sk]`` bool: key ``j`` within ``(left, right)`` of query ``i``, the queries being the last
+    ``sq`` of the ``sk`` positions (``-1``: unbounded on that side)."""
+    left, right = window_size
+    qpos = torch.arange(sk - sq, sk, device=device)[:, None]
+    kpos = torch.arange(sk, device=device)[None, :]
+    band = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        band &= kpos >= qpos - left
+    if right >= 0:
+        band &= kpos <= qpos + right
+    return band[None, None]
 
 
 def _local_spec(normalization: str, qk_layernorm: bool, num_experts: Optional[int] = None) -> ModuleSpec:

@@ -13,6 +13,8 @@ canonical form the Hugging Face converter reads and writes). Layout rules (Megat
   ``[gate_r; up_r]``.
 * row-parallel, split on dim 1: ``linear_proj.weight``, ``linear_fc2.weight`` (their
   biases are replicated: added after the all-reduce).
+* learnable attention sinks (``self_attention.core_attention.softmax_offset``, one logit per query
+  head) split on dim 0 like the heads themselves.
 * everything else (norms, q/k norms, learned position embeddings, ``_extra_state``) is
   replicated.
 * mixture-of-experts layers: the router (``mlp.router.weight``, ``expert_bias``) and the shared
@@ -68,6 +70,8 @@ def split_kind(key: str) -> str:
     if key.endswith("_extra_state"):
         return REPLICATED
     if key in _VOCAB_KEYS or re.search(r"\.(linear_qkv|linear_fc1)\.(weight|bias)$", key):
+        return COLUMN
+    if key.endswith(".core_attention.softmax_offset"):  # learnable attention sinks: one per head
         return COLUMN
     if re.search(r"\.(linear_proj|linear_fc2)\.weight$", key):
         return ROW

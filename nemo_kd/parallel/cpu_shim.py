@@ -85,6 +85,8 @@ _MODULES_WITH_CPU_TORCH = {
     "megatron.core.utils": "no-apex l2-norm fallback result on 'cuda'",
     # RoPE moves inv_freq to torch.cuda.current_device() on the first forward.
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq moved to current_device()",
+    # YaRN RoPE moves its two inv_freq tensors to torch.cuda.current_device() on every embedding it builds.
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "YaRN inv_freq moved to current_device()",
     # The inference KV cache (static batching) is allocated on torch.cuda.current_device().
     "megatron.core.transformer.attention": "KV-cache buffers on current_device()",
     # Gathers along the last dim (inference's runtime_gather_output under TP) allocate on current_device().
