@@ -437,3 +437,64 @@ def test_config_round_trip_and_defaults_left_out():
     assert GPTModelConfig.from_dict(plain) == _gpt_cfg()
     listed = _gpt_cfg(window_size=[3, 0], window_attn_skip_freq=(1, 0)).to_dict()
     assert listed["window_attn_skip_freq"] == [1, 0] and "softmax_type" not in listed
+
+
+# ----------------------------------------------------------------------------- Hugging Face conversion
+
+
+def _windowed_hf_configs():
+    from transformers import MistralConfig, Qwen2Config
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    return {
+        "mistral": MistralConfig(**common, vocab_size=300, sliding_window=4),  # every layer, W = 4
+        # Qwen2: layers from max_window_layers on slide (here layer 1 only), W = 5
+        "qwen2": Qwen2Config(**common, vocab_size=150, use_sliding_window=True, sliding_window=5,
+                             max_window_layers=1),
+    }
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_hf_import_logits_parity(world, tmp_path, family):
+    """Mistral / Qwen2 with an active sliding window import as window_size [W - 1, 0] (Qwen2's full layers as
+    window_attn_skip_freq 0s): logits equal transformers' (fp32, <= 1e-4) on rows 3x longer than the window,
+    and the exported config.json is the one imported."""
+    import warnings
+
+    from test_convert_hf import ATOL, _megatron_logits, _randomise, _tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from nemo_kd.convert import (architecture_to_hf_config, build_and_load, convert_hf_to_megatron,
+                                 hf_config_to_architecture)
+
+    config = _windowed_hf_configs()[family]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    _randomise(hf, 1)
+    hf_dir = str(tmp_path / "hf")
+    hf.save_pretrained(hf_dir)
+    _tiny_tokenizer(config.vocab_size).save_pretrained(hf_dir)
+    tokens = torch.randint(0, config.vocab_size, (2, 15), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(tokens).logits
+    arch = convert_hf_to_megatron(hf_dir, str(tmp_path / "megatron"), progress=False)
+    W = config.sliding_window
+    assert arch.model.window_size == [W - 1, 0]
+    assert arch.model.window_attn_skip_freq == (None if family == "mistral" else [0, 1])
+    got = _megatron_logits(build_and_load(str(tmp_path / "megatron")).model_chunks, tokens)[..., :config.vocab_size]
+    assert (got - want).abs().max().item() <= ATOL
+    exported = architecture_to_hf_config(arch)
+    assert hf_config_to_architecture(exported).model == arch.model
+    assert exported["sliding_window"] == W
+    with warnings.catch_warnings():  # the window matters: full attention differs
+        warnings.simplefilter("ignore")
+        no_window = dict(sliding_window=None, **({} if family == "mistral" else
+                                                 dict(use_sliding_window=False, layer_types=None)))
+        full = AutoModelForCausalLM.from_config(type(config)(**{**config.to_dict(), **no_window}),
+                                                attn_implementation="eager").eval()
+    full.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert (full(tokens).logits - want).abs().max().item() > 1e-2

@@ -282,8 +282,10 @@ def test_sliding_window_error_or_exact_truncation():
     mistral = _hf_configs()["mistral"].to_dict()
     mistral.update(architectures=["MistralForCausalLM"], sliding_window=16)
     with pytest.raises(UnsupportedHFConfigError, match="'sliding_window'.*truncate"):
-        hf_config_to_architecture(mistral)
+        hf_config_to_architecture(mistral, sliding_window="error")
     assert hf_config_to_architecture(mistral, sliding_window="truncate").model.max_position_embeddings == 16
+    # default: the window itself (logits parity in tests/test_attention_features.py)
+    assert hf_config_to_architecture(mistral).model.window_size == [15, 0]
     mistral["sliding_window"] = 64  # covers max_position_embeddings: full attention, accepted
     assert hf_config_to_architecture(mistral).model.max_position_embeddings == 64
 

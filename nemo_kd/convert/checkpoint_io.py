@@ -421,7 +421,7 @@ def convert_hf_to_megatron(
     out_dir: str,
     params_dtype: Optional[str] = None,
     make_vocab_size_divisible_by: int = 128,
-    sliding_window: str = "error",
+    sliding_window: str = "window",
     transformer_impl: str = "local",
     progress: bool = True,
 ) -> HFArchitecture:

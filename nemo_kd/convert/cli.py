@@ -46,9 +46,9 @@ def hf_to_megatron_main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                         help="parameter dtype (default: the checkpoint's torch_dtype; keeps the round trip exact)")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    parser.add_argument("--sliding-window", choices=["error", "truncate"], default="error",
-                        help="'truncate': accept sliding-window attention by capping max_position_embeddings "
-                             "at the window (exact)")
+    parser.add_argument("--sliding-window", choices=["window", "truncate", "error"], default="window",
+                        help="sliding-window attention: 'window' (default) converts it (window_size); 'truncate' "
+                             "caps max_position_embeddings at the window (full attention, exact); 'error' refuses")
     parser.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size of this (torchrun) job")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size of this (torchrun) job")

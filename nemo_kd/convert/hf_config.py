@@ -4,7 +4,11 @@ The HF config is read as plain JSON (never ``trust_remote_code``): its ``archite
 entry picks a family from :data:`FAMILIES`, and each family's reader maps the fields the
 Megatron GPT spec can express and raises :class:`UnsupportedHFConfigError` -- naming the
 field -- for anything it cannot (a RoPE scaling type Megatron has no equivalent for,
-sliding-window attention, an output-projection bias without MLP biases, ...). Silently
+an output-projection bias without MLP biases, ...). Sliding-window attention (Mistral's
+``sliding_window``, Qwen2/Qwen3's ``use_sliding_window`` on the layers ``layer_types`` /
+``max_window_layers`` name) becomes ``GPTModelConfig.window_size = [sliding_window - 1, 0]`` (HF's
+window of W keys counts the query itself) and, when only some layers slide,
+``window_attn_skip_freq`` as a 0/1 list per layer. Silently
 dropping such a field would give a model that loads but computes something else.
 
 Two properties of HF models are not fields of ``GPTModelConfig`` and travel next to it
@@ -182,12 +186,16 @@ def read_hf_config(hf_dir: str) -> Dict[str, Any]:
         raise ValueError(f"corrupt {path}: {e}") from e
 
 
+# How hf_config_to_architecture takes active sliding-window attention.
+SLIDING_WINDOW_MODES = ("window", "truncate", "error")
+
+
 def hf_config_to_architecture(
     hf_config: Mapping[str, Any],
     params_dtype: Optional[str] = None,
     make_vocab_size_divisible_by: int = 128,
     transformer_impl: str = "local",
-    sliding_window: str = "error",
+    sliding_window: str = "window",
 ) -> HFArchitecture:
     """The Megatron architecture of an HF causal LM config.
 
@@ -197,9 +205,10 @@ def hf_config_to_architecture(
             ``torch_dtype``/``dtype`` (fp32 when absent), which keeps the round trip bit-exact.
         make_vocab_size_divisible_by: Megatron's vocabulary padding multiple (times TP).
         transformer_impl: ``local`` or ``transformer_engine``.
-        sliding_window: ``"error"`` (default) refuses a config with active sliding-window
-            attention; ``"truncate"`` sets ``max_position_embeddings`` to the window, which
-            is exact because a causal window at least as long as the sequence is full attention.
+        sliding_window: ``"window"`` (default) converts active sliding-window attention to
+            ``window_size`` / ``window_attn_skip_freq``; ``"truncate"`` instead sets
+            ``max_position_embeddings`` to the window (full attention, exact because a causal window
+            at least as long as the sequence is full attention); ``"error"`` refuses such a config.
 
     Raises:
         UnsupportedHFConfigError: unknown architecture or a field Megatron cannot express.
@@ -216,8 +225,8 @@ def hf_config_to_architecture(
         raise UnsupportedHFConfigError("model_type", model_type,
                                        f"does not match architecture {_ARCHITECTURE_OF[family]} "
                                        f"(expected {_MODEL_TYPE[family]!r})")
-    if sliding_window not in ("error", "truncate"):
-        raise ValueError(f"sliding_window must be 'error' or 'truncate', got {sliding_window!r}")
+    if sliding_window not in SLIDING_WINDOW_MODES:
+        raise ValueError(f"sliding_window must be one of {list(SLIDING_WINDOW_MODES)}, got {sliding_window!r}")
     common = dict(
         params_dtype=params_dtype or _checkpoint_dtype(hf_config),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
@@ -281,19 +290,26 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
         "qwen2": bool(hf.get("use_sliding_window", False)),
         "qwen3": bool(hf.get("use_sliding_window", False)),
     }.get(family, False)
+    layer_types = hf.get("layer_types")
+    window_fields = {}
     if window_active:
         window = hf.get("sliding_window")
-        if window is not None and window >= max_positions:
-            pass  # window covers every position: full attention
-        elif sliding_window == "truncate" and window is not None:
+        sliding = _sliding_layers(hf, family)
+        if window is None or window >= max_positions or not any(sliding):
+            pass  # no window, or one covering every position: full attention
+        elif sliding_window == "truncate":
             max_positions = int(window)
+        elif sliding_window == "window":
+            if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+                raise UnsupportedHFConfigError("sliding_window", window, "must be a positive integer")
+            window_fields = dict(window_size=[window - 1, 0],
+                                 window_attn_skip_freq=None if all(sliding) else [int(v) for v in sliding])
         else:
             raise UnsupportedHFConfigError(
                 "sliding_window", window,
-                "sliding-window attention is not in the Megatron local spec; pass sliding_window='truncate' "
-                "(--sliding-window truncate) to cap max_position_embeddings at the window, which is exact")
-    layer_types = hf.get("layer_types")
-    if layer_types and any(t != "full_attention" for t in layer_types) and not window_active:
+                "refused (sliding_window='error'); the default 'window' converts it to GPTModelConfig.window_size, "
+                "'truncate' caps max_position_embeddings at the window, which is exact")
+    elif layer_types and any(t != "full_attention" for t in layer_types):
         raise UnsupportedHFConfigError("layer_types", sorted(set(layer_types)), "only 'full_attention' layers are converted")
 
     attention_bias = bool(hf.get("attention_bias", False))
@@ -330,8 +346,29 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
         qk_layernorm=family == "qwen3",
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        **window_fields,
     )
     return fields, {"rope_scaling": rope_scaling}
+
+
+def _sliding_layers(hf: Mapping[str, Any], family: str) -> list:
+    """Per layer, whether it has the sliding window: Mistral every layer; Qwen2/Qwen3 their ``layer_types``
+    (transformers 5), else layers from ``max_window_layers`` on (transformers' own default)."""
+    n = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types")
+    if layer_types:
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unknown or len(layer_types) != n:
+            raise UnsupportedHFConfigError("layer_types", layer_types,
+                                           f"needs one 'full_attention' / 'sliding_attention' per layer ({n})")
+        if family == "mistral" and "full_attention" in layer_types:
+            raise UnsupportedHFConfigError("layer_types", sorted(set(layer_types)),
+                                           "MistralForCausalLM slides every layer (alternating layers are Ministral)")
+        return [t == "sliding_attention" for t in layer_types]
+    if family == "mistral":
+        return [True] * n
+    first = hf.get("max_window_layers", 28)
+    return [i >= first for i in range(n)]
 
 
 def _read_gpt2(hf: Mapping[str, Any], family: str):
@@ -408,9 +445,27 @@ def architecture_to_hf_config(arch: HFArchitecture) -> Dict[str, Any]:
             out["rope_scaling"] = arch.rope_scaling.to_hf()
         if arch.family in ("llama", "qwen3"):
             out.update(attention_bias=m.add_bias_linear, **({"mlp_bias": m.add_bias_linear} if arch.family == "llama" else {}))
-    if "layer_types" in out:  # per-layer list (transformers 5): must match the layer count
+    if m.window_size is not None:  # the sliding window as the family spells it
+        pattern = _window_pattern(m)
+        sliding = any(pattern)
+        if arch.family == "mistral":
+            out["sliding_window"] = m.window_size[0] + 1 if sliding else None
+        else:  # qwen2 / qwen3: transformers 4 reads max_window_layers, 5 layer_types: both written
+            out.update(use_sliding_window=sliding, sliding_window=m.window_size[0] + 1,
+                       max_window_layers=pattern.index(1) if sliding else m.num_layers)
+        if "layer_types" in out or arch.family != "mistral":
+            out["layer_types"] = ["sliding_attention" if v else "full_attention" for v in pattern]
+    elif "layer_types" in out:  # per-layer list (transformers 5): must match the layer count
         out["layer_types"] = ["full_attention"] * m.num_layers
     return out
+
+
+def _window_pattern(m: GPTModelConfig) -> list:
+    """Per layer, 1 if it has the sliding window (Megatron's ``is_layer_window_attention``)."""
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    window = tuple(m.window_size) if m.window_size is not None else None
+    return [int(is_layer_window_attention(window, m.window_attn_skip_freq, n)) for n in range(1, m.num_layers + 1)]
 
 
 def _check_family_fits(arch: HFArchitecture) -> None:
@@ -429,6 +484,23 @@ def _check_family_fits(arch: HFArchitecture) -> None:
         elif m.add_qkv_bias != m.add_bias_linear:
             raise ValueError(f"{arch.family} export: add_qkv_bias ({m.add_qkv_bias}) must equal add_bias_linear "
                              f"({m.add_bias_linear}) (HF attention_bias covers q/k/v/o together)")
+    if m.softmax_type != "vanilla":
+        raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.softmax_type is {m.softmax_type!r} "
+                         "(attention sinks); the HF class has none")
+    if m.window_size is not None:
+        if arch.family not in ("mistral", "qwen2", "qwen3"):
+            raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.window_size is {m.window_size} and "
+                             f"the HF {_ARCHITECTURE_OF[arch.family]} has no sliding window")
+        freq = m.window_attn_skip_freq
+        if arch.family == "mistral" and freq is not None:
+            raise ValueError(f"cannot export as mistral: window_attn_skip_freq={freq!r}; MistralForCausalLM slides "
+                             "every layer")
+        if arch.family != "mistral":
+            pattern = _window_pattern(m)
+            first = pattern.index(1) if any(pattern) else m.num_layers
+            if pattern != [0] * first + [1] * (m.num_layers - first):
+                raise ValueError(f"cannot export as {arch.family}: its sliding layers are the last ones (layers "
+                                 f"from max_window_layers on), not window_attn_skip_freq={freq!r}")
     for name, value in required.items():
         if getattr(m, name) != value:
             raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.{name} is {getattr(m, name)!r}, "
