@@ -27,7 +27,7 @@ def _fill(d, value="x"):
 def test_every_yaml_is_covered():
     assert sorted(f[:-5] for f in os.listdir(CONF) if f.endswith(".yaml")) == sorted(
         ["gpt_kd", "gpt_kd_online", "gpt_kd_preference", "compute_topk_logits", "build_preference_pairs",
-         "build_dasd_data", "serve_teacher"])
+         "build_dasd_data", "serve_teacher", "evaluate"])
 
 
 @pytest.mark.parametrize("name", ["gpt_kd", "gpt_kd_online", "gpt_kd_preference"])
@@ -87,6 +87,14 @@ def test_serve_teacher_config_parses():
     assert serve.host == "127.0.0.1"  # loopback unless told otherwise
     with pytest.raises(ValueError, match=r"unknown serve_teacher keys \['max-logprobs'\]"):
         run_from_config(OmegaConf.create(dict(c, **{"max-logprobs": 5})))
+
+
+def test_evaluate_config_parses_and_refuses_unknown_keys():
+    from nemo_kd.evaluation.cli import run_from_config
+
+    c = _fill(_compose("evaluate"))
+    with pytest.raises(ValueError, match=r"unknown evaluate keys \['no_such_key'\]"):
+        run_from_config(OmegaConf.create(dict(c, no_such_key=1)))
 
 
 def test_pipeline_configs_parse():
