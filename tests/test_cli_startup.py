@@ -18,8 +18,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("megatron", "nemo", "transformers", "lightning", "torch")
 # Imported at module level by the file the console script points into (not by its argument parsing):
-# nemo_kd/teacher/extract.py needs torch for its dataclasses' defaults and the extraction itself.
-TORCH_AT_IMPORT = {"nemo-kd-compute-topk-logits"}
+# nemo_kd/teacher/extract.py needs torch for its dataclasses' defaults and the extraction itself, and
+# nemo_kd/evaluation/cli.py reads its config through extract's helpers.
+TORCH_AT_IMPORT = {"nemo-kd-compute-topk-logits", "nemo-kd-evaluate"}
 EXAMPLES = ("build_preference_pairs", "build_dasd_data", "compute_topk_logits", "convert_hf_to_megatron",
             "convert_megatron_to_hf", "serve_teacher")
 
