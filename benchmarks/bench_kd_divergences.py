@@ -61,6 +61,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_kd_loss import _proc_status_bytes  # noqa: E402 (the script's own directory is on sys.path)
 from nemo_kd.losses.divergences import LOSS_TYPES
 
 PARAMS = dict(jsd_beta=0.5, skew_alpha=0.1, akl_mu=0.5)  # the library's defaults
@@ -222,14 +223,6 @@ def formulations_for(mode, loss_type, device):
 
 
 # ----------------------------------------------------------------------------- one group (subprocess)
-
-
-def _proc_status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _release_free_memory():

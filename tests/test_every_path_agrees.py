@@ -40,16 +40,6 @@ REF_PARAMS = dict(beta=0.3, alpha=0.2, mu=0.5)
 N, V = 8, 64
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Rows span several vocabulary blocks of the fused kernels (and the interpreter stays fast)."""
-    if fk is None:
-        return
-    for mod, names in ((fk, ("FWD_BLOCK_V", "BWD_BLOCK_V")), (lt, ("FWD_BLOCK_V", "BWD_BLOCK_V", "BLOCK_J"))):
-        for name in names:
-            monkeypatch.setattr(mod, name, 4 if name == "BLOCK_J" else 32)
-
-
 def _inputs(dtype):
     g = torch.Generator().manual_seed(14)
     teacher = torch.randn(N, V, generator=g, dtype=torch.float64) * 2.5

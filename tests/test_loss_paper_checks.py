@@ -50,16 +50,6 @@ PARAMS = dict(jsd_beta=0.3, skew_alpha=0.2, akl_mu=0.5)
 REF_PARAMS = dict(beta=0.3, alpha=0.2, mu=0.5)
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Rows span several vocabulary blocks of the fused kernels (and the interpreter stays fast)."""
-    if fk is None:
-        return
-    for mod, names in ((fk, ("FWD_BLOCK_V", "BWD_BLOCK_V")), (lt, ("FWD_BLOCK_V", "BWD_BLOCK_V", "BLOCK_J"))):
-        for name in names:
-            monkeypatch.setattr(mod, name, 4 if name == "BLOCK_J" else 32)
-
-
 def _value_and_grad(fn, x, g_out):
     x = x.clone().requires_grad_(True)
     out = fn(x)
