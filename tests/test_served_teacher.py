@@ -638,9 +638,12 @@ def test_max_logprobs_refusal_names_the_flag(assets):
 
 @pytest.mark.parametrize("body, message", [
     ({"prompt": "text"}, "prompt must be token ids"),
-    ({"prompt": [1, 2], "n": 2}, "n=2: .* not served yet"),
-    ({"prompt": [1, 2], "max_tokens": 5}, "max_tokens=5: sampling is not served yet"),
-    ({"prompt": [1, 2], "max_tokens": 1, "temperature": 0.7}, "temperature=0.7: sampling is not served yet"),
+    ({"prompt": [1, 2], "n": 99}, r"n=99 exceeds max_n=16 \(start the server with max_n >= 99\)"),
+    ({"prompt": [1, 2], "max_tokens": 99999}, "max_tokens=99999 exceeds max_tokens_limit=4096"),
+    ({"prompt": list(range(40)), "max_tokens": 30}, "maximum context length is 64 tokens"),
+    ({"prompt": [1, 2], "max_tokens": 1, "temperature": -0.5}, "temperature must be a finite number >= 0"),
+    ({"prompt": [1, 2], "max_tokens": 3, "logprobs": K + 1}, f"Requested sample logprobs of {K + 1}, which is greater"),
+    ({"prompt": [1, 2], "max_tokens": 3, "top_p": 0}, r"top_p must be in \(0, 1\]"),
     ({"prompt": [1, 2], "prompt_logprobs": K + 1}, "greater than max allowed"),
     ({"prompt": list(range(65))}, "more than max_prompt_tokens=64"),
     ({"prompt": [1, 999]}, r"token ids must be ints in \[0, 300\)"),
