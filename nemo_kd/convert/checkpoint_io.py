@@ -102,6 +102,21 @@ def ensure_parallel(parallel: Optional[ParallelConfig] = None) -> Iterator[bool]
         state.destroy_parallel()
 
 
+def _expert_layout(cfg: GPTModelConfig) -> Dict[str, int]:
+    """This rank's ``ep_rank`` / ``ep_size`` for cutting a full state dict (EP=1 for a dense model).
+
+    The full-state-dict cut splits experts over TP (expert tensor parallelism = TP, Megatron's
+    default); another ``expert_tensor_parallel_size`` is refused here rather than loaded wrongly.
+    """
+    if not cfg.is_moe:
+        return dict(ep_rank=0, ep_size=1)
+    if state.etp_size() != state.tp_size():
+        raise ValueError(f"loading full (Hugging Face / .nemo) weights into an MoE model needs "
+                         f"expert_tensor_parallel_size = tensor_model_parallel_size ({state.tp_size()}), got "
+                         f"{state.etp_size()}; a nemo_kd Megatron checkpoint (dist_checkpointing) loads at any layout")
+    return dict(ep_rank=state.ep_rank(), ep_size=state.ep_size())
+
+
 def _vpp_size() -> Optional[int]:
     cfg = state.config()
     return cfg.virtual_pipeline_model_parallel_size if cfg is not None else None
@@ -363,7 +378,8 @@ def build_from_full_state_dict(arch: Union[HFArchitecture, GPTModelConfig], full
     if len(chunks) != 1:
         raise ValueError(f"{source}: loading a full state dict with virtual pipeline stages is not supported")
     model = chunks[0]
-    shard = shard_state_dict(full, arch.model, state.tp_rank(), state.tp_size(), state.pp_rank(), state.pp_size())
+    shard = shard_state_dict(full, arch.model, state.tp_rank(), state.tp_size(), state.pp_rank(), state.pp_size(),
+                             **_expert_layout(arch.model))
     missing, unexpected = model.load_state_dict(shard, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -401,7 +417,7 @@ def build_and_load(path: str, parallel: Optional[ParallelConfig] = None, progres
     arch = hf_config_to_architecture(read_hf_config(path), **hf_options)
     chunks = build_model_chunks(arch, initialize_weights=False)
     load_hf_weights(chunks, arch, SafetensorsReader(path), state.tp_rank(), state.tp_size(), state.pp_rank(),
-                    state.pp_size(), _vpp_size(), progress=progress and _is_rank0())
+                    state.pp_size(), _vpp_size(), progress=progress and _is_rank0(), **_expert_layout(arch.model))
     return LoadedModel(chunks, arch)
 
 
@@ -438,7 +454,7 @@ def convert_hf_to_megatron(
     with ensure_parallel():
         chunks = build_model_chunks(arch, initialize_weights=False)
         load_hf_weights(chunks, arch, reader, state.tp_rank(), state.tp_size(), state.pp_rank(), state.pp_size(),
-                        _vpp_size(), progress=progress and _is_rank0())
+                        _vpp_size(), progress=progress and _is_rank0(), **_expert_layout(arch.model))
         save_megatron_checkpoint(chunks, arch, out_dir, tokenizer_dir=hf_dir)
     return arch
 

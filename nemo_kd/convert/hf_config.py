@@ -47,6 +47,7 @@ __all__ = [
     "read_hf_config",
     "hf_config_to_architecture",
     "architecture_to_hf_config",
+    "MOE_FAMILIES",
 ]
 
 # HF ``architectures`` class name -> our family name.
@@ -56,10 +57,16 @@ FAMILIES: Dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "GPT2LMHeadModel": "gpt2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _ARCHITECTURE_OF = {family: arch for arch, family in FAMILIES.items()}
 # HF ``model_type`` per family (written on export, checked on import).
-_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2",
+               "mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
+# Mixture-of-experts families and the dense family whose attention / window rules they share.
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+_ATTENTION_FAMILY = {"mixtral": "mistral", "qwen3_moe": "qwen3"}
 _HF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _HF_DTYPE_NAME = {v: k for k, v in _HF_DTYPE.items()}
 
@@ -285,16 +292,17 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
     if partial_rotary != 1.0:
         raise UnsupportedHFConfigError("partial_rotary_factor", partial_rotary, "only full rotary embeddings are converted")
     max_positions = hf.get("max_position_embeddings", 4096)
+    attention_family = _ATTENTION_FAMILY.get(family, family)  # Mixtral windows as Mistral, Qwen3-MoE as Qwen3
     window_active = {
         "mistral": hf.get("sliding_window") is not None,
         "qwen2": bool(hf.get("use_sliding_window", False)),
         "qwen3": bool(hf.get("use_sliding_window", False)),
-    }.get(family, False)
+    }.get(attention_family, False)
     layer_types = hf.get("layer_types")
     window_fields = {}
     if window_active:
         window = hf.get("sliding_window")
-        sliding = _sliding_layers(hf, family)
+        sliding = _sliding_layers(hf, attention_family)
         if window is None or window >= max_positions or not any(sliding):
             pass  # no window, or one covering every position: full attention
         elif sliding_window == "truncate":
@@ -332,7 +340,8 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
-        ffn_hidden_size=hf["intermediate_size"],
+        ffn_hidden_size=hf["intermediate_size"],  # Mixtral: its experts' size; Qwen3-MoE: its dense layers'
+
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab_size=hf["vocab_size"],
         max_position_embeddings=max_positions,
@@ -343,12 +352,54 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
         activation="swiglu",
         add_bias_linear=add_bias_linear,
         add_qkv_bias=add_qkv_bias,
-        qk_layernorm=family == "qwen3",
+        qk_layernorm=attention_family == "qwen3",
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
         **window_fields,
+        **(_read_moe(hf, family) if family in MOE_FAMILIES else {}),
     )
     return fields, {"rope_scaling": rope_scaling}
+
+
+def _read_moe(hf: Mapping[str, Any], family: str) -> Dict[str, Any]:
+    """The ``moe_*`` fields of Mixtral / Qwen3-MoE.
+
+    Both route with a softmax over the experts' logits ``z`` and keep the top ``k``. Mixtral (and
+    Qwen3-MoE with ``norm_topk_prob``) renormalises the kept probabilities, ``p_i / sum_{j in top-k} p_j``,
+    which equals a softmax over the top-k logits alone: Megatron's ``moe_router_pre_softmax=False``.
+    Qwen3-MoE without ``norm_topk_prob`` keeps ``softmax(z)_i`` unnormalised: ``moe_router_pre_softmax=True``.
+    Qwen3-MoE's layer ``i`` is sparse iff ``i`` is not in ``mlp_only_layers`` and
+    ``(i + 1) % decoder_sparse_step == 0`` (transformers' rule), the others dense MLPs of
+    ``intermediate_size``: ``moe_layer_freq`` as a 0/1 list.
+    """
+    n = hf["num_hidden_layers"]
+    experts = hf.get("num_local_experts", hf.get("num_experts"))
+    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
+        raise UnsupportedHFConfigError("num_local_experts", experts, "must be a positive integer (routed experts)")
+    topk = hf.get("num_experts_per_tok", 2)
+    jitter = hf.get("router_jitter_noise", 0.0)
+    if jitter:
+        raise UnsupportedHFConfigError("router_jitter_noise", jitter, "router input jitter is not converted (set 0)")
+    out = dict(num_moe_experts=experts, moe_router_topk=topk,
+               # the HF forward adds its load-balancing loss only with output_router_logits
+               moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)) if hf.get("output_router_logits") else 0.0)
+    if family == "mixtral":
+        out.update(moe_ffn_hidden_size=hf["intermediate_size"], moe_router_pre_softmax=False)
+        return out
+    for field in ("shared_expert_intermediate_size",):  # Qwen2-MoE's shared expert has no Qwen3-MoE counterpart
+        if hf.get(field):
+            raise UnsupportedHFConfigError(field, hf[field], "Qwen3MoeForCausalLM has no shared expert")
+    step = hf.get("decoder_sparse_step", 1)
+    dense = hf.get("mlp_only_layers") or []
+    if not isinstance(step, int) or step < 1:
+        raise UnsupportedHFConfigError("decoder_sparse_step", step, "must be a positive integer")
+    if any(not isinstance(i, int) or not 0 <= i < n for i in dense):
+        raise UnsupportedHFConfigError("mlp_only_layers", dense, f"must list layer indices in [0, {n})")
+    pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(n)]
+    out.update(moe_ffn_hidden_size=hf["moe_intermediate_size"],
+               moe_router_pre_softmax=not bool(hf.get("norm_topk_prob", False)),
+               moe_layer_freq=1 if all(pattern) else pattern)
+    return out
 
 
 def _sliding_layers(hf: Mapping[str, Any], family: str) -> list:
@@ -443,21 +494,41 @@ def architecture_to_hf_config(arch: HFArchitecture) -> Dict[str, Any]:
                    initializer_range=m.init_method_std)
         if arch.rope_scaling is not None:
             out["rope_scaling"] = arch.rope_scaling.to_hf()
-        if arch.family in ("llama", "qwen3"):
+        if arch.family in ("llama", "qwen3", "qwen3_moe"):
             out.update(attention_bias=m.add_bias_linear, **({"mlp_bias": m.add_bias_linear} if arch.family == "llama" else {}))
+    if arch.family in MOE_FAMILIES:
+        _write_moe(out, m, arch.family)
+    attention_family = _ATTENTION_FAMILY.get(arch.family, arch.family)
     if m.window_size is not None:  # the sliding window as the family spells it
         pattern = _window_pattern(m)
         sliding = any(pattern)
-        if arch.family == "mistral":
+        if attention_family == "mistral":
             out["sliding_window"] = m.window_size[0] + 1 if sliding else None
         else:  # qwen2 / qwen3: transformers 4 reads max_window_layers, 5 layer_types: both written
             out.update(use_sliding_window=sliding, sliding_window=m.window_size[0] + 1,
                        max_window_layers=pattern.index(1) if sliding else m.num_layers)
-        if "layer_types" in out or arch.family != "mistral":
+        if "layer_types" in out or attention_family != "mistral":
             out["layer_types"] = ["sliding_attention" if v else "full_attention" for v in pattern]
     elif "layer_types" in out:  # per-layer list (transformers 5): must match the layer count
         out["layer_types"] = ["full_attention"] * m.num_layers
     return out
+
+
+def _write_moe(out: Dict[str, Any], m: GPTModelConfig, family: str) -> None:
+    """The MoE fields of ``config.json`` (inverse of :func:`_read_moe`)."""
+    experts_key = "num_experts" if "num_experts" in out and "num_local_experts" not in out else "num_local_experts"
+    out.update({experts_key: m.num_moe_experts, "num_experts_per_tok": m.moe_router_topk})
+    if family == "mixtral":
+        out["intermediate_size"] = m.moe_ffn_hidden_size
+        out.setdefault("router_jitter_noise", 0.0)
+        return
+    pattern = m.moe_layer_pattern()
+    out.update(moe_intermediate_size=m.moe_ffn_hidden_size, norm_topk_prob=not m.moe_router_pre_softmax)
+    step, dense = out.get("decoder_sparse_step", 1), out.get("mlp_only_layers") or []
+    if [int(i not in dense and (i + 1) % step == 0) for i in range(m.num_layers)] != pattern:
+        out.update(decoder_sparse_step=1, mlp_only_layers=[i for i, v in enumerate(pattern) if not v])  # any pattern
+    else:  # the original spelling still says the same: keep it (config.json round-trips unchanged)
+        out.update(decoder_sparse_step=step, mlp_only_layers=list(dense))
 
 
 def _window_pattern(m: GPTModelConfig) -> list:
@@ -471,15 +542,17 @@ def _window_pattern(m: GPTModelConfig) -> list:
 def _check_family_fits(arch: HFArchitecture) -> None:
     """Refuse to export a Megatron model as a family whose HF class cannot hold it."""
     m = arch.model
+    _check_moe_fits(arch)
+    attention_family = _ATTENTION_FAMILY.get(arch.family, arch.family)
     if arch.family == "gpt2":
         required = dict(normalization="LayerNorm", activation="gelu", position_embedding_type="learned_absolute",
                         add_bias_linear=True, qk_layernorm=False)
     else:
         required = dict(normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
-                        qk_layernorm=arch.family == "qwen3")
+                        qk_layernorm=attention_family == "qwen3")
         if arch.family == "qwen2":
             required.update(add_qkv_bias=True, add_bias_linear=False)
-        elif arch.family == "mistral":
+        elif attention_family == "mistral" or arch.family == "qwen3_moe":  # no linear biases in these classes
             required.update(add_qkv_bias=False, add_bias_linear=False)
         elif m.add_qkv_bias != m.add_bias_linear:
             raise ValueError(f"{arch.family} export: add_qkv_bias ({m.add_qkv_bias}) must equal add_bias_linear "
@@ -488,14 +561,14 @@ def _check_family_fits(arch: HFArchitecture) -> None:
         raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.softmax_type is {m.softmax_type!r} "
                          "(attention sinks); the HF class has none")
     if m.window_size is not None:
-        if arch.family not in ("mistral", "qwen2", "qwen3"):
+        if attention_family not in ("mistral", "qwen2", "qwen3"):
             raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.window_size is {m.window_size} and "
                              f"the HF {_ARCHITECTURE_OF[arch.family]} has no sliding window")
         freq = m.window_attn_skip_freq
-        if arch.family == "mistral" and freq is not None:
+        if attention_family == "mistral" and freq is not None:
             raise ValueError(f"cannot export as mistral: window_attn_skip_freq={freq!r}; MistralForCausalLM slides "
                              "every layer")
-        if arch.family != "mistral":
+        if attention_family != "mistral":
             pattern = _window_pattern(m)
             first = pattern.index(1) if any(pattern) else m.num_layers
             if pattern != [0] * first + [1] * (m.num_layers - first):
@@ -505,3 +578,30 @@ def _check_family_fits(arch: HFArchitecture) -> None:
         if getattr(m, name) != value:
             raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.{name} is {getattr(m, name)!r}, "
                              f"the HF {_ARCHITECTURE_OF[arch.family]} needs {value!r}")
+
+
+def _check_moe_fits(arch: HFArchitecture) -> None:
+    """Refuse an MoE model as a dense family (and the reverse), and router / expert settings the HF MoE
+    class cannot hold, naming the ``GPTModelConfig`` key."""
+    m, family = arch.model, arch.family
+    if family not in MOE_FAMILIES:
+        if m.is_moe:
+            raise ValueError(f"cannot export as {family}: GPTModelConfig.num_moe_experts is {m.num_moe_experts} (a "
+                             f"mixture of experts); the HF {_ARCHITECTURE_OF[family]} is dense "
+                             f"(MoE families: {list(MOE_FAMILIES)})")
+        return
+    if not m.is_moe:
+        raise ValueError(f"cannot export as {family}: GPTModelConfig.num_moe_experts is null (a dense model); "
+                         f"the HF {_ARCHITECTURE_OF[family]} is a mixture of experts")
+    required = dict(moe_router_score_function="softmax", moe_router_topk_scaling_factor=None,
+                    moe_router_enable_expert_bias=False, moe_shared_expert_intermediate_size=None,
+                    moe_shared_expert_gate=False, moe_expert_capacity_factor=None)
+    if family == "mixtral":  # renormalised top-k, every layer sparse
+        required.update(moe_router_pre_softmax=False)
+        if not all(m.moe_layer_pattern()):
+            raise ValueError(f"cannot export as mixtral: GPTModelConfig.moe_layer_freq={m.moe_layer_freq!r} has dense "
+                             "layers; every MixtralForCausalLM layer is sparse (Qwen3-MoE has mlp_only_layers)")
+    for name, value in required.items():
+        if getattr(m, name) != value:
+            raise ValueError(f"cannot export as {family}: GPTModelConfig.{name} is {getattr(m, name)!r}, "
+                             f"the HF {_ARCHITECTURE_OF[family]} needs {value!r}")

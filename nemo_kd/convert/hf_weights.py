@@ -34,7 +34,7 @@ import torch
 
 from nemo_kd.convert.hf_config import HFArchitecture
 from nemo_kd.models.config import GPTModelConfig
-from nemo_kd.models.sharding import layer_offset, shard_state_dict
+from nemo_kd.models.sharding import expert_index, layer_offset, shard_state_dict
 
 __all__ = [
     "TensorRule",
@@ -67,12 +67,39 @@ class TensorRule:
 
 def weight_rules(arch: HFArchitecture) -> List[TensorRule]:
     """Every tensor of the full Megatron model of ``arch``, in HF checkpoint order."""
-    return _gpt2_rules(arch.model) if arch.family == "gpt2" else _llama_rules(arch.model)
+    return _gpt2_rules(arch.model) if arch.family == "gpt2" else _llama_rules(arch.model, arch.family)
 
 
-def _llama_rules(m: GPTModelConfig) -> List[TensorRule]:
+# HF names inside a sparse layer: (block prefix, router, expert e's (gate, up, down) projections).
+_MOE_NAMES = {
+    "mixtral": ("block_sparse_moe.", "gate.weight", ("experts.{e}.w1.weight", "experts.{e}.w3.weight",
+                                                     "experts.{e}.w2.weight")),
+    "qwen3_moe": ("mlp.", "gate.weight", ("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight",
+                                          "experts.{e}.down_proj.weight")),
+}
+
+
+def _moe_rules(m: GPTModelConfig, family: str, hf: str, mg: str) -> List[TensorRule]:
+    """A sparse layer: the router (``mlp.router.weight`` = HF ``gate``) and every routed expert under its
+    global index (the local spec's ``SequentialMLP`` names; EP ranks renumber them on load)."""
+    if m.add_bias_linear:
+        raise ValueError(f"{family}: expert biases are not converted (add_bias_linear)")
+    block, router, (gate, up, down) = _MOE_NAMES[family]
+    rules = [TensorRule(mg + "mlp.router.weight", (hf + block + router,))]
+    for e in range(m.num_moe_experts):
+        expert = f"{mg}mlp.experts.local_experts.{e}."
+        rules.append(TensorRule(expert + "linear_fc1.weight",
+                                (hf + block + gate.format(e=e), hf + block + up.format(e=e)), GATE_UP))
+        rules.append(TensorRule(expert + "linear_fc2.weight", (hf + block + down.format(e=e),)))
+    return rules
+
+
+def _llama_rules(m: GPTModelConfig, family: Optional[str] = None) -> List[TensorRule]:
     rules = [TensorRule(_WORD_EMBEDDING, ("model.embed_tokens.weight",))]
     has_qkv_bias = m.add_qkv_bias or m.add_bias_linear
+    moe_pattern = m.moe_layer_pattern()
+    if any(moe_pattern) and family not in _MOE_NAMES:
+        raise ValueError(f"a mixture-of-experts model has no {family} tensor names; MoE families: {sorted(_MOE_NAMES)}")
     for i in range(m.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn, mlp = hf + "self_attn.", hf + "mlp."
@@ -89,6 +116,9 @@ def _llama_rules(m: GPTModelConfig) -> List[TensorRule]:
         if m.add_bias_linear:
             rules.append(TensorRule(mg + "self_attention.linear_proj.bias", (attn + "o_proj.bias",)))
         rules.append(TensorRule(mg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",)))
+        if moe_pattern[i]:
+            rules += _moe_rules(m, family, hf, mg)
+            continue
         rules.append(TensorRule(mg + "mlp.linear_fc1.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), GATE_UP))
         if m.add_bias_linear:
             rules.append(TensorRule(mg + "mlp.linear_fc1.bias", (mlp + "gate_proj.bias", mlp + "up_proj.bias"), GATE_UP))
@@ -356,10 +386,16 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _global_key(local_key: str, offset: int) -> str:
+def _global_key(local_key: str, offset: int, first_expert: int = 0) -> str:
+    """The full model's name of a stage's tensor: layer ``i`` is global layer ``i + offset``; a routed
+    expert's local index ``j`` (this EP rank's) is global expert ``first_expert + j``."""
     if local_key.startswith("decoder.layers."):
         index, rest = local_key[len("decoder.layers."):].split(".", 1)
-        return f"decoder.layers.{int(index) + offset}.{rest}"
+        local_key = f"decoder.layers.{int(index) + offset}.{rest}"
+    expert = expert_index(local_key)
+    if expert is not None and first_expert:
+        prefix, j, suffix = expert
+        local_key = f"{prefix}{first_expert + j}{suffix}"
     return local_key
 
 
@@ -373,8 +409,14 @@ def load_hf_weights(
     pp_size: int = 1,
     vpp_size: Optional[int] = None,
     progress: bool = False,
+    ep_rank: int = 0,
+    ep_size: int = 1,
 ) -> None:
     """Fill this rank's model chunks (one per virtual pipeline stage) from an HF checkpoint.
+
+    Mixture-of-experts layers: EP rank ``r`` of ``ep_size`` reads only its experts
+    ``[r E / ep_size, (r + 1) E / ep_size)``; each is split over TP like a dense MLP (expert tensor
+    parallelism = TP, Megatron's default; another ``expert_tensor_parallel_size`` is refused).
 
     Streams: for each tensor the chunk holds, the HF source tensors are read, laid out as
     the full Megatron tensor, cut to this rank's shard with
@@ -386,6 +428,7 @@ def load_hf_weights(
     """
     cfg = arch.model
     rules = {r.megatron_key: r for r in weight_rules(arch)}
+    first_expert = ep_rank * (cfg.num_moe_experts // ep_size) if cfg.is_moe else 0
     work = []
     for vp_stage, chunk in enumerate(model_chunks):
         vp = vp_stage if vpp_size else None
@@ -393,7 +436,7 @@ def load_hf_weights(
         for local_key, target in unwrap_model(chunk).state_dict().items():
             if not torch.is_tensor(target) or local_key.endswith("_extra_state"):
                 continue
-            global_key = _global_key(local_key, offset)
+            global_key = _global_key(local_key, offset, first_expert)
             if global_key == _OUTPUT_LAYER and cfg.share_embeddings_and_output_weights:
                 global_key = _WORD_EMBEDDING  # the last stage's copy of the tied embedding
             if global_key not in rules:
@@ -410,7 +453,8 @@ def load_hf_weights(
         _check_shapes(rule, hf_tensors, cfg)
         full = hf_to_megatron_tensor(rule, hf_tensors, cfg)
         del hf_tensors
-        shard = shard_state_dict({global_key: full}, cfg, tp_rank, tp_size, pp_rank, pp_size, vp, vpp_size)[local_key]
+        shard = shard_state_dict({global_key: full}, cfg, tp_rank, tp_size, pp_rank, pp_size, vp, vpp_size,
+                                 ep_rank, ep_size)[local_key]
         del full
         if shard.shape != target.shape:
             raise CorruptCheckpointError(
@@ -431,9 +475,14 @@ def _expected_hf_shapes(rule: TensorRule, m: GPTModelConfig) -> List[Optional[Tu
         return [(q_rows + 2 * kv_rows,)]
     if rule.layout == FUSED_QKV_CONV1D:
         return [(h, q_rows + 2 * kv_rows)]
+    ffn = m.moe_ffn_hidden_size if expert_index(rule.megatron_key) is not None else m.ffn_hidden_size
     if rule.layout == GATE_UP:
-        shape = (m.ffn_hidden_size,) if is_bias else (m.ffn_hidden_size, h)
+        shape = (ffn,) if is_bias else (ffn, h)
         return [shape, shape]
+    if rule.megatron_key.endswith(".mlp.router.weight"):
+        return [(m.num_moe_experts, h)]
+    if expert_index(rule.megatron_key) is not None and rule.megatron_key.endswith("linear_fc2.weight"):
+        return [(h, ffn)]
     if rule.megatron_key in _VOCAB_KEYS:
         return [(m.vocab_size, h)]
     return [None] * len(rule.hf_keys)
