@@ -30,10 +30,12 @@ samples (the teacher's own tokenisation has other lengths) and on-policy samplin
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from nemo_kd.data.kd_dataset import DataConfigError, DistillationDataset, DistillationSample, collate_rows
 
@@ -122,3 +124,49 @@ def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     positions (−1) attend among themselves: finite, and their loss is masked."""
     seg = segment_ids
     return (seg[:, None, :, None] != seg[:, None, None, :]).contiguous()
+
+
+def packed_seq_params(segment_ids: torch.Tensor) -> PackedSeqParams:
+    """Megatron's THD description of packed rows ``segment_ids`` ``[B, S]`` flattened to one sequence of
+    ``B·S`` tokens (row after row): ``cu_seqlens_q = cu_seqlens_kv`` ``[n + 1]`` int32, the starts of the
+    ``n`` runs of one segment id within a row (a row's padding tail, −1, is a run of its own: it attends
+    among itself, finite, and its loss is masked), then ``B·S``; ``max_seqlen_*`` the longest run. What
+    TE's ``DotProductAttention`` (``qkv_format='thd'``), Megatron's THD RoPE (positions restart per
+    segment) and :class:`~nemo_kd.models.layer_spec.SDPACoreAttention` read."""
+    b, s = segment_ids.shape
+    flat = segment_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::s] = True  # a row starts a run whatever its first id
+    bounds = torch.cat([starts.nonzero().squeeze(1), flat.new_tensor([b * s])])
+    cu = bounds.to(torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+@dataclass
+class PackedModelInputs:
+    """A packed microbatch as Megatron's ``GPTModel.forward`` takes it in the THD layout: ``input_ids`` and
+    ``position_ids`` ``[1, B·S]``, no ``attention_mask``, ``packed_seq_params``; :meth:`rows` puts an output
+    ``[1, B·S, ...]`` (logits, or the final hidden states of a deferred projection) back in rows ``[B, S, ...]``."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    packed_seq_params: PackedSeqParams
+    shape: Tuple[int, int]
+
+    @staticmethod
+    def of(input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> "PackedModelInputs":
+        b, s = segment_ids.shape
+        params = packed_seq_params(segment_ids)
+        params.cu_seqlens_q = params.cu_seqlens_kv = params.cu_seqlens_q.to(input_ids.device)
+        return PackedModelInputs(input_ids.reshape(1, b * s), position_ids.reshape(1, b * s), params, (b, s))
+
+    @property
+    def schedule_shape(self) -> Tuple[int, int]:
+        """``(seq_length, micro_batch_size)`` for Megatron's pipeline schedule (its p2p tensors are ``[B·S, 1, H]``)."""
+        return self.shape[0] * self.shape[1], 1
+
+    def rows(self, output: torch.Tensor) -> torch.Tensor:
+        return output.reshape(*self.shape, *output.shape[2:])

@@ -19,7 +19,9 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import weakref
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
-__all__ = ["SDPACoreAttention", "get_gpt_layer_spec", "get_gpt_block_spec", "get_gpt_moe_block_spec", "LOCAL",
+__all__ = ["SDPACoreAttention", "SegmentBuckets", "bucket_length", "get_gpt_layer_spec", "get_gpt_block_spec", "get_gpt_moe_block_spec", "LOCAL",
            "TRANSFORMER_ENGINE"]
 
 LOCAL = "local"
@@ -81,6 +83,10 @@ class SDPACoreAttention(MegatronModule):
     gain ``pad`` zero channels, the query's first is ``1 / scale`` and the sink key's is
     ``offset_h`` (so its scaled logit is ``offset_h``), its value is zero. The kernels, the masks and
     the gradient (to the offset through the key) stay SDPA's.
+
+    Packed sequences (``packed_seq_params``, Megatron's THD layout: rows flattened to one sequence, the
+    segments in ``cu_seqlens_q``): causal attention inside each segment, bucketed by length, so the work is
+    ``Σ len²`` rather than ``S²`` a row and no ``[S, S]`` mask is built (:meth:`_forward_segments`).
 
     Softmax precision is the kernel's (fp32 accumulation in SDPA's fused kernels; the math
     fallback computes in the input dtype).
@@ -180,12 +186,10 @@ class SDPACoreAttention(MegatronModule):
         attention_bias: Optional[Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> Tensor:
-        if packed_seq_params is not None:
-            raise NotImplementedError(
-                "packed sequences (packed_seq_params) need transformer_impl='transformer_engine'; "
-                "with the local spec pass a block-diagonal attention_mask instead"
-            )
         attn_mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if packed_seq_params is not None:
+            return self._forward_segments(query, key, value, attn_mask_type, attention_mask, attention_bias,
+                                          packed_seq_params)
         sq, b, np_, hn = query.shape
         sk = key.shape[0]
         # [s, b, h, d] -> [b, h, s, d]
@@ -199,19 +203,83 @@ class SDPACoreAttention(MegatronModule):
         hv = v.shape[-1]
         if self.softmax_offset is not None:
             q, k, v, mask = self._with_sink(q, k, v, mask)
+        context = self._attend(q, k, v, mask)
+        # [b, np, sq, hn] -> [sq, b, np * hn] (less the sink's zero channels)
+        return context[..., :hv].permute(2, 0, 1, 3).reshape(sq, b, np_ * hv)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool = False) -> Tensor:
+        """SDPA with this layer's scale and dropout (dropout forked per TP rank: heads are split over TP)."""
         dropout_p = self.attention_dropout_p if self.training else 0.0
 
         def attend():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                                  scale=self.softmax_scale)
 
         if dropout_p > 0.0 and not self.config.sequence_parallel:
-            # Heads are split over TP ranks: dropout must differ per rank (Megatron does the same).
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = attend()
-        else:
-            context = attend()
-        # [b, np, sq, hn] -> [sq, b, np * hn] (less the sink's zero channels)
-        return context[..., :hv].permute(2, 0, 1, 3).reshape(sq, b, np_ * hv)
+                return attend()
+        return attend()
+
+    def _forward_segments(self, query: Tensor, key: Tensor, value: Tensor, attn_mask_type: AttnMaskType,
+                          attention_mask: Optional[Tensor], attention_bias: Optional[Tensor],
+                          packed_seq_params: PackedSeqParams) -> Tensor:
+        """Packed sequences in Megatron's THD layout (``packed_seq_params.qkv_format == 'thd'``: the rows
+        flattened to one sequence of ``t`` tokens, query ``[t, np, hn]``, key/value ``[t, ng, hn]``, segment
+        ``i`` the tokens ``cu_seqlens_q[i] .. cu_seqlens_q[i+1]``), causal attention inside each segment only.
+
+        Cost ``Σ_b n_b · h · L_b²`` instead of ``h · t²``: the segments are grouped into buckets of one padded
+        length ``L_b`` (:class:`SegmentBuckets`, at most 25 % longer than the segment) and each bucket runs as one
+        SDPA batch ``[n_b, h, L_b, d]``. A segment is padded on the right with whatever tokens follow it:
+        under the causal mask no real query sees a key past its own position, so those keys get weight exactly 0
+        (and no gradient), and the padded queries' outputs are dropped. The sliding window and the sinks are
+        the dense path's (:meth:`_allowed_mask`, :meth:`_with_sink`) on the ``[L_b, L_b]`` block of a segment,
+        whose positions start at 0; no mask is built for plain causal attention (SDPA's ``is_causal``)."""
+        if packed_seq_params.qkv_format != "thd":
+            raise NotImplementedError(f"SDPACoreAttention: packed_seq_params.qkv_format must be 'thd' (Megatron's "
+                                      f"packed layout), got {packed_seq_params.qkv_format!r}")
+        if attn_mask_type not in _CAUSAL_TYPES:
+            raise NotImplementedError(f"SDPACoreAttention: packed sequences are causal only (attn_mask_type "
+                                      f"{attn_mask_type.name} asks for keys past a query inside its segment)")
+        if attention_bias is not None or attention_mask is not None:
+            raise NotImplementedError("SDPACoreAttention: packed sequences take their segments from "
+                                      "packed_seq_params; pass attention_mask=None and no attention_bias")
+        cu = packed_seq_params.cu_seqlens_q
+        for name in ("cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            other = getattr(packed_seq_params, name)
+            if other is not None and other is not cu and not torch.equal(other, cu):
+                raise NotImplementedError(f"SDPACoreAttention: packed self-attention needs {name} == cu_seqlens_q "
+                                          "(no cross-attention, no padded segments)")
+        if query.dim() == 4:  # [t, 1, np, hn] if a caller did not squeeze Megatron's dummy batch
+            query, key, value = (x.squeeze(1) for x in (query, key, value))
+        t, np_, _ = query.shape
+        if int(cu[-1]) != t:
+            raise ValueError(f"SDPACoreAttention: cu_seqlens_q ends at {int(cu[-1])}, the packed sequence has {t} "
+                             "tokens (with sequence parallelism the segments are of the gathered sequence)")
+        buckets = SegmentBuckets.of(cu, query.device)
+        groups = np_ // key.shape[1]
+        hv = value.shape[-1]
+        pieces = []
+        for bucket in buckets.buckets:
+            n, length = bucket.index.shape
+            flat = bucket.index.reshape(-1)
+            # [n * L, heads, d] -> [n, heads, L, d]
+            q, k, v = (x.index_select(0, flat).view(n, length, x.shape[1], x.shape[2]).transpose(1, 2)
+                       for x in (query, key, value))
+            if groups > 1:  # GQA, as the dense path
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+            if self.window_size is None and self.softmax_offset is None:
+                context = self._attend(q, k, v, None, is_causal=True)
+            else:
+                mask = self._allowed_mask(None, None, AttnMaskType.causal, length, length, q.device, q.dtype)
+                if self.softmax_offset is not None:
+                    q, k, v, mask = self._with_sink(q, k, v, mask)
+                context = self._attend(q, k, v, mask)
+            # [n, np, L, hv] -> [n * L, np * hv], then the segments' own positions
+            context = context[..., :hv].transpose(1, 2).reshape(n * length, np_ * hv)
+            pieces.append(context.index_select(0, bucket.real))
+        # the buckets' real rows in bucket order -> token order
+        return torch.cat(pieces, dim=0).index_select(0, buckets.token_order)
 
     def _with_sink(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
         """``q, k, v, mask`` with the sink as one more key (see the class docstring): ``pad`` zero channels
@@ -251,6 +319,68 @@ class SDPACoreAttention(MegatronModule):
             state_dict, prefix, {"softmax_offset": 0}, sharded_offsets,
             tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
         )
+
+
+@dataclass(frozen=True)
+class SegmentBucket:
+    """Segments of one padded length ``L``: ``index`` ``[n, L]`` the token positions each reads (its own, then
+    the tokens after it, clamped to the sequence); ``real`` the rows of the flattened ``[n * L]`` that are
+    the segments' own tokens, in token order within the bucket."""
+
+    index: Tensor
+    real: Tensor
+
+
+@dataclass(frozen=True)
+class SegmentBuckets:
+    """A packed sequence's segments (``cu_seqlens``) grouped by padded length (:func:`bucket_length`);
+    ``token_order`` puts the buckets' real rows, concatenated, back in token order."""
+
+    buckets: Tuple[SegmentBucket, ...]
+    token_order: Tensor
+
+    @staticmethod
+    def of(cu_seqlens: Tensor, device) -> "SegmentBuckets":
+        """Built once per ``cu_seqlens`` tensor (a forward's layers share it, and backward reuses it)."""
+        cached = _BUCKETS.get(id(cu_seqlens))
+        if cached is not None and cached[0]() is cu_seqlens and cached[1] == device:
+            return cached[2]
+        bounds = cu_seqlens.tolist()
+        t = bounds[-1]
+        by_length: Dict[int, List[Tuple[int, int]]] = {}
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                by_length.setdefault(bucket_length(end - start), []).append((start, end))
+        buckets, sources = [], []
+        for length in sorted(by_length):
+            segs = by_length[length]
+            starts = torch.tensor([s for s, _ in segs], dtype=torch.long)
+            sizes = torch.tensor([e - s for s, e in segs], dtype=torch.long)
+            offsets = torch.arange(length, dtype=torch.long)
+            index = (starts[:, None] + offsets[None, :]).clamp_(max=t - 1)
+            keep = (offsets[None, :] < sizes[:, None]).reshape(-1)
+            buckets.append(SegmentBucket(index.to(device), keep.nonzero().squeeze(1).to(device)))
+            sources.append(index.reshape(-1)[keep])
+        token_order = torch.empty(t, dtype=torch.long)
+        token_order[torch.cat(sources)] = torch.arange(t)
+        result = SegmentBuckets(tuple(buckets), token_order.to(device))
+        for key in [key for key, (ref, _, _) in _BUCKETS.items() if ref() is None]:
+            del _BUCKETS[key]
+        _BUCKETS[id(cu_seqlens)] = (weakref.ref(cu_seqlens), device, result)
+        return result
+
+
+# id(cu_seqlens) -> (a weak reference to it, device, its buckets). Not a WeakKeyDictionary: a weak
+# reference's == compares live tensors elementwise.
+_BUCKETS: Dict[int, tuple] = {}
+
+
+def bucket_length(n: int) -> int:
+    """The padded length of a segment of ``n`` tokens: ``n`` rounded up to a multiple of ``2^(k−2)`` for
+    ``2^k <= n < 2^(k+1)`` (four lengths per octave: at most 25 % longer, 56 % more attention work) and of 8
+    below 64, so that a batch of uneven lengths makes few SDPA calls."""
+    step = max(8, 1 << max(0, n.bit_length() - 3))
+    return -(-n // step) * step
 
 
 def _window_band(window_size, sq: int, sk: int, device) -> Tensor:
