@@ -35,7 +35,7 @@ def _hf_configs():
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, num_experts_per_tok=2)
     return {
-        "mixtral": MixtralConfig(**common, intermediate_size=48, num_local_experts=4, vocab_size=200,
+        "mixtral": MixtralConfig(**common, intermediate_size=48, num_local_experts=4, vocab_size=320,
                                  sliding_window=None),
         "qwen3_moe": Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
                                     vocab_size=300, head_dim=16, mlp_only_layers=[0], decoder_sparse_step=1,
@@ -216,3 +216,56 @@ def test_refusals_name_the_field(zoo):
     written = architecture_to_hf_config(arch)
     assert (written["decoder_sparse_step"], written["mlp_only_layers"]) == (1, [1])
     assert json.loads(json.dumps(written)) == written
+
+
+# ---------------------------------------------------------------- a converted MoE teacher in extraction
+def _ep_extract(rank, world, ep, teacher_path, tok_dir, data, out):
+    from transformers import AutoTokenizer
+
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from nemo_kd.teacher.extract import compute_topk_logits
+    from nemo_kd.teacher.teachers import MegatronTeacher
+    from test_extract import _extract_cfg
+
+    initialize_parallel(ParallelConfig(expert_model_parallel_size=ep, seed=5))
+    try:
+        summary = compute_topk_logits(_extract_cfg(out, data), MegatronTeacher(teacher_path),
+                                      AutoTokenizer.from_pretrained(tok_dir))
+        return summary.num_tokens
+    finally:
+        destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def extraction_assets(tmp_path_factory):
+    from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
+    from test_extract import _texts, _write_data
+
+    d = tmp_path_factory.mktemp("moe_extract")
+    tok = train_byte_level_bpe(_texts(), vocab_size=300, save_dir=str(d / "tok"))
+    data = str(d / "data.jsonl")
+    _write_data(data)
+    return dict(dir=d, tok=tok, tok_dir=str(d / "tok"), data=data)
+
+
+@pytest.mark.distributed
+def test_extraction_from_converted_mixtral_ep2_equals_ep1(zoo, extraction_assets):
+    """compute_topk_logits with the converted Mixtral as teacher: EP=2 (DP=2, each rank half the experts
+    and half the samples) writes the store EP=1 writes: top-k ids equal, values and LSE within fp32 rounding
+    (not byte for byte: DP=2 batches other samples together, so padded lengths and GEMM shapes differ;
+    measured max abs difference 1.4e-6)."""
+    from dist_utils import WorldOfOne
+    from test_extract import _assert_same_store, _extract_cfg
+
+    from nemo_kd.teacher.extract import compute_topk_logits
+    from nemo_kd.teacher.teachers import MegatronTeacher
+
+    a = extraction_assets
+    teacher = zoo["mixtral"]["megatron_dir"]
+    assert len(a["tok"]) <= zoo["mixtral"]["vocab_size"]
+    ep1, ep2 = str(a["dir"] / "store_ep1"), str(a["dir"] / "store_ep2")
+    with WorldOfOne(seed=5):
+        n1 = compute_topk_logits(_extract_cfg(ep1, a["data"]), MegatronTeacher(teacher), a["tok"]).num_tokens
+    n2 = run_distributed(_ep_extract, 2, 2, teacher, a["tok_dir"], a["data"], ep2)
+    assert n2 == [n1, n1] and n1 > 0
+    _assert_same_store(ep2, ep1)  # ids exactly, values / LSE to 2e-5
