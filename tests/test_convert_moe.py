@@ -269,3 +269,65 @@ def test_extraction_from_converted_mixtral_ep2_equals_ep1(zoo, extraction_assets
     n2 = run_distributed(_ep_extract, 2, 2, teacher, a["tok_dir"], a["data"], ep2)
     assert n2 == [n1, n1] and n1 > 0
     _assert_same_store(ep2, ep1)  # ids exactly, values / LSE to 2e-5
+
+
+# ---------------------------------------------------------------- a converted MoE student through the NeMo class
+def _student_world(extraction_assets, tmp_path):
+    from test_distillation_model import N
+
+    data = str(tmp_path / "train.jsonl")
+    with open(data, "w") as f:
+        for i in range(N):
+            f.write(json.dumps({"id": i, "prompt": f"what is {i} plus {i * 3}?",
+                                "response": f"{i + i * 3} because adding" + " numbers" * (i % 3)}) + "\n")
+    return dict(data=data, store=None, tok_dir=extraction_assets["tok_dir"], vocab=len(extraction_assets["tok"]))
+
+
+def test_moe_student_from_hf_trains_restores_exports_and_resumes(zoo, extraction_assets, tmp_path):
+    """student_init = the Mixtral HF directory: the NeMo model reproduces transformers' logits, trains (SFT,
+    the loss falls), its .nemo restores to identical logits and exports back to a Mixtral HF directory
+    with the trained weights, and a Lightning checkpoint at step 2 resumes to the uninterrupted run's losses."""
+    import lightning.pytorch as pl
+    from transformers import AutoModelForCausalLM
+
+    from dist_utils import WorldOfOne
+    from nemo_kd.convert.checkpoint_io import convert_megatron_to_hf
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from test_distillation_model import _cfg, _trainer
+
+    case = zoo["mixtral"]
+    w = _student_world(extraction_assets, tmp_path)
+    over = {"student_init": case["hf_dir"], "teacher.mode": "none", "kd.kd_loss_weight": 0.0,
+            "kd.sft_loss_weight": 1.0, "data.train_ds.logits_store": None, "data.validation_ds": None, "max_steps": 4}
+    x = case["tokens"]
+    with WorldOfOne(seed=5):
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+        trainer, rec = _trainer(tmp_path / "fit", 4, callbacks=[ckpt])
+        model = GPTDistillationModel(_cfg(w, **over), trainer=trainer)
+        assert model.cfg.student_hf_architecture.family == "mixtral" and model._student_cfg.num_moe_experts == 4
+        model.eval()
+        with torch.no_grad():
+            assert _max_diff(model(x), case["logits"], case["vocab_size"]) <= ATOL
+        trainer.fit(model)
+        losses = [r["loss"] for r in rec.rows]
+        assert trainer.global_step == 4 and losses[-1] < losses[0], losses
+        path = str(tmp_path / "student.nemo")
+        model.save_to(path)
+        restored = GPTDistillationModel.restore_from(path, map_location=torch.device("cpu"))
+        model.eval(), restored.eval()
+        with torch.no_grad():
+            trained = model(x)
+            assert torch.equal(restored(x), trained)
+        assert not torch.equal(trained[..., : case["vocab_size"]], torch.as_tensor(case["logits"]))  # it trained
+        convert_megatron_to_hf(path, str(tmp_path / "hf_out"), tokenizer_dir=w["tok_dir"], progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_out")).eval()
+        assert type(exported).__name__ == "MixtralForCausalLM"
+        with torch.no_grad():
+            assert _max_diff(trained, exported(x).logits, case["vocab_size"]) <= ATOL
+        step2 = [os.path.join(ckpt.dirpath, f) for f in sorted(os.listdir(ckpt.dirpath)) if "step=2" in f][0]
+        trainer2, rec2 = _trainer(tmp_path / "resumed", 4)
+        resumed = GPTDistillationModel(_cfg(w, **over), trainer=trainer2)
+        trainer2.fit(resumed, ckpt_path=step2)
+        assert [r["loss"] for r in rec2.rows] == pytest.approx(losses[2:], rel=1e-5, abs=1e-6)
