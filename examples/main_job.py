@@ -17,9 +17,12 @@ Stages (each with a progress bar):
 4. students – the same smaller GPT (same initial weights, same batches) trained on
    ``transfer`` twice with the same NeMo model class: KD + SFT (``teacher.mode: offline``,
    the store) and SFT only (the baseline), each saved as ``.nemo``;
-5. evaluation on ``test`` – loss on the clean references, KL(teacher ‖ student), and
-   exact match of greedy generations;
-6. ``results.md`` (the comparison table), ``results.json``, ``loss_curves.png``.
+5. evaluation on ``test`` – loss on the clean references, KL(teacher ‖ student) and KL(student ‖
+   teacher), and greedy generations scored by :mod:`nemo_kd.evaluation.evaluator` (ROUGE-L, exact
+   match, the cipher checker) with bootstrap 95% intervals, and the paired KD+SFT − SFT interval;
+6. ``results.md`` (the comparison table), ``results.json``, ``loss_curves.png``, ``eval/``
+   (:func:`nemo_kd.evaluation.report.write_report`: per-sample generations, the evaluator's table
+   with paired differences, ``scores.png``, ``lengths.png``).
 
 Everything runs in one process at TP = PP = DP = 1; ``examples/train_gpt_kd.py`` is the
 same model class driven by Hydra for real runs (TP/PP/DP under torchrun/srun).
@@ -167,24 +170,51 @@ def _fit(name: str, model_cfg, steps: int, log_root: str, val=None, eval_every: 
     return model, hist, start
 
 
-def _generate_em(model, tok, rows, task, desc, cfg: JobConfig) -> dict:
-    from nemo_kd.evaluation import exact_match, greedy_generate
+def eval_settings(task, cfg: JobConfig):
+    """Greedy decoding with room for the longest answer; the evaluator's bootstrap defaults (95%, 2000 resamples)."""
+    from nemo_kd.evaluation.evaluator import EvalSettings
 
-    prompts = [r["prompt"] for r in rows]
-    refs = [r["response"] for r in rows]
-    bar = _progress(len(prompts), desc)
-    preds = greedy_generate(model, tok, prompts, max_new_tokens=2 * task.cfg.max_len + 2,
-                            batch_size=128, max_length=cfg.seq_length + 1, progress=bar)
-    bar.close()
+    return EvalSettings(max_new_tokens=2 * task.cfg.max_len + 2, batch_size=128)
+
+
+def confused_prompts(rows: List[dict], task) -> List[int]:
+    """Indices of the prompts holding a letter the annotator confuses (where noisy labels mislead SFT)."""
     confused = set(task.confusions)
-    hard = [i for i, p in enumerate(prompts) if set(p.split()[1:]) & confused]
-    easy = [i for i in range(len(prompts)) if i not in set(hard)]
-    return {
-        "exact_match": exact_match(preds, refs),
-        "exact_match_confused": exact_match([preds[i] for i in hard], [refs[i] for i in hard]) if hard else math.nan,
-        "exact_match_other": exact_match([preds[i] for i in easy], [refs[i] for i in easy]) if easy else math.nan,
-        "examples": [{"prompt": prompts[i], "reference": refs[i], "generated": preds[i]} for i in range(min(8, len(rows)))],
-    }
+    return [i for i, r in enumerate(rows) if set(r["prompt"].split()[1:]) & confused]
+
+
+def evaluate_generations(model, tok, records, task, desc: str, cfg: JobConfig, checker=None):
+    """Greedy generations of ``model`` (a Megatron GPTModel) on ``records`` scored by the evaluator
+    (:mod:`nemo_kd.evaluation.evaluator`): per-sample rows (ROUGE-L, exact match, the cipher checker) and
+    their summary (means with bootstrap intervals), plus the summaries on the prompts with / without a
+    confused letter. Returns ``(rows, summary)``."""
+    from nemo_kd.evaluation.evaluator import generate_responses, prompt_token_ids, score_samples, summarize
+
+    settings = eval_settings(task, cfg)
+    bar = _progress(len(records), desc)
+    gens = generate_responses(model, tok, prompt_token_ids(tok, records), settings, vocab_size=len(tok),
+                              max_length=cfg.seq_length + 1, progress=bar)
+    bar.close()
+    rows = score_samples(records, gens, settings, checker=checker)
+    hard = set(confused_prompts(rows, task))
+    summary = summarize(rows, settings)
+    summary["subsets"] = {"confused": summarize([r for i, r in enumerate(rows) if i in hard], settings),
+                          "other": summarize([r for i, r in enumerate(rows) if i not in hard], settings)}
+    return rows, summary
+
+
+def _generate_em(model, tok, rows, task, desc, cfg: JobConfig) -> dict:
+    """Exact match overall and on the confused / other prompts as point estimates (the keys the sequence-level
+    benchmarks print), through :func:`evaluate_generations`; ``summary`` holds the intervals."""
+    from nemo_kd.data.records import records_from_objects
+
+    records = records_from_objects((desc, i + 1, r, None) for i, r in enumerate(rows))
+    scored, summary = evaluate_generations(model, tok, records, task, desc, cfg)
+    em = lambda s: s["scores"]["exact_match"]["mean"] if s["num_samples"] else math.nan
+    return {"exact_match": em(summary), "exact_match_confused": em(summary["subsets"]["confused"]),
+            "exact_match_other": em(summary["subsets"]["other"]), "summary": summary,
+            "examples": [{"prompt": r["prompt"], "reference": r["reference"], "generated": r["response"]}
+                         for r in scored[:8]]}
 
 
 def _plot(histories: Dict[str, dict], path: str) -> None:
@@ -223,14 +253,47 @@ def _plot(histories: Dict[str, dict], path: str) -> None:
     plt.close(fig)
 
 
+def _model_result(params: int, data: str, heldout: dict, summary: dict) -> dict:
+    """One model's row of results.json: the point estimates flat (as before), the intervals in ``evaluation``."""
+    mean = lambda s, k: s["scores"][k]["mean"] if s["num_samples"] else math.nan
+    sub = summary["subsets"]
+    return dict(params=params, data=data, **heldout, heldout=heldout,
+                rouge_l=mean(summary, "rouge_l"), exact_match=mean(summary, "exact_match"),
+                checker=mean(summary, "checker"), exact_match_confused=mean(sub["confused"], "exact_match"),
+                exact_match_other=mean(sub["other"], "exact_match"),
+                evaluation={k: v for k, v in summary.items() if k != "subsets"}, subsets=sub)
+
+
+def _interval(summary: dict, score: str, scale: float = 1.0, digits: int = 3) -> str:
+    from nemo_kd.evaluation.stats import Interval
+
+    return Interval(**summary["scores"][score]).format(scale, digits) if summary["num_samples"] else "n/a"
+
+
+def _paired_verdict(paired: List[dict]) -> str:
+    """``score +d [low, high] (significant | not significant)`` for each paired difference."""
+    from nemo_kd.evaluation.stats import Interval
+
+    parts = []
+    for d in paired:
+        iv = Interval(d["mean"], d["low"], d["high"], d["n"], d["confidence"])
+        scale, digits = (100.0, 1) if d["score"] == "rouge_l" else (1.0, 3)
+        name = {"rouge_l": "ROUGE-L ×100", "exact_match": "exact match", "checker": "checker"}[d["score"]]
+        parts.append(f"{name} {iv.format(scale, digits)} ({'significant' if d['significant'] else 'not significant'})")
+    return "; ".join(parts)
+
+
 def _table(results: Dict[str, dict]) -> str:
-    head = ("| model | params | trained on | held-out CE (nats/tok) | KL(teacher‖model) | token agreement "
-            "| exact match (test) | EM, prompts with confused letters | EM, other prompts |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| model | params | trained on | held-out CE (nats/tok) | KL(teacher‖model) | KL(model‖teacher) "
+            "| token agreement | ROUGE-L ×100 [95% CI] | exact match [95% CI] | EM, prompts with confused letters "
+            "| EM, other prompts |")
+    lines = [head, "|" + "---|" * 11]
     for name, r in results.items():
+        ev, sub = r["evaluation"], r["subsets"]
         lines.append(f"| {name} | {r['params']:,} | {r['data']} | {r['loss']:.4f} | {r['kl']:.4f} | "
-                     f"{r['token_agreement']:.3f} | {r['exact_match']:.3f} | {r['exact_match_confused']:.3f} | "
-                     f"{r['exact_match_other']:.3f} |")
+                     f"{r['reverse_kl']:.4f} | {r['token_agreement']:.3f} | {_interval(ev, 'rouge_l', 100.0, 1)} | "
+                     f"{_interval(ev, 'exact_match')} | {_interval(sub['confused'], 'exact_match')} | "
+                     f"{_interval(sub['other'], 'exact_match')} |")
     return "\n".join(lines)
 
 
@@ -259,6 +322,8 @@ def run(out: str, cfg: JobConfig) -> dict:
     from nemo_kd.data.tokenization import ConversationTokenizer
     from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
     from nemo_kd.evaluation import heldout_metrics
+    from nemo_kd.evaluation.report import markdown_table, write_report, write_text
+    from nemo_kd.generation.stages import atomic_write_json
     from nemo_kd.models.distillation_model import GPTDistillationModel
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from nemo_kd.teacher.extract import ExtractConfig, compute_topk_logits
@@ -348,15 +413,23 @@ def run(out: str, cfg: JobConfig) -> dict:
         t0 = time.time()
         print(f"[5/6] evaluation on test ({len(records['test'])} held-out prompts), models restored from .nemo",
               flush=True)
-        results = {}
+        from nemo_kd.evaluation.evaluator import cipher_checker, compare
+
+        checker = cipher_checker(os.path.join(out, "data", "task.json"))  # correct encoding, whatever the label
+        results, rows_by_model = {}, {}
         evaluated = [("teacher", teacher_path, f"teacher_train ({len(records['teacher_train'])}, clean)")]
         evaluated += [(n, p, f"transfer ({len(records['transfer'])}, noisy)") for n, p in student_paths.items()]
         for name, path, data in evaluated:
             model = GPTDistillationModel.restore_from(path, map_location=torch.device("cpu"))
             model.eval()
-            m = heldout_metrics(model.engine, test_batches)
-            g = _generate_em(model.student, tok, rows["test"], task, f"generate ({name})", cfg)
-            results[name] = dict(params=_num_params(model.student), data=data, **m, **g)
+            forward = heldout_metrics(model.engine, test_batches)
+            reverse = heldout_metrics(model.engine, test_batches, "reverse_kl")
+            rows_by_model[name], summary = evaluate_generations(model.student, tok, records["test"], task,
+                                                                f"generate ({name})", cfg, checker)
+            results[name] = _model_result(_num_params(model.student), data, dict(forward, reverse_kl=reverse["kl"]),
+                                          summary)
+        settings = eval_settings(task, cfg)
+        paired = compare({n: rows_by_model[n] for n in student_paths}, settings)  # KD+SFT − SFT only
         assert results["teacher"]["params"] == teacher_params
         timings["evaluation"] = time.time() - t0
         for reader in stores.values():
@@ -369,33 +442,42 @@ def run(out: str, cfg: JobConfig) -> dict:
     print("[6/6] report", flush=True)
     _plot(histories, os.path.join(out, "loss_curves.png"))
     table = _table(results)
+    eval_results = dict(settings=dict(asdict(settings), data_path=paths["test"], num_samples=len(records["test"]),
+                                      checker="cipher"),
+                        students={n: dict(r["evaluation"], heldout=r["heldout"]) for n, r in results.items()},
+                        paired_differences=paired)
+    write_report(os.path.join(out, "eval"), eval_results, rows_by_model)
     timings["total"] = time.time() - t_start
-    kd, sft = results["student KD+SFT"], results["student SFT only"]
+    verdict = _paired_verdict(paired)
     md = [
         "# nemo_kd main job: distillation on the synthetic cipher task",
         "",
         f"Teacher trained on {len(records['teacher_train'])} clean samples; both students trained on the same "
         f"{len(records['transfer'])}-sample transfer set whose labels come from an annotator who confuses "
         f"{len(task.confusions)} letters (rate {task_cfg.confusion_rate}); same initial weights, same batches, "
-        f"{cfg.student_steps} steps. Evaluated on {len(records['test'])} clean held-out prompts.",
+        f"{cfg.student_steps} steps. Evaluated on {len(records['test'])} clean held-out prompts (greedy).",
         "",
         table,
         "",
-        f"KD+SFT vs SFT only: exact match {kd['exact_match']:.3f} vs {sft['exact_match']:.3f}, "
-        f"held-out CE {kd['loss']:.4f} vs {sft['loss']:.4f}, KL {kd['kl']:.4f} vs {sft['kl']:.4f}.",
+        "KD+SFT − SFT only on the same prompts (paired 95% bootstrap intervals): " + verdict + ".",
         "",
+        "The intervals measure the eval set's sampling noise only (another seed moves a number too: "
+        "benchmarks/bench_methods.py runs several). Per-sample generations, the paired table, scores.png and "
+        "lengths.png: eval/.",
+        "",
+        markdown_table(eval_results),
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
         "",
         "Example generations (KD+SFT student):",
         "",
-    ] + [f"- `{e['prompt']}` → `{e['generated']}` (reference `{e['reference']}`)" for e in kd["examples"][:5]]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "results": results, "timings_s": timings, "histories": histories}, f, indent=1)
+    ] + [f"- `{r['prompt']}` → `{r['response']}` (reference `{r['reference']}`)" for r in rows_by_model["student KD+SFT"][:5]]
+    write_text(os.path.join(out, "results.md"), "\n".join(md) + "\n")
+    atomic_write_json(os.path.join(out, "results.json"),
+                      {"config": asdict(cfg), "results": results, "timings_s": timings, "histories": histories})
     print()
     print(table)
-    print(f"\nartefacts in {out}: results.md, results.json, loss_curves.png; total {timings['total']:.0f} s", flush=True)
+    print("\nKD+SFT − SFT only (paired 95% intervals): " + verdict)
+    print(f"\nartefacts in {out}: results.md, results.json, loss_curves.png, eval/ (scores.png, samples); total {timings['total']:.0f} s", flush=True)
     return {"results": results, "timings": timings, "histories": histories, "table": table}
 
 

@@ -28,7 +28,8 @@ def test_smoke_pipeline_artefacts_and_table(smoke_run):
     for rel in ("data/teacher_train.jsonl", "data/transfer.jsonl", "data/test.jsonl", "data/task.json",
                 "tokenizer/tokenizer.json", "teacher.nemo", "student_KD_SFT.nemo", "student_SFT_only.nemo",
                 "store", "store_test", "logs/student_KD_SFT/run",
-                "results.md", "results.json", "loss_curves.png"):
+                "results.md", "results.json", "loss_curves.png", "eval/results.md", "eval/results.json",
+                "eval/scores.png", "eval/lengths.png", "eval/samples/student_KD_SFT.jsonl"):
         assert os.path.exists(out / rel), rel
     assert os.path.getsize(out / "loss_curves.png") > 1000
     md = (out / "results.md").read_text()
@@ -37,9 +38,36 @@ def test_smoke_pipeline_artefacts_and_table(smoke_run):
     res = json.loads((out / "results.json").read_text())
     for name in ("teacher", "student KD+SFT", "student SFT only"):
         r = res["results"][name]
-        for key in ("loss", "kl", "token_agreement", "exact_match"):
+        for key in ("loss", "kl", "reverse_kl", "token_agreement", "exact_match", "rouge_l"):
             assert r[key] == r[key], (name, key)  # not NaN
         assert 0.0 <= r["exact_match"] <= 1.0
+        assert r["reverse_kl"] >= -1e-6  # a KL (the teacher against its own store: 0 up to rounding)
+        # every score has a bootstrap interval around its point estimate, and the mean is the samples' mean
+        samples = [json.loads(line) for line in (out / "eval" / "samples" / (name.replace(" ", "_").replace("+", "_")
+                                                                            + ".jsonl")).open()]
+        assert len(samples) == r["evaluation"]["num_samples"] == 32
+        for score in ("rouge_l", "exact_match", "checker"):
+            iv = r["evaluation"]["scores"][score]
+            assert iv["low"] <= iv["mean"] <= iv["high"] and iv["confidence"] == 0.95, (name, score, iv)
+            assert iv["mean"] == pytest.approx(sum(x[score] for x in samples) / len(samples)), (name, score)
+        assert r[score] == r["evaluation"]["scores"][score]["mean"]
+        for subset in ("confused", "other"):
+            iv = r["subsets"][subset]["scores"]["exact_match"]
+            assert iv["low"] <= iv["mean"] <= iv["high"], (name, subset, iv)
+        assert r["subsets"]["confused"]["num_samples"] + r["subsets"]["other"]["num_samples"] == 32
+    # the paired KD+SFT − SFT only differences: the difference of the two means, inside its interval
+    ev = json.loads((out / "eval" / "results.json").read_text())
+    diffs = {d["score"]: d for d in ev["paired_differences"]}
+    assert set(diffs) == {"rouge_l", "exact_match", "checker"}
+    for score, d in diffs.items():
+        assert (d["a"], d["b"]) == ("student KD+SFT", "student SFT only")
+        kd_mean = res["results"]["student KD+SFT"]["evaluation"]["scores"][score]["mean"]
+        sft_mean = res["results"]["student SFT only"]["evaluation"]["scores"][score]["mean"]
+        assert d["mean"] == pytest.approx(kd_mean - sft_mean, abs=1e-12)
+        assert d["low"] <= d["mean"] <= d["high"]
+        assert d["significant"] == (not d["low"] <= 0.0 <= d["high"])
+    assert "KD+SFT − SFT only on the same prompts (paired 95% bootstrap intervals)" in md
+    assert "Paired differences a − b" in md
     kd = res["histories"]["student KD+SFT"]
     assert kd["loss"][-1] < 0.8 * kd["loss"][0], (kd["loss"][0], kd["loss"][-1])
     assert kd["val_kl"][-1] < kd["val_kl"][0]

@@ -25,7 +25,7 @@ from nemo_kd.evaluation.stats import Interval
 from nemo_kd.generation.stages import atomic_write_json, atomic_write_jsonl
 from nemo_kd.output_lock import temp_tag
 
-__all__ = ["write_report", "markdown_table", "sample_file_name"]
+__all__ = ["write_report", "markdown_table", "sample_file_name", "write_text"]
 
 _SCALE = {"rouge_l": 100.0}  # the papers print ROUGE-L ×100
 _TITLES = {"rouge_l": "ROUGE-L", "exact_match": "exact match", "checker": "checker"}
@@ -41,6 +41,11 @@ def _write_bytes(path: str, data: bytes) -> None:
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _atomic_write(path, data, temp_tag())
+
+
+def write_text(path: str, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` atomically (a recipe's own results.md beside this module's outputs)."""
+    _write_bytes(path, text.encode("utf-8"))
 
 
 def _interval(d: dict) -> Interval:
