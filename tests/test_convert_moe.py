@@ -331,3 +331,50 @@ def test_moe_student_from_hf_trains_restores_exports_and_resumes(zoo, extraction
         resumed = GPTDistillationModel(_cfg(w, **over), trainer=trainer2)
         trainer2.fit(resumed, ckpt_path=step2)
         assert [r["loss"] for r in rec2.rows] == pytest.approx(losses[2:], rel=1e-5, abs=1e-6)
+
+
+def _ep2_restore_and_save(rank, world, nemo_path, out_path, tokens):
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelConfig(expert_model_parallel_size=2, seed=5))
+    try:
+        model = GPTDistillationModel.restore_from(nemo_path, map_location=torch.device("cpu"))
+        experts = {k for k in model.student.state_dict() if ".local_experts." in k}
+        assert experts and all(".local_experts.0." in k or ".local_experts.1." in k for k in experts)
+        model.eval()
+        with torch.no_grad():
+            logits = model(tokens)
+        model.save_to(out_path)  # gathers both EP ranks' experts
+        return logits
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.distributed
+def test_moe_nemo_restores_at_ep2_and_saves_every_expert(zoo, extraction_assets, tmp_path):
+    """A Mixtral-initialised MoE student's .nemo restores at EP=2 (each rank cuts its 2 experts) with the EP=1
+    logits, and save_to at EP=2 writes all 4 experts: the re-saved .nemo restores at EP=1 to identical logits."""
+    from dist_utils import WorldOfOne
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from test_distillation_model import _cfg
+
+    case = zoo["mixtral"]
+    w = _student_world(extraction_assets, tmp_path)
+    over = {"student_init": case["hf_dir"], "teacher.mode": "none", "kd.kd_loss_weight": 0.0,
+            "data.train_ds.logits_store": None, "data.validation_ds": None}
+    path, resaved = str(tmp_path / "ep1.nemo"), str(tmp_path / "ep2.nemo")
+    with WorldOfOne(seed=5):
+        model = GPTDistillationModel(_cfg(w, **over))
+        model.eval()
+        with torch.no_grad():
+            want = model(case["tokens"])
+        model.save_to(path)
+    got = run_distributed(_ep2_restore_and_save, 2, path, resaved, case["tokens"])
+    for logits in got:
+        torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    with WorldOfOne(seed=5):
+        again = GPTDistillationModel.restore_from(resaved, map_location=torch.device("cpu"))
+        again.eval()
+        with torch.no_grad():
+            assert torch.equal(again(case["tokens"]), want)

@@ -513,7 +513,7 @@ class GPTDistillationModel(ModelPT):
         settle_loop_state(checkpoint)
 
     def _model_parallel(self) -> bool:
-        return state.is_initialized() and state.tp_size() * state.pp_size() > 1
+        return state.is_initialized() and state.tp_size() * state.pp_size() * state.ep_size() > 1
 
     # ------------------------------------------------------------------ .nemo
 
@@ -579,16 +579,22 @@ class GPTDistillationModel(ModelPT):
         import torch.distributed as dist
 
         from nemo_kd.models import gather_state_dict
+        from nemo_kd.models.sharding import merge_expert_shards
 
         local = {k: v.detach().cpu() for k, v in self.student.state_dict().items() if torch.is_tensor(v)}
-        item = (state.pp_rank(), state.tp_rank(), local) if state.dp_rank() == 0 else None
+        # One copy of every shard: DP replica 0's, and under EP each EP rank's experts (the ranks of
+        # expert-data-parallel rank 0 hold one (PP, TP, EP) position each).
+        ep = state.ep_size()
+        first_copy = dist.get_rank(group=state.expert_dp_group()) == 0 if ep > 1 else state.dp_rank() == 0
+        item = (state.pp_rank(), state.tp_rank(), state.ep_rank() if ep > 1 else 0, local) if first_copy else None
         items = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(item, items, dst=0)
         if dist.get_rank() == 0:
-            shards = [[None] * state.tp_size() for _ in range(state.pp_size())]
+            by_ep = [[[None] * ep for _ in range(state.tp_size())] for _ in range(state.pp_size())]
             for it in items:
                 if it is not None:
-                    shards[it[0]][it[1]] = it[2]
+                    by_ep[it[0]][it[1]][it[2]] = it[3]
+            shards = [[merge_expert_shards(parts, self._student_cfg) for parts in row] for row in by_ep]
             full = gather_state_dict(shards, self._student_cfg)  # keeps this layout's padded vocab rows
             self._export_state = {f"student.{k}": v for k, v in full.items()}
         try:
@@ -609,7 +615,7 @@ class GPTDistillationModel(ModelPT):
 
             full = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
             shard = shard_state_dict(full, self._student_cfg, state.tp_rank(), state.tp_size(),
-                                     state.pp_rank(), state.pp_size())
+                                     state.pp_rank(), state.pp_size(), ep_rank=state.ep_rank(), ep_size=state.ep_size())
             state_dict = {f"student.{k}": v for k, v in shard.items()}
         out = super().load_state_dict(state_dict, strict=strict, **kwargs)
         if hasattr(self.engine.optimizer, "reload_model_params"):  # refresh fp32 main params (bf16 students)
