@@ -56,6 +56,13 @@ output_path=/stores/dasd_low teacher.path=/ckpt/teacher.nemo ...``) and train wi
 ``model.teacher.mode=offline model.data.train_ds.logits_store=/stores/dasd_low`` (same
 ``student_init`` chaining).
 
+``teacher.type: served`` (``url``, ``model``, ``dialect``, ``api_key_env``, ... as extraction's served
+teacher, with the teacher's ``tokenizer``) draws the candidates through a server
+(:mod:`~nemo_kd.generation.served_sampling`): ``num_samples`` per prompt in one request at the stage's
+temperature, log-probs at temperature 1 (the server's, or rescored with ``prompt_logprobs``:
+``teacher.sampled_logprobs``, recorded in ``teacher_responses.jsonl.meta.json``), per-request seeds (the
+in-process draws against ``nemo-kd-serve-teacher``). Mixed policy needs the teacher in process.
+
 Models: the teacher is loaded alone to sample every stage, then the student alone to score
 them; both are in memory only for the mixed-policy phase. A model is loaded only when one of
 its phases still has work. Every costly output (``teacher_responses``, ``scored``,
@@ -173,6 +180,10 @@ class DASDPipelineConfig(PipelineConfig):
             raise ValueError(f"selection={cfg.selection!r} is not one of {list(SELECTIONS)}")
         if not 0.0 <= cfg.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {cfg.beta}")
+        if cfg.mixed_policy.enabled and cfg.teacher.type == "served":
+            raise ValueError("mixed_policy.enabled with teacher.type=served is not supported: the teacher's "
+                             "continuations of student prefixes run in process (load the teacher, or turn "
+                             "mixed_policy off)")
         for st in cfg.stages:  # fail on bad sampling settings before any model is loaded
             cfg.stage_sampling(st)
             cfg.mixed_sampling(st)
@@ -194,7 +205,7 @@ class DASDPipelineConfig(PipelineConfig):
 
 
 def _model_identity(spec: PolicySpec) -> Dict[str, Any]:
-    return {k: getattr(spec, k) for k in _MODEL_KEYS}
+    return spec.identity(_MODEL_KEYS)
 
 
 def _filter_settings(f) -> Dict[str, Any]:
@@ -285,12 +296,15 @@ def _run(cfg: DASDPipelineConfig, prompts, resp_filter, t0: float) -> Optional[D
                             cfg.progress)
             rows = sample_responses(teacher.model, teacher.ctok, prompts[block.start:block.stop], sampling,
                                     st.num_samples, vocab_size=teacher.vocab_size, max_length=cfg.max_seq_length,
-                                    batch_size=cfg.batch_size, progress=bar)
+                                    batch_size=cfg.batch_size, progress=bar, served=teacher.served)
             bar.close()
             return rows
 
         candidates[st.name] = run_stage(path(st, "teacher_responses.jsonl"),
-                                        settings[st.name]["teacher_responses.jsonl"], len(prompts), sample_work)
+                                        settings[st.name]["teacher_responses.jsonl"], len(prompts), sample_work,
+                                        record=teacher.record(sampling) if teacher is not None else None)
+    if teacher is not None and teacher.served is not None:
+        teacher.served.close()
     teacher = None
 
     # 2-3. student token counts, filters, the student's scores (the student alone in memory)

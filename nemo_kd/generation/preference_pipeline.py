@@ -22,6 +22,12 @@ Then ``compute_topk_logits`` over ``pairs.jsonl`` stores the teacher's top-k for
 (and its sequence log-probs, the DPKD reference), and the NeMo model trains the joint
 ``L_DPO + L_pos + L_neg`` (``conf/gpt_kd_preference.yaml``).
 
+``teacher.type: served`` (``url``, ``model``, ``dialect``, ``api_key_env``, ... as extraction's served
+teacher, with the teacher's ``tokenizer``) samples the positives and judges through a server instead of
+a loaded model (:mod:`~nemo_kd.generation.served_sampling`): ``num_samples`` per prompt in one request,
+the same rows (equal to the in-process ones against ``nemo-kd-serve-teacher``), the server's fingerprint
+and where the log-probs came from in the stage's ``.meta.json``.
+
 Each stage's output is written atomically with its settings (:mod:`stages`): an
 interrupted run resumes at the first unfinished stage. One run per ``output_dir``: the run
 holds the directory's writer lock (:func:`~nemo_kd.generation.stages.output_writer`), so a
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from nemo_kd.generation.stages import (PipelineConfig, PolicySpec, atomic_write_json, atomic_write_jsonl, known_keys,
@@ -107,21 +113,24 @@ def _run(cfg: PreferencePipelineConfig, prompts, pair_cfg, resp_filter, t0: floa
             bar = _progress(len(block) * spec.num_samples, f"{role} samples", cfg.progress)
             rows = sample_responses(policy.model, policy.ctok, prompts[block.start:block.stop],
                                     spec.sampling_config(), spec.num_samples, vocab_size=policy.vocab_size,
-                                    max_length=cfg.max_seq_length, batch_size=cfg.batch_size, progress=bar)
+                                    max_length=cfg.max_seq_length, batch_size=cfg.batch_size, progress=bar,
+                                    served=policy.served)
             bar.close()
             if score_with_teacher:  # the teacher judges its own samples while loaded
                 for r, (lps, _) in zip(rows, score_responses(policy.model, policy.ctok, rows,
                                                              vocab_size=policy.vocab_size,
-                                                             batch_size=cfg.batch_size)):
+                                                             batch_size=cfg.batch_size, served=policy.served)):
                     r["teacher_mean_logprob"] = sum(lps) / max(len(lps), 1)
             return rows
 
-        settings = dict(base, role=role, model=asdict(spec), score=cfg.score if score_with_teacher else None)
-        return run_stage(path(f"{role}_responses.jsonl"), settings, len(prompts), work)
+        settings = dict(base, role=role, model=spec.identity(), score=cfg.score if score_with_teacher else None)
+        return run_stage(path(f"{role}_responses.jsonl"), settings, len(prompts), work,
+                         record=policy.record(spec.sampling_config()))
 
     # 1. student negatives (the student is loaded alone: one model in memory at a time)
     student = load_policy(cfg.student, cfg.max_seq_length)
     negatives = sampled("student", cfg.student, student, score_with_teacher=False)
+    _release(student)
     student = None  # one model in memory at a time
     # 2. teacher positives, and (score=teacher_logprob) the teacher's judgement of both sides
     teacher = load_policy(cfg.teacher, cfg.max_seq_length)
@@ -130,7 +139,8 @@ def _run(cfg: PreferencePipelineConfig, prompts, pair_cfg, resp_filter, t0: floa
         def judge(block):
             rows = [r for r in all_negatives if block.start <= r["prompt_index"] < block.stop]
             for r, (lps, _) in zip(rows, score_responses(teacher.model, teacher.ctok, rows,
-                                                         vocab_size=teacher.vocab_size, batch_size=cfg.batch_size)):
+                                                         vocab_size=teacher.vocab_size, batch_size=cfg.batch_size,
+                                                         served=teacher.served)):
                 r["teacher_mean_logprob"] = sum(lps) / max(len(lps), 1)
             return rows
 
@@ -142,7 +152,9 @@ def _run(cfg: PreferencePipelineConfig, prompts, pair_cfg, resp_filter, t0: floa
             dist.broadcast_object_list(box, src=0)
             all_negatives = box[0]
         negatives = run_stage(path("student_responses_judged.jsonl"),
-                              dict(base, role="judge", model=asdict(cfg.teacher)), len(prompts), judge)
+                              dict(base, role="judge", model=cfg.teacher.identity()), len(prompts), judge,
+                              record=teacher.record())
+    _release(teacher)
     teacher = None  # free it: nothing below needs a model
     if state.global_rank() != 0:
         return None
@@ -169,6 +181,12 @@ def _run(cfg: PreferencePipelineConfig, prompts, pair_cfg, resp_filter, t0: floa
           f"mean score teacher {out['mean_score_teacher']:.3f} vs student {out['mean_score_student']:.3f}; "
           f"-> {path('pairs.jsonl')}", flush=True)
     return out
+
+
+def _release(policy) -> None:
+    """Drop a loaded model (the caller's reference goes too); a served teacher's client is closed."""
+    if policy is not None and policy.served is not None:
+        policy.served.close()
 
 
 def _mean(values) -> float:

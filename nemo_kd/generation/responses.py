@@ -107,10 +107,12 @@ def _token_offsets(tokenizer, token_ids: Sequence[int], text: str, window: int =
 
 def sample_responses(model, ctok, prompts: Sequence[Prompt], sampling, num_samples: int = 1, *,
                      vocab_size: int, max_length: Optional[int] = None, batch_size: int = 64,
-                     with_logprobs: bool = True, progress=None) -> List[Dict[str, Any]]:
+                     with_logprobs: bool = True, progress=None, served=None) -> List[Dict[str, Any]]:
     """``num_samples`` responses per prompt from ``model`` (a Megatron GPT at any TP, or
-    :class:`~nemo_kd.generation.sampling.HFCausalLM`), rendered with ``ctok`` (the model's
-    :class:`~nemo_kd.data.tokenization.ConversationTokenizer`). Rows as in the module docstring."""
+    :class:`~nemo_kd.generation.sampling.HFCausalLM`), or from ``served`` (a
+    :class:`~nemo_kd.generation.served_sampling.ServedPolicy`: a teacher behind a server, ``model`` unused),
+    rendered with ``ctok`` (the model's :class:`~nemo_kd.data.tokenization.ConversationTokenizer`). Rows as in
+    the module docstring."""
     from nemo_kd.generation.sampling import generate
 
     if any(p.index != prompts[0].index + i for i, p in enumerate(prompts)):
@@ -122,9 +124,14 @@ def sample_responses(model, ctok, prompts: Sequence[Prompt], sampling, num_sampl
     ids = [list(tok(ctok.render_prompt(p.messages), add_special_tokens=False)["input_ids"]) for p in prompts]
     # Prompt i's j-th draw is global sample index first·n + i·n + j whatever the batching.
     first = prompts[0].index if prompts else 0
-    expanded = [ids[i] for i in range(len(prompts)) for _ in range(num_samples)]
-    gens = generate(model, expanded, sampling, eos_id=eos, pad_id=pad, vocab_size=vocab_size, max_length=max_length,
-                    batch_size=batch_size, sample_offset=first * num_samples, progress=progress, tokenizer=tok)
+    if served is not None:  # n draws per prompt in one request, the same sample indices
+        gens = served.generate(ids, num_samples, sampling, eos_id=eos, max_length=max_length,
+                               sample_offset=first * num_samples, progress=progress, tokenizer=tok)
+    else:
+        expanded = [ids[i] for i in range(len(prompts)) for _ in range(num_samples)]
+        gens = generate(model, expanded, sampling, eos_id=eos, pad_id=pad, vocab_size=vocab_size,
+                        max_length=max_length, batch_size=batch_size, sample_offset=first * num_samples,
+                        progress=progress, tokenizer=tok)
     for r, g in enumerate(gens):
         p = prompts[r // num_samples]
         row = {"id": p.id, "prompt_index": p.index, "sample": r % num_samples, "messages": [dict(m) for m in p.messages],
@@ -172,7 +179,7 @@ def response_content_tokens(ctok, row: Dict[str, Any]) -> Tuple[List[int], List[
 
 
 def score_responses(model, ctok, rows: Sequence[Dict[str, Any]], *, vocab_size: int,
-                    batch_size: int = 64) -> List[Tuple[List[float], List[Tuple[int, int]]]]:
+                    batch_size: int = 64, served=None) -> List[Tuple[List[float], List[Tuple[int, int]]]]:
     """Teacher-forced log-probs of each row's response under ``model``, tokenised and rendered
     by ``ctok`` (the model's own :class:`~nemo_kd.data.tokenization.ConversationTokenizer`).
 
@@ -181,7 +188,8 @@ def score_responses(model, ctok, rows: Sequence[Dict[str, Any]], *, vocab_size: 
     ``row["response"]``, so two models with different tokenizers are compared on the same
     text (divergence-aware selection; the teacher as judge: ``mean(logprobs)``). A row
     longer than ``ctok.max_seq_length`` is scored on its kept tokens (truncated) or,
-    with ``overlong="drop"``, gets empty lists.
+    with ``overlong="drop"``, gets empty lists. ``served``: a
+    :class:`~nemo_kd.generation.served_sampling.ServedPolicy` scores instead of ``model`` (``prompt_logprobs``).
     """
     from nemo_kd.generation.sampling import response_logprobs
 
@@ -190,8 +198,13 @@ def score_responses(model, ctok, rows: Sequence[Dict[str, Any]], *, vocab_size: 
         p_ids, r_ids, spans = response_content_tokens(ctok, r)
         prompts.append(p_ids), responses.append(r_ids), spans_of.append(spans)
     scored = [i for i, r in enumerate(responses) if r]
-    lps = response_logprobs(model, [prompts[i] for i in scored], [responses[i] for i in scored],
-                            batch_size=batch_size, vocab_size=vocab_size) if scored else []
+    if served is not None:
+        lps = served.score([prompts[i] for i in scored], [responses[i] for i in scored],
+                           names=[f"prompt {rows[i].get('prompt_index')} sample {rows[i].get('sample', 0)}"
+                                  for i in scored]) if scored else []
+    else:
+        lps = response_logprobs(model, [prompts[i] for i in scored], [responses[i] for i in scored],
+                                batch_size=batch_size, vocab_size=vocab_size) if scored else []
     out: List[Tuple[List[float], List[Tuple[int, int]]]] = [([], []) for _ in rows]
     for i, lp in zip(scored, lps):
         out[i] = (lp.tolist(), spans_of[i])

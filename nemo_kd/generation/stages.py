@@ -6,6 +6,10 @@ sharding of the prompts, and resumable, atomic stage outputs.
   Face directory) (``backend: megatron``, TP-sharded under the current parallel state), or a
   Hugging Face model run by ``transformers`` (``backend: hf``), with its
   :class:`~nemo_kd.data.tokenization.ConversationTokenizer`.
+  ``type: served`` is a teacher behind an HTTP server instead (vLLM, SGLang, ``nemo-kd-serve-teacher``; the
+  keys of :class:`~nemo_kd.teacher.served.ServedTeacherConfig` as extraction's ``teacher.type=served`` takes
+  them, plus ``sampled_logprobs``): no model is loaded, the stages sample and score through
+  :class:`~nemo_kd.generation.served_sampling.ServedPolicy`, with the local tokenizer (``tokenizer``).
 * :func:`run_stage` – runs a stage over this data-parallel rank's contiguous block of
   prompts, gathers the blocks on global rank 0 and writes the output JSON Lines atomically
   with a ``.meta.json`` beside it recording the stage's settings. A rerun with the same
@@ -53,9 +57,16 @@ def known_keys(cls, d, what: str) -> dict:
     return d
 
 
+POLICY_TYPES = ("local", "served")
+# ServedTeacherConfig keys that say how to reach a server, not what it serves: out of a stage's settings, so a
+# stage resumes against the same teacher at another address (its fingerprint is in the stage's .meta.json)
+_TRANSPORT_KEYS = ("url", "concurrency", "api_key_env", "connect_timeout_s", "request_timeout_s", "max_retries",
+                   "backoff_initial_s", "backoff_max_s")
+
+
 @dataclass
 class PolicySpec:
-    """A model to sample from (teacher or student)."""
+    """A model to sample from (teacher or student): loaded (``type: local``) or behind a server (``served``)."""
 
     checkpoint: str = "???"
     tokenizer: Optional[str] = None  # default: the checkpoint directory
@@ -64,15 +75,52 @@ class PolicySpec:
     trust_remote_code: bool = False  # hf only, never on unless asked
     num_samples: int = 1
     sampling: Dict[str, Any] = field(default_factory=dict)  # SamplingConfig fields
+    type: str = "local"  # local | served
+    served: Dict[str, Any] = field(default_factory=dict)  # type=served: ServedTeacherConfig fields, sampled_logprobs
 
     @classmethod
     def from_dict(cls, d) -> "PolicySpec":
+        from nemo_kd.teacher.served import ServedTeacherConfig
+
+        d = dict(d or {})
+        if d.get("type", "local") == "served":  # the server's keys sit beside the others, as in extraction's config
+            names = set(ServedTeacherConfig.field_names()) | {"sampled_logprobs"}
+            d["served"] = {**dict(d.get("served") or {}), **{k: d.pop(k) for k in list(d) if k in names}}
         spec = cls(**known_keys(cls, d, "model"))
+        if spec.type not in POLICY_TYPES:
+            raise ValueError(f"type must be one of {POLICY_TYPES}, got {spec.type!r}")
+        if spec.type == "served":
+            if not spec.tokenizer:
+                raise ValueError("type=served needs `tokenizer`: the teacher's tokenizer directory (prompts are sent "
+                                 "as the token ids it produces)")
+            served = dict(spec.served)
+            logprobs = served.pop("sampled_logprobs", "auto")
+            ServedTeacherConfig(**served)  # refuses a missing url, a bad dialect, ... before anything runs
+            from nemo_kd.generation.served_sampling import ServedPolicy
+
+            ServedPolicy.__post_init__(ServedPolicy(None, logprobs))
+            return spec
+        if spec.served:
+            raise ValueError("`served` keys are for type=served")
         if spec.checkpoint in (None, "???"):
             raise ValueError("a model needs `checkpoint`")
         if spec.backend not in ("megatron", "hf"):
             raise ValueError(f"backend must be 'megatron' or 'hf', got {spec.backend!r}")
         return spec
+
+    def identity(self, keys: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """What a stage's settings record of this model: ``keys`` of it (default: every field), a local model's
+        as before ``type`` existed, a served one by what it serves (not its address)."""
+        from dataclasses import asdict
+
+        if self.type == "local":
+            d = asdict(self)
+            d.pop("type"), d.pop("served")
+            return {k: d[k] for k in keys} if keys is not None else d
+        d = {k: getattr(self, k) for k in (keys or ("tokenizer", "prompt_format", "num_samples", "sampling"))
+             if k not in ("checkpoint", "backend", "trust_remote_code")}
+        d.update(type="served", served={k: v for k, v in self.served.items() if k not in _TRANSPORT_KEYS})
+        return d
 
     def sampling_config(self):
         from nemo_kd.generation.sampling import SamplingConfig
@@ -102,19 +150,40 @@ class PipelineConfig:
 
 @dataclass
 class Policy:
-    model: torch.nn.Module
+    model: Optional[torch.nn.Module]  # None for a served teacher
     ctok: object  # ConversationTokenizer
     vocab_size: int  # the tokenizer's size: ids sampled and scored are below it
+    served: Optional[Any] = None  # a ServedPolicy (type=served): sample_responses / score_responses take it
+
+    def record(self, sampling=None) -> Dict[str, Any]:
+        """What a stage's ``.meta.json`` records beyond its settings (a served teacher's fingerprint)."""
+        return self.served.record(sampling) if self.served is not None and sampling is not None else (
+            {"served_teacher": self.served.teacher.client.fingerprint()} if self.served is not None else {})
 
 
 def load_policy(spec: PolicySpec, max_seq_length: int) -> Policy:
-    """The model (eval mode) and its conversation tokenizer; parallel state must be initialised."""
+    """The model (eval mode) and its conversation tokenizer; parallel state must be initialised.
+    ``type: served``: the client of the server (connected and probed) and the local tokenizer."""
     from transformers import AutoTokenizer
 
     from nemo_kd.data.tokenization import ConversationTokenizer
 
     from nemo_kd.models.nemo_artifacts import checkpoint_tokenizer_dir
 
+    if spec.type == "served":
+        from nemo_kd.generation.served_sampling import ServedPolicy
+        from nemo_kd.teacher.served import ServedTeacher, ServedTeacherConfig
+
+        tok = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.trust_remote_code)
+        served = dict(spec.served)
+        logprobs = served.pop("sampled_logprobs", "auto")
+        teacher = ServedTeacher(ServedTeacherConfig(**served), tokenizer_size=len(tok))
+        if len(tok) > teacher.vocab_size:
+            teacher.close()
+            raise ValueError(f"tokenizer {spec.tokenizer} has {len(tok)} tokens, more than the served teacher's "
+                             f"vocabulary ({teacher.vocab_size})")
+        ctok = ConversationTokenizer(tok, spec.prompt_format, max_seq_length, "truncate")
+        return Policy(None, ctok, len(tok), ServedPolicy(teacher, logprobs))
     tok_path = checkpoint_tokenizer_dir(spec.checkpoint, spec.tokenizer)  # a .nemo: its packed tokenizer
     if os.path.isfile(tok_path):
         raise ValueError(f"{spec.checkpoint}: give `tokenizer` (a tokenizer directory) for a checkpoint file")
@@ -255,25 +324,27 @@ def _is_covered(path: str) -> bool:
 
 
 def run_stage(path: str, settings: Dict[str, Any], num_items: int,
-              work: Callable[[range], List[Dict[str, Any]]]) -> Optional[List[Dict[str, Any]]]:
+              work: Callable[[range], List[Dict[str, Any]]],
+              record: Optional[Dict[str, Any]] = None) -> Optional[List[Dict[str, Any]]]:
     """Run ``work`` on this DP rank's block of ``range(num_items)``; global rank 0 writes all rows.
 
     Returns the rows on global rank 0 (``None`` elsewhere), read back from ``path`` when the
     stage was already done with the same ``settings``. Outside an :func:`output_writer` of a
     directory above ``path``, the stage holds the writer's lock of ``path``'s directory
     (refused while another process writes there; temporary files of ``path`` that a killed
-    run left are removed).
+    run left are removed). ``record`` goes into the ``.meta.json`` beside the settings (not hashed: e.g. the
+    served teacher's fingerprint and where its log-probs came from).
     """
     if _is_covered(path):
-        return _run_stage(path, settings, num_items, work)
+        return _run_stage(path, settings, num_items, work, record)
     name = glob.escape(os.path.basename(path))
     with output_writer(os.path.dirname(os.path.abspath(path)), "stage output directory",
                        (f"{name}.tmp-*", f"{name}.meta.json.tmp-*")):
-        return _run_stage(path, settings, num_items, work)
+        return _run_stage(path, settings, num_items, work, record)
 
 
-def _run_stage(path: str, settings: Dict[str, Any], num_items: int,
-               work: Callable[[range], List[Dict[str, Any]]]) -> Optional[List[Dict[str, Any]]]:
+def _run_stage(path: str, settings: Dict[str, Any], num_items: int, work: Callable[[range], List[Dict[str, Any]]],
+               record: Optional[Dict[str, Any]] = None) -> Optional[List[Dict[str, Any]]]:
     import torch.distributed as dist
 
     distributed, rank0 = _dist_rank0()
@@ -283,7 +354,7 @@ def _run_stage(path: str, settings: Dict[str, Any], num_items: int,
                 return [json.loads(line) for line in f]
         rows = work(range(num_items)) if num_items else []
         atomic_write_jsonl(path, rows)
-        _write_meta(path, settings, {"rows": len(rows)})
+        _write_meta(path, settings, {"rows": len(rows), **(record or {})})
         return rows
 
     from nemo_kd.parallel import state
@@ -305,7 +376,7 @@ def _run_stage(path: str, settings: Dict[str, Any], num_items: int,
     rows = [r for part in gathered for r in part]
     if rank0:
         atomic_write_jsonl(path, rows)
-        _write_meta(path, settings, {"rows": len(rows)})
+        _write_meta(path, settings, {"rows": len(rows), **(record or {})})
     dist.barrier()
     return rows if rank0 else None
 

@@ -33,6 +33,21 @@ echoed id), k entries (k + 1 with the scored token outside the top-k), no NaN/In
 (:class:`~nemo_kd.teacher.topk.NonFiniteLogitsError`) and no positive log-prob. Values are
 sorted as the in-process top-k is (value descending, then lower id).
 
+Sampling (:meth:`TeacherClient.sample`): ``n`` completions of one token-id prompt.
+``vllm``: ``/v1/completions`` with ``n``, ``temperature``, ``top_p``, ``top_k`` (when > 0), ``max_tokens``,
+``seed``, ``stop_token_ids``, ``logprobs = k``, ``return_token_ids`` and ``return_tokens_as_token_ids``;
+``choices[c]`` holds ``token_ids`` (the stop token included, as vLLM returns it), ``finish_reason``
+(``stop`` | ``length``) and ``logprobs.token_logprobs`` (vLLM's default ``raw_logprobs``: the model's
+distribution at temperature 1). Against ``nemo-kd-serve-teacher`` the request also carries
+``nemo_kd_sample_offset``, so the server draws exactly as the in-process sampler does for that global
+sample index. ``sglang``: ``/generate`` with ``sampling_params`` (``n``, ``temperature``, ``top_p``,
+``top_k``, ``max_new_tokens``, ``stop_token_ids``, ``sampling_seed``) and ``return_logprob``
+(``meta_info.output_token_logprobs``, ``finish_reason``); SGLang reports the log-probs of the
+distribution it sampled from unless started otherwise, so callers rescore (:meth:`TeacherClient.rescore`,
+teacher-forced ``prompt_logprobs``) when they need temperature 1. Checked: ``n`` choices with indices
+``0..n-1``, the echoed prompt ids, one finite non-positive log-prob per generated token, token ids in
+the vocabulary; an error names the sample.
+
 Retries. Connection errors, timeouts, 408/429/5xx are retried with exponential backoff and
 full jitter, honouring ``Retry-After``; other 4xx are not (a bad request stays bad). The API
 key (``api_key_env``: the *name* of an environment variable) is sent as a bearer token and
@@ -78,6 +93,7 @@ from nemo_kd.teacher.topk import NonFiniteLogitsError
 __all__ = [
     "DIALECTS",
     "SERVED_TEACHER_EXTENSION",
+    "SampledCompletion",
     "ScoredTokens",
     "ServedTeacher",
     "ServedTeacherConfig",
@@ -86,7 +102,9 @@ __all__ = [
     "decode_sglang_generate",
     "decode_vllm_completion",
     "parse_sglang_generate",
+    "parse_sglang_sampled",
     "parse_vllm_completion",
+    "parse_vllm_sampled",
 ]
 
 DIALECTS = ("vllm", "sglang", "auto")
@@ -162,6 +180,17 @@ class ScoredTokens:
     values: np.ndarray  # [n, k] float32 log-probs, descending (ties: lower id first)
     ids: np.ndarray  # [n, k] int64
     label_logprobs: np.ndarray  # [n] float32 log p(token_j | tokens_<j)
+
+
+@dataclass
+class SampledCompletion:
+    """One completion drawn by a server: ``token_ids`` without the stop token that ended it; ``logprobs`` one
+    per token of ``token_ids`` plus the stop token's when ``finished`` and the server reported it."""
+
+    token_ids: List[int]
+    finished: bool  # ended by a stop / end token (False: max_tokens ran out)
+    logprobs: List[float]
+    finish_reason: str
 
 
 # ----------------------------------------------------------------------------- wire parsing (pure)
@@ -384,6 +413,118 @@ def parse_sglang_generate(body: Mapping[str, Any], ids: Sequence[int], first: in
     return _check_normalised(ScoredTokens(values, top_ids, labels), first, where)
 
 
+def _token_id(x: Any, where: str, vocab_size: Optional[int]) -> int:
+    if isinstance(x, str) and x.startswith("token_id:"):  # vLLM's return_tokens_as_token_ids
+        x = x[len("token_id:"):]
+    try:
+        t = int(x)
+    except (TypeError, ValueError):
+        raise ServedTeacherError(f"{where}: malformed response: token {x!r} is not a token id") from None
+    if t < 0 or (vocab_size is not None and t >= vocab_size):
+        raise ServedTeacherError(f"{where}: token id {t} is outside the teacher's vocabulary [0, {vocab_size})")
+    return t
+
+
+def _completion(tokens: List[int], lps: List[float], stopped: bool, stop_ids: Sequence[int], reason: str,
+                where: str) -> SampledCompletion:
+    """Strip the stop token a server includes (vLLM, SGLang) and check one log-prob per token."""
+    finished = stopped
+    if stopped and tokens and tokens[-1] in stop_ids:
+        tokens = tokens[:-1]
+    if len(lps) not in (len(tokens), len(tokens) + finished):
+        raise ServedTeacherError(f"{where}: {len(lps)} log-probs for {len(tokens)} generated tokens")
+    return SampledCompletion(tokens, finished, lps, reason)
+
+
+def parse_vllm_sampled(body: Mapping[str, Any], ids: Sequence[int], n: int, stop_ids: Sequence[int], where: str,
+                       vocab_size: Optional[int] = None) -> List[SampledCompletion]:
+    """A vLLM ``/v1/completions`` sampling answer (``n`` choices of prompt ``ids``) → its completions by index."""
+    try:
+        choices = body["choices"]
+    except (KeyError, TypeError):
+        raise ServedTeacherError(f"{where}: malformed response: no choices") from None
+    if not isinstance(choices, list) or len(choices) != n:
+        raise ServedTeacherError(f"{where}: {len(choices) if isinstance(choices, list) else choices!r} choices for "
+                                 f"n={n}")
+    try:
+        order = sorted(choices, key=lambda c: c["index"])
+        if [c["index"] for c in order] != list(range(n)):
+            raise ServedTeacherError(f"{where}: choice indices {[c['index'] for c in order]} are not 0..{n - 1}")
+    except (KeyError, TypeError):
+        raise ServedTeacherError(f"{where}: malformed response: a choice without an index") from None
+    usage = body.get("usage") or {}
+    if isinstance(usage, dict) and usage.get("prompt_tokens") not in (None, len(ids)):
+        raise ServedTeacherError(f"{where}: usage.prompt_tokens={usage['prompt_tokens']} for {len(ids)} token ids sent")
+    out = []
+    for c, ch in enumerate(order):
+        at = f"{where} choice {c}"
+        echoed = ch.get("prompt_token_ids")
+        if echoed is not None and list(echoed) != list(ids):
+            raise ServedTeacherError(f"{at}: the server echoed other prompt token ids than were sent "
+                                     f"({len(echoed)} ids for {len(ids)} sent)")
+        lp = ch.get("logprobs")
+        if not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs"), list):
+            raise ServedTeacherError(f"{at}: malformed response: no logprobs.token_logprobs (request logprobs)")
+        tokens = ch.get("token_ids")
+        if tokens is None:  # older vLLM: the ids only as "token_id:N" strings
+            tokens = lp.get("tokens")
+        if not isinstance(tokens, list):
+            raise ServedTeacherError(f"{at}: malformed response: no token_ids (vLLM: return_token_ids or "
+                                     "return_tokens_as_token_ids)")
+        tokens = [_token_id(t, at, vocab_size) for t in tokens]
+        strs = lp.get("tokens")
+        if isinstance(strs, list) and len(strs) == len(tokens):
+            for j, (x, t) in enumerate(zip(strs, tokens)):
+                if isinstance(x, str) and x.startswith("token_id:") and int(x[9:]) != t:
+                    raise ServedTeacherError(f"{at}: generated token {j}: token_ids says {t}, logprobs.tokens {x}")
+        values = lp["token_logprobs"]
+        if len(values) != len(tokens):
+            raise ServedTeacherError(f"{at}: {len(values)} token_logprobs for {len(tokens)} generated tokens")
+        lps = [_check_logprob(x, at, f"generated token {j}") for j, x in enumerate(values)]
+        reason = ch.get("finish_reason")
+        if reason not in ("stop", "length"):
+            raise ServedTeacherError(f"{at}: finish_reason={reason!r} (expected stop or length)")
+        out.append(_completion(tokens, lps, reason == "stop", stop_ids, reason, at))
+    return out
+
+
+def parse_sglang_sampled(body: Any, ids: Sequence[int], n: int, stop_ids: Sequence[int], where: str,
+                         vocab_size: Optional[int] = None) -> List[SampledCompletion]:
+    """An SGLang ``/generate`` sampling answer (a dict for ``n = 1``, a list of ``n`` dicts) → its completions."""
+    items = body if isinstance(body, list) else [body]
+    if len(items) != n:
+        raise ServedTeacherError(f"{where}: {len(items)} completions for n={n}")
+    out = []
+    for c, item in enumerate(items):
+        at = f"{where} choice {c}"
+        try:
+            meta = item["meta_info"]
+            tokens = [_token_id(t, at, vocab_size) for t in item["output_ids"]]
+            pairs = meta["output_token_logprobs"]
+            reason = (meta.get("finish_reason") or {}).get("type")
+        except (KeyError, TypeError, AttributeError):
+            raise ServedTeacherError(f"{at}: malformed response: no output_ids / meta_info.output_token_logprobs / "
+                                     "finish_reason (is return_logprob honoured?)") from None
+        if meta.get("prompt_tokens") not in (None, len(ids)):
+            raise ServedTeacherError(f"{at}: meta_info.prompt_tokens={meta['prompt_tokens']} for {len(ids)} token "
+                                     "ids sent")
+        if reason not in ("stop", "length"):
+            raise ServedTeacherError(f"{at}: finish_reason={reason!r} (expected stop or length)")
+        try:
+            lps = [_check_logprob(e[0], at, f"generated token {j}") for j, e in enumerate(pairs)]
+            for j, (e, t) in enumerate(zip(pairs, tokens)):
+                if int(e[1]) != t:
+                    raise ServedTeacherError(f"{at}: generated token {j}: output_ids says {t}, "
+                                             f"output_token_logprobs {e[1]}")
+        except (NonFiniteLogitsError, ServedTeacherError):
+            raise
+        except (IndexError, TypeError, ValueError) as e:
+            raise ServedTeacherError(f"{at}: malformed response: output_token_logprobs ({type(e).__name__}: "
+                                     f"{e})") from None
+        out.append(_completion(tokens, lps, reason == "stop", stop_ids, reason, at))
+    return out
+
+
 def _server_message(text) -> str:
     """The server's own message from an error body (vLLM/OpenAI ``{"error": {"message"}}`` or ``{"message"}``)."""
     if isinstance(text, bytes):
@@ -574,6 +715,60 @@ class TeacherClient:
             return decode(text, ids, first, k, f"{where}: {endpoint}")
         except (ServedTeacherError, NonFiniteLogitsError) as e:
             raise type(e)(self.scrub(str(e))) from None
+
+    @property
+    def is_nemo_kd(self) -> bool:
+        """The server is ``nemo-kd-serve-teacher`` (it draws with the in-process sampler's seeds)."""
+        return "nemo_kd" in self.info
+
+    async def sample(self, ids: Sequence[int], n: int, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                     max_tokens: int, seed: Optional[int], stop_token_ids: Sequence[int] = (), logprobs: int = 0,
+                     sample_offset: Optional[int] = None, where: str, vocab_size: Optional[int] = None
+                     ) -> List[SampledCompletion]:
+        """``n`` completions of ``ids`` (module docstring, *Sampling*); ``sample_offset`` is sent to a nemo_kd server."""
+        ids = [int(t) for t in ids]
+        stops = [int(t) for t in stop_token_ids]
+        if self.dialect == "sglang":
+            params = {"n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k if top_k > 0 else -1,
+                      "max_new_tokens": max_tokens, "stop_token_ids": stops}
+            if seed is not None:
+                params["sampling_seed"] = int(seed)
+            path, body = "/generate", {"input_ids": ids, "sampling_params": params, "return_logprob": True,
+                                       "logprob_start_len": -1, "top_logprobs_num": logprobs,
+                                       "return_text_in_logprobs": False}
+        else:
+            path, body = "/v1/completions", {"model": self.model, "prompt": ids, "n": n, "temperature": temperature,
+                                             "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+                                             "stop_token_ids": stops, "logprobs": logprobs, "echo": False,
+                                             "return_token_ids": True, "return_tokens_as_token_ids": True}
+            if top_k > 0:
+                body["top_k"] = top_k
+            if sample_offset is not None and self.is_nemo_kd:
+                body["nemo_kd_sample_offset"] = int(sample_offset)
+        async with self._sem:
+            status, text = await self._request("POST", path, where, body)
+        endpoint = f"POST {self.shown}{path}"
+        if status != 200:
+            raise ServedTeacherError(self.scrub(f"{where}: {endpoint}: "
+                                                f"{_refusal(status, _server_message(text), logprobs, self.dialect)}"))
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ServedTeacherError(self.scrub(f"{where}: {endpoint}: malformed response (not JSON: {e}; body "
+                                                f"starts {text[:200].decode('utf-8', 'replace')!r})")) from None
+        parse = parse_sglang_sampled if self.dialect == "sglang" else parse_vllm_sampled
+        try:
+            return parse(data, ids, n, stops, f"{where}: {endpoint}", vocab_size)
+        except (ServedTeacherError, NonFiniteLogitsError) as e:
+            raise type(e)(self.scrub(str(e))) from None
+
+    async def rescore(self, ids: Sequence[int], completion: Sequence[int], where: str) -> np.ndarray:
+        """Teacher-forced log-probs (temperature 1) of ``completion`` after prompt ``ids``: one ``prompt_logprobs``
+        scoring request (what a server that reports sampling-distribution log-probs is asked again)."""
+        seq = [int(t) for t in ids] + [int(t) for t in completion]
+        if not completion:
+            return np.empty(0, np.float32)
+        return (await self.score(seq, len(ids), 1, f"{where} (rescored)")).label_logprobs
 
     def fingerprint(self) -> Dict[str, Any]:
         """The ``served_teacher`` manifest record: what the server says it serves, no URL, no key."""
