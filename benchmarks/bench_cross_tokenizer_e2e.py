@@ -307,7 +307,8 @@ def run(out: str, cfg: E2EConfig) -> dict:
                 from nemo_kd.parallel import state
 
                 eng.loss_cfg = DistillationLossConfig(**kd)
-                eng.objective = DistillationObjective(eng.loss_cfg, group=state.tp_group())
+                eng.objective = DistillationObjective(eng.loss_cfg, group=state.tp_group(),
+                                                      vocab_size=eng.student_cfg.vocab_size)
             held = _heldout(eng, test_ds, toks[side], rows["test"], task, pads[side], cfg)
             warm = h["step_s"][min(5, len(h["step_s"]) - 1):]
             results[name] = {

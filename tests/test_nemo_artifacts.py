@@ -282,7 +282,31 @@ def test_nemo_teacher_extracts_with_its_packed_tokenizer(packed, tmp_path):
     with pytest.raises(NemoTokenizerError, match=r"bare\.nemo: this \.nemo packs no tokenizer"):
         checkpoint_tokenizer_dir(bare)
     assert checkpoint_tokenizer_dir(bare, "/given/tok") == "/given/tok"
-    assert checkpoint_tokenizer_dir(str(tmp_path)) == str(tmp_path)  # a checkpoint directory holds its own
+    assert checkpoint_tokenizer_dir(str(tmp_path)) == str(tmp_path)  # an HF directory holds its own
+
+
+def test_checkpoint_tokenizer_dir_of_a_converted_megatron_checkpoint(tmp_path):
+    """A converted Megatron checkpoint keeps its tokenizer in ``tokenizer/`` (save_megatron_checkpoint): that
+    directory is the one found (it loads as the same tokenizer); one saved without tokenizer files is refused
+    by name, not handed to transformers as if it were a tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    from nemo_kd.convert.checkpoint_io import MODEL_CONFIG_FILE, TOKENIZER_DIR, copy_tokenizer_files
+    from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
+    from nemo_kd.models.nemo_artifacts import NemoTokenizerError, checkpoint_tokenizer_dir
+
+    src = str(tmp_path / "src_tok")
+    train_byte_level_bpe(TEXTS * 4, vocab_size=300, save_dir=src)
+    ckpt = tmp_path / "megatron"
+    ckpt.mkdir()
+    (ckpt / MODEL_CONFIG_FILE).write_text("{}")
+    with pytest.raises(NemoTokenizerError, match=r"megatron: this Megatron checkpoint has no tokenizer/"):
+        checkpoint_tokenizer_dir(str(ckpt))
+    copy_tokenizer_files(src, str(ckpt / TOKENIZER_DIR))
+    found = checkpoint_tokenizer_dir(str(ckpt))
+    assert found == str(ckpt / TOKENIZER_DIR)
+    text = "hello world, distil me"
+    assert AutoTokenizer.from_pretrained(found)(text)["input_ids"] == AutoTokenizer.from_pretrained(src)(text)["input_ids"]
 
 
 def test_import_nemo_kd_is_light_and_registers_either_order():

@@ -5,6 +5,7 @@ TP=1 full-vocabulary result for TP=2 shards over gloo, and an engine step with t
 projection in the output layer vs deferred (TP=1, TP=2, PP=2).
 """
 
+import dataclasses
 import os
 import sys
 
@@ -25,7 +26,7 @@ from nemo_kd.losses.objective import (  # noqa: E402
     objective_normalisers,
 )
 from nemo_kd.losses.projection import ProjectedLogits  # noqa: E402
-from nemo_kd.losses.vocab_parallel import vocab_parallel_logprobs_at  # noqa: E402
+from nemo_kd.losses.vocab_parallel import mask_padded_vocab_, vocab_parallel_logprobs_at  # noqa: E402
 
 B, T, H, V, K = 4, 6, 16, 48, 5
 
@@ -122,6 +123,47 @@ def test_objective_on_projected_logits_equals_materialised(name):
     for a, b in zip(grads, grads_ref):
         assert b.abs().max() > 1e-4
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVE_CASES))
+def test_padded_vocabulary_columns_are_not_tokens(name):
+    """Megatron pads the vocabulary (here 48 real + 16 padding rows); an HF-imported model has zero rows there
+    (logit 0). An objective told the real ``vocab_size`` masks them (materialised logits in place, the projection
+    per chunk): every term, label smoothing included, equals the same objective on the real vocabulary alone
+    (float64), and the padding rows get exactly zero gradient. Unmasked, the zero rows change the loss."""
+    kind, kw = OBJECTIVE_CASES[name]
+    g = torch.Generator().manual_seed(5)
+    pad = 16
+    batch = _batch(kind, torch.float64, g)
+    hidden = torch.randn(B * T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5 - 0.1
+    padded_w = torch.cat([weight, torch.zeros(pad, H, dtype=torch.float64)])
+    padded_batch = batch
+    if kind == "full":  # the online teacher's logits are padded and masked the same way (the engine does it)
+        t = torch.cat([batch.teacher.logits, torch.zeros(B, T, pad, dtype=torch.float64)], -1)
+        padded_batch = dataclasses.replace(batch, teacher=FullTeacher(mask_padded_vocab_(t, V, None)))
+    cfg = DistillationLossConfig(**kw)
+    norms = objective_normalisers(cfg, [batch])
+
+    def run(obj, logits_of, w0, b):
+        h, w = hidden.clone().requires_grad_(), w0.clone().requires_grad_()
+        res = obj(logits_of(h, w), b, norms)
+        return res.loss.detach(), _grads(res.loss, h, w)
+
+    def materialised(h, w):
+        return (h @ w.t()).reshape(B, T, -1)
+
+    loss_ref, (gh_ref, gw_ref) = run(DistillationObjective(cfg), materialised, weight, batch)
+    unmasked, _ = run(DistillationObjective(cfg), materialised, padded_w, padded_batch)
+    if name != "topk_renorm_kd_only_rkl":  # renormalised top-k KD alone never reads the student's full LSE
+        assert (unmasked - loss_ref).abs() > 1e-3  # the zero rows matter when nothing masks them
+    told = DistillationObjective(cfg, vocab_size=V)
+    for logits_of in (materialised, lambda h, w: ProjectedLogits(h, w, 5)):
+        loss, (gh, gw) = run(told, logits_of, padded_w, padded_batch)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gh, gh_ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gw[:V], gw_ref, rtol=1e-9, atol=1e-12)
+        assert torch.equal(gw[V:], torch.zeros_like(gw[V:]))
 
 
 @pytest.mark.parametrize("dpo_weight,matmuls_per_chunk", [(0.0, 3), (1.0, 4)])

@@ -155,12 +155,9 @@ class _Heldout:
 
 def _tokenizer_dir(path: str, tokenizer_path: Optional[str]) -> str:
     """The student's tokenizer: ``tokenizer_path``, a .nemo's packed one, a converted Megatron checkpoint's
-    ``tokenizer/`` (where :func:`save_megatron_checkpoint` copies it), else the directory itself (HF)."""
-    from nemo_kd.convert.checkpoint_io import TOKENIZER_DIR, is_megatron_checkpoint
+    ``tokenizer/``, else the directory itself (HF): :func:`checkpoint_tokenizer_dir`."""
     from nemo_kd.models.nemo_artifacts import checkpoint_tokenizer_dir
 
-    if not tokenizer_path and is_megatron_checkpoint(path) and os.path.isdir(os.path.join(path, TOKENIZER_DIR)):
-        return os.path.join(path, TOKENIZER_DIR)
     return checkpoint_tokenizer_dir(path, tokenizer_path)
 
 

@@ -111,7 +111,8 @@ def heldout_metrics(engine, batches: Iterable[List[dict]], loss_type: str = "for
     eval_cfg = DistillationLossConfig(kd_loss_type=loss_type, topk_convention=topk_convention,
                                       kd_loss_weight=1.0, sft_loss_weight=1.0)
     saved = engine.loss_cfg, engine.objective
-    engine.loss_cfg, engine.objective = eval_cfg, DistillationObjective(eval_cfg, group=state.tp_group())
+    engine.loss_cfg, engine.objective = eval_cfg, DistillationObjective(
+        eval_cfg, group=state.tp_group(), vocab_size=engine.student_cfg.vocab_size)
     tot = {"loss": 0.0, "kl": 0.0, "token_agreement": 0.0}
     n_tokens = 0.0
     try:

@@ -23,6 +23,8 @@ identity backward).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from nemo_kd.losses.vocab_parallel import (
@@ -31,7 +33,9 @@ from nemo_kd.losses.vocab_parallel import (
     accumulation_dtype,
     all_reduce_sum,
     tp_world_size,
+    valid_vocab_columns,
     vocab_parallel_logprobs_at,
+    vocab_shard_range,
 )
 
 
@@ -43,6 +47,7 @@ def vocab_parallel_cross_entropy(
     group: ProcessGroup = None,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     impl: str = "torch",
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-token cross-entropy of ``softmax(logits_scale·logits)`` against global ``labels``.
 
@@ -54,6 +59,9 @@ def vocab_parallel_cross_entropy(
         logits_scale: inverse temperature ``s``.
         group: the tensor-parallel group (``None``: one rank).
         impl: the log-prob primitive, ``"torch"`` or ``"fused"`` (Triton).
+        vocab_size: the real vocabulary ``V`` when the shards carry Megatron's padding columns
+            (ids ``>= vocab_size``, masked by the caller so they carry no probability): the
+            smoothing term spreads over the real ids only. None: every column counts.
 
     Returns:
         ``[...]`` per-token losses in fp32 (fp64 for fp64 logits); differentiable
@@ -71,9 +79,10 @@ def vocab_parallel_cross_entropy(
     )
     loss = -logprob_y
     if label_smoothing > 0.0:
-        vocab = v_local * tp_world_size(group)
+        vocab = v_local * tp_world_size(group) if vocab_size is None else vocab_size
         smoothing = label_smoothing * vocab / (vocab - 1)
-        logit_sum = all_reduce_sum(flat_logits.sum(dim=-1, dtype=accumulation_dtype(logits.dtype)), group)
+        real = valid_vocab_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
+        logit_sum = all_reduce_sum(flat_logits[:, :real].sum(dim=-1, dtype=accumulation_dtype(logits.dtype)), group)
         mean_logprob = logits_scale * logit_sum / vocab - lse  # (1/V)·Σ_v log q_v
         loss = (1.0 - smoothing) * loss - smoothing * mean_logprob
     return loss.reshape(lead_shape)

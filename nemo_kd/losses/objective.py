@@ -70,7 +70,7 @@ detached metrics.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -87,6 +87,8 @@ from nemo_kd.losses.sequence import sequence_logprobs
 from nemo_kd.losses.vocab_parallel import (
     ProcessGroup,
     logits_overwrite_blocker,
+    mask_padded_vocab_,
+    padded_vocab_valid_columns,
     resolve_impl,
     vocab_parallel_logprobs_at,
 )
@@ -326,10 +328,15 @@ class ObjectiveOutput:
 class DistillationObjective:
     """Computes one microbatch's contribution to the joint objective (module docstring)."""
 
-    def __init__(self, cfg: DistillationLossConfig, group: ProcessGroup = None):
+    def __init__(self, cfg: DistillationLossConfig, group: ProcessGroup = None, vocab_size: Optional[int] = None):
+        """``vocab_size``: the student's real vocabulary when its logits carry Megatron's padding
+        columns (ids ``>= vocab_size``): they are no tokens, so every term reads them as
+        :data:`~nemo_kd.losses.vocab_parallel.PADDED_VOCAB_LOGIT` (no probability, zero gradient)
+        and label smoothing spreads over the real vocabulary. None: every column is a token."""
         cfg.validate()
         self.cfg = cfg
         self.group = group
+        self.vocab_size = vocab_size
 
     def _need_label_lp(self, batch: ObjectiveBatch) -> bool:
         # Token log-probs at the labels serve both the SFT term (CE = −log q_y without
@@ -430,7 +437,7 @@ class DistillationObjective:
                                                   inplace_backward=inplace and c.kd_loss_weight == 0)[0]
         if c.sft_loss_weight > 0 and c.sft_label_smoothing > 0:
             ce = vocab_parallel_cross_entropy(z, labels, label_smoothing=c.sft_label_smoothing, group=self.group,
-                                              impl=c.kd_kernel)
+                                              impl=c.kd_kernel, vocab_size=self.vocab_size)
         return kd, token_lp, ce, argmax, t_argmax
 
     def __call__(self, student_logits, batch: ObjectiveBatch, norms: ObjectiveNormalisers) -> ObjectiveOutput:
@@ -444,6 +451,13 @@ class DistillationObjective:
         if projected and xtok:
             raise ValueError("fuse_output_layer does not cover cross-tokenizer KD (its mapped top-k and chain "
                              "log-probs read the logits across rows): set fuse_output_layer=false")
+        if self.vocab_size is not None:  # Megatron's padded vocabulary columns are not tokens
+            if projected:
+                if student_logits.valid_columns is None:
+                    student_logits = replace(student_logits, valid_columns=padded_vocab_valid_columns(
+                        student_logits.shape[-1], self.vocab_size, self.group))
+            else:  # in place: the logits' gradient there is 0 (autograd records the copy)
+                student_logits = mask_padded_vocab_(student_logits, self.vocab_size, self.group)
         logits = student_logits if projected else student_logits.reshape(-1, student_logits.shape[-1])
         labels = batch.labels.reshape(-1)
         kd_mask, sft_mask = _term_masks(c, batch)

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from nemo_kd.losses.vocab_parallel import accumulation_dtype
+from nemo_kd.losses.vocab_parallel import accumulation_dtype, fill_padded_vocab_
 
 DEFAULT_PROJECTION_CHUNK = 2048
 
@@ -49,8 +49,11 @@ DEFAULT_PROJECTION_CHUNK = 2048
 RowFunction = Callable[..., Tuple[Optional[torch.Tensor], ...]]
 
 
-def _project(hidden_chunk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(hidden_chunk.to(weight.dtype), weight.t())
+def _project(hidden_chunk: torch.Tensor, weight: torch.Tensor, valid_columns: Optional[int] = None) -> torch.Tensor:
+    """``hidden_chunk @ weight.T``; columns from ``valid_columns`` on (Megatron's padded vocabulary
+    rows of this shard) filled with :data:`~nemo_kd.losses.vocab_parallel.PADDED_VOCAB_LOGIT`."""
+    z = torch.matmul(hidden_chunk.to(weight.dtype), weight.t())
+    return fill_padded_vocab_(z, valid_columns) if valid_columns is not None else z
 
 
 def _row_slices(rows: Sequence[Optional[torch.Tensor]], s: int, e: int):
@@ -65,8 +68,8 @@ def _chunks(n: int, token_chunk: int):
 class _ProjectionGrads:
     """``∂L/∂hidden`` and ``∂L/∂weight`` accumulated chunk by chunk from ``∂L/∂Z_c``."""
 
-    def __init__(self, hidden, weight, want_h: bool, want_w: bool):
-        self.weight = weight
+    def __init__(self, hidden, weight, want_h: bool, want_w: bool, valid_columns: Optional[int] = None):
+        self.weight, self.valid_columns = weight, valid_columns
         self.hidden = torch.zeros_like(hidden) if want_h else None
         # fp32 (fp64) sum over chunks; for fp32/fp64 weights this is the returned gradient itself.
         self.weight_grad = torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype),
@@ -79,7 +82,7 @@ class _ProjectionGrads:
         w = self.weight
         h = hidden[s:e].to(w.dtype)
         with torch.enable_grad():
-            z = _project(h, w).requires_grad_()
+            z = _project(h, w, self.valid_columns).requires_grad_()
             outs = tuple(fn(z, *_row_slices(rows, s, e), differentiate=True, metrics=metrics))
             kept = [o for o, keep in zip(outs, present) if keep] if present is not None else list(outs)
             pairs = [(o, g[s:e]) for o, g in zip(kept, coeffs)
@@ -111,24 +114,24 @@ class _ProjectRowwise(torch.autograd.Function):
     """Outputs of ``fn`` over chunks; backward recomputes each chunk (4 matmuls in all)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, fn, token_chunk, layout, *rows):
-        pieces = [tuple(fn(_project(hidden[s:e], weight), *_row_slices(rows, s, e), differentiate=False,
+    def forward(ctx, hidden, weight, fn, token_chunk, valid_columns, layout, *rows):
+        pieces = [tuple(fn(_project(hidden[s:e], weight, valid_columns), *_row_slices(rows, s, e), differentiate=False,
                            metrics=True))
                   for s, e in _chunks(hidden.shape[0], token_chunk)]
         present, outs = _cat_outputs(pieces, layout)
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
         ctx.save_for_backward(hidden, weight, *rows)
-        ctx.fn, ctx.token_chunk, ctx.present = fn, token_chunk, present
+        ctx.fn, ctx.token_chunk, ctx.valid_columns, ctx.present = fn, token_chunk, valid_columns, present
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         hidden, weight, *rows = ctx.saved_tensors
-        acc = _ProjectionGrads(hidden, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        acc = _ProjectionGrads(hidden, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.valid_columns)
         for s, e in _chunks(hidden.shape[0], ctx.token_chunk):
             # grads[j] belongs to the j-th output present in the forward (None at a metric's place).
             acc.differentiate(ctx.fn, hidden, rows, s, e, grads, ctx.present, metrics=False)
-        return acc.result() + (None, None, None) + (None,) * len(rows)
+        return acc.result() + (None, None, None, None) + (None,) * len(rows)
 
 
 class _ProjectRowwiseLinear(torch.autograd.Function):
@@ -139,8 +142,8 @@ class _ProjectRowwiseLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, fn, token_chunk, layout, coeffs, *rows):
-        acc = _ProjectionGrads(hidden, weight, hidden.requires_grad, weight.requires_grad)
+    def forward(ctx, hidden, weight, fn, token_chunk, valid_columns, layout, coeffs, *rows):
+        acc = _ProjectionGrads(hidden, weight, hidden.requires_grad, weight.requires_grad, valid_columns)
         pieces, loss = [], torch.zeros((), dtype=torch.float64, device=hidden.device)
         for s, e in _chunks(hidden.shape[0], token_chunk):
             outs = acc.differentiate(fn, hidden, rows, s, e, coeffs, None, metrics=True)
@@ -157,7 +160,7 @@ class _ProjectRowwiseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         grads = [g * grad_loss.to(g.dtype) if g is not None else None for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 6)
+        return (*grads, None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
 
 
 @dataclass
@@ -166,16 +169,22 @@ class ProjectedLogits:
 
     ``hidden`` ``[N, H]`` (any float dtype; cast to the weight's for the matmul) is the
     output layer's full input on every TP rank; ``weight`` ``[V/TP, H]`` its vocab shard.
+    ``valid_columns``: how many of the shard's columns are real vocabulary (None: all); the
+    rest, Megatron's padding rows, read as
+    :data:`~nemo_kd.losses.vocab_parallel.PADDED_VOCAB_LOGIT` in every chunk, as
+    :func:`~nemo_kd.losses.vocab_parallel.mask_padded_vocab_` does to materialised logits.
     """
 
     hidden: torch.Tensor
     weight: torch.Tensor
     token_chunk: int = DEFAULT_PROJECTION_CHUNK
+    valid_columns: Optional[int] = None
 
     @classmethod
-    def of_hidden_states(cls, hidden: torch.Tensor, weight: torch.Tensor, token_chunk: int) -> "ProjectedLogits":
+    def of_hidden_states(cls, hidden: torch.Tensor, weight: torch.Tensor, token_chunk: int,
+                         valid_columns: Optional[int] = None) -> "ProjectedLogits":
         """From a model's final hidden states ``[..., H]`` (e.g. ``[b, s, H]``; rows flattened in order)."""
-        return cls(hidden.reshape(-1, hidden.shape[-1]), weight, token_chunk)
+        return cls(hidden.reshape(-1, hidden.shape[-1]), weight, token_chunk, valid_columns)
 
     def __post_init__(self):
         if self.hidden.dim() != 2 or self.weight.dim() != 2 or self.hidden.shape[1] != self.weight.shape[1]:
@@ -203,11 +212,11 @@ class ProjectedLogits:
     def project_rows(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Logits of some rows of the hidden states (no gradient): a frozen teacher's chunk."""
         with torch.no_grad():
-            return _project(hidden_rows, self.weight)
+            return _project(hidden_rows, self.weight, self.valid_columns)
 
     def materialize(self) -> torch.Tensor:
         """The whole logits shard (differentiable): for references and tests only."""
-        return _project(self.hidden, self.weight)
+        return _project(self.hidden, self.weight, self.valid_columns)
 
     def map_rows(self, fn: RowFunction, *rows: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
         """``fn(Z, *rows)`` computed chunk by chunk, differentiable w.r.t. hidden and weight.
@@ -220,7 +229,8 @@ class ProjectedLogits:
         """
         self._check_rows(rows)
         layout = []
-        outs = iter(_ProjectRowwise.apply(self.hidden, self.weight, fn, int(self.token_chunk), layout, *rows))
+        outs = iter(_ProjectRowwise.apply(self.hidden, self.weight, fn, int(self.token_chunk), self.valid_columns,
+                                          layout, *rows))
         return tuple(next(outs) if present else None for present in layout)
 
     def linear_loss(self, fn: RowFunction, coeffs: Sequence[Optional[torch.Tensor]],
@@ -236,7 +246,8 @@ class ProjectedLogits:
         """
         self._check_rows(rows)
         layout = []
-        loss, *outs = _ProjectRowwiseLinear.apply(self.hidden, self.weight, fn, int(self.token_chunk), layout,
+        loss, *outs = _ProjectRowwiseLinear.apply(self.hidden, self.weight, fn, int(self.token_chunk),
+                                                  self.valid_columns, layout,
                                                   tuple(coeffs), *rows)
         outs = iter(outs)
         return loss, tuple(next(outs) if present else None for present in layout)

@@ -88,6 +88,35 @@ def valid_vocab_columns(v_local: int, vocab_start: int, vocab_size: Optional[int
     return max(0, min(v_local, vocab_size - vocab_start))
 
 
+# The logit of a padded vocabulary column (an id >= the real vocabulary size) in a loss: finite,
+# so no inf - inf or 0 * inf arises in any divergence (log-space mixtures, AKL's sort, scaling by
+# logits_scale / 1 / T), yet exp(PADDED - max) underflows to exactly 0 in fp16 .. fp64: the
+# column carries no probability and gets exactly zero gradient. fp16 takes its own finfo.min.
+PADDED_VOCAB_LOGIT = -1e30
+
+
+def fill_padded_vocab_(logits_shard: torch.Tensor, valid_columns: int) -> torch.Tensor:
+    """Write :data:`PADDED_VOCAB_LOGIT` over columns ``valid_columns:`` of ``logits_shard``, in place."""
+    if valid_columns < logits_shard.shape[-1]:
+        logits_shard[..., valid_columns:] = max(PADDED_VOCAB_LOGIT, torch.finfo(logits_shard.dtype).min)
+    return logits_shard
+
+
+def padded_vocab_valid_columns(v_local: int, vocab_size: Optional[int], group: ProcessGroup) -> Optional[int]:
+    """This rank's count of real-vocabulary columns in its ``v_local``-wide shard; None when all are."""
+    valid = valid_vocab_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
+    return None if valid == v_local else valid
+
+
+def mask_padded_vocab_(logits_shard: torch.Tensor, vocab_size: Optional[int], group: ProcessGroup) -> torch.Tensor:
+    """Megatron pads the vocabulary to a multiple of 128·TP; a model imported from Hugging Face has
+    zero rows there (logit 0, real probability mass next to negative logits), one trained by Megatron
+    has rows pushed down by the loss. Neither is a token: a loss or a metric over ``[..., V/TP]``
+    logits must not see them. In place (autograd records the copy: the gradient there is 0)."""
+    valid = padded_vocab_valid_columns(logits_shard.shape[-1], vocab_size, group)
+    return fill_padded_vocab_(logits_shard, valid) if valid is not None else logits_shard
+
+
 def all_gather_vocab(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """The vocab shards ``[..., V/TP]`` of every rank, concatenated in rank order ``[..., V]``
     (no gradient: for small tensors such as one position's logits or top-k candidates)."""

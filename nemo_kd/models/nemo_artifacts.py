@@ -37,7 +37,7 @@ import tarfile
 import tempfile
 from typing import Dict, List, Optional
 
-from nemo_kd.convert.checkpoint_io import copy_tokenizer_files
+from nemo_kd.convert.checkpoint_io import TOKENIZER_DIR, TOKENIZER_FILES, copy_tokenizer_files, is_megatron_checkpoint
 
 __all__ = ["TOKENIZER_SECTION", "NemoTokenizerError", "cache_root", "checkpoint_tokenizer_dir", "extract_nemo_tokenizer",
            "nemo_tokenizer_dir", "persist_tokenizer_dir", "register_tokenizer"]
@@ -238,8 +238,10 @@ def checkpoint_tokenizer_dir(checkpoint: str, tokenizer: Optional[str] = None) -
     """The Hugging Face tokenizer directory for a model given as ``checkpoint``.
 
     ``tokenizer`` when given; for a ``.nemo`` file, the tokenizer packed in it
-    (:func:`nemo_tokenizer_dir`: found on any machine, whatever path it was saved from); else the
-    checkpoint itself (an HF or converted Megatron directory holds its tokenizer files).
+    (:func:`nemo_tokenizer_dir`: found on any machine, whatever path it was saved from); for a
+    converted Megatron checkpoint, its ``tokenizer/`` (where
+    :func:`~nemo_kd.convert.checkpoint_io.save_megatron_checkpoint` copies it); else the
+    checkpoint itself (an HF directory holds its tokenizer files).
     """
     if tokenizer:
         return tokenizer
@@ -249,4 +251,11 @@ def checkpoint_tokenizer_dir(checkpoint: str, tokenizer: Optional[str] = None) -
             raise NemoTokenizerError(f"{checkpoint}: this .nemo packs no tokenizer (saved before nemo_kd packed "
                                      "them): give its tokenizer directory")
         return found
+    if is_megatron_checkpoint(checkpoint):
+        packed = os.path.join(checkpoint, TOKENIZER_DIR)
+        if os.path.isdir(packed):
+            return packed
+        if not any(os.path.isfile(os.path.join(checkpoint, f)) for f in TOKENIZER_FILES):
+            raise NemoTokenizerError(f"{checkpoint}: this Megatron checkpoint has no {TOKENIZER_DIR}/ directory "
+                                     "(converted without tokenizer files): give its tokenizer directory")
     return checkpoint
