@@ -378,3 +378,48 @@ def test_moe_nemo_restores_at_ep2_and_saves_every_expert(zoo, extraction_assets,
         again.eval()
         with torch.no_grad():
             assert torch.equal(again(case["tokens"]), want)
+
+
+# ---------------------------------------------------------------- dense <-> MoE distillation (online teacher)
+@pytest.mark.parametrize("direction", ["dense_student_moe_teacher", "moe_student_dense_teacher"])
+def test_online_distillation_between_dense_and_moe(zoo, extraction_assets, tmp_path, direction):
+    """Online KD across the dense / MoE boundary (same tokenizer): a dense student from the converted Mixtral
+    teacher, and an MoE student (aux loss on, its router term logged) from a dense teacher. The engine's
+    teacher reproduces transformers' logits (MoE teacher) and the KD loss falls over 4 steps."""
+    from dist_utils import WorldOfOne
+    from nemo_kd.models import GPTModelConfig, build_gpt_model
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.teacher.teachers import save_full_checkpoint
+    from test_distillation_model import _arch, _cfg, _trainer
+
+    case = zoo["mixtral"]
+    w = _student_world(extraction_assets, tmp_path)
+    vocab = case["vocab_size"]
+    moe = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, moe_aux_loss_coeff=0.01)
+    with WorldOfOne(seed=5):
+        if direction == "dense_student_moe_teacher":
+            teacher, student = case["megatron_dir"], _arch(vocab)
+        else:
+            dense = GPTModelConfig(**_arch(vocab))
+            full = {k: v for k, v in build_gpt_model(dense).state_dict().items() if torch.is_tensor(v)}
+            full["output_layer.weight"] = full["output_layer.weight"] * 20  # peaked: a teacher worth following
+            teacher = str(tmp_path / "dense_teacher")
+            save_full_checkpoint(teacher, full, dense)
+            student = dict(_arch(vocab), **moe)
+        cfg = _cfg(w, **{"student": student, "teacher": {"mode": "online", "checkpoint": teacher},
+                         "data.train_ds.logits_store": None, "data.validation_ds": None, "max_steps": 4})
+        trainer, rec = _trainer(tmp_path / "fit", 4)
+        model = GPTDistillationModel(cfg, trainer=trainer)
+        assert model._student_cfg.is_moe == (direction == "moe_student_dense_teacher")
+        if direction == "dense_student_moe_teacher":
+            t = model.engine.teacher
+            t.eval()
+            x = case["tokens"]
+            with torch.no_grad():
+                logits = t(x, torch.arange(x.shape[1])[None].expand_as(x), None)
+            assert _max_diff(logits, case["logits"], vocab) <= ATOL
+        trainer.fit(model)
+    kd = [r["kd_loss"] for r in rec.rows]
+    assert trainer.global_step == 4 and all(map(torch.isfinite, map(torch.tensor, kd))) and kd[-1] < kd[0], kd
+    if direction == "moe_student_dense_teacher":
+        assert all(r["router_loss"] > 0 for r in rec.rows), rec.rows[-1]
