@@ -399,3 +399,18 @@ def test_served_sample_errors_name_the_sample(world, tmp_path):
         PolicySpec.from_dict(served)
     with pytest.raises(ValueError, match="needs teacher.url"):
         PolicySpec.from_dict(dict(served, url=None, tokenizer="t"))
+    with pytest.raises(ValueError, match=r"\['url'\] are keys of a served teacher: set type=served"):
+        PolicySpec.from_dict(dict(checkpoint="c", url="http://h:1"))
+    # the shipped configs take the served teacher as command-line overrides of their listed keys
+    from omegaconf import OmegaConf
+
+    for name in ("build_dasd_data", "build_preference_pairs"):
+        c = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", f"{name}.yaml"))
+        over = OmegaConf.from_dotlist(["teacher.type=served", "teacher.url=http://teacher:8000", "teacher.tokenizer=t",
+                                       "teacher.dialect=sglang"])
+        spec = PolicySpec.from_dict(OmegaConf.to_container(OmegaConf.merge(c, over).teacher))
+        assert spec.type == "served" and spec.served["url"] == "http://teacher:8000"
+        assert spec.identity()["served"] == {"model": None, "dialect": "sglang", "sampled_logprobs": "auto"}
+        local = PolicySpec.from_dict(OmegaConf.to_container(OmegaConf.merge(
+            c, OmegaConf.from_dotlist(["teacher.checkpoint=/ckpt"])).teacher))
+        assert "type" not in local.identity() and local.served == {}  # local stage settings as before

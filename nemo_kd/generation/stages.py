@@ -30,6 +30,7 @@ sharding of the prompts, and resumable, atomic stage outputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -83,9 +84,18 @@ class PolicySpec:
         from nemo_kd.teacher.served import ServedTeacherConfig
 
         d = dict(d or {})
-        if d.get("type", "local") == "served":  # the server's keys sit beside the others, as in extraction's config
-            names = set(ServedTeacherConfig.field_names()) | {"sampled_logprobs"}
-            d["served"] = {**dict(d.get("served") or {}), **{k: d.pop(k) for k in list(d) if k in names}}
+        # the server's keys sit beside the others, as in extraction's config (conf/build_*.yaml lists them with
+        # their defaults, which a local model ignores)
+        names = set(ServedTeacherConfig.field_names()) | {"sampled_logprobs"}
+        given = {k: d.pop(k) for k in list(d) if k in names}
+        if d.get("type", "local") == "served":
+            d["served"] = {**dict(d.get("served") or {}), **given}
+        else:
+            defaults = {f.name: f.default for f in dataclasses.fields(ServedTeacherConfig)}
+            defaults["sampled_logprobs"] = "auto"
+            set_here = sorted(k for k, v in given.items() if v is not None and v != defaults.get(k))
+            if set_here:
+                raise ValueError(f"{set_here} are keys of a served teacher: set type=served (or drop them)")
         spec = cls(**known_keys(cls, d, "model"))
         if spec.type not in POLICY_TYPES:
             raise ValueError(f"type must be one of {POLICY_TYPES}, got {spec.type!r}")
