@@ -263,7 +263,11 @@ def test_unsupported_architecture_names_field(tmp_path):
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}), "rope_parameters.rope_type"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+     "rope_parameters.original_max_position_embeddings"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "attention_factor": 2.0,
+                           "original_max_position_embeddings": 16}), "rope_parameters.attention_factor"),
+    (dict(rope_parameters={"rope_type": "longrope", "factor": 4.0, "rope_theta": 10000.0}), "rope_parameters.rope_type"),
     (dict(rope_parameters=None, rope_theta=10000.0, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling.rope_type"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(hidden_act="gelu"), "hidden_act"),

@@ -4,8 +4,8 @@ Tiny random ``transformers`` models (4 experts, top-2, hidden 64, 2 layers; ever
 randomised, the routers included, so a mis-mapped expert or router changes the logits):
 
 * Mixtral: every layer sparse, top-k renormalised (Megatron's top-k-then-softmax router);
-* Qwen3-MoE: qk-norm, ``mlp_only_layers=[0]`` (a dense first layer of ``intermediate_size``) and
-  ``norm_topk_prob=False`` (Megatron's ``moe_router_pre_softmax``).
+* Qwen3-MoE: qk-norm, ``mlp_only_layers=[0]`` (a dense first layer of ``intermediate_size``),
+  ``norm_topk_prob=False`` (Megatron's ``moe_router_pre_softmax``) and YaRN RoPE scaling.
 
 Checked: logits parity with transformers fp32 (<= 1e-4 max abs) at TP=1, TP=2 and EP=2 (two gloo
 processes; EP=2 splits the experts, tokens travel through Megatron's all-to-all dispatcher), a
@@ -39,7 +39,10 @@ def _hf_configs():
                                  sliding_window=None),
         "qwen3_moe": Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
                                     vocab_size=300, head_dim=16, mlp_only_layers=[0], decoder_sparse_step=1,
-                                    norm_topk_prob=False),
+                                    norm_topk_prob=False,
+                                    # YaRN (Qwen3's long-context setting, scaled down): changes frequencies and cos/sin
+                                    rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                     "original_max_position_embeddings": 16}),
     }
 
 
@@ -112,6 +115,8 @@ def test_architecture_mapping(zoo):
     qwen = hf_config_to_architecture(read_hf_config(zoo["qwen3_moe"]["hf_dir"])).model
     assert qwen.moe_layer_pattern() == [0, 1] and qwen.moe_router_pre_softmax and qwen.qk_layernorm
     assert (qwen.ffn_hidden_size, qwen.moe_ffn_hidden_size, qwen.kv_channels) == (96, 48, 16)
+    assert qwen.position_embedding_type == "yarn" and qwen.yarn_rotary_scaling_factor == 4.0
+    assert (qwen.yarn_original_max_position_embeddings, qwen.yarn_correction_range_round_to_int) == (16, True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -278,8 +278,50 @@ def _rope_settings(hf_config: Mapping[str, Any]):
         return int(theta), RopeScaling(
             "llama3", float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
             float(scaling.get("high_freq_factor", 4.0)), int(scaling.get("original_max_position_embeddings", 8192)))
+    if rope_type == "yarn":
+        return int(theta), _yarn_fields(hf_config, scaling, field)
     raise UnsupportedHFConfigError(f"{field}.rope_type", rope_type,
-                                   "Megatron's RotaryEmbedding supports 'default', 'linear' and 'llama3' scaling only")
+                                   "Megatron supports 'default', 'linear', 'llama3' and 'yarn' RoPE scaling only")
+
+
+def _yarn_fields(hf_config: Mapping[str, Any], scaling: Mapping[str, Any], field: str) -> Dict[str, Any]:
+    """HF ``rope_type: yarn`` as ``GPTModelConfig`` keys (Megatron's ``YarnRotaryEmbedding``).
+
+    transformers (``_compute_yarn_parameters``): ``factor`` (default ``max_position_embeddings /
+    original_max_position_embeddings``), ``beta_fast`` / ``beta_slow`` (32 / 1 when absent or 0), ``truncate``
+    (default true: Megatron's ``yarn_correction_range_round_to_int``), and the attention factor on cos/sin:
+    ``attention_factor`` if given, else ``m(f, mscale) / m(f, mscale_all_dim)`` when both are non-zero, else
+    ``m(f, 1)``, with ``m(f, s) = 0.1 s ln f + 1``. Megatron computes the same from ``yarn_mscale`` /
+    ``yarn_mscale_all_dim`` (both set: the ratio; else ``m(f, 1)``), so an explicit ``attention_factor`` is
+    accepted only when it equals what these give.
+    """
+    import math
+
+    original = scaling.get("original_max_position_embeddings")
+    if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+        raise UnsupportedHFConfigError(f"{field}.original_max_position_embeddings", original,
+                                       "YaRN needs the pre-extension context as a positive integer")
+    factor = scaling.get("factor")
+    factor = float(factor if factor is not None else hf_config.get("max_position_embeddings", original) / original)
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if not (mscale and mscale_all_dim):
+        mscale = mscale_all_dim = None  # transformers ignores one without the other
+
+    def m(s):
+        return 1.0 if factor <= 1 else 0.1 * s * math.log(factor) + 1.0
+
+    implied = m(mscale) / m(mscale_all_dim) if mscale is not None else m(1.0)
+    given = scaling.get("attention_factor")
+    if given is not None and not math.isclose(float(given), implied, rel_tol=1e-9):
+        raise UnsupportedHFConfigError(f"{field}.attention_factor", given,
+                                       f"Megatron's YaRN derives it from factor / mscale / mscale_all_dim ({implied!r} "
+                                       "here); an independent attention factor is not expressible")
+    return dict(yarn_rotary_scaling_factor=factor,
+                yarn_original_max_position_embeddings=original,
+                yarn_beta_fast=float(scaling.get("beta_fast") or 32.0), yarn_beta_slow=float(scaling.get("beta_slow") or 1.0),
+                yarn_mscale=None if mscale is None else float(mscale),
+                yarn_mscale_all_dim=None if mscale_all_dim is None else float(mscale_all_dim),
+                yarn_correction_range_round_to_int=bool(scaling.get("truncate", True)))
 
 
 def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
@@ -335,6 +377,9 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
                              "attention_bias and mlp_bias must be equal")
         add_qkv_bias = add_bias_linear = attention_bias
     rotary_base, rope_scaling = _rope_settings(hf)
+    yarn = {}
+    if isinstance(rope_scaling, dict):  # YaRN: GPTModelConfig keys, not a RopeScaling applied after the build
+        yarn, rope_scaling = rope_scaling, None
     fields = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -345,8 +390,9 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab_size=hf["vocab_size"],
         max_position_embeddings=max_positions,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if yarn else "rope",
         rotary_base=rotary_base,
+        **yarn,
         normalization="RMSNorm",
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         activation="swiglu",
@@ -494,6 +540,8 @@ def architecture_to_hf_config(arch: HFArchitecture) -> Dict[str, Any]:
                    initializer_range=m.init_method_std)
         if arch.rope_scaling is not None:
             out["rope_scaling"] = arch.rope_scaling.to_hf()
+        if m.position_embedding_type == "yarn":
+            out["rope_scaling"] = _yarn_to_hf(m)
         if arch.family in ("llama", "qwen3", "qwen3_moe"):
             out.update(attention_bias=m.add_bias_linear, **({"mlp_bias": m.add_bias_linear} if arch.family == "llama" else {}))
     if arch.family in MOE_FAMILIES:
@@ -511,6 +559,17 @@ def architecture_to_hf_config(arch: HFArchitecture) -> Dict[str, Any]:
             out["layer_types"] = ["sliding_attention" if v else "full_attention" for v in pattern]
     elif "layer_types" in out:  # per-layer list (transformers 5): must match the layer count
         out["layer_types"] = ["full_attention"] * m.num_layers
+    return out
+
+
+def _yarn_to_hf(m: GPTModelConfig) -> Dict[str, Any]:
+    """HF ``rope_scaling`` of a YaRN model (inverse of :func:`_yarn_fields`)."""
+    out = {"rope_type": "yarn", "factor": m.yarn_rotary_scaling_factor,
+           "original_max_position_embeddings": m.yarn_original_max_position_embeddings,
+           "beta_fast": m.yarn_beta_fast, "beta_slow": m.yarn_beta_slow,
+           "truncate": m.yarn_correction_range_round_to_int}
+    if m.yarn_mscale is not None and m.yarn_mscale_all_dim is not None:
+        out.update(mscale=m.yarn_mscale, mscale_all_dim=m.yarn_mscale_all_dim)
     return out
 
 
@@ -548,7 +607,10 @@ def _check_family_fits(arch: HFArchitecture) -> None:
         required = dict(normalization="LayerNorm", activation="gelu", position_embedding_type="learned_absolute",
                         add_bias_linear=True, qk_layernorm=False)
     else:
-        required = dict(normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
+        if m.position_embedding_type not in ("rope", "yarn"):
+            raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.position_embedding_type is "
+                             f"{m.position_embedding_type!r}, the HF {_ARCHITECTURE_OF[arch.family]} needs 'rope' / 'yarn'")
+        required = dict(normalization="RMSNorm", activation="swiglu",
                         qk_layernorm=attention_family == "qwen3")
         if arch.family == "qwen2":
             required.update(add_qkv_bias=True, add_bias_linear=False)
