@@ -22,8 +22,10 @@
 #   memory at least 4 s, well above the 2 s the manual asks for) keeps the poll at 2 s;
 # * `sched_interval=2,bf_interval=1`: a job that becomes eligible (submitted, or requeued after the
 #   delay above) starts within a second or two instead of at the next 30-60 s scheduling pass;
-# * a munge key (generated once), munged, slurmctld and slurmd, then waits until `sinfo` shows the
-#   node idle, resuming it if it came up down/drained.
+# * a munge key (generated once), munged, slurmctld (clean state: -c) and slurmd, then waits until
+#   `sinfo` shows the node idle, resuming it if it came up down/drained. A daemon counts as running
+#   only when its pidfile names a live process of its name: CI machines are restored from snapshots
+#   whose /run/slurm still holds the pidfiles of daemons that are gone.
 # Every failure prints what failed and the daemon's log tail, and exits non-zero.
 set -euo pipefail
 
@@ -49,8 +51,22 @@ as_root() {
     die "need root (or passwordless sudo) to run: $*"; fi
 }
 
-pid_alive() {  # pid_alive <pidfile>
-  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+daemon_alive() {  # daemon_alive <slurmd|slurmctld>: its pidfile names a live process of that name
+  # A machine restored from a snapshot (CI reuses them) keeps /run/slurm/*.pid of daemons that are
+  # gone, and their pids may now belong to other processes: check the process name, not just kill -0.
+  local pidfile="$RUN_DIR/$1.pid" pid
+  [ -f "$pidfile" ] || return 1
+  pid=$(cat "$pidfile" 2>/dev/null) || return 1
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]
+}
+
+start_daemon() {  # start_daemon <slurmd|slurmctld> args...: wait until it has written its pidfile
+  local name=$1; shift
+  as_root rm -f "$RUN_DIR/$name.pid"  # stale: a daemon of an earlier boot (daemon_alive said no)
+  as_root "$name" "$@" || die "$name did not start"
+  # The command returns when the daemon has forked; the child writes the pidfile a moment later.
+  for _ in $(seq 1 50); do daemon_alive "$name" && return 0; sleep 0.1; done
+  die "$name exited during start-up (no live process in $RUN_DIR/$name.pid after 5 s)"
 }
 
 node_state() {
@@ -62,8 +78,8 @@ node_up() {  # the node takes jobs
 }
 
 if [ "${SLURM_CLUSTER_STOP:-0}" = 1 ]; then
-  for pidfile in "$RUN_DIR/slurmd.pid" "$RUN_DIR/slurmctld.pid"; do
-    if pid_alive "$pidfile"; then as_root kill "$(cat "$pidfile")"; fi
+  for daemon in slurmd slurmctld; do
+    if daemon_alive "$daemon"; then as_root kill "$(cat "$RUN_DIR/$daemon.pid")"; fi
   done
   echo "slurm_cluster.sh: stopped slurmd and slurmctld (munged left running)"
   exit 0
@@ -170,17 +186,19 @@ fi
 
 # 4. slurmctld and slurmd (restarted when the configuration changed).
 if [ "$CHANGED" = 1 ]; then
-  for pidfile in "$RUN_DIR/slurmd.pid" "$RUN_DIR/slurmctld.pid"; do
-    if pid_alive "$pidfile"; then as_root kill "$(cat "$pidfile")"; sleep 1; fi
+  for daemon in slurmd slurmctld; do
+    if daemon_alive "$daemon"; then as_root kill "$(cat "$RUN_DIR/$daemon.pid")"; sleep 1; fi
   done
 fi
-if ! pid_alive "$RUN_DIR/slurmctld.pid"; then
-  as_root slurmctld -i || die "slurmctld did not start"
+if ! daemon_alive slurmctld; then
+  # -c: start from a clean state. Jobs recovered from an earlier boot's StateSaveLocation belong to
+  # processes that no longer exist; a test cluster must not hold its CPUs for them.
+  start_daemon slurmctld -c -i
 fi
 for _ in $(seq 1 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
 scontrol ping 2>/dev/null | grep -q UP || die "slurmctld does not answer 'scontrol ping'"
-if ! pid_alive "$RUN_DIR/slurmd.pid"; then
-  as_root slurmd || die "slurmd did not start"
+if ! daemon_alive slurmd; then
+  start_daemon slurmd
 fi
 
 # 5. Wait for the node.
@@ -192,7 +210,7 @@ for _ in $(seq 1 150); do
     down*|drain*|drained*|fail*)
       as_root scontrol update nodename="$HOST" state=resume 2>/dev/null || true ;;
   esac
-  pid_alive "$RUN_DIR/slurmd.pid" || die "slurmd exited (node state '$state')"
+  daemon_alive slurmd || die "slurmd exited (node state '$state')"
   sleep 0.2
 done
 case "$state" in
