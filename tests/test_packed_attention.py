@@ -118,7 +118,7 @@ def test_gpt_with_packed_seq_params_equals_masked_rows(world, kw):  # noqa: F811
     path on the same rows (block-diagonal mask, positions restarting per segment): logits and gradients."""
     from test_attention_features import _gpt_cfg
 
-    from nemo_kd.data.packing import PackedModelInputs, packed_attention_mask
+    from nemo_kd.data.packing import ModelInputs, packed_attention_mask
     from nemo_kd.models import build_gpt_model
 
     torch.manual_seed(0)
@@ -135,8 +135,8 @@ def test_gpt_with_packed_seq_params_equals_masked_rows(world, kw):  # noqa: F811
     def run(packed):
         model.zero_grad()
         if packed:
-            x = PackedModelInputs.of(ids, pos, seg)
-            out = x.rows(model(x.input_ids, x.position_ids, None, packed_seq_params=x.packed_seq_params))
+            x = ModelInputs.of(ids, pos, seg)
+            out = x.rows(model(*x.args, **x.kwargs))
         else:
             out = model(ids, pos, packed_attention_mask(seg))
         (out.float().square().mean()).backward()

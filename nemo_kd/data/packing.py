@@ -17,10 +17,14 @@ hold whole samples laid end to end:
   the extra position predicts padding and is masked); positions restart at 0 (RoPE), the
   loss mask and the teacher's stored top-k rows follow their sample, and ``segment_ids``
   ``[B, S]`` (−1 on padding) say which sample each position belongs to.
-* **Attention** (:func:`packed_attention_mask`): Megatron's boolean mask, ``True`` = masked,
-  ``[B, 1, S, S]`` (one byte per pair, broadcast over heads: never a float mask per head)
-  for positions of different samples; the core attention adds the causal part. The online
-  teacher reads the same rows, mask and positions.
+* **Attention** (:class:`ModelInputs`): the model runs packed rows in Megatron's THD layout, the
+  rows flattened to one sequence with ``PackedSeqParams`` (:func:`packed_seq_params`: ``cu_seqlens``
+  of the samples), for every spec: TE's attention reads them as Megatron expects, the local spec's
+  ``SDPACoreAttention`` runs causal attention per sample, samples bucketed by length (work
+  ``Σ len²``, not ``S²`` a row, and no ``[S, S]`` mask); Megatron's THD RoPE restarts positions per
+  sample. The online teacher and extraction run the same rows. :func:`packed_attention_mask`
+  (``[B, 1, S, S]`` bool, ``True`` = masked) is the same attention as a dense mask, the reference
+  the tests compare with.
 
 Per-token quantities then equal the padded ones sample by sample (tested: loss, metrics and
 gradients, offline and online, TP=1/TP=2/PP=2). Not packed (refused by the dataset builder
@@ -31,7 +35,7 @@ samples (the teacher's own tokenisation has other lengths) and on-policy samplin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -146,27 +150,48 @@ def packed_seq_params(segment_ids: torch.Tensor) -> PackedSeqParams:
 
 
 @dataclass
-class PackedModelInputs:
-    """A packed microbatch as Megatron's ``GPTModel.forward`` takes it in the THD layout: ``input_ids`` and
-    ``position_ids`` ``[1, B·S]``, no ``attention_mask``, ``packed_seq_params``; :meth:`rows` puts an output
-    ``[1, B·S, ...]`` (logits, or the final hidden states of a deferred projection) back in rows ``[B, S, ...]``."""
+class ModelInputs:
+    """One microbatch as Megatron's ``GPTModel.forward`` takes it: ``model(*args, **kwargs)``, then
+    :meth:`rows` on its output (on the last pipeline stage).
 
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    packed_seq_params: PackedSeqParams
+    Padded rows ``[B, S]``: ``(input_ids, position_ids, None)`` (the causal mask is the core attention's).
+    Packed rows (``segment_ids`` given): Megatron's THD layout, selected for every spec: ``input_ids`` and
+    ``position_ids`` flattened to ``[1, B·S]``, no ``attention_mask``, ``packed_seq_params``
+    (:func:`packed_seq_params`), which TE's attention and the local spec's
+    :class:`~nemo_kd.models.layer_spec.SDPACoreAttention` read; :meth:`rows` puts an output ``[1, B·S, ...]``
+    (logits, or a deferred projection's final hidden states) back in rows ``[B, S, ...]``."""
+
+    args: tuple
+    kwargs: dict
     shape: Tuple[int, int]
+    packed: bool
 
     @staticmethod
-    def of(input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> "PackedModelInputs":
-        b, s = segment_ids.shape
-        params = packed_seq_params(segment_ids)
-        params.cu_seqlens_q = params.cu_seqlens_kv = params.cu_seqlens_q.to(input_ids.device)
-        return PackedModelInputs(input_ids.reshape(1, b * s), position_ids.reshape(1, b * s), params, (b, s))
+    def of(input_ids: torch.Tensor, position_ids: torch.Tensor,
+           segment_ids: Optional[torch.Tensor] = None) -> "ModelInputs":
+        b, s = input_ids.shape
+        if segment_ids is None:
+            return ModelInputs((input_ids, position_ids, None), {}, (b, s), packed=False)
+        params = packed_seq_params(segment_ids.to(input_ids.device))
+        return ModelInputs((input_ids.reshape(1, b * s), position_ids.reshape(1, b * s), None),
+                           {"packed_seq_params": params}, (b, s), packed=True)
+
+    @staticmethod
+    def of_batch(mb: Dict[str, torch.Tensor], inputs_key: str = "inputs",
+                 position_ids_key: str = "position_ids") -> "ModelInputs":
+        """A collated microbatch (:func:`collate_packed` rows carry ``segment_ids``)."""
+        return ModelInputs.of(mb[inputs_key], mb[position_ids_key], mb.get("segment_ids"))
 
     @property
     def schedule_shape(self) -> Tuple[int, int]:
-        """``(seq_length, micro_batch_size)`` for Megatron's pipeline schedule (its p2p tensors are ``[B·S, 1, H]``)."""
-        return self.shape[0] * self.shape[1], 1
+        """:func:`schedule_shape` of this microbatch."""
+        return schedule_shape(*self.shape, packed=self.packed)
 
     def rows(self, output: torch.Tensor) -> torch.Tensor:
-        return output.reshape(*self.shape, *output.shape[2:])
+        return output.reshape(*self.shape, *output.shape[2:]) if self.packed else output
+
+
+def schedule_shape(rows: int, seq_length: int, packed: bool) -> Tuple[int, int]:
+    """``(seq_length, micro_batch_size)`` for Megatron's pipeline schedule, whose p2p tensors are the
+    model's ``[S, B, H]``: packed rows (THD, :class:`ModelInputs`) are ``[B·S, 1, H]``."""
+    return (rows * seq_length, 1) if packed else (seq_length, rows)

@@ -95,13 +95,13 @@ class DeferredOutputProjection:
             del self.layer.forward
 
 
-def run_model(model: torch.nn.Module, deferred: Optional[DeferredOutputProjection], *inputs
+def run_model(model: torch.nn.Module, deferred: Optional[DeferredOutputProjection], *inputs, **kwargs
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(model(*inputs), None)``, or with ``deferred``: ``(final hidden states, output weight)``
+    """``(model(*inputs, **kwargs), None)``, or with ``deferred``: ``(final hidden states, output weight)``
     from a forward inside it (build the loss's :class:`~nemo_kd.losses.projection.ProjectedLogits`
     with ``ProjectedLogits.of_hidden_states``)."""
     if deferred is None:
-        return model(*inputs), None
+        return model(*inputs, **kwargs), None
     with deferred:
-        out = model(*inputs)
+        out = model(*inputs, **kwargs)
     return out, deferred.weight

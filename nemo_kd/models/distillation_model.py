@@ -304,7 +304,8 @@ class GPTDistillationModel(ModelPT):
         self.engine = DistillationEngine(student_arch, self._loss_cfg, self._optim_cfg, batch_cfg,
                                          max_steps=self._max_steps, teacher_cfg=teacher_cfg,
                                          student_init_path=init_path, teacher_model=teacher_model,
-                                         cross_tokenizer=bool(teacher.get("tokenizer")))
+                                         cross_tokenizer=bool(teacher.get("tokenizer")),
+                                         moe_load_log_interval=cfg.get("moe_load_log_interval", 100))
         if init_path:
             # The checkpoint's architecture is the student's now: record all of it (and forget
             # the path) so that a .nemo of this model restores without the original checkpoint.

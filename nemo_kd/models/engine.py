@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_kd.align.loss import CrossTokenizerTeacher
-from nemo_kd.data.packing import packed_attention_mask
+from nemo_kd.data.packing import ModelInputs
 from nemo_kd.losses.objective import (
     DistillationLossConfig,
     DistillationObjective,
@@ -60,6 +60,7 @@ from nemo_kd.losses.objective import (
     objective_normalisers,
 )
 from nemo_kd.losses.projection import ProjectedLogits
+from nemo_kd.losses.vocab_parallel import mask_padded_vocab_, padded_vocab_valid_columns
 from nemo_kd.models.builder import half_precision_output, in_params_dtype
 from nemo_kd.models.deferred_projection import DeferredOutputProjection, run_model
 from nemo_kd.models.config import GPTModelConfig
@@ -122,12 +123,6 @@ class BatchConfig:
             raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size × "
                              f"data-parallel size ({self.micro_batch_size} × {dp_size})")
         return self.global_batch_size // per_step
-
-
-def _attention_mask(mb: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """Packed rows (``segment_ids``, :mod:`nemo_kd.data.packing`): attention stays inside each sample.
-    Built per forward (student and teacher), not kept per microbatch: ``[B, 1, S, S]`` bytes each."""
-    return packed_attention_mask(mb["segment_ids"]) if "segment_ids" in mb else None
 
 
 def check_interleaving(num_microbatches: int, pp: int, vpp: Optional[int]) -> None:
@@ -256,12 +251,13 @@ class DistillationEngine:
             start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=max(decay_steps, 1),
             wd_incr_style="constant",
         )
-        self.objective = DistillationObjective(loss_cfg, group=state.tp_group())
+        self.objective = DistillationObjective(loss_cfg, group=state.tp_group(), vocab_size=student_cfg.vocab_size)
         if loss_cfg.fuse_output_layer and cross_tokenizer:
             raise ValueError("fuse_output_layer does not cover cross-tokenizer KD: set kd.fuse_output_layer=false")
         # the output layer is in the last chunk (of the last stage); the others' forwards never reach it
         self.deferred_projection = DeferredOutputProjection(self.chunks[-1]) if loss_cfg.fuse_output_layer else None
         self.teacher = self.teacher_projection = None
+        self.teacher_vocab_size = teacher_cfg.vocab_size if teacher_cfg is not None else None
         if teacher_cfg is not None:
             # The run's precision (the student's, from trainer.precision) governs the teacher too,
             # as one Lightning precision plugin casts every module of a NeMo model: a bf16 run
@@ -296,12 +292,13 @@ class DistillationEngine:
         schedule, each chunk reading every microbatch in order from its own iterator)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        b = self.batch_cfg
         models = list(model) if isinstance(model, (list, tuple)) else [model]
         data = iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models]
+        # the p2p tensors' shape: [S, B, H], or [B·S, 1, H] for packed rows (THD, nemo_kd.data.packing)
+        seq_length, micro_batch_size = ModelInputs.of_batch(microbatches[0]).schedule_shape
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=models,
-            num_microbatches=len(microbatches), seq_length=b.seq_length, micro_batch_size=b.micro_batch_size,
+            num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
 
@@ -312,13 +309,19 @@ class DistillationEngine:
             mb = next(data_iterator)
             # Cross-tokenizer: the teacher reads its own rendering/tokenisation (same [B, S] shape).
             # Deferred projection: keep the final hidden states ([b, s, H], not [b, s, V/TP]) for the loss.
-            out, weight = run_model(half_precision_output(model), self.teacher_projection,
-                                    mb.get("xtok_teacher_inputs", mb["inputs"]),
-                                    mb.get("xtok_teacher_position_ids", mb["position_ids"]), _attention_mask(mb))
+            x = ModelInputs.of(mb.get("xtok_teacher_inputs", mb["inputs"]),
+                               mb.get("xtok_teacher_position_ids", mb["position_ids"]), mb.get("segment_ids"))
+            out, weight = run_model(half_precision_output(model), self.teacher_projection, *x.args, **x.kwargs)
 
             def keep(out):
-                kept = out.detach() if weight is None else ProjectedLogits.of_hidden_states(
-                    out.detach(), weight.detach(), self.loss_cfg.output_layer_chunk_tokens)
+                out = x.rows(out)  # packed rows: [1, B·S, ...] -> [B, S, ...]
+                # The teacher's padded vocabulary columns carry no probability (mask_padded_vocab_).
+                if weight is None:
+                    kept = mask_padded_vocab_(out.detach(), self.teacher_vocab_size, state.tp_group())
+                else:
+                    kept = ProjectedLogits.of_hidden_states(
+                        out.detach(), weight.detach(), self.loss_cfg.output_layer_chunk_tokens,
+                        padded_vocab_valid_columns(weight.shape[0], self.teacher_vocab_size, state.tp_group()))
                 return out.new_zeros(()), {"logits": kept}
 
             return out, keep
@@ -346,6 +349,8 @@ class DistillationEngine:
         # Note: for micro-batch > 1 the gradient reaching the output layer is the [s, b] transpose
         # of this [b, s] buffer, which Megatron copies (prepare_input_tensors_for_wgrad_compute's
         # .contiguous()) — its own logits-sized buffer, outside the loss, in place or not.
+        # Megatron's padded vocabulary rows are not tokens: the objective (built with the student's
+        # vocab_size) masks them, in place on the output layer's output, which nothing else saved.
         if output_weight is not None:  # deferred projection: ``logits`` are the final hidden states
             logits = ProjectedLogits.of_hidden_states(logits, output_weight, self.loss_cfg.output_layer_chunk_tokens)
         out = self.objective(logits, _objective_batch(mb, teacher_logits), norms)
@@ -357,9 +362,11 @@ class DistillationEngine:
         mb = next(data_iterator)
         # Deferred projection: the model returns its final hidden states; the loss projects them in chunks.
         # bf16/fp16: the logits (or hidden states) reach the loss in the model's dtype, see half_precision_output.
-        output, weight = run_model(half_precision_output(model), self.deferred_projection, mb["inputs"],
-                                   mb["position_ids"], _attention_mask(mb))
-        return output, partial(self._loss_func, mb, mb.get("_teacher_logits"), norms, scale, weight)
+        # Packed rows (segment_ids): Megatron's THD layout, the output back in rows for the loss.
+        x = ModelInputs.of_batch(mb)
+        output, weight = run_model(half_precision_output(model), self.deferred_projection, *x.args, **x.kwargs)
+        loss_func = partial(self._loss_func, mb, mb.get("_teacher_logits"), norms, scale, weight)
+        return output, lambda out: loss_func(x.rows(out))
 
     def _reduce_reports(self, reports: List[dict]) -> Dict[str, float]:
         """Sum each microbatch's report, average fractions, all-reduce over DP, share across PP.

@@ -222,7 +222,7 @@ class MegatronTeacher(Teacher):
         ``[B, S]``, attention kept inside each segment."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from nemo_kd.data.packing import packed_attention_mask
+        from nemo_kd.data.packing import ModelInputs, schedule_shape
 
         from nemo_kd.losses.projection import ProjectedLogits
         from nemo_kd.models.deferred_projection import DeferredOutputProjection, run_model
@@ -244,10 +244,12 @@ class MegatronTeacher(Teacher):
         def forward_step(data_iterator, model):
             first = next(data_iterator)
             rows = slice(first, first + mbs)
-            mask = packed_attention_mask(segment_ids[rows]) if segment_ids is not None else None
-            output, weight = run_model(model, deferred, tokens[rows], position_ids[rows], mask)
+            # packed rows: Megatron's THD layout (packed_seq_params), the output back in rows
+            x = ModelInputs.of(tokens[rows], position_ids[rows], segment_ids[rows] if segment_ids is not None else None)
+            output, weight = run_model(model, deferred, *x.args, **x.kwargs)
 
             def loss_func(logits):
+                logits = x.rows(logits)
                 if weight is not None:  # deferred: the final hidden states [mbs, S, H]
                     logits = ProjectedLogits.of_hidden_states(logits, weight, output_chunk_tokens)
                 callback(first, logits, group)
@@ -255,14 +257,15 @@ class MegatronTeacher(Teacher):
 
             return output, loss_func
 
+        seq_length, schedule_mbs = schedule_shape(mbs, s, packed=segment_ids is not None)
         with torch.no_grad():
             get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=micro,
                 model=[self.model],
                 num_microbatches=len(starts),
-                seq_length=s,
-                micro_batch_size=mbs,
+                seq_length=seq_length,
+                micro_batch_size=schedule_mbs,
                 forward_only=True,
             )
 

@@ -65,6 +65,7 @@ _MODEL_SECTIONS: Dict[str, Optional[frozenset]] = {
     "on_policy": frozenset(f.name for f in dataclasses.fields(OnPolicyConfig)),
     "data": frozenset({"train_ds", "validation_ds"}),
     "max_steps": None, "precision": None, "tokenizer": None, "target": None, "nemo_version": None,
+    "moe_load_log_interval": None,
 }
 MODEL_KEYS = frozenset(_MODEL_SECTIONS)
 # "hydra": Hydra's own settings; a recipe never sees them (Hydra takes the node), a YAML loaded without
