@@ -8,6 +8,13 @@ substitution cipher; the response is the encoded word, letter by letter::
 The answer is fully determined by the prompt, so greedy generations are checked by
 exact match.
 
+**Reversed variant** (``TaskConfig(reverse=True)``, instruction ``"encode reversed:"``): the
+response is the encoding of the word read backwards (``"encode reversed: c a f k"`` →
+``"x b q m"``), a composition of the cipher with a position-dependent copy that a small
+student learns more slowly; with longer words (e.g. 5–9 letters) it does not saturate
+within a short training run, and ROUGE-L gives partial credit for the letters it gets right
+(``benchmarks/bench_methods.py``). The default configuration's outputs are unchanged.
+
 **Why distillation can beat SFT on it.** The splits are generated so that the teacher
 knows more than the student's labels tell:
 
@@ -50,6 +57,7 @@ class TaskConfig:
                                                            "validation": 128, "test": 256})
     seed: int = 1234
     instruction: str = "encode:"
+    reverse: bool = False  # the response encodes the word read backwards (the harder variant)
 
 
 class CipherTask:
@@ -73,7 +81,8 @@ class CipherTask:
         self._rng = rng
 
     def encode(self, word: List[str]) -> List[str]:
-        return [self.cipher[c] for c in word]
+        """The correct response's letters (the encoded word, reversed in the reversed variant)."""
+        return [self.cipher[c] for c in (word[::-1] if self.cfg.reverse else word)]
 
     def prompt(self, word: List[str]) -> str:
         return f"{self.cfg.instruction} {' '.join(word)}"
@@ -85,7 +94,7 @@ class CipherTask:
 
     def _noisy(self, word: List[str], rng: random.Random) -> List[str]:
         out = []
-        for c in word:
+        for c in (word[::-1] if self.cfg.reverse else word):
             if c in self.confusions and rng.random() < self.cfg.confusion_rate:
                 out.append(self.confusions[c])
             else:
@@ -113,7 +122,10 @@ class CipherTask:
         return out
 
     def describe(self) -> dict:
-        return {"config": asdict(self.cfg), "cipher": self.cipher, "annotator_confusions": self.confusions}
+        config = asdict(self.cfg)
+        if not config["reverse"]:  # the default task's task.json stays byte-identical to the pre-variant one
+            del config["reverse"]
+        return {"config": config, "cipher": self.cipher, "annotator_confusions": self.confusions}
 
 
 def write_task(out_dir: str, cfg: Optional[TaskConfig] = None) -> Dict[str, str]:
