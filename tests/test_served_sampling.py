@@ -47,9 +47,10 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     w = WorldOfOne()
     w.__enter__()
-    for name, hidden, scale in (("teacher", 32, 30.0), ("student", 16, 6.0)):
+    # the teacher has 2 layers so that it can be served at PP=2 (the sampling refusal there)
+    for name, layers, hidden, scale in (("teacher", 2, 32, 30.0), ("student", 1, 16, 6.0)):
         tok = toks[name]
-        cfg = GPTModelConfig(num_layers=1, hidden_size=hidden, num_attention_heads=2, ffn_hidden_size=2 * hidden,
+        cfg = GPTModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=2, ffn_hidden_size=2 * hidden,
                              vocab_size=len(tok), max_position_embeddings=MAX_LEN)
         full = {k: v for k, v in build_gpt_model(cfg).state_dict().items() if torch.is_tensor(v)}
         full["embedding.word_embeddings.weight"][:, 0] = 0.1
@@ -414,3 +415,42 @@ def test_served_sample_errors_name_the_sample(world, tmp_path):
         local = PolicySpec.from_dict(OmegaConf.to_container(OmegaConf.merge(
             c, OmegaConf.from_dotlist(["teacher.checkpoint=/ckpt"])).teacher))
         assert "type" not in local.identity() and local.served == {}  # local stage settings as before
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tp2_teacher_samples_under_torchrun_as_the_world_of_one_server(world, tmp_path):
+    """Rank 0 serves, both TP ranks decode (the sampling command broadcast): the same seeded draws and log-probs as
+    the TP = 1 server; a PP = 2 server refuses sampling with a 400 naming PP (scoring still works there)."""
+    import signal
+
+    from test_served_teacher import _free_port, _start_server
+
+    assets = {"teacher_path": str(world["dir"] / "teacher")}
+    p = _prompt_ids(world, PROMPTS[:2])
+    eos = world["tok"]["teacher"].eos_token_id
+    body = {"prompt": p, "n": 2, "temperature": 0.9, "max_tokens": MAX_NEW, "seed": 21, "logprobs": 2,
+            "stop_token_ids": [eos], "return_token_ids": True, "return_tokens_as_token_ids": True}
+    ref = _post(world, body).json()
+    import requests
+
+    for tp, pp in ((2, 1), (1, 2)):
+        proc, url = _start_server(assets, tmp_path, "tp", ("-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                           "--master_port", str(_free_port())),
+                                  (f"parallel.tensor_model_parallel_size={tp}",
+                                   f"parallel.pipeline_model_parallel_size={pp}"))
+        try:
+            r = requests.post(url + "/v1/completions", json=body, timeout=120)
+            if pp == 2:
+                assert r.status_code == 400 and "sampling needs the whole model" in r.json()["error"]["message"]
+                continue
+            got = r.json()
+            assert [c["token_ids"] for c in got["choices"]] == [c["token_ids"] for c in ref["choices"]]
+            for a, b in zip(got["choices"], ref["choices"]):
+                assert a["finish_reason"] == b["finish_reason"]
+                assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=1e-5)
+                assert [set(x) for x in a["logprobs"]["top_logprobs"]] == [set(x) for x in
+                                                                          b["logprobs"]["top_logprobs"]]
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
