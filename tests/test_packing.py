@@ -14,6 +14,7 @@ from dist_utils import run_distributed
 
 SEQ, VOCAB, K = 24, 256, 6
 LENGTHS = [7, 19, 5, 12, 9, 16, 6, 11]  # tokens per sample (positions packed: n − 1)
+PAIR_LENGTHS = [7, 5, 12, 9, 19, 6, 6, 5]  # preference pairs (0, 1), (2, 3), ...: positions 10, 19, 23, 9
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -40,14 +41,16 @@ def test_pack_plan_is_first_fit_decreasing_per_window():
         pack_plan([3, 4, 70], 64)
 
 
-def _samples(n_samples=len(LENGTHS), with_teacher=True, seed=0):
+def _samples(n_samples=len(LENGTHS), with_teacher=True, seed=0, pairs=False):
+    """``pairs``: samples ``2p`` (chosen) and ``2p + 1`` (rejected) form preference pair ``p``."""
     from nemo_kd.data.kd_dataset import DistillationSample
+    from nemo_kd.data.records import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SINGLE
     from nemo_kd.teacher.store import TeacherTopK
 
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n_samples):
-        n = LENGTHS[i % len(LENGTHS)]
+        n = (PAIR_LENGTHS if pairs else LENGTHS)[i % len(LENGTHS)]
         ids = torch.randint(0, VOCAB, (n,), generator=g).numpy()
         mask = np.zeros(n, dtype=np.int8)
         mask[3:] = 1  # 3 prompt tokens
@@ -56,9 +59,28 @@ def _samples(n_samples=len(LENGTHS), with_teacher=True, seed=0):
             m = int(mask.sum())
             z = torch.randn(m, VOCAB, generator=g) * 2
             vals, tid = z.topk(K, dim=-1)
-            teacher = TeacherTopK(i, vals, tid, torch.logsumexp(z, -1), -float(i))
-        out.append(DistillationSample(i, ids, mask, teacher))
+            teacher = TeacherTopK(i, vals, tid, torch.logsumexp(z, -1), -3.0 * float(i) - 20.0)
+        role = (ROLE_REJECTED if i % 2 else ROLE_CHOSEN) if pairs else ROLE_SINGLE
+        out.append(DistillationSample(i, ids, mask, teacher, role=role, pair=i // 2 if pairs else -1))
     return out
+
+
+class _Kept:
+    """The part of a DistillationDataset that PackedDataset reads: kept samples, pairs or not."""
+
+    def __init__(self, samples, pairs):
+        self.samples, self.valid_indices = samples, list(range(len(samples)))
+        self.group_size, self.cross_tokenizer, self.store = (2 if pairs else 1), False, None
+
+    def __getitem__(self, i):
+        return self.samples[self.valid_indices[i]]
+
+
+def _pack(samples, pairs=False, seq=SEQ):
+    from nemo_kd.data.packing import PackedDataset
+
+    ds = PackedDataset(_Kept(samples, pairs), seq, shuffle=False)
+    return ds.packs, [ds[p] for p in range(len(ds))]
 
 
 def test_packed_rows_hold_each_sample_as_its_padded_row_does():
@@ -89,15 +111,53 @@ def test_packed_rows_hold_each_sample_as_its_padded_row_does():
     assert torch.equal(~mask[0, 0], seg[:, None] == seg[None, :])
 
 
+def test_preference_pairs_are_packed_whole_and_their_per_sample_fields_follow_them():
+    """Both sides of a pair share a row, in order; roles, pair ids and the teacher's sequence log-probs are
+    one a sample (``sample_of_position`` names each position's sample); the objective's per-sample
+    sequence log-probs equal the padded rows' (float64)."""
+    from nemo_kd.data.kd_dataset import collate
+    from nemo_kd.data.packing import collate_packed
+    from nemo_kd.losses.objective import ObjectiveBatch
+
+    samples = _samples(pairs=True)
+    plan, packs = _pack(samples, pairs=True)
+    # pairs' positions 6+4=10, 11+8=19, 18+5=23, 5+4=9 in rows of 24: FFD -> [2] [1] [0, 3]
+    assert plan == [[4, 5], [2, 3], [0, 1, 6, 7]]
+    packed = collate_packed(packs, SEQ, pad_id=0)
+    padded = collate(samples, SEQ, pad_id=0)
+    order = [i for p in plan for i in p]
+    assert packed["roles"].tolist() == padded["roles"][order].tolist() == [1, 2, 1, 2, 1, 2, 1, 2]
+    assert packed["pair_ids"].tolist() == [2, 2, 1, 1, 0, 0, 3, 3]
+    assert torch.equal(packed["teacher_seq_logprob"], padded["teacher_seq_logprob"][order])
+    assert packed["sample_of_position"][2, :6].eq(4).all() and packed["sample_of_position"][2, 6:10].eq(5).all()
+    assert packed["sample_of_position"][2].max() == 7 and packed["sample_of_position"][2, 19:].eq(-1).all()
+    g = torch.Generator().manual_seed(0)
+    token_lp = -torch.rand(len(samples), SEQ, generator=g, dtype=torch.float64)  # per padded position
+    packed_lp = torch.zeros(len(plan), SEQ, dtype=torch.float64)
+    for row, p in enumerate(plan):
+        o = 0
+        for i in p:
+            n = len(samples[i].input_ids) - 1
+            packed_lp[row, o:o + n] = token_lp[i, :n]
+            o += n
+    ref = ObjectiveBatch(padded["labels"], padded["loss_mask"]).sequence_logprobs(token_lp)
+    got = ObjectiveBatch(packed["labels"], packed["loss_mask"], samples=packed["sample_of_position"]) \
+        .sequence_logprobs(packed_lp)
+    hand = [float((token_lp[i] * padded["loss_mask"][i].double()).sum()) for i in order]
+    assert torch.allclose(got.sum, torch.tensor(hand, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.allclose(got.sum, ref.sum[order], rtol=0, atol=1e-12)
+    assert torch.equal(got.length, ref.length[order]) and got.length.tolist()[:2] == [16, 3]
+
+
 def test_what_is_not_packed_is_refused_with_the_reason():
     from types import SimpleNamespace
 
     from nemo_kd.data.kd_dataset import collate_rows
     from nemo_kd.data.packing import PackedDataset
 
-    pairs = SimpleNamespace(group_size=2, cross_tokenizer=False, store=None)
-    with pytest.raises(ValueError, match="preference pairs are not packed"):
-        PackedDataset(pairs, SEQ)
+    with pytest.raises(ValueError, match=r"preference pair 2 \(samples 4, 5\) needs 23 positions, more than the "
+                                         r"row length 20: both sides of a pair share a row"):
+        PackedDataset(_Kept(_samples(pairs=True), pairs=True), 20)
     cross = SimpleNamespace(group_size=1, cross_tokenizer=True, store=None)
     with pytest.raises(ValueError, match="cross-tokenizer samples are not packed"):
         PackedDataset(cross, SEQ)
@@ -109,18 +169,18 @@ def test_what_is_not_packed_is_refused_with_the_reason():
 # ----------------------------------------------------------------------------- packed == padded training
 
 
-def _engine_run(rank, world, tp, pp, packed, online, steps, full=None):
+def _engine_run(rank, world, tp, pp, packed, online, steps, full=None, pairs=False):
     from nemo_kd.data.kd_dataset import collate
-    from nemo_kd.data.packing import collate_packed, pack_plan, sample_positions
+    from nemo_kd.data.packing import collate_packed
     from nemo_kd.losses.objective import DistillationLossConfig
     from nemo_kd.models import GPTModelConfig, build_gpt_model, shard_state_dict
     from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, state
 
-    samples = _samples(with_teacher=not online)
+    samples = _samples(with_teacher=not online, pairs=pairs)
     if packed:
-        plan = pack_plan([sample_positions(len(s.input_ids)) for s in samples], SEQ, shuffle=False)
-        mbs = [collate_packed([[samples[i] for i in p]], SEQ, 0) for p in plan]  # one row per microbatch
+        plan, packs = _pack(samples, pairs)
+        mbs = [collate_packed([pack], SEQ, 0) for pack in packs]  # one row per microbatch
         batch_cfg = BatchConfig(micro_batch_size=1, global_batch_size=len(plan), seq_length=SEQ)
     else:
         mbs = [collate(samples[i:i + 2], SEQ, 0) for i in range(0, len(samples), 2)]
@@ -133,6 +193,11 @@ def _engine_run(rank, world, tp, pp, packed, online, steps, full=None):
         if online else None
     loss_cfg = DistillationLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5, topk_convention="exact_tail",
                                       kd_loss_type="forward_kl" if not online else "jsd")
+    if pairs:  # DPKD with the teacher as reference (stored or online), role-weighted KD, SFT on chosen only
+        loss_cfg = DistillationLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5, topk_convention="exact_tail",
+                                          kd_loss_type="forward_kl" if not online else "jsd", dpo_loss_weight=0.7,
+                                          preference_loss_type="dpkd", positive_kd_weight=1.0,
+                                          negative_kd_weight=0.3)
     initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=5))
     try:
         teacher = build_gpt_model(teacher_cfg) if online else None
@@ -157,7 +222,8 @@ def _engine_run(rank, world, tp, pp, packed, online, steps, full=None):
         destroy_parallel()
 
 
-KEYS = ("loss", "kd_loss", "sft_loss", "grad_norm", "token_agreement", "kd_tokens")
+KEYS = ("loss", "kd_loss", "sft_loss", "grad_norm", "token_agreement", "kd_tokens", "teacher_student_kd",
+        "preference_loss", "preference_accuracy")
 
 
 def _same(ref, got, tol=2e-5):
@@ -181,6 +247,23 @@ def test_packed_equals_padded_step_by_step(online):
     for tp, pp in ((2, 1), (1, 2)):
         history, evals, _ = run_distributed(_engine_run, tp * pp, tp, pp, True, online, 3, full)[0]
         _same(ref_history, history)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
+def test_packed_preference_pairs_equal_padded_step_by_step(online):
+    """Preference pairs (DPKD against the stored / online teacher's sequence log-probs, KD weighted by
+    role, SFT on the chosen side): 8 samples = 4 pairs, padded (a pair per microbatch of 2 rows) and
+    packed (whole pairs in 3 rows, 2 pairs in one): same loss, terms, preference accuracy,
+    gradient norm, three steps; packed at TP=2 too."""
+    ref_history, ref_eval, full = run_distributed(_engine_run, 1, 1, 1, False, online, 3, None, True)[0]
+    assert ref_history[0]["preference_loss"] > 0 and "preference_accuracy" in ref_history[0]
+    assert ref_history[-1]["loss"] < ref_history[0]["loss"]
+    history, evals, _ = run_distributed(_engine_run, 1, 1, 1, True, online, 3, full, True)[0]
+    _same(ref_history, history)
+    _same([ref_eval], [evals])
+    history, _, _ = run_distributed(_engine_run, 2, 2, 1, True, online, 3, full, True)[0]
+    _same(ref_history, history)
 
 
 # ----------------------------------------------------------------------------- the recipe: packed, preempted, resumed

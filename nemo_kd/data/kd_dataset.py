@@ -265,16 +265,19 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
     cross = samples[0].xtok is not None
     if any((smp.xtok is not None) != cross for smp in samples):
         raise DataConfigError("a microbatch mixes cross-tokenizer and same-tokenizer samples")
-    if packed and (cross or any(smp.role != ROLE_SINGLE for smp in samples)):
-        raise DataConfigError("packed rows hold single same-tokenizer samples only (nemo_kd.data.packing)")
+    if packed and cross:
+        raise DataConfigError("packed rows hold same-tokenizer samples only (nemo_kd.data.packing)")
+    # packed: the microbatch's sample (0..N-1, row after row) at each position, -1 on padding
+    sample_of_position = torch.full((b, s), -1, dtype=torch.long)
     has_teacher = samples[0].teacher is not None and not cross
     if has_teacher:
         k = samples[0].teacher.values.shape[1]
         t_vals = torch.full((b, s, k), float("-inf"))
         t_ids = torch.zeros(b, s, k, dtype=torch.long)
         t_lse = torch.zeros(b, s)
-        t_seq = torch.zeros(b, dtype=torch.float64)
+        t_seq = torch.zeros(len(samples), dtype=torch.float64)  # one a sample (= a row, padded)
     num_tokens = torch.zeros(b, dtype=torch.long)
+    g = 0  # the sample's number in the microbatch
     for row, row_samples in enumerate(rows):
         o = 0
         for j, smp in enumerate(row_samples):
@@ -293,6 +296,7 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
             if packed:
                 position_ids[row, o:o + length] = torch.arange(length)
             segment_ids[row, o:o + length] = j
+            sample_of_position[row, o:o + length] = g
             if has_teacher:
                 label_pos = o + torch.nonzero(loss_mask[row, o:o + length]).flatten()  # label t ⇔ token t+1
                 if label_pos.numel() != smp.teacher.num_tokens:
@@ -301,9 +305,10 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
                 t_vals[row, label_pos] = smp.teacher.values.float()
                 t_ids[row, label_pos] = smp.teacher.ids.long()
                 t_lse[row, label_pos] = smp.teacher.lse.float()
-                t_seq[row] = smp.teacher.seq_logprob
+                t_seq[g] = smp.teacher.seq_logprob
             num_tokens[row] += min(n, s)
             o += length
+            g += 1
     batch = {
         "inputs": inputs,
         "labels": labels,
@@ -314,7 +319,8 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
         "num_tokens": num_tokens,
     }
     if packed:
-        batch["segment_ids"] = segment_ids
+        # roles, pair_ids and teacher_seq_logprob are then per sample [N] (ObjectiveBatch.samples)
+        batch.update(segment_ids=segment_ids, sample_of_position=sample_of_position)
     if has_teacher:
         batch.update(teacher_values=t_vals, teacher_ids=t_ids, teacher_lse=t_lse, teacher_seq_logprob=t_seq)
     if any(smp.role != ROLE_SINGLE for smp in samples):

@@ -27,9 +27,13 @@ hold whole samples laid end to end:
   the tests compare with.
 
 Per-token quantities then equal the padded ones sample by sample (tested: loss, metrics and
-gradients, offline and online, TP=1/TP=2/PP=2). Not packed (refused by the dataset builder
-with the reason): preference pairs (their sequence terms are per row today), cross-tokenizer
-samples (the teacher's own tokenisation has other lengths) and on-policy sampling.
+gradients, offline and online, TP=1/TP=2/PP=2). Per-sample quantities follow their sample:
+packed rows carry ``sample_of_position`` ``[B, S]`` (the microbatch's sample at each position), and
+``roles``, ``pair_ids`` and ``teacher_seq_logprob`` are then one a sample, not a row
+(:class:`~nemo_kd.losses.objective.ObjectiveBatch` ``samples``): the KD/SFT role weights and each
+sample's sequence log-prob (the preference terms) read them. Preference pairs are packed as units:
+both sides, in order, in one row (a pair longer than the row is refused naming it). Not packed
+(refused by the dataset builder with the reason): cross-tokenizer samples and on-policy sampling.
 """
 
 from __future__ import annotations
@@ -91,16 +95,29 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: DistillationDataset, seq_length: int, window: int = DEFAULT_PACK_WINDOW,
                  seed: int = 1234, shuffle: bool = True):
-        if dataset.group_size != 1:
-            raise DataConfigError("pack_sequences: preference pairs are not packed (their sequence-level terms are "
-                                  "per row); set pack_sequences: false for a file of pairs")
         if dataset.cross_tokenizer or getattr(dataset.store, "cross_tokenizer", False):
             raise DataConfigError("pack_sequences: cross-tokenizer samples are not packed (the teacher's own "
                                   "tokenisation has other lengths); set pack_sequences: false")
         self.dataset, self.seq_length = dataset, seq_length
         lengths = [sample_positions(len(dataset.samples[j].input_ids)) for j in dataset.valid_indices]
-        self.packs = pack_plan(lengths, seq_length, window, seed, shuffle)
+        # The unit of packing: a sample, or a preference pair (both sides in one row, in order, so the
+        # pair is in one microbatch whatever its size and its sequence log-probs are the samples').
+        g = dataset.group_size
+        units = [sum(lengths[u:u + g]) for u in range(0, len(lengths), g)]
+        for u, need in enumerate(units):
+            if g > 1 and need > seq_length:
+                first = dataset.samples[dataset.valid_indices[u * g]].index
+                raise DataConfigError(f"pack_sequences: preference pair {u} (samples {first}, {first + 1}) needs "
+                                      f"{need} positions, more than the row length {seq_length}: both sides of a "
+                                      "pair share a row; set data.train_ds.pack_length >= 2 x max_seq_length")
+        self.packs = [[u * g + i for u in pack for i in range(g)]
+                      for pack in pack_plan(units, seq_length, window, seed, shuffle)]
         self.num_positions = int(sum(lengths))
+
+    @property
+    def group_size(self) -> int:
+        """Packs hold whole pairs: the global-batch sampler runs over packs one by one."""
+        return 1
 
     def __len__(self) -> int:
         return len(self.packs)
@@ -118,7 +135,9 @@ def collate_packed(packs: Sequence[Sequence[DistillationSample]], seq_length: in
                    pad_id: int) -> Dict[str, torch.Tensor]:
     """:func:`~nemo_kd.data.kd_dataset.collate` for packed rows: the same keys (``sample_index`` and
     ``num_tokens`` per row: the first sample's index, the samples' tokens), plus ``segment_ids``
-    ``[B, S]`` int64 (the sample's place in its row, −1 on padding)."""
+    ``[B, S]`` int64 (the sample's place in its row, −1 on padding) and ``sample_of_position`` ``[B, S]``
+    (the sample's number ``0..N−1`` in the microbatch, −1 on padding); ``roles``, ``pair_ids`` and
+    ``teacher_seq_logprob`` are ``[N]``, one a sample."""
     return collate_rows(packs, seq_length, pad_id, packed=True)
 
 

@@ -83,7 +83,7 @@ from nemo_kd.losses.divergences import LOSS_TYPES
 from nemo_kd.losses.kd import TOPK_CONVENTIONS, full_kd_loss, token_agreement, topk_kd_loss, vocab_parallel_argmax
 from nemo_kd.losses.projection import ProjectedLogits
 from nemo_kd.losses.reduction import contribution, global_count, masked_sum
-from nemo_kd.losses.sequence import sequence_logprobs
+from nemo_kd.losses.sequence import SequenceLogProbs, sequence_logprobs
 from nemo_kd.losses.vocab_parallel import (
     ProcessGroup,
     logits_overwrite_blocker,
@@ -238,10 +238,12 @@ class FullTeacher:
 class ObjectiveBatch:
     """One microbatch as the objective sees it (labels already shifted).
 
-    ``labels``/``loss_mask`` ``[B, T]``; ``roles`` ``[B]`` (ROLE_*), ``pair_ids`` ``[B]``
-    (the pair a positive/negative row belongs to, −1 otherwise; both rows of a pair
-    must be in the same microbatch); ``teacher_seq_logprobs`` ``[B]`` the teacher's
-    log-prob of each row's completion (needed by dpkd/dpo/ipo).
+    ``labels``/``loss_mask`` ``[B, T]``; ``roles`` ``[N]`` (ROLE_*), ``pair_ids`` ``[N]``
+    (the pair a positive/negative sample belongs to, −1 otherwise; both samples of a pair
+    must be in the same microbatch); ``teacher_seq_logprobs`` ``[N]`` the teacher's
+    log-prob of each sample's completion (needed by dpkd/dpo/ipo). A sample is a row
+    (``N = B``) unless ``samples`` ``[B, T]`` says which sample each position belongs to
+    (packed rows, :mod:`nemo_kd.data.packing`: ``0..N−1`` over the microbatch, −1 on padding).
     """
 
     labels: torch.Tensor
@@ -250,11 +252,32 @@ class ObjectiveBatch:
     roles: Optional[torch.Tensor] = None
     pair_ids: Optional[torch.Tensor] = None
     teacher_seq_logprobs: Optional[torch.Tensor] = None
+    samples: Optional[torch.Tensor] = None
+
+    @property
+    def num_samples(self) -> int:
+        if self.samples is None:
+            return self.labels.shape[0]
+        return int(self.samples.max()) + 1 if self.samples.numel() else 0
 
     def roles_or_default(self) -> torch.Tensor:
+        """``[N]``, one role a sample."""
         if self.roles is not None:
             return self.roles
-        return torch.full((self.labels.shape[0],), ROLE_SINGLE, dtype=torch.long, device=self.labels.device)
+        return torch.full((self.num_samples,), ROLE_SINGLE, dtype=torch.long, device=self.labels.device)
+
+    def per_token(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """``[N]`` per-sample values at each position ``[B, T]`` (padding of a packed row: sample 0's; masked)."""
+        if self.samples is None:
+            return per_sample[:, None].expand(self.labels.shape)
+        return per_sample[self.samples.clamp(min=0)]
+
+    def sequence_logprobs(self, token_logprobs: torch.Tensor) -> SequenceLogProbs:
+        """Each sample's completion log-prob (a row's, or a packed sample's positions)."""
+        mask = self.loss_mask.bool()
+        if self.samples is None:
+            return sequence_logprobs(token_logprobs, mask)
+        return sequence_logprobs(token_logprobs, mask, segments=self.samples, num_segments=self.num_samples)
 
 
 @dataclass
@@ -273,12 +296,12 @@ def _kd_row_weights(cfg: DistillationLossConfig, roles: torch.Tensor) -> torch.T
 
 
 def _term_masks(cfg: DistillationLossConfig, batch: ObjectiveBatch):
-    roles = batch.roles_or_default()
+    roles = batch.per_token(batch.roles_or_default())
     mask = batch.loss_mask.bool()
-    kd_mask = mask & (_kd_row_weights(cfg, roles) > 0)[:, None]
+    kd_mask = mask & (_kd_row_weights(cfg, roles) > 0)
     if isinstance(batch.teacher, CrossTokenizerTeacher):  # KD only on student tokens aligned to the teacher's
         kd_mask = kd_mask & batch.teacher.aligned_mask(mask.shape)
-    sft_mask = mask & (roles != ROLE_NEGATIVE)[:, None]
+    sft_mask = mask & (roles != ROLE_NEGATIVE)
     return kd_mask, sft_mask
 
 
@@ -461,7 +484,7 @@ class DistillationObjective:
         logits = student_logits if projected else student_logits.reshape(-1, student_logits.shape[-1])
         labels = batch.labels.reshape(-1)
         kd_mask, sft_mask = _term_masks(c, batch)
-        roles = batch.roles_or_default()
+        roles = batch.per_token(batch.roles_or_default())  # [B, T]: a packed row holds several samples
         loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         metrics: Dict[str, torch.Tensor] = {}
 
@@ -547,7 +570,7 @@ class DistillationObjective:
             metrics["sft_loss"] = sft_term.detach()
 
         if need_seq:
-            seq = sequence_logprobs(token_lp, batch.loss_mask.bool())
+            seq = batch.sequence_logprobs(token_lp)
             out = self._preference(seq, batch, pairs_pos, pairs_neg)
             pref_term = out.losses.sum() / norms.pairs.clamp(min=1).to(out.losses.dtype)
             loss = loss + c.dpo_loss_weight * pref_term
@@ -563,7 +586,7 @@ class DistillationObjective:
         loss, kd_term, sft_term = 0.0, None, None
         if c.kd_loss_weight > 0:
             kd = kd.reshape(shape)
-            weighted = kd * _kd_row_weights(c, roles).to(kd.dtype)[:, None]
+            weighted = kd * _kd_row_weights(c, roles).to(kd.dtype)
             kd_term = contribution(weighted, kd_mask, norms.kd, c.reduction)
             loss = loss + c.kd_loss_weight * kd_term
         if c.sft_loss_weight > 0:
@@ -608,7 +631,7 @@ class DistillationObjective:
         else:
             logits = teacher.logits.reshape(-1, teacher.logits.shape[-1])
             lp = vocab_parallel_logprobs_at(logits, labels, group=self.group)[0]
-        return sequence_logprobs(lp.reshape(batch.labels.shape).double(), batch.loss_mask.bool()).sum
+        return batch.sequence_logprobs(lp.reshape(batch.labels.shape).double()).sum
 
     def _preference(self, seq, batch: ObjectiveBatch, pos, neg) -> pref.PreferenceOutput:
         """The preference form's per-pair losses; settings left None take the form's own (paper) default."""

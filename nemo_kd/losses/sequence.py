@@ -20,7 +20,7 @@ The log-probability of a sequence ``y`` is ``log π(y) = Σ_t m_t·log π(y_t | 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -55,10 +55,23 @@ class SequenceLogProbs:
     length: torch.Tensor
 
 
-def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor) -> SequenceLogProbs:
-    """Reduce ``[B, T]`` per-token log-probs over the masked positions of each row."""
+def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, segments: Optional[torch.Tensor] = None,
+                      num_segments: Optional[int] = None) -> SequenceLogProbs:
+    """Reduce ``[B, T]`` per-token log-probs over the masked positions of each row, or with
+    ``segments`` ``[B, T]`` (the sequence ``0..num_segments−1`` each position belongs to, −1 none:
+    packed rows) of each segment: ``[num_segments]``."""
     if token_logprobs.shape != mask.shape:
         raise ValueError(f"token_logprobs {tuple(token_logprobs.shape)} and mask {tuple(mask.shape)} differ")
+    if segments is not None:
+        if segments.shape != mask.shape:
+            raise ValueError(f"segments {tuple(segments.shape)} and mask {tuple(mask.shape)} differ")
+        keep = mask.reshape(-1) & (segments.reshape(-1) >= 0)
+        seg = segments.reshape(-1)[keep]
+        total = token_logprobs.new_zeros(num_segments).index_add(0, seg, token_logprobs.reshape(-1)[keep])
+        length = torch.zeros(num_segments, dtype=torch.long, device=mask.device).index_add(
+            0, seg, torch.ones_like(seg))
+        mean = total / length.clamp(min=1).to(total.dtype)
+        return SequenceLogProbs(sum=total, mean=mean, length=length)
     total = masked_sum(token_logprobs, mask, dim=-1)
     length = mask_count(mask, dim=-1)
     mean = total / length.clamp(min=1).to(total.dtype)

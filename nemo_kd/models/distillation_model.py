@@ -405,7 +405,7 @@ class GPTDistillationModel(ModelPT):
         sampler = _StepSampler(len(rows), micro, gbs, int(ds.get("seed", 1234)),
                                bool(ds.get("shuffle", train)),
                                start=(lambda: self.consumed_samples) if train else (lambda: 0),
-                               group_size=dataset.group_size)
+                               group_size=rows.group_size)  # packed: packs hold whole pairs
         if dataset.group_size == 2 and self._loss_cfg.dpo_loss_weight == 0:
             log.warning("%s holds preference pairs but kd.dpo_loss_weight=0: only the token-level terms train",
                         ds["file_path"])

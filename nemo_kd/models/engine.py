@@ -144,7 +144,7 @@ def _objective_batch(mb: Dict[str, torch.Tensor], teacher_logits: Optional[torch
     else:
         teacher = None
     return ObjectiveBatch(mb["labels"], mb["loss_mask"], teacher, mb.get("roles"), mb.get("pair_ids"),
-                          mb.get("teacher_seq_logprob"))
+                          mb.get("teacher_seq_logprob"), mb.get("sample_of_position"))
 
 
 class DistillationEngine:
