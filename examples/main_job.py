@@ -284,14 +284,17 @@ def _paired_verdict(paired: List[dict]) -> str:
 
 
 def _table(results: Dict[str, dict]) -> str:
-    head = ("| model | params | trained on | held-out CE (nats/tok) | KL(teacher‖model) | KL(model‖teacher) "
-            "| token agreement | ROUGE-L ×100 [95% CI] | exact match [95% CI] | EM, prompts with confused letters "
-            "| EM, other prompts |")
+    head = ("| model | params | trained on | held-out CE (nats/tok) [95% CI] | KL(teacher‖model) [95% CI] "
+            "| KL(model‖teacher) [95% CI] | token agreement [95% CI] | ROUGE-L ×100 [95% CI] | exact match [95% CI] "
+            "| EM, prompts with confused letters | EM, other prompts |")
     lines = [head, "|" + "---|" * 11]
     for name, r in results.items():
         ev, sub = r["evaluation"], r["subsets"]
-        lines.append(f"| {name} | {r['params']:,} | {r['data']} | {r['loss']:.4f} | {r['kl']:.4f} | "
-                     f"{r['reverse_kl']:.4f} | {r['token_agreement']:.3f} | {_interval(ev, 'rouge_l', 100.0, 1)} | "
+        intervals = r.get("heldout_intervals", {})  # over test samples, token-weighted
+        held = lambda k, digits: (f"{r[k]:.{digits}f}" if k not in intervals else
+                                  f"{r[k]:.{digits}f} [{intervals[k]['low']:.{digits}f}, {intervals[k]['high']:.{digits}f}]")
+        lines.append(f"| {name} | {r['params']:,} | {r['data']} | {held('loss', 4)} | {held('kl', 4)} | "
+                     f"{held('reverse_kl', 4)} | {held('token_agreement', 3)} | {_interval(ev, 'rouge_l', 100.0, 1)} | "
                      f"{_interval(ev, 'exact_match')} | {_interval(sub['confused'], 'exact_match')} | "
                      f"{_interval(sub['other'], 'exact_match')} |")
     return "\n".join(lines)
@@ -322,6 +325,7 @@ def run(out: str, cfg: JobConfig) -> dict:
     from nemo_kd.data.tokenization import ConversationTokenizer
     from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
     from nemo_kd.evaluation import heldout_metrics
+    from nemo_kd.evaluation.metrics import heldout_intervals, heldout_per_sample
     from nemo_kd.evaluation.report import markdown_table, write_report, write_text
     from nemo_kd.generation.stages import atomic_write_json
     from nemo_kd.models.distillation_model import GPTDistillationModel
@@ -424,10 +428,17 @@ def run(out: str, cfg: JobConfig) -> dict:
             model.eval()
             forward = heldout_metrics(model.engine, test_batches)
             reverse = heldout_metrics(model.engine, test_batches, "reverse_kl")
+            # the same terms per test sample, for their bootstrap intervals over samples (token-weighted)
+            per_sample = heldout_per_sample(model.engine, [ds["test"][i] for i in range(len(ds["test"]))], max_len,
+                                            pad_id)
             rows_by_model[name], summary = evaluate_generations(model.student, tok, records["test"], task,
                                                                 f"generate ({name})", cfg, checker)
             results[name] = _model_result(_num_params(model.student), data, dict(forward, reverse_kl=reverse["kl"]),
                                           summary)
+            settings = eval_settings(task, cfg)
+            results[name]["heldout_intervals"] = heldout_intervals(per_sample, settings.confidence,
+                                                                   settings.bootstrap_resamples,
+                                                                   settings.bootstrap_seed)
         settings = eval_settings(task, cfg)
         paired = compare({n: rows_by_model[n] for n in student_paths}, settings)  # KD+SFT − SFT only
         assert results["teacher"]["params"] == teacher_params

@@ -21,13 +21,15 @@ evaluations; Porter stemming on by default as there; ×100 is the papers' scale)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
 import string
 from typing import Dict, Iterable, List, Optional, Sequence
 
-__all__ = ["normalize_answer", "exact_match", "exact_match_scores", "rouge_l_scores", "heldout_metrics"]
+__all__ = ["normalize_answer", "exact_match", "exact_match_scores", "rouge_l_scores", "heldout_metrics",
+           "heldout_per_sample", "heldout_intervals"]
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.IGNORECASE)
@@ -98,13 +100,9 @@ def rouge_l_scores(predictions: Sequence[str], references: Sequence[str], use_st
     return [float(scorer.score(r, p)["rougeL"].fmeasure) for p, r in zip(predictions, references)]
 
 
-def heldout_metrics(engine, batches: Iterable[List[dict]], loss_type: str = "forward_kl",
-                    topk_convention: str = "exact_tail") -> Dict[str, float]:
-    """Token-weighted held-out ``loss``, ``kl`` and ``token_agreement`` (see the module doc).
-
-    ``batches``: each a list of ``engine.num_microbatches`` microbatches from
-    :func:`nemo_kd.data.kd_dataset.collate` *with* teacher fields.
-    """
+@contextlib.contextmanager
+def _evaluation_objective(engine, loss_type: str, topk_convention: str):
+    """The engine with the evaluation objective (``kd_loss_weight=1, sft_loss_weight=1``) swapped in."""
     from nemo_kd.losses.objective import DistillationLossConfig, DistillationObjective
     from nemo_kd.parallel import state
 
@@ -113,9 +111,22 @@ def heldout_metrics(engine, batches: Iterable[List[dict]], loss_type: str = "for
     saved = engine.loss_cfg, engine.objective
     engine.loss_cfg, engine.objective = eval_cfg, DistillationObjective(
         eval_cfg, group=state.tp_group(), vocab_size=engine.student_cfg.vocab_size)
+    try:
+        yield engine
+    finally:
+        engine.loss_cfg, engine.objective = saved
+
+
+def heldout_metrics(engine, batches: Iterable[List[dict]], loss_type: str = "forward_kl",
+                    topk_convention: str = "exact_tail") -> Dict[str, float]:
+    """Token-weighted held-out ``loss``, ``kl`` and ``token_agreement`` (see the module doc).
+
+    ``batches``: each a list of ``engine.num_microbatches`` microbatches from
+    :func:`nemo_kd.data.kd_dataset.collate` *with* teacher fields.
+    """
     tot = {"loss": 0.0, "kl": 0.0, "token_agreement": 0.0}
     n_tokens = 0.0
-    try:
+    with _evaluation_objective(engine, loss_type, topk_convention):
         for mbs in batches:
             tokens = float(sum(mb["loss_mask"].sum() for mb in mbs))
             m = engine.eval_step(mbs)
@@ -123,8 +134,43 @@ def heldout_metrics(engine, batches: Iterable[List[dict]], loss_type: str = "for
             tot["kl"] += m["kd_loss"] * tokens
             tot["token_agreement"] += m["token_agreement"] * tokens
             n_tokens += tokens
-    finally:
-        engine.loss_cfg, engine.objective = saved
     if n_tokens == 0:
         return {k: math.nan for k in tot}
     return {k: v / n_tokens for k, v in tot.items()}
+
+
+def heldout_per_sample(engine, samples: Sequence[dict], max_length: int, pad_id: int,
+                       topk_convention: str = "exact_tail") -> Dict[str, List[float]]:
+    """Each held-out sample's own terms, for intervals over samples: ``tokens`` (its completion tokens) and its
+    per-token ``loss``, ``kl`` (forward, KL(t‖s)), ``reverse_kl`` (KL(s‖t)) and ``token_agreement``.
+
+    ``samples``: :class:`~nemo_kd.data.kd_dataset.DistillationDataset` items with teacher fields; each runs as a
+    batch of one (the engine reduces a batch to its token mean), so the token-weighted means of these lists
+    are :func:`heldout_metrics`' numbers on the same samples. Samples without a completion token are left out
+    (they carry no held-out term)."""
+    from nemo_kd.data.kd_dataset import collate
+
+    batches = [[collate([s], max_length, pad_id)] for s in samples]
+    tokens = [float(b[0]["loss_mask"].sum()) for b in batches]
+    keep = [i for i, t in enumerate(tokens) if t > 0]
+    out: Dict[str, List[float]] = {"tokens": [tokens[i] for i in keep]}
+    for loss_type, kl_name in (("forward_kl", "kl"), ("reverse_kl", "reverse_kl")):
+        with _evaluation_objective(engine, loss_type, topk_convention):
+            reports = [engine.eval_step(batches[i]) for i in keep]
+        out[kl_name] = [m["kd_loss"] for m in reports]
+        if loss_type == "forward_kl":
+            out["loss"] = [m["sft_loss"] for m in reports]
+            out["token_agreement"] = [m["token_agreement"] for m in reports]
+    return out
+
+
+def heldout_intervals(per_sample: Dict[str, List[float]], confidence: float = 0.95, num_resamples: int = 2000,
+                      seed: int = 0) -> Dict[str, dict]:
+    """Bootstrap intervals of the token-weighted held-out terms over samples (:func:`heldout_per_sample`'s
+    lists): for each term, ``sum_i t_i x_i / sum_i t_i`` with ``x_i`` sample i's per-token value and ``t_i``
+    its token count, resampling whole samples (:func:`nemo_kd.evaluation.stats.bootstrap_interval` with
+    weights). The interval measures the held-out set's sampling noise only, like the generation scores'."""
+    from nemo_kd.evaluation.stats import bootstrap_interval
+
+    return {name: bootstrap_interval(values, confidence, num_resamples, seed, weights=per_sample["tokens"]).to_dict()
+            for name, values in per_sample.items() if name != "tokens"}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -57,21 +57,29 @@ class Interval:
         return f"{self.mean * scale:.{digits}f} [{self.low * scale:.{digits}f}, {self.high * scale:.{digits}f}]"
 
 
-def _resampled_means(values: np.ndarray, num_resamples: int, seed: int) -> np.ndarray:
+def _resampled_means(values: np.ndarray, num_resamples: int, seed: int, weights=None) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n = len(values)
     per_chunk = max(1, _CHUNK_ELEMENTS // n)
     means = np.empty(num_resamples, dtype=np.float64)
+    weighted = None if weights is None else values * weights
     for start in range(0, num_resamples, per_chunk):
         rows = min(per_chunk, num_resamples - start)
         idx = rng.integers(0, n, size=(rows, n))
-        means[start:start + rows] = values[idx].mean(axis=1)
+        if weights is None:
+            means[start:start + rows] = values[idx].mean(axis=1)
+        else:  # the ratio estimator sum(w x) / sum(w) of each resample of whole samples
+            means[start:start + rows] = weighted[idx].sum(axis=1) / weights[idx].sum(axis=1)
     return means
 
 
 def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, num_resamples: int = DEFAULT_RESAMPLES,
-                       seed: int = DEFAULT_SEED) -> Interval:
+                       seed: int = DEFAULT_SEED, weights: Optional[Sequence[float]] = None) -> Interval:
     """Percentile-bootstrap interval of the mean of ``values`` (see the module docstring).
+
+    ``weights`` (one per value, > 0): the weighted mean ``sum(w_i x_i) / sum(w_i)`` instead, resampling
+    whole samples (value and weight together); e.g. a held-out CE that is a per-token mean over samples of
+    different lengths: ``x_i`` the sample's per-token CE, ``w_i`` its token count.
 
     Deterministic in ``seed``. No values: NaNs with ``n=0``; one value (or all equal): a zero-width
     interval at it. NaN values are refused (a score that could not be computed is no score)."""
@@ -80,14 +88,22 @@ def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, num_re
     if num_resamples < 1:
         raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
     x = np.asarray(values, dtype=np.float64).reshape(-1)
+    w = None
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if w.shape != x.shape:
+            raise ValueError(f"{w.size} weights for {x.size} values")
+        if x.size and not (w > 0).all():
+            raise ValueError(f"weights must be > 0: {int((~(w > 0)).sum())} of {w.size} are not")
     if x.size == 0:
         return Interval(math.nan, math.nan, math.nan, 0, confidence)
     if np.isnan(x).any():
         raise ValueError(f"{int(np.isnan(x).sum())} of {x.size} values are NaN")
-    means = _resampled_means(x, num_resamples, seed)
+    means = _resampled_means(x, num_resamples, seed, w)
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
-    return Interval(float(x.mean()), float(low), float(high), int(x.size), confidence)
+    mean = x.mean() if w is None else (x * w).sum() / w.sum()
+    return Interval(float(mean), float(low), float(high), int(x.size), confidence)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95,
