@@ -84,6 +84,7 @@ class MethodsConfig(mj.JobConfig):
     seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
     preference_beta: float = 0.1
     methods: List[str] = field(default_factory=lambda: list(METHODS))
+    reuse_teacher: bool = False  # take the teacher stage of an earlier run in the same --out (checked)
 
     @classmethod
     def tiny(cls) -> "MethodsConfig":
@@ -150,12 +151,52 @@ class Bench:
                                           for r in rows["transfer"]])
         self.timings["data+tokenizer"] = time.time() - t0
 
+    def _teacher_stage_key(self) -> dict:
+        """What the teacher stage's outputs depend on: the task's data, the tokenizer, the teacher's settings."""
+        import hashlib
+
+        digest = lambda path: hashlib.sha256(open(path, "rb").read()).hexdigest()
+        cfg = self.cfg
+        return dict(data={s: digest(p) for s, p in sorted(self.paths.items())},
+                    tokenizer=digest(os.path.join(self.tok_dir, "tokenizer.json")), teacher=cfg.teacher,
+                    teacher_steps=cfg.teacher_steps, seed=cfg.seed, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                    batch_size=cfg.batch_size, seq_length=cfg.seq_length, top_k=cfg.top_k,
+                    vocab_size=cfg.vocab_size)
+
+    def _reuse_teacher(self) -> bool:
+        """``--reuse-teacher``: take teacher.nemo, the store and the SeqKD data of an earlier run in ``out`` whose
+        ``teacher_stage.json`` names the same data, tokenizer and teacher settings (refused otherwise)."""
+        from nemo_kd.models.distillation_model import GPTDistillationModel
+
+        stage = os.path.join(self.out, "teacher_stage.json")
+        self.teacher_path = os.path.join(self.out, "teacher.nemo")
+        self.store, self.seqkd = os.path.join(self.out, "store"), os.path.join(self.out, "seqkd.jsonl")
+        missing = [p for p in (stage, self.teacher_path, self.store, self.seqkd) if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"--reuse-teacher: {', '.join(missing)} missing (run once without it)")
+        with open(stage) as f:
+            recorded = json.load(f)
+        if recorded != json.loads(json.dumps(self._teacher_stage_key())):
+            raise ValueError(f"--reuse-teacher: {stage} was written for other data or teacher settings "
+                             f"({recorded} vs {self._teacher_stage_key()})")
+        print(f"[teacher] reused from {self.teacher_path} ({stage} matches)", flush=True)
+        model = GPTDistillationModel.restore_from(self.teacher_path, map_location=torch.device("cpu"))
+        self.rows = {"teacher": {0: self.evaluate(model, "teacher")}}
+        del model
+        kept = [json.loads(line) for line in open(self.seqkd)]
+        self.seqkd_report = dict(samples=len(kept), empty=len(self.records["transfer"]) - len(kept),
+                                 correct=sum(self.checker(k["prompt"], k["response"]) for k in kept) / len(kept))
+        return True
+
     def train_teacher(self) -> None:
-        from nemo_kd.generation.stages import atomic_write_jsonl
+        from nemo_kd.generation.stages import atomic_write_json, atomic_write_jsonl
         from nemo_kd.teacher.extract import ExtractConfig, compute_topk_logits
         from nemo_kd.teacher.teachers import MegatronTeacher
 
         cfg, t0 = self.cfg, time.time()
+        if cfg.reuse_teacher and self._reuse_teacher():
+            self.timings["teacher (reused)"] = time.time() - t0
+            return
         print(f"[teacher] SFT on {len(self.records['teacher_train'])} clean samples, {cfg.teacher_steps} steps",
               flush=True)
         sft = _loss("SFT", cfg.preference_beta)
@@ -190,6 +231,7 @@ class Bench:
                                           max_seq_length=cfg.seq_length + 1, values_dtype="float32", batch_size=64,
                                           progress=True),
                             MegatronTeacher(self.teacher_path), self.tok, records=self.records["transfer"])
+        atomic_write_json(os.path.join(self.out, "teacher_stage.json"), self._teacher_stage_key())
         self.timings["teacher+store+seqkd"] = time.time() - t0
 
     # -------------------------------------------------------------- evaluation
@@ -420,12 +462,16 @@ def main(argv=None) -> dict:
     p.add_argument("--reverse", action="store_true", help="the reversed cipher variant (harder)")
     p.add_argument("--methods", nargs="+", choices=METHODS)
     p.add_argument("--threads", type=int)
+    p.add_argument("--reuse-teacher", action="store_true",
+                   help="reuse teacher.nemo, store/ and seqkd.jsonl of an earlier run in --out with the same data and "
+                        "teacher settings (teacher_stage.json)")
     a = p.parse_args(argv)
     cfg = MethodsConfig.tiny() if a.tiny else MethodsConfig()
     for key in ("seeds", "steps", "warm_steps", "teacher_steps", "methods", "threads"):
         if getattr(a, key) is not None:
             setattr(cfg, key, getattr(a, key))
     cfg.reverse = cfg.reverse or a.reverse
+    cfg.reuse_teacher = a.reuse_teacher
     if "SFT" not in cfg.methods:
         cfg.methods = ["SFT"] + list(cfg.methods)  # the reference of every paired difference
     return Bench(a.out, cfg).run()
