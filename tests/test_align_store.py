@@ -140,14 +140,17 @@ def test_same_tokenizer_path_is_format_1_without_alignment_files(assets):
     from nemo_kd.teacher.store import StoreReader
 
     files = sorted(os.listdir(assets["v1"]))
-    assert files == ["manifest.json", "shard-00000.bin", "shard-00000.idx", "shard-00000.json", "shard-00000.sum"]
+    assert files == ["manifest.json", "shard-00000.bin", "shard-00000.idx", "shard-00000.json",
+                     "shard-00000.log_tail.f4", "shard-00000.log_tail.xxh3.npy", "shard-00000.sum"]
     m = json.loads(open(os.path.join(assets["v1"], "manifest.json")).read())
-    # only the per-sample checksums, an extension every v1 reader ignores
-    assert (m["format_version"], m["min_reader_version"], sorted(m["extensions"])) == (1, 1, ["sample_checksums"])
+    # only the per-sample checksums and the teacher's log tail mass, extensions every v1 reader ignores
+    assert (m["format_version"], m["min_reader_version"], sorted(m["extensions"])) == \
+        (1, 1, ["sample_checksums", "teacher_log_tail"])
     assert m["extensions"]["sample_checksums"]["fields"] == ["payload", "ids", "lse", "values"]
     shard = json.loads(open(os.path.join(assets["v1"], "shard-00000.json")).read())
-    assert set(shard) == {"rank", "settings", "shard", "checksum_shard"}
+    assert set(shard) == {"rank", "settings", "shard", "checksum_shard", "log_tail_shard"}
     assert StoreReader(assets["v1"])[0].alignment is None
+    # a cross-tokenizer store keeps no log tail (its loss reads the teacher's own tokens)
     assert sorted(os.listdir(assets["v2"])) == files[:1] + ["shard-00000.align.bin", "shard-00000.align.idx",
                                                             "shard-00000.bin", "shard-00000.idx",
                                                             "shard-00000.json", "shard-00000.sum", "vocab_map.npy"]

@@ -242,7 +242,8 @@ def collate(samples: Sequence[DistillationSample], seq_length: int, pad_id: int,
     Returns tensors ``inputs``/``labels``/``position_ids`` ``[B, S]`` int64,
     ``loss_mask`` ``[B, S]`` float, ``num_tokens`` ``[B]`` (real, unpadded input tokens), and with teacher data ``teacher_values`` ``[B, S, k]``
     fp32 (−inf where absent), ``teacher_ids`` ``[B, S, k]`` int64, ``teacher_lse``
-    ``[B, S]`` fp32, ``teacher_seq_logprob`` ``[B]`` fp64; with preference pairs
+    ``[B, S]`` fp32, ``teacher_seq_logprob`` ``[B]`` fp64, ``teacher_log_tail`` ``[B, S]`` fp32 (the teacher's
+    ``log Σ_{v ∉ top-k} p_v``; only from a store with the ``teacher_log_tail`` extension); with preference pairs
     ``roles`` ``[B]`` (the objective's ROLE_*) and ``pair_ids`` ``[B]``.
     """
     return collate_rows([[smp] for smp in samples], seq_length, pad_id, packed=False)
@@ -275,6 +276,8 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
         t_vals = torch.full((b, s, k), float("-inf"))
         t_ids = torch.zeros(b, s, k, dtype=torch.long)
         t_lse = torch.zeros(b, s)
+        # the store's log tail mass (teacher_log_tail extension): in the batch only when every sample has it
+        t_tail = torch.zeros(b, s) if all(smp.teacher.log_tail is not None for smp in samples) else None
         t_seq = torch.zeros(len(samples), dtype=torch.float64)  # one a sample (= a row, padded)
     num_tokens = torch.zeros(b, dtype=torch.long)
     g = 0  # the sample's number in the microbatch
@@ -305,6 +308,8 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
                 t_vals[row, label_pos] = smp.teacher.values.float()
                 t_ids[row, label_pos] = smp.teacher.ids.long()
                 t_lse[row, label_pos] = smp.teacher.lse.float()
+                if t_tail is not None:
+                    t_tail[row, label_pos] = smp.teacher.log_tail.float()
                 t_seq[g] = smp.teacher.seq_logprob
             num_tokens[row] += min(n, s)
             o += length
@@ -323,6 +328,8 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
         batch.update(segment_ids=segment_ids, sample_of_position=sample_of_position)
     if has_teacher:
         batch.update(teacher_values=t_vals, teacher_ids=t_ids, teacher_lse=t_lse, teacher_seq_logprob=t_seq)
+        if t_tail is not None:
+            batch["teacher_log_tail"] = t_tail
     if any(smp.role != ROLE_SINGLE for smp in samples):
         batch.update(roles=torch.tensor([_OBJECTIVE_ROLES[smp.role] for smp in samples]),
                      pair_ids=torch.tensor([smp.pair for smp in samples]))

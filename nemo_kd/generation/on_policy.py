@@ -70,7 +70,7 @@ def use_student_samples(cfg: OnPolicyConfig, step: int) -> bool:
 
 # Keys of a collated microbatch that describe the dataset's responses (stored teacher top-k,
 # cross-tokenizer alignment): meaningless for the student's samples.
-_RESPONSE_KEYS = ("teacher_values", "teacher_ids", "teacher_lse", "teacher_seq_logprob")
+_RESPONSE_KEYS = ("teacher_values", "teacher_ids", "teacher_lse", "teacher_seq_logprob", "teacher_log_tail")
 
 
 @torch.no_grad()

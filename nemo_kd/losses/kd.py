@@ -20,6 +20,13 @@ for fp64 logits) and nothing gathers the full vocabulary on one rank.
     (:func:`~nemo_kd.losses.vocab_parallel.vocab_parallel_logprobs_at`) plus
     ``q_tail = 1 − Σ_i q_i``; the divergence is taken over these k+1 buckets,
     which partition the vocabulary, so it lower-bounds the full-vocab one.
+    With ``teacher_log_tail`` (the store's ``log Σ_{v ∉ top-k} p_v``, summed directly over
+    the full vocabulary at extraction) the teacher's buckets are exact instead:
+    ``p_tail = exp(log_tail)`` and ``log p_i = z_i − LSE*`` with
+    ``LSE* = LSE_k(z) − log(−expm1(log_tail))``, the log-sum-exp the stored top-k and tail
+    imply (the head holds exactly ``1 − p_tail``). Neither the ``1 − Σ p`` cancellation nor
+    the stored fp32 LSE (half an ulp, ~1e-6 at |LSE| ~ 20, shifting every ``log p_i``) enters;
+    both were the limit on peaked teachers (``benchmarks/bench_tail_precision.py``).
 
 * :func:`full_kd_loss` – against an online teacher whose logits are a vocab shard
   with the same sharding: full-vocabulary divergences.
@@ -44,6 +51,7 @@ zero gradient, so masked or padded rows stay finite.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -131,8 +139,10 @@ def _gather_scaled_logits(logits: torch.Tensor, ids: torch.Tensor, scale: float,
     return picked * scale if scale != 1.0 else picked
 
 
-def _with_tail_bucket(log_probs_k: torch.Tensor, tail_floor: float) -> torch.Tensor:
-    """Append ``log max(1 − Σ_k exp(log_probs_k), tail_floor)`` as bucket k+1, ``[N, k+1]``.
+def _with_tail_bucket(log_probs_k: torch.Tensor, tail_floor: float,
+                      log_tail: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Append ``log max(1 − Σ_k exp(log_probs_k), tail_floor)`` as bucket k+1, ``[N, k+1]``
+    (``log_tail`` ``[N]`` given: ``max(log_tail, log tail_floor)``, the stored tail, instead).
 
     ``1 − Σ_k`` cancels: on a peaked distribution the tail is many orders below the mass,
     so it is formed in float64 (the k terms are few), where the sum's rounding (~1e-16)
@@ -140,6 +150,9 @@ def _with_tail_bucket(log_probs_k: torch.Tensor, tail_floor: float) -> torch.Ten
     the *mass*, i.e. ~1e-7/tail of the tail (121% on ×20-peaked teachers). Clamped
     (value and zero gradient) at ``tail_floor``; the result keeps the input's dtype.
     """
+    if log_tail is not None:
+        tail = log_tail.to(torch.float64).clamp(min=math.log(tail_floor)).to(log_probs_k.dtype)
+        return torch.cat([log_probs_k, tail[:, None]], dim=-1)
     mass = torch.exp(log_probs_k.to(torch.float64)).sum(dim=-1)
     tail = torch.log((1.0 - mass).clamp(min=tail_floor)).to(log_probs_k.dtype)
     return torch.cat([log_probs_k, tail[:, None]], dim=-1)
@@ -170,6 +183,7 @@ def topk_kd_loss(
     impl: str = "torch",
     label_ids: Optional[torch.Tensor] = None,
     inplace_backward: bool = False,
+    teacher_log_tail: Optional[torch.Tensor] = None,
 ):
     """Per-token KD divergence ``[N]`` against a teacher's stored top-k logits.
 
@@ -199,6 +213,10 @@ def topk_kd_loss(
             (:func:`~nemo_kd.losses.vocab_parallel.logits_overwrite_blocker`). Only
             when a single autograd node reads the logits: refused (ValueError) with
             ``label_ids`` at ``logits_scale != 1``, where KD and the label are two passes.
+        teacher_log_tail: ``exact_tail`` only (ignored by ``renormalized``): ``[N]`` the teacher's
+            ``log Σ_{v ∉ top-k} p_v`` at temperature 1 (the store's ``teacher_log_tail``); its
+            buckets are then exact (module docstring) and ``teacher_lse`` is not read. Refused
+            with ``target_logits_scale != 1`` (the tail at another temperature is another sum).
 
     Returns:
         ``[N]`` fp32 (fp64 for fp64 logits) per-token divergence, replicated on the TP
@@ -224,8 +242,21 @@ def topk_kd_loss(
         z_t = teacher_topk_logits.detach().to(teacher_dtype) * target_logits_scale
         slot = torch.isfinite(z_t)
         row_ok = slot.any(dim=-1)
-        lse_t = None
-        if topk_convention == "exact_tail":
+        lse_t = log_tail_t = None
+        if topk_convention == "exact_tail" and teacher_log_tail is not None:
+            if target_logits_scale != 1.0:
+                raise ValueError("teacher_log_tail is the teacher's tail mass at temperature 1; exact_tail at "
+                                 f"target_logits_scale={target_logits_scale} would need it at that temperature")
+            if teacher_log_tail.shape != (n,):
+                raise ValueError(f"teacher_log_tail must be [N={n}], got {tuple(teacher_log_tail.shape)}")
+            log_tail_t = teacher_log_tail.detach().to(teacher_dtype)
+            # The LSE the stored top-k and tail imply: the head holds 1 − tail = −expm1(log_tail) (no cancellation).
+            lse_t = torch.logsumexp(torch.where(slot, z_t, torch.full_like(z_t, float("-inf"))), dim=-1) - \
+                torch.log(-torch.expm1(log_tail_t))
+            row_ok &= torch.isfinite(lse_t) & ~torch.isnan(log_tail_t)
+            lse_t = torch.where(row_ok, lse_t, torch.zeros_like(lse_t))
+            log_tail_t = torch.where(row_ok, log_tail_t, torch.zeros_like(log_tail_t) - 1.0)
+        elif topk_convention == "exact_tail":
             if teacher_lse is None:
                 raise ValueError("topk_convention='exact_tail' needs teacher_lse: the log-sum-exp of the teacher's "
                                  "target_logits_scale-scaled logits over its full vocabulary, [N]")
@@ -264,7 +295,7 @@ def topk_kd_loss(
         # torch.log_softmax is (s − max) − log Σ exp(s − max): no rounding at ulp(|s|) for |s| ~ 1e4.
         log_q = torch.log_softmax(s, dim=-1)
     else:
-        log_p = _with_tail_bucket(z_t - lse_t[:, None], tail_floor).to(acc)
+        log_p = _with_tail_bucket(z_t - lse_t[:, None], tail_floor, log_tail_t).to(acc)
         if not share_pass:
             logq_at, _ = vocab_parallel_logprobs_at(student_logits, ids, scale=logits_scale, group=group, impl=impl,
                                                     **inplace)

@@ -197,11 +197,15 @@ class TopKTeacher:
     ``lse`` is the log-sum-exp of the *raw* logits (temperature 1), as the store keeps it.
     ``exact_tail`` needs it at ``target_logits_scale``, which top-k + LSE at temperature 1
     cannot give, so that combination is refused (:data:`STORED_LSE_TEMPERATURE_ERROR`).
+    ``log_tail`` ``[B, T]`` (stores with the ``teacher_log_tail`` extension): the teacher's
+    ``log Σ_{v ∉ top-k} p_v``, which ``exact_tail`` then reads instead of ``1 − Σ_k p``
+    (:func:`~nemo_kd.losses.kd.topk_kd_loss`).
     """
 
     values: torch.Tensor
     ids: torch.Tensor
     lse: Optional[torch.Tensor] = None
+    log_tail: Optional[torch.Tensor] = None
 
 
 STORED_LSE_TEMPERATURE_ERROR = (
@@ -429,15 +433,17 @@ class DistillationObjective:
                 raise ValueError(STORED_LSE_TEMPERATURE_ERROR)
             k = teacher.values.shape[-1]
             lse = teacher.lse.reshape(n) if teacher.lse is not None else None
+            log_tail = teacher.log_tail.reshape(n) if teacher.log_tail is not None else None
             out = topk_kd_loss(logits, teacher.values.reshape(n, k), teacher.ids.reshape(n, k), lse,
-                               topk_convention=c.topk_convention, impl=c.kd_kernel, label_ids=labels, **common)
+                               topk_convention=c.topk_convention, impl=c.kd_kernel, label_ids=labels,
+                               teacher_log_tail=log_tail, **common)
             return out if labels is not None else (out, None)
         if isinstance(teacher, FullTeacher):
             out = full_kd_loss(logits, teacher.logits.reshape(n, -1), impl=c.kd_kernel, label_ids=labels, **common)
             return out if labels is not None else (out, None)
         raise ValueError("kd_loss_weight > 0 needs a teacher (TopKTeacher or FullTeacher) in the batch")
 
-    def _row_terms(self, z: torch.Tensor, labels, t_values, t_ids, t_lse, t_logits, *, need_kd: bool,
+    def _row_terms(self, z: torch.Tensor, labels, t_values, t_ids, t_lse, t_logits, t_log_tail=None, *, need_kd: bool,
                    need_label_lp: bool, inplace: bool, with_argmax: bool):
         """Per-token terms from logits rows ``z`` ``[n, V/TP]``: ``(kd, log q(label), smoothed CE, student
         argmax, online teacher's argmax)``.
@@ -453,7 +459,7 @@ class DistillationObjective:
             if t_logits is not None:
                 t_argmax = vocab_parallel_argmax(t_logits, self.group)
         if need_kd:
-            teacher = TopKTeacher(t_values, t_ids, t_lse) if t_values is not None else FullTeacher(t_logits)
+            teacher = TopKTeacher(t_values, t_ids, t_lse, t_log_tail) if t_values is not None else FullTeacher(t_logits)
             kd, token_lp = self._kd_per_token(z, teacher, labels if need_label_lp else None, inplace)
         if need_label_lp and token_lp is None:  # no KD pass to share (in place only if no KD read the logits)
             token_lp = vocab_parallel_logprobs_at(z, labels, group=self.group, impl=c.kd_kernel,
@@ -516,7 +522,9 @@ class DistillationObjective:
                 teacher.values.reshape(n, -1) if isinstance(teacher, TopKTeacher) else None,
                 teacher.ids.reshape(n, -1) if isinstance(teacher, TopKTeacher) else None,
                 teacher.lse.reshape(n) if isinstance(teacher, TopKTeacher) and teacher.lse is not None else None,
-                teacher.rows(n) if isinstance(teacher, FullTeacher) else None)
+                teacher.rows(n) if isinstance(teacher, FullTeacher) else None,
+                teacher.log_tail.reshape(n) if isinstance(teacher, TopKTeacher) and teacher.log_tail is not None
+                else None)
         full_teacher = teacher if isinstance(teacher, FullTeacher) else None
         if need_kd and rows[1] is None and rows[4] is None:
             raise ValueError("kd_loss_weight > 0 needs a teacher (TopKTeacher or FullTeacher) in the batch")
@@ -527,9 +535,9 @@ class DistillationObjective:
             # (decided once here, not per chunk: the reason depends on the configuration only).
             chunk_inplace = c.inplace_logits_grad and self._inplace_config_blocker(batch, logits) is None
 
-            def per_chunk(z, labels_c, tv, ti, tl, t_rows, differentiate, metrics):
+            def per_chunk(z, labels_c, tv, ti, tl, t_rows, t_tail, differentiate, metrics):
                 t_logits = full_teacher.chunk_logits(t_rows) if full_teacher is not None else None
-                return self._row_terms(z, labels_c, tv, ti, tl, t_logits, **terms,
+                return self._row_terms(z, labels_c, tv, ti, tl, t_logits, t_tail, **terms,
                                        inplace=differentiate and chunk_inplace, with_argmax=need_kd and metrics)
 
             if not need_seq and torch.is_grad_enabled() and logits.requires_grad:
@@ -542,7 +550,7 @@ class DistillationObjective:
                 kd, token_lp, ce, student_argmax, teacher_argmax = logits.map_rows(per_chunk, *rows)
         else:
             if full_teacher is not None and full_teacher.projected:  # a deferred teacher beside whole student logits
-                rows = rows[:4] + (full_teacher.chunk_logits(rows[4]),)
+                rows = rows[:4] + (full_teacher.chunk_logits(rows[4]),) + rows[5:]
             kd, token_lp, ce, student_argmax, teacher_argmax = self._row_terms(logits, *rows, **terms,
                                                                                inplace=inplace, with_argmax=need_kd)
         if xtok:

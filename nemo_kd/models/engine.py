@@ -140,7 +140,7 @@ def _objective_batch(mb: Dict[str, torch.Tensor], teacher_logits: Optional[torch
     elif teacher_logits is not None:
         teacher = FullTeacher(teacher_logits)
     elif "teacher_values" in mb:
-        teacher = TopKTeacher(mb["teacher_values"], mb["teacher_ids"], mb.get("teacher_lse"))
+        teacher = TopKTeacher(mb["teacher_values"], mb["teacher_ids"], mb.get("teacher_lse"), mb.get("teacher_log_tail"))
     else:
         teacher = None
     return ObjectiveBatch(mb["labels"], mb["loss_mask"], teacher, mb.get("roles"), mb.get("pair_ids"),

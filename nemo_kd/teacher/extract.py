@@ -6,7 +6,7 @@ Pipeline, per DP rank::
       -> ConversationTokenizer (chat template or plain; over-long samples truncated or dropped, counted)
       -> this DP rank's contiguous sample block (shard_sample_range)
       -> resume at the store writer's next_sample_index
-      -> fixed batches -> teacher forward -> teacher_token_stats (top-k / LSE / label log-prob, TP group)
+      -> fixed batches -> teacher forward -> teacher_token_stats (top-k / LSE / label log-prob / log tail, TP group)
       -> StoreWriter.append per sample -> commit every ``commit_every`` batches -> finalize
 
 Rows and labels. For a sample of ``L`` tokens whose completion starts at position
@@ -15,6 +15,12 @@ teacher's output at position ``j - 1``: the store's row ``j - P`` holds the top-
 ``logits[j - 1]`` and the label log-prob ``log p(token_j | tokens_<j)``; the sample's
 ``seq_logprob`` is the float64 sum of those. A sample dropped as over-long is written
 with 0 tokens, so store index == dataset index.
+
+Log tail mass. An in-process teacher (Megatron, Hugging Face) also stores, per token, its
+log-probability outside the top-k (``log Σ_{v ∉ top-k} p_v``, a direct float64 sum over the full
+vocabulary: the store's ``teacher_log_tail`` extension), which ``exact_tail`` reads instead of
+``1 − Σ_k p``. A served teacher (log-probs over HTTP, no full vocabulary) and cross-tokenizer
+stores have none.
 
 Cross-tokenizer (``align_teacher_template: true``, store format version 2). The
 teacher renders every conversation with *its own* chat template and tokenizer (the
@@ -68,11 +74,13 @@ from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, 
 from nemo_kd.losses.projection import ProjectedLogits
 from nemo_kd.teacher.store import (
     ALIGNMENT_EXTENSION,
+    LOG_TAIL_EXTENSION,
     StoredAlignment,
     StoreManifest,
     StoreWriter,
     cross_tokenizer_extension,
     finalize_manifest,
+    log_tail_extension,
     shard_sample_range,
 )
 from nemo_kd.teacher.served import SERVED_TEACHER_EXTENSION, ServedTeacher, ServedTeacherConfig
@@ -255,8 +263,9 @@ def _batches(block: range, start: int, batch_size: int):
 class _BatchStats:
     """Per-batch stats collected on the last stage (inside Megatron's loss_func)."""
 
-    def __init__(self, rows, tokens_cpu, k, vocab_size):
+    def __init__(self, rows, tokens_cpu, k, vocab_size, with_log_tail=False):
         self.rows, self.tokens, self.k, self.vocab_size = rows, tokens_cpu, k, vocab_size
+        self.with_log_tail = with_log_tail
         self.parts: List[tuple] = []
         self.sample_of: List[torch.Tensor] = []  # each part's rows' sample indices
         self.error: Optional[BaseException] = None
@@ -287,8 +296,10 @@ class _BatchStats:
 
             def stats_of(rows, labels, samples, positions, differentiate=False, metrics=True):
                 st = teacher_token_stats(rows, self.k, labels, group=group, row_sample_index=samples,
-                                         row_positions=positions, vocab_size=self.vocab_size)
-                return st.values, st.ids, st.lse, st.label_logprobs
+                                         row_positions=positions, vocab_size=self.vocab_size,
+                                         with_log_tail=self.with_log_tail)
+                out = (st.values, st.ids, st.lse, st.label_logprobs)
+                return out + (st.log_tail,) if self.with_log_tail else out
 
             if isinstance(logits, ProjectedLogits):
                 # Deferred output projection: only the completion rows are projected, a chunk at a time
@@ -310,7 +321,7 @@ class _BatchStats:
         stay in position order: a stable sort)."""
         if not self.parts:
             return None
-        out = [torch.cat([p[j] for p in self.parts]) for j in range(4)]
+        out = [torch.cat([p[j] for p in self.parts]) for j in range(len(self.parts[0]))]
         if self.sample_of:
             order = torch.sort(torch.cat(self.sample_of), stable=True).indices
             out = [t[order] for t in out]
@@ -455,6 +466,10 @@ def compute_topk_logits(
                          f"the teacher's max_position_embeddings ({teacher.max_seq_length})")
     if served:
         manifest.extensions = {SERVED_TEACHER_EXTENSION: teacher.manifest_record}
+    # The log tail mass needs the full vocabulary: in-process teachers only; cross-tokenizer stores go without.
+    with_log_tail = not served and not cfg.align_teacher_template
+    if with_log_tail:
+        manifest.extensions = dict(manifest.extensions, **{LOG_TAIL_EXTENSION: log_tail_extension()})
     if cfg.top_k > teacher.vocab_size:
         raise ValueError(f"top_k={cfg.top_k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
     is_writer = teacher.owns_logits and layout.last_stage and layout.tp_rank == 0
@@ -511,7 +526,7 @@ def compute_topk_logits(
                                                             cfg.pack_length or cfg.max_seq_length)
         else:
             tokens, rows = _pad_batch(batch_samples, indices, mbs)
-        collector = _BatchStats(rows, tokens, cfg.top_k, teacher.vocab_size)
+        collector = _BatchStats(rows, tokens, cfg.top_k, teacher.vocab_size, with_log_tail)
         if stream is not None:
             try:
                 collector.parts, collector.seconds = stream.next_batch(indices, batch_samples)
@@ -540,13 +555,15 @@ def compute_topk_logits(
             for i, s in zip(indices, batch_samples):
                 if s is None:  # dropped as over-long: 0 tokens keeps store index == dataset index
                     writer.append(i, torch.zeros(0, cfg.top_k), torch.zeros(0, cfg.top_k, dtype=torch.int64),
-                                  torch.zeros(0), 0.0, alignment=xtok.alignment(i, None, []) if xtok else None)
+                                  torch.zeros(0), 0.0, alignment=xtok.alignment(i, None, []) if xtok else None,
+                                  log_tail=torch.zeros(0) if with_log_tail else None)
                     continue
                 n = s.num_completion_tokens
-                values, ids, lse, label_lp = (t[offset:offset + n] for t in stats)
+                values, ids, lse, label_lp, *log_tail = (t[offset:offset + n] for t in stats)
                 offset += n
                 writer.append(i, values, ids, lse, float(label_lp.double().sum()),
-                              alignment=xtok.alignment(i, s, label_lp) if xtok else None)
+                              alignment=xtok.alignment(i, s, label_lp) if xtok else None,
+                              log_tail=log_tail[0] if log_tail else None)
             if (b + 1) % cfg.commit_every == 0:
                 writer.commit()
             write_s += time.perf_counter() - t0

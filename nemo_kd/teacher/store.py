@@ -139,6 +139,27 @@ Nothing is decoded from a store that is not what the writer wrote:
 A store written before per-sample checksums has no ``.sum`` files: it is read after its files are hashed
 whole at open (logged), since nothing else would catch a flipped byte.
 
+The teacher's log tail mass (an extension)
+------------------------------------------
+``extensions["teacher_log_tail"]`` (:data:`LOG_TAIL_EXTENSION`, layout 1; an extension every older reader
+ignores, so no format version changes): per completion token the teacher's log-probability outside its
+stored top-k, ``log_tail = log Σ_{v ∉ top-k} p_v``, computed at extraction from the full vocabulary as a
+direct sum (:func:`nemo_kd.teacher.topk.vocab_parallel_log_tail`). ``exact_tail`` reads it instead of
+``1 − Σ_k exp(z_i − LSE)``, whose cancellation and the fp32 LSE limit the tail on peaked teachers
+(``benchmarks/bench_tail_precision.py``). Per shard:
+
+* ``shard-XXXXX.log_tail.f4``: ``<f4`` per token, the shard's samples' tokens in order (sample ``i``'s
+  rows start at the sum of its predecessors' ``num_tokens``); ``−inf`` where the top-k hold all the mass;
+* ``shard-XXXXX.log_tail.xxh3.npy``: one ``<u8`` xxh3_64 per sample of its ``log_tail`` bytes (seeded as
+  the other per-sample checksums), checked on every read (a failure names the field ``log_tail``).
+
+Both files are listed with sizes and sha256 in the extension's ``shards`` and in each shard record
+(``log_tail_shard``), checked at open like the other files (sizes, the checksum file hashed whole, the
+payload whole under ``verify_checksums``); they are written, committed, truncated on resume and renamed
+exactly as the payload. :class:`TeacherTopK` ``.log_tail`` is ``None`` for a store without it (written
+before it, imported, served teachers: log-probs only), and cross-tokenizer stores are written without it
+(their loss reads the teacher's own tokens, not a tail bucket).
+
 Reading
 -------
 :class:`StoreReader` memory-maps every shard; ``reader[i]`` returns a
@@ -180,6 +201,7 @@ __all__ = [
     "FORMAT_VERSION",
     "FULL_VOCABULARY_LSE",
     "INDEX_DTYPE",
+    "LOG_TAIL_EXTENSION",
     "READER_VERSION",
     "SAMPLE_CHECKSUMS_EXTENSION",
     "SEQ_LOGPROB",
@@ -198,6 +220,7 @@ __all__ = [
     "bytes_per_sample",
     "cross_tokenizer_extension",
     "finalize_manifest",
+    "log_tail_extension",
     "shard_for_sample",
     "shard_sample_range",
 ]
@@ -217,6 +240,10 @@ VOCAB_MAP_FILE = "vocab_map.npy"
 SAMPLE_CHECKSUMS_EXTENSION = "sample_checksums"
 SAMPLE_CHECKSUMS_LAYOUT = 1
 SAMPLE_CHECKSUM_ALGORITHM = "xxh3_64"
+# The teacher's log tail mass per token (module docstring, "The teacher's log tail mass").
+LOG_TAIL_EXTENSION = "teacher_log_tail"
+LOG_TAIL_LAYOUT = 1
+LOG_TAIL_DTYPE = np.dtype("<f4")
 # The first checksum of each group covers the group's fields end to end (one hash call per read); the others name
 # the field that fails when it does not match.
 PAYLOAD_FIELDS = ("payload", "ids", "lse", "values")
@@ -403,6 +430,9 @@ class StoreManifest:
         elif self.format_version == 2:
             raise ValueError(f"format_version 2 without the {ALIGNMENT_EXTENSION} extension: a same-tokenizer store "
                              "is written as format version 1 (or 3 with log-prob values)")
+        if LOG_TAIL_EXTENSION in (self.extensions or {}) and self.is_cross_tokenizer:
+            raise ValueError(f"the {LOG_TAIL_EXTENSION} extension is for same-tokenizer stores (the cross-tokenizer "
+                             "loss reads the teacher's own tokens, not a tail bucket)")
         unknown = sorted(set(self.unavailable_statistics or []) - set(UNAVAILABLE_STATISTICS))
         if unknown:
             raise ValueError(f"unavailable_statistics: unknown {unknown}, known {list(UNAVAILABLE_STATISTICS)}")
@@ -548,6 +578,19 @@ def sample_checksums_extension(cross_tokenizer: bool) -> Dict[str, Any]:
     """The ``sample_checksums`` extension a writer records (``shards`` is added by :func:`finalize_manifest`)."""
     return {"layout": SAMPLE_CHECKSUMS_LAYOUT, "algorithm": SAMPLE_CHECKSUM_ALGORITHM,
             "fields": list(checksum_dtype(cross_tokenizer).names)}
+
+
+def log_tail_extension() -> Dict[str, Any]:
+    """The ``teacher_log_tail`` extension a writer records (``shards`` is added by :func:`finalize_manifest`)."""
+    return {"layout": LOG_TAIL_LAYOUT, "dtype": LOG_TAIL_DTYPE.str, "checksum_algorithm": SAMPLE_CHECKSUM_ALGORITHM,
+            "statistic": "log sum_{v not in top-k} p_v, a direct sum over the full vocabulary"}
+
+
+def _check_log_tail_extension(ext: Any, where: str) -> None:
+    if not isinstance(ext, dict) or ext.get("layout") != LOG_TAIL_LAYOUT or ext.get("dtype") != LOG_TAIL_DTYPE.str \
+            or ext.get("checksum_algorithm") != SAMPLE_CHECKSUM_ALGORITHM:
+        raise StoreError(f"{where}: {LOG_TAIL_EXTENSION} extension {ext!r}: this reader knows layout {LOG_TAIL_LAYOUT}, "
+                         f"dtype {LOG_TAIL_DTYPE.str}, {SAMPLE_CHECKSUM_ALGORITHM}")
 
 
 def _checksum_seed(m: "StoreManifest") -> int:
@@ -698,6 +741,9 @@ class StoreWriter:
         # every store this writer writes carries per-sample checksums (an extension: older readers ignore it)
         self.manifest.extensions[SAMPLE_CHECKSUMS_EXTENSION] = sample_checksums_extension(self.cross_tokenizer)
         self._sum_dtype = checksum_dtype(self.cross_tokenizer)
+        self.has_log_tail = LOG_TAIL_EXTENSION in self.manifest.extensions
+        if self.has_log_tail:
+            _check_log_tail_extension(self.manifest.extensions[LOG_TAIL_EXTENSION], self.path)
         self._seed = _checksum_seed(self.manifest)
         self.assigned = shard_sample_range(self.manifest.num_samples, self.rank, self.world_size)
         self._tag = temp_tag(f"r{self.rank}-")  # per process: a killed writer's temp files are told from ours
@@ -708,6 +754,11 @@ class StoreWriter:
         self.align_payload_file, self.align_index_file = base + ".align.bin", base + ".align.idx"
         self._align_partial, self._align_index_partial = base + ".align.bin.partial", base + ".align.idx.partial"
         self.checksum_file, self._checksum_partial = base + ".sum", base + ".sum.partial"
+        self.log_tail_file, self._log_tail_partial = base + ".log_tail.f4", base + ".log_tail.f4.partial"
+        self.log_tail_sums_file = base + ".log_tail.xxh3.npy"
+        self._log_tail_sums_partial = self.log_tail_sums_file + ".partial"
+        self._tail = self._tail_sums = None
+        self.log_tail_shard: Optional[Dict[str, Any]] = None
         self._payload = self._index = self._sums = None
         self._align = self._align_index = None
         self._align_bytes = self._committed_align_bytes = 0
@@ -796,8 +847,10 @@ class StoreWriter:
             self.resumed_from = self.assigned.stop
             self.align_shard = record.get("alignment_shard")
             self.checksum_shard = record.get("checksum_shard")
+            self.log_tail_shard = record.get("log_tail_shard")
             # A kill during finalize's last step may leave these behind.
-            for leftover in (self._progress_file, self._index_partial, self._align_index_partial, self._checksum_partial):
+            for leftover in (self._progress_file, self._index_partial, self._align_index_partial, self._checksum_partial,
+                             self._log_tail_sums_partial):
                 _remove_if_exists(leftover)
             return
         if os.path.exists(self._progress_file):
@@ -807,6 +860,8 @@ class StoreWriter:
             renamed = [(self.payload_file, self._payload_partial)]
             if self.cross_tokenizer:
                 renamed.append((self.align_payload_file, self._align_partial))
+            if self.has_log_tail:
+                renamed.append((self.log_tail_file, self._log_tail_partial))
             for final, partial in renamed:
                 if not os.path.exists(partial) and os.path.exists(final):
                     # Killed between finalize's rename and its shard record: undo the rename.
@@ -821,6 +876,9 @@ class StoreWriter:
                 self._committed_align_bytes = int(progress["align_bytes"])
                 files += [(self._align_partial, self._committed_align_bytes),
                           (self._align_index_partial, self._committed_samples * ALIGN_INDEX_DTYPE.itemsize)]
+            if self.has_log_tail:  # one <f4 per committed token, one <u8 per committed sample
+                files += [(self._log_tail_partial, self._committed_tokens * LOG_TAIL_DTYPE.itemsize),
+                          (self._log_tail_sums_partial, self._committed_samples * 8)]
             for file, size in files:
                 actual = os.path.getsize(file) if os.path.exists(file) else -1
                 if actual < size:
@@ -832,15 +890,18 @@ class StoreWriter:
                 f.seek(0, io.SEEK_END)
             self._payload, self._index, self._sums = handles[:3]
             if self.cross_tokenizer:
-                self._align, self._align_index = handles[3:]
+                self._align, self._align_index = handles[3:5]
                 self._align_bytes = self._committed_align_bytes
+            if self.has_log_tail:
+                self._tail, self._tail_sums = handles[-2:]
             self._samples, self._bytes, self._tokens = self._committed_samples, self._committed_bytes, self._committed_tokens
             self.resumed_from = self.next_sample_index
             return
         # Nothing committed yet: whatever is on disk for this rank is garbage of a killed run.
         for stale in (self._payload_partial, self._index_partial, self.payload_file, self.index_file,
                       self._align_partial, self._align_index_partial, self.align_payload_file, self.align_index_file,
-                      self._checksum_partial, self.checksum_file):
+                      self._checksum_partial, self.checksum_file, self._log_tail_partial, self.log_tail_file,
+                      self._log_tail_sums_partial, self.log_tail_sums_file):
             _remove_if_exists(stale)
         self._payload = open(self._payload_partial, "w+b")
         self._index = open(self._index_partial, "w+b")
@@ -848,11 +909,14 @@ class StoreWriter:
         if self.cross_tokenizer:
             self._align = open(self._align_partial, "w+b")
             self._align_index = open(self._align_index_partial, "w+b")
+        if self.has_log_tail:
+            self._tail = open(self._log_tail_partial, "w+b")
+            self._tail_sums = open(self._log_tail_sums_partial, "w+b")
 
     # -- writing
 
     def append(self, sample_index: int, values, ids, lse, seq_logprob: float,
-               alignment: Optional[StoredAlignment] = None) -> None:
+               alignment: Optional[StoredAlignment] = None, log_tail=None) -> None:
         """Append sample ``sample_index`` (must be :attr:`next_sample_index`).
 
         Args:
@@ -863,6 +927,8 @@ class StoreWriter:
             seq_logprob: the teacher's log-prob of the whole reference completion.
             alignment: a cross-tokenizer store's :class:`StoredAlignment` of the sample
                 (required there, refused in a same-tokenizer store).
+            log_tail: ``[n]`` the teacher's ``log Σ_{v ∉ top-k} p_v`` per token: required in a store with
+                the ``teacher_log_tail`` extension, refused in one without (module docstring).
 
         Not durable until :meth:`commit`.
         """
@@ -875,6 +941,10 @@ class StoreWriter:
             )
         if sample_index >= self.assigned.stop:
             raise ValueError(f"sample {sample_index} is outside rank {self.rank}'s block {self.assigned}")
+        if (log_tail is not None) != self.has_log_tail:
+            raise ValueError(f"sample {sample_index}: " + (f"this store has the {LOG_TAIL_EXTENSION} extension: "
+                             "append needs log_tail" if self.has_log_tail else
+                             f"log_tail given to a store without the {LOG_TAIL_EXTENSION} extension"))
         if (alignment is not None) != self.cross_tokenizer:
             raise ValueError(f"sample {sample_index}: " + ("a cross-tokenizer store needs the sample's alignment"
                              if self.cross_tokenizer else "alignment given to a same-tokenizer (format 1) store"))
@@ -893,6 +963,14 @@ class StoreWriter:
             raise ValueError(f"sample {sample_index}: {n} completion tokens exceed max_seq_length {m.max_seq_length}")
         if not (np.isfinite(v).all() and np.isfinite(l).all() and math.isfinite(float(seq_logprob))):
             raise ValueError(f"sample {sample_index}: non-finite (NaN/Inf) teacher logits, LSE or sequence log-prob")
+        if log_tail is not None:
+            t = _to_numpy(log_tail).astype(LOG_TAIL_DTYPE, copy=False)
+            if t.shape != (n,):
+                raise ValueError(f"sample {sample_index}: log_tail must be [{n}], got {t.shape}")
+            if not (t <= 0).all():  # NaN fails this too; -inf (no mass outside the top-k) is kept
+                bad = int(np.flatnonzero(~(t <= 0))[0])
+                raise ValueError(f"sample {sample_index}: log_tail of token {bad} is {t[bad]}, not a log-probability "
+                                 "(NaN or > 0)")
         if i.size and (i.min() < 0 or i.max() >= (m.teacher_vocab_size or 2**31)):
             raise ValueError(f"sample {sample_index}: token id out of range [0, {m.teacher_vocab_size or 2**31})")
         # log-prob encoding: z − LSE is ≤ 0 and ≈ 0 for the teacher's likely tokens, where 16-bit
@@ -916,6 +994,10 @@ class StoreWriter:
             self._align.write(a_block)
             self._align_index.write(a_row.tobytes())
             self._align_bytes += len(a_block)
+        if log_tail is not None:
+            t_bytes = np.ascontiguousarray(t).tobytes()
+            self._tail.write(t_bytes)
+            self._tail_sums.write(np.array([_checksum(t_bytes, self._seed)], dtype="<u8").tobytes())
         self._payload.write(block)
         self._index.write(row.tobytes())
         self._sums.write(np.array([tuple(_checksum(f, self._seed) for f in sums)], dtype=self._sum_dtype).tobytes())
@@ -927,7 +1009,7 @@ class StoreWriter:
         """Make every appended sample durable (fsync data, then atomically record progress)."""
         if self.is_finished or (self._samples == self._committed_samples and os.path.exists(self._progress_file)):
             return
-        for f in (self._payload, self._index, self._sums, self._align, self._align_index):
+        for f in (self._payload, self._index, self._sums, self._align, self._align_index, self._tail, self._tail_sums):
             if f is not None:
                 f.flush()
                 os.fsync(f.fileno())
@@ -967,10 +1049,17 @@ class StoreWriter:
             buf = io.BytesIO()
             np.save(buf, np.frombuffer(self._sums.read(), dtype=self._sum_dtype), allow_pickle=False)
             _atomic_write(self.checksum_file, buf.getvalue(), self._tag)
+            if self.has_log_tail:
+                self._tail_sums.seek(0)
+                buf = io.BytesIO()
+                np.save(buf, np.frombuffer(self._tail_sums.read(), dtype="<u8"), allow_pickle=False)
+                _atomic_write(self.log_tail_sums_file, buf.getvalue(), self._tag)
             self._close_files()
             os.replace(self._payload_partial, self.payload_file)
             if self.cross_tokenizer:
                 os.replace(self._align_partial, self.align_payload_file)
+            if self.has_log_tail:
+                os.replace(self._log_tail_partial, self.log_tail_file)
             _fsync_dir(self.path)
             info = ShardInfo(
                 rank=self.rank,
@@ -1001,8 +1090,20 @@ class StoreWriter:
                                    "bytes": os.path.getsize(self.checksum_file),
                                    "sha256": _sha256_file(self.checksum_file)}
             record["checksum_shard"] = self.checksum_shard
+            if self.has_log_tail:
+                self.log_tail_shard = {
+                    "rank": self.rank,
+                    "file": os.path.basename(self.log_tail_file),
+                    "bytes": os.path.getsize(self.log_tail_file),
+                    "sha256": _sha256_file(self.log_tail_file),
+                    "checksum_file": os.path.basename(self.log_tail_sums_file),
+                    "checksum_bytes": os.path.getsize(self.log_tail_sums_file),
+                    "checksum_sha256": _sha256_file(self.log_tail_sums_file),
+                }
+                record["log_tail_shard"] = self.log_tail_shard
             _atomic_write(self._done_file, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), self._tag)
-            for leftover in (self._progress_file, self._index_partial, self._align_index_partial, self._checksum_partial):
+            for leftover in (self._progress_file, self._index_partial, self._align_index_partial, self._checksum_partial,
+                             self._log_tail_sums_partial):
                 _remove_if_exists(leftover)
             self.shard_info = info
         try:
@@ -1013,10 +1114,11 @@ class StoreWriter:
         return self.shard_info
 
     def _close_files(self) -> None:
-        for f in (self._payload, self._index, self._sums, self._align, self._align_index):
+        for f in (self._payload, self._index, self._sums, self._align, self._align_index, self._tail, self._tail_sums):
             if f is not None:
                 f.close()
         self._payload = self._index = self._sums = self._align = self._align_index = None
+        self._tail = self._tail_sums = None
 
     def close(self) -> None:
         """Close without committing (uncommitted appends are dropped on the next open) and release the shard."""
@@ -1076,6 +1178,12 @@ def finalize_manifest(path: Union[str, os.PathLike], tag: Optional[str] = None) 
             raise StoreCorruptError(f"{path}: a shard record lacks its per-sample checksum file")
         ext = dict(manifest.extensions[SAMPLE_CHECKSUMS_EXTENSION], shards=[by_rank[s.rank] for s in shards])
         manifest.extensions = dict(manifest.extensions, **{SAMPLE_CHECKSUMS_EXTENSION: ext})
+    if LOG_TAIL_EXTENSION in manifest.extensions:
+        by_rank = {r["rank"]: r.get("log_tail_shard") for r in records}
+        if any(by_rank[s.rank] is None for s in shards):
+            raise StoreCorruptError(f"{path}: a shard record lacks its {LOG_TAIL_EXTENSION} files")
+        ext = dict(manifest.extensions[LOG_TAIL_EXTENSION], shards=[by_rank[s.rank] for s in shards])
+        manifest.extensions = dict(manifest.extensions, **{LOG_TAIL_EXTENSION: ext})
     _atomic_write(os.path.join(path, _MANIFEST), manifest.to_json().encode(), tag or f"p{os.getpid()}")
     return manifest
 
@@ -1093,6 +1201,7 @@ class TeacherTopK:
     lse: Any  # torch fp32 [n]
     seq_logprob: float
     alignment: Optional[StoredAlignment] = None  # cross-tokenizer store (format 2) only
+    log_tail: Any = None  # torch fp32 [n] log Σ_{v ∉ top-k} p_v (teacher_log_tail extension), else None
 
     @property
     def num_tokens(self) -> int:
@@ -1112,6 +1221,9 @@ def _confine_file_names(m: StoreManifest, manifest_path: str) -> None:
     sums = (m.extensions or {}).get(SAMPLE_CHECKSUMS_EXTENSION) or {}
     names += [(f"extensions.{SAMPLE_CHECKSUMS_EXTENSION}.shards[{i}].file", c.get("file") if isinstance(c, dict) else c)
               for i, c in enumerate(sums.get("shards") or [])]
+    tails = (m.extensions or {}).get(LOG_TAIL_EXTENSION) or {}
+    names += [(f"extensions.{LOG_TAIL_EXTENSION}.shards[{i}].{field}", c.get(field) if isinstance(c, dict) else c)
+              for i, c in enumerate(tails.get("shards") or []) for field in ("file", "checksum_file")]
     for where, name in names:
         if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name \
                 or "/" in name or "\\" in name:
@@ -1170,6 +1282,9 @@ class StoreReader:
             raise StoreError(f"{manifest_path}: per-sample checksums of layout {self._sum_info.get('layout')!r} / "
                              f"{self._sum_info.get('algorithm')!r} / fields {self._sum_info.get('fields')!r}: this "
                              f"reader knows layout {SAMPLE_CHECKSUMS_LAYOUT}, {SAMPLE_CHECKSUM_ALGORITHM}")
+        self._tail_info = (m.extensions or {}).get(LOG_TAIL_EXTENSION)
+        if self._tail_info is not None:
+            _check_log_tail_extension(self._tail_info, manifest_path)
         self._cross_check_records(manifest_path)
         # The small files (indices, checksums) are hashed whole at every open: a few ms per million samples.
         for name, size, digest in self._files(True):
@@ -1201,6 +1316,21 @@ class StoreReader:
                     raise StoreCorruptError(f"{os.path.join(self.path, c['file'])}: checksums of dtype {sums.dtype} "
                                             f"shape {sums.shape}, expected {s.num_samples} rows")
                 self._sums.append(np.ascontiguousarray(sums).view("<u8").reshape(s.num_samples, -1))
+        self._tails, self._tail_sums, self._tail_starts = [], [], []
+        if self._tail_info is not None:
+            for pos, (s, c) in enumerate(zip(m.shards, self._tail_info["shards"])):
+                if c["bytes"] != s.num_tokens * LOG_TAIL_DTYPE.itemsize:
+                    raise StoreCorruptError(f"{os.path.join(self.path, c['file'])}: {c['bytes']} bytes for the shard's "
+                                            f"{s.num_tokens} tokens ({LOG_TAIL_DTYPE.itemsize} a token)")
+                self._tails.append(memoryview(np.memmap(os.path.join(self.path, c["file"]), dtype=np.uint8, mode="r"))
+                                   if c["bytes"] else memoryview(b""))
+                sums = np.load(os.path.join(self.path, c["checksum_file"]), allow_pickle=False)
+                if sums.dtype != np.dtype("<u8") or sums.shape != (s.num_samples,):
+                    raise StoreCorruptError(f"{os.path.join(self.path, c['checksum_file'])}: checksums of dtype "
+                                            f"{sums.dtype} shape {sums.shape}, expected {s.num_samples} <u8")
+                self._tail_sums.append(sums)
+                n = np.asarray(self._indices[pos]["num_tokens"]).astype(np.int64)
+                self._tail_starts.append(np.concatenate([[0], np.cumsum(n)]) * LOG_TAIL_DTYPE.itemsize)
         self._seed = _checksum_seed(m)
         self._align_payloads, self._align_indices = [], []
         if self.cross_tokenizer:
@@ -1234,7 +1364,7 @@ class StoreReader:
         mine = _comparable_settings(m)
         listed = {name: ext.get("shards") for name, ext in (m.extensions or {}).items() if isinstance(ext, dict)}
         for name, shards in listed.items():
-            if name in (ALIGNMENT_EXTENSION, SAMPLE_CHECKSUMS_EXTENSION) and \
+            if name in (ALIGNMENT_EXTENSION, SAMPLE_CHECKSUMS_EXTENSION, LOG_TAIL_EXTENSION) and \
                     (not isinstance(shards, list) or [x.get("rank") for x in shards] != [s.rank for s in m.shards]):
                 raise StoreCorruptError(f"{manifest_path}: extensions.{name}.shards do not list the payload shards")
         for pos, s in enumerate(m.shards):
@@ -1264,7 +1394,8 @@ class StoreReader:
             for key, value in dataclasses.asdict(s).items():
                 if (record.get("shard") or {}).get(key) != value:
                     diffs.append(f"shards[{pos}].{key}: manifest {value!r}, record {(record.get('shard') or {}).get(key)!r}")
-            for name, record_key in ((ALIGNMENT_EXTENSION, "alignment_shard"), (SAMPLE_CHECKSUMS_EXTENSION, "checksum_shard")):
+            for name, record_key in ((ALIGNMENT_EXTENSION, "alignment_shard"), (SAMPLE_CHECKSUMS_EXTENSION, "checksum_shard"),
+                                     (LOG_TAIL_EXTENSION, "log_tail_shard")):
                 if listed.get(name) is not None and record.get(record_key) != listed[name][pos]:
                     diffs.append(f"extensions.{name}.shards[{pos}]: manifest {listed[name][pos]!r}, record "
                                  f"{record.get(record_key)!r}")
@@ -1334,10 +1465,16 @@ class StoreReader:
                 if self._sum_info is not None:
                     c = self._sum_info["shards"][pos]
                     out.append((c["file"], c["bytes"], c["sha256"]))
+                if self._tail_info is not None:
+                    t = self._tail_info["shards"][pos]
+                    out.append((t["checksum_file"], t["checksum_bytes"], t["checksum_sha256"]))
             else:
                 out.append((s.payload_file, s.payload_bytes, s.payload_sha256))
                 if a:
                     out.append((a["payload_file"], a["payload_bytes"], a["payload_sha256"]))
+                if self._tail_info is not None:
+                    t = self._tail_info["shards"][pos]
+                    out.append((t["file"], t["bytes"], t["sha256"]))
         return out
 
     def _sample_intact(self, shard: int, pos: int, column: int, data) -> bool:
@@ -1486,10 +1623,40 @@ class StoreReader:
             raise StoreCorruptError(f"sample {sample_index}: non-finite (NaN/Inf) teacher logits or LSE in the store")
         return values, ids, lse, float(row["seq_logprob"])
 
+    @property
+    def has_log_tail(self) -> bool:
+        """Whether the store keeps the teacher's log tail mass per token (``teacher_log_tail`` extension)."""
+        return self._tail_info is not None
+
+    def read_log_tail(self, sample_index: int) -> Optional[np.ndarray]:
+        """The sample's ``log Σ_{v ∉ top-k} p_v`` per token, fp32 ``[n]`` (a copy), or ``None`` without the
+        extension. Checked against its per-sample checksum (a failure names the field ``log_tail``)."""
+        if self._tail_info is None:
+            return None
+        shard, row = self._locate(sample_index)
+        pos = sample_index - self._first[shard]
+        start, end = (int(x) for x in self._tail_starts[shard][pos:pos + 2])
+        buf, file = self._tails[shard], self._tail_info["shards"][shard]["file"]
+        if end > len(buf) or end - start != LOG_TAIL_DTYPE.itemsize * int(row["num_tokens"]):
+            raise StoreCorruptError(f"sample {sample_index}: log_tail runs past the end of {file}")
+        data = bytes(buf[start:end])
+        recorded = int(self._tail_sums[shard][pos])
+        if _checksum(data, self._seed) != recorded:
+            raise StoreCorruptError(
+                f"{self.path}: sample {sample_index} ({file}, bytes {start}..{end}): its log_tail fail their "
+                f"{SAMPLE_CHECKSUM_ALGORITHM} checksum (read {_checksum(data, self._seed):016x}, recorded "
+                f"{recorded:016x}): the store is damaged. Re-extract it or restore the file; `nemo-kd-verify-store "
+                f"{self.path}` checks every sample")
+        tail = np.frombuffer(data, dtype=LOG_TAIL_DTYPE).copy()
+        if not (tail <= 0).all():
+            raise StoreCorruptError(f"sample {sample_index}: log_tail in {file} is NaN or > 0 (not a log-probability)")
+        return tail
+
     def __getitem__(self, sample_index: int) -> TeacherTopK:
         import torch
 
         values, ids, lse, seq_logprob = self.read_numpy(int(sample_index))
+        log_tail = self.read_log_tail(int(sample_index))
         return TeacherTopK(
             int(sample_index),
             torch.from_numpy(values),
@@ -1497,6 +1664,7 @@ class StoreReader:
             torch.from_numpy(lse),
             seq_logprob,
             self.alignment(int(sample_index)) if self.cross_tokenizer else None,
+            torch.from_numpy(log_tail) if log_tail is not None else None,
         )
 
     def verification_steps(self, samples: bool = False) -> int:
@@ -1521,6 +1689,7 @@ class StoreReader:
         if samples:
             for i in range(len(self)):
                 self.read_numpy(i)
+                self.read_log_tail(i)
                 if self.cross_tokenizer:
                     self.alignment(i)
                 if progress is not None:
@@ -1599,6 +1768,7 @@ class StoreReader:
     def close(self) -> None:
         self._payloads, self._indices = [], []
         self._align_payloads, self._align_indices = [], []
+        self._tails, self._tail_sums, self._tail_starts = [], [], []
 
     def __enter__(self) -> "StoreReader":
         return self

@@ -23,6 +23,12 @@ log-sum-exp is of the raw logits too, computed in fp32 by the shared vocab-paral
 primitive. Non-finite teacher logits are an error naming the sample: the check is
 all-reduced first so every TP rank raises together instead of hanging in the next
 collective.
+
+The log tail mass (:func:`vocab_parallel_log_tail`, the store's ``teacher_log_tail``
+extension) is the teacher's log-probability outside its top-k,
+``log Σ_{v ∉ top-k} p_v``, formed as a direct sum so that no ``1 − Σ_k p`` cancellation
+and no rounding of the LSE enter it (``exact_tail`` on a peaked teacher needs it to ~1e-6
+relative where the tail is 1e-4 of the mass).
 """
 
 from __future__ import annotations
@@ -50,9 +56,14 @@ __all__ = [
     "TeacherTokenStats",
     "check_finite_logits",
     "teacher_token_stats",
+    "vocab_parallel_log_tail",
     "vocab_parallel_logsumexp",
     "vocab_parallel_topk",
 ]
+
+# Elements (rows × V/TP) per chunk of the log-tail pass's float64 scratch: 32 MiB on CPU (the
+# CPU_TOKEN_CHUNK_ELEMENTS of the log-prob primitive), 256 MiB on a GPU.
+LOG_TAIL_CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**25}
 
 _LOW32 = (1 << 32) - 1
 
@@ -206,6 +217,66 @@ def _logprobs_and_lse(logits_shard, ids, group, vocab_size):
         return vocab_parallel_logprobs_at(logits_shard, ids, scale=1.0, group=group)
 
 
+@torch.no_grad()
+def vocab_parallel_log_tail(
+    logits_shard: torch.Tensor,
+    topk_values: torch.Tensor,
+    topk_ids: torch.Tensor,
+    group: ProcessGroup = None,
+    vocab_size: Optional[int] = None,
+    compute_dtype: torch.dtype = torch.float64,
+    chunk_elements: Optional[int] = None,
+) -> torch.Tensor:
+    """``log Σ_{v ∉ top-k} p_v`` ``[N]`` fp32: the teacher's log-probability outside its top-k.
+
+    With ``m = max_v z_v`` (the top-1 value, identical on every TP rank) and
+    ``e_v = exp(z_v − m)`` over the real vocabulary (padded columns, ids ``>= vocab_size``,
+    excluded)::
+
+        log_tail = log Σ_{v ∉ top-k} e_v − log(Σ_{v ∉ top-k} e_v + Σ_{v ∈ top-k} e_v)
+
+    Both sums are of positive terms only (the denominator is tail + head, never
+    ``full − head``), so the result is as accurate as the terms: relative error ~1e-16 per term
+    in ``compute_dtype=float64``; in float32 the rounding of ``z_v − m`` alone (ulp of 20–40)
+    costs up to 2e-6 relative (``benchmarks/bench_tail_precision.py``), hence float64. Each TP
+    rank sums its own columns, masking the top-k ids it owns; one ``[N, 2]`` SUM all-reduce
+    completes both sums. ``−inf`` where the top-k hold all the mass (``k = V``, or the rest
+    underflows float64). Rows are processed ``chunk_elements // (V/TP)`` at a time (default
+    :data:`LOG_TAIL_CHUNK_ELEMENTS`) to bound the float64 scratch.
+
+    Args:
+        logits_shard: ``[N, V/TP]`` this rank's shard of the raw logits (any float dtype, finite).
+        topk_values / topk_ids: ``[N, k]`` the global top-k of :func:`vocab_parallel_topk`
+            (values descending: column 0 is the row max).
+    """
+    n, v_local = logits_shard.shape
+    vocab_start = vocab_shard_range(v_local, group)[0]
+    valid = valid_vocab_columns(v_local, vocab_start, vocab_size)
+    device = logits_shard.device
+    sums = torch.zeros(n, 2, dtype=compute_dtype, device=device)  # [tail, head]
+    if chunk_elements is None:
+        chunk_elements = LOG_TAIL_CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    rows_per_chunk = max(1, chunk_elements // max(1, valid))
+    if valid > 0:
+        local = topk_ids.to(device) - vocab_start
+        owned = (local >= 0) & (local < valid)
+        local = local.clamp(0, valid - 1)
+        row_max = topk_values[:, 0].to(device=device, dtype=compute_dtype)
+        for s in range(0, n, rows_per_chunk):
+            e = min(n, s + rows_per_chunk)
+            exp = logits_shard[s:e, :valid].to(compute_dtype, copy=True)  # never the logits themselves
+            exp.sub_(row_max[s:e, None]).exp_()
+            own = owned[s:e]
+            sums[s:e, 1] = torch.where(own, exp.gather(1, local[s:e]), torch.zeros((), dtype=compute_dtype,
+                                                                                   device=device)).sum(-1)
+            rows = torch.arange(e - s, device=device)[:, None].expand_as(own)
+            exp[rows[own], local[s:e][own]] = 0.0  # the top-k columns this rank owns leave the tail sum
+            sums[s:e, 0] = exp.sum(-1)
+    all_reduce_no_grad(sums, dist.ReduceOp.SUM, group)
+    tail, head = sums[:, 0], sums[:, 1]
+    return (torch.log(tail) - torch.log(tail + head)).clamp(max=0.0).float()
+
+
 @dataclass
 class TeacherTokenStats:
     """Per-token teacher statistics for the logits store (identical on all TP ranks)."""
@@ -214,6 +285,7 @@ class TeacherTokenStats:
     ids: torch.Tensor  # [N, k] int64 global token ids
     lse: torch.Tensor  # [N] fp32 log-sum-exp of the raw logits
     label_logprobs: Optional[torch.Tensor]  # [N] fp32 log p(label) or None without labels
+    log_tail: Optional[torch.Tensor] = None  # [N] fp32 log Σ_{v ∉ top-k} p_v (with_log_tail), else None
 
 
 def teacher_token_stats(
@@ -224,16 +296,19 @@ def teacher_token_stats(
     row_sample_index: RowSamples = None,
     row_positions: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
+    with_log_tail: bool = False,
 ) -> TeacherTokenStats:
     """Everything the store keeps per completion token, in one call.
 
     Checks the logits are finite (error naming ``row_sample_index``), then the top-k,
     the log-sum-exp and, given ``labels`` ``[N]`` (the reference completion's next
     tokens), the teacher's log-prob of each label; a sample's sequence log-prob is the
-    sum of its rows' ``label_logprobs`` (sum in float64).
+    sum of its rows' ``label_logprobs`` (sum in float64). ``with_log_tail``: also the log
+    tail mass outside the top-k (:func:`vocab_parallel_log_tail`, one more pass over the shard).
     """
     check_finite_logits(logits_shard, group, row_sample_index, row_positions, vocab_size)
     values, ids = vocab_parallel_topk(logits_shard, k, group, vocab_size)
     label_ids = labels if labels is not None else torch.zeros(logits_shard.shape[0], dtype=torch.int64, device=logits_shard.device)
     label_lp, lse = _logprobs_and_lse(logits_shard, label_ids.to(torch.int64), group, vocab_size)
-    return TeacherTokenStats(values, ids, lse.float(), label_lp.float() if labels is not None else None)
+    log_tail = vocab_parallel_log_tail(logits_shard, values, ids, group, vocab_size) if with_log_tail else None
+    return TeacherTokenStats(values, ids, lse.float(), label_lp.float() if labels is not None else None, log_tail)
