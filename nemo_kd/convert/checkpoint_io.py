@@ -103,18 +103,12 @@ def ensure_parallel(parallel: Optional[ParallelConfig] = None) -> Iterator[bool]
 
 
 def _expert_layout(cfg: GPTModelConfig) -> Dict[str, int]:
-    """This rank's ``ep_rank`` / ``ep_size`` for cutting a full state dict (EP=1 for a dense model).
-
-    The full-state-dict cut splits experts over TP (expert tensor parallelism = TP, Megatron's
-    default); another ``expert_tensor_parallel_size`` is refused here rather than loaded wrongly.
-    """
+    """This rank's ``ep_rank`` / ``ep_size`` and expert tensor-parallel ``etp_rank`` / ``etp_size`` for
+    cutting a full state dict (EP=1 for a dense model)."""
     if not cfg.is_moe:
         return dict(ep_rank=0, ep_size=1)
-    if state.etp_size() != state.tp_size():
-        raise ValueError(f"loading full (Hugging Face / .nemo) weights into an MoE model needs "
-                         f"expert_tensor_parallel_size = tensor_model_parallel_size ({state.tp_size()}), got "
-                         f"{state.etp_size()}; a nemo_kd Megatron checkpoint (dist_checkpointing) loads at any layout")
-    return dict(ep_rank=state.ep_rank(), ep_size=state.ep_size())
+    return dict(ep_rank=state.ep_rank(), ep_size=state.ep_size(), etp_rank=state.etp_rank(),
+                etp_size=state.etp_size())
 
 
 def _vpp_size() -> Optional[int]:
@@ -323,7 +317,8 @@ def load_megatron_checkpoint(path: str, model_chunks: Sequence[torch.nn.Module])
             if chunk_name == f"chunk{i}":
                 vp = i if vpp else None
                 chunk_sd[local_key] = shard_state_dict({global_key: chunk_sd[local_key][: cfg.vocab_size]},
-                                                       cfg, tp_rank, tp, pp_rank, pp, vp, vpp)[local_key]
+                                                       cfg, tp_rank, tp, pp_rank, pp, vp, vpp,
+                                                       **_expert_layout(cfg))[local_key]
         unwrap_model(chunk).load_state_dict(chunk_sd, strict=True)
 
 

@@ -20,6 +20,8 @@ in :class:`HFArchitecture`:
   sets them on the built model.
 * ``gelu_approximation="tanh"``: GPT-2's ``gelu_new``; Megatron takes it as the
   ``activation_func`` override of ``TransformerConfig`` (:meth:`HFArchitecture.transformer_config_overrides`).
+* ``swiglu_limit``: gpt-oss's clamped SwiGLU, likewise ``TransformerConfig`` overrides (``quick_gelu``,
+  ``glu_linear_offset=1``, ``activation_func_clamp_value``).
 
 Build models for an :class:`HFArchitecture` with
 :func:`nemo_kd.convert.checkpoint_io.build_model_chunks`, which applies both.
@@ -59,14 +61,17 @@ FAMILIES: Dict[str, str] = {
     "GPT2LMHeadModel": "gpt2",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 _ARCHITECTURE_OF = {family: arch for arch, family in FAMILIES.items()}
 # HF ``model_type`` per family (written on export, checked on import).
 _MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2",
-               "mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
+               "mixtral": "mixtral", "qwen3_moe": "qwen3_moe", "gpt_oss": "gpt_oss"}
 # Mixture-of-experts families and the dense family whose attention / window rules they share.
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
 _ATTENTION_FAMILY = {"mixtral": "mistral", "qwen3_moe": "qwen3"}
+# gpt-oss's clamped SwiGLU: the sigmoid gain Megatron's quick_gelu has built in.
+GPT_OSS_SWIGLU_ALPHA = 1.702
 _HF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _HF_DTYPE_NAME = {v: k for k, v in _HF_DTYPE.items()}
 
@@ -108,6 +113,11 @@ class HFArchitecture:
         model: the Megatron architecture.
         rope_scaling: RoPE scaling applied to the built model (None: plain RoPE).
         gelu_approximation: ``"none"`` (erf GELU, Megatron's default) or ``"tanh"`` (GPT-2's ``gelu_new``).
+        swiglu_limit: None (plain SwiGLU ``silu(gate) * up``) or gpt-oss's clamped SwiGLU with this limit
+            ``L``: ``g = min(gate, L)``, ``u = clamp(up, -L, L)``, ``g * sigmoid(1.702 g) * (u + 1)``.
+            Megatron's local MLP computes ``activation_func(min(x_glu, L)) * (clamp(x_linear, -L, L) +
+            glu_linear_offset)`` when ``activation_func_clamp_value = L``: with ``quick_gelu`` (``x *
+            sigmoid(1.702 x)``) and ``glu_linear_offset = 1`` that is the same expression.
         hf_config: the original ``config.json`` (export starts from it, so token ids and
             fields Megatron does not model survive the round trip); empty for a model
             that never came from HF.
@@ -118,17 +128,31 @@ class HFArchitecture:
     rope_scaling: Optional[RopeScaling] = None
     gelu_approximation: str = "none"
     hf_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    swiglu_limit: Optional[float] = None
 
     def __post_init__(self):
         if self.family is not None and self.family not in _ARCHITECTURE_OF:
             raise ValueError(f"unknown family {self.family!r}; supported: {sorted(_ARCHITECTURE_OF)}")
         if self.gelu_approximation not in ("none", "tanh"):
             raise ValueError(f"gelu_approximation must be 'none' or 'tanh', got {self.gelu_approximation!r}")
+        if self.swiglu_limit is not None:
+            if not self.model.gated_linear_unit:
+                raise ValueError("swiglu_limit clamps a SwiGLU: GPTModelConfig.activation must be 'swiglu'")
+            if not (isinstance(self.swiglu_limit, (int, float)) and self.swiglu_limit > 0):
+                raise ValueError(f"swiglu_limit must be a positive number, got {self.swiglu_limit!r}")
 
     def transformer_config_overrides(self) -> Dict[str, Any]:
         """Extra ``TransformerConfig`` fields for :func:`nemo_kd.models.build_gpt_model`."""
         if self.gelu_approximation == "tanh":
             return {"activation_func": _gelu_tanh}
+        if self.swiglu_limit is not None:
+            activation = _quick_gelu
+            if self.model.transformer_impl == "transformer_engine":
+                # TE's path fuses bias + activation, which Megatron allows with glu_linear_offset only for
+                # its own quick_gelu (the same formula, wrapped in torch.compile: not used on the local path)
+                from megatron.core.fusions.fused_bias_geglu import quick_gelu as activation
+            return {"activation_func": activation, "glu_linear_offset": 1.0,
+                    "activation_func_clamp_value": float(self.swiglu_limit)}
         return {}
 
     def apply_to_model(self, model: torch.nn.Module) -> None:
@@ -157,13 +181,16 @@ class HFArchitecture:
 
     # ---- (de)serialisation: model_config.json of a converted Megatron checkpoint ----
     def to_dict(self) -> dict:
-        return {
+        out = {
             "family": self.family,
             "model": self.model.to_dict(),
             "rope_scaling": dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None,
             "gelu_approximation": self.gelu_approximation,
             "hf_config": self.hf_config,
         }
+        if self.swiglu_limit is not None:  # absent otherwise: the dict dense families always had
+            out["swiglu_limit"] = self.swiglu_limit
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "HFArchitecture":
@@ -173,12 +200,18 @@ class HFArchitecture:
             rope_scaling=RopeScaling(**d["rope_scaling"]) if d.get("rope_scaling") else None,
             gelu_approximation=d.get("gelu_approximation", "none"),
             hf_config=dict(d.get("hf_config") or {}),
+            swiglu_limit=d.get("swiglu_limit"),
         )
 
 
 # A named module-level function (not a lambda/partial in a config) so TransformerConfig stays picklable.
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(1.702 x)``: Megatron's ``quick_gelu`` and gpt-oss's ``gate * sigmoid(gate * alpha)``."""
+    return x * torch.sigmoid(GPT_OSS_SWIGLU_ALPHA * x)
 
 
 def read_hf_config(hf_dir: str) -> Dict[str, Any]:
@@ -240,7 +273,11 @@ def hf_config_to_architecture(
         transformer_impl=transformer_impl,
         init_method_std=float(hf_config.get("initializer_range", 0.02)),
     )
-    reader = _read_gpt2 if family == "gpt2" else functools.partial(_read_llama_like, sliding_window=sliding_window)
+    if family == "gpt2":
+        reader = _read_gpt2
+    else:
+        reader = functools.partial(_read_gpt_oss if family == "gpt_oss" else _read_llama_like,
+                                   sliding_window=sliding_window)
     fields, extras = reader(hf_config, family)
     try:
         model = GPTModelConfig(**fields, **common)
@@ -429,7 +466,7 @@ def _read_moe(hf: Mapping[str, Any], family: str) -> Dict[str, Any]:
     out = dict(num_moe_experts=experts, moe_router_topk=topk,
                # the HF forward adds its load-balancing loss only with output_router_logits
                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)) if hf.get("output_router_logits") else 0.0)
-    if family == "mixtral":
+    if family in ("mixtral", "gpt_oss"):  # every layer sparse, softmax over the top-k logits
         out.update(moe_ffn_hidden_size=hf["intermediate_size"], moe_router_pre_softmax=False)
         return out
     for field in ("shared_expert_intermediate_size",):  # Qwen2-MoE's shared expert has no Qwen3-MoE counterpart
@@ -446,6 +483,87 @@ def _read_moe(hf: Mapping[str, Any], family: str) -> Dict[str, Any]:
                moe_router_pre_softmax=not bool(hf.get("norm_topk_prob", False)),
                moe_layer_freq=1 if all(pattern) else pattern)
     return out
+
+
+def _read_gpt_oss(hf: Mapping[str, Any], family: str, sliding_window: str):
+    """gpt-oss: GQA with q/k/v/o biases and learnable sinks (``softmax_type=learnable``), sliding-window
+    and full-attention layers as ``layer_types`` says (default: alternating, sliding first), YaRN RoPE,
+    every layer an MoE whose router has a bias and keeps the top-k logits' softmax (Megatron's
+    ``moe_router_pre_softmax=False``), experts with biases and the clamped SwiGLU (:class:`HFArchitecture`'s
+    ``swiglu_limit``).
+
+    Refused by name: ``swiglu_alpha`` other than 1.702 (Megatron's ``quick_gelu`` has that gain built
+    in), ``attention_bias=false`` (the experts and router always have biases and Megatron's
+    ``add_bias_linear`` covers attention too), partial rotary embeddings.
+    """
+    alpha = hf.get("swiglu_alpha", GPT_OSS_SWIGLU_ALPHA)
+    if alpha != GPT_OSS_SWIGLU_ALPHA:
+        raise UnsupportedHFConfigError("swiglu_alpha", alpha, f"Megatron's quick_gelu has the sigmoid gain "
+                                                              f"{GPT_OSS_SWIGLU_ALPHA} built in")
+    limit = hf.get("swiglu_limit", 7.0)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        raise UnsupportedHFConfigError("swiglu_limit", limit, "must be a positive number (the SwiGLU clamp)")
+    if not hf.get("attention_bias", True):
+        raise UnsupportedHFConfigError("attention_bias", False,
+                                       "GptOssForCausalLM's router and experts always have biases and Megatron's "
+                                       "add_bias_linear puts them on the attention linears too")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedHFConfigError("partial_rotary_factor", hf["partial_rotary_factor"],
+                                       "only full rotary embeddings are converted")
+    quant = hf.get("quantization_config")
+    if quant and quant.get("quant_method") != "mxfp4":
+        raise UnsupportedHFConfigError("quantization_config.quant_method", quant.get("quant_method"),
+                                       "only MXFP4 expert weights are dequantised on import")
+    n, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    max_positions = hf.get("max_position_embeddings", 131072)
+    layer_types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    if len(layer_types) != n or set(layer_types) - {"full_attention", "sliding_attention"}:
+        raise UnsupportedHFConfigError("layer_types", layer_types,
+                                       f"needs one 'full_attention' / 'sliding_attention' per layer ({n})")
+    sliding = [t == "sliding_attention" for t in layer_types]
+    window, window_fields = hf.get("sliding_window", 128), {}
+    if window is not None and window < max_positions and any(sliding):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise UnsupportedHFConfigError("sliding_window", window, "must be a positive integer")
+        if sliding_window == "truncate":
+            max_positions = int(window)
+        elif sliding_window == "window":
+            window_fields = dict(window_size=[window - 1, 0],
+                                 window_attn_skip_freq=None if all(sliding) else [int(v) for v in sliding])
+        else:
+            raise UnsupportedHFConfigError(
+                "sliding_window", window,
+                "refused (sliding_window='error'); the default 'window' converts it to GPTModelConfig.window_size, "
+                "'truncate' caps max_position_embeddings at the window, which is exact")
+    rotary_base, rope_scaling = _rope_settings(hf)
+    yarn = {}
+    if isinstance(rope_scaling, dict):
+        yarn, rope_scaling = rope_scaling, None
+    moe = _read_moe(hf, family)
+    fields = dict(
+        num_layers=n,
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=max_positions,
+        position_embedding_type="yarn" if yarn else "rope",
+        rotary_base=rotary_base,
+        **yarn,
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
+        activation="swiglu",
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        softmax_type="learnable",
+        **window_fields,
+        **moe,
+    )
+    return fields, {"rope_scaling": rope_scaling, "swiglu_limit": float(limit)}
 
 
 def _sliding_layers(hf: Mapping[str, Any], family: str) -> list:
@@ -542,10 +660,13 @@ def architecture_to_hf_config(arch: HFArchitecture) -> Dict[str, Any]:
             out["rope_scaling"] = arch.rope_scaling.to_hf()
         if m.position_embedding_type == "yarn":
             out["rope_scaling"] = _yarn_to_hf(m)
-        if arch.family in ("llama", "qwen3", "qwen3_moe"):
+        if arch.family in ("llama", "qwen3", "qwen3_moe", "gpt_oss"):
             out.update(attention_bias=m.add_bias_linear, **({"mlp_bias": m.add_bias_linear} if arch.family == "llama" else {}))
     if arch.family in MOE_FAMILIES:
         _write_moe(out, m, arch.family)
+    if arch.family == "gpt_oss":
+        _write_gpt_oss_attention(out, m, arch)
+        return out
     attention_family = _ATTENTION_FAMILY.get(arch.family, arch.family)
     if m.window_size is not None:  # the sliding window as the family spells it
         pattern = _window_pattern(m)
@@ -573,13 +694,26 @@ def _yarn_to_hf(m: GPTModelConfig) -> Dict[str, Any]:
     return out
 
 
+def _write_gpt_oss_attention(out: Dict[str, Any], m: GPTModelConfig, arch: HFArchitecture) -> None:
+    """gpt-oss's per-layer ``layer_types`` / ``sliding_window`` and SwiGLU clamp; the weights are written
+    dense (bf16 when the model is), so an MXFP4 ``quantization_config`` is dropped."""
+    out.pop("quantization_config", None)
+    out.update(swiglu_limit=arch.swiglu_limit, swiglu_alpha=GPT_OSS_SWIGLU_ALPHA)
+    if m.window_size is None:
+        out["layer_types"] = ["full_attention"] * m.num_layers
+    else:
+        out["sliding_window"] = m.window_size[0] + 1
+        out["layer_types"] = ["sliding_attention" if v else "full_attention" for v in _window_pattern(m)]
+
+
 def _write_moe(out: Dict[str, Any], m: GPTModelConfig, family: str) -> None:
     """The MoE fields of ``config.json`` (inverse of :func:`_read_moe`)."""
     experts_key = "num_experts" if "num_experts" in out and "num_local_experts" not in out else "num_local_experts"
     out.update({experts_key: m.num_moe_experts, "num_experts_per_tok": m.moe_router_topk})
-    if family == "mixtral":
+    if family in ("mixtral", "gpt_oss"):
         out["intermediate_size"] = m.moe_ffn_hidden_size
-        out.setdefault("router_jitter_noise", 0.0)
+        if family == "mixtral":
+            out.setdefault("router_jitter_noise", 0.0)
         return
     pattern = m.moe_layer_pattern()
     out.update(moe_intermediate_size=m.moe_ffn_hidden_size, norm_topk_prob=not m.moe_router_pre_softmax)
@@ -614,15 +748,23 @@ def _check_family_fits(arch: HFArchitecture) -> None:
                         qk_layernorm=attention_family == "qwen3")
         if arch.family == "qwen2":
             required.update(add_qkv_bias=True, add_bias_linear=False)
+        elif arch.family == "gpt_oss":  # biases everywhere, learnable sinks
+            required.update(add_qkv_bias=True, add_bias_linear=True, softmax_type="learnable")
+            if arch.swiglu_limit is None:
+                raise ValueError("cannot export as gpt_oss: its experts' SwiGLU is clamped (HFArchitecture."
+                                 "swiglu_limit) and this model's is the plain one")
         elif attention_family == "mistral" or arch.family == "qwen3_moe":  # no linear biases in these classes
             required.update(add_qkv_bias=False, add_bias_linear=False)
         elif m.add_qkv_bias != m.add_bias_linear:
             raise ValueError(f"{arch.family} export: add_qkv_bias ({m.add_qkv_bias}) must equal add_bias_linear "
                              f"({m.add_bias_linear}) (HF attention_bias covers q/k/v/o together)")
-    if m.softmax_type != "vanilla":
+    if arch.family != "gpt_oss" and arch.swiglu_limit is not None:
+        raise ValueError(f"cannot export as {arch.family}: HFArchitecture.swiglu_limit={arch.swiglu_limit} (gpt-oss's "
+                         f"clamped SwiGLU); the HF {_ARCHITECTURE_OF[arch.family]} has the plain SwiGLU")
+    if m.softmax_type != "vanilla" and arch.family != "gpt_oss":
         raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.softmax_type is {m.softmax_type!r} "
                          "(attention sinks); the HF class has none")
-    if m.window_size is not None:
+    if m.window_size is not None and arch.family != "gpt_oss":  # gpt-oss: any per-layer pattern (layer_types)
         if attention_family not in ("mistral", "qwen2", "qwen3"):
             raise ValueError(f"cannot export as {arch.family}: GPTModelConfig.window_size is {m.window_size} and "
                              f"the HF {_ARCHITECTURE_OF[arch.family]} has no sliding window")
@@ -658,11 +800,11 @@ def _check_moe_fits(arch: HFArchitecture) -> None:
     required = dict(moe_router_score_function="softmax", moe_router_topk_scaling_factor=None,
                     moe_router_enable_expert_bias=False, moe_shared_expert_intermediate_size=None,
                     moe_shared_expert_gate=False, moe_expert_capacity_factor=None)
-    if family == "mixtral":  # renormalised top-k, every layer sparse
+    if family in ("mixtral", "gpt_oss"):  # renormalised top-k, every layer sparse
         required.update(moe_router_pre_softmax=False)
         if not all(m.moe_layer_pattern()):
-            raise ValueError(f"cannot export as mixtral: GPTModelConfig.moe_layer_freq={m.moe_layer_freq!r} has dense "
-                             "layers; every MixtralForCausalLM layer is sparse (Qwen3-MoE has mlp_only_layers)")
+            raise ValueError(f"cannot export as {family}: GPTModelConfig.moe_layer_freq={m.moe_layer_freq!r} has dense "
+                             f"layers; every {_ARCHITECTURE_OF[family]} layer is sparse (Qwen3-MoE has mlp_only_layers)")
     for name, value in required.items():
         if getattr(m, name) != value:
             raise ValueError(f"cannot export as {family}: GPTModelConfig.{name} is {getattr(m, name)!r}, "

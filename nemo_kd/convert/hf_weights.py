@@ -10,6 +10,13 @@ which HF tensors it is made of and how (``layout``):
   head), the layout :mod:`nemo_kd.models.sharding` splits over TP;
 * ``fused_qkv`` / ``fused_qkv_conv1d`` -- GPT-2's ``c_attn`` ``[q; k; v]`` (bias / Conv1D weight);
 * ``gate_up`` -- SwiGLU ``gate_proj``, ``up_proj`` -> ``linear_fc1 = [gate; up]``.
+* gpt-oss's experts are stacked per layer (``experts.gate_up_proj [E, H, 2I]``, ``gate_up_proj_bias [E, 2I]``,
+  ``down_proj [E, I, H]``, ``down_proj_bias [E, H]``, stored ``[in, out]``): a rule with ``expert = e``
+  reads row ``e`` of the stacked tensor (only its bytes, :meth:`SafetensorsReader.get_row`), and
+  ``expert_gate_up`` turns ``gate_up_proj[e]``, whose columns interleave gate and up (``gate = [:, 0::2]``,
+  ``up = [:, 1::2]``), into ``linear_fc1 = [gate^T; up^T]`` (its bias likewise), ``expert_down`` is a
+  transpose. Export stacks the E experts back. An MXFP4 checkpoint stores ``gate_up_proj`` /
+  ``down_proj`` as ``*_blocks`` + ``*_scales`` (:mod:`nemo_kd.convert.mxfp4`), dequantised on read.
 
 Vocabulary rows are *not* padded here: the full tensor has the HF ``vocab_size`` rows and
 :func:`nemo_kd.models.sharding.shard_state_dict` pads it to Megatron's multiple; export
@@ -33,6 +40,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from nemo_kd.convert.hf_config import HFArchitecture
+from nemo_kd.convert.mxfp4 import dequantize_mxfp4
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.models.sharding import expert_index, layer_offset, shard_state_dict
 
@@ -46,11 +54,14 @@ __all__ = [
     "SafetensorsWriter",
     "load_hf_weights",
     "iter_hf_tensors",
+    "read_rule_sources",
     "unwrap_model",
 ]
 
 COPY, TRANSPOSE, QKV, FUSED_QKV, FUSED_QKV_CONV1D, GATE_UP = (
     "copy", "transpose", "qkv", "fused_qkv", "fused_qkv_conv1d", "gate_up")
+# gpt-oss's interleaved [in, 2 * out] gate/up columns (weight or bias) of one stacked expert
+EXPERT_GATE_UP = "expert_gate_up"
 _WORD_EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT_LAYER = "output_layer.weight"
 _VOCAB_KEYS = (_WORD_EMBEDDING, _OUTPUT_LAYER)
@@ -58,16 +69,54 @@ _VOCAB_KEYS = (_WORD_EMBEDDING, _OUTPUT_LAYER)
 
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
-    """Full Megatron tensor ``megatron_key`` = ``layout`` applied to the HF tensors ``hf_keys``."""
+    """Full Megatron tensor ``megatron_key`` = ``layout`` applied to the HF tensors ``hf_keys``
+    (with ``expert = e``: to row ``e`` of each, HF tensors that stack every expert of a layer)."""
 
     megatron_key: str
     hf_keys: Tuple[str, ...]
     layout: str = COPY
+    expert: Optional[int] = None
 
 
 def weight_rules(arch: HFArchitecture) -> List[TensorRule]:
     """Every tensor of the full Megatron model of ``arch``, in HF checkpoint order."""
-    return _gpt2_rules(arch.model) if arch.family == "gpt2" else _llama_rules(arch.model, arch.family)
+    if arch.family == "gpt2":
+        return _gpt2_rules(arch.model)
+    if arch.family == "gpt_oss":
+        return _gpt_oss_rules(arch.model)
+    return _llama_rules(arch.model, arch.family)
+
+
+def _gpt_oss_rules(m: GPTModelConfig) -> List[TensorRule]:
+    """gpt-oss: Llama-style names with biases, per-head sinks, a biased router and stacked experts."""
+    rules = [TensorRule(_WORD_EMBEDDING, ("model.embed_tokens.weight",))]
+    for i in range(m.num_layers):
+        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+        attn, moe = hf + "self_attn.", hf + "mlp."
+        rules += [
+            TensorRule(mg + "input_layernorm.weight", (hf + "input_layernorm.weight",)),
+            TensorRule(mg + "self_attention.linear_qkv.weight", tuple(f"{attn}{p}_proj.weight" for p in "qkv"), QKV),
+            TensorRule(mg + "self_attention.linear_qkv.bias", tuple(f"{attn}{p}_proj.bias" for p in "qkv"), QKV),
+            TensorRule(mg + "self_attention.linear_proj.weight", (attn + "o_proj.weight",)),
+            TensorRule(mg + "self_attention.linear_proj.bias", (attn + "o_proj.bias",)),
+            TensorRule(mg + "self_attention.core_attention.softmax_offset", (attn + "sinks",)),
+            TensorRule(mg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",)),
+            TensorRule(mg + "mlp.router.weight", (moe + "router.weight",)),
+            TensorRule(mg + "mlp.router.bias", (moe + "router.bias",)),
+        ]
+        experts = moe + "experts."
+        for e in range(m.num_moe_experts):
+            expert = f"{mg}mlp.experts.local_experts.{e}."
+            rules += [
+                TensorRule(expert + "linear_fc1.weight", (experts + "gate_up_proj",), EXPERT_GATE_UP, e),
+                TensorRule(expert + "linear_fc1.bias", (experts + "gate_up_proj_bias",), EXPERT_GATE_UP, e),
+                TensorRule(expert + "linear_fc2.weight", (experts + "down_proj",), TRANSPOSE, e),
+                TensorRule(expert + "linear_fc2.bias", (experts + "down_proj_bias",), COPY, e),
+            ]
+    rules.append(TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",)))
+    if not m.share_embeddings_and_output_weights:
+        rules.append(TensorRule(_OUTPUT_LAYER, ("lm_head.weight",)))
+    return rules
 
 
 # HF names inside a sparse layer: (block prefix, router, expert e's (gate, up, down) projections).
@@ -189,6 +238,10 @@ def hf_to_megatron_tensor(rule: TensorRule, hf_tensors: Sequence[torch.Tensor], 
         return _interleave_qkv(*fused.chunk(3, dim=0), m)
     if rule.layout == GATE_UP:
         return torch.cat(list(hf_tensors), dim=0)
+    if rule.layout == EXPERT_GATE_UP:  # [in, 2 out] (weight) / [2 out] (bias), gate and up interleaved
+        gate_up = hf_tensors[0]
+        return torch.cat([gate_up[..., 0::2].t(), gate_up[..., 1::2].t()] if gate_up.dim() == 2
+                         else [gate_up[0::2], gate_up[1::2]], dim=0).contiguous()
     raise ValueError(f"unknown layout {rule.layout!r}")
 
 
@@ -208,6 +261,11 @@ def megatron_to_hf_tensors(rule: TensorRule, tensor: torch.Tensor, m: GPTModelCo
     if rule.layout == GATE_UP:
         gate, up = tensor.chunk(2, dim=0)
         return dict(zip(rule.hf_keys, (gate.contiguous(), up.contiguous())))
+    if rule.layout == EXPERT_GATE_UP:
+        gate, up = tensor.chunk(2, dim=0)
+        if tensor.dim() == 2:  # [2 out, in] -> [in, 2 out] with gate / up columns interleaved
+            gate, up = gate.t(), up.t()
+        return {rule.hf_keys[0]: torch.stack((gate, up), dim=-1).flatten(-2).contiguous()}
     raise ValueError(f"unknown layout {rule.layout!r}")
 
 
@@ -293,6 +351,13 @@ class SafetensorsReader:
         process's resident set until the map closes, so mapped reads would grow RSS by the
         whole checkpoint over an import. ``safe_open`` has validated the header.
         """
+        return self._read(key, None)
+
+    def get_row(self, key: str, index: int) -> torch.Tensor:
+        """``get(key)[index]``, reading only that row's bytes (a stacked expert of a gpt-oss layer)."""
+        return self._read(key, index)
+
+    def _read(self, key: str, index: Optional[int]) -> torch.Tensor:
         stored = self.resolve(key)
         if stored is None:
             raise CorruptCheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.hf_dir}")
@@ -304,13 +369,19 @@ class SafetensorsReader:
         if dtype is None:
             raise CorruptCheckpointError(f"{stored!r} in {path}: unsupported dtype {entry['dtype']!r}")
         begin, end = entry["data_offsets"]
+        shape = list(entry["shape"])
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise CorruptCheckpointError(f"{stored!r} in {path} has shape {shape}: no row {index}")
+            row_bytes = (end - begin) // shape[0]
+            begin, end, shape = begin + index * row_bytes, begin + (index + 1) * row_bytes, shape[1:]
         buffer = bytearray(end - begin)
         with open(path, "rb") as f:
             read = os.preadv(f.fileno(), [buffer], data_start + begin) if buffer else 0
         if read != len(buffer):
             raise CorruptCheckpointError(f"{path} is truncated: {stored!r} needs bytes {begin}..{end}")
         flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-        return flat.reshape(entry["shape"])
+        return flat.reshape(shape)
 
     def _header(self, name: str):
         """(tensor entries, byte offset of the data section) of one safetensors file."""
@@ -399,6 +470,29 @@ def _global_key(local_key: str, offset: int, first_expert: int = 0) -> str:
     return local_key
 
 
+def read_rule_sources(reader: SafetensorsReader, rule: TensorRule) -> List[torch.Tensor]:
+    """The HF tensors of ``rule`` (row ``rule.expert`` of stacked expert tensors).
+
+    A stacked expert weight absent under its own name but present as MXFP4 ``<name>_blocks`` +
+    ``<name>_scales`` (gpt-oss's shipped checkpoints) is dequantised to fp32 (exact: see
+    :mod:`nemo_kd.convert.mxfp4`) and transposed to the HF parameter's ``[in, out]`` layout.
+    """
+    if rule.expert is None:
+        return [reader.get(k) for k in rule.hf_keys]
+    out = []
+    for key in rule.hf_keys:
+        if key in reader or not (key + "_blocks" in reader and key + "_scales" in reader):
+            out.append(reader.get_row(key, rule.expert))  # a missing tensor is reported under its own name
+            continue
+        try:
+            dense = dequantize_mxfp4(reader.get_row(key + "_blocks", rule.expert),
+                                     reader.get_row(key + "_scales", rule.expert), name=key)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{reader.hf_dir}: expert {rule.expert}: {e}") from e
+        out.append(dense.t())
+    return out
+
+
 def load_hf_weights(
     model_chunks: Sequence[torch.nn.Module],
     arch: HFArchitecture,
@@ -411,12 +505,14 @@ def load_hf_weights(
     progress: bool = False,
     ep_rank: int = 0,
     ep_size: int = 1,
+    etp_rank: Optional[int] = None,
+    etp_size: Optional[int] = None,
 ) -> None:
     """Fill this rank's model chunks (one per virtual pipeline stage) from an HF checkpoint.
 
     Mixture-of-experts layers: EP rank ``r`` of ``ep_size`` reads only its experts
-    ``[r E / ep_size, (r + 1) E / ep_size)``; each is split over TP like a dense MLP (expert tensor
-    parallelism = TP, Megatron's default; another ``expert_tensor_parallel_size`` is refused).
+    ``[r E / ep_size, (r + 1) E / ep_size)``; each is split over the expert tensor-parallel ranks
+    (``etp_rank`` of ``etp_size``; None: the TP ones, Megatron's default) like a dense MLP.
 
     Streams: for each tensor the chunk holds, the HF source tensors are read, laid out as
     the full Megatron tensor, cut to this rank's shard with
@@ -449,12 +545,12 @@ def load_hf_weights(
         iterator = tqdm(work, desc="import HF tensors", unit="tensor")
     for vp, local_key, global_key, target in iterator:
         rule = rules[global_key]
-        hf_tensors = [reader.get(k) for k in rule.hf_keys]
+        hf_tensors = read_rule_sources(reader, rule)
         _check_shapes(rule, hf_tensors, cfg)
         full = hf_to_megatron_tensor(rule, hf_tensors, cfg)
         del hf_tensors
         shard = shard_state_dict({global_key: full}, cfg, tp_rank, tp_size, pp_rank, pp_size, vp, vpp_size,
-                                 ep_rank, ep_size)[local_key]
+                                 ep_rank, ep_size, etp_rank, etp_size)[local_key]
         del full
         if shard.shape != target.shape:
             raise CorruptCheckpointError(
@@ -476,6 +572,14 @@ def _expected_hf_shapes(rule: TensorRule, m: GPTModelConfig) -> List[Optional[Tu
     if rule.layout == FUSED_QKV_CONV1D:
         return [(h, q_rows + 2 * kv_rows)]
     ffn = m.moe_ffn_hidden_size if expert_index(rule.megatron_key) is not None else m.ffn_hidden_size
+    if rule.expert is not None:  # one row of gpt-oss's stacked experts, HF [in, out] layout
+        shapes = {"linear_fc1.weight": (h, 2 * ffn), "linear_fc1.bias": (2 * ffn,), "linear_fc2.weight": (ffn, h),
+                  "linear_fc2.bias": (h,)}
+        return [shapes[".".join(rule.megatron_key.split(".")[-2:])]]
+    if rule.megatron_key.endswith(".core_attention.softmax_offset"):
+        return [(m.num_attention_heads,)]
+    if rule.megatron_key.endswith(".mlp.router.bias"):
+        return [(m.num_moe_experts,)]
     if rule.layout == GATE_UP:
         shape = (ffn,) if is_bias else (ffn, h)
         return [shape, shape]
@@ -501,7 +605,18 @@ def iter_hf_tensors(full_state: Mapping[str, torch.Tensor], arch: HFArchitecture
     Tensors are converted one rule at a time (vocabulary padding trimmed), so a caller
     that writes them out as it goes holds at most one converted tensor besides the model.
     """
+    stacks: Dict[str, List[torch.Tensor]] = {}  # gpt-oss: a layer's experts, stacked once all are converted
     for rule in weight_rules(arch):
         if rule.megatron_key not in full_state:
             raise KeyError(f"Megatron state dict has no {rule.megatron_key!r} ({arch.family} export)")
-        yield from megatron_to_hf_tensors(rule, full_state[rule.megatron_key], arch.model).items()
+        tensors = megatron_to_hf_tensors(rule, full_state[rule.megatron_key], arch.model)
+        if rule.expert is None:
+            yield from tensors.items()
+            continue
+        for name, tensor in tensors.items():
+            rows = stacks.setdefault(name, [])
+            if len(rows) != rule.expert:
+                raise ValueError(f"{arch.family} export: expert rows of {name!r} out of order at expert {rule.expert}")
+            rows.append(tensor)
+            if len(rows) == arch.model.num_moe_experts:
+                yield name, torch.stack(stacks.pop(name))

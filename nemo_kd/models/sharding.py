@@ -158,15 +158,19 @@ def shard_state_dict(
     vpp_size: Optional[int] = None,
     ep_rank: int = 0,
     ep_size: int = 1,
+    etp_rank: Optional[int] = None,
+    etp_size: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
     """This rank's shard of a full (TP=1, PP=1, EP=1) GPT state dict.
 
     The result loads with ``GPTModel.load_state_dict`` into the model that
     :func:`nemo_kd.models.builder.build_gpt_model` builds on rank (``tp_rank``, ``pp_rank``
-    [, ``vp_stage``], ``ep_rank``). Tensors are fresh copies. Experts split over TP as the
-    expert tensor parallelism Megatron defaults to (``expert_tensor_parallel_size`` = TP).
+    [, ``vp_stage``], ``ep_rank``). Tensors are fresh copies. Routed experts split over the expert
+    tensor-parallel ranks (``etp_rank`` of ``etp_size``; None: TP, Megatron's default).
     """
-    cfg.validate_parallel(tp_size, pp_size, vpp_size, ep_size)
+    if etp_size is None:
+        etp_rank, etp_size = tp_rank, tp_size
+    cfg.validate_parallel(tp_size, pp_size, vpp_size, ep_size, etp_size)
     per_rank = cfg.num_moe_experts // ep_size if cfg.is_moe else 0
     chunks = pp_size * (vpp_size or 1)
     layers_here = cfg.num_layers // chunks
@@ -190,6 +194,8 @@ def shard_state_dict(
                 if g // per_rank != ep_rank:
                     continue
                 local_key = f"{prefix}{g % per_rank}{suffix}"
+                out[local_key] = _split(tensor, key, cfg, etp_rank, etp_size) if torch.is_tensor(tensor) else tensor
+                continue
         else:
             if not _stage_has(key, cfg, first, last, single_stage=chunks == 1):
                 continue

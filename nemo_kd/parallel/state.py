@@ -55,6 +55,7 @@ __all__ = [
     "ep_rank",
     "ep_size",
     "etp_size",
+    "etp_rank",
     "expert_dp_group",
     "expert_dp_size",
     "is_pipeline_first_stage",
@@ -381,6 +382,10 @@ def ep_size() -> int:
 
 def etp_size() -> int:
     return mpu.get_expert_tensor_parallel_world_size()
+
+
+def etp_rank() -> int:
+    return mpu.get_expert_tensor_parallel_rank()
 
 
 def expert_dp_group():
