@@ -339,8 +339,12 @@ class Bench:
         initialize_parallel(ParallelConfig(seed=self.cfg.seed))
         try:
             self.train_teacher()
-            for seed in self.cfg.seeds:
+            for done, seed in enumerate(self.cfg.seeds, 1):
                 self.run_seed(seed)
+                if done < len(self.cfg.seeds):  # the seeds so far, so that a run stopped early still reports
+                    self.timings["total"] = time.time() - t_start
+                    report(self.out, dataclasses.replace(self.cfg, seeds=self.cfg.seeds[:done]), self.rows,
+                           self.timings, dict(pairs=self.pair_reports, seqkd=self.seqkd_report))
         finally:
             destroy_parallel()
         self.timings["total"] = time.time() - t_start
@@ -442,11 +446,11 @@ def report(out: str, cfg: MethodsConfig, rows: Dict[str, Dict[int, List[dict]]],
 
 
 def _verdict(paired: List[dict]) -> str:
-    up = [f"{d['a']} ({'ROUGE-L' if d['score'] == 'rouge_l' else 'EM'} {_fmt(d, d['score'])})"
-          for d in paired if d["significant"] and d["mean"] > 0]
-    down = [f"{d['a']} ({'ROUGE-L' if d['score'] == 'rouge_l' else 'EM'} {_fmt(d, d['score'])})"
-            for d in paired if d["significant"] and d["mean"] < 0]
-    same = sorted({d["a"] for d in paired} - {s.split(" (")[0] for s in up + down})
+    label = lambda d: f"{d['a']} ({'ROUGE-L' if d['score'] == 'rouge_l' else 'EM'} {_fmt(d, d['score'])})"
+    up = [label(d) for d in paired if d["significant"] and d["mean"] > 0]
+    down = [label(d) for d in paired if d["significant"] and d["mean"] < 0]
+    # by name, not by parsing the labels: method names hold parentheses ("KD (forward KL)")
+    same = sorted({d["a"] for d in paired} - {d["a"] for d in paired if d["significant"]})
     return (f"above SFT: {', '.join(up) or 'none'}; below SFT: {', '.join(down) or 'none'}; "
             f"not distinguishable from SFT on either score: {', '.join(same) or 'none'}.")
 

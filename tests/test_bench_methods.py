@@ -111,3 +111,16 @@ def test_tiny_comparison_scores_and_paired_differences(tiny_run):
     assert (set(same.split(", ")) if same != "none" else set()) == undistinguished, line
     for name in res["methods"]:
         assert f"| {name} |" in md, name
+
+
+def test_verdict_names_methods_with_parentheses():
+    """A significant "KD (forward KL)" is not also listed as indistinguishable (names hold parentheses)."""
+    from bench_methods import _verdict
+
+    row = lambda a, score, mean, low, high: dict(a=a, b="SFT", score=score, mean=mean, low=low, high=high, n=10,
+                                                 confidence=0.95, significant=not low <= 0.0 <= high)
+    paired = [row("KD (forward KL)", "rouge_l", 0.05, 0.02, 0.07), row("KD (forward KL)", "exact_match", 0.0, 0.0, 0.0),
+              row("reverse KL", "rouge_l", -0.05, -0.07, -0.03), row("reverse KL", "exact_match", 0.0, 0.0, 0.0),
+              row("AKL", "rouge_l", 0.01, -0.01, 0.03), row("AKL", "exact_match", 0.0, 0.0, 0.0)]
+    assert _verdict(paired) == ("above SFT: KD (forward KL) (ROUGE-L 5.0 [2.0, 7.0]); below SFT: reverse KL "
+                                "(ROUGE-L -5.0 [-7.0, -3.0]); not distinguishable from SFT on either score: AKL.")
