@@ -150,17 +150,12 @@ def test_preference_pairs_are_packed_whole_and_their_per_sample_fields_follow_th
 
 
 def test_what_is_not_packed_is_refused_with_the_reason():
-    from types import SimpleNamespace
-
     from nemo_kd.data.kd_dataset import collate_rows
     from nemo_kd.data.packing import PackedDataset
 
     with pytest.raises(ValueError, match=r"preference pair 2 \(samples 4, 5\) needs 23 positions, more than the "
                                          r"row length 20: both sides of a pair share a row"):
         PackedDataset(_Kept(_samples(pairs=True), pairs=True), 20)
-    cross = SimpleNamespace(group_size=1, cross_tokenizer=True, store=None)
-    with pytest.raises(ValueError, match="cross-tokenizer samples are not packed"):
-        PackedDataset(cross, SEQ)
     a, b = _samples(2)
     with pytest.raises(ValueError, match=r"packed row 0: its samples need more than seq_length = 20 positions"):
         collate_rows([[a, b]], 20, 0, packed=True)  # 6 + 18 positions
@@ -326,3 +321,81 @@ def test_packed_recipe_resumed_mid_epoch_continues_with_the_same_packs(world, tm
     for key, value in reference.items():
         if torch.is_tensor(value):
             assert torch.equal(resumed[key], value), key
+
+
+# ----------------------------------------------------------------------------- cross-tokenizer
+
+from test_align_training import env  # noqa: E402,F401  (module-scoped: tokenizers, teacher, v2 stores)
+
+
+def _xtok_run(rank, world, tp, steps, microbatches, rows_per_mb, full, teacher_dir=None, tcfg=None):
+    """``steps`` optimizer steps on one global batch (``microbatches``), the test_align_training student
+    (RoPE: rows of any length up to two samples' ``SEQ``)."""
+    from test_align_training import SEQ as XSEQ, STUDENT_VOCAB
+
+    from nemo_kd.losses.objective import DistillationLossConfig
+    from nemo_kd.models import GPTModelConfig, shard_state_dict
+    from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, state
+
+    model = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                           ffn_hidden_size=64, vocab_size=STUDENT_VOCAB, max_position_embeddings=2 * XSEQ,
+                           position_embedding_type="rope")
+    loss = DistillationLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5, topk_convention="exact_tail")
+    batch = BatchConfig(micro_batch_size=rows_per_mb, global_batch_size=rows_per_mb * len(microbatches),
+                        seq_length=microbatches[0]["inputs"].shape[1])
+    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, seed=7))
+    try:
+        teacher_model = None
+        if teacher_dir:
+            from nemo_kd.teacher.teachers import load_full_checkpoint
+
+            teacher_model, _ = load_full_checkpoint(teacher_dir, state.tp_rank(), tp, state.pp_rank(), 1)
+        engine = DistillationEngine(model, loss, OptimConfig(lr=3e-3, clip_grad=1.0), batch, max_steps=steps,
+                                    teacher_cfg=tcfg if teacher_dir else None, teacher_model=teacher_model,
+                                    cross_tokenizer=bool(teacher_dir))
+        if full is None:
+            full = {k: v.detach().clone() for k, v in engine.module.state_dict().items() if torch.is_tensor(v)}
+        engine.module.load_state_dict(shard_state_dict(full, model, state.tp_rank(), tp, 0, 1), strict=False)
+        return [engine.train_step([dict(mb) for mb in microbatches]) for _ in range(steps)], full
+    finally:
+        destroy_parallel()
+
+
+XTOK_KEYS = ("loss", "kd_loss", "sft_loss", "grad_norm", "xtok_kl", "xtok_one_to_one_frac", "token_agreement")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("online", [False, True], ids=["offline_store", "online_teacher"])
+def test_packed_cross_tokenizer_equals_padded_step_by_step(env, online):  # noqa: F811
+    """Cross-tokenizer KD (SentencePiece student, byte-level BPE teacher; the v2 store, or the teacher
+    online on its own renderings packed into the same rows): 8 samples packed (rows of 2·SEQ, 2 samples a
+    row, one row a microbatch) and padded (the same samples, a row of SEQ each, 2 rows a microbatch): the same loss, KD / SFT terms,
+    cross-tokenizer KL and one-to-one fraction, token agreement and gradient norm, three steps; TP=2 packed too."""
+    from test_align_training import SEQ as XSEQ, _dataset
+
+    from nemo_kd.data.kd_dataset import collate
+    from nemo_kd.data.packing import PackedDataset, collate_packed
+
+    ds = _dataset(env, None if online else "cross", student="s_tok", online=online)
+    rows = PackedDataset(ds, 2 * XSEQ, shuffle=False)
+    packed = [collate_packed([rows[p]], 2 * XSEQ, 0) for p in range(len(rows))]
+    assert len(ds) == 8 and len(rows) == 4 and min(len(p) for p in rows.packs) == 2, rows.packs  # 2 a row
+    # the padded microbatches hold the packs' samples (a row each): the engine weighs each microbatch's
+    # cross-tokenizer token agreement (a fraction of its one-to-one tokens) by its KD tokens, so that
+    # metric depends on how samples are grouped into microbatches, packed or not
+    padded = [collate(rows[p], XSEQ, 0) for p in range(len(rows))]
+    if online:
+        mb = packed[0]
+        assert "xtok_teacher_segment_ids" in mb and mb["xtok_teacher_inputs"].shape == mb["inputs"].shape
+        # the teacher's renderings restart their positions per sample, as the student's
+        assert (mb["xtok_teacher_position_ids"][0] == 0).sum() == len(rows.packs[0]) + \
+            int((mb["xtok_teacher_segment_ids"][0] == -1).sum())
+    teacher = (env["teacher"], env["tcfg"]) if online else ()
+    ref, full = run_distributed(_xtok_run, 1, 1, 3, padded, 2, None, *teacher)[0]
+    assert ref[-1]["loss"] < ref[0]["loss"] and ref[0]["xtok_kl"] > 0
+    for tp in (1, 2) if not online else (1,):
+        got, _ = run_distributed(_xtok_run, tp, tp, 3, packed, 1, full, *teacher)[0]
+        for r, g in zip(ref, got):
+            for key in XTOK_KEYS:
+                assert abs(r[key] - g[key]) <= 2e-5 * max(1.0, abs(r[key])), (tp, key, r[key], g[key])

@@ -266,8 +266,6 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
     cross = samples[0].xtok is not None
     if any((smp.xtok is not None) != cross for smp in samples):
         raise DataConfigError("a microbatch mixes cross-tokenizer and same-tokenizer samples")
-    if packed and cross:
-        raise DataConfigError("packed rows hold same-tokenizer samples only (nemo_kd.data.packing)")
     # packed: the microbatch's sample (0..N-1, row after row) at each position, -1 on padding
     sample_of_position = torch.full((b, s), -1, dtype=torch.long)
     has_teacher = samples[0].teacher is not None and not cross
@@ -281,6 +279,7 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
         t_seq = torch.zeros(len(samples), dtype=torch.float64)  # one a sample (= a row, padded)
     num_tokens = torch.zeros(b, dtype=torch.long)
     g = 0  # the sample's number in the microbatch
+    placements = []  # (row, offset) of each sample
     for row, row_samples in enumerate(rows):
         o = 0
         for j, smp in enumerate(row_samples):
@@ -300,6 +299,7 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
                 position_ids[row, o:o + length] = torch.arange(length)
             segment_ids[row, o:o + length] = j
             sample_of_position[row, o:o + length] = g
+            placements.append((row, o))
             if has_teacher:
                 label_pos = o + torch.nonzero(loss_mask[row, o:o + length]).flatten()  # label t ⇔ token t+1
                 if label_pos.numel() != smp.teacher.num_tokens:
@@ -334,24 +334,36 @@ def collate_rows(rows: Sequence[Sequence[DistillationSample]], seq_length: int, 
         batch.update(roles=torch.tensor([_OBJECTIVE_ROLES[smp.role] for smp in samples]),
                      pair_ids=torch.tensor([smp.pair for smp in samples]))
     if cross:
-        batch.update(_collate_cross_tokenizer(samples, s))
+        batch.update(_collate_cross_tokenizer(samples, s, placements if packed else None, b))
     return batch
 
 
-def _collate_cross_tokenizer(samples: Sequence[DistillationSample], seq_length: int) -> Dict[str, object]:
+def _collate_cross_tokenizer(samples: Sequence[DistillationSample], seq_length: int,
+                             placements: Optional[Sequence[tuple]] = None, num_rows: int = 0) -> Dict[str, object]:
     """The ``xtok_*`` entries of a cross-tokenizer microbatch (module docstring).
 
     Student row of completion token ``c`` of batch row ``r``: ``r·S + P_s − 1 + c``
     (``P_s`` prompt tokens; the label shift). Teacher row of its completion token ``j``:
     ``T_r + j`` in the compact teacher rows (``T_r`` = teacher tokens of earlier rows);
     online, the teacher logits row predicting it is ``r·S + P_t − 1 + j``.
+
+    Packed rows (``placements``: each sample's ``(row, offset)`` in the student's rows): the student
+    row is ``r·S + o + P_s − 1 + c``; online, the teacher's renderings are packed into the same rows
+    in the same order (``L_t − 1`` positions each from the row's teacher offset ``o_t``, positions
+    restarting, ``xtok_teacher_segment_ids`` for its THD layout), its logits row ``r·S + o_t + P_t − 1 + j``.
     """
     from nemo_kd.align import build_cross_tokenizer_batch
 
     vm = samples[0].xtok.vocab_map
     online = samples[0].xtok.teacher_input_ids is not None
+    packed = placements is not None
     groups, s_comp, t_comp, s_offs, t_offs = [], [], [], [], []
     t_tokens = torch.zeros(len(samples), seq_length + 1, dtype=torch.long)
+    if packed and online:
+        t_inputs = torch.zeros(num_rows, seq_length, dtype=torch.long)
+        t_positions = torch.zeros(num_rows, seq_length, dtype=torch.long)
+        t_segments = torch.full((num_rows, seq_length), -1, dtype=torch.long)
+        t_row_offset = [0] * num_rows
     vals, ids, lse, lps, logit_rows = [], [], [], [], []
     seq_lp = torch.zeros(len(samples), dtype=torch.float64)
     n_t_total = 0
@@ -372,18 +384,31 @@ def _collate_cross_tokenizer(samples: Sequence[DistillationSample], seq_length: 
         groups.append(g)
         s_comp.append(smp.input_ids[p_s:])
         t_comp.append(x.teacher_completion_ids)
-        s_offs.append(row * seq_length + p_s - 1)
+        start = row * seq_length if not packed else placements[row][0] * seq_length + placements[row][1]
+        s_offs.append(start + p_s - 1)
         t_offs.append(n_t_total)
         if online:
             t_all = x.teacher_input_ids
             if len(t_all) > seq_length + 1:
                 raise DataConfigError(f"sample {smp.index}: the teacher's rendering has {len(t_all)} tokens, more "
                                       f"than seq_length + 1 = {seq_length + 1}; lower data.max_seq_length")
-            t_tokens[row, :len(t_all)] = torch.from_numpy(t_all)
             p_t = len(t_all) - n_t
             if p_t < 1 and n_t:
                 raise DataConfigError(f"sample {smp.index}: the teacher's prompt renders to no tokens")
-            logit_rows.append(torch.arange(n_t) + row * seq_length + p_t - 1)
+            if not packed:
+                t_tokens[row, :len(t_all)] = torch.from_numpy(t_all)
+                logit_rows.append(torch.arange(n_t) + row * seq_length + p_t - 1)
+            else:  # its last token is only a target, as the student's
+                r, length = placements[row][0], len(t_all) - 1
+                o_t = t_row_offset[r]
+                if o_t + length > seq_length:
+                    raise DataConfigError(f"packed row {r}: the teacher's renderings of its samples need more than "
+                                          f"seq_length = {seq_length} positions (sample {smp.index})")
+                t_inputs[r, o_t:o_t + length] = torch.from_numpy(t_all[:-1])
+                t_positions[r, o_t:o_t + length] = torch.arange(length)
+                t_segments[r, o_t:o_t + length] = row
+                logit_rows.append(torch.arange(n_t) + r * seq_length + o_t + p_t - 1)
+                t_row_offset[r] = o_t + length
         else:
             t = smp.teacher
             if t is None or t.num_tokens != n_t or x.teacher_logprobs is None:
@@ -397,7 +422,12 @@ def _collate_cross_tokenizer(samples: Sequence[DistillationSample], seq_length: 
         n_t_total += n_t
     out: Dict[str, object] = dict(build_cross_tokenizer_batch(groups, s_comp, t_comp, vm, s_offs, t_offs).to_tensors())
     out["xtok_vocab_map"] = vm
-    if online:
+    if online and packed:
+        out.update(xtok_teacher_inputs=t_inputs, xtok_teacher_position_ids=t_positions,
+                   xtok_teacher_segment_ids=t_segments, xtok_teacher_logit_rows=torch.cat(logit_rows),
+                   xtok_teacher_targets=torch.from_numpy(np.concatenate(t_comp).astype(np.int64)),
+                   xtok_top_k=torch.tensor(samples[0].xtok.top_k))
+    elif online:
         out.update(xtok_teacher_inputs=t_tokens[:, :-1].contiguous(),
                    xtok_teacher_position_ids=torch.arange(seq_length).unsqueeze(0).expand(len(samples),
                                                                                           seq_length).contiguous(),

@@ -32,8 +32,11 @@ packed rows carry ``sample_of_position`` ``[B, S]`` (the microbatch's sample at 
 ``roles``, ``pair_ids`` and ``teacher_seq_logprob`` are then one a sample, not a row
 (:class:`~nemo_kd.losses.objective.ObjectiveBatch` ``samples``): the KD/SFT role weights and each
 sample's sequence log-prob (the preference terms) read them. Preference pairs are packed as units:
-both sides, in order, in one row (a pair longer than the row is refused naming it). Not packed
-(refused by the dataset builder with the reason): cross-tokenizer samples and on-policy sampling.
+both sides, in order, in one row (a pair longer than the row is refused naming it). Cross-tokenizer
+samples: the alignment groups point at the sample's positions in its row (offline: the store's
+teacher rows stay compact); an online teacher's own renderings are packed into the same rows in
+the same order (``xtok_teacher_*``, its own ``segment_ids``), the plan counting for each sample the
+longer of its two renderings. Not packed (refused with the reason): on-policy sampling.
 """
 
 from __future__ import annotations
@@ -95,11 +98,8 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: DistillationDataset, seq_length: int, window: int = DEFAULT_PACK_WINDOW,
                  seed: int = 1234, shuffle: bool = True):
-        if dataset.cross_tokenizer or getattr(dataset.store, "cross_tokenizer", False):
-            raise DataConfigError("pack_sequences: cross-tokenizer samples are not packed (the teacher's own "
-                                  "tokenisation has other lengths); set pack_sequences: false")
         self.dataset, self.seq_length = dataset, seq_length
-        lengths = [sample_positions(len(dataset.samples[j].input_ids)) for j in dataset.valid_indices]
+        lengths = [self._positions(dataset.samples[j]) for j in dataset.valid_indices]
         # The unit of packing: a sample, or a preference pair (both sides in one row, in order, so the
         # pair is in one microbatch whatever its size and its sequence log-probs are the samples').
         g = dataset.group_size
@@ -113,6 +113,17 @@ class PackedDataset(torch.utils.data.Dataset):
         self.packs = [[u * g + i for u in pack for i in range(g)]
                       for pack in pack_plan(units, seq_length, window, seed, shuffle)]
         self.num_positions = int(sum(lengths))
+
+    @staticmethod
+    def _positions(sample: DistillationSample) -> int:
+        """Row positions a sample needs: the student's; an online cross-tokenizer sample also packs the
+        teacher's own rendering into the same row (:func:`~nemo_kd.data.kd_dataset.collate_rows`), so the
+        longer of the two (an offline store's teacher rows are not positions)."""
+        n = sample_positions(len(sample.input_ids))
+        xtok = sample.xtok
+        if xtok is not None and xtok.teacher_input_ids is not None:
+            n = max(n, sample_positions(len(xtok.teacher_input_ids)))
+        return n
 
     @property
     def group_size(self) -> int:

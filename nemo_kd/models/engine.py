@@ -310,7 +310,8 @@ class DistillationEngine:
             # Cross-tokenizer: the teacher reads its own rendering/tokenisation (same [B, S] shape).
             # Deferred projection: keep the final hidden states ([b, s, H], not [b, s, V/TP]) for the loss.
             x = ModelInputs.of(mb.get("xtok_teacher_inputs", mb["inputs"]),
-                               mb.get("xtok_teacher_position_ids", mb["position_ids"]), mb.get("segment_ids"))
+                               mb.get("xtok_teacher_position_ids", mb["position_ids"]),
+                               mb.get("xtok_teacher_segment_ids", mb.get("segment_ids")))
             out, weight = run_model(half_precision_output(model), self.teacher_projection, *x.args, **x.kwargs)
 
             def keep(out):
