@@ -452,9 +452,9 @@ def test_preference_pairs_offline_dpkd_matches_hand_computation(world, tmp_path)
     kd_sum, kd_tokens, pref_terms = 0.0, 0, []
     for mb in batch:
         with torch.no_grad():
-            # the student's softmax spans Megatron's padded vocabulary (as its CE does); the
-            # teacher's stored distribution excludes the padding rows (compute_topk_logits)
-            s = model(mb["inputs"]).double()
+            # Megatron's padded vocabulary rows are not tokens: neither the student's softmax (the
+            # objective masks them) nor the teacher's stored distribution (compute_topk_logits) spans them
+            s = model(mb["inputs"]).double()[..., :world["vocab"]]
             t = teacher(mb["inputs"], mb["position_ids"], None).double()[..., :world["vocab"]]
         ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
         mask = mb["loss_mask"].bool()
