@@ -15,15 +15,16 @@ student's sample plus its end token (when it finished within the row's room), th
 exactly those tokens, and the fixed shape ``[B, S]`` is kept (Megatron's schedules need it). The
 step's coin and every draw depend only on ``(seed, step, global row index)``
 (:mod:`nemo_kd.generation.sampling`), so all tensor-parallel ranks agree and a resumed run repeats
-its samples. Sampling needs the whole student on each rank (PP = 1) and an online teacher with the
-student's tokenizer (stored top-k logits describe the dataset's responses, not the samples).
+its samples. Sampling needs the whole student on each rank (PP = 1) and an online or served
+teacher (``teacher.mode: served``, :mod:`nemo_kd.training.served_teacher`) with the student's tokenizer
+(stored top-k logits describe the dataset's responses, not the samples).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -117,10 +118,13 @@ def resample_completions(model, mb: Dict[str, torch.Tensor], cfg: OnPolicyConfig
 
 
 def resample_step(model, microbatches, cfg: OnPolicyConfig, *, step: int, global_batch_size: int, dp_rank: int,
-                  eos_id: int, pad_id: int, vocab_size: int) -> Optional[list]:
+                  eos_id: int, pad_id: int, vocab_size: int,
+                  on_sampled: Optional[Callable[[int, Dict[str, torch.Tensor]], None]] = None) -> Optional[list]:
     """The step's microbatches on student samples, or ``None`` when the coin says dataset responses.
 
     Global row index: ``step·GBS + dp_rank·(rows on this rank) + row within this rank's step``.
+    ``on_sampled(i, mb)`` is called as soon as microbatch ``i`` is drawn (a served teacher starts
+    scoring it while the next one samples, :mod:`nemo_kd.training.served_teacher`).
     """
     if not use_student_samples(cfg, step):
         return None
@@ -130,5 +134,7 @@ def resample_step(model, microbatches, cfg: OnPolicyConfig, *, step: int, global
     for mb in microbatches:
         out.append(resample_completions(model, mb, cfg, eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
                                         sample_offset=offset))
+        if on_sampled is not None:
+            on_sampled(len(out) - 1, out[-1])
         offset += mb["inputs"].shape[0]
     return out

@@ -8,6 +8,10 @@ Config (Hydra/OmegaConf, see ``conf/gpt_kd.yaml``)::
               {mode: online, checkpoint: PATH, model: null}    # co-located frozen Megatron teacher
               {mode: online, ..., tokenizer: DIR}              # ... with its own tokenizer and template
                                                                #     (cross-tokenizer, prompt_format, top_k)
+              {mode: served, url: URL, model: ID, top_k: K}    # a teacher behind vLLM / SGLang /
+                                                               #     nemo-kd-serve-teacher (dialect,
+                                                               #     api_key_env, concurrency, timeouts;
+                                                               #     nemo_kd.training.served_teacher)
               {mode: none}                                     # no teacher: SFT only (the baseline)
     kd:       DistillationLossConfig fields (NeMo-Aligner names: kd_loss_weight, sft_loss_weight,
               logits_scale, target_logits_scale, kd_loss_type, topk_convention, ...)
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -174,6 +179,11 @@ class _StepSampler:
     def __len__(self) -> int:
         return self.steps
 
+    def step_at(self, consumed_samples: int) -> List[List[int]]:
+        """The microbatch index lists of the step that starts at ``consumed_samples`` (what ``__iter__``
+        yields there)."""
+        return next(iter(GlobalBatchSampler(consumed_samples=consumed_samples, **self.kw)))
+
     def __iter__(self):
         it = iter(GlobalBatchSampler(consumed_samples=self.start(), **self.kw))
         for _ in range(self.steps):
@@ -197,8 +207,13 @@ class GPTDistillationModel(ModelPT):
         self._on_policy = OnPolicyConfig.from_dict(_plain(cfg.get("on_policy")))
         teacher = _plain(cfg.get("teacher")) or {"mode": "offline"}
         self._teacher_mode = teacher.get("mode", "offline")
-        if self._teacher_mode not in ("offline", "online", "none"):
-            raise ValueError(f"teacher.mode must be 'offline', 'online' or 'none', got {self._teacher_mode!r}")
+        if self._teacher_mode not in ("offline", "online", "served", "none"):
+            raise ValueError(f"teacher.mode must be 'offline', 'online', 'served' or 'none', got {self._teacher_mode!r}")
+        self._served_cfg = self._served = None
+        if self._teacher_mode == "served":  # a teacher behind an HTTP server scores every step's rows
+            from nemo_kd.training.served_teacher import ServedTrainingConfig
+
+            self._served_cfg = ServedTrainingConfig.from_teacher_section(teacher, self._loss_cfg)
         if self._teacher_mode == "none" and self._loss_cfg.kd_loss_weight:
             raise ValueError("teacher.mode=none (SFT only) needs kd.kd_loss_weight=0, got "
                              f"{self._loss_cfg.kd_loss_weight}")
@@ -207,8 +222,8 @@ class GPTDistillationModel(ModelPT):
             from nemo_kd.losses.objective import STORED_LSE_TEMPERATURE_ERROR
 
             raise ValueError(STORED_LSE_TEMPERATURE_ERROR)
-        if self._on_policy.enabled and (self._teacher_mode != "online" or teacher.get("tokenizer")):
-            raise ValueError("on_policy.fraction > 0 needs teacher.mode=online with the student's tokenizer: a "
+        if self._on_policy.enabled and (self._teacher_mode not in ("online", "served") or teacher.get("tokenizer")):
+            raise ValueError("on_policy.fraction > 0 needs teacher.mode=online (the student's tokenizer) or served: a "
                              "stored teacher's top-k describes the dataset's responses, not the student's samples")
         if self._on_policy.enabled and self._parallel_cfg.pipeline_model_parallel_size > 1:
             raise ValueError("on_policy sampling needs pipeline_model_parallel_size=1 (TP and DP are fine)")
@@ -235,7 +250,7 @@ class GPTDistillationModel(ModelPT):
             raise ValueError("parallel.sequence_parallel=true with on_policy sampling: generation runs the student on "
                              "rows whose length grows one token at a time, which sequence parallelism cannot split "
                              "over TP: set sequence_parallel=false")
-        teacher_model_cfg = teacher.get("model") or {}
+        teacher_model_cfg = (teacher.get("model") or {}) if self._teacher_mode == "online" else {}  # served: an id
         if any(teacher_model_cfg.get(k) is not None for k in ("recompute_granularity", "recompute_method",
                                                                 "recompute_num_layers")):
             raise ValueError("teacher.model.recompute_*: an online teacher runs forward-only under no_grad, so there "
@@ -318,6 +333,10 @@ class GPTDistillationModel(ModelPT):
                 self._cfg.student_hf_architecture = OmegaConf.create(extras)
                 self._cfg.student_init = None
         self.student = self.engine.module  # registered: the student weights are this model's state_dict
+        if self._served_cfg is not None and not restoring:  # connects now: a wrong url / model fails here
+            from nemo_kd.training.served_teacher import ServedStepTeacher
+
+            self._served = ServedStepTeacher(self._served_cfg, vocab_size=self._student_cfg.vocab_size)
         self.consumed_samples = 0
         self._train_samples = self._val_samples = None
 
@@ -468,17 +487,25 @@ class GPTDistillationModel(ModelPT):
     def training_step(self, batch: List[Dict[str, torch.Tensor]], batch_idx: int):
         t0 = time.perf_counter()
         on_policy = None
+        served = self._served
         if self._on_policy.enabled:  # GKD: this step's completions are the student's own samples
             from nemo_kd.generation.on_policy import resample_step
 
             on_policy = resample_step(self.engine.module, batch, self._on_policy, step=self.global_step,
                                       global_batch_size=self.engine.batch_cfg.global_batch_size,
-                                      dp_rank=state.dp_rank(), **self._sampling_ids)
-        metrics = self.engine.train_step(on_policy or batch)
+                                      dp_rank=state.dp_rank(), **self._sampling_ids,
+                                      on_sampled=partial(served.submit_sampled, self.global_step) if served else None)
+        step_batch = on_policy or batch
+        if served is not None:  # the server's top-k for this step's rows; the next step's requested now
+            step_batch = served.attach(self.global_step, step_batch)
+            self._prefetch_served_rows(self.global_step + 1)
+        metrics = self.engine.train_step(step_batch)
         if self._on_policy.enabled:
             metrics["on_policy"] = float(on_policy is not None)
         self.optimizers().step()  # advances global_step (the engine already updated the weights)
         elapsed = max(time.perf_counter() - t0, 1e-9)
+        if served is not None:
+            metrics.update(served.step_metrics(elapsed))  # teacher_wait_s, teacher_wait_frac
         gbs = self.engine.batch_cfg.global_batch_size
         self.consumed_samples += gbs
         real_tokens, loss_tokens = _global_token_counts(on_policy or batch)
@@ -493,7 +520,20 @@ class GPTDistillationModel(ModelPT):
         self.log("global_step", float(self.global_step + 1), batch_size=gbs)
         return torch.tensor(metrics["loss"])
 
+    def _prefetch_served_rows(self, step: int) -> None:
+        """Served teacher: request ``step``'s dataset rows (the sampler's next global batch) while this step
+        trains; not past the run's last step, nor for a step that trains on the student's samples."""
+        from nemo_kd.generation.on_policy import use_student_samples
+
+        if step >= self._max_steps or (self._on_policy.enabled and use_student_samples(self._on_policy, step)):
+            return
+        data, sampler = self._train_dl.dataset, self._train_dl.sampler
+        consumed = self.consumed_samples + self.engine.batch_cfg.global_batch_size
+        self._served.prefetch(step, lambda: data[sampler.step_at(consumed)])
+
     def validation_step(self, batch: List[Dict[str, torch.Tensor]], batch_idx: int):
+        if self._served is not None:
+            batch = self._served.score_now(batch, f"validation batch {batch_idx}")
         metrics = self.engine.eval_step(batch)
         gbs = getattr(self, "_val_gbs", None) or 1
         for name, value in metrics.items():

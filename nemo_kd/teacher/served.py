@@ -839,6 +839,11 @@ class ServedTeacher(Teacher):
         """Score ``(sample_index, TokenizedSample or None)`` in order, running ahead (see :class:`ScoreStream`)."""
         return ScoreStream(self, items, k, sample_name)
 
+    def submit_score(self, ids: Sequence[int], first: int, k: int, where: str) -> concurrent.futures.Future:
+        """:meth:`TeacherClient.score` on the client's loop; the future's result is a :class:`ScoredTokens`
+        (training's rows, :mod:`nemo_kd.training.served_teacher`)."""
+        return self._loop.submit(self.client.score(ids, first, k, where))
+
     def close(self) -> None:
         if self._loop is not None:
             if self.client._session is not None:

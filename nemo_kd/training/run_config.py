@@ -42,6 +42,7 @@ from nemo_kd.migrate.aligner_config import aligner_key_hint
 from nemo_kd.models.config import GPTModelConfig, dtype_name
 from nemo_kd.models.engine import OptimConfig
 from nemo_kd.parallel.state import ParallelConfig
+from nemo_kd.teacher.served import ServedTeacherConfig
 
 __all__ = ["DATA_KEYS", "TEACHER_KEYS", "MODEL_KEYS", "RunSettings", "check_model_config", "prepare_run_config",
            "resolve_precision", "validation_configured"]
@@ -50,7 +51,10 @@ DATA_KEYS = frozenset({"file_path", "logits_store", "tokenizer", "prompt_format"
                        "micro_batch_size", "global_batch_size", "seed", "shuffle", "top_k", "skip_bad_samples",
                        "split", "num_workers", "defer_setup", "verify_logits_store", "pack_sequences",
                        "pack_length", "pack_window"})
-TEACHER_KEYS = frozenset({"mode", "checkpoint", "model", "tokenizer", "prompt_format", "top_k"})
+# online: checkpoint, model (its architecture), tokenizer, prompt_format, top_k; served: ServedTeacherConfig's
+# keys (url, model: the server's model id, dialect, api_key_env, concurrency, timeouts, ...) and top_k
+TEACHER_KEYS = frozenset({"mode", "checkpoint", "model", "tokenizer", "prompt_format", "top_k",
+                          *ServedTeacherConfig.field_names()})
 
 # The sections of ``model`` and what each holds (None: a leaf, or a free-form mapping written by
 # the model itself). ``target``/``nemo_version`` are added by NeMo's ModelPT; ``tokenizer`` by the
