@@ -26,11 +26,11 @@ def _fill(d, value="x"):
 
 def test_every_yaml_is_covered():
     assert sorted(f[:-5] for f in os.listdir(CONF) if f.endswith(".yaml")) == sorted(
-        ["gpt_kd", "gpt_kd_online", "gpt_kd_preference", "compute_topk_logits", "build_preference_pairs",
-         "build_dasd_data", "serve_teacher", "evaluate"])
+        ["gpt_kd", "gpt_kd_online", "gpt_kd_served", "gpt_kd_preference", "compute_topk_logits",
+         "build_preference_pairs", "build_dasd_data", "serve_teacher", "evaluate"])
 
 
-@pytest.mark.parametrize("name", ["gpt_kd", "gpt_kd_online", "gpt_kd_preference"])
+@pytest.mark.parametrize("name", ["gpt_kd", "gpt_kd_online", "gpt_kd_served", "gpt_kd_preference"])
 def test_training_configs_parse(name):
     from nemo_kd.generation.on_policy import OnPolicyConfig
     from nemo_kd.losses.objective import DistillationLossConfig
@@ -55,6 +55,11 @@ def test_training_configs_parse(name):
         assert model["data"]["train_ds"]["micro_batch_size"] % 2 == 0  # pairs share a microbatch
     if name == "gpt_kd_online":
         assert model["teacher"]["mode"] == "online"
+    if name == "gpt_kd_served":  # the shipped keys are the served training teacher's (checked as the model would)
+        from nemo_kd.training.served_teacher import ServedTrainingConfig
+
+        served = ServedTrainingConfig.from_teacher_section(dict(model["teacher"], url="http://127.0.0.1:8000"), loss)
+        assert served.top_k == 20 and served.client.dialect == "auto"
 
 
 def test_compute_topk_logits_config_parses():
