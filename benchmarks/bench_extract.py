@@ -66,6 +66,8 @@ def main():
                    help="extraction projects only completion positions (fuse_output_layer); the forward-only "
                         "baseline keeps the full output layer")
     p.add_argument("--chunk-tokens", type=int, default=2048, help="output_layer_chunk_tokens with --fuse-output-layer")
+    p.add_argument("--log-tail-cost", action="store_true",
+                   help="also extract without the teacher's log tail mass (log_tail=false), interleaved: its cost")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,22 +126,26 @@ def main():
                 sync()
                 return time.perf_counter() - t0
 
-            def extraction(i):
-                out = os.path.join(work, f"store{i}")
+            def extraction(i, log_tail=True):
+                out = os.path.join(work, f"store{i}{'' if log_tail else '_no_tail'}")
                 sync()
                 t0 = time.perf_counter()
-                s = extract.compute_topk_logits(extract.ExtractConfig(**dict(vars(ecfg), output_path=out)),
+                s = extract.compute_topk_logits(extract.ExtractConfig(**dict(vars(ecfg), output_path=out,
+                                                                             log_tail=log_tail)),
                                                 teacher, tok, records=records)
                 sync()
                 return time.perf_counter() - t0, s, out
 
             forward_only()  # warm-up
             t_fwd, t_ext, summaries, out = [], [], [], None
+            no_tail = []  # (seconds, summary) without the log tail mass
             for i in range(args.repeats):  # interleaved, best of
                 t_fwd.append(forward_only())
                 t, summary, out = extraction(i)
                 t_ext.append(t)
                 summaries.append(summary)
+                if args.log_tail_cost:
+                    no_tail.append(extraction(i, log_tail=False)[:2])
             t_f, t_e = min(t_fwd), min(t_ext)
             summary = summaries[t_ext.index(t_e)]
             reader = StoreReader(out)
@@ -162,6 +168,12 @@ def main():
                   f"{(summary.stats_s + summary.write_s) / t_f * 100:.1f}% of the forward")
             print(f"bytes/token: {summary.bytes_per_token:.2f} (bound {bound}: {'ok' if summary.bytes_per_token <= bound else 'EXCEEDED'});"
                   f" store {summary.store_bytes} bytes, {reader.manifest.num_tokens} tokens")
+            if no_tail:
+                t_n, s_n = min(no_tail, key=lambda x: x[0])
+                print(f"without the log tail: extraction {t_n:.3f} s (top-k/LSE {s_n.stats_s:.3f} s), bytes/token "
+                      f"{s_n.bytes_per_token:.2f}; the tail costs x{t_e / t_n:.3f} extraction time, x"
+                      f"{summary.stats_s / s_n.stats_s:.3f} top-k/LSE time, +{summary.bytes_per_token - s_n.bytes_per_token:.2f}"
+                      " bytes/token")
         finally:
             destroy_parallel()
     finally:

@@ -359,6 +359,14 @@ def test_extraction_writes_the_tail_and_tp2_equals_tp1(tmp_path):
         full["output_layer.weight"] = full["output_layer.weight"] * 40
         save_full_checkpoint(str(tmp_path / "teacher"), full, cfg)
         compute_topk_logits(_extract_cfg(str(tmp_path / "tp1"), data), MegatronTeacher(str(tmp_path / "teacher")), tok)
+        compute_topk_logits(_extract_cfg(str(tmp_path / "no_tail"), data, log_tail=False),
+                            MegatronTeacher(str(tmp_path / "teacher")), tok)
+    # log_tail=false: the store as before the extension (the same payload bytes, no tail files)
+    with StoreReader(str(tmp_path / "no_tail")) as r:
+        assert not r.has_log_tail and LOG_TAIL_EXTENSION not in r.manifest.extensions
+    for name in ("shard-00000.bin", "shard-00000.idx", "shard-00000.sum"):
+        assert (tmp_path / "no_tail" / name).read_bytes() == (tmp_path / "tp1" / name).read_bytes(), name
+    assert not any("log_tail" in f for f in os.listdir(tmp_path / "no_tail"))
     run_distributed(_dist_extract, 2, 2, 1, str(tmp_path / "teacher"), str(tmp_path / "tok"), data,
                     str(tmp_path / "tp2"), None)
     with StoreReader(str(tmp_path / "tp1"), verify_checksums=True) as a, \

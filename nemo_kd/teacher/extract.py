@@ -128,6 +128,9 @@ class ExtractConfig:
     # right-padded row each; the same store. micro_batch_size then counts rows (None: 1).
     pack_sequences: bool = False
     pack_length: Optional[int] = None  # packed row length (None: max_seq_length), <= the teacher's positions
+    # Store the teacher's log tail mass per token (the store's teacher_log_tail extension, module docstring):
+    # in-process teachers of a same-tokenizer store; a served teacher or a cross-tokenizer store has none.
+    log_tail: bool = True
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -156,7 +159,7 @@ class ExtractSummary:
     skipped: int  # malformed input samples skipped (skip_bad_samples)
     truncated: int  # over-long samples truncated (in the blocks processed by this run)
     dropped: int  # over-long samples dropped (written with 0 tokens)
-    store_bytes: int  # payload + index bytes of the finished store
+    store_bytes: int  # payload + index (+ log tail) bytes of the finished store
     bytes_per_token: float
     elapsed_s: float  # wall time of the extraction loop (slowest rank)
     tokens_per_s: float  # tokens_processed / elapsed_s
@@ -467,7 +470,7 @@ def compute_topk_logits(
     if served:
         manifest.extensions = {SERVED_TEACHER_EXTENSION: teacher.manifest_record}
     # The log tail mass needs the full vocabulary: in-process teachers only; cross-tokenizer stores go without.
-    with_log_tail = not served and not cfg.align_teacher_template
+    with_log_tail = cfg.log_tail and not served and not cfg.align_teacher_template
     if with_log_tail:
         manifest.extensions = dict(manifest.extensions, **{LOG_TAIL_EXTENSION: log_tail_extension()})
     if cfg.top_k > teacher.vocab_size:
@@ -601,7 +604,8 @@ def compute_topk_logits(
     layout.barrier()
     with open(manifest_path) as f:
         final = json.load(f)
-    store_bytes = sum(s["payload_bytes"] + s["index_bytes"] for s in final["shards"])
+    store_bytes = sum(s["payload_bytes"] + s["index_bytes"] for s in final["shards"]) + \
+        sum(t["bytes"] for t in (final.get("extensions") or {}).get(LOG_TAIL_EXTENSION, {}).get("shards", []))
     num_tokens = int(final["num_tokens"])
     elapsed_max = float(times[0])
     return ExtractSummary(
