@@ -7,8 +7,11 @@ student from the same weights with :class:`~nemo_kd.models.engine.DistillationEn
 (Megatron's schedule, DDP, Adam), top-k KD + SFT:
 
 * ``padded`` – one sample per row of ``--seq-length`` (``collate``);
-* ``packed`` – :func:`~nemo_kd.data.packing.pack_plan` rows (``collate_packed``), attention kept
-  inside each sample by the block mask.
+* ``packed`` – :func:`~nemo_kd.data.packing.pack_plan` rows (``collate_packed``), run in Megatron's THD
+  layout (``PackedSeqParams``: the local spec's SDPA attends inside each sample, samples bucketed by length).
+
+``padded`` is what the trainer does without packing: Megatron's schedules exchange fixed-shape
+activations, so every row is ``--seq-length`` long.
 
 The step count covers the same samples in both (one pass over the dataset in global batches
 of ``--rows-per-step`` rows). Reported: real tokens/s (the samples' tokens, not padding), the

@@ -7,7 +7,7 @@ tokenisation), and a random Megatron teacher. Both layouts run the real extracti
 
 * ``padded`` – each batch right-padded to its longest sample (``pack_sequences=false``);
 * ``packed`` – each batch's samples packed into rows of ``max_seq_length`` (``pack_sequences=true``: first-fit
-  decreasing, the block mask keeps attention inside each sample).
+  decreasing, run in Megatron's THD layout: attention inside each sample).
 
 Reported: real tokens/s (prompt + completion tokens of the samples, not padding), completion tokens/s, the
 padded positions each layout ran, and the ratio packed / padded from the same run (``--repeat`` alternates
