@@ -153,6 +153,9 @@ direct sum (:func:`nemo_kd.teacher.topk.vocab_parallel_log_tail`). ``exact_tail`
 * ``shard-XXXXX.log_tail.xxh3.npy``: one ``<u8`` xxh3_64 per sample of its ``log_tail`` bytes (seeded as
   the other per-sample checksums), checked on every read (a failure names the field ``log_tail``).
 
+That is 4 bytes a token and 8 a sample more (``6k + 8`` a token at bf16/fp16 plus 70 bytes a sample: at most
+``6k + 20`` a token for every sample of 6 or more tokens).
+
 Both files are listed with sizes and sha256 in the extension's ``shards`` and in each shard record
 (``log_tail_shard``), checked at open like the other files (sizes, the checksum file hashed whole, the
 payload whole under ``verify_checksums``); they are written, committed, truncated on resume and renamed
