@@ -342,11 +342,13 @@ class Bench:
             for done, seed in enumerate(self.cfg.seeds, 1):
                 self.run_seed(seed)
                 if done < len(self.cfg.seeds):  # the seeds so far, so that a run stopped early still reports
+                    self.timings.pop("total", None)
                     self.timings["total"] = time.time() - t_start
                     report(self.out, dataclasses.replace(self.cfg, seeds=self.cfg.seeds[:done]), self.rows,
                            self.timings, dict(pairs=self.pair_reports, seqkd=self.seqkd_report))
         finally:
             destroy_parallel()
+        self.timings.pop("total", None)  # an intermediate report's total: the final one goes last
         self.timings["total"] = time.time() - t_start
         return report(self.out, self.cfg, self.rows, self.timings, dict(pairs=self.pair_reports,
                                                                         seqkd=self.seqkd_report))
