@@ -48,6 +48,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -227,6 +228,7 @@ class Bench:
         print(f"      SeqKD data: {len(kept)} teacher samples ({len(gens) - len(kept)} empty left out), "
               f"{self.seqkd_report['correct']:.3f} correct", flush=True)
         self.store = os.path.join(self.out, "store")
+        shutil.rmtree(self.store, ignore_errors=True)  # an earlier run's store holds an earlier teacher's logits
         compute_topk_logits(ExtractConfig(data_path=self.paths["transfer"], output_path=self.store, top_k=cfg.top_k,
                                           max_seq_length=cfg.seq_length + 1, values_dtype="float32", batch_size=64,
                                           progress=True),
@@ -267,6 +269,11 @@ class Bench:
         from nemo_kd.teacher.teachers import MegatronTeacher
 
         cfg, pdir = self.cfg, os.path.join(self.out, f"seed{seed}", "pairs")
+        store = os.path.join(self.out, f"seed{seed}", "pairs_store")
+        # The pipeline and the store resume what they find, keyed by the checkpoint's path, not its weights: an
+        # earlier run's pairs in this --out were sampled from an earlier warm start, so they are dropped.
+        for stale in (pdir, store):
+            shutil.rmtree(stale, ignore_errors=True)
         max_new = mj.eval_settings(self.task, cfg).max_new_tokens
         report = build_pairs(PreferencePipelineConfig.from_dict(dict(
             prompts=self.prompts, output_dir=pdir, max_seq_length=cfg.seq_length + 1, batch_size=128,
@@ -278,7 +285,6 @@ class Bench:
         pairs = os.path.join(pdir, "pairs.jsonl")
         if not report or not report.get("pairs"):
             raise RuntimeError(f"seed {seed}: the preference pipeline kept no pairs ({report})")
-        store = os.path.join(self.out, f"seed{seed}", "pairs_store")
         compute_topk_logits(ExtractConfig(data_path=pairs, output_path=store, top_k=cfg.top_k,
                                           max_seq_length=cfg.seq_length + 1, values_dtype="float32", batch_size=64,
                                           progress=True), MegatronTeacher(self.teacher_path), self.tok)
