@@ -250,15 +250,16 @@ def test_packed_preference_pairs_equal_padded_step_by_step(online):
     """Preference pairs (DPKD against the stored / online teacher's sequence log-probs, KD weighted by
     role, SFT on the chosen side): 8 samples = 4 pairs, padded (a pair per microbatch of 2 rows) and
     packed (whole pairs in 3 rows, 2 pairs in one): same loss, terms, preference accuracy,
-    gradient norm, three steps; packed at TP=2 too."""
+    gradient norm, three steps; packed at TP=2 and PP=2 too."""
     ref_history, ref_eval, full = run_distributed(_engine_run, 1, 1, 1, False, online, 3, None, True)[0]
     assert ref_history[0]["preference_loss"] > 0 and "preference_accuracy" in ref_history[0]
     assert ref_history[-1]["loss"] < ref_history[0]["loss"]
     history, evals, _ = run_distributed(_engine_run, 1, 1, 1, True, online, 3, full, True)[0]
     _same(ref_history, history)
     _same([ref_eval], [evals])
-    history, _, _ = run_distributed(_engine_run, 2, 2, 1, True, online, 3, full, True)[0]
-    _same(ref_history, history)
+    for tp, pp in ((2, 1), (1, 2)):
+        history, _, _ = run_distributed(_engine_run, tp * pp, tp, pp, True, online, 3, full, True)[0]
+        _same(ref_history, history)
 
 
 # ----------------------------------------------------------------------------- the recipe: packed, preempted, resumed
