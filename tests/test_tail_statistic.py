@@ -381,3 +381,37 @@ def test_extraction_writes_the_tail_and_tp2_equals_tp1(tmp_path):
             head = np.exp(values.astype(np.float64) - lse[:, None].astype(np.float64)).sum(-1)
             wide = 1 - head > 1e-2
             np.testing.assert_allclose(np.exp(ta[wide].astype(np.float64)), (1 - head)[wide], rtol=1e-4)
+
+
+def test_deferred_projection_reads_the_stored_tail_as_the_materialised_logits():
+    """kd.fuse_output_layer: the tail rows reach each chunk (ProjectedLogits) as the whole logits see them."""
+    from nemo_kd.losses.objective import (DistillationLossConfig, DistillationObjective, ObjectiveBatch,
+                                          TopKTeacher, objective_normalisers)
+    from nemo_kd.losses.projection import ProjectedLogits
+
+    g = torch.Generator().manual_seed(4)
+    b, t_len, v, h = 2, 7, 96, 16
+    t = torch.randn(b * t_len, v, generator=g) * 8
+    st = teacher_token_stats(t, SK, with_log_tail=True)
+    labels = torch.randint(0, v, (b, t_len), generator=g)
+    mask = torch.ones(b, t_len)
+    mask[:, 0] = 0
+    hidden = torch.randn(b * t_len, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64)
+    cfg = DistillationLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5, topk_convention="exact_tail",
+                                 kd_loss_type="reverse_kl")
+    out = {}
+    for tail in (True, False):
+        teacher = TopKTeacher(st.values.reshape(b, t_len, SK), st.ids.reshape(b, t_len, SK), st.lse.reshape(b, t_len),
+                              st.log_tail.reshape(b, t_len) if tail else None)
+        batch = ObjectiveBatch(labels, mask, teacher)
+        norms = objective_normalisers(cfg, [batch])
+        for projected in (True, False):
+            hh, ww = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            logits = ProjectedLogits(hh, ww, 5) if projected else (hh @ ww.t()).reshape(b, t_len, v)
+            loss = DistillationObjective(cfg)(logits, batch, norms).loss
+            out[tail, projected] = (loss.detach(), *torch.autograd.grad(loss, (hh, ww)))
+    for tail in (True, False):
+        for a, c in zip(out[tail, True], out[tail, False]):
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(out[True, False][0], out[False, False][0])  # the tail was read
