@@ -208,7 +208,8 @@ class GPTDistillationModel(ModelPT):
         teacher = _plain(cfg.get("teacher")) or {"mode": "offline"}
         self._teacher_mode = teacher.get("mode", "offline")
         if self._teacher_mode not in ("offline", "online", "served", "none"):
-            raise ValueError(f"teacher.mode must be 'offline', 'online', 'served' or 'none', got {self._teacher_mode!r}")
+            raise ValueError("teacher.mode must be 'offline', 'online', 'served' or 'none', got "
+                             f"{self._teacher_mode!r}")
         self._served_cfg = self._served = None
         if self._teacher_mode == "served":  # a teacher behind an HTTP server scores every step's rows
             from nemo_kd.training.served_teacher import ServedTrainingConfig

@@ -121,6 +121,11 @@ class ServedStepTeacher:
     def __init__(self, cfg: ServedTrainingConfig, vocab_size: Optional[int] = None):
         self.cfg = cfg
         self.teacher = ServedTeacher(cfg.client, tokenizer_size=vocab_size)
+        if vocab_size is not None and self.teacher.vocab_size > vocab_size:
+            self.teacher.close()
+            raise ValueError(f"the served teacher {self.teacher.name!r} has a vocabulary of {self.teacher.vocab_size} "
+                             f"tokens, more than student.vocab_size ({vocab_size}): a served teacher must share the "
+                             "student's tokenizer (cross-tokenizer KD: teacher.mode=online with teacher.tokenizer)")
         self._prefetched: Optional[Tuple[int, tuple, List[_PendingMicrobatch]]] = None  # (step, key, pending)
         self._sampled: List[_PendingMicrobatch] = []  # this on-policy step's microbatches, submitted as drawn
         self.prefetch_hits = 0  # steps whose rows were already requested (tests, logs)
