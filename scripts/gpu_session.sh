@@ -5,6 +5,7 @@
 #   run(command="bash scripts/gpu_session.sh kernels", carry=[".whl"], timeout_s=600)
 #   run(command="bash scripts/gpu_session.sh step",    carry=[".whl"], timeout_s=600)
 #   run(command="bash scripts/gpu_session.sh extract", carry=[".whl"], timeout_s=600)
+#   run(command="bash scripts/gpu_session.sh losses",  carry=[".whl"], timeout_s=600)
 #
 # Stages (each well inside the 10-minute limit of one call):
 #   kernels  issue 7: fused top-k and online kernels vs naive / torch / HBM floor, block-size sweep,
@@ -13,6 +14,9 @@
 #            logits materialised vs deferred (kd.fuse_output_layer); the KD / SFT time ratio
 #   extract  issue 3: compute_topk_logits throughput vs the teacher's forward-only pass at V=128256,
 #            whole logits and deferred projection
+#   losses   issue 14: the loss benchmark's GPU rows: every divergence, top-k and full vocabulary, fp32 and
+#            bf16, nemo_kd fused (and in-place) vs torch vs naive vs Liger's Triton JSD / KLDiv, time and
+#            extra memory as ratios to naive from the same run
 # GPU_SESSION_SMOKE=1 runs every stage at CPU smoke size (checks this script, not the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,8 +77,18 @@ extract)
     step extract_whole "$PY" benchmarks/bench_extract.py "${args[@]}"
     step extract_deferred "$PY" benchmarks/bench_extract.py "${args[@]}" --fuse-output-layer
     ;;
+losses)
+    if [ "$smoke" = 1 ]; then
+        step kd_divergences "$PY" benchmarks/bench_kd_divergences.py --device cpu --tokens 64 --vocab 512 --k 16 \
+            --reps 1 --formulations "naive;nemo_kd torch" --json "$OUT/kd_divergences.json"
+    else
+        step kd_divergences "$PY" benchmarks/bench_kd_divergences.py --device cuda --reps 3 \
+            --formulations "naive;nemo_kd torch;nemo_kd fused;nemo_kd fused, in-place grad;Liger JSD (Triton);Liger KLDiv (Triton)" \
+            --json "$OUT/kd_divergences.json"
+    fi
+    ;;
 *)
-    echo "unknown stage $stage (kernels | step | extract)" >&2
+    echo "unknown stage $stage (kernels | step | extract | losses)" >&2
     exit 2
     ;;
 esac
