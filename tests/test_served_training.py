@@ -277,6 +277,7 @@ def test_server_killed_mid_run_names_step_and_endpoint_and_checkpoints_resume(wo
         if alive[0]:
             server.__exit__(None, None, None)
     msg = str(err.value)
+    print("the run's error:", msg)  # pytest -s shows it
     m = re.search(r"step (\d+)", msg)
     assert m and int(m.group(1)) in (1, 2), msg
     assert re.search(r"\(sample \d+\)", msg) and f"POST {url}/v1/completions" in msg and "failed after 2 attempt" in msg

@@ -144,8 +144,7 @@ class ServedStepTeacher:
                 if completion.numel() == 0:
                     continue
                 first, last = int(completion[0]), int(completion[-1])
-                name = f"{where}, microbatch row {r}" + (f" (sample {int(sample_index[r])})"
-                                                         if sample_index is not None else "")
+                name = f"{where}, row {r}" + (f" (sample {int(sample_index[r])})" if sample_index is not None else "")
                 fut = self.teacher.submit_score(seq[:last + 1].tolist(), first, self.cfg.top_k, name)
                 requests.append(_RowRequest(r, o + completion - 1, completion - first, fut))
         return _PendingMicrobatch(mb, requests)
