@@ -118,6 +118,12 @@ class RouterTerms:
             if group is not None and group.size() > 1:
                 # TP x CP ranks each hold a part of the tokens' probabilities (Megatron's reduction)
                 dist.all_reduce(per_layer, group=group)
+            elif group is None and state.tp_size() > 1:
+                # z_loss has no reduce group: each TP rank logs the mean over the tokens it routed (under
+                # sequence parallelism its 1/TP of every row, the same count on every rank; Megatron scales
+                # its gradient by 1/TP), so the step's value is the ranks' average (identical values without SP)
+                dist.all_reduce(per_layer, group=state.tp_group())
+                per_layer /= state.tp_size()
             if not entry.get("reduce_group_has_dp", False) and state.dp_size() > 1:
                 dist.all_reduce(per_layer, group=state.dp_group())
                 per_layer /= state.dp_size()
