@@ -400,3 +400,61 @@ def test_packed_cross_tokenizer_equals_padded_step_by_step(env, online):  # noqa
         for r, g in zip(ref, got):
             for key in XTOK_KEYS:
                 assert abs(r[key] - g[key]) <= 2e-5 * max(1.0, abs(r[key])), (tp, key, r[key], g[key])
+
+
+def test_pair_file_packed_through_the_model_keeps_pairs_whole(world, tmp_path):  # noqa: F811
+    """A real pair file (compute_topk_logits store) through GPTDistillationModel with pack_sequences: every
+    row holds whole pairs, chosen then rejected, each pair once an epoch; the per-sample roles, pair ids and
+    the teacher's sequence log-probs equal the padded model's for the same pair."""
+    import json
+
+    from test_distillation_model import K as DK, MAX_LEN, N, _cfg
+    from transformers import AutoTokenizer
+
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.teacher.extract import ExtractConfig, compute_topk_logits
+    from nemo_kd.teacher.teachers import MegatronTeacher
+
+    pairs = str(tmp_path / "pairs.jsonl")
+    with open(pairs, "w") as f:
+        for i in range(N // 2):
+            f.write(json.dumps({"id": f"q{i}", "prompt": f"what is {i} plus {i * 3}?",
+                                "chosen": f"{i + i * 3} because adding numbers",
+                                "rejected": "numbers" + " adding" * (1 + i % 3)}) + "\n")
+    store = str(tmp_path / "pair_store")
+    compute_topk_logits(ExtractConfig(data_path=pairs, output_path=store, top_k=DK, max_seq_length=MAX_LEN,
+                                      values_dtype="float32", batch_size=4, progress=False),
+                        MegatronTeacher(world["teacher"]), AutoTokenizer.from_pretrained(world["tok_dir"]))
+    over = {"data.train_ds.file_path": pairs, "data.train_ds.logits_store": store, "data.validation_ds": None,
+            "kd.dpo_loss_weight": 1.0, "kd.preference_loss_type": "dpkd", "max_steps": 2}
+
+    def per_pair(model):
+        out = {}
+        for step in model._train_dl:
+            for mb in step:
+                for g, (role, pair) in enumerate(zip(mb["roles"].tolist(), mb["pair_ids"].tolist())):
+                    out.setdefault(pair, {})[role] = float(mb["teacher_seq_logprob"][g])
+        return out
+
+    padded = per_pair(GPTDistillationModel(_cfg(world, **over)))
+    model = GPTDistillationModel(_cfg(world, **over, **{"data.train_ds.pack_sequences": True,
+                                                        "data.train_ds.pack_length": 160,
+                                                        "student.max_position_embeddings": 160,
+                                                        "data.train_ds.micro_batch_size": 1,
+                                                        "data.train_ds.global_batch_size": 1}))
+    seen, most = [], 0
+    for step in model._train_dl:
+        for mb in step:
+            sample = mb["sample_of_position"]
+            n = int(sample.max()) + 1
+            assert n % 2 == 0 and mb["roles"].tolist() == [1, 2] * (n // 2)  # whole pairs, chosen first
+            most = max(most, n)
+            ids = mb["pair_ids"].tolist()
+            assert ids[0::2] == ids[1::2]
+            seen += ids[0::2]
+            # a sample's positions are one run, in order
+            runs = sample[0][sample[0] >= 0]
+            assert torch.equal(runs, runs.sort().values) and runs.unique().numel() == n
+    assert sorted(seen) == list(range(N // 2))  # each pair once (global batch of one row: nothing dropped)
+    assert most >= 4  # pairs share rows
+    assert per_pair(model) == padded
