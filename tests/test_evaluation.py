@@ -327,22 +327,27 @@ def test_evaluate_heldout_against_a_live_teacher(student, tmp_path):
         samples = [ctok(list(r.messages)) for r in read_records(student["test"])]
         loaded = build_and_load(student["nemo"])
         model, vocab = loaded.model_chunks[0].eval(), loaded.arch.model.vocab_size
-        total, count = 0.0, 0
+        total, count, per_sample = 0.0, 0, []
         for smp in samples:  # teacher-forced, log-softmax over the real vocabulary (Megatron's padding rows cut)
             ids = torch.tensor([smp.input_ids])
             with torch.no_grad():
                 logits = model(ids, torch.arange(ids.shape[1])[None], None).double()
                 assert logits.shape[-1] > vocab  # the padding is there to be cut
                 logp = torch.log_softmax(logits[..., :vocab], -1)[0]
-            for j, m in enumerate(smp.loss_mask):
-                if m:
-                    total -= float(logp[j - 1, smp.input_ids[j]])
-                    count += 1
+            nll_i = [-float(logp[j - 1, smp.input_ids[j]]) for j, m in enumerate(smp.loss_mask) if m]
+            total, count = total + sum(nll_i), count + len(nll_i)
+            per_sample.append(sum(nll_i) / len(nll_i))
     nll = total / count
     h = res["students"]["nemo"]["heldout"]
     assert h["heldout_samples"] == N_PROMPTS
     assert abs(h["kl"]) < 1e-6 and abs(h["reverse_kl"]) < 1e-6 and h["token_agreement"] == 1.0, h
     assert h["loss"] == pytest.approx(nll, rel=1e-6), (h["loss"], nll)
+    # intervals over samples: the token-weighted mean is the point value, the bounds lie between the samples'
+    # own per-token NLLs (scored independently above) and around the mean; KL 0 on every sample: [0, 0]
+    ce = h["intervals"]["loss"]
+    assert ce["mean"] == pytest.approx(nll, rel=1e-6) and ce["n"] == N_PROMPTS
+    assert min(per_sample) - 1e-9 <= ce["low"] < nll < ce["high"] <= max(per_sample) + 1e-9, (ce, per_sample)
+    assert abs(h["intervals"]["kl"]["low"]) < 1e-6 and abs(h["intervals"]["kl"]["high"]) < 1e-6
     # The HF export carries the real vocabulary only; loaded back, Megatron's padding rows are new (logit 0,
     # where training pushed the .nemo's down). The objective masks padded columns, so the same weights score the
     # same: KL 0 against the .nemo teacher and the same CE.
@@ -351,3 +356,4 @@ def test_evaluate_heldout_against_a_live_teacher(student, tmp_path):
     assert hf["loss"] == pytest.approx(nll, rel=1e-6), (hf["loss"], nll)
     md = open(tmp_path / "out" / "results.md").read()
     assert "KL(t‖s)" in md and "agreement" in md
+    assert f"{ce['mean']:.4f} [{ce['low']:.4f}, {ce['high']:.4f}]" in md  # the CE column with its interval

@@ -101,7 +101,8 @@ def _progress(total: int, desc: str, enabled: bool):
 class _Heldout:
     """The main job's held-out terms for each student, sharing the data and the teacher across students."""
 
-    def __init__(self, h: dict, data_path: str, split, skip_bad_samples: bool, max_seq_length: int, prompt_format):
+    def __init__(self, h: dict, data_path: str, split, skip_bad_samples: bool, max_seq_length: int, prompt_format,
+                 settings):
         from nemo_kd.parallel import state
 
         if state.dp_size() > 1 or state.pp_size() > 1:
@@ -111,6 +112,7 @@ class _Heldout:
             raise ValueError("heldout.enabled needs exactly one of heldout.logits_store (a store built on data_path) "
                              "and heldout.teacher_path (a live teacher)")
         self.h, self.max_seq_length, self.prompt_format = h, max_seq_length, prompt_format
+        self.settings = settings  # EvalSettings: the bootstrap's confidence, resamples and seed
         # the store is keyed by the whole file: its records, not the `limit`ed subset
         self.records = load_eval_records(data_path, split, skip_bad_samples)
         self.store = self.teacher = None
@@ -127,7 +129,7 @@ class _Heldout:
     def __call__(self, path: str, tokenizer) -> Dict[str, float]:
         from nemo_kd.data.kd_dataset import DistillationDataset, collate
         from nemo_kd.data.tokenization import ConversationTokenizer
-        from nemo_kd.evaluation.metrics import heldout_metrics
+        from nemo_kd.evaluation.metrics import heldout_intervals, heldout_metrics, heldout_per_sample
         from nemo_kd.losses.objective import DistillationLossConfig
         from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
 
@@ -146,7 +148,11 @@ class _Heldout:
                                     teacher_model=self.teacher)
         forward = heldout_metrics(engine, batches, "forward_kl", convention)
         reverse = heldout_metrics(engine, batches, "reverse_kl", convention)
-        return dict(forward, reverse_kl=reverse["kl"], heldout_samples=len(ds))
+        # intervals over samples (token-weighted, whole samples resampled), as the generation scores' over prompts
+        per_sample = heldout_per_sample(engine, [ds[i] for i in range(len(ds))], self.max_seq_length, pad, convention)
+        intervals = heldout_intervals(per_sample, self.settings.confidence, self.settings.bootstrap_resamples,
+                                      self.settings.bootstrap_seed)
+        return dict(forward, reverse_kl=reverse["kl"], heldout_samples=len(ds), intervals=intervals)
 
     def close(self):
         if self.store is not None and hasattr(self.store, "close"):
@@ -190,7 +196,7 @@ def evaluate(c: dict) -> dict:
     prompt_format = c.get("prompt_format") or "chat"
     records = load_eval_records(c["data_path"], c.get("split"), bool(c.get("skip_bad_samples")), c.get("limit"))
     heldout = _Heldout(heldout_cfg, c["data_path"], c.get("split"), bool(c.get("skip_bad_samples")), max_seq_length,
-                       prompt_format) if heldout_cfg.get("enabled") else None
+                       prompt_format, settings) if heldout_cfg.get("enabled") else None
     rank0 = (dist.get_rank() if dist.is_initialized() else 0) == 0
     show = bool(c.get("progress", True)) and rank0
     from transformers import AutoTokenizer

@@ -52,6 +52,14 @@ def _interval(d: dict) -> Interval:
     return Interval(**d)
 
 
+def _heldout_cell(h: dict, key: str) -> str:
+    """``value [low, high]`` of a held-out term (its interval over samples), the value alone without one."""
+    if key not in h:
+        return ""
+    iv = (h.get("intervals") or {}).get(key)
+    return _interval(iv).format(digits=4) if iv else f"{h[key]:.4f}"
+
+
 def markdown_table(results: dict) -> str:
     """The students' table and the paired differences (``results``: what ``results.json`` holds)."""
     students: Dict[str, dict] = results["students"]
@@ -66,7 +74,7 @@ def markdown_table(results: dict) -> str:
         cells += [_interval(s["scores"][n]).format(_SCALE.get(n, 1.0), 1 if n in _SCALE else 3)
                   if n in s["scores"] else "" for n in names]
         cells += [_interval(s["lengths"]["tokens_interval"]).format(digits=1), f"{s['finished']:.3f}"]
-        cells += [f"{s['heldout'][k]:.4f}" if k in (s.get("heldout") or {}) else "" for k, _ in heldout]
+        cells += [_heldout_cell(s.get("heldout") or {}, k) for k, _ in heldout]
         lines.append("| " + " | ".join(cells) + " |")
     diffs = results.get("paired_differences") or []
     if diffs:
