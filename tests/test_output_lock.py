@@ -403,3 +403,41 @@ def test_killed_stage_is_taken_over_and_its_temps_removed(tmp_path, caplog):
         assert _try(str(tmp_path / "pipe"))["holder"]["pid"] == os.getpid()
         assert lock.held
     assert sorted(os.listdir(tmp_path / "pipe")) == ["a.jsonl", "a.jsonl.meta.json"]
+
+
+def test_stage_of_a_checkpoint_rewritten_in_place_is_refused_not_reused(tmp_path):
+    """A pipeline stage records its model's checkpoint files (path, size, mtime), not only the path: a stage
+    resumed after the checkpoint was written again at the same path (a new warm start) is refused naming the
+    change, instead of reusing samples of the old model; an untouched checkpoint resumes without running."""
+    from nemo_kd.generation.stages import PolicySpec, checkpoint_fingerprint, run_stage
+
+    ckpt = tmp_path / "warm"
+    ckpt.mkdir()
+    (ckpt / "model.pt").write_bytes(b"weights v1")
+    (ckpt / "config.json").write_text("{}")
+    out = str(tmp_path / "out" / "samples.jsonl")
+    calls = []
+
+    def work(block):
+        calls.append(list(block))
+        return [{"i": i} for i in block]
+
+    def settings():
+        return {"model": PolicySpec.from_dict({"checkpoint": str(ckpt)}).identity()}
+
+    first = settings()
+    assert first["model"]["checkpoint_files"] == checkpoint_fingerprint(str(ckpt)) is not None
+    assert run_stage(out, first, 3, work) == [{"i": 0}, {"i": 1}, {"i": 2}] and calls == [[0, 1, 2]]
+    assert run_stage(out, settings(), 3, work) == [{"i": 0}, {"i": 1}, {"i": 2}] and len(calls) == 1  # resumed
+
+    st = os.stat(ckpt / "model.pt")
+    (ckpt / "model.pt").write_bytes(b"weights v2")  # same size, same path: another model
+    os.utime(ckpt / "model.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    changed = settings()
+    assert changed["model"]["checkpoint_files"] != first["model"]["checkpoint_files"]
+    with pytest.raises(FileExistsError, match="other settings.*checkpoint_files"):
+        run_stage(out, changed, 3, work)
+    assert len(calls) == 1
+    # the settings of a DASD stage (a subset of keys) carry it too; a path not on this file system has none
+    assert "checkpoint_files" in PolicySpec.from_dict({"checkpoint": str(ckpt)}).identity(("checkpoint", "tokenizer"))
+    assert checkpoint_fingerprint(str(tmp_path / "absent")) is None

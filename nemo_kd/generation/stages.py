@@ -65,6 +65,25 @@ _TRANSPORT_KEYS = ("url", "concurrency", "api_key_env", "connect_timeout_s", "re
                    "backoff_initial_s", "backoff_max_s")
 
 
+def checkpoint_fingerprint(path: str) -> Optional[str]:
+    """sha256 (16 hex digits) of every file of a checkpoint (a file or a directory): relative path, size and
+    modification time in ns, as ``make`` judges staleness, without reading the weights (a 100B-parameter
+    checkpoint is read once, to load it). A checkpoint written again at the same path (a new warm start, a
+    retrained model) changes it, so a resumed pipeline refuses the stages the old one produced instead of
+    mixing two models' samples; a copy that keeps times (``cp -p``, ``rsync -a``) keeps it. ``None`` when the
+    path is not on this file system (nothing to compare)."""
+    if not os.path.exists(path):
+        return None
+    root = os.path.abspath(path)
+    files = [root] if os.path.isfile(root) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class PolicySpec:
     """A model to sample from (teacher or student): loaded (``type: local``) or behind a server (``served``)."""
@@ -126,7 +145,10 @@ class PolicySpec:
         if self.type == "local":
             d = asdict(self)
             d.pop("type"), d.pop("served")
-            return {k: d[k] for k in keys} if keys is not None else d
+            d = {k: d[k] for k in keys} if keys is not None else d
+            if "checkpoint" in d:  # the weights, not only their path: a checkpoint re-made in place is another model
+                d["checkpoint_files"] = checkpoint_fingerprint(self.checkpoint)
+            return d
         d = {k: getattr(self, k) for k in (keys or ("tokenizer", "prompt_format", "num_samples", "sampling"))
              if k not in ("checkpoint", "backend", "trust_remote_code")}
         d.update(type="served", served={k: v for k, v in self.served.items() if k not in _TRANSPORT_KEYS})
