@@ -329,7 +329,7 @@ def test_packed_recipe_resumed_mid_epoch_continues_with_the_same_packs(world, tm
 from test_align_training import env  # noqa: E402,F401  (module-scoped: tokenizers, teacher, v2 stores)
 
 
-def _xtok_run(rank, world, tp, steps, microbatches, rows_per_mb, full, teacher_dir=None, tcfg=None):
+def _xtok_run(rank, world, tp, steps, microbatches, rows_per_mb, full, teacher_dir=None, tcfg=None, pp=1):
     """``steps`` optimizer steps on one global batch (``microbatches``), the test_align_training student
     (RoPE: rows of any length up to two samples' ``SEQ``)."""
     from test_align_training import SEQ as XSEQ, STUDENT_VOCAB
@@ -345,19 +345,20 @@ def _xtok_run(rank, world, tp, steps, microbatches, rows_per_mb, full, teacher_d
     loss = DistillationLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5, topk_convention="exact_tail")
     batch = BatchConfig(micro_batch_size=rows_per_mb, global_batch_size=rows_per_mb * len(microbatches),
                         seq_length=microbatches[0]["inputs"].shape[1])
-    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, seed=7))
+    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=7))
     try:
         teacher_model = None
         if teacher_dir:
             from nemo_kd.teacher.teachers import load_full_checkpoint
 
-            teacher_model, _ = load_full_checkpoint(teacher_dir, state.tp_rank(), tp, state.pp_rank(), 1)
+            teacher_model, _ = load_full_checkpoint(teacher_dir, state.tp_rank(), tp, state.pp_rank(), pp)
         engine = DistillationEngine(model, loss, OptimConfig(lr=3e-3, clip_grad=1.0), batch, max_steps=steps,
                                     teacher_cfg=tcfg if teacher_dir else None, teacher_model=teacher_model,
                                     cross_tokenizer=bool(teacher_dir))
         if full is None:
             full = {k: v.detach().clone() for k, v in engine.module.state_dict().items() if torch.is_tensor(v)}
-        engine.module.load_state_dict(shard_state_dict(full, model, state.tp_rank(), tp, 0, 1), strict=False)
+        engine.module.load_state_dict(shard_state_dict(full, model, state.tp_rank(), tp, state.pp_rank(), pp),
+                                      strict=False)
         return [engine.train_step([dict(mb) for mb in microbatches]) for _ in range(steps)], full
     finally:
         destroy_parallel()
@@ -372,7 +373,8 @@ def test_packed_cross_tokenizer_equals_padded_step_by_step(env, online):  # noqa
     """Cross-tokenizer KD (SentencePiece student, byte-level BPE teacher; the v2 store, or the teacher
     online on its own renderings packed into the same rows): 8 samples packed (rows of 2·SEQ, 2 samples a
     row, one row a microbatch) and padded (the same samples, a row of SEQ each, 2 rows a microbatch): the same loss, KD / SFT terms,
-    cross-tokenizer KL and one-to-one fraction, token agreement and gradient norm, three steps; TP=2 packed too."""
+    cross-tokenizer KL and one-to-one fraction, token agreement and gradient norm, three steps; packed at TP=2
+    and PP=2 too."""
     from test_align_training import SEQ as XSEQ, _dataset
 
     from nemo_kd.data.kd_dataset import collate
@@ -392,14 +394,14 @@ def test_packed_cross_tokenizer_equals_padded_step_by_step(env, online):  # noqa
         # the teacher's renderings restart their positions per sample, as the student's
         assert (mb["xtok_teacher_position_ids"][0] == 0).sum() == len(rows.packs[0]) + \
             int((mb["xtok_teacher_segment_ids"][0] == -1).sum())
-    teacher = (env["teacher"], env["tcfg"]) if online else ()
+    teacher = (env["teacher"], env["tcfg"]) if online else (None, None)
     ref, full = run_distributed(_xtok_run, 1, 1, 3, padded, 2, None, *teacher)[0]
     assert ref[-1]["loss"] < ref[0]["loss"] and ref[0]["xtok_kl"] > 0
-    for tp in (1, 2) if not online else (1,):
-        got, _ = run_distributed(_xtok_run, tp, tp, 3, packed, 1, full, *teacher)[0]
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        got, _ = run_distributed(_xtok_run, tp * pp, tp, 3, packed, 1, full, *teacher, pp)[0]
         for r, g in zip(ref, got):
             for key in XTOK_KEYS:
-                assert abs(r[key] - g[key]) <= 2e-5 * max(1.0, abs(r[key])), (tp, key, r[key], g[key])
+                assert abs(r[key] - g[key]) <= 2e-5 * max(1.0, abs(r[key])), (tp, pp, key, r[key], g[key])
 
 
 def test_pair_file_packed_through_the_model_keeps_pairs_whole(world, tmp_path):  # noqa: F811
