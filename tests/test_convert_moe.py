@@ -476,6 +476,7 @@ def test_moe_load_logged_every_interval_steps(extraction_assets, tmp_path):
     load_names = {f"moe_tokens/layer{layer}/expert{e}" for layer in (0, 1) for e in range(4)}
     load_names |= {f"moe_{what}/layer{layer}" for what in ("load_entropy", "max_load", "dropped") for layer in (0, 1)}
     for step, metrics in enumerate(steps):
+        assert metrics["global_step"] == step + 1  # the steps completed (1 after the first), as trainer.global_step
         logged = {k for k in metrics if k.startswith(("moe_tokens/", "moe_load_entropy/", "moe_max_load/",
                                                       "moe_dropped/"))}
         assert logged == (load_names if step % 2 == 0 else set()), (step, sorted(logged))

@@ -518,7 +518,8 @@ class GPTDistillationModel(ModelPT):
             metrics["dropped_samples"] = float(self._dropped_train_samples)  # named in the log and dropped.jsonl
         for name, value in metrics.items():
             self.log(name, float(value), prog_bar=name in self._progress_bar, batch_size=gbs)
-        self.log("global_step", float(self.global_step + 1), batch_size=gbs)
+        # the steps completed (optimizers().step() above has already counted this one), as trainer.global_step
+        self.log("global_step", float(self.global_step), batch_size=gbs)
         return torch.tensor(metrics["loss"])
 
     def _prefetch_served_rows(self, step: int) -> None:
