@@ -417,13 +417,29 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
     yarn = {}
     if isinstance(rope_scaling, dict):  # YaRN: GPTModelConfig keys, not a RopeScaling applied after the build
         yarn, rope_scaling = rope_scaling, None
+    # Mixtral's intermediate_size is its experts' size; Qwen3-MoE's its dense layers'
     fields = dict(
+        _rope_rmsnorm_swiglu_fields(hf, heads, max_positions, rotary_base, yarn, default_eps=1e-6),
+        add_bias_linear=add_bias_linear,
+        add_qkv_bias=add_qkv_bias,
+        qk_layernorm=attention_family == "qwen3",
+        **window_fields,
+        **(_read_moe(hf, family) if family in MOE_FAMILIES else {}),
+    )
+    return fields, {"rope_scaling": rope_scaling}
+
+
+def _rope_rmsnorm_swiglu_fields(hf: Mapping[str, Any], heads: int, max_positions: int, rotary_base: float,
+                                yarn: Dict[str, Any], default_eps: float) -> Dict[str, Any]:
+    """The GPTModelConfig fields every RoPE + RMSNorm + SwiGLU family (Llama, Mistral, Qwen, Mixtral,
+    Qwen3-MoE, gpt-oss) reads the same way from its HF config; each family adds its biases, norms, windows
+    and experts."""
+    return dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
-        ffn_hidden_size=hf["intermediate_size"],  # Mixtral: its experts' size; Qwen3-MoE: its dense layers'
-
+        ffn_hidden_size=hf["intermediate_size"],
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab_size=hf["vocab_size"],
         max_position_embeddings=max_positions,
@@ -431,17 +447,11 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
         rotary_base=rotary_base,
         **yarn,
         normalization="RMSNorm",
-        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        layernorm_epsilon=float(hf.get("rms_norm_eps", default_eps)),
         activation="swiglu",
-        add_bias_linear=add_bias_linear,
-        add_qkv_bias=add_qkv_bias,
-        qk_layernorm=attention_family == "qwen3",
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
-        **window_fields,
-        **(_read_moe(hf, family) if family in MOE_FAMILIES else {}),
     )
-    return fields, {"rope_scaling": rope_scaling}
 
 
 def _read_moe(hf: Mapping[str, Any], family: str) -> Dict[str, Any]:
@@ -541,24 +551,9 @@ def _read_gpt_oss(hf: Mapping[str, Any], family: str, sliding_window: str):
         yarn, rope_scaling = rope_scaling, None
     moe = _read_moe(hf, family)
     fields = dict(
-        num_layers=n,
-        hidden_size=hf["hidden_size"],
-        num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        ffn_hidden_size=hf["intermediate_size"],
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=max_positions,
-        position_embedding_type="yarn" if yarn else "rope",
-        rotary_base=rotary_base,
-        **yarn,
-        normalization="RMSNorm",
-        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
-        activation="swiglu",
+        _rope_rmsnorm_swiglu_fields(hf, heads, max_positions, rotary_base, yarn, default_eps=1e-5),
         add_bias_linear=True,
         add_qkv_bias=True,
-        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
-        attention_dropout=float(hf.get("attention_dropout", 0.0)),
         softmax_type="learnable",
         **window_fields,
         **moe,
