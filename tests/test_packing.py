@@ -262,71 +262,11 @@ def test_packed_preference_pairs_equal_padded_step_by_step(online):
         _same(ref_history, history)
 
 
-# ----------------------------------------------------------------------------- the recipe: packed, preempted, resumed
-
-from test_distillation_model import world  # noqa: E402,F401  (the module-scoped assets fixture)
-
-
-def test_packed_recipe_resumed_mid_epoch_continues_with_the_same_packs(world, tmp_path, monkeypatch, caplog):  # noqa: F811
-    """``model.data.train_ds.pack_sequences=true`` through examples/train_gpt_kd.py: the log names the
-    packing, the rows hold several samples, and a run preempted in the middle of a packed epoch and
-    resumed ends with weights bit-identical to an uninterrupted run (the packs and their order are
-    the same after the restart)."""
-    import logging
-    import os
-    import signal
-
-    from test_training_run import _as_a_new_process, _nemo_weights, _recipe, _run_cfg
-
-    from nemo_kd.data.packing import PackedDataset
-    from nemo_kd.training.preemption import PreemptionCheckpoint
-
-    def cfg(log_dir, resume=False):
-        c = _run_cfg(world, log_dir, steps=6, every=2, resume=resume)
-        c.model.data.train_ds.pack_sequences = True
-        c.model.data.train_ds.pack_length = 64  # rows of 64, samples of at most 40
-        c.model.data.train_ds.micro_batch_size = 1
-        c.model.data.train_ds.global_batch_size = 2
-        return c
-
-    main = _recipe()
-    seen = []
-    original = PackedDataset.__getitem__
-    monkeypatch.setattr(PackedDataset, "__getitem__", lambda self, p: seen.append(p) or original(self, p))
-    _as_a_new_process()
-    with caplog.at_level(logging.INFO):
-        main(cfg(tmp_path / "full"))
-    import re
-
-    n_samples, n_rows = map(int, re.search(r"(\d+) samples packed into (\d+) rows", caplog.text).groups())
-    assert n_samples == 16 and 4 <= n_rows < 12  # several samples a row (rows of 40 tokens)
-    reference = _nemo_weights(str(tmp_path / "full" / "student.nemo"))
-    full_order = list(seen)
-    assert len(full_order) == 12  # 6 steps × 2 rows
-
-    def stop_at_step_3(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    seen.clear()
-    with monkeypatch.context() as m:
-        m.setattr(PreemptionCheckpoint, "on_train_batch_start", stop_at_step_3, raising=False)
-        _as_a_new_process()
-        main(cfg(tmp_path / "part"))
-    assert not (tmp_path / "part" / "student.nemo").exists()
-    _as_a_new_process()
-    main(cfg(tmp_path / "part", resume=True))
-    # the rows trained after the restart are the uninterrupted run's rows from step 4 on
-    assert seen[-6:] == full_order[-6:], (seen, full_order)
-    resumed = _nemo_weights(str(tmp_path / "part" / "student.nemo"))
-    for key, value in reference.items():
-        if torch.is_tensor(value):
-            assert torch.equal(resumed[key], value), key
-
-
 # ----------------------------------------------------------------------------- cross-tokenizer
 
-from test_align_training import env  # noqa: E402,F401  (module-scoped: tokenizers, teacher, v2 stores)
+# module-scoped: tokenizers, teacher, v2 stores. It starts a world of one, so this section runs before the
+# in-process recipe tests below (they leave Megatron's parallel state set up).
+from test_align_training import env  # noqa: E402,F401
 
 
 def _xtok_run(rank, world, tp, steps, microbatches, rows_per_mb, full, teacher_dir=None, tcfg=None, pp=1):
@@ -402,6 +342,68 @@ def test_packed_cross_tokenizer_equals_padded_step_by_step(env, online):  # noqa
         for r, g in zip(ref, got):
             for key in XTOK_KEYS:
                 assert abs(r[key] - g[key]) <= 2e-5 * max(1.0, abs(r[key])), (tp, pp, key, r[key], g[key])
+
+
+# ----------------------------------------------------------------------------- the recipe: packed, preempted, resumed
+
+from test_distillation_model import world  # noqa: E402,F401  (the module-scoped assets fixture)
+
+
+def test_packed_recipe_resumed_mid_epoch_continues_with_the_same_packs(world, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """``model.data.train_ds.pack_sequences=true`` through examples/train_gpt_kd.py: the log names the
+    packing, the rows hold several samples, and a run preempted in the middle of a packed epoch and
+    resumed ends with weights bit-identical to an uninterrupted run (the packs and their order are
+    the same after the restart)."""
+    import logging
+    import os
+    import signal
+
+    from test_training_run import _as_a_new_process, _nemo_weights, _recipe, _run_cfg
+
+    from nemo_kd.data.packing import PackedDataset
+    from nemo_kd.training.preemption import PreemptionCheckpoint
+
+    def cfg(log_dir, resume=False):
+        c = _run_cfg(world, log_dir, steps=6, every=2, resume=resume)
+        c.model.data.train_ds.pack_sequences = True
+        c.model.data.train_ds.pack_length = 64  # rows of 64, samples of at most 40
+        c.model.data.train_ds.micro_batch_size = 1
+        c.model.data.train_ds.global_batch_size = 2
+        return c
+
+    main = _recipe()
+    seen = []
+    original = PackedDataset.__getitem__
+    monkeypatch.setattr(PackedDataset, "__getitem__", lambda self, p: seen.append(p) or original(self, p))
+    _as_a_new_process()
+    with caplog.at_level(logging.INFO):
+        main(cfg(tmp_path / "full"))
+    import re
+
+    n_samples, n_rows = map(int, re.search(r"(\d+) samples packed into (\d+) rows", caplog.text).groups())
+    assert n_samples == 16 and 4 <= n_rows < 12  # several samples a row (rows of 40 tokens)
+    reference = _nemo_weights(str(tmp_path / "full" / "student.nemo"))
+    full_order = list(seen)
+    assert len(full_order) == 12  # 6 steps × 2 rows
+
+    def stop_at_step_3(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    seen.clear()
+    with monkeypatch.context() as m:
+        m.setattr(PreemptionCheckpoint, "on_train_batch_start", stop_at_step_3, raising=False)
+        _as_a_new_process()
+        main(cfg(tmp_path / "part"))
+    assert not (tmp_path / "part" / "student.nemo").exists()
+    _as_a_new_process()
+    main(cfg(tmp_path / "part", resume=True))
+    # the rows trained after the restart are the uninterrupted run's rows from step 4 on
+    assert seen[-6:] == full_order[-6:], (seen, full_order)
+    resumed = _nemo_weights(str(tmp_path / "part" / "student.nemo"))
+    for key, value in reference.items():
+        if torch.is_tensor(value):
+            assert torch.equal(resumed[key], value), key
 
 
 def test_pair_file_packed_through_the_model_keeps_pairs_whole(world, tmp_path):  # noqa: F811
