@@ -13,7 +13,11 @@ Checked, fp32, prompts of 3, 7 and 12 tokens decoded together, 8 new tokens each
 * the per-token log-probs equal a float64 ``log_softmax`` of the HF logits of the produced sequence;
 * the same greedy tokens at EP=2 (two gloo processes, 2 of the 4 experts per rank, tokens travel
   through Megatron's all-to-all dispatcher), and seeded temperature-1 sampling at EP=2 draws exactly
-  the EP=1 tokens (log-probs within fp32 rounding: the expert outputs are summed in another order).
+  the EP=1 tokens (log-probs within fp32 rounding: the expert outputs are summed in another order);
+* seeded temperature-1 draws equal those from transformers' forward (:class:`HFCausalLM`, no cache)
+  and from Megatron re-running the prefix;
+* token dropping (``moe_expert_capacity_factor``) is active in eval and makes draws depend on the
+  batch: the sampler warns.
 """
 
 import warnings
@@ -132,6 +136,55 @@ def test_greedy_equals_transformers_generate(zoo, family):
         torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), ref_lp, atol=1e-4, rtol=0)
     # the test can fail: the greedy continuations are not all one repeated token
     assert len({t for ref in case["greedy"] for t in ref}) > 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seeded_sampling_equals_transformers_forward(zoo, family):
+    """Temperature-1 draws through Megatron's KV cache equal the same seeded draws from transformers'
+    model re-run on the whole prefix every step (:class:`HFCausalLM`), and Megatron without its cache."""
+    from nemo_kd.convert import build_and_load, ensure_parallel
+    from nemo_kd.generation.sampling import HFCausalLM, SamplingConfig, generate
+
+    case = zoo[family]
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=3)
+    kw = dict(eos_id=None, pad_id=0, vocab_size=case["vocab_size"], batch_size=len(case["prompts"]))
+    hf = generate(HFCausalLM.from_pretrained(case["hf_dir"]), case["prompts"], cfg, **kw)
+    with ensure_parallel():
+        [model] = build_and_load(case["hf_dir"]).model_chunks
+        cached = generate(model, case["prompts"], cfg, use_kv_cache=True, **kw)
+        rerun = generate(model, case["prompts"], cfg, use_kv_cache=False, **kw)
+    assert [g.token_ids for g in hf] != case["greedy"]  # sampling, not the greedy path again
+    for ref, a, b in zip(hf, cached, rerun):
+        assert a.token_ids == ref.token_ids == b.token_ids
+        for g in (a, b):
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
+
+
+def test_token_dropping_warns(zoo):
+    """Token dropping is active in eval (Megatron's router drops by capacity whatever the mode), so the
+    draws depend on the batch: the sampler says so instead of silently breaking its contract."""
+    from nemo_kd.convert import build_and_load, ensure_parallel
+    from nemo_kd.generation.sampling import SamplingConfig, generate
+
+    case = zoo["mixtral"]
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=NEW_TOKENS)
+    kw = dict(eos_id=None, pad_id=0, vocab_size=case["vocab_size"])
+    with ensure_parallel():
+        [model] = build_and_load(case["hf_dir"]).model_chunks
+        with warnings.catch_warnings(record=True) as caught:  # dropless: no warning
+            warnings.simplefilter("always")
+            generate(model, case["prompts"][:1], cfg, **kw)
+        assert not [w for w in caught if "token dropping" in str(w.message)]
+        model.config.moe_expert_capacity_factor = 0.5
+        try:
+            with pytest.warns(UserWarning, match="moe_expert_capacity_factor=0.5.*batch_size"):
+                together = generate(model, case["prompts"], cfg, batch_size=len(case["prompts"]), **kw)
+            with pytest.warns(UserWarning):
+                alone = generate(model, case["prompts"], cfg, batch_size=1, **kw)
+        finally:
+            model.config.moe_expert_capacity_factor = None
+    # what the warning is about: the same prompts give other tokens when batched differently
+    assert [g.token_ids for g in together] != [g.token_ids for g in alone]
 
 
 # ---------------------------------------------------------------- EP=2 over gloo
