@@ -432,20 +432,34 @@ def test_online_distillation_between_dense_and_moe(zoo, extraction_assets, tmp_p
 
 # ---------------------------------------------------------------- the expert-load logging interval of a NeMo run
 def test_moe_load_logged_every_interval_steps(extraction_assets, tmp_path):
-    """``model.moe_load_log_interval=2``: in a 4-step NeMo run of an MoE student, ``training_step`` logs the
+    """``model.moe_load_log_interval=2``: in a 4-step NeMo run of an MoE student, the loggers receive the
     per-layer expert load (``moe_tokens/layer{l}/expert{e}``, load entropy, max load, dropped share) at steps
     0 and 2 only, and the router terms at every step. A logged load is that step's routing: no capacity
     factor, so nothing dropped and each layer's counts sum to top-k times the same number of tokens.
 
-    (What ``self.log`` is called with, recorded per step: Lightning's logger connector hands a logger every
-    key logged earlier in the epoch again, with its last value, so a logger sees the load at steps 1 and 3
-    too, as stale copies of steps 0 and 2.)"""
+    What a real logger receives is what is checked: Lightning's logger connector hands a logger every key
+    ``self.log``-ged earlier in the epoch again with its last value, so the load goes to the loggers directly
+    at its own steps (without that, steps 1 and 3 held stale copies of steps 0 and 2)."""
     import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
 
     from dist_utils import WorldOfOne
     from nemo_kd.models.distillation_model import GPTDistillationModel
     from nemo_kd.parallel.strategy import MegatronStrategy
     from test_distillation_model import _arch, _cfg
+
+    class Recording(Logger):
+        name, version = "recording", 0
+
+        def __init__(self):
+            super().__init__()
+            self.by_step = {}
+
+        def log_metrics(self, metrics, step=None):
+            self.by_step.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
 
     w = _student_world(extraction_assets, tmp_path)
     student = dict(_arch(w["vocab"]), num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
@@ -453,26 +467,17 @@ def test_moe_load_logged_every_interval_steps(extraction_assets, tmp_path):
     cfg = _cfg(w, **{"student": student, "teacher.mode": "none", "kd.kd_loss_weight": 0.0, "kd.sft_loss_weight": 1.0,
                      "data.train_ds.logits_store": None, "data.validation_ds": None, "max_steps": 4,
                      "moe_load_log_interval": 2})
-    steps = [{}]
+    logger = Recording()
     with WorldOfOne(seed=5):
         trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=MegatronStrategy(), max_steps=4,
-                             use_distributed_sampler=False, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                             limit_val_batches=0, default_root_dir=str(tmp_path / "fit"))
+                             use_distributed_sampler=False, logger=logger, log_every_n_steps=1,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path / "fit"))
         model = GPTDistillationModel(cfg, trainer=trainer)
         assert model.engine.router_terms.load_log_interval == 2
-        log = model.log
-
-        def record(name, value, *args, **kwargs):
-            steps[-1][name] = float(value)
-            if name == "global_step":  # training_step's last call: the step's metrics are complete
-                steps.append({})
-            return log(name, value, *args, **kwargs)
-
-        model.log = record
         trainer.fit(model)
-    steps = steps[:-1]
-    assert trainer.global_step == 4 and len(steps) == 4, steps
+    assert trainer.global_step == 4 and sorted(logger.by_step) == [0, 1, 2, 3], sorted(logger.by_step)
+    steps = [logger.by_step[s] for s in range(4)]
     load_names = {f"moe_tokens/layer{layer}/expert{e}" for layer in (0, 1) for e in range(4)}
     load_names |= {f"moe_{what}/layer{layer}" for what in ("load_entropy", "max_load", "dropped") for layer in (0, 1)}
     for step, metrics in enumerate(steps):

@@ -70,6 +70,7 @@ from nemo_kd.losses.objective import DistillationLossConfig
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
 from nemo_kd.models.nemo_artifacts import TOKENIZER_SECTION, register_tokenizer
+from nemo_kd.models.router_terms import RouterTerms
 from nemo_kd.parallel import state
 from nemo_kd.parallel.state import ParallelConfig
 from nemo_kd.training.resume import settle_loop_state
@@ -516,11 +517,28 @@ class GPTDistillationModel(ModelPT):
         metrics["consumed_samples"] = float(self.consumed_samples)
         if self.global_step == 1 and getattr(self, "_dropped_train_samples", None) is not None:
             metrics["dropped_samples"] = float(self._dropped_train_samples)  # named in the log and dropped.jsonl
+        interval = {k: float(v) for k, v in metrics.items() if k.startswith(RouterTerms.INTERVAL_METRIC_PREFIXES)}
         for name, value in metrics.items():
-            self.log(name, float(value), prog_bar=name in self._progress_bar, batch_size=gbs)
+            if name not in interval:
+                self.log(name, float(value), prog_bar=name in self._progress_bar, batch_size=gbs)
+        if interval:
+            self._log_this_step_only(interval)
         # the steps completed (optimizers().step() above has already counted this one), as trainer.global_step
         self.log("global_step", float(self.global_step), batch_size=gbs)
         return torch.tensor(metrics["loss"])
+
+    def _log_this_step_only(self, metrics: Dict[str, float]) -> None:
+        """Write ``metrics`` to the loggers at this step alone. ``self.log`` would not do: Lightning keeps a
+        step-logged key until the epoch ends and hands its last value to the loggers again at every later step,
+        so the expert load of every ``moe_load_log_interval``-th step would show as flat copies in between.
+        The step is the one Lightning logs this batch's other metrics at (``_batches_that_stepped`` before the
+        loop increments it)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.loggers:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def _prefetch_served_rows(self, step: int) -> None:
         """Served teacher: request ``step``'s dataset rows (the sampler's next global batch) while this step

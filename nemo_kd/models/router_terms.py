@@ -140,6 +140,10 @@ class RouterTerms:
             self._collect = False
         return metrics
 
+    # The metrics of the load_log_interval steps (the others carry none of these keys): a trainer logs them on
+    # their own steps only (Lightning would repeat a step-logged key's last value at every later step of the epoch).
+    INTERVAL_METRIC_PREFIXES = ("moe_tokens/", "moe_load_entropy/", "moe_max_load/", "moe_dropped/")
+
     def _load_metrics(self) -> Dict[str, float]:
         load = torch.cat([self._load, self._tokens[:, None]], dim=1).to(state.device())
         if state.dp_size() > 1:
