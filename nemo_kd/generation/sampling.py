@@ -27,7 +27,9 @@ on batch size, batch composition, TP size, DP rank or device, so a prompt's samp
 the same whichever rank or batch generates it, up to the model's own floating-point
 differences in ``z`` (which move a draw only when ``u`` falls within rounding error of
 a CDF boundary). Pass ``sample_offset`` = the global index of a rank's first prompt
-when prompts are split over data-parallel ranks.
+when prompts are split over data-parallel ranks. Mixture-of-experts models keep the contract
+at any EP when dropless; with token dropping (``moe_expert_capacity_factor`` set, active in eval
+too) a row's logits depend on its batch-mates, and :func:`generate` warns.
 
 Decoding. A Megatron-core ``GPTModel`` decodes with Megatron's own KV cache
 (``StaticInferenceContext``): the batch is prefilled up to its shortest prompt, then advances
