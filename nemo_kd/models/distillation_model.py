@@ -415,9 +415,8 @@ class GPTDistillationModel(ModelPT):
             if self._on_policy.enabled:
                 raise DataConfigError(f"data.{split}.pack_sequences: on-policy sampling rewrites the rows' "
                                       "completions; it runs on unpacked rows (set pack_sequences: false)")
-            if getattr(self._student_cfg, "transformer_impl", "local") == "transformer_engine":
-                raise DataConfigError(f"data.{split}.pack_sequences with transformer_impl=transformer_engine: "
-                                      "the THD (cu_seqlens) path is not wired yet; the local spec packs")
+            # Every spec reads packed rows in Megatron's THD layout (packing.ModelInputs: PackedSeqParams with
+            # qkv_format="thd"); TE's DotProductAttention takes them as Megatron's own packed training does.
             rows = PackedDataset(dataset, self._seq_length, int(ds.get("pack_window", DEFAULT_PACK_WINDOW)),
                                  int(ds.get("seed", 1234)), bool(ds.get("shuffle", train)))
             log.info("%s: %d samples packed into %d rows of %d (padding %.1f%%, window %d)", ds["file_path"],
