@@ -1,7 +1,8 @@
-"""Sampling from mixture-of-experts models (Mixtral, Qwen3-MoE) through nemo_kd's sampler.
+"""Sampling from mixture-of-experts models (Mixtral, Qwen3-MoE, gpt-oss) through nemo_kd's sampler.
 
 Tiny random ``transformers`` MoE models (4 experts, top-2, hidden 64, 2 layers; every parameter
-randomised, routers included) are converted to Megatron and decoded with
+randomised, routers included; gpt-oss with its sinks, clamped SwiGLU and a 4-token sliding window that
+the prompts and decoded positions run past) are converted to Megatron and decoded with
 :func:`nemo_kd.generation.sampling.generate` (Megatron's KV cache: prefill, then one position per
 forward through the MoE layers and their token dispatcher).
 
@@ -39,7 +40,7 @@ MIN_MARGIN = 1e-3  # 10x that difference
 
 
 def _hf_configs():
-    from transformers import MixtralConfig, Qwen3MoeConfig
+    from transformers import GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, num_experts_per_tok=2, tie_word_embeddings=False)
@@ -49,6 +50,13 @@ def _hf_configs():
         "qwen3_moe": Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
                                     vocab_size=300, head_dim=16, mlp_only_layers=[0], decoder_sparse_step=1,
                                     norm_topk_prob=False),
+        # sinks, the clamped SwiGLU with biased experts, a 4-token sliding window on layer 0 (the prompts and
+        # the decoded positions run past it, so the KV cache must apply the window) and YaRN
+        "gpt_oss": GptOssConfig(**common, head_dim=16, intermediate_size=64, num_local_experts=4, vocab_size=320,
+                                sliding_window=4, swiglu_limit=1.5, layer_types=["sliding_attention", "full_attention"],
+                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                                 "truncate": False, "original_max_position_embeddings": 16,
+                                                 "rope_theta": 150000.0}),
     }
 
 
