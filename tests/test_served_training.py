@@ -52,7 +52,8 @@ def world(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", KEY_ENV)}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), **{KEY_ENV: SECRET})
     d = tmp_path_factory.mktemp("served_training")
-    texts = [f"question {i}: what is {i} plus {i * 3}? answer: {i + i * 3}, because adding numbers works." for i in range(40)]
+    texts = [f"question {i}: what is {i} plus {i * 3}? answer: {i + i * 3}, because adding numbers works."
+             for i in range(40)]
     tok = train_byte_level_bpe(texts, vocab_size=300, save_dir=str(d / "tok"))
     data = str(d / "train.jsonl")
     with open(data, "w") as f:
@@ -106,7 +107,7 @@ def _cfg(world, mode="offline", **over):
     return cfg
 
 
-def _trainer(tmp, steps, callbacks=(), logger=False):
+def _trainer(tmp, steps, callbacks=(), logger=False, devices=1):
     import lightning.pytorch as pl
 
     from nemo_kd.parallel.strategy import MegatronStrategy
@@ -122,7 +123,7 @@ def _trainer(tmp, steps, callbacks=(), logger=False):
             self.val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
 
     rec = Record()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=MegatronStrategy(), max_steps=steps,
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=MegatronStrategy(), max_steps=steps,
                          use_distributed_sampler=False, logger=logger, log_every_n_steps=1,
                          enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -131,12 +132,12 @@ def _trainer(tmp, steps, callbacks=(), logger=False):
     return trainer, rec
 
 
-def _fit(cfg, tmp, steps, init, callbacks=(), logger=False, ckpt_path=None, student_logits=False):
+def _fit(cfg, tmp, steps, init, callbacks=(), logger=False, ckpt_path=None, student_logits=False, devices=1):
     """A fit from the weights ``init``: the model, the logged rows, the validation metrics and every step's
     microbatches (as the engine got them; with ``student_logits`` also the student's logits before each step)."""
     from nemo_kd.models.distillation_model import GPTDistillationModel
 
-    trainer, rec = _trainer(tmp, steps, callbacks, logger)
+    trainer, rec = _trainer(tmp, steps, callbacks, logger, devices)
     model = GPTDistillationModel(cfg, trainer=trainer)
     if init is not None:
         model.student.load_state_dict(init, strict=False)
@@ -328,3 +329,39 @@ def test_refusals_at_construction(world):
     model = GPTDistillationModel(_cfg(world, "served", **{"kd.target_logits_scale": 0.5,
                                                           "kd.topk_convention": "renormalized"}))
     assert model._served is not None and math.isfinite(model._served.cfg.top_k)
+
+
+def _dp2_fits(rank, world_size, world, init, tmp):
+    """Offline then served, 3 steps each at DP=2 from ``init``: every step's logged loss terms on this rank."""
+    from nemo_kd.parallel import destroy_parallel, state
+
+    out = {}
+    try:
+        for mode in ("offline", "served"):
+            run = _fit(_cfg(world, mode, **{"data.validation_ds": None}), os.path.join(tmp, mode), 3, init,
+                       devices=world_size)
+            assert state.dp_size() == 2
+            out[mode] = [{k: r[k] for k in ("loss", "kd_loss", "sft_loss")} for r in run.rows]
+            if mode == "served":
+                out["prefetch_hits"] = run.model._served.prefetch_hits
+                out["samples"] = [mb["sample_index"].tolist() for mbs in run.seen for mb in mbs]
+        return out
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.distributed
+def test_served_equals_offline_at_dp2(world, init, tmp_path):
+    """DP=2 (2 processes, one server): each rank requests its own rows (the sampler's DP block, prefetched
+    from step 2 on) and the data-parallel losses equal the offline store's."""
+    from dist_utils import run_distributed
+
+    plain = {k: v for k, v in world.items() if k != "teacher"}
+    results = run_distributed(_dp2_fits, 2, plain, init, str(tmp_path))
+    for r in results:
+        for key in ("loss", "kd_loss", "sft_loss"):
+            got, want = [row[key] for row in r["served"]], [row[key] for row in r["offline"]]
+            assert got == pytest.approx(want, rel=2e-5, abs=1e-6), (key, got, want)
+        assert r["prefetch_hits"] == 2
+    a, b = results[0]["samples"], results[1]["samples"]
+    assert all(not set(x) & set(y) for x, y in zip(a, b))  # the two ranks scored different samples

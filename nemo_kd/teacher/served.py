@@ -847,8 +847,8 @@ class ServedTeacher(Teacher):
     def close(self) -> None:
         if self._loop is not None:
             if self.client._session is not None:
-                try:
-                    self._loop.run(self.client.close())
+                try:  # bounded: from __del__ at interpreter exit the loop's (daemon) thread may never run again
+                    self._loop.submit(self.client.close()).result(timeout=5)
                 except Exception:  # noqa: BLE001 - closing a broken session must not hide the first error
                     pass
             self._loop.stop()
