@@ -139,8 +139,8 @@ def _fit(cfg, tmp, steps, init, callbacks=(), logger=False, ckpt_path=None, stud
 
     trainer, rec = _trainer(tmp, steps, callbacks, logger, devices)
     model = GPTDistillationModel(cfg, trainer=trainer)
-    if init is not None:
-        model.student.load_state_dict(init, strict=False)
+    if init is not None:  # a state dict, or a function of the model giving this rank's
+        model.student.load_state_dict(init(model) if callable(init) else init, strict=False)
     seen, logits = [], []
     train_step = model.engine.train_step
 
@@ -331,16 +331,21 @@ def test_refusals_at_construction(world):
     assert model._served is not None and math.isfinite(model._served.cfg.top_k)
 
 
-def _dp2_fits(rank, world_size, world, init, tmp):
-    """Offline then served, 3 steps each at DP=2 from ``init``: every step's logged loss terms on this rank."""
+def _dp2_fits(rank, world_size, world, init, tmp, tp=1):
+    """Offline then served, 3 steps each on 2 processes (DP=2, or TP=2) from ``init``: every step's logged
+    loss terms on this rank."""
+    from nemo_kd.models import GPTModelConfig, shard_state_dict
     from nemo_kd.parallel import destroy_parallel, state
+
+    def shard(model):
+        return shard_state_dict(init, GPTModelConfig.from_dict(dict(model.cfg.student)), state.tp_rank(), tp, 0, 1)
 
     out = {}
     try:
         for mode in ("offline", "served"):
-            run = _fit(_cfg(world, mode, **{"data.validation_ds": None}), os.path.join(tmp, mode), 3, init,
-                       devices=world_size)
-            assert state.dp_size() == 2
+            run = _fit(_cfg(world, mode, **{"data.validation_ds": None, "parallel.tensor_model_parallel_size": tp}),
+                       os.path.join(tmp, mode), 3, shard, devices=world_size)
+            assert state.dp_size() * state.tp_size() == 2 and state.tp_size() == tp
             out[mode] = [{k: r[k] for k in ("loss", "kd_loss", "sft_loss")} for r in run.rows]
             if mode == "served":
                 out["prefetch_hits"] = run.model._served.prefetch_hits
@@ -365,3 +370,19 @@ def test_served_equals_offline_at_dp2(world, init, tmp_path):
         assert r["prefetch_hits"] == 2
     a, b = results[0]["samples"], results[1]["samples"]
     assert all(not set(x) & set(y) for x, y in zip(a, b))  # the two ranks scored different samples
+
+
+@pytest.mark.distributed
+def test_served_equals_offline_at_tp2(world, init, tmp_path):
+    """TP=2: both ranks of the tensor-parallel group request the same rows (no collective) and the losses
+    equal the offline store's at TP=2."""
+    from dist_utils import run_distributed
+
+    plain = {k: v for k, v in world.items() if k != "teacher"}
+    results = run_distributed(_dp2_fits, 2, plain, init, str(tmp_path), 2)
+    for r in results:
+        for key in ("loss", "kd_loss", "sft_loss"):
+            got, want = [row[key] for row in r["served"]], [row[key] for row in r["offline"]]
+            assert got == pytest.approx(want, rel=2e-5, abs=1e-6), (key, got, want)
+        assert r["prefetch_hits"] == 2
+    assert results[0]["samples"] == results[1]["samples"]  # one data-parallel group: the same rows
