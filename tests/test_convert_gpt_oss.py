@@ -364,3 +364,53 @@ def test_refusals_name_the_field(case):
     written = architecture_to_hf_config(arch)
     assert written["layer_types"] == ["sliding_attention", "full_attention"] and written["sliding_window"] == 4
     assert math.isclose(written["swiglu_limit"], LIMIT) and json.loads(json.dumps(written)) == written
+
+
+# ---------------------------------------------------------------- a gpt-oss student's .nemo at TP = 2 (expert TP 1)
+def _tp2_restore_and_save(rank, world, nemo_path, out_path, tokens):
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelConfig(tensor_model_parallel_size=2, expert_tensor_parallel_size=1, seed=5))
+    try:
+        model = GPTDistillationModel.restore_from(nemo_path, map_location=torch.device("cpu"))
+        fc1 = model.student.state_dict()["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"]
+        assert tuple(fc1.shape) == (128, 64)  # whole experts on each TP rank, all 4 of them
+        logits = _megatron_logits([model.student], tokens)
+        model.save_to(out_path)  # gathers the TP shards, the experts once
+        return logits
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.distributed
+def test_gpt_oss_nemo_restores_and_saves_at_tp2_with_expert_tp1(case, tmp_path):
+    """A gpt-oss-initialised student's .nemo restores at TP=2 with expert TP 1 (each rank takes its attention /
+    embedding shards and every expert whole) to transformers' logits, and save_to there writes the full model
+    once: the re-saved .nemo restores at TP=1 to the TP=1 logits exactly (before, restore cut the experts by TP
+    and save_to concatenated the TP ranks' whole copies)."""
+    from dist_utils import WorldOfOne
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from test_convert_moe import _student_world, extraction_assets  # noqa: F401  (the fixture, by name)
+    from test_distillation_model import _cfg
+
+    from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
+
+    tok_dir = str(tmp_path / "tok")
+    tok = train_byte_level_bpe([f"what is {i} plus {i * 3}? {4 * i} because adding numbers" for i in range(64)],
+                               vocab_size=300, save_dir=tok_dir)
+    w = _student_world({"tok_dir": tok_dir, "tok": tok}, tmp_path)
+    over = {"student_init": case["hf_dir"], "teacher.mode": "none", "kd.kd_loss_weight": 0.0,
+            "data.train_ds.logits_store": None, "data.validation_ds": None}
+    path, resaved = str(tmp_path / "tp1.nemo"), str(tmp_path / "tp2.nemo")
+    with WorldOfOne(seed=5):
+        model = GPTDistillationModel(_cfg(w, **over))
+        want = _megatron_logits([model.student], case["tokens"])
+        assert _max_diff(want, case["logits"]) <= ATOL
+        model.save_to(path)
+    for logits in run_distributed(_tp2_restore_and_save, 2, path, resaved, case["tokens"]):
+        assert _max_diff(logits, case["logits"]) <= ATOL
+        torch.testing.assert_close(logits[..., :320], want[..., :320], atol=1e-5, rtol=1e-5)
+    with WorldOfOne(seed=5):
+        again = GPTDistillationModel.restore_from(resaved, map_location=torch.device("cpu"))
+        assert torch.equal(_megatron_logits([again.student], case["tokens"])[..., :320], want[..., :320])

@@ -275,13 +275,17 @@ class GPTDistillationModel(ModelPT):
         elif (state.tp_size(), state.pp_size()) != (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) \
                 and self._is_model_being_restored():
             # a .nemo holds the full student: restore into the layout this process runs with
-            self._student_cfg.validate_parallel(state.tp_size(), state.pp_size())
+            self._student_cfg.validate_parallel(state.tp_size(), state.pp_size(), None, state.ep_size(),
+                                                state.etp_size())
             log.info("restoring a TP=%d/PP=%d model with TP=%d/PP=%d", p.tensor_model_parallel_size,
                      p.pipeline_model_parallel_size, state.tp_size(), state.pp_size())
             p.tensor_model_parallel_size, p.pipeline_model_parallel_size = state.tp_size(), state.pp_size()
+            # the experts' TP split of this layout too (None: over TP), so that the saved config is one layout
+            p.expert_tensor_parallel_size = state.etp_size() if state.etp_size() != state.tp_size() else None
             with open_dict(self._cfg):
                 self._cfg.parallel.tensor_model_parallel_size = state.tp_size()
                 self._cfg.parallel.pipeline_model_parallel_size = state.pp_size()
+                self._cfg.parallel.expert_tensor_parallel_size = p.expert_tensor_parallel_size
         elif (state.tp_size(), state.pp_size()) != (p.tensor_model_parallel_size, p.pipeline_model_parallel_size):
             raise ValueError(f"parallel state is already initialised with TP={state.tp_size()}, PP={state.pp_size()}"
                              f" but the config asks TP={p.tensor_model_parallel_size}, "
@@ -644,7 +648,10 @@ class GPTDistillationModel(ModelPT):
         local = {k: v.detach().cpu() for k, v in self.student.state_dict().items() if torch.is_tensor(v)}
         # One copy of every shard: DP replica 0's, and under EP each EP rank's experts (the ranks of
         # expert-data-parallel rank 0 hold one (PP, TP, EP) position each).
-        ep = state.ep_size()
+        ep, etp = state.ep_size(), state.etp_size()
+        if etp != state.tp_size() and (etp != 1 or ep > 1):
+            raise NotImplementedError(f"save_to with expert_tensor_parallel_size={etp} at TP={state.tp_size()}, "
+                                      f"EP={ep}: gathering covers experts split over TP, or held whole at EP=1")
         first_copy = dist.get_rank(group=state.expert_dp_group()) == 0 if ep > 1 else state.dp_rank() == 0
         item = (state.pp_rank(), state.tp_rank(), state.ep_rank() if ep > 1 else 0, local) if first_copy else None
         items = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -655,7 +662,8 @@ class GPTDistillationModel(ModelPT):
                 if it is not None:
                     by_ep[it[0]][it[1]][it[2]] = it[3]
             shards = [[merge_expert_shards(parts, self._student_cfg) for parts in row] for row in by_ep]
-            full = gather_state_dict(shards, self._student_cfg)  # keeps this layout's padded vocab rows
+            # keeps this layout's padded vocab rows; experts held whole (expert TP 1) taken once
+            full = gather_state_dict(shards, self._student_cfg, expert_tp_size=etp)
             self._export_state = {f"student.{k}": v for k, v in full.items()}
         try:
             return self._save_nemo(save_path)
@@ -675,7 +683,8 @@ class GPTDistillationModel(ModelPT):
 
             full = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
             shard = shard_state_dict(full, self._student_cfg, state.tp_rank(), state.tp_size(),
-                                     state.pp_rank(), state.pp_size(), ep_rank=state.ep_rank(), ep_size=state.ep_size())
+                                     state.pp_rank(), state.pp_size(), ep_rank=state.ep_rank(), ep_size=state.ep_size(),
+                                     etp_rank=state.etp_rank(), etp_size=state.etp_size())
             state_dict = {f"student.{k}": v for k, v in shard.items()}
         out = super().load_state_dict(state_dict, strict=strict, **kwargs)
         if hasattr(self.engine.optimizer, "reload_model_params"):  # refresh fp32 main params (bf16 students)

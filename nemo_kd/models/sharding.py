@@ -232,6 +232,7 @@ def gather_state_dict(
     shards: Sequence[Sequence[Mapping[str, torch.Tensor]]],
     cfg: GPTModelConfig,
     vocab_rows: Optional[int] = None,
+    expert_tp_size: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
     """Full (TP=1, PP=1) state dict from ``shards[pp_rank][tp_rank]`` (non-interleaved PP).
 
@@ -240,6 +241,8 @@ def gather_state_dict(
         cfg: the architecture.
         vocab_rows: rows of the vocabulary matrices in the result (trimmed or zero-padded);
             None keeps ``cfg.padded_vocab_size(tp_size)``, ``cfg.vocab_size`` unpads.
+        expert_tp_size: how the routed experts were split (None: over TP, Megatron's default);
+            1: every tensor-parallel rank holds them whole (gpt-oss's biased experts), taken once.
 
     The inverse of :func:`shard_state_dict`: ``gather(shard(full)) == full`` when the full
     state dict's vocabulary rows equal ``vocab_rows``.
@@ -247,7 +250,10 @@ def gather_state_dict(
     pp_size, tp_size = len(shards), len(shards[0])
     if any(len(row) != tp_size for row in shards):
         raise ValueError("every pipeline stage needs the same number of tensor-parallel shards")
-    cfg.validate_parallel(tp_size, pp_size)
+    if expert_tp_size not in (None, 1, tp_size):
+        raise ValueError(f"expert_tp_size={expert_tp_size} with {tp_size} tensor-parallel shards: the experts' "
+                         "shards are gathered over TP or held whole (1)")
+    cfg.validate_parallel(tp_size, pp_size, expert_tensor_parallel_size=expert_tp_size)
     out: Dict[str, torch.Tensor] = {}
     for pp_rank, stage in enumerate(shards):
         offset = layer_offset(cfg, pp_rank, pp_size)
@@ -257,6 +263,8 @@ def gather_state_dict(
             if key == _OUTPUT_LAYER and cfg.share_embeddings_and_output_weights:
                 continue  # the tied copy: the full model keeps only the embedding
             parts = [stage[t][key] for t in range(tp_size)]
+            if expert_tp_size == 1 and expert_index(key) is not None:
+                parts = parts[:1]  # whole on every TP rank: one copy, not TP of them concatenated
             out[global_key] = _merge(parts, key, cfg) if torch.is_tensor(parts[0]) else parts[0]
     if vocab_rows is not None:
         for key in _VOCAB_KEYS:
