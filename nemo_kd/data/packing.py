@@ -42,11 +42,13 @@ longer of its two renderings. Not packed (refused with the reason): on-policy sa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
+
+if TYPE_CHECKING:  # Megatron is imported where the model runs, not by every reader of this module (--help)
+    from megatron.core.packed_seq_params import PackedSeqParams
 
 from nemo_kd.data.kd_dataset import DataConfigError, DistillationDataset, DistillationSample, collate_rows
 
@@ -167,6 +169,8 @@ def packed_seq_params(segment_ids: torch.Tensor) -> PackedSeqParams:
     among itself, finite, and its loss is masked), then ``B·S``; ``max_seqlen_*`` the longest run. What
     TE's ``DotProductAttention`` (``qkv_format='thd'``), Megatron's THD RoPE (positions restart per
     segment) and :class:`~nemo_kd.models.layer_spec.SDPACoreAttention` read."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
     b, s = segment_ids.shape
     flat = segment_ids.reshape(-1)
     starts = torch.ones_like(flat, dtype=torch.bool)
