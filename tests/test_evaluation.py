@@ -162,12 +162,12 @@ def test_length_statistics():
 
 # ----------------------------------------------------------------------------- nemo-kd-evaluate, three formats
 
-N_PROMPTS, MAX_LEN, STEPS = 8, 40, 200
+N_PROMPTS, MAX_LEN, STEPS = 8, 40, 300
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """A 2-layer student trained 200 SFT steps on the cipher task (cheap: some answers right, some wrong), saved
+    """A 2-layer student trained 300 SFT steps on the cipher task (cheap: some answers right, some wrong), saved
     as a .nemo; its Megatron checkpoint saved at TP=2 and its HF export (llama) of the same weights."""
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
