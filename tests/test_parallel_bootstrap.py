@@ -214,8 +214,12 @@ def test_sdpa_gradients_and_dropout():
     q, k, v = (torch.randn(4, 1, 2, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     attention = _sdpa(2, 2, 3)
     torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, None), (q, k, v))
-    with pytest.raises(NotImplementedError, match="packed"):
-        attention(q, k, v, None, packed_seq_params=object())
+    # packed rows come in Megatron's THD layout only (tests/test_packed_attention.py covers it); another layout
+    # is refused by name
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    with pytest.raises(NotImplementedError, match="qkv_format must be 'thd'"):
+        attention(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
     assert _sdpa(2, 2, 4, attn_mask_type=AttnMaskType.no_mask)._allowed_mask(
         torch.ones(1, 1, 5, 5, dtype=torch.bool), None, AttnMaskType.no_mask, 5, 5, "cpu", torch.float32) is None
     # An additive attention_bias is added to the scores (masked positions stay excluded).
