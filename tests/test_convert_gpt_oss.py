@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from hf_models import random_hf_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -46,18 +47,7 @@ def _hf_config(**overrides):
 
 
 def _random_model(seed=0, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(_hf_config(**overrides)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm = "norm" in name and name.endswith("weight")
-            p.copy_((1.0 if is_norm else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-    return model
+    return random_hf_model(_hf_config(**overrides), seed)
 
 
 def _logits(model, tokens):

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from hf_models import random_hf_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -49,29 +50,17 @@ def _hf_configs():
 FAMILIES = list(_hf_configs())
 
 
-def _randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm = "norm" in name and name.endswith("weight")
-            p.copy_((1.0 if is_norm else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """Per family: HF dir, reference tokens / logits, and the TP=1 Megatron conversion."""
-    from transformers import AutoModelForCausalLM
-
     from nemo_kd.convert import convert_hf_to_megatron
 
     root = tmp_path_factory.mktemp("convert_moe")
     out = {}
     for seed, (family, config) in enumerate(_hf_configs().items()):
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config).eval()
-        _randomise(model, seed)
+        model = random_hf_model(config, seed)
         hf_dir = str(root / f"{family}_hf")
         model.save_pretrained(hf_dir)
         tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))

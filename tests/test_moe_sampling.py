@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from hf_models import random_hf_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -63,13 +64,6 @@ def _hf_configs():
 FAMILIES = list(_hf_configs())
 
 
-def _randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm = "norm" in name and name.endswith("weight")
-            p.copy_((1.0 if is_norm else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-        model.lm_head.weight.mul_(LM_HEAD_SCALE)
 
 
 def _hf_greedy(model, prompt):
@@ -85,16 +79,10 @@ def _hf_greedy(model, prompt):
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """Per family: the HF dir, prompts, transformers' greedy tokens and the log-probs of those tokens."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("moe_sampling")
     out = {}
     for seed, (family, config) in enumerate(_hf_configs().items()):
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config).eval()
-        _randomise(model, seed)
+        model = random_hf_model(config, seed, LM_HEAD_SCALE)
         hf_dir = str(root / f"{family}_hf")
         model.save_pretrained(hf_dir)
         g = torch.Generator().manual_seed(100 + seed)
