@@ -382,20 +382,7 @@ def _read_llama_like(hf: Mapping[str, Any], family: str, sliding_window: str):
     if window_active:
         window = hf.get("sliding_window")
         sliding = _sliding_layers(hf, attention_family)
-        if window is None or window >= max_positions or not any(sliding):
-            pass  # no window, or one covering every position: full attention
-        elif sliding_window == "truncate":
-            max_positions = int(window)
-        elif sliding_window == "window":
-            if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-                raise UnsupportedHFConfigError("sliding_window", window, "must be a positive integer")
-            window_fields = dict(window_size=[window - 1, 0],
-                                 window_attn_skip_freq=None if all(sliding) else [int(v) for v in sliding])
-        else:
-            raise UnsupportedHFConfigError(
-                "sliding_window", window,
-                "refused (sliding_window='error'); the default 'window' converts it to GPTModelConfig.window_size, "
-                "'truncate' caps max_position_embeddings at the window, which is exact")
+        max_positions, window_fields = _window_settings(window, sliding, sliding_window, max_positions)
     elif layer_types and any(t != "full_attention" for t in layer_types):
         raise UnsupportedHFConfigError("layer_types", sorted(set(layer_types)), "only 'full_attention' layers are converted")
 
@@ -531,20 +518,8 @@ def _read_gpt_oss(hf: Mapping[str, Any], family: str, sliding_window: str):
         raise UnsupportedHFConfigError("layer_types", layer_types,
                                        f"needs one 'full_attention' / 'sliding_attention' per layer ({n})")
     sliding = [t == "sliding_attention" for t in layer_types]
-    window, window_fields = hf.get("sliding_window", 128), {}
-    if window is not None and window < max_positions and any(sliding):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise UnsupportedHFConfigError("sliding_window", window, "must be a positive integer")
-        if sliding_window == "truncate":
-            max_positions = int(window)
-        elif sliding_window == "window":
-            window_fields = dict(window_size=[window - 1, 0],
-                                 window_attn_skip_freq=None if all(sliding) else [int(v) for v in sliding])
-        else:
-            raise UnsupportedHFConfigError(
-                "sliding_window", window,
-                "refused (sliding_window='error'); the default 'window' converts it to GPTModelConfig.window_size, "
-                "'truncate' caps max_position_embeddings at the window, which is exact")
+    max_positions, window_fields = _window_settings(hf.get("sliding_window", 128), sliding, sliding_window,
+                                                    max_positions)
     rotary_base, rope_scaling = _rope_settings(hf)
     yarn = {}
     if isinstance(rope_scaling, dict):
@@ -559,6 +534,26 @@ def _read_gpt_oss(hf: Mapping[str, Any], family: str, sliding_window: str):
         **moe,
     )
     return fields, {"rope_scaling": rope_scaling, "swiglu_limit": float(limit)}
+
+
+def _window_settings(window, sliding: list, sliding_window: str, max_positions: int):
+    """``(max_position_embeddings, window fields)`` for an HF ``sliding_window`` on the layers ``sliding`` marks,
+    as ``sliding_window`` (the converter's mode) asks: ``window`` -> ``GPTModelConfig.window_size`` (and
+    ``window_attn_skip_freq`` when only some layers slide), ``truncate`` -> the context capped at the window
+    (exact), ``error`` -> refused. No window, or one covering every position: full attention, unchanged."""
+    if window is None or window >= max_positions or not any(sliding):
+        return max_positions, {}
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UnsupportedHFConfigError("sliding_window", window, "must be a positive integer")
+    if sliding_window == "truncate":
+        return window, {}
+    if sliding_window == "window":
+        return max_positions, dict(window_size=[window - 1, 0],
+                                   window_attn_skip_freq=None if all(sliding) else [int(v) for v in sliding])
+    raise UnsupportedHFConfigError(
+        "sliding_window", window,
+        "refused (sliding_window='error'); the default 'window' converts it to GPTModelConfig.window_size, "
+        "'truncate' caps max_position_embeddings at the window, which is exact")
 
 
 def _sliding_layers(hf: Mapping[str, Any], family: str) -> list:

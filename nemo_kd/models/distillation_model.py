@@ -53,9 +53,9 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import partial
 import time
 import warnings
+from functools import partial
 from typing import Any, Dict, List, Optional
 
 import torch

@@ -1168,25 +1168,18 @@ def finalize_manifest(path: Union[str, os.PathLike], tag: Optional[str] = None) 
         raise StoreCorruptError(f"{path}: shards hold {expected} samples, manifest says {settings['num_samples']}")
     manifest = StoreManifest.from_dict(dict(settings, shards=[dataclasses.asdict(s) for s in shards]))
     manifest.num_tokens = sum(s.num_tokens for s in shards)
-    if manifest.is_cross_tokenizer:
-        by_rank = {r["rank"]: r.get("alignment_shard") for r in records}
+    # each extension's per-shard files, listed in the manifest in shard order from the shard records
+    for name, record_key, missing in (
+            (ALIGNMENT_EXTENSION, "alignment_shard", "a cross-tokenizer shard record lacks its alignment files"),
+            (SAMPLE_CHECKSUMS_EXTENSION, "checksum_shard", "a shard record lacks its per-sample checksum file"),
+            (LOG_TAIL_EXTENSION, "log_tail_shard", f"a shard record lacks its {LOG_TAIL_EXTENSION} files")):
+        if name not in manifest.extensions:
+            continue
+        by_rank = {r["rank"]: r.get(record_key) for r in records}
         if any(by_rank[s.rank] is None for s in shards):
-            raise StoreCorruptError(f"{path}: a cross-tokenizer shard record lacks its alignment files")
-        ext = dict(manifest.extensions[ALIGNMENT_EXTENSION])
-        ext["shards"] = [by_rank[s.rank] for s in shards]
-        manifest.extensions = dict(manifest.extensions, **{ALIGNMENT_EXTENSION: ext})
-    if SAMPLE_CHECKSUMS_EXTENSION in manifest.extensions:
-        by_rank = {r["rank"]: r.get("checksum_shard") for r in records}
-        if any(by_rank[s.rank] is None for s in shards):
-            raise StoreCorruptError(f"{path}: a shard record lacks its per-sample checksum file")
-        ext = dict(manifest.extensions[SAMPLE_CHECKSUMS_EXTENSION], shards=[by_rank[s.rank] for s in shards])
-        manifest.extensions = dict(manifest.extensions, **{SAMPLE_CHECKSUMS_EXTENSION: ext})
-    if LOG_TAIL_EXTENSION in manifest.extensions:
-        by_rank = {r["rank"]: r.get("log_tail_shard") for r in records}
-        if any(by_rank[s.rank] is None for s in shards):
-            raise StoreCorruptError(f"{path}: a shard record lacks its {LOG_TAIL_EXTENSION} files")
-        ext = dict(manifest.extensions[LOG_TAIL_EXTENSION], shards=[by_rank[s.rank] for s in shards])
-        manifest.extensions = dict(manifest.extensions, **{LOG_TAIL_EXTENSION: ext})
+            raise StoreCorruptError(f"{path}: {missing}")
+        ext = dict(manifest.extensions[name], shards=[by_rank[s.rank] for s in shards])
+        manifest.extensions = dict(manifest.extensions, **{name: ext})
     _atomic_write(os.path.join(path, _MANIFEST), manifest.to_json().encode(), tag or f"p{os.getpid()}")
     return manifest
 

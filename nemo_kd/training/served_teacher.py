@@ -103,6 +103,13 @@ class _PendingMicrobatch:
     requests: List[_RowRequest]
 
 
+def _cancel(pending: Sequence[_PendingMicrobatch]) -> None:
+    """Cancel every request of ``pending`` still in flight (a finished one keeps its answer, unused)."""
+    for p in pending:
+        for req in p.requests:
+            req.future.cancel()
+
+
 def _row_segments(mb: Dict[str, torch.Tensor], r: int) -> List[Tuple[int, int]]:
     """``(offset, length)`` of the sequences in row ``r``: the whole row, or each packed segment."""
     if "segment_ids" not in mb:
@@ -167,8 +174,7 @@ class ServedStepTeacher:
         except BaseException:  # the run stops here: nothing of this step trains, nothing ahead is kept
             if cancel_all:
                 self.cancel()
-            for req in pending.requests:
-                req.future.cancel()
+            _cancel([pending])
             raise
         out = {key: v for key, v in mb.items() if key not in _TEACHER_KEYS}
         out.update(teacher_values=values, teacher_ids=ids, teacher_lse=torch.zeros(b, s),
@@ -182,9 +188,7 @@ class ServedStepTeacher:
     def cancel(self) -> None:
         """Drop what is in flight (a prefetch, sampled microbatches that will not train)."""
         self.cancel_prefetch()
-        for p in self._sampled:
-            for req in p.requests:
-                req.future.cancel()
+        _cancel(self._sampled)
         self._sampled = []
 
     # ------------------------------------------------------------------ the step's hooks
@@ -202,9 +206,7 @@ class ServedStepTeacher:
 
     def cancel_prefetch(self) -> None:
         if self._prefetched is not None:
-            for p in self._prefetched[2]:
-                for req in p.requests:
-                    req.future.cancel()
+            _cancel(self._prefetched[2])
             self._prefetched = None
 
     def attach(self, step: int, microbatches: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
