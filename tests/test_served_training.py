@@ -11,25 +11,15 @@ import logging
 import math
 import os
 import re
-import socket
 import types
 
 import pytest
 import torch
 
+from test_distillation_model import _arch, _free_port  # the same tiny student and free-port helper
+
 MAX_LEN, K, N = 40, 8, 16
 KEY_ENV, SECRET = "NEMO_KD_TEST_TRAIN_TEACHER_KEY", "sk-train-SECRET-5a4b3c"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _arch(vocab):
-    return dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                vocab_size=vocab, max_position_embeddings=64)
 
 
 def _serve(teacher):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from test_extract import assets  # noqa: F401  (the fixture, by name: its teacher and TP=1 store)
 from nemo_kd.losses.kd import topk_kd_loss
 from nemo_kd.teacher.store import (
     LOG_TAIL_EXTENSION,
@@ -339,37 +340,28 @@ def test_objective_reads_the_stored_tail_and_trains_as_before_without_it():
 
 
 @pytest.mark.distributed
-def test_extraction_writes_the_tail_and_tp2_equals_tp1(tmp_path):
+def test_extraction_writes_the_tail_and_tp2_equals_tp1(assets, tmp_path):
     """compute_topk_logits with a Megatron teacher (TP=1, then TP=2 over gloo) stores the tail; equal stores."""
-    from test_extract import _dist_extract, _extract_cfg, _write_data, _texts
+    from test_extract import _dist_extract, _extract_cfg
 
     from dist_utils import WorldOfOne
-    from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
-    from nemo_kd.models import GPTModelConfig, build_gpt_model
     from nemo_kd.teacher.extract import compute_topk_logits
-    from nemo_kd.teacher.teachers import MegatronTeacher, save_full_checkpoint
+    from nemo_kd.teacher.teachers import MegatronTeacher
 
-    tok = train_byte_level_bpe(_texts(), vocab_size=300, save_dir=str(tmp_path / "tok"))
-    data = str(tmp_path / "data.jsonl")
-    _write_data(data)
-    cfg = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                         vocab_size=len(tok), max_position_embeddings=64)
+    # test_extract's assets: its tokenizer, data, ×40-sharpened teacher and the TP=1 store (log_tail by default)
+    data, tp1 = assets["data"], assets["store"]
     with WorldOfOne(seed=5):
-        full = {k: v for k, v in build_gpt_model(cfg).state_dict().items() if torch.is_tensor(v)}
-        full["output_layer.weight"] = full["output_layer.weight"] * 40
-        save_full_checkpoint(str(tmp_path / "teacher"), full, cfg)
-        compute_topk_logits(_extract_cfg(str(tmp_path / "tp1"), data), MegatronTeacher(str(tmp_path / "teacher")), tok)
         compute_topk_logits(_extract_cfg(str(tmp_path / "no_tail"), data, log_tail=False),
-                            MegatronTeacher(str(tmp_path / "teacher")), tok)
+                            MegatronTeacher(assets["teacher_path"]), assets["tok"])
     # log_tail=false: the store as before the extension (the same payload bytes, no tail files)
     with StoreReader(str(tmp_path / "no_tail")) as r:
         assert not r.has_log_tail and LOG_TAIL_EXTENSION not in r.manifest.extensions
     for name in ("shard-00000.bin", "shard-00000.idx", "shard-00000.sum"):
-        assert (tmp_path / "no_tail" / name).read_bytes() == (tmp_path / "tp1" / name).read_bytes(), name
+        assert (tmp_path / "no_tail" / name).read_bytes() == open(os.path.join(tp1, name), "rb").read(), name
     assert not any("log_tail" in f for f in os.listdir(tmp_path / "no_tail"))
-    run_distributed(_dist_extract, 2, 2, 1, str(tmp_path / "teacher"), str(tmp_path / "tok"), data,
+    run_distributed(_dist_extract, 2, 2, 1, assets["teacher_path"], str(assets["dir"] / "tok"), data,
                     str(tmp_path / "tp2"), None)
-    with StoreReader(str(tmp_path / "tp1"), verify_checksums=True) as a, \
+    with StoreReader(tp1, verify_checksums=True) as a, \
             StoreReader(str(tmp_path / "tp2"), verify_checksums=True) as b:
         assert a.has_log_tail and b.has_log_tail
         for i in range(len(a)):
