@@ -329,8 +329,10 @@ def test_layout_refusals_name_the_key():
         ParallelConfig(sequence_parallel=True)
     with pytest.raises(ValueError, match=r"context_parallel_size=2 needs transformer_impl=transformer_engine"):
         arch.validate_layout(ParallelConfig(context_parallel_size=2))
-    with pytest.raises(ValueError, match=r"context_parallel_size=2: nemo_kd does not split batches"):
-        replace(arch, transformer_impl="transformer_engine").validate_layout(ParallelConfig(context_parallel_size=2))
+    with pytest.raises(ValueError, match=r"context_parallel_size=2 cuts every row in 2 x 2 chunks: the row length "
+                                         r"\(max_seq_length=14\) must be divisible by 4"):  # test_context_parallel: the rest
+        replace(arch, transformer_impl="transformer_engine").validate_layout(ParallelConfig(context_parallel_size=2),
+                                                                             seq_length=14)
     sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
     arch.validate_layout(sp, seq_length=12)
     with pytest.raises(ValueError, match=r"max_seq_length=13\) must be divisible by tensor_model_parallel_size \(2\)"):
@@ -395,8 +397,9 @@ def test_the_nemo_model_refuses_bad_scale_settings_before_building_anything():
         ({"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": True}, "data.train_ds.max_seq_length": 31},
          r"max_seq_length=31\) must be divisible by tensor_model_parallel_size \(2\)"),
         ({"parallel": {"context_parallel_size": 2}}, "context_parallel_size=2 needs transformer_impl=transformer_engine"),
-        ({"parallel": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}},
-         "parallel.virtual_pipeline_model_parallel_size: the NeMo model's .nemo export"),
+        ({"parallel": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+          "teacher": {"mode": "online", "checkpoint": "/nonexistent"}},
+         "teacher.mode=online with parallel.virtual_pipeline_model_parallel_size"),
         ({"parallel": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 3}},
          r"num_layers \(4\) must be divisible by pipeline_model_parallel_size \(2\) \* virtual"),
         ({"student.recompute_granularity": "full"}, "recompute_granularity=full needs recompute_method"),

@@ -363,27 +363,36 @@ def read_nemo_archive(path: str) -> Tuple[HFArchitecture, Dict[str, torch.Tensor
     return arch, full
 
 
+def build_chunks_from_full_state_dict(arch: Union[HFArchitecture, GPTModelConfig], full: Dict[str, torch.Tensor],
+                                      source: str) -> List[torch.nn.Module]:
+    """This rank's model chunks (current parallel state; one per virtual pipeline stage) with their shards of a
+    full state dict loaded."""
+    if isinstance(arch, GPTModelConfig):
+        arch = HFArchitecture(family=None, model=arch)
+    vpp = _vpp_size()
+    chunks = []
+    for vp_stage, model in enumerate(build_model_chunks(arch, initialize_weights=False, wrap_float16=False)):
+        shard = shard_state_dict(full, arch.model, state.tp_rank(), state.tp_size(), state.pp_rank(),
+                                 state.pp_size(), vp_stage if vpp else None, vpp, **_expert_layout(arch.model))
+        missing, unexpected = model.load_state_dict(shard, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"{source}: checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+        if arch.model.params_dtype != "fp32":
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(model.config, model)
+        chunks.append(model)
+    return chunks
+
+
 def build_from_full_state_dict(arch: Union[HFArchitecture, GPTModelConfig], full: Dict[str, torch.Tensor],
                                source: str) -> torch.nn.Module:
     """This rank's GPT chunk (current parallel state) with its shard of a full state dict loaded."""
-
-    if isinstance(arch, GPTModelConfig):
-        arch = HFArchitecture(family=None, model=arch)
-    chunks = build_model_chunks(arch, initialize_weights=False, wrap_float16=False)
-    if len(chunks) != 1:
-        raise ValueError(f"{source}: loading a full state dict with virtual pipeline stages is not supported")
-    model = chunks[0]
-    shard = shard_state_dict(full, arch.model, state.tp_rank(), state.tp_size(), state.pp_rank(), state.pp_size(),
-                             **_expert_layout(arch.model))
-    missing, unexpected = model.load_state_dict(shard, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise ValueError(f"{source}: checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
-    if arch.model.params_dtype != "fp32":
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(model.config, model)
-    return model
+    if _vpp_size():
+        raise ValueError(f"{source}: one model chunk per rank asked for, and the parallel state has virtual "
+                         "pipeline stages (build_chunks_from_full_state_dict builds one per stage)")
+    return build_chunks_from_full_state_dict(arch, full, source)[0]
 
 
 def build_and_load(path: str, parallel: Optional[ParallelConfig] = None, progress: bool = False,
@@ -403,7 +412,7 @@ def build_and_load(path: str, parallel: Optional[ParallelConfig] = None, progres
         raise ValueError("parallel state is already initialised with a different TP/PP than `parallel`")
     if os.path.isfile(path) and path.endswith(".nemo"):
         arch, full = read_nemo_archive(path)
-        return LoadedModel([build_from_full_state_dict(arch, full, path)], arch)
+        return LoadedModel(build_chunks_from_full_state_dict(arch, full, path), arch)
     if is_megatron_checkpoint(path):
         arch = read_checkpoint_architecture(path)
         chunks = build_model_chunks(arch, initialize_weights=False)

@@ -40,10 +40,15 @@ scheduler, RNG; reshardable across TP/PP/DP); ``consumed_samples`` (the data pos
 is saved in them too and the train sampler resumes from it.
 
 Only the student is part of ``state_dict()`` (``self.student`` is the engine's
-Megatron module), so ``save_to`` writes the student weights to ``model_weights.ckpt``
-and ``restore_from`` rebuilds the engine from the config and loads them. Under TP/PP the
-``.nemo`` still holds the full (TP=1, PP=1) student, gathered at save and re-sharded at
-restore, so a ``.nemo`` restores with any layout. The student's tokenizer files
+Megatron module, a ``ModuleList`` of this rank's model chunks with virtual pipeline stages),
+so ``save_to`` writes the student weights to ``model_weights.ckpt``
+and ``restore_from`` rebuilds the engine from the config and loads them. Under TP/PP (and
+virtual pipeline stages) the ``.nemo`` still holds the full (TP=1, PP=1) student under global
+layer numbers, the same file whatever layout saved it, gathered at save and re-sharded at
+restore, so a ``.nemo`` restores with any layout (the one the restoring process initialised).
+Virtual pipeline stages (``parallel.virtual_pipeline_model_parallel_size``) run Megatron's
+interleaved schedule for training, validation and ``forward``; an online teacher is refused
+with them (its loader builds one chunk per rank), on-policy sampling already needs PP=1. The student's tokenizer files
 (``data.train_ds.tokenizer``) travel inside it as NeMo artifacts (``model.tokenizer``, see
 :mod:`nemo_kd.models.nemo_artifacts`): a restored model finds them in ``tokenizer_dir``
 wherever it runs, and ``import nemo_kd`` is all ``ModelPT.restore_from`` needs.
@@ -68,7 +73,7 @@ from nemo_kd.data.kd_dataset import DataConfigError, DistillationDataset, Global
 from nemo_kd.data.packing import DEFAULT_PACK_WINDOW, PackedDataset, collate_packed
 from nemo_kd.losses.objective import DistillationLossConfig
 from nemo_kd.models.config import GPTModelConfig
-from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
+from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig, check_interleaving
 from nemo_kd.models.nemo_artifacts import TOKENIZER_SECTION, register_tokenizer
 from nemo_kd.models.router_terms import RouterTerms
 from nemo_kd.parallel import state
@@ -96,6 +101,11 @@ def _plain(node) -> dict:
     if isinstance(node, DictConfig):
         return OmegaConf.to_container(node, resolve=True)
     return dict(node)
+
+
+def _virtual_stages() -> Optional[int]:
+    """The initialised layout's virtual pipeline stages per rank (None: no interleaving)."""
+    return state.config().virtual_pipeline_model_parallel_size if state.config() is not None else None
 
 
 def _global_tokens(microbatches: List[Dict[str, torch.Tensor]]) -> float:
@@ -257,14 +267,13 @@ class GPTDistillationModel(ModelPT):
                                                                 "recompute_num_layers")):
             raise ValueError("teacher.model.recompute_*: an online teacher runs forward-only under no_grad, so there "
                              "is nothing to recompute; set activation recomputation in model.student only")
-        if p.virtual_pipeline_model_parallel_size:
-            # DistillationEngine runs them (Megatron's interleaved schedule, tested against PP without VPP) and
-            # its training checkpoints hold every chunk; what this class adds does not handle model chunks yet:
-            # ``self.student`` is one GPTModel, the .nemo gather (save_to) and restore (load_state_dict) cut
-            # non-interleaved stages, ``forward`` calls one chunk.
-            raise ValueError("parallel.virtual_pipeline_model_parallel_size: the NeMo model's .nemo export and restore "
-                             "hold one model chunk per rank, so training here runs without virtual pipeline stages "
-                             "(DistillationEngine and its training checkpoints run them); unset it")
+        if p.virtual_pipeline_model_parallel_size and self._teacher_mode == "online":
+            # The engine runs an online teacher chunked alike, but the teacher loaders
+            # (nemo_kd.teacher.teachers.load_megatron_teacher) build one model chunk per rank.
+            raise ValueError("teacher.mode=online with parallel.virtual_pipeline_model_parallel_size: the online "
+                             "teacher is loaded as one model chunk per rank, the interleaved schedule needs one per "
+                             "virtual stage; use teacher.mode=offline or served, or unset "
+                             "virtual_pipeline_model_parallel_size")
 
         super().__init__(cfg=cfg, trainer=trainer)
         self.automatic_optimization = False
@@ -272,24 +281,24 @@ class GPTDistillationModel(ModelPT):
 
         if not state.is_initialized():
             state.initialize_parallel(self._parallel_cfg)
-        elif (state.tp_size(), state.pp_size()) != (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) \
-                and self._is_model_being_restored():
-            # a .nemo holds the full student: restore into the layout this process runs with
-            self._student_cfg.validate_parallel(state.tp_size(), state.pp_size(), None, state.ep_size(),
+        layout = (state.tp_size(), state.pp_size(), _virtual_stages())
+        asked = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size)
+        if layout != asked and self._is_model_being_restored():
+            # a .nemo holds the full student: restore into the layout (TP, PP, virtual stages) this process runs with
+            self._student_cfg.validate_parallel(state.tp_size(), state.pp_size(), layout[2], state.ep_size(),
                                                 state.etp_size())
-            log.info("restoring a TP=%d/PP=%d model with TP=%d/PP=%d", p.tensor_model_parallel_size,
-                     p.pipeline_model_parallel_size, state.tp_size(), state.pp_size())
-            p.tensor_model_parallel_size, p.pipeline_model_parallel_size = state.tp_size(), state.pp_size()
+            log.info("restoring a TP=%d/PP=%d/VPP=%s model with TP=%d/PP=%d/VPP=%s", *asked, *layout)
+            p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size = layout
             # the experts' TP split of this layout too (None: over TP), so that the saved config is one layout
             p.expert_tensor_parallel_size = state.etp_size() if state.etp_size() != state.tp_size() else None
             with open_dict(self._cfg):
                 self._cfg.parallel.tensor_model_parallel_size = state.tp_size()
                 self._cfg.parallel.pipeline_model_parallel_size = state.pp_size()
+                self._cfg.parallel.virtual_pipeline_model_parallel_size = layout[2]
                 self._cfg.parallel.expert_tensor_parallel_size = p.expert_tensor_parallel_size
-        elif (state.tp_size(), state.pp_size()) != (p.tensor_model_parallel_size, p.pipeline_model_parallel_size):
-            raise ValueError(f"parallel state is already initialised with TP={state.tp_size()}, PP={state.pp_size()}"
-                             f" but the config asks TP={p.tensor_model_parallel_size}, "
-                             f"PP={p.pipeline_model_parallel_size}")
+        elif layout != asked:
+            raise ValueError(f"parallel state is already initialised with TP={layout[0]}, PP={layout[1]}, "
+                             f"VPP={layout[2]} but the config asks TP={asked[0]}, PP={asked[1]}, VPP={asked[2]}")
 
         teacher_model = teacher_cfg = None
         restoring = self._is_model_being_restored()
@@ -338,7 +347,10 @@ class GPTDistillationModel(ModelPT):
                 self._cfg.student = OmegaConf.create(self._student_cfg.to_dict())
                 self._cfg.student_hf_architecture = OmegaConf.create(extras)
                 self._cfg.student_init = None
-        self.student = self.engine.module  # registered: the student weights are this model's state_dict
+        # registered: the student weights are this model's state_dict. With virtual pipeline stages a ModuleList
+        # of this rank's chunks (``student.<chunk>.*``, chunk i = virtual stage i); .nemo and Lightning checkpoints
+        # hold global names either way (save_to gathers, the strategy saves Megatron's sharded state dicts).
+        self.student = self.engine.module
         if self._served_cfg is not None and not restoring:  # connects now: a wrong url / model fails here
             from nemo_kd.training.served_teacher import ServedStepTeacher
 
@@ -414,6 +426,12 @@ class GPTDistillationModel(ModelPT):
         micro, gbs = int(ds.get("micro_batch_size", 1)), int(ds.get("global_batch_size", 1))
         if train and (micro, gbs) != (self.engine.batch_cfg.micro_batch_size, self.engine.batch_cfg.global_batch_size):
             raise DataConfigError("train_ds micro/global batch size differs from the engine's")
+        if not train and _virtual_stages():  # the engine checks the training batches; validation runs interleaved too
+            try:
+                check_interleaving(BatchConfig(micro, gbs).num_microbatches(state.dp_size()), state.pp_size(),
+                                   _virtual_stages())
+            except ValueError as e:
+                raise DataConfigError(f"data.{split}: {e}") from e
         rows = dataset
         if ds.get("pack_sequences", False):  # rows of whole samples; the batch sizes count rows (nemo_kd.data.packing)
             if self._on_policy.enabled:
@@ -484,10 +502,30 @@ class GPTDistillationModel(ModelPT):
         return self._optimizer
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
-        """Student logits (this rank's vocab shard on the last pipeline stage; TP=PP=1: full logits)."""
+        """Student logits ``[B, S, V/TP]`` of ``input_ids`` ``[B, S]``: this rank's vocabulary shard (TP=1: every
+        column). Under pipeline parallelism every rank of the pipeline calls it (a collective, no gradient): the
+        rows go through Megatron's forward-only schedule, every model chunk (virtual stage) in its turn; the last
+        stage returns the logits, the other stages ``None``."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.student(input_ids, position_ids, None)
+        if state.pp_size() == 1:
+            return self.student(input_ids, position_ids, None)
+        device = state.device()
+        rows = [{"inputs": input_ids[r:r + 1].to(device), "position_ids": position_ids[r:r + 1].to(device)}
+                for r in range(input_ids.shape[0])]
+        if _virtual_stages():  # the interleaved schedule runs groups of PP microbatches: copies of row 0, dropped
+            rows += rows[:1] * (-len(rows) % state.pp_size())
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            return model(mb["inputs"], mb["position_ids"], None), \
+                lambda logits: (logits.new_zeros(()), {"logits": logits.detach()})
+
+        with torch.no_grad():
+            outs = self.engine._run_schedule(list(self.engine.chunks), forward_step, rows, forward_only=True)
+        if not state.is_pipeline_last_stage():
+            return None
+        return torch.cat([o["logits"] for o in outs[: input_ids.shape[0]]], dim=0)
 
     def training_step(self, batch: List[Dict[str, torch.Tensor]], batch_idx: int):
         t0 = time.perf_counter()
@@ -630,22 +668,45 @@ class GPTDistillationModel(ModelPT):
             if is_global_rank_zero() and os.path.exists(partial):
                 os.remove(partial)
 
+    def _chunk_prefixes(self) -> List[str]:
+        """Where each model chunk's ``GPTModel`` keys sit in this model's ``state_dict``: ``student.`` (one chunk)
+        or ``student.<i>.`` (virtual stage i), then ``module.`` for each wrapper around it (``Float16Module``)."""
+        from nemo_kd.convert.hf_weights import unwrap_model
+
+        chunks = list(self.engine.chunks)
+        prefixes = []
+        for i, chunk in enumerate(chunks):
+            prefix = "student." if len(chunks) == 1 else f"student.{i}."
+            while chunk is not unwrap_model(chunk):
+                prefix, chunk = prefix + "module.", chunk.module
+            prefixes.append(prefix)
+        return prefixes
+
     def save_to(self, save_path: str):
         """Write ``.nemo``: the config, the *full* (TP=1, PP=1) student weights and its tokenizer files.
 
-        Under TP/PP the shards of data-parallel replica 0 are gathered to global rank 0
-        (``gather_object``: CPU copies, fine for students that fit one host's memory),
-        merged with :func:`~nemo_kd.models.gather_state_dict` and written by rank 0;
-        ``restore_from`` shards them again for whatever layout it runs with.
+        Under TP/PP (and virtual pipeline stages) the shards of data-parallel replica 0 are gathered to global
+        rank 0 (``gather_object``: CPU copies, fine for students that fit one host's memory), merged with
+        :func:`~nemo_kd.models.gather_state_dict` and written by rank 0; ``restore_from`` shards them again for
+        whatever layout it runs with. The keys are ``student.`` + the full ``GPTModel``'s (global layer numbers,
+        no ``Float16Module`` prefix): the same file whatever layout saved it.
         """
+        from nemo_kd.convert.hf_weights import unwrap_model
+
         if not self._model_parallel():
-            return self._save_nemo(save_path)
+            if self._chunk_prefixes() != ["student."]:  # a wrapped (bf16/fp16) student: its GPTModel's keys
+                self._export_state = {f"student.{k}": v for k, v in unwrap_model(self.student).state_dict().items()}
+            try:
+                return self._save_nemo(save_path)
+            finally:
+                self._export_state = None
         import torch.distributed as dist
 
         from nemo_kd.models import gather_state_dict
         from nemo_kd.models.sharding import merge_expert_shards
 
-        local = {k: v.detach().cpu() for k, v in self.student.state_dict().items() if torch.is_tensor(v)}
+        local = [{k: v.detach().cpu() for k, v in unwrap_model(chunk).state_dict().items() if torch.is_tensor(v)}
+                 for chunk in self.engine.chunks]
         # One copy of every shard: DP replica 0's, and under EP each EP rank's experts (the ranks of
         # expert-data-parallel rank 0 hold one (PP, TP, EP) position each).
         ep, etp = state.ep_size(), state.etp_size()
@@ -657,11 +718,15 @@ class GPTDistillationModel(ModelPT):
         items = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(item, items, dst=0)
         if dist.get_rank() == 0:
-            by_ep = [[[None] * ep for _ in range(state.tp_size())] for _ in range(state.pp_size())]
+            pp, vpp = state.pp_size(), len(local)
+            by_ep = [[[None] * ep for _ in range(state.tp_size())] for _ in range(pp)]
             for it in items:
                 if it is not None:
                     by_ep[it[0]][it[1]][it[2]] = it[3]
-            shards = [[merge_expert_shards(parts, self._student_cfg) for parts in row] for row in by_ep]
+            # The model's stages in layer order: virtual stage v of pipeline rank r is stage v * PP + r
+            # (sharding.layer_offset), so the chunks form a non-interleaved pipeline of PP * VPP stages.
+            shards = [[merge_expert_shards([chunks[v] for chunks in parts], self._student_cfg) for parts in by_ep[r]]
+                      for v in range(vpp) for r in range(pp)]
             # keeps this layout's padded vocab rows; experts held whole (expert TP 1) taken once
             full = gather_state_dict(shards, self._student_cfg, expert_tp_size=etp)
             self._export_state = {f"student.{k}": v for k, v in full.items()}
@@ -678,14 +743,24 @@ class GPTDistillationModel(ModelPT):
 
     def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
         if self._is_model_being_restored() and state.is_initialized():
-            # .nemo holds the full student (see save_to): take this rank's shard (vocab rows padded for this TP)
+            # .nemo holds the full student (see save_to): take this rank's shard of every chunk (vocab rows padded
+            # for this TP, the layers of each virtual stage)
             from nemo_kd.models import shard_state_dict
 
-            full = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
-            shard = shard_state_dict(full, self._student_cfg, state.tp_rank(), state.tp_size(),
-                                     state.pp_rank(), state.pp_size(), ep_rank=state.ep_rank(), ep_size=state.ep_size(),
-                                     etp_rank=state.etp_rank(), etp_size=state.etp_size())
-            state_dict = {f"student.{k}": v for k, v in shard.items()}
+            full = {}
+            for key, value in state_dict.items():
+                if key.startswith("student."):
+                    key = key[len("student."):]
+                    while key.startswith("module."):  # written from a wrapped student before save_to unwrapped it
+                        key = key[len("module."):]
+                    full[key] = value
+            vpp = _virtual_stages()
+            state_dict = {}
+            for i, prefix in enumerate(self._chunk_prefixes()):
+                shard = shard_state_dict(full, self._student_cfg, state.tp_rank(), state.tp_size(), state.pp_rank(),
+                                         state.pp_size(), i if vpp else None, vpp, ep_rank=state.ep_rank(),
+                                         ep_size=state.ep_size(), etp_rank=state.etp_rank(), etp_size=state.etp_size())
+                state_dict.update({prefix + k: v for k, v in shard.items()})
         out = super().load_state_dict(state_dict, strict=strict, **kwargs)
         if hasattr(self.engine.optimizer, "reload_model_params"):  # refresh fp32 main params (bf16 students)
             self.engine.optimizer.reload_model_params()

@@ -234,10 +234,12 @@ def gather_state_dict(
     vocab_rows: Optional[int] = None,
     expert_tp_size: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Full (TP=1, PP=1) state dict from ``shards[pp_rank][tp_rank]`` (non-interleaved PP).
+    """Full (TP=1, PP=1) state dict from ``shards[stage][tp_rank]``, the stages in layer order.
 
     Args:
-        shards: every rank's ``GPTModel.state_dict()``, indexed by pipeline then tensor rank.
+        shards: every rank's ``GPTModel.state_dict()``, indexed by pipeline then tensor rank. With virtual
+            pipeline stages, every model chunk's, in layer order: virtual stage ``v`` of pipeline rank ``r`` is
+            stage ``v * PP + r`` of a non-interleaved pipeline of ``PP * VPP`` stages (:func:`layer_offset`).
         cfg: the architecture.
         vocab_rows: rows of the vocabulary matrices in the result (trimmed or zero-padded);
             None keeps ``cfg.padded_vocab_size(tp_size)``, ``cfg.vocab_size`` unpads.

@@ -1,0 +1,181 @@
+"""GPTDistillationModel with virtual pipeline stages (PP=2 x VPP=2, 4 layers: rank 0 holds layers 0 and 2,
+rank 1 layers 1 and 3) under Lightning, 2 CPU processes over gloo, against the same model at PP=2 without them
+(layers 0-1 | 2-3), both started from the same full weights:
+
+* the fit: every step's loss, the validation loss and the final weights (the .nemo files, tensor by tensor);
+* the .nemo holds the full student under global layer numbers (the PP=2 run's keys), restores at PP=1 in one
+  process to the VPP run's logits, at VPP into the same process to identical logits, and starts a VPP student
+  (``student_init``);
+* a Lightning checkpoint saved at step 2 of the VPP run resumes to the uninterrupted run's losses of steps 3-4;
+* what cannot run with model chunks is refused at construction, by name.
+
+Data and helpers: tests/test_distillation_model.py (tokenizer, 16 samples, the teacher's top-k store).
+"""
+
+import os
+
+import pytest
+import torch
+
+from test_distillation_model import _arch, _cfg, world  # noqa: F401  (world: the module's data fixture)
+
+STEPS = 4
+PP2 = {"student.num_layers": 4, "parallel.pipeline_model_parallel_size": 2, "max_steps": STEPS}
+VPP2 = {**PP2, "parallel.virtual_pipeline_model_parallel_size": 2}
+
+
+def _load_full(model, full):
+    """Every chunk of ``model`` gets its shard of the full (TP=1, PP=1) weights."""
+    from nemo_kd.models import GPTModelConfig, shard_state_dict
+    from nemo_kd.parallel import state
+
+    cfg = GPTModelConfig.from_dict(dict(model.cfg.student))
+    vpp = state.config().virtual_pipeline_model_parallel_size
+    for i, chunk in enumerate(model.engine.chunks):
+        chunk.load_state_dict(shard_state_dict(full, cfg, state.tp_rank(), state.tp_size(), state.pp_rank(),
+                                               state.pp_size(), i if vpp else None, vpp), strict=False)
+
+
+def _fit(world, tmp, over, steps, init=None, checkpoint_dir=None, resume=None):
+    import lightning.pytorch as pl
+
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.parallel.strategy import MegatronStrategy
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    rec = Record()
+    callbacks = [rec]
+    if checkpoint_dir:
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=2, save_top_k=-1))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=MegatronStrategy(), max_steps=steps,
+                         use_distributed_sampler=False, logger=False, enable_checkpointing=bool(checkpoint_dir),
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=1, val_check_interval=steps, check_val_every_n_epoch=None,
+                         callbacks=callbacks, default_root_dir=tmp)
+    model = GPTDistillationModel(_cfg(world, **over), trainer=trainer)
+    if init is not None:
+        _load_full(model, init)
+    trainer.fit(model, ckpt_path=resume)
+    assert trainer.global_step == steps
+    rec.rows[-1]["val_loss"] = float(trainer.callback_metrics["val_loss"])  # validated after the last step
+    return model, rec.rows
+
+
+def _runs(rank, world_size, world, tmp, init, x):
+    from nemo_kd.data.kd_dataset import DataConfigError
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.parallel import destroy_parallel
+
+    out = {}
+    try:  # PP=2: the reference
+        model, rows = _fit(world, os.path.join(tmp, "pp2"), PP2, STEPS, init)
+        out["pp2"] = dict(rows=rows, logits=model(x))
+        model.save_to(os.path.join(tmp, "pp2.nemo"))
+    finally:
+        destroy_parallel()
+    try:  # PP=2 x VPP=2: a checkpoint at step 2, the .nemo at the end
+        ckpt_dir = os.path.join(tmp, "ckpt")
+        model, rows = _fit(world, os.path.join(tmp, "vpp2"), VPP2, STEPS, init, checkpoint_dir=ckpt_dir)
+        assert len(model.engine.chunks) == 2 and isinstance(model.student, torch.nn.ModuleList)
+        assert {k.split(".")[1] for k in model.state_dict()} == {"0", "1"}  # student.<chunk>.*
+        logits = model(x)
+        out["vpp2"] = dict(rows=rows, logits=logits)
+        path = os.path.join(tmp, "vpp2.nemo")
+        model.save_to(path)
+        model.eval()
+        # restores at this layout (VPP) to the same logits, and the PP=2 run's .nemo restores into it too
+        for name in ("vpp2", "pp2"):
+            restored = GPTDistillationModel.restore_from(os.path.join(tmp, f"{name}.nemo"),
+                                                         map_location=torch.device("cpu"))
+            restored.eval()
+            assert len(restored.engine.chunks) == 2 and restored.cfg.parallel.virtual_pipeline_model_parallel_size == 2
+            out[f"{name}_restored_at_vpp2"] = restored(x)
+        # the PP=2 run's .nemo starts a VPP student (student_init reads it chunk by chunk)
+        started = GPTDistillationModel(_cfg(world, **VPP2, **{"student_init": os.path.join(tmp, "pp2.nemo"),
+                                                                "data.validation_ds": None}))
+        started.eval()
+        out["pp2_started_at_vpp2"] = started(x)
+        # refused at construction: a validation batch of one microbatch (the interleaved schedule runs PP)
+        with pytest.raises(DataConfigError, match=r"data.validation_ds: virtual_pipeline_model_parallel_size=2: "
+                                                  r"Megatron's interleaved schedule needs .* = 1\) to be a multiple of "
+                                                  r"pipeline_model_parallel_size \(2\)"):
+            GPTDistillationModel(_cfg(world, **VPP2, **{"data.validation_ds.global_batch_size": 2}))
+        (name,) = [f for f in os.listdir(ckpt_dir) if "step=2" in f]
+        out["checkpoint"] = os.path.join(ckpt_dir, name)
+    finally:
+        destroy_parallel()
+    try:  # resumed from the VPP checkpoint of step 2
+        _, rows = _fit(world, os.path.join(tmp, "resumed"), VPP2, STEPS, resume=out["checkpoint"])
+        out["resumed"] = dict(rows=rows)
+    finally:
+        destroy_parallel()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_virtual_pipeline_stages_fit_nemo_and_resume_like_plain_pipeline(world, tmp_path):
+    from dist_utils import run_distributed
+
+    from nemo_kd.convert.checkpoint_io import read_nemo_archive
+    from nemo_kd.models import GPTModelConfig, build_gpt_model
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    vocab = world["vocab"]
+    init = {k: v.detach().clone() for k, v in build_gpt_model(
+        GPTModelConfig(**{**_arch(vocab), "num_layers": 4})).state_dict().items() if torch.is_tensor(v)}
+    x = torch.randint(0, vocab, (3, 16), generator=torch.Generator().manual_seed(2))  # 3 rows: not a multiple of PP
+    first, last = run_distributed(_runs, 2, world, str(tmp_path), init, x)
+    assert first["pp2"]["logits"] is None and first["vpp2"]["logits"] is None  # logits live on the last stage
+    pp2, vpp2 = last["pp2"], last["vpp2"]
+
+    # step by step: the losses, the validation loss (the interleaved schedule, forward only)
+    for key in ("loss", "kd_loss", "sft_loss", "grad_norm"):
+        got, want = [r[key] for r in vpp2["rows"]], [r[key] for r in pp2["rows"]]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (key, got, want)
+    assert vpp2["rows"][-1]["val_loss"] == pytest.approx(pp2["rows"][-1]["val_loss"], rel=1e-5)
+    assert pp2["rows"][-1]["loss"] < pp2["rows"][0]["loss"]  # it trained
+
+    # the .nemo files: the full student under global layer numbers, the same tensors as the PP=2 run's
+    arch_v, nemo_v = read_nemo_archive(str(tmp_path / "vpp2.nemo"))
+    arch_p, nemo_p = read_nemo_archive(str(tmp_path / "pp2.nemo"))
+    assert arch_v.model == arch_p.model and sorted(nemo_v) == sorted(nemo_p) == sorted(init)
+    for k in nemo_p:
+        assert nemo_v[k].shape == nemo_p[k].shape, k
+        torch.testing.assert_close(nemo_v[k], nemo_p[k], rtol=1e-5, atol=1e-6, msg=k)
+        assert not torch.equal(nemo_v[k], init[k]) or "norm" in k, k  # trained (norm weights may stay at 1)
+
+    # the pipeline forward (rows padded to the schedule's groups and dropped) and the restores
+    torch.testing.assert_close(vpp2["logits"], pp2["logits"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(last["vpp2_restored_at_vpp2"], vpp2["logits"])
+    torch.testing.assert_close(last["pp2_restored_at_vpp2"], pp2["logits"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(last["pp2_started_at_vpp2"], pp2["logits"], rtol=1e-6, atol=1e-6)
+    restored = GPTDistillationModel.restore_from(str(tmp_path / "vpp2.nemo"), map_location=torch.device("cpu"))
+    assert restored.cfg.parallel.pipeline_model_parallel_size == 1
+    assert restored.cfg.parallel.virtual_pipeline_model_parallel_size is None
+    restored.eval()
+    with torch.no_grad():
+        at_pp1 = restored(x)
+    torch.testing.assert_close(at_pp1[..., :vocab], vpp2["logits"][..., :vocab], rtol=1e-5, atol=1e-5)
+
+    # resumed from the VPP Lightning checkpoint of step 2: the uninterrupted run's steps 3-4
+    got = [r["loss"] for r in last["resumed"]["rows"]]
+    want = [r["loss"] for r in vpp2["rows"][2:]]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-7), (got, want)
+
+
+def test_what_cannot_run_with_model_chunks_is_refused_at_construction(world):
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    with pytest.raises(ValueError, match="teacher.mode=online with parallel.virtual_pipeline_model_parallel_size"):
+        GPTDistillationModel(_cfg(world, **VPP2, **{"teacher": {"mode": "online", "checkpoint": world["teacher"]},
+                                                    "data.train_ds.logits_store": None}))
+    with pytest.raises(ValueError, match=r"on_policy sampling needs pipeline_model_parallel_size=1"):
+        GPTDistillationModel(_cfg(world, **VPP2, **{"teacher": {"mode": "online", "checkpoint": world["teacher"]},
+                                                    "on_policy": {"fraction": 0.5}}))
