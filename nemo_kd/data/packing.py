@@ -225,6 +225,54 @@ class ModelInputs:
         return output.reshape(*self.shape, *output.shape[2:]) if self.packed else output
 
 
+@dataclass
+class TokenRows:
+    """Token sequences laid end to end in rows (:func:`pack_token_rows`): ``inputs`` / ``labels`` /
+    ``position_ids`` / ``segment_ids`` ``[B, W]`` int64 (``labels`` the next token, ``segment_ids`` −1 and
+    ``inputs`` / ``labels`` ``pad_id`` on padding), ``placements[i]`` = ``(row, offset)`` of sequence ``i``
+    (None for one in no row): its position ``offset + t`` reads token ``t`` and predicts token ``t + 1``."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    placements: List[Optional[Tuple[int, int]]]
+
+    def model_inputs(self, device=None) -> ModelInputs:
+        """The rows as the model takes them (THD, :class:`ModelInputs`), on ``device``."""
+        return ModelInputs.of(self.inputs.to(device), self.position_ids.to(device), self.segment_ids.to(device))
+
+
+def pack_token_rows(sequences: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], width: int,
+                    pad_id: int = 0) -> TokenRows:
+    """Rows ``[len(rows), width]`` holding ``sequences[i]`` for the ``i`` of each row, in the row's order,
+    laid out as :func:`collate_packed` lays out a sample: :func:`sample_positions` positions each (inputs
+    ``ids[:-1]``, labels ``ids[1:]``), positions restarting at 0, ``segment_ids`` the sample's place in its
+    row. ``rows`` is a plan (:func:`pack_plan`'s packs, as indices into ``sequences``); a row longer than
+    ``width`` is refused naming it."""
+    b = len(rows)
+    inputs = torch.full((b, width), pad_id, dtype=torch.long)
+    labels = torch.full((b, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(b, width, dtype=torch.long)
+    segment_ids = torch.full((b, width), -1, dtype=torch.long)
+    placements: List[Optional[Tuple[int, int]]] = [None] * len(sequences)
+    for r, row in enumerate(rows):
+        o = 0
+        for j, i in enumerate(row):
+            ids = torch.as_tensor(list(sequences[i]), dtype=torch.long)
+            n = sample_positions(len(ids))
+            if o + n > width:
+                raise DataConfigError(f"packed row {r}: its sequences {list(row)} need more than {width} positions "
+                                      f"(sequence {i} ends at {o + n})")
+            inputs[r, o:o + n] = ids[:-1]
+            labels[r, o:o + n] = ids[1:]
+            position_ids[r, o:o + n] = torch.arange(n)
+            segment_ids[r, o:o + n] = j
+            placements[i] = (r, o)
+            o += n
+    return TokenRows(inputs, labels, position_ids, segment_ids, placements)
+
+
 def schedule_shape(rows: int, seq_length: int, packed: bool) -> Tuple[int, int]:
     """``(seq_length, micro_batch_size)`` for Megatron's pipeline schedule, whose p2p tensors are the
     model's ``[S, B, H]``: packed rows (THD, :class:`ModelInputs`) are ``[B·S, 1, H]``."""

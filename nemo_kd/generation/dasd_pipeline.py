@@ -18,7 +18,8 @@ Model", plus "Mixed-policy Distillation"). For every temperature stage of ``stag
    sentence p_T (the teacher's sampling-time log-probs at temperature 1) vs p_S (the
    student's), teacher / student / common sentences at ``beta``
    (:func:`~nemo_kd.generation.divergence.sentence_divergence`). Every candidate with its filter
-   verdict and sentence counts → ``scored.jsonl``. Per prompt ``selection`` keeps
+   verdict and sentence counts → ``scored.jsonl`` (``pack_sequences``: the (prompt, response) pairs packed
+   into rows of ``pack_length``, :func:`~nemo_kd.generation.sampling.response_logprobs`). Per prompt ``selection`` keeps
    ``divergence``: the candidate :func:`~nemo_kd.generation.divergence.select_candidates`
    picks (most teacher sentences); ``first``: the first surviving candidate; ``all``: every
    surviving one (the ablations) → ``selected.jsonl``;
@@ -187,6 +188,7 @@ class DASDPipelineConfig(PipelineConfig):
         for st in cfg.stages:  # fail on bad sampling settings before any model is loaded
             cfg.stage_sampling(st)
             cfg.mixed_sampling(st)
+        cfg.scoring_pack_length("student")  # the student scores the candidates: can it pack?
         return cfg
 
     def stage_sampling(self, stage: DASDStage):
@@ -325,7 +327,8 @@ def _run(cfg: DASDPipelineConfig, prompts, resp_filter, t0: float) -> Optional[D
             keep = [i for i, o in enumerate(out) if o["filter"] is None]
             for i, (lps, spans) in zip(keep, score_responses(student.model, student.ctok, [rows[i] for i in keep],
                                                              vocab_size=student.vocab_size,
-                                                             batch_size=cfg.batch_size)):
+                                                             batch_size=cfg.batch_size,
+                                                             pack_length=cfg.scoring_pack_length("student"))):
                 r = rows[i]
                 if r.get("logprobs") is None:
                     raise ValueError(f"prompt {r['prompt_index']} sample {r.get('sample')}: no teacher log-probs")

@@ -10,7 +10,8 @@ The data side of the Nanbeige4-3B recipe (arXiv 2512.06266, §3.3; seed diagram
 3. **scores** – every response gets a score: ``reference`` (rules: the answer, optionally
    extracted by ``score.extract``, equals the prompt's reference; 1 or 0) or
    ``teacher_logprob`` (the teacher's mean token log-prob of the response, the teacher as
-   judge; computed while the teacher is loaded);
+   judge; computed while the teacher is loaded; ``pack_sequences``: the pairs packed into rows of
+   ``pack_length``, :func:`~nemo_kd.generation.sampling.response_logprobs`);
 4. **filters** – :class:`~nemo_kd.generation.filters.ResponseFilterConfig` drops
    degenerate, unfinished, over-long responses on both sides;
 5. **pair-wise preference filter** – :func:`~nemo_kd.generation.pairs.select_pairs` keeps
@@ -64,6 +65,8 @@ class PreferencePipelineConfig(PipelineConfig):
         cfg.check_required()
         if cfg.score not in SCORES:
             raise ValueError(f"score={cfg.score!r} is not one of {list(SCORES)}")
+        if cfg.score == "teacher_logprob":
+            cfg.scoring_pack_length("teacher")  # the teacher judges: can it pack?
         return cfg
 
 
@@ -119,7 +122,8 @@ def _run(cfg: PreferencePipelineConfig, prompts, pair_cfg, resp_filter, t0: floa
             if score_with_teacher:  # the teacher judges its own samples while loaded
                 for r, (lps, _) in zip(rows, score_responses(policy.model, policy.ctok, rows,
                                                              vocab_size=policy.vocab_size,
-                                                             batch_size=cfg.batch_size, served=policy.served)):
+                                                             batch_size=cfg.batch_size, served=policy.served,
+                                                             pack_length=cfg.scoring_pack_length(role))):
                     r["teacher_mean_logprob"] = sum(lps) / max(len(lps), 1)
             return rows
 
@@ -140,7 +144,8 @@ def _run(cfg: PreferencePipelineConfig, prompts, pair_cfg, resp_filter, t0: floa
             rows = [r for r in all_negatives if block.start <= r["prompt_index"] < block.stop]
             for r, (lps, _) in zip(rows, score_responses(teacher.model, teacher.ctok, rows,
                                                          vocab_size=teacher.vocab_size, batch_size=cfg.batch_size,
-                                                         served=teacher.served)):
+                                                         served=teacher.served,
+                                                         pack_length=cfg.scoring_pack_length("teacher"))):
                 r["teacher_mean_logprob"] = sum(lps) / max(len(lps), 1)
             return rows
 

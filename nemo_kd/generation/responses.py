@@ -179,7 +179,8 @@ def response_content_tokens(ctok, row: Dict[str, Any]) -> Tuple[List[int], List[
 
 
 def score_responses(model, ctok, rows: Sequence[Dict[str, Any]], *, vocab_size: int,
-                    batch_size: int = 64, served=None) -> List[Tuple[List[float], List[Tuple[int, int]]]]:
+                    batch_size: int = 64, served=None,
+                    pack_length: Optional[int] = None) -> List[Tuple[List[float], List[Tuple[int, int]]]]:
     """Teacher-forced log-probs of each row's response under ``model``, tokenised and rendered
     by ``ctok`` (the model's own :class:`~nemo_kd.data.tokenization.ConversationTokenizer`).
 
@@ -190,6 +191,9 @@ def score_responses(model, ctok, rows: Sequence[Dict[str, Any]], *, vocab_size: 
     longer than ``ctok.max_seq_length`` is scored on its kept tokens (truncated) or,
     with ``overlong="drop"``, gets empty lists. ``served``: a
     :class:`~nemo_kd.generation.served_sampling.ServedPolicy` scores instead of ``model`` (``prompt_logprobs``).
+    ``pack_length``: the (prompt, response) pairs packed into rows of that many positions
+    (:func:`~nemo_kd.generation.sampling.response_logprobs`; a Megatron-core GPT); a served policy batches on
+    its server and ignores it.
     """
     from nemo_kd.generation.sampling import response_logprobs
 
@@ -204,7 +208,8 @@ def score_responses(model, ctok, rows: Sequence[Dict[str, Any]], *, vocab_size: 
                                   for i in scored]) if scored else []
     else:
         lps = response_logprobs(model, [prompts[i] for i in scored], [responses[i] for i in scored],
-                                batch_size=batch_size, vocab_size=vocab_size) if scored else []
+                                batch_size=batch_size, vocab_size=vocab_size,
+                                pack_length=pack_length) if scored else []
     out: List[Tuple[List[float], List[Tuple[int, int]]]] = [([], []) for _ in rows]
     for i, lp in zip(scored, lps):
         out[i] = (lp.tolist(), spans_of[i])

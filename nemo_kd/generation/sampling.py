@@ -53,6 +53,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from nemo_kd.data.packing import DEFAULT_PACK_WINDOW, pack_plan, pack_token_rows, sample_positions
 from nemo_kd.losses.sequence import vocab_parallel_token_logprobs
 from nemo_kd.losses.vocab_parallel import all_gather_vocab, valid_vocab_columns, vocab_shard_range
 
@@ -449,6 +450,7 @@ def response_logprobs(
     *,
     batch_size: int = 64,
     vocab_size: int,
+    pack_length: Optional[int] = None,
 ) -> List[torch.Tensor]:
     """Teacher-forced ``log p(response_j | prompt, response_<j)`` per response token (temperature 1).
 
@@ -456,11 +458,25 @@ def response_logprobs(
     over the real vocabulary (padding rows masked out), vocab-parallel under TP through
     :func:`nemo_kd.losses.sequence.vocab_parallel_token_logprobs`. Include the end token
     in ``response_ids`` to score it (what :attr:`Generation.logprobs` holds when finished).
+
+    Padded (``pack_length=None``): ``batch_size`` pairs per forward, each right-padded to the
+    batch's longest. Packed (``pack_length``: a Megatron-core GPT only): the pairs laid end to end in
+    rows of ``pack_length`` positions (:mod:`nemo_kd.data.packing`: a pair of ``n`` tokens takes
+    ``n − 1``, first-fit decreasing per window of :data:`~nemo_kd.data.packing.DEFAULT_PACK_WINDOW`
+    pairs in their given order, positions restarting per pair, Megatron's THD layout so attention never
+    crosses a pair), ``batch_size`` rows per forward, each pair's log-probs read at its own positions:
+    the padded result up to float rounding, without the padding's work. A pair longer than
+    ``pack_length`` is scored whole, as padded, in a row of its own (the rows of its forward as wide as
+    it). The result is the same whatever the batching, packed or not, up to the model's rounding
+    (an MoE with token dropping excepted, see :func:`generate`).
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if pack_length is not None and (isinstance(pack_length, bool) or not isinstance(pack_length, int)
+                                    or pack_length < 1):
+        raise ValueError(f"pack_length must be a positive integer (packed rows) or None (padded), got {pack_length!r}")
     _check_vocab(vocab_size)
     pairs = [(list(map(int, p)), list(map(int, r))) for p, r in zip(prompt_ids, response_ids)]
     for i, (p, r) in enumerate(pairs):
@@ -469,23 +485,63 @@ def response_logprobs(
                              "prompt position")
         if any(not 0 <= t < vocab_size for t in r):
             raise ValueError(f"response {i} has token ids outside [0, {vocab_size})")
+    if pack_length is not None and not _is_megatron_gpt(model):
+        raise ValueError(f"pack_length={pack_length}: packed scoring needs a Megatron-core GPTModel (its attention "
+                         f"reads Megatron's packed_seq_params), not {type(model).__name__}; score it padded "
+                         "(pack_length=None)")
     group = _tp_group(model)
+    with _eval_mode(model):
+        if pack_length is None:
+            return _score_padded(model, pairs, batch_size, vocab_size, group)
+        return _score_packed(model, pairs, batch_size, vocab_size, group, pack_length)
+
+
+def _real_vocab_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, group) -> torch.Tensor:
+    """``log softmax(logits)[label]`` ``[b, s]`` float32 CPU over the real vocabulary of this shard's logits."""
+    v_local = logits.shape[-1]
+    valid = valid_vocab_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
+    if valid < v_local:  # Megatron's padding rows are no tokens: out of the normalisation
+        logits = logits.masked_fill(torch.arange(v_local, device=logits.device) >= valid, float("-inf"))
+    return vocab_parallel_token_logprobs(logits, labels, group=group).float().cpu()
+
+
+def _score_padded(model, pairs, batch_size: int, vocab_size: int, group) -> List[torch.Tensor]:
     device = _device(model)
     out: List[torch.Tensor] = []
-    with _eval_mode(model):
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            seqs = [p + r for p, r in chunk]
-            width = max(len(s) for s in seqs)
-            tokens = _right_pad(seqs, width, 0, device)
-            logits = _forward(model, tokens)  # [b, s, V_padded/TP]
-            v_local = logits.shape[-1]
-            valid = valid_vocab_columns(v_local, vocab_shard_range(v_local, group)[0], vocab_size)
-            if valid < v_local:  # Megatron's padding rows are no tokens: out of the normalisation
-                logits = logits.masked_fill(torch.arange(v_local, device=device) >= valid, float("-inf"))
-            lp = vocab_parallel_token_logprobs(logits[:, :-1], tokens[:, 1:], group=group).float().cpu()
-            for b, (p, r) in enumerate(chunk):
-                out.append(lp[b, len(p) - 1:len(p) - 1 + len(r)].clone())
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        seqs = [p + r for p, r in chunk]
+        width = max(len(s) for s in seqs)
+        tokens = _right_pad(seqs, width, 0, device)
+        logits = _forward(model, tokens)  # [b, s, V_padded/TP]
+        lp = _real_vocab_logprobs(logits[:, :-1], tokens[:, 1:], vocab_size, group)
+        for b, (p, r) in enumerate(chunk):
+            out.append(lp[b, len(p) - 1:len(p) - 1 + len(r)].clone())
+    return out
+
+
+def _score_packed(model, pairs, batch_size: int, vocab_size: int, group, pack_length: int) -> List[torch.Tensor]:
+    """:func:`response_logprobs` on packed rows (its docstring)."""
+    device = _device(model)
+    seqs = [p + r for p, r in pairs]
+    positions = [sample_positions(len(s)) for s in seqs]
+    scored = [i for i, (_, r) in enumerate(pairs) if r]  # an empty response has nothing to score
+    fit = [i for i in scored if positions[i] <= pack_length]
+    rows = [[fit[j] for j in pack] for pack in pack_plan([positions[i] for i in fit], pack_length,
+                                                         DEFAULT_PACK_WINDOW, shuffle=False)]
+    rows += [[i] for i in scored if positions[i] > pack_length]  # scored whole, alone (as padded)
+    out = [torch.zeros(0, dtype=torch.float32) for _ in pairs]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(sum(positions[i] for i in row) for row in chunk)
+        packed = pack_token_rows(seqs, chunk, width)
+        x = packed.model_inputs(device)
+        logits = x.rows(model(*x.args, **x.kwargs))  # [b, width, V_padded/TP]
+        lp = _real_vocab_logprobs(logits, packed.labels.to(device), vocab_size, group)
+        for i in (i for row in chunk for i in row):
+            r, o = packed.placements[i]
+            first = o + len(pairs[i][0]) - 1  # the position predicting the response's first token
+            out[i] = lp[r, first:first + len(pairs[i][1])].clone()
     return out
 
 

@@ -173,11 +173,32 @@ class PipelineConfig:
     batch_size: int = 64  # sequences per forward (per data-parallel rank)
     parallel: Dict[str, Any] = field(default_factory=dict)  # ParallelConfig fields
     progress: bool = True
+    # scoring: (prompt, response) pairs packed into rows of pack_length (null: max_seq_length), batch_size rows a
+    # forward (response_logprobs' pack_length); the same scores up to rounding, so no stage setting
+    pack_sequences: bool = False
+    pack_length: Optional[int] = None
 
     def check_required(self) -> None:
         for name in ("prompts", "output_dir"):
             if getattr(self, name) in (None, "???"):
                 raise ValueError(f"`{name}` is required")
+
+    def scoring_pack_length(self, role: str) -> Optional[int]:
+        """The ``pack_length`` the model ``role`` (``teacher`` / ``student``) scores with (None: padded; a served
+        model batches on its server); refuses, naming the keys, what cannot pack."""
+        if not isinstance(self.pack_sequences, bool):
+            raise ValueError(f"pack_sequences must be true or false, got {self.pack_sequences!r}")
+        spec: PolicySpec = getattr(self, role)
+        if not self.pack_sequences or spec.type == "served":
+            return None
+        n = self.max_seq_length if self.pack_length is None else self.pack_length
+        if isinstance(n, bool) or not isinstance(n, int) or n < self.max_seq_length:
+            raise ValueError(f"pack_length ({self.pack_length!r}) must be an integer >= max_seq_length "
+                             f"({self.max_seq_length}): a packed row holds at least one whole pair")
+        if spec.backend != "megatron":
+            raise ValueError(f"pack_sequences: {role}.backend={spec.backend} scores with transformers, which reads no "
+                             "packed rows; use backend megatron (the same checkpoint loads) or pack_sequences: false")
+        return n
 
 
 @dataclass
