@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from hf_models import random_hf_model
+from hf_models import (check_loads_at_ep1, check_logits_match_hf_tp1, check_parallel_results,
+                       check_round_trip_bit_identical, max_diff, parallel_conversion_worker, random_hf_model)
 
 import safetensors  # noqa: E402,F401  (requirements.txt installs both: missing, the module fails, never skips)
 import transformers  # noqa: E402,F401
@@ -50,8 +51,6 @@ def _hf_configs():
 FAMILIES = list(_hf_configs())
 
 
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """Per family: HF dir, reference tokens / logits, and the TP=1 Megatron conversion."""
@@ -73,28 +72,6 @@ def zoo(tmp_path_factory):
     return out
 
 
-def _megatron_logits(model_chunks, tokens):
-    """Full-vocabulary logits [b, s, padded V] of a single-stage model at the current TP."""
-    import torch.distributed as dist
-
-    from nemo_kd.parallel import state
-
-    [model] = model_chunks
-    model.eval()
-    position_ids = torch.arange(tokens.shape[1])[None].expand_as(tokens)
-    with torch.no_grad():
-        local = model(tokens, position_ids, None)
-    if state.tp_size() == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(state.tp_size())]
-    dist.all_gather(parts, local.contiguous(), group=state.tp_group())
-    return torch.cat(parts, dim=-1)
-
-
-def _max_diff(megatron_logits, ref, vocab_size):
-    return (megatron_logits[..., :vocab_size] - torch.as_tensor(ref)).abs().max().item()
-
-
 def test_architecture_mapping(zoo):
     from nemo_kd.convert import hf_config_to_architecture, read_hf_config
 
@@ -110,79 +87,31 @@ def test_architecture_mapping(zoo):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_hf_tp1(zoo, family):
-    from nemo_kd.convert import build_and_load, ensure_parallel
-
-    case = zoo[family]
-    with ensure_parallel():
-        direct = _megatron_logits(build_and_load(case["hf_dir"]).model_chunks, case["tokens"])
-        via_checkpoint = _megatron_logits(build_and_load(case["megatron_dir"]).model_chunks, case["tokens"])
-    assert _max_diff(direct, case["logits"], case["vocab_size"]) <= ATOL
-    assert torch.equal(direct, via_checkpoint)
+    check_logits_match_hf_tp1(zoo[family], ATOL)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_bit_identical(zoo, tmp_path, family):
-    from transformers import AutoModelForCausalLM
-
-    from nemo_kd.convert import SafetensorsReader, convert_megatron_to_hf, read_hf_config
-
-    case = zoo[family]
-    out_dir = str(tmp_path / "hf_out")
-    convert_megatron_to_hf(case["megatron_dir"], out_dir, progress=False)
-    original, exported = SafetensorsReader(case["hf_dir"]), SafetensorsReader(out_dir)
-    assert sorted(exported.keys()) == sorted(original.keys())
-    for key in original.keys():
-        a, b = original.get(key), exported.get(key)
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), key
-    before, after = read_hf_config(case["hf_dir"]), read_hf_config(out_dir)
-    for field in ("num_local_experts", "num_experts_per_tok", "intermediate_size", "moe_intermediate_size",
-                  "mlp_only_layers", "decoder_sparse_step", "norm_topk_prob", "architectures", "model_type"):
-        assert before.get(field) == after.get(field), field
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reloaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(case["tokens"]).logits, torch.as_tensor(case["logits"]))
+    check_round_trip_bit_identical(zoo[family], str(tmp_path / "hf_out"), (
+        "num_local_experts", "num_experts_per_tok", "intermediate_size", "moe_intermediate_size", "mlp_only_layers",
+        "decoder_sparse_step", "norm_topk_prob", "architectures", "model_type"))
 
 
 # ---------------------------------------------------------------- TP=2, EP=2 over gloo
-def _tp2_ep2_worker(rank, world, cases, save_root):
-    from nemo_kd.convert import build_and_load, save_megatron_checkpoint
-    from nemo_kd.parallel import ParallelConfig, destroy_parallel
-
-    diffs = {}
-    for name, parallel in (("tp2", ParallelConfig(tensor_model_parallel_size=2)),
-                           ("ep2", ParallelConfig(expert_model_parallel_size=2))):
-        try:
-            for family, case in cases.items():
-                loaded = build_and_load(case["hf_dir"], parallel)
-                direct = _megatron_logits(loaded.model_chunks, case["tokens"])
-                from_ckpt = _megatron_logits(build_and_load(case["megatron_dir"]).model_chunks, case["tokens"])
-                if name == "ep2":  # each rank holds 2 of the 4 experts; saved here, loaded at EP=1 by the test
-                    local = [k for k in loaded.model_chunks[0].state_dict() if ".local_experts." in k]
-                    assert {k.split(".local_experts.")[1].split(".")[0] for k in local} == {"0", "1"}
-                    save_megatron_checkpoint(loaded.model_chunks, loaded.arch, os.path.join(save_root, family))
-                diffs[(name, family)] = (_max_diff(direct, case["logits"], case["vocab_size"]),
-                                         _max_diff(from_ckpt, case["logits"], case["vocab_size"]))
-        finally:
-            destroy_parallel()
-    return diffs
-
-
 @pytest.mark.distributed
 def test_logits_match_hf_tp2_and_ep2(zoo, tmp_path):
-    from nemo_kd.convert import build_and_load, ensure_parallel
-
+    """TP=2 and EP=2 (each rank 2 of the 4 experts, tokens through the all-to-all dispatcher) load to
+    transformers' logits, from HF and from the TP=1 conversion; the EP=2 load, saved, loads at EP=1."""
     cases = {f: {k: zoo[f][k] for k in ("hf_dir", "megatron_dir", "tokens", "logits", "vocab_size")} for f in FAMILIES}
-    results = run_distributed(_tp2_ep2_worker, 2, cases, str(tmp_path))
-    for rank_diffs in results:
-        assert len(rank_diffs) == 2 * len(FAMILIES)
-        for key, (direct, from_ckpt) in rank_diffs.items():
-            assert direct <= ATOL and from_ckpt <= ATOL, (key, direct, from_ckpt)
+    layouts = {"tp2": dict(tensor_model_parallel_size=2), "ep2": dict(expert_model_parallel_size=2)}
+    results = run_distributed(parallel_conversion_worker, 2, cases, layouts, str(tmp_path))
+    check_parallel_results(results, ATOL)
+    for rank_results in results:
+        assert sorted(rank_results) == sorted((layout, f) for layout in layouts for f in FAMILIES)
+        for (layout, family), r in rank_results.items():  # EP=2: local experts 0, 1 (of 2); TP=2: all 4, cut
+            assert r["experts"] == ({0, 1} if layout == "ep2" else {0, 1, 2, 3}), (layout, family)
     for family in FAMILIES:  # saved at EP=2, loaded at EP=1
-        with ensure_parallel():
-            logits = _megatron_logits(build_and_load(str(tmp_path / family)).model_chunks, zoo[family]["tokens"])
-        assert _max_diff(logits, zoo[family]["logits"], zoo[family]["vocab_size"]) <= ATOL, family
+        check_loads_at_ep1(str(tmp_path / family), zoo[family], ATOL)
 
 
 # ---------------------------------------------------------------- refusals
@@ -301,7 +230,7 @@ def test_moe_student_from_hf_trains_restores_exports_and_resumes(zoo, extraction
         assert model.cfg.student_hf_architecture.family == "mixtral" and model._student_cfg.num_moe_experts == 4
         model.eval()
         with torch.no_grad():
-            assert _max_diff(model(x), case["logits"], case["vocab_size"]) <= ATOL
+            assert max_diff(model(x), case["logits"], case["vocab_size"]) <= ATOL
         trainer.fit(model)
         losses = [r["loss"] for r in rec.rows]
         assert trainer.global_step == 4 and losses[-1] < losses[0], losses
@@ -319,7 +248,7 @@ def test_moe_student_from_hf_trains_restores_exports_and_resumes(zoo, extraction
             exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_out")).eval()
         assert type(exported).__name__ == "MixtralForCausalLM"
         with torch.no_grad():
-            assert _max_diff(trained, exported(x).logits, case["vocab_size"]) <= ATOL
+            assert max_diff(trained, exported(x).logits, case["vocab_size"]) <= ATOL
         step2 = [os.path.join(ckpt.dirpath, f) for f in sorted(os.listdir(ckpt.dirpath)) if "step=2" in f][0]
         trainer2, rec2 = _trainer(tmp_path / "resumed", 4)
         resumed = GPTDistillationModel(_cfg(w, **over), trainer=trainer2)
@@ -411,7 +340,7 @@ def test_online_distillation_between_dense_and_moe(zoo, extraction_assets, tmp_p
             x = case["tokens"]
             with torch.no_grad():
                 logits = t(x, torch.arange(x.shape[1])[None].expand_as(x), None)
-            assert _max_diff(logits, case["logits"], vocab) <= ATOL
+            assert max_diff(logits, case["logits"], vocab) <= ATOL
         trainer.fit(model)
     kd = [r["kd_loss"] for r in rec.rows]
     assert trainer.global_step == 4 and all(map(torch.isfinite, map(torch.tensor, kd))) and kd[-1] < kd[0], kd
