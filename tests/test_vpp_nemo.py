@@ -7,7 +7,10 @@ rank 1 layers 1 and 3) under Lightning, 2 CPU processes over gloo, against the s
   process to the VPP run's logits, at VPP into the same process to identical logits, and starts a VPP student
   (``student_init``);
 * a Lightning checkpoint saved at step 2 of the VPP run resumes to the uninterrupted run's losses of steps 3-4;
-* what cannot run with model chunks is refused at construction, by name.
+* an online teacher runs chunked like the student (the same losses as at PP=2);
+* what cannot run with model chunks is refused at construction, by name: a validation batch of fewer
+  microbatches than the interleaved schedule needs, a teacher whose layers do not split into the chunks,
+  on-policy sampling (PP=1 only).
 
 Data and helpers: tests/test_distillation_model.py (tokenizer, 16 samples, the teacher's top-k store).
 """
@@ -63,7 +66,8 @@ def _fit(world, tmp, over, steps, init=None, checkpoint_dir=None, resume=None):
         _load_full(model, init)
     trainer.fit(model, ckpt_path=resume)
     assert trainer.global_step == steps
-    rec.rows[-1]["val_loss"] = float(trainer.callback_metrics["val_loss"])  # validated after the last step
+    if "val_loss" in trainer.callback_metrics:  # validated after the last step
+        rec.rows[-1]["val_loss"] = float(trainer.callback_metrics["val_loss"])
     return model, rec.rows
 
 
@@ -73,6 +77,15 @@ def _runs(rank, world_size, world, tmp, init, x):
     from nemo_kd.parallel import destroy_parallel
 
     out = {}
+    # an online teacher (4 layers: chunked like the student), 2 steps at PP=2 and at PP=2 x VPP=2
+    online = {"teacher": {"mode": "online", "checkpoint": os.path.join(tmp, "teacher4")},
+              "data.train_ds.logits_store": None, "data.validation_ds": None}
+    for name, over in (("pp2_online", PP2), ("vpp2_online", VPP2)):
+        try:
+            model, rows = _fit(world, os.path.join(tmp, name), {**over, **online}, 2, init)
+            out[name] = dict(rows=rows, teacher_chunks=len(model.engine.teacher_chunks))
+        finally:
+            destroy_parallel()
     try:  # PP=2: the reference
         model, rows = _fit(world, os.path.join(tmp, "pp2"), PP2, STEPS, init)
         out["pp2"] = dict(rows=rows, logits=model(x))
@@ -106,6 +119,10 @@ def _runs(rank, world_size, world, tmp, init, x):
                                                   r"Megatron's interleaved schedule needs .* = 1\) to be a multiple of "
                                                   r"pipeline_model_parallel_size \(2\)"):
             GPTDistillationModel(_cfg(world, **VPP2, **{"data.validation_ds.global_batch_size": 2}))
+        # ... and an online teacher whose layers do not split into PP x VPP chunks (2 layers), named
+        with pytest.raises(ValueError, match=r"teacher.checkpoint .*: num_layers \(2\) must be divisible by "
+                                             r"pipeline_model_parallel_size \(2\) \* virtual_pipeline_model_parallel_size"):
+            GPTDistillationModel(_cfg(world, **VPP2, **{**online, "teacher.checkpoint": world["teacher"]}))
         (name,) = [f for f in os.listdir(ckpt_dir) if "step=2" in f]
         out["checkpoint"] = os.path.join(ckpt_dir, name)
     finally:
@@ -126,12 +143,20 @@ def test_virtual_pipeline_stages_fit_nemo_and_resume_like_plain_pipeline(world, 
     from nemo_kd.convert.checkpoint_io import read_nemo_archive
     from nemo_kd.models import GPTModelConfig, build_gpt_model
     from nemo_kd.models.distillation_model import GPTDistillationModel
+    from nemo_kd.teacher.teachers import save_full_checkpoint
 
     vocab = world["vocab"]
     init = {k: v.detach().clone() for k, v in build_gpt_model(
         GPTModelConfig(**{**_arch(vocab), "num_layers": 4})).state_dict().items() if torch.is_tensor(v)}
+    teacher = dict(init, **{"output_layer.weight": init["output_layer.weight"] * 40})  # peaked, as world's
+    save_full_checkpoint(str(tmp_path / "teacher4"), teacher, GPTModelConfig(**{**_arch(vocab), "num_layers": 4}))
     x = torch.randint(0, vocab, (3, 16), generator=torch.Generator().manual_seed(2))  # 3 rows: not a multiple of PP
     first, last = run_distributed(_runs, 2, world, str(tmp_path), init, x)
+    # the online teacher: chunked like the student, the same losses (KD against its full logits) step by step
+    assert (last["vpp2_online"]["teacher_chunks"], last["pp2_online"]["teacher_chunks"]) == (2, 1)
+    for key in ("loss", "kd_loss", "sft_loss", "grad_norm"):
+        got, want = [r[key] for r in last["vpp2_online"]["rows"]], [r[key] for r in last["pp2_online"]["rows"]]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (key, got, want)
     assert first["pp2"]["logits"] is None and first["vpp2"]["logits"] is None  # logits live on the last stage
     pp2, vpp2 = last["pp2"], last["vpp2"]
 
@@ -170,12 +195,9 @@ def test_virtual_pipeline_stages_fit_nemo_and_resume_like_plain_pipeline(world, 
     assert got == pytest.approx(want, rel=1e-6, abs=1e-7), (got, want)
 
 
-def test_what_cannot_run_with_model_chunks_is_refused_at_construction(world):
+def test_on_policy_sampling_with_virtual_stages_is_refused_at_construction(world):
     from nemo_kd.models.distillation_model import GPTDistillationModel
 
-    with pytest.raises(ValueError, match="teacher.mode=online with parallel.virtual_pipeline_model_parallel_size"):
-        GPTDistillationModel(_cfg(world, **VPP2, **{"teacher": {"mode": "online", "checkpoint": world["teacher"]},
-                                                    "data.train_ds.logits_store": None}))
     with pytest.raises(ValueError, match=r"on_policy sampling needs pipeline_model_parallel_size=1"):
         GPTDistillationModel(_cfg(world, **VPP2, **{"teacher": {"mode": "online", "checkpoint": world["teacher"]},
                                                     "on_policy": {"fraction": 0.5}}))

@@ -47,8 +47,8 @@ virtual pipeline stages) the ``.nemo`` still holds the full (TP=1, PP=1) student
 layer numbers, the same file whatever layout saved it, gathered at save and re-sharded at
 restore, so a ``.nemo`` restores with any layout (the one the restoring process initialised).
 Virtual pipeline stages (``parallel.virtual_pipeline_model_parallel_size``) run Megatron's
-interleaved schedule for training, validation and ``forward``; an online teacher is refused
-with them (its loader builds one chunk per rank), on-policy sampling already needs PP=1. The student's tokenizer files
+interleaved schedule for training, validation and ``forward``, an online teacher chunked like
+the student; on-policy sampling needs PP=1 (refused at construction). The student's tokenizer files
 (``data.train_ds.tokenizer``) travel inside it as NeMo artifacts (``model.tokenizer``, see
 :mod:`nemo_kd.models.nemo_artifacts`): a restored model finds them in ``tokenizer_dir``
 wherever it runs, and ``import nemo_kd`` is all ``ModelPT.restore_from`` needs.
@@ -267,14 +267,6 @@ class GPTDistillationModel(ModelPT):
                                                                 "recompute_num_layers")):
             raise ValueError("teacher.model.recompute_*: an online teacher runs forward-only under no_grad, so there "
                              "is nothing to recompute; set activation recomputation in model.student only")
-        if p.virtual_pipeline_model_parallel_size and self._teacher_mode == "online":
-            # The engine runs an online teacher chunked alike, but the teacher loaders
-            # (nemo_kd.teacher.teachers.load_megatron_teacher) build one model chunk per rank.
-            raise ValueError("teacher.mode=online with parallel.virtual_pipeline_model_parallel_size: the online "
-                             "teacher is loaded as one model chunk per rank, the interleaved schedule needs one per "
-                             "virtual stage; use teacher.mode=offline or served, or unset "
-                             "virtual_pipeline_model_parallel_size")
-
         super().__init__(cfg=cfg, trainer=trainer)
         self.automatic_optimization = False
         self.tokenizer_dir = self._pack_tokenizer()  # the student's tokenizer, carried by the .nemo
@@ -305,10 +297,16 @@ class GPTDistillationModel(ModelPT):
         if self._teacher_mode == "online":
             path = teacher["checkpoint"]
             if os.path.exists(path):
-                from nemo_kd.teacher.teachers import load_megatron_teacher
+                from nemo_kd.teacher.teachers import load_megatron_teacher, load_megatron_teacher_chunks
 
-                teacher_model, teacher_cfg = load_megatron_teacher(path, state.tp_rank(), state.tp_size(),
-                                                                   state.pp_rank(), state.pp_size())
+                try:
+                    if _virtual_stages():  # chunked like the student: one per virtual stage (the interleaved schedule)
+                        teacher_model, teacher_cfg = load_megatron_teacher_chunks(path)
+                    else:
+                        teacher_model, teacher_cfg = load_megatron_teacher(path, state.tp_rank(), state.tp_size(),
+                                                                           state.pp_rank(), state.pp_size())
+                except ValueError as e:  # e.g. a teacher whose layers do not split over this layout
+                    raise ValueError(f"teacher.checkpoint {path}: {e}") from e
                 if teacher.get("model"):
                     declared = GPTModelConfig.from_dict(teacher["model"])
                     # recompute is a training setting of the run that saved it, not architecture

@@ -56,6 +56,7 @@ __all__ = [
     "build_teacher",
     "load_full_checkpoint",
     "load_megatron_teacher",
+    "load_megatron_teacher_chunks",
     "save_full_checkpoint",
     "teacher_hash",
 ]
@@ -137,14 +138,20 @@ def save_full_checkpoint(path: str, full_state_dict, cfg) -> None:
         f.write("\n")
 
 
-def load_full_checkpoint(path: str, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int):
-    """Local fallback loader: build this rank's chunk and load its shard of a full state dict."""
-    from nemo_kd.convert.checkpoint_io import build_from_full_state_dict
+def _read_full_checkpoint(path: str):
+    """``(GPTModelConfig, full state dict)`` of the local format (:func:`save_full_checkpoint`)."""
     from nemo_kd.models import GPTModelConfig
 
     with open(os.path.join(path, FULL_CONFIG_FILE)) as f:
         cfg = GPTModelConfig.from_dict(json.load(f))
-    full = torch.load(os.path.join(path, FULL_WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    return cfg, torch.load(os.path.join(path, FULL_WEIGHTS_FILE), map_location="cpu", weights_only=True)
+
+
+def load_full_checkpoint(path: str, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int):
+    """Local fallback loader: build this rank's chunk and load its shard of a full state dict."""
+    from nemo_kd.convert.checkpoint_io import build_from_full_state_dict
+
+    cfg, full = _read_full_checkpoint(path)
     # the chunk is built for the initialised parallel state: the loader's ranks must be its ranks
     if (tp_rank, tp_size, pp_rank, pp_size) != (state_ranks := _current_ranks()):
         raise ValueError(f"{path}: asked for TP/PP ranks {(tp_rank, tp_size, pp_rank, pp_size)} but the parallel "
@@ -170,12 +177,24 @@ def load_megatron_teacher(path: str, tp_rank: int, tp_size: int, pp_rank: int, p
     """
     if os.path.isdir(path) and os.path.exists(os.path.join(path, FULL_CONFIG_FILE)):
         return load_full_checkpoint(path, tp_rank, tp_size, pp_rank, pp_size)
-    from nemo_kd.convert.checkpoint_io import build_and_load
+    chunks, cfg = load_megatron_teacher_chunks(path)
+    if len(chunks) != 1:
+        raise ValueError(f"{path}: one teacher chunk per rank asked for, and the parallel state has virtual pipeline "
+                         "stages (load_megatron_teacher_chunks loads one per stage)")
+    return chunks[0], cfg
 
+
+def load_megatron_teacher_chunks(path: str):
+    """``(this rank's model chunks, GPTModelConfig)`` of a teacher at the initialised layout, one chunk per virtual
+    pipeline stage (an online teacher beside a student with them): every format :func:`load_megatron_teacher`
+    reads."""
+    from nemo_kd.convert.checkpoint_io import build_and_load, build_chunks_from_full_state_dict
+
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, FULL_CONFIG_FILE)):
+        cfg, full = _read_full_checkpoint(path)
+        return build_chunks_from_full_state_dict(cfg, full, path), cfg
     loaded = build_and_load(path)
-    if len(loaded.model_chunks) != 1:
-        raise ValueError(f"{path}: teachers with virtual pipeline stages are not supported")
-    return loaded.model_chunks[0], loaded.arch.model
+    return list(loaded.model_chunks), loaded.arch.model
 
 
 class MegatronTeacher(Teacher):
