@@ -18,9 +18,12 @@ Checked, fp32, prompts of 3, 7 and 12 tokens decoded together, 8 new tokens each
 * seeded temperature-1 draws equal those from transformers' forward (:class:`HFCausalLM`, no cache)
   and from Megatron re-running the prefix;
 * token dropping (``moe_expert_capacity_factor``) is active in eval and makes draws depend on the
-  batch: the sampler warns.
+  batch: the sampler warns, and extraction (a store must be reproducible) refuses such a teacher; the
+  one check behind both (``nemo_kd.models.router_terms.check_token_dropping``) reads every form of a model.
 """
 
+import dataclasses
+import os
 import warnings
 
 import pytest
@@ -181,6 +184,81 @@ def test_token_dropping_warns(zoo):
             model.config.moe_expert_capacity_factor = None
     # what the warning is about: the same prompts give other tokens when batched differently
     assert [g.token_ids for g in together] != [g.token_ids for g in alone]
+
+
+def test_check_token_dropping_reads_every_form_of_the_model():
+    """The one check (nemo_kd.models.router_terms) finds the capacity factor in a GPTModelConfig, in a Megatron
+    model's config through its wrappers, and nowhere else: dropless, dense and non-Megatron models pass
+    silently; token dropping warns, or raises with ``refuse``, naming the factor and the remedy."""
+    from nemo_kd.models import GPTModelConfig
+    from nemo_kd.models.router_terms import check_token_dropping, token_dropping_capacity
+
+    dense = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64)
+    dropless = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, num_moe_experts=4,
+                              moe_router_topk=2, moe_ffn_hidden_size=16)
+    dropping = dataclasses.replace(dropless, moe_expert_capacity_factor=1.25)
+
+    class Wrapper(torch.nn.Module):  # Float16Module / DDP: the model under .module, no .config of its own
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    class WithConfig(torch.nn.Module):  # a Megatron model: its TransformerConfig under .config
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+    assert token_dropping_capacity(dense) is None and token_dropping_capacity(dropless) is None
+    assert token_dropping_capacity(dropping) == 1.25
+    assert token_dropping_capacity(Wrapper(Wrapper(WithConfig(dropping)))) == 1.25
+    assert token_dropping_capacity(WithConfig(transformers.MixtralConfig())) is None  # an HF model's config
+    assert token_dropping_capacity(None) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_token_dropping(Wrapper(WithConfig(dropless)), "using it", "nothing", "nothing")
+    with pytest.warns(UserWarning, match=r"^using it from an MoE with token dropping \(moe_expert_capacity_factor="
+                                         r"1.25\): .* so rows differ; set the factor: null$"):
+        check_token_dropping(dropping, "using it", "rows differ", "the factor: null")
+    with pytest.raises(ValueError, match=r"moe_expert_capacity_factor=1.25.*set the factor: null"):
+        check_token_dropping(dropping, "using it", "rows differ", "the factor: null", refuse=True)
+
+
+def test_extraction_refuses_a_token_dropping_teacher(zoo, tmp_path):
+    """compute_topk_logits from an MoE teacher that drops tokens stops before writing anything, naming the key
+    and where to set it: a stored row's logits would depend on its batch-mates. Checked first that they do (the
+    teacher's forward of a row alone and beside other rows differs under a capacity factor, not without)."""
+    from nemo_kd.convert import ensure_parallel
+    from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
+    from nemo_kd.teacher.extract import compute_topk_logits
+    from nemo_kd.teacher.teachers import MegatronTeacher
+    from test_extract import _extract_cfg, _texts, _write_data
+
+    case = zoo["mixtral"]
+    tok = train_byte_level_bpe(_texts(), vocab_size=300, save_dir=str(tmp_path / "tok"))
+    data, out = str(tmp_path / "data.jsonl"), str(tmp_path / "store")
+    _write_data(data)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, case["vocab_size"], (4, 16), generator=g)
+    with ensure_parallel():
+        teacher = MegatronTeacher(case["hf_dir"])
+        model = teacher.model
+
+        def first_row(batch):
+            with torch.no_grad():
+                return model(batch, torch.arange(batch.shape[1])[None].expand_as(batch), None)[0]
+
+        # dropless: batch-mates change nothing (up to the GEMMs' other shapes)
+        torch.testing.assert_close(first_row(rows[:1]), first_row(rows), atol=1e-5, rtol=1e-5)
+        model.config.moe_expert_capacity_factor = 0.5
+        try:
+            assert not torch.allclose(first_row(rows[:1]), first_row(rows), atol=1e-3)
+            with pytest.raises(ValueError, match=r"extracting top-k logits from an MoE with token dropping "
+                                                 r"\(moe_expert_capacity_factor=0.5\).*batch-mates.*resumed.*"
+                                                 r"moe_expert_capacity_factor: null in the teacher checkpoint"):
+                compute_topk_logits(_extract_cfg(out, data), teacher, tok)
+        finally:
+            model.config.moe_expert_capacity_factor = None
+    assert not os.path.exists(out)
 
 
 # ---------------------------------------------------------------- EP=2 over gloo

@@ -25,12 +25,18 @@ and, every ``load_log_interval`` steps, the load of every MoE layer ``l`` over t
 ``moe_load_entropy/layer{l}`` (entropy of that distribution / log E: 1 = balanced),
 ``moe_max_load/layer{l}`` (the busiest expert's tokens / the mean) and ``moe_dropped/layer{l}``
 (the fraction of the ``k * T`` assignments dropped by the capacity factor).
+
+:func:`check_token_dropping` is the one check of the forwards whose outputs must not depend on their
+batch (extraction, the online teacher, sampling): with token dropping an expert takes at most
+``ceil(capacity_factor * T * k / E)`` of the ``T`` tokens of *one forward*, in eval too, so a row's
+logits depend on the rows it shares that forward with.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+import warnings
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,12 +44,46 @@ import torch.distributed as dist
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.parallel import state
 
-__all__ = ["RouterTerms", "AUX_LOSS_NAMES"]
+__all__ = ["RouterTerms", "AUX_LOSS_NAMES", "token_dropping_capacity", "check_token_dropping"]
 
 # moe_router_load_balancing_type -> the name Megatron's router logs that loss under.
 AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
                   "global_aux_loss": "global_load_balancing_loss"}
 Z_LOSS = "z_loss"
+
+
+def token_dropping_capacity(model_or_config: Any) -> Optional[float]:
+    """``moe_expert_capacity_factor`` of an MoE that drops tokens, else None (dropless, dense, or not a Megatron
+    model). Takes a :class:`GPTModelConfig`, a Megatron ``TransformerConfig``, or a model (its ``.config``;
+    Float16Module / DDP wrappers are unwrapped through ``.module``)."""
+    obj = model_or_config
+    while obj is not None:
+        for cfg in (obj, getattr(obj, "config", None)):
+            if cfg is not None and hasattr(cfg, "moe_expert_capacity_factor"):
+                if not getattr(cfg, "num_moe_experts", None):
+                    return None
+                return cfg.moe_expert_capacity_factor
+        obj = getattr(obj, "module", None)
+    return None
+
+
+def check_token_dropping(model_or_config: Any, what: str, consequence: str, remedy: str, refuse: bool = False,
+                         stacklevel: int = 2) -> None:
+    """Warn (``refuse``: raise ValueError) when ``model_or_config`` is an MoE with token dropping: ``what`` runs
+    forwards whose rows share experts' capacity, so ``consequence``; the message ends with ``set {remedy}``.
+
+    Raises:
+        ValueError: ``refuse`` and the model drops tokens.
+    """
+    capacity_factor = token_dropping_capacity(model_or_config)
+    if capacity_factor is None:
+        return
+    message = (f"{what} from an MoE with token dropping (moe_expert_capacity_factor={capacity_factor}): an expert "
+               f"takes at most ceil(capacity_factor * tokens * topk / experts) of the tokens of one forward, in "
+               f"eval too, so {consequence}; set {remedy}")
+    if refuse:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 def _routers(chunks) -> List[torch.nn.Module]:

@@ -72,6 +72,7 @@ from nemo_kd.data.packing import pack_plan
 from nemo_kd.data.records import RecordSet, read_records
 from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, TokenizedSample
 from nemo_kd.losses.projection import ProjectedLogits
+from nemo_kd.models.router_terms import check_token_dropping
 from nemo_kd.teacher.store import (
     ALIGNMENT_EXTENSION,
     LOG_TAIL_EXTENSION,
@@ -442,6 +443,15 @@ def compute_topk_logits(
     if teacher.max_seq_length and max_len > teacher.max_seq_length:
         raise ValueError(f"max_seq_length {max_len} exceeds the teacher's max_position_embeddings "
                          f"{teacher.max_seq_length}")
+    # A store is reproducible (resume writes the bytes an uninterrupted run writes; any DP / EP layout the same
+    # store): refused rather than warned, since a warning scrolls by while a whole store gets written.
+    check_token_dropping(getattr(teacher, "model", None), "extracting top-k logits",
+                         "a sample's stored logits would depend on its batch-mates (batch_size, micro_batch_size, "
+                         "pack_sequences, the DP layout) and a resumed extraction would not write what an "
+                         "uninterrupted one writes", "moe_expert_capacity_factor: null in the teacher checkpoint's "
+                         "architecture (model_config.json of a converted checkpoint, gpt_config.json of a full one, "
+                         "the student section of a .nemo's model_config.yaml) to extract from the dropless teacher",
+                         refuse=True)
     ctok = ConversationTokenizer(tokenizer, cfg.prompt_format, max_len, cfg.overlong)
     num_samples = len(records)
     if num_samples == 0:  # a 0-sample store would pass every check and train on nothing
