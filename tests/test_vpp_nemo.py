@@ -201,3 +201,32 @@ def test_on_policy_sampling_with_virtual_stages_is_refused_at_construction(world
     with pytest.raises(ValueError, match=r"on_policy sampling needs pipeline_model_parallel_size=1"):
         GPTDistillationModel(_cfg(world, **VPP2, **{"teacher": {"mode": "online", "checkpoint": world["teacher"]},
                                                     "on_policy": {"fraction": 0.5}}))
+
+
+def test_bf16_student_nemo_restores(world, tmp_path):
+    """A bf16 student sits in Megatron's Float16Module, whose state_dict leaves its ``module.`` out (the .nemo holds
+    the GPTModel's keys, as at any layout) while torch's load_state_dict walks into it by name: the restore loads
+    every tensor there (it failed on missing ``student.module.*`` keys before), and build_and_load reads the same
+    .nemo (a teacher / student_init)."""
+    from nemo_kd.convert.checkpoint_io import build_and_load, read_nemo_archive
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    cfg = _cfg(world, **{"student.params_dtype": "bf16", "teacher.mode": "none", "kd.kd_loss_weight": 0.0,
+                         "data.train_ds.logits_store": None, "data.validation_ds": None})
+    model = GPTDistillationModel(cfg)
+    assert model._chunk_prefixes() == ["student.module."]
+    path = str(tmp_path / "bf16.nemo")
+    model.save_to(path)
+    _, full = read_nemo_archive(path)
+    want = {k: v for k, v in model.student.module.state_dict().items() if torch.is_tensor(v)}
+    assert sorted(k for k, v in full.items() if torch.is_tensor(v)) == sorted(want)
+    for k, v in want.items():
+        assert full[k].dtype == torch.bfloat16 and torch.equal(full[k], v), k
+    x = torch.randint(0, world["vocab"], (2, 12), generator=torch.Generator().manual_seed(5))
+    restored = GPTDistillationModel.restore_from(path, map_location=torch.device("cpu"))
+    [loaded] = build_and_load(path).model_chunks
+    model.eval(), restored.eval(), loaded.eval()
+    with torch.no_grad():
+        logits = model(x)
+        assert torch.equal(restored(x), logits)
+        assert torch.equal(loaded(x, torch.arange(12).expand(2, 12), None), logits)

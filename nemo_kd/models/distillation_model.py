@@ -667,8 +667,9 @@ class GPTDistillationModel(ModelPT):
                 os.remove(partial)
 
     def _chunk_prefixes(self) -> List[str]:
-        """Where each model chunk's ``GPTModel`` keys sit in this model's ``state_dict``: ``student.`` (one chunk)
-        or ``student.<i>.`` (virtual stage i), then ``module.`` for each wrapper around it (``Float16Module``)."""
+        """Where ``load_state_dict`` takes each model chunk's ``GPTModel`` keys: ``student.`` (one chunk) or
+        ``student.<i>.`` (virtual stage i), then ``module.`` for each wrapper around it. (``Float16Module.state_dict``
+        leaves its ``module.`` out, but torch's ``load_state_dict`` walks into the wrapped module by name.)"""
         from nemo_kd.convert.hf_weights import unwrap_model
 
         chunks = list(self.engine.chunks)
@@ -686,24 +687,17 @@ class GPTDistillationModel(ModelPT):
         Under TP/PP (and virtual pipeline stages) the shards of data-parallel replica 0 are gathered to global
         rank 0 (``gather_object``: CPU copies, fine for students that fit one host's memory), merged with
         :func:`~nemo_kd.models.gather_state_dict` and written by rank 0; ``restore_from`` shards them again for
-        whatever layout it runs with. The keys are ``student.`` + the full ``GPTModel``'s (global layer numbers,
-        no ``Float16Module`` prefix): the same file whatever layout saved it.
+        whatever layout it runs with. The keys are ``student.`` + the full ``GPTModel``'s (global layer numbers):
+        the same file whatever layout saved it.
         """
-        from nemo_kd.convert.hf_weights import unwrap_model
-
         if not self._model_parallel():
-            if self._chunk_prefixes() != ["student."]:  # a wrapped (bf16/fp16) student: its GPTModel's keys
-                self._export_state = {f"student.{k}": v for k, v in unwrap_model(self.student).state_dict().items()}
-            try:
-                return self._save_nemo(save_path)
-            finally:
-                self._export_state = None
+            return self._save_nemo(save_path)
         import torch.distributed as dist
 
         from nemo_kd.models import gather_state_dict
         from nemo_kd.models.sharding import merge_expert_shards
 
-        local = [{k: v.detach().cpu() for k, v in unwrap_model(chunk).state_dict().items() if torch.is_tensor(v)}
+        local = [{k: v.detach().cpu() for k, v in chunk.state_dict().items() if torch.is_tensor(v)}
                  for chunk in self.engine.chunks]
         # One copy of every shard: DP replica 0's, and under EP each EP rank's experts (the ranks of
         # expert-data-parallel rank 0 hold one (PP, TP, EP) position each).
@@ -745,13 +739,7 @@ class GPTDistillationModel(ModelPT):
             # for this TP, the layers of each virtual stage)
             from nemo_kd.models import shard_state_dict
 
-            full = {}
-            for key, value in state_dict.items():
-                if key.startswith("student."):
-                    key = key[len("student."):]
-                    while key.startswith("module."):  # written from a wrapped student before save_to unwrapped it
-                        key = key[len("module."):]
-                    full[key] = value
+            full = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
             vpp = _virtual_stages()
             state_dict = {}
             for i, prefix in enumerate(self._chunk_prefixes()):
