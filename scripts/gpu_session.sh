@@ -6,6 +6,7 @@
 #   run(command="bash scripts/gpu_session.sh step",    carry=[".whl"], timeout_s=600)
 #   run(command="bash scripts/gpu_session.sh extract", carry=[".whl"], timeout_s=600)
 #   run(command="bash scripts/gpu_session.sh losses",  carry=[".whl"], timeout_s=600)
+#   run(command="bash scripts/gpu_session.sh cp",      carry=[".whl"], timeout_s=600)   # needs 2 GPUs
 #
 # Stages (each well inside the 10-minute limit of one call):
 #   kernels  issue 7: fused top-k and online kernels vs naive / torch / HBM floor, block-size sweep,
@@ -17,6 +18,10 @@
 #   losses   issue 14: the loss benchmark's GPU rows: every divergence, top-k and full vocabulary, fp32 and
 #            bf16, nemo_kd fused (and in-place) vs torch vs naive vs Liger's Triton JSD / KLDiv, time and
 #            extra memory as ratios to naive from the same run
+#   cp       issue 16: context parallelism on the TE spec, CP=2 vs CP=1 (DP=2) on two GPUs, same weights and
+#            global batch (offline top-k KD + SFT + DPKD pairs, bf16, seq 8192): loss and grad norm per step
+#            within tolerance, ms/step and tokens/s of each layout. Needs 2 GPUs: with fewer it says so and
+#            exits 0 (a lent machine has one)
 # GPU_SESSION_SMOKE=1 runs every stage at CPU smoke size (checks this script, not the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,8 +92,24 @@ losses)
             --json "$OUT/kd_divergences.json"
     fi
     ;;
+cp)
+    if [ "$smoke" = 1 ]; then  # the local spec with tests/cp_attention.py's exact reference CP attention, gloo
+        step cp_local_reference "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
+            benchmarks/bench_context_parallel.py --impl local-reference --seq 32 --hidden 32 --layers 2 --heads 4 \
+            --vocab 256 --topk 8 --params-dtype fp32 --steps 2 --json "$OUT/context_parallel.json"
+    else
+        ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+        if [ "$ngpu" -lt 2 ]; then
+            echo "== cp: context_parallel_size=2 needs 2 GPUs, $ngpu visible: skipped (nothing run)" \
+                | tee -a "$OUT/summary.md"
+            exit 0
+        fi
+        step cp_transformer_engine "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
+            benchmarks/bench_context_parallel.py --impl transformer_engine --json "$OUT/context_parallel.json"
+    fi
+    ;;
 *)
-    echo "unknown stage $stage (kernels | step | extract | losses)" >&2
+    echo "unknown stage $stage (kernels | step | extract | losses | cp)" >&2
     exit 2
     ;;
 esac

@@ -82,7 +82,7 @@ from nemo_kd.losses.cross_entropy import vocab_parallel_cross_entropy
 from nemo_kd.losses.divergences import LOSS_TYPES
 from nemo_kd.losses.kd import TOPK_CONVENTIONS, full_kd_loss, token_agreement, topk_kd_loss, vocab_parallel_argmax
 from nemo_kd.losses.projection import ProjectedLogits
-from nemo_kd.losses.reduction import contribution, global_count, masked_sum
+from nemo_kd.losses.reduction import contribution, global_count, masked_sum, sum_over_ranks
 from nemo_kd.losses.sequence import SequenceLogProbs, sequence_logprobs
 from nemo_kd.losses.vocab_parallel import (
     ProcessGroup,
@@ -329,15 +329,27 @@ def _pairs(batch: ObjectiveBatch):
 
 @torch.no_grad()
 def objective_normalisers(
-    cfg: DistillationLossConfig, microbatches: Sequence[ObjectiveBatch], dp_group: ProcessGroup = None
+    cfg: DistillationLossConfig, microbatches: Sequence[ObjectiveBatch], dp_group: ProcessGroup = None,
+    cp_group: ProcessGroup = None,
 ) -> ObjectiveNormalisers:
-    """Global counts for every term from this rank's microbatches, all-reduced over ``dp_group``."""
+    """Global counts for every term from this rank's microbatches, all-reduced over ``dp_group``.
+
+    Context parallelism: ``dp_group`` is the DP×CP group and ``cp_group`` the CP group. A CP rank holds
+    its share of every row's positions, so the token counts add up over DP×CP; it holds every pair
+    whole (the same rows as its CP peers), so the pairs are counted by CP rank 0 alone. One collective.
+    ``reduction="sequence"`` needs whole rows and is refused under CP."""
+    cp_size = _group_size(cp_group)
+    if cp_size > 1 and cfg.reduction == "sequence":
+        raise ValueError(f"reduction='sequence' with context parallelism ({cp_size} ranks): each sequence's token "
+                         "mean needs all its positions; use reduction='token'")
+    count_pairs = cp_size == 1 or torch.distributed.get_rank(cp_group) == 0
     kd_masks, sft_masks, pair_masks = [], [], []
     for mb in microbatches:
         kd_mask, sft_mask = _term_masks(cfg, mb)
         kd_masks.append(kd_mask)
         sft_masks.append(sft_mask)
-        pair_masks.append(torch.ones(_pairs(mb)[0].numel(), dtype=torch.bool, device=mb.labels.device))
+        pairs = _pairs(mb)[0].numel() if count_pairs else 0
+        pair_masks.append(torch.ones(pairs, dtype=torch.bool, device=mb.labels.device))
     counts = torch.stack([
         global_count(kd_masks, cfg.reduction), global_count(sft_masks, cfg.reduction), global_count(pair_masks, "token"),
     ])
@@ -352,18 +364,32 @@ class ObjectiveOutput:
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # detached contributions / sums
 
 
+def _group_size(group: ProcessGroup) -> int:
+    return torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
+
+
 class DistillationObjective:
     """Computes one microbatch's contribution to the joint objective (module docstring)."""
 
-    def __init__(self, cfg: DistillationLossConfig, group: ProcessGroup = None, vocab_size: Optional[int] = None):
+    def __init__(self, cfg: DistillationLossConfig, group: ProcessGroup = None, vocab_size: Optional[int] = None,
+                 cp_group: ProcessGroup = None):
         """``vocab_size``: the student's real vocabulary when its logits carry Megatron's padding
         columns (ids ``>= vocab_size``): they are no tokens, so every term reads them as
         :data:`~nemo_kd.losses.vocab_parallel.PADDED_VOCAB_LOGIT` (no probability, zero gradient)
-        and label smoothing spreads over the real vocabulary. None: every column is a token."""
+        and label smoothing spreads over the real vocabulary. None: every column is a token.
+
+        ``cp_group``: the context-parallel group when the batch holds this CP rank's positions of every
+        row (:mod:`nemo_kd.data.context_parallel`). The per-token terms need nothing (their
+        contributions add up over the ranks); each sample's sequence log-prob and length are summed over
+        the group (:meth:`_over_context_parallel`), every CP rank then computes the same pair losses and
+        adds ``1/CP`` of the preference term, metrics likewise, so that every output sums over the CP
+        ranks to the microbatch's value and its gradient to the microbatch's gradient."""
         cfg.validate()
         self.cfg = cfg
         self.group = group
         self.vocab_size = vocab_size
+        self.cp_group = cp_group
+        self.cp_size = _group_size(cp_group)
 
     def _need_label_lp(self, batch: ObjectiveBatch) -> bool:
         # Token log-probs at the labels serve both the SFT term (CE = −log q_y without
@@ -578,15 +604,29 @@ class DistillationObjective:
             metrics["sft_loss"] = sft_term.detach()
 
         if need_seq:
-            seq = batch.sequence_logprobs(token_lp)
+            seq = self._over_context_parallel(batch.sequence_logprobs(token_lp))
             out = self._preference(seq, batch, pairs_pos, pairs_neg)
-            pref_term = out.losses.sum() / norms.pairs.clamp(min=1).to(out.losses.dtype)
+            # each CP rank holds every pair whole: 1/CP of the term (and of its metrics) here, the sum over CP
+            share = 1.0 / self.cp_size
+            pref_term = out.losses.sum() * share / norms.pairs.clamp(min=1).to(out.losses.dtype)
             loss = loss + c.dpo_loss_weight * pref_term
             metrics["preference_loss"] = pref_term.detach()
-            metrics["preference_margin_sum"] = out.margins.sum()
-            metrics["preference_accuracy_sum"] = (out.margins > 0).sum()
-            metrics["pairs"] = torch.tensor(pairs_pos.numel())
+            metrics["preference_margin_sum"] = out.margins.detach().sum() * share
+            metrics["preference_accuracy_sum"] = (out.margins > 0).sum() * share
+            metrics["pairs"] = torch.tensor(pairs_pos.numel() * share)
         return ObjectiveOutput(loss=loss, metrics=metrics)
+
+    def _over_context_parallel(self, seq: SequenceLogProbs) -> SequenceLogProbs:
+        """Each sample's log-prob and length over the whole row: this CP rank's partial sums added over the
+        CP group (the same totals on every rank; :func:`~nemo_kd.losses.reduction.sum_over_ranks`,
+        whose backward hands each rank's partial sum the whole ``∂ℓ/∂ log π`` of the pair losses that every
+        rank adds ``1/CP`` of)."""
+        if self.cp_size == 1:
+            return seq
+        total = sum_over_ranks(seq.sum, self.cp_group)
+        length = seq.length.clone()
+        torch.distributed.all_reduce(length, group=self.cp_group)
+        return SequenceLogProbs(sum=total, mean=total / length.clamp(min=1).to(total.dtype), length=length)
 
     def _token_level_loss(self, kd, token_lp, ce, shape, kd_mask, sft_mask, roles, norms):
         """``(w_kd·KD term + w_sft·SFT term, KD term, SFT term)`` from per-token values (None: not used)."""
@@ -639,7 +679,10 @@ class DistillationObjective:
         else:
             logits = teacher.logits.reshape(-1, teacher.logits.shape[-1])
             lp = vocab_parallel_logprobs_at(logits, labels, group=self.group)[0]
-        return batch.sequence_logprobs(lp.reshape(batch.labels.shape).double()).sum
+        total = batch.sequence_logprobs(lp.reshape(batch.labels.shape).double()).sum
+        if self.cp_size > 1:  # this CP rank's positions of each sample: the whole sample's over the group
+            torch.distributed.all_reduce(total, group=self.cp_group)
+        return total
 
     def _preference(self, seq, batch: ObjectiveBatch, pos, neg) -> pref.PreferenceOutput:
         """The preference form's per-pair losses; settings left None take the form's own (paper) default."""

@@ -68,8 +68,12 @@ these so the final gradient is the gradient of ``L``:
     over DP: that is ``reduction="batch"`` — do not use it for a token mean.
 
 Context parallelism shards each sequence over CP ranks: ``"token"`` stays exact
-under (A)/(B) (partial sums add up), but ``"sequence"`` needs each sequence's
-full sum and length, which a CP rank does not have; it is not supported under CP.
+under (A)/(B) (partial sums add up; :func:`global_count` over the DP×CP group), but
+``"sequence"`` needs each sequence's full sum and length, which a CP rank does not
+have; it is refused under CP. A per-sequence quantity that a nonlinear loss reads
+(a sample's log-prob in a preference pair) is summed over the CP group with
+:func:`sum_over_ranks`, whose backward suits a loss that every CP rank computes
+alike and adds ``1/CP`` of (:mod:`nemo_kd.losses.objective`).
 """
 
 from __future__ import annotations
@@ -201,3 +205,34 @@ def contribution(
     parts = loss_parts(per_token, mask, reduction)
     denom = torch.as_tensor(global_normaliser, device=parts.numerator.device).clamp(min=1)
     return parts.numerator / denom.to(parts.numerator.dtype)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward is an all-reduce (sum) of the ranks' upstream gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_over_ranks(partial: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """``Σ_r partial_r`` over ``group`` (the CP group), the same total on every rank, differentiable.
+
+    For a loss ``ℓ(total)`` of which every rank of ``group`` adds ``1/n`` (so that their losses sum to
+    ``ℓ``): the backward sums the ranks' upstream gradients ``∂ℓ/∂total / n`` into the whole
+    ``∂ℓ/∂total`` at each rank's partial sum, which carries it into that rank's own positions; the
+    gradient all-reduce over the group (DDP's, over DP×CP) then makes it ``∂ℓ/∂θ``. (An identity
+    backward, :func:`~nemo_kd.losses.vocab_parallel.all_reduce_sum`, would give ``1/n`` of it.) Every
+    rank must call it alike, forward and backward: two collectives. ``None`` or one rank: ``partial``."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return partial
+    return _SumOverRanks.apply(partial, group)

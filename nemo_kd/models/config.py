@@ -439,14 +439,20 @@ class GPTModelConfig:
             raise ValueError(f"add_bias_linear with experts needs expert_tensor_parallel_size=1 (Megatron has no "
                              f"biased experts split over tensor-parallel ranks), got {etp}")
 
-    def validate_layout(self, parallel, seq_length: Optional[int] = None) -> None:
+    def validate_layout(self, parallel, seq_length: Optional[int] = None, *, packed: bool = False,
+                        cross_tokenizer: bool = False, on_policy: bool = False) -> None:
         """:meth:`validate_parallel` for a :class:`~nemo_kd.parallel.state.ParallelConfig`, plus what
         nemo_kd's training supports of it, each refusal naming the key:
 
-        * ``context_parallel_size > 1``: refused. The local spec's attention has no context
-          parallelism (it needs ``transformer_impl=transformer_engine``), and with TE nothing in
-          nemo_kd splits the batch over the CP ranks yet (each rank would train on the whole
-          sequence as if it were its chunk);
+        * ``context_parallel_size > 1`` (:mod:`nemo_kd.parallel.context_parallel`): needs
+          ``transformer_impl=transformer_engine`` (TE's context-parallel attention; the local spec's
+          SDPA attention attends within one rank's positions, unless a CP-capable core attention was
+          swapped in, :func:`~nemo_kd.models.layer_spec.local_core_attention`), a row length divisible
+          by ``2·CP`` (``2·CP·TP`` with sequence parallelism: Megatron cuts each rank's positions over TP
+          too), full attention (no sliding window, no sinks: TE's CP attention has neither for a causal
+          GPT) and a dense model (the router terms' reduction over CP is not covered). Of the run,
+          ``packed`` rows, ``cross_tokenizer`` KD and ``on_policy`` sampling are refused with CP (the
+          caller says which it runs);
         * ``sequence_parallel``: needs TP > 1 (``ParallelConfig``) and a row length
           (``seq_length``) divisible by TP, since Megatron splits every row over the TP ranks.
         """
@@ -456,17 +462,42 @@ class GPTModelConfig:
                                getattr(parallel, "expert_tensor_parallel_size", None))
         cp = parallel.context_parallel_size
         if cp > 1:
-            if self.transformer_impl != "transformer_engine":
-                raise ValueError(f"parallel.context_parallel_size={cp} needs transformer_impl=transformer_engine "
-                                 f"(TE's context-parallel attention); the local spec (transformer_impl="
-                                 f"{self.transformer_impl!r}, CPU) has none: set context_parallel_size=1")
-            raise ValueError(f"parallel.context_parallel_size={cp}: nemo_kd does not split batches over context-"
-                             "parallel ranks yet (each rank would train on the whole row as if it were its chunk): "
-                             "set context_parallel_size=1")
+            self._validate_context_parallel(parallel, seq_length, packed, cross_tokenizer, on_policy)
         if getattr(parallel, "sequence_parallel", False) and seq_length is not None and seq_length % tp:
             raise ValueError(f"parallel.sequence_parallel=true splits every row over the {tp} tensor-parallel ranks: "
                              f"the row length (max_seq_length={seq_length}) must be divisible by "
                              f"tensor_model_parallel_size ({tp})")
+
+    def _validate_context_parallel(self, parallel, seq_length, packed, cross_tokenizer, on_policy) -> None:
+        cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
+        key = f"parallel.context_parallel_size={cp}"
+        if self.transformer_impl != "transformer_engine":
+            from nemo_kd.models.layer_spec import local_spec_supports_context_parallel
+
+            if not local_spec_supports_context_parallel():
+                raise ValueError(f"{key} needs transformer_impl=transformer_engine (TE's context-parallel "
+                                 f"attention); the local spec (transformer_impl={self.transformer_impl!r}, CPU) "
+                                 "attends within one rank's positions: set context_parallel_size=1")
+        for refused, what in ((packed, "packed rows (data.*.pack_sequences=true; THD with CP is not supported)"),
+                              (cross_tokenizer, "cross-tokenizer KD (its alignment groups index whole rows)"),
+                              (on_policy, "on-policy sampling (generation grows rows one token at a time, which "
+                                          "cannot be cut in 2 x CP chunks)")):
+            if refused:
+                raise ValueError(f"{key} with {what}: set context_parallel_size=1")
+        if self.is_moe:
+            raise ValueError(f"{key} with an MoE student (num_moe_experts={self.num_moe_experts}): the router terms' "
+                             "reduction over the CP group is not covered; set context_parallel_size=1")
+        if self.window_size is not None or self.softmax_type != "vanilla":
+            raise ValueError(f"{key} with window_size={self.window_size} / softmax_type={self.softmax_type!r}: "
+                             "context parallelism runs full causal attention without sinks here; set "
+                             "context_parallel_size=1")
+        if seq_length is not None:
+            sp = getattr(parallel, "sequence_parallel", False)
+            divisor = 2 * cp * (tp if sp else 1)
+            if seq_length % divisor:
+                raise ValueError(f"{key} cuts every row in 2 x {cp} chunks" + (f", each rank's share over the {tp} "
+                                 f"tensor-parallel ranks (sequence_parallel=true)" if sp else "") +
+                                 f": the row length (max_seq_length={seq_length}) must be divisible by {divisor}")
 
     @property
     def recompute_settings(self) -> dict:

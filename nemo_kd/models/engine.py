@@ -16,6 +16,18 @@ exact contribution to the global-batch objective times ``M·DP``, which the sche
 (÷M) and DDP's gradient average (÷DP) undo. Each term is thus a mean over the whole
 global batch, whatever the microbatch split.
 
+Context parallelism (``parallel.context_parallel_size`` CP > 1): the CP ranks of a DP rank read the
+same microbatches and each keeps its ``S/CP`` positions of every per-position tensor, Megatron's
+load-balanced chunks (:func:`~nemo_kd.data.context_parallel.microbatch_on_cp_rank`; the model's RoPE
+and TE's attention follow that layout themselves). An online teacher runs the same cut rows with the
+same CP layout, so its logits come out for this rank's positions. The token counts are summed over
+DP×CP, the pairs counted once (:func:`~nemo_kd.losses.objective.objective_normalisers`); each sample's
+sequence log-prob is summed over the CP group inside the objective, whose every output (loss and
+metrics) then sums over DP×CP ranks to the global value, which ``_reduce_reports`` does. The schedule
+multiplies each loss by CP and DDP averages over DP×CP (megatron-core 0.16.1,
+``forward_step_calc_loss`` and ``DistributedDataParallel``'s ``gradient_scaling_factor``): net ÷(M·DP)
+per rank as without CP, so ``scale`` stays ``M·DP`` and the CP ranks' gradients add up.
+
 Deferred output projection (``kd.fuse_output_layer``): the student's forward runs inside
 :class:`~nemo_kd.models.deferred_projection.DeferredOutputProjection`, so the last stage
 returns its final hidden states and the objective receives
@@ -50,6 +62,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_kd.align.loss import CrossTokenizerTeacher
+from nemo_kd.data.context_parallel import microbatch_on_cp_rank
 from nemo_kd.data.packing import ModelInputs
 from nemo_kd.losses.objective import (
     DistillationLossConfig,
@@ -169,6 +182,10 @@ class DistillationEngine:
         if not state.is_initialized():
             raise RuntimeError("initialise parallel state (nemo_kd.parallel.initialize_parallel) before the engine")
         loss_cfg.validate()
+        if state.cp_size() > 1 and loss_cfg.reduction == "sequence":
+            raise ValueError(f"kd.reduction='sequence' with parallel.context_parallel_size={state.cp_size()}: each "
+                             "sequence's token mean needs all its positions, which no CP rank holds; use "
+                             "reduction='token' or context_parallel_size=1")
         self.max_steps = max_steps
         self.num_microbatches = batch_cfg.num_microbatches(state.dp_size())
         if state.config() is not None:
@@ -197,7 +214,9 @@ class DistillationEngine:
         self.module = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
         student_cfg = self.student_arch.model
         if state.config() is not None:  # CP / SP against this layout and row length (named refusals)
-            student_cfg.validate_layout(state.config(), batch_cfg.seq_length)
+            student_cfg.validate_layout(state.config(), batch_cfg.seq_length, cross_tokenizer=cross_tokenizer)
+            if teacher_cfg is not None and state.cp_size() > 1:  # the online teacher runs the same cut rows
+                teacher_cfg.validate_layout(state.config(), batch_cfg.seq_length, cross_tokenizer=cross_tokenizer)
         self.student_cfg, self.loss_cfg, self.optim_cfg, self.batch_cfg = student_cfg, loss_cfg, optim_cfg, batch_cfg
         # MoE student: the router's aux / z losses as their own objective term, the experts' load
         self.router_terms = None
@@ -251,7 +270,8 @@ class DistillationEngine:
             start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=max(decay_steps, 1),
             wd_incr_style="constant",
         )
-        self.objective = DistillationObjective(loss_cfg, group=state.tp_group(), vocab_size=student_cfg.vocab_size)
+        self.objective = DistillationObjective(loss_cfg, group=state.tp_group(), vocab_size=student_cfg.vocab_size,
+                                               cp_group=state.cp_group() if state.cp_size() > 1 else None)
         if loss_cfg.fuse_output_layer and cross_tokenizer:
             raise ValueError("fuse_output_layer does not cover cross-tokenizer KD: set kd.fuse_output_layer=false")
         # the output layer is in the last chunk (of the last stage); the others' forwards never reach it
@@ -294,8 +314,10 @@ class DistillationEngine:
 
         models = list(model) if isinstance(model, (list, tuple)) else [model]
         data = iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models]
-        # the p2p tensors' shape: [S, B, H], or [B·S, 1, H] for packed rows (THD, nemo_kd.data.packing)
+        # the p2p tensors' shape: [S, B, H], or [B·S, 1, H] for packed rows (THD, nemo_kd.data.packing);
+        # the schedule divides the row length by CP itself (get_tensor_shapes), the microbatches are already cut
         seq_length, micro_batch_size = ModelInputs.of_batch(microbatches[0]).schedule_shape
+        seq_length *= state.cp_size()
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=models,
             num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
@@ -370,7 +392,8 @@ class DistillationEngine:
         return output, lambda out: loss_func(x.rows(out))
 
     def _reduce_reports(self, reports: List[dict]) -> Dict[str, float]:
-        """Sum each microbatch's report, average fractions, all-reduce over DP, share across PP.
+        """Sum each microbatch's report, average fractions, all-reduce over DP (×CP: every report of the
+        objective sums over the CP ranks to its global value), share across PP.
 
         ``token_agreement`` is weighted by each microbatch's KD tokens (a fraction of the global
         batch's tokens, whatever the microbatch split: packed rows give what padded rows give)."""
@@ -388,9 +411,9 @@ class DistillationEngine:
         vec = vec.to(device)
         if state.pp_size() > 1:  # the last stage knows; every stage logs the same numbers
             dist.broadcast(vec, src=dist.get_global_rank(state.pp_group(), state.pp_size() - 1), group=state.pp_group())
-        if state.dp_size() > 1:
-            dist.all_reduce(vec, group=state.dp_group())
-            vec[keys.index("xtok_vocab_coverage")] /= state.dp_size()
+        if state.dp_size(with_context_parallel=True) > 1:
+            dist.all_reduce(vec, group=state.dp_group(with_context_parallel=True))
+            vec[keys.index("xtok_vocab_coverage")] /= state.dp_size(with_context_parallel=True)
         totals = dict(zip(keys, vec.cpu().tolist()))
         out = {k: totals[k] for k in ("loss", "kd_loss", "sft_loss", "preference_loss")}
         out["token_agreement"] = totals["token_agreement"] / totals["kd_tokens"] if totals["kd_tokens"] > 0 else 0.0
@@ -406,12 +429,17 @@ class DistillationEngine:
 
     def _prepare(self, microbatches: List[dict]):
         device = state.device()
-        mbs = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()} for mb in microbatches]
+        cp_size = state.cp_size()
+        cp_rank = dist.get_rank(state.cp_group()) if cp_size > 1 else 0
+        # context parallelism: this CP rank's positions of every per-position tensor (before the teacher runs)
+        mbs = [microbatch_on_cp_rank({k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()},
+                                     cp_rank, cp_size) for mb in microbatches]
         if self.teacher is not None:
             for mb, logits in zip(mbs, self._teacher_logits(mbs)):
                 mb["_teacher_logits"] = logits
         batches = [_objective_batch(mb, None) for mb in mbs]
-        norms = objective_normalisers(self.loss_cfg, batches, state.dp_group())
+        norms = objective_normalisers(self.loss_cfg, batches, state.dp_group(with_context_parallel=True),
+                                      cp_group=state.cp_group() if cp_size > 1 else None)
         return mbs, norms
 
     # ------------------------------------------------------------------ public API

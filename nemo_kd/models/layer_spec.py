@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 __all__ = ["SDPACoreAttention", "SegmentBuckets", "bucket_length", "get_gpt_layer_spec", "get_gpt_block_spec", "get_gpt_moe_block_spec", "LOCAL",
-           "TRANSFORMER_ENGINE"]
+           "TRANSFORMER_ENGINE", "local_core_attention", "local_spec_supports_context_parallel"]
 
 LOCAL = "local"
 TRANSFORMER_ENGINE = "transformer_engine"
@@ -105,7 +106,10 @@ class SDPACoreAttention(MegatronModule):
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise NotImplementedError("SDPACoreAttention does not support context parallelism; use transformer_engine")
+            raise NotImplementedError(
+                f"context_parallel_size={config.context_parallel_size}: the local spec's SDPACoreAttention attends "
+                "within this rank's positions only (no exchange of keys and values over the CP group); context "
+                "parallelism needs transformer_impl=transformer_engine (TE's context-parallel attention)")
         self.layer_number = max(1, layer_number)
         # Megatron's rule for which layers slide (layer_number counts from 1 over the whole model).
         self.window_size = (
@@ -397,6 +401,28 @@ def _window_band(window_size, sq: int, sk: int, device) -> Tensor:
     return band[None, None]
 
 
+# The local spec's core attention (a ModuleSpec swap). SDPACoreAttention attends within one rank's
+# positions, so the local spec refuses context parallelism; a class with ``supports_context_parallel = True``
+# that attends across the CP group (the tests' exact reference, tests/cp_attention.py) may take its place
+# through :func:`local_core_attention`, and the local spec then runs CP > 1.
+_LOCAL_CORE_ATTENTION = [SDPACoreAttention]
+
+
+@contextlib.contextmanager
+def local_core_attention(module_class):
+    """The local spec builds ``module_class`` as its core attention inside this context (see above)."""
+    _LOCAL_CORE_ATTENTION.append(module_class)
+    try:
+        yield module_class
+    finally:
+        _LOCAL_CORE_ATTENTION.pop()
+
+
+def local_spec_supports_context_parallel() -> bool:
+    """Whether the local spec's core attention attends across context-parallel ranks (SDPACoreAttention: no)."""
+    return bool(getattr(_LOCAL_CORE_ATTENTION[-1], "supports_context_parallel", False))
+
+
 def _local_spec(normalization: str, qk_layernorm: bool, num_experts: Optional[int] = None) -> ModuleSpec:
     # num_experts: Megatron's MoELayer (TopKRouter, token dispatcher, SequentialMLP experts) as the MLP.
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization=normalization,
@@ -405,7 +431,7 @@ def _local_spec(normalization: str, qk_layernorm: bool, num_experts: Optional[in
     layer.input_layernorm = WrappedTorchNorm
     layer.pre_mlp_layernorm = WrappedTorchNorm
     attention = layer.self_attention.submodules
-    attention.core_attention = SDPACoreAttention
+    attention.core_attention = _LOCAL_CORE_ATTENTION[-1]
     attention.q_layernorm = WrappedTorchNorm if qk_layernorm else IdentityOp
     attention.k_layernorm = WrappedTorchNorm if qk_layernorm else IdentityOp
     return spec

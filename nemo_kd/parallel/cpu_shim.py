@@ -36,7 +36,11 @@ gloo, the optimizer step) is device agnostic.
   it allocates the reduce-scatter buffer of the input gradient with
   ``device=torch.cuda.current_device()`` (the rest of ``tensor_parallel.layers``, weight
   initialisation included, keeps the real ``torch``). Gloo itself has every collective sequence
-  parallelism calls (all-gather and reduce-scatter into a tensor, torch >= 2.6).
+  parallelism calls (all-gather and reduce-scatter into a tensor, torch >= 2.6);
+* ``get_pos_emb_on_this_cp_rank`` as the rotary modules import it (context parallelism: RoPE keeps
+  this CP rank's chunks of the positions) runs with ``rope_utils``' ``torch`` as the CPU view (its
+  index tensor asks for pinned memory, which the view's factories drop on CPU) and ``Tensor.cuda``
+  as the identity.
 
 Global ``torch`` is otherwise never modified, and the shim does nothing where CUDA is
 available: GPU runs execute Megatron unpatched. What it does not cover (on purpose):
@@ -185,6 +189,7 @@ class _CpuTorch:
         def wrapped(*args, **kwargs):
             if "device" in kwargs:
                 kwargs["device"] = _cpu_device(kwargs["device"])
+            kwargs.pop("pin_memory", None)  # a staging buffer for host-to-GPU copies: nothing to stage on CPU
             return factory(*args, **kwargs)
 
         return wrapped
@@ -406,6 +411,16 @@ def install_cpu_shim() -> List[str]:
     # converts CUDA tensors only; on CPU they would stay tensors where a GPU run hands numpy sizes on.
     dispatcher.maybe_move_tensor_to_cpu = _splits_as_numpy_on_cpu(dispatcher.maybe_move_tensor_to_cpu)
     PATCHED.append(f"{dispatcher.__name__}.maybe_move_tensor_to_cpu")
+    rope_utils = importlib.import_module("megatron.core.models.common.embeddings.rope_utils")
+    # Context parallelism: RoPE keeps this CP rank's chunks of the positions through an index tensor made in
+    # pinned memory and moved with .cuda(non_blocking=True) (get_pos_emb_on_this_cp_rank, which the rotary
+    # modules import by name): the CPU view of torch for the one, Tensor.cuda as the identity for the other.
+    cp_pos_emb = _with_module_torch_as_cpu_view(rope_utils, cpu_torch)(
+        _with_tensor_cuda_as_identity(rope_utils.get_pos_emb_on_this_cp_rank))
+    for name in ("rotary_pos_embedding", "yarn_rotary_pos_embedding"):
+        module = importlib.import_module(f"megatron.core.models.common.embeddings.{name}")
+        module.get_pos_emb_on_this_cp_rank = cp_pos_emb
+        PATCHED.append(f"{module.__name__}.get_pos_emb_on_this_cp_rank")
     return list(PATCHED)
 
 
