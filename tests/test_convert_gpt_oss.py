@@ -18,7 +18,6 @@ transformers' dequantisation and the EP=1 / transformers logits; the refusals na
 import json
 import math
 import os
-import warnings
 
 import pytest
 import torch
