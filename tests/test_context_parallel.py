@@ -5,8 +5,9 @@ reduced over the CP group, the same training as without CP.
   2-process run) against Megatron's own ``get_batch_on_this_cp_rank`` on the real CP group.
 * CP=2 == CP=1, step by step (loss, the metrics, the gradient norm and every parameter's reduced gradient
   over 3 steps, fp32 tolerance): offline top-k KD + SFT; preference pairs (DPKD, length-normalised, with
-  KD + SFT: each sample's log-prob and length summed over the CP ranks); an online teacher (its logits
-  come out for this rank's positions) as the DPKD reference. The CP=1 run is DP=2 on the same two
+  KD + SFT: each sample's log-prob and length summed over the CP ranks), with the logits materialised and
+  with the deferred output projection; an online teacher (its logits come out for this rank's positions)
+  as the DPKD reference. The CP=1 run is DP=2 on the same two
   processes (same global batch, the production SDPA attention); the CP=2 run's attention is the exact
   reference of ``tests/cp_attention.py`` (TE's is GPU-only), and hooks show each rank attended with
   ``SEQ / 2`` queries.
@@ -116,7 +117,7 @@ def _pair_batch(step):
 
 
 def _microbatches(kind, step, dp_rank, dp_size):
-    batch = _pair_batch(step) if kind != "kd_sft" else te._global_batch(step)
+    batch = _pair_batch(step) if "pairs" in kind else te._global_batch(step)
     if kind == "online_pairs":  # the online teacher is the reference: no stored teacher at all
         batch = {k: v for k, v in batch.items() if not k.startswith("teacher_")}
     per_rank = te.GBS // dp_size
@@ -125,6 +126,9 @@ def _microbatches(kind, step, dp_rank, dp_size):
 
 
 LOSSES = {"kd_sft": {}, "pairs": dict(dpo_loss_weight=1.0, preference_loss_type="dpkd"),
+          # the deferred output projection: the logits chunk by chunk, the pair term recomputed in backward
+          "pairs_deferred": dict(dpo_loss_weight=1.0, preference_loss_type="dpkd", fuse_output_layer=True,
+                                 output_layer_chunk_tokens=8),
           "online_pairs": dict(dpo_loss_weight=1.0, preference_loss_type="dpkd", sft_loss_weight=0.0)}
 METRICS = ("kd_loss", "sft_loss", "preference_loss", "token_agreement", "teacher_student_kd", "preference_accuracy")
 
