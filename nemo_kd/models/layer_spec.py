@@ -14,6 +14,12 @@
   the spec identical on every machine and makes both RMSNorm and LayerNorm work.
 
 ``transformer_impl="transformer_engine"``: Megatron's TE spec, if TE is importable.
+
+Context parallelism needs the TE spec (TE's context-parallel attention): ``SDPACoreAttention`` attends
+within one rank's positions and refuses ``context_parallel_size > 1``. The local spec's core attention is
+a ModuleSpec swap (:func:`local_core_attention`): a class marked ``supports_context_parallel`` that
+attends across the CP group (the tests' exact reference, ``tests/cp_attention.py``) lifts the refusal
+inside that context only.
 """
 
 from __future__ import annotations
