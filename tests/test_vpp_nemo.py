@@ -121,7 +121,7 @@ def _runs(rank, world_size, world, tmp, init, x):
             GPTDistillationModel(_cfg(world, **VPP2, **{"data.validation_ds.global_batch_size": 2}))
         # ... and an online teacher whose layers do not split into PP x VPP chunks (2 layers), named
         with pytest.raises(ValueError, match=r"teacher.checkpoint .*: num_layers \(2\) must be divisible by "
-                                             r"pipeline_model_parallel_size \(2\) \* virtual_pipeline_model_parallel_size"):
+                                             r"pipeline_model_parallel_size \(2\) \* virtual_pipeline_model"):
             GPTDistillationModel(_cfg(world, **VPP2, **{**online, "teacher.checkpoint": world["teacher"]}))
         (name,) = [f for f in os.listdir(ckpt_dir) if "step=2" in f]
         out["checkpoint"] = os.path.join(ckpt_dir, name)
@@ -192,6 +192,15 @@ def test_virtual_pipeline_stages_fit_nemo_and_resume_like_plain_pipeline(world, 
     # resumed from the VPP Lightning checkpoint of step 2: the uninterrupted run's steps 3-4
     got = [r["loss"] for r in last["resumed"]["rows"]]
     want = [r["loss"] for r in vpp2["rows"][2:]]
+
+    def dloss(a, b):
+        return max(abs(r["loss"] - q["loss"]) for r, q in zip(a["rows"], b["rows"]))
+
+    print(f"VPP vs PP=2: max|dloss| {dloss(vpp2, pp2):.1e}"
+          f" (online {dloss(last['vpp2_online'], last['pp2_online']):.1e}),"
+          f" .nemo max|dw| {max((nemo_v[k] - nemo_p[k]).abs().max().item() for k in nemo_p):.1e},"
+          f" logits at PP=1 max|d| {(at_pp1[..., :vocab] - vpp2['logits'][..., :vocab]).abs().max().item():.1e},"
+          f" resumed max|dloss| {max(abs(a - b) for a, b in zip(got, want)):.1e}")
     assert got == pytest.approx(want, rel=1e-6, abs=1e-7), (got, want)
 
 

@@ -280,7 +280,8 @@ class GPTDistillationModel(ModelPT):
             self._student_cfg.validate_parallel(state.tp_size(), state.pp_size(), layout[2], state.ep_size(),
                                                 state.etp_size())
             log.info("restoring a TP=%d/PP=%d/VPP=%s model with TP=%d/PP=%d/VPP=%s", *asked, *layout)
-            p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size = layout
+            (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+             p.virtual_pipeline_model_parallel_size) = layout
             # the experts' TP split of this layout too (None: over TP), so that the saved config is one layout
             p.expert_tensor_parallel_size = state.etp_size() if state.etp_size() != state.tp_size() else None
             with open_dict(self._cfg):
