@@ -462,3 +462,65 @@ def test_pair_file_packed_through_the_model_keeps_pairs_whole(world, tmp_path): 
     assert sorted(seen) == list(range(N // 2))  # each pair once (global batch of one row: nothing dropped)
     assert most >= 4  # pairs share rows
     assert per_pair(model) == padded
+
+
+# ----------------------------------------------------------------------------- online cross-tokenizer: the longer rendering
+
+
+def test_online_teacher_rendering_longer_than_the_students_is_packed_whole_or_refused_by_name(tmp_path):
+    """Online cross-tokenizer KD with pack_sequences, the teacher's own rendering longer than the student's
+    (the same SentencePiece vocabulary, the student plain, the teacher in the Llama-2 chat template: 32 more
+    tokens a sample). Packing by the student's positions alone would overflow the teacher's row: collate
+    refuses that row naming the sample (never cutting a rendering); PackedDataset plans by the longer rendering,
+    so every row holds every sample's two renderings whole, each teacher target read at the position after its
+    previous token; a sample whose teacher rendering alone exceeds the row is refused naming it."""
+    import re
+
+    from test_align_store import CORPUS, write_data
+
+    from nemo_kd.data import read_records
+    from nemo_kd.data.kd_dataset import DataConfigError, DistillationDataset
+    from nemo_kd.data.packing import PackedDataset, collate_packed, pack_plan, sample_positions
+    from nemo_kd.data.sentencepiece_builder import train_sentencepiece_unigram
+    from nemo_kd.data.tokenization import ConversationTokenizer
+
+    sp = train_sentencepiece_unigram(CORPUS, vocab_size=400, save_dir=str(tmp_path / "tok"))
+    data = str(tmp_path / "data.jsonl")
+    write_data(data, n=5)
+    ds = DistillationDataset(read_records(data), ConversationTokenizer(sp, "plain", 96), k=4,
+                             teacher_tokenizer=ConversationTokenizer(sp, "chat", 96))
+    samples = [ds[i] for i in range(len(ds))]
+    s_pos = [sample_positions(len(s.input_ids)) for s in samples]
+    t_pos = [sample_positions(len(s.xtok.teacher_input_ids)) for s in samples]
+    assert all(t >= s + 20 for s, t in zip(s_pos, t_pos)), (s_pos, t_pos)
+    seq = 150
+    by_student = pack_plan(s_pos, seq, shuffle=False)
+    over = [row for row in by_student if sum(t_pos[i] for i in row) > seq]
+    assert over, (by_student, t_pos)
+    with pytest.raises(DataConfigError, match=r"the teacher's renderings of its samples need more than seq_length = "
+                                              r"150 positions \(sample \d\)"):
+        collate_packed([[samples[i] for i in over[0]]], seq, 0)
+
+    rows = PackedDataset(ds, seq, shuffle=False)
+    assert rows.packs == pack_plan([max(s, t) for s, t in zip(s_pos, t_pos)], seq, shuffle=False)
+    assert len(rows.packs) > len(by_student) and max(len(p) for p in rows.packs) >= 2
+    for p in range(len(rows)):
+        mb = collate_packed([rows[p]], seq, 0)
+        t_in, t_seg = mb["xtok_teacher_inputs"][0], mb["xtok_teacher_segment_ids"][0]
+        for j, smp in enumerate(rows[p]):
+            t_all = torch.from_numpy(smp.xtok.teacher_input_ids)
+            assert torch.equal(t_in[t_seg == j], t_all[:-1])  # the whole rendering, its last token a target only
+            assert torch.equal(mb["inputs"][0][mb["segment_ids"][0] == j], torch.from_numpy(smp.input_ids[:-1]))
+        # each teacher target is predicted at the position holding the token before it in its own rendering
+        before = torch.cat([torch.from_numpy(s.xtok.teacher_input_ids[-len(s.xtok.teacher_completion_ids) - 1:-1])
+                            for s in rows[p]])
+        assert torch.equal(mb["xtok_teacher_inputs"].reshape(-1)[mb["xtok_teacher_logit_rows"]], before)
+        assert torch.equal(mb["xtok_teacher_targets"],
+                           torch.cat([torch.from_numpy(s.xtok.teacher_completion_ids) for s in rows[p]]))
+
+    # a row the student's rendering fits but the teacher's does not: refused naming the sample and its file line
+    with pytest.raises(DataConfigError, match=rf"sample 0 \({re.escape(data)}:1\): the online teacher's own rendering needs "
+                                              rf"{t_pos[0]} positions \(the student's {s_pos[0]}\), more than the row "
+                                              r"length 60"):
+        PackedDataset(ds, 60, shuffle=False)
+    assert max(s_pos) <= 60 < min(t_pos)

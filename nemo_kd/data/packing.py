@@ -36,7 +36,8 @@ both sides, in order, in one row (a pair longer than the row is refused naming i
 samples: the alignment groups point at the sample's positions in its row (offline: the store's
 teacher rows stay compact); an online teacher's own renderings are packed into the same rows in
 the same order (``xtok_teacher_*``, its own ``segment_ids``), the plan counting for each sample the
-longer of its two renderings. Not packed (refused with the reason): on-policy sampling.
+longer of its two renderings (a teacher tokenizer may split the text finer); a rendering is never cut: one
+longer than the row is refused naming the sample and which rendering. Not packed (refused with the reason): on-policy sampling.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class PackedDataset(torch.utils.data.Dataset):
                  seed: int = 1234, shuffle: bool = True):
         self.dataset, self.seq_length = dataset, seq_length
         lengths = [self._positions(dataset.samples[j]) for j in dataset.valid_indices]
+        for j, need in zip(dataset.valid_indices, lengths):
+            if need > seq_length:
+                raise DataConfigError(self._too_long(dataset, j, need, seq_length))
         # The unit of packing: a sample, or a preference pair (both sides in one row, in order, so the
         # pair is in one microbatch whatever its size and its sequence log-probs are the samples').
         g = dataset.group_size
@@ -126,6 +130,25 @@ class PackedDataset(torch.utils.data.Dataset):
         if xtok is not None and xtok.teacher_input_ids is not None:
             n = max(n, sample_positions(len(xtok.teacher_input_ids)))
         return n
+
+    @staticmethod
+    def _too_long(dataset: DistillationDataset, j: int, need: int, seq_length: int) -> str:
+        """Why sample ``j`` fits no row, naming it and the rendering that is too long: an online cross-tokenizer
+        teacher's own rendering may be the longer one (its tokenizer splits the text finer), and it is packed in
+        the same rows, never cut (that would move another sample's tokens)."""
+        smp = dataset.samples[j]
+        records = getattr(dataset, "records", None)
+        rec = records[j] if records is not None else None
+        name = f"sample {smp.index}" + (f" ({rec.source_file}:{rec.source_line})" if getattr(rec, "source_file", "")
+                                        else "")
+        student = sample_positions(len(smp.input_ids))
+        if need > student:
+            return (f"pack_sequences: {name}: the online teacher's own rendering needs {need} positions (the "
+                    f"student's {student}), more than the row length {seq_length}; a packed row holds each "
+                    "sample's teacher rendering whole: give the teacher's tokenizer a max_seq_length <= "
+                    f"{seq_length} or longer rows (data.train_ds.pack_length)")
+        return (f"pack_sequences: {name} needs {need} positions, more than the row length {seq_length}: set "
+                "data.max_seq_length <= the row length (data.train_ds.pack_length)")
 
     @property
     def group_size(self) -> int:
