@@ -359,22 +359,6 @@ def test_refusals_name_the_field(case):
 
 
 # ---------------------------------------------------------------- a gpt-oss student's .nemo at TP = 2 (expert TP 1)
-def _tp2_restore_and_save(rank, world, nemo_path, out_path, tokens):
-    from nemo_kd.models.distillation_model import GPTDistillationModel
-    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-
-    initialize_parallel(ParallelConfig(tensor_model_parallel_size=2, expert_tensor_parallel_size=1, seed=5))
-    try:
-        model = GPTDistillationModel.restore_from(nemo_path, map_location=torch.device("cpu"))
-        fc1 = model.student.state_dict()["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"]
-        assert tuple(fc1.shape) == (128, 64)  # whole experts on each TP rank, all 4 of them
-        logits = megatron_logits([model.student], tokens)
-        model.save_to(out_path)  # gathers the TP shards, the experts once
-        return logits
-    finally:
-        destroy_parallel()
-
-
 @pytest.mark.distributed
 def test_gpt_oss_nemo_restores_and_saves_at_tp2_with_expert_tp1(case, tmp_path):
     """A gpt-oss-initialised student's .nemo restores at TP=2 with expert TP 1 (each rank takes its attention /
@@ -383,7 +367,7 @@ def test_gpt_oss_nemo_restores_and_saves_at_tp2_with_expert_tp1(case, tmp_path):
     and save_to concatenated the TP ranks' whole copies)."""
     from dist_utils import WorldOfOne
     from nemo_kd.models.distillation_model import GPTDistillationModel
-    from test_convert_moe import _student_world, extraction_assets  # noqa: F401  (the fixture, by name)
+    from test_convert_moe import _student_world, restore_and_save
     from test_distillation_model import _cfg
 
     from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
@@ -400,7 +384,10 @@ def test_gpt_oss_nemo_restores_and_saves_at_tp2_with_expert_tp1(case, tmp_path):
         want = megatron_logits([model.student], case["tokens"])
         assert _max_diff(want, case["logits"]) <= ATOL
         model.save_to(path)
-    for logits in run_distributed(_tp2_restore_and_save, 2, path, resaved, case["tokens"]):
+    layout = dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1)
+    for logits, experts in run_distributed(restore_and_save, 2, layout, path, resaved, case["tokens"]):
+        # whole experts on each TP rank, all 4 of them
+        assert experts["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"] == (128, 64)
         assert _max_diff(logits, case["logits"]) <= ATOL
         torch.testing.assert_close(logits[..., :VOCAB], want[..., :VOCAB], atol=1e-5, rtol=1e-5)
     with WorldOfOne(seed=5):

@@ -22,7 +22,8 @@ import torch
 
 from dist_utils import run_distributed
 from hf_models import (check_loads_at_ep1, check_logits_match_hf_tp1, check_parallel_results,
-                       check_round_trip_bit_identical, max_diff, parallel_conversion_worker, random_hf_model)
+                       check_round_trip_bit_identical, max_diff, megatron_logits, parallel_conversion_worker,
+                       random_hf_model)
 
 import safetensors  # noqa: E402,F401  (requirements.txt installs both: missing, the module fails, never skips)
 import transformers  # noqa: E402,F401
@@ -256,20 +257,21 @@ def test_moe_student_from_hf_trains_restores_exports_and_resumes(zoo, extraction
         assert [r["loss"] for r in rec2.rows] == pytest.approx(losses[2:], rel=1e-5, abs=1e-6)
 
 
-def _ep2_restore_and_save(rank, world, nemo_path, out_path, tokens):
+def restore_and_save(rank, world, parallel_fields, nemo_path, out_path, tokens):
+    """A ``run_distributed`` body: restore the ``.nemo`` at the layout (``ParallelConfig`` fields), return its
+    full-vocabulary logits of ``tokens`` and the shapes of this rank's expert tensors, then ``save_to`` (which
+    gathers the layout's shards into the full model) to ``out_path``."""
     from nemo_kd.models.distillation_model import GPTDistillationModel
     from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 
-    initialize_parallel(ParallelConfig(expert_model_parallel_size=2, seed=5))
+    initialize_parallel(ParallelConfig(**parallel_fields, seed=5))
     try:
         model = GPTDistillationModel.restore_from(nemo_path, map_location=torch.device("cpu"))
-        experts = {k for k in model.student.state_dict() if ".local_experts." in k}
-        assert experts and all(".local_experts.0." in k or ".local_experts.1." in k for k in experts)
-        model.eval()
-        with torch.no_grad():
-            logits = model(tokens)
-        model.save_to(out_path)  # gathers both EP ranks' experts
-        return logits
+        experts = {k: tuple(v.shape) for k, v in model.student.state_dict().items()
+                   if ".local_experts." in k and torch.is_tensor(v)}
+        logits = megatron_logits([model.student], tokens)
+        model.save_to(out_path)
+        return logits, experts
     finally:
         destroy_parallel()
 
@@ -293,8 +295,9 @@ def test_moe_nemo_restores_at_ep2_and_saves_every_expert(zoo, extraction_assets,
         with torch.no_grad():
             want = model(case["tokens"])
         model.save_to(path)
-    got = run_distributed(_ep2_restore_and_save, 2, path, resaved, case["tokens"])
-    for logits in got:
+    got = run_distributed(restore_and_save, 2, dict(expert_model_parallel_size=2), path, resaved, case["tokens"])
+    for logits, experts in got:  # each rank cut its 2 experts, renumbered 0 and 1
+        assert experts and all(".local_experts.0." in k or ".local_experts.1." in k for k in experts)
         torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
     with WorldOfOne(seed=5):
         again = GPTDistillationModel.restore_from(resaved, map_location=torch.device("cpu"))
