@@ -227,3 +227,25 @@ def test_cp2_equals_cp1_step_by_step():
             if "pairs" in kind:
                 assert {"preference_loss", "preference_accuracy"} <= names
                 assert all(s[3]["preference_loss"] > 0 for s in dp2["steps"])
+
+
+def test_nemo_model_refuses_what_context_parallelism_cannot_cut_at_construction():
+    """GPTDistillationModel passes the run's packed / on-policy settings to the layout check, so the
+    refusal comes at construction (before any data is read: the paths do not exist)."""
+    from cp_attention import reference_cp_attention
+    from omegaconf import OmegaConf
+
+    from nemo_kd.models.distillation_model import GPTDistillationModel
+
+    student = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=256, max_position_embeddings=64)
+    ds = dict(file_path="/nonexistent/train.jsonl", tokenizer="/nonexistent/tok", max_seq_length=32,
+              micro_batch_size=1, global_batch_size=2, pack_sequences=True)
+    base = dict(student=student, teacher=dict(mode="none"), kd=dict(kd_loss_weight=0.0, sft_loss_weight=1.0),
+                parallel=dict(context_parallel_size=2))
+    cases = [(dict(data=dict(train_ds=ds)), r"context_parallel_size=2 with packed rows"),
+             (dict(data=dict(train_ds={**ds, "pack_sequences": False}), on_policy=dict(fraction=0.5),
+                   teacher=dict(mode="online", checkpoint="/nonexistent/teacher")),
+              r"context_parallel_size=2 with on-policy sampling")]
+    for extra, match in cases:
+        with reference_cp_attention(), pytest.raises(ValueError, match=match):
+            GPTDistillationModel(OmegaConf.create({**base, **extra}))

@@ -257,7 +257,9 @@ class GPTDistillationModel(ModelPT):
             self._seq_length = pack_length
         p = self._parallel_cfg
         # the layout against the architecture and the row length: TP/PP/VPP splits, CP, SP (named refusals)
-        self._student_cfg.validate_layout(p, self._seq_length)
+        self._student_cfg.validate_layout(p, self._seq_length, packed=bool(train_ds.get("pack_sequences", False)),
+                                          cross_tokenizer=bool(teacher.get("tokenizer")),
+                                          on_policy=self._on_policy.enabled)
         if p.sequence_parallel and self._on_policy.enabled:
             raise ValueError("parallel.sequence_parallel=true with on_policy sampling: generation runs the student on "
                              "rows whose length grows one token at a time, which sequence parallelism cannot split "
