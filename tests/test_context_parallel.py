@@ -249,3 +249,52 @@ def test_nemo_model_refuses_what_context_parallelism_cannot_cut_at_construction(
     for extra, match in cases:
         with reference_cp_attention(), pytest.raises(ValueError, match=match):
             GPTDistillationModel(OmegaConf.create({**base, **extra}))
+
+
+def _model_parallel_layouts(rank, world):
+    """CP=2 beside PP=2 and beside TP=2 with sequence parallelism (4 processes), each against DP=2 in
+    its place, from the same full weights: the pipeline's p2p shapes and the SP cut of each CP chunk."""
+    import contextlib
+
+    from cp_attention import reference_cp_attention
+
+    from nemo_kd.models.engine import DistillationEngine
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, state
+
+    base_cfg = replace(te._cfgs()[0], num_layers=2)
+    full = sf._full_weights(base_cfg, online=False)
+    out = {}
+    for name, seq, par in [("pp2_dp2", 12, dict(pipeline_model_parallel_size=2)),
+                           ("pp2_cp2", 12, dict(pipeline_model_parallel_size=2, context_parallel_size=2)),
+                           ("tp2_dp2", 16, dict(tensor_model_parallel_size=2)),
+                           ("tp2sp_cp2", 16, dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                                  context_parallel_size=2))]:
+        te.SEQ = seq
+        initialize_parallel(ParallelConfig(seed=5, **par))
+        try:
+            _, loss_cfg, optim_cfg, batch_cfg = te._cfgs()
+            cp = par.get("context_parallel_size", 1)
+            with reference_cp_attention() if cp > 1 else contextlib.nullcontext():
+                engine = DistillationEngine(base_cfg, replace(loss_cfg, **LOSSES["pairs"]), optim_cfg, batch_cfg,
+                                            max_steps=STEPS)
+            sf._load(engine.chunks, full["student"], base_cfg)
+            steps = []
+            for s in range(STEPS):
+                m = engine.train_step(_microbatches("pairs", s, state.dp_rank(), state.dp_size()))
+                steps.append((m["loss"], m["grad_norm"], sf._grads(engine.module), {k: m[k] for k in METRICS if k in m}))
+            out[name] = dict(steps=steps)
+        finally:
+            destroy_parallel()
+    return out
+
+
+@pytest.mark.distributed
+def test_cp2_with_pipeline_and_sequence_parallel_equals_dp2():
+    runs = run_distributed(_model_parallel_layouts, 4)
+    for rank, r in enumerate(runs):
+        for cp2, dp2 in [("pp2_cp2", "pp2_dp2"), ("tp2sp_cp2", "tp2_dp2")]:
+            sf._assert_same(r, cp2, dp2, f"rank {rank}")
+            for a, b in zip(r[cp2]["steps"], r[dp2]["steps"]):
+                assert a[3].keys() == b[3].keys() and {"kd_loss", "preference_loss"} <= a[3].keys()
+                for key in a[3]:
+                    assert abs(a[3][key] - b[3][key]) < 1e-5, (cp2, key, a[3][key], b[3][key])
