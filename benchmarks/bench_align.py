@@ -29,7 +29,7 @@ from nemo_kd.align import align_samples, build_cross_tokenizer_batch, build_voca
 from nemo_kd.data.sentencepiece_builder import train_sentencepiece_unigram
 from nemo_kd.data.tokenization import ConversationTokenizer
 from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
-from nemo_kd.losses.kd import topk_kd_loss
+from nemo_kd.losses.kd import KDSettings, topk_kd_loss
 
 PIECES = [
     "The quick brown fox jumps over the lazy dog. ", "What is 12 plus 30? The answer is 42.\n",
@@ -112,11 +112,12 @@ def main():
     print(f"loss step: N={n} student rows, V={args.vocab}, k={args.k}, chain groups {batch.num_chain_groups}")
     for conv in ("renormalized", "exact_tail"):
         def same():
-            topk_kd_loss(logits, same_z, same_i, same_lse, topk_convention=conv).sum().backward()
+            topk_kd_loss(logits, same_z, same_i, KDSettings(topk_convention=conv),
+                         teacher_lse=same_lse).sum().backward()
 
         def cross():
-            cross_tokenizer_kd_loss(logits, tz, ti, build(), vm, lse, t_tgt, topk_convention=conv
-                                    ).per_token.sum().backward()
+            cross_tokenizer_kd_loss(logits, tz, ti, build(), vm, KDSettings(topk_convention=conv), teacher_lse=lse,
+                                    teacher_target_logprobs=t_tgt).per_token.sum().backward()
 
         ts, tc = _timeit(same, 3), _timeit(cross, 3)
         print(f"  {conv:12s}: same-tokenizer {1e3 * ts:7.1f} ms, cross-tokenizer {1e3 * tc:7.1f} ms "

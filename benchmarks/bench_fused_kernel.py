@@ -102,7 +102,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from nemo_kd.losses.kd import full_kd_loss  # noqa: E402
+from nemo_kd.losses.kd import KDSettings, full_kd_loss  # noqa: E402
 from nemo_kd.losses.projection import ProjectedLogits  # noqa: E402
 from nemo_kd.losses.vocab_parallel import vocab_parallel_logprobs_at  # noqa: E402
 
@@ -330,23 +330,23 @@ def full_naive(loss_type, beta):
     return fn
 
 
-def _param(loss_type, value):
-    """The loss's parameter as a keyword: skew_alpha for skew_*, jsd_beta otherwise."""
-    return dict(skew_alpha=value) if loss_type.startswith("skew") else dict(jsd_beta=value)
+def _settings(loss_type, value):
+    """The loss with its parameter ``value``: skew_alpha for skew_*, jsd_beta otherwise."""
+    parameter = "skew_alpha" if loss_type.startswith("skew") else "jsd_beta"
+    return KDSettings(loss_type=loss_type, **{parameter: value})
 
 
 def full_lib(impl, loss_type, beta):
     def fn(student, teacher, labels):
-        kd, lp = full_kd_loss(student, teacher, loss_type=loss_type, **_param(loss_type, beta), impl=impl,
-                              label_ids=labels)
+        kd, lp = full_kd_loss(student, teacher, _settings(loss_type, beta), impl=impl, label_ids=labels)
         return (kd - lp).mean()
     return fn
 
 
 def full_fused_inplace(loss_type, beta):
     def fn(student, teacher, labels):
-        kd, lp = fk.fused_full_kd_loss(student, teacher, loss_type=loss_type, **_param(loss_type, beta),
-                                       label_ids=labels, inplace_backward=True)
+        kd, lp = fk.fused_full_kd_loss(student, teacher, _settings(loss_type, beta), label_ids=labels,
+                                       inplace_backward=True)
         return (kd - lp).mean()
     return fn
 
@@ -362,12 +362,12 @@ def run_lmhead_pair(n, v, hidden, beta, device, timer, reps, warmup):
     def ours():
         with torch.no_grad():
             t_logits = xt @ wt.t()
-        kd, _ = fk.fused_full_kd_loss(xs @ ws.t(), t_logits, loss_type="jsd", jsd_beta=beta)
+        kd, _ = fk.fused_full_kd_loss(xs @ ws.t(), t_logits, KDSettings(loss_type="jsd", jsd_beta=beta))
         return torch.autograd.grad(kd.mean(), (xs, ws))
 
     def projected():  # the deferred output projection: neither side's logits ever exist whole
         def chunk_jsd(z, xt_c, differentiate, metrics):
-            kd, _ = fk.fused_full_kd_loss(z, xt_c @ wt.t(), loss_type="jsd", jsd_beta=beta,
+            kd, _ = fk.fused_full_kd_loss(z, xt_c @ wt.t(), KDSettings(loss_type="jsd", jsd_beta=beta),
                                           inplace_backward=differentiate)
             return (kd,)
 

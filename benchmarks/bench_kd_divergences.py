@@ -151,14 +151,16 @@ def naive_loss(mode, loss_type):
 
 def nemo_kd_loss(mode, loss_type, impl, inplace=False, reference=False):
     from nemo_kd.losses.full_vocab import reference_full_kd_loss
-    from nemo_kd.losses.kd import full_kd_loss, topk_kd_loss
+    from nemo_kd.losses.kd import KDSettings, full_kd_loss, topk_kd_loss
 
     if mode == "full":
+        settings = KDSettings(loss_type=loss_type, **PARAMS)
         if reference:
-            return lambda x, teacher: reference_full_kd_loss(x, teacher, loss_type=loss_type, **PARAMS).mean()
-        return lambda x, teacher: full_kd_loss(x, teacher, loss_type=loss_type, impl=impl, **PARAMS).mean()
-    return lambda x, vals, ids, lse: topk_kd_loss(x, vals, ids, lse, loss_type=loss_type, topk_convention="exact_tail",
-                                                  impl=impl, inplace_backward=inplace, **PARAMS).mean()
+            return lambda x, teacher: reference_full_kd_loss(x, teacher, settings).mean()
+        return lambda x, teacher: full_kd_loss(x, teacher, settings, impl=impl).mean()
+    settings = KDSettings(loss_type=loss_type, topk_convention="exact_tail", **PARAMS)
+    return lambda x, vals, ids, lse: topk_kd_loss(x, vals, ids, settings, teacher_lse=lse, impl=impl,
+                                                  inplace_backward=inplace).mean()
 
 
 def trl_loss(mode, loss_type):

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from nemo_kd.losses.kd import topk_kd_loss
+from nemo_kd.losses.kd import KDSettings, topk_kd_loss
 
 
 def make_inputs(n, v, k, dtype, device, seed=0):
@@ -62,8 +62,9 @@ def nemo_kd_loss(impl):
     def loss(logits, teacher_vals, teacher_ids, labels):
         # KD and CE share one pass over the vocabulary (log-probs at top-k ids ∪ label),
         # as DistillationObjective does.
-        kd, label_logprobs = topk_kd_loss(logits, teacher_vals, teacher_ids, loss_type="forward_kl",
-                                          topk_convention="renormalized", impl=impl, label_ids=labels)
+        kd, label_logprobs = topk_kd_loss(logits, teacher_vals, teacher_ids,
+                                          KDSettings(loss_type="forward_kl", topk_convention="renormalized"),
+                                          impl=impl, label_ids=labels)
         return (kd - label_logprobs).mean()
 
     return loss

@@ -4,7 +4,7 @@ The ``exact_tail`` convention's teacher bucket is the mass outside the stored to
 top-k and fp32 log-sum-exp it is ``1 − Σ_k exp(z_i − LSE)``: on a peaked teacher a small difference of numbers
 near 1, and an LSE off by half an fp32 ulp (~1e-6 nats at |LSE| ~ 20) moves it by ~1e-6 absolute, a relative
 error of 1e-6 / tail. A store with the ``teacher_log_tail`` extension keeps ``log Σ_{v ∉ top-k} p_v`` per token,
-summed directly over the full vocabulary at extraction (:func:`nemo_kd.teacher.topk.vocab_parallel_log_tail`).
+summed directly over the full vocabulary at extraction (:func:`nemo_kd.losses.token_stats.vocab_parallel_log_tail`).
 
 Three tables, teachers of growing peak (logits ``N(0, (0.3·peak)²)``, V = 4096, top-32, as
 ``tests/test_tail_statistic.py``), against float64 over the full logits:
@@ -14,7 +14,7 @@ Three tables, teachers of growing peak (logits ``N(0, (0.3·peak)²)``, V = 4096
 2. the ``exact_tail`` KD value's relative error (float64 student, so the teacher's stored statistics are the only
    rounded inputs; k+1-bucket reference from the full float64 distributions, tails floored at ``tail_floor`` as
    the loss floors them), old path vs stored tail;
-3. the cost at extraction: :func:`~nemo_kd.teacher.topk.teacher_token_stats` with and without the tail
+3. the cost at extraction: :func:`~nemo_kd.losses.token_stats.teacher_token_stats` with and without the tail
    (``--tokens`` × ``--vocab``, fp32 and bf16 logits, median of ``--repeat``), ratio from the same run.
 
 No assertion (a measurement; the tests assert the bounds).
@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nemo_kd.losses.divergences import BucketSpace, divergence  # noqa: E402
-from nemo_kd.losses.kd import DEFAULT_TAIL_FLOOR, topk_kd_loss  # noqa: E402
-from nemo_kd.teacher.topk import teacher_token_stats, vocab_parallel_log_tail, vocab_parallel_topk  # noqa: E402
+from nemo_kd.losses.kd import DEFAULT_TAIL_FLOOR, KDSettings, topk_kd_loss  # noqa: E402
+from nemo_kd.losses.token_stats import teacher_token_stats, vocab_parallel_log_tail, vocab_parallel_topk  # noqa: E402
 
 PEAKS = (1, 5, 10, 20, 40)
 K = 32
@@ -77,9 +77,9 @@ def precision_tables() -> None:
             # the loss floors both tails at tail_floor (1e-7): so does the reference (×40's tails go below it)
             ref_kd = divergence(loss_type, _buckets(t, ids, DEFAULT_TAIL_FLOOR), _buckets(s, ids, DEFAULT_TAIL_FLOOR),
                                 BucketSpace.replicated())
-            old = topk_kd_loss(s.double(), values, ids, lse32, loss_type=loss_type, topk_convention="exact_tail")
-            new = topk_kd_loss(s.double(), values, ids, lse32, loss_type=loss_type, topk_convention="exact_tail",
-                               teacher_log_tail=log_tail)
+            settings = KDSettings(loss_type=loss_type, topk_convention="exact_tail")
+            old = topk_kd_loss(s.double(), values, ids, settings, teacher_lse=lse32)
+            new = topk_kd_loss(s.double(), values, ids, settings, teacher_lse=lse32, teacher_log_tail=log_tail)
             kd += [(old - ref_kd).abs() / ref_kd, (new - ref_kd).abs() / ref_kd]
         rows_kd.append((peak, *kd))
     print("Teacher tail relative error (median / max over 256 tokens)\n")

@@ -32,7 +32,7 @@ from nemo_kd.align.spans import _spans_from_offsets
 from nemo_kd.data.sentencepiece_builder import train_sentencepiece_unigram
 from nemo_kd.data.tokenization import ConversationTokenizer, split_prompt_completion
 from nemo_kd.data.tokenizer_builder import train_byte_level_bpe
-from nemo_kd.losses.kd import topk_kd_loss
+from nemo_kd.losses.kd import KDSettings, topk_kd_loss
 
 CORPUS = [
     "What is 12 plus 30? The answer is 42. Then the answer is the number.",
@@ -432,8 +432,8 @@ def test_identity_equals_same_tokenizer_loss(family, which, convention, loss_typ
     tz, ti = teacher_full.topk(k, dim=-1)
     lse = torch.logsumexp(teacher_full, -1)
     # reference: the same-tokenizer loss on all rows, masked to the completion rows
-    ref = topk_kd_loss(student, torch.where(mask[:, None], tz, torch.full_like(tz, float("-inf"))), ti, lse,
-                       loss_type=loss_type, topk_convention=convention)
+    ref = topk_kd_loss(student, torch.where(mask[:, None], tz, torch.full_like(tz, float("-inf"))), ti,
+                       KDSettings(loss_type=loss_type, topk_convention=convention), teacher_lse=lse)
     (ref * mask).sum().backward()
     ref_grad = student.grad.clone()
     student.grad = None
@@ -443,8 +443,8 @@ def test_identity_equals_same_tokenizer_loss(family, which, convention, loss_typ
     comp = [s.input_ids[s.num_prompt_tokens:] for s in samples]
     batch = build_cross_tokenizer_batch(groups, comp, comp, vm, offs, t_offs)
     assert batch.num_chain_groups == 0 and batch.stats["fraction_mapped_one_to_one"] == 1.0
-    out = cross_tokenizer_kd_loss(student, tz[t_rows], ti[t_rows], batch, vm, teacher_lse=lse[t_rows],
-                                  loss_type=loss_type, topk_convention=convention)
+    out = cross_tokenizer_kd_loss(student, tz[t_rows], ti[t_rows], batch, vm,
+                                  KDSettings(loss_type=loss_type, topk_convention=convention), teacher_lse=lse[t_rows])
     assert torch.equal(out.aligned_mask, mask)
     torch.testing.assert_close(out.per_token * mask, ref * mask, rtol=1e-6, atol=1e-7)
     (out.per_token * mask).sum().backward()
@@ -504,8 +504,8 @@ def test_loss_against_float64_reference(convention):
     lse = torch.logsumexp(tfull, -1)
     tz, ti = tfull.topk(4, dim=-1)
     t_tgt = torch.log_softmax(tfull, -1)[torch.arange(6), torch.tensor(t_ids)]
-    out = cross_tokenizer_kd_loss(student, tz.float(), ti, batch, vm, teacher_lse=lse.float(),
-                                  teacher_target_logprobs=t_tgt.float(), topk_convention=convention)
+    out = cross_tokenizer_kd_loss(student, tz.float(), ti, batch, vm, KDSettings(topk_convention=convention),
+                                  teacher_lse=lse.float(), teacher_target_logprobs=t_tgt.float())
     assert out.aligned_mask.tolist() == [False, True, True, True, True, False, False]
     loss = out.per_token.sum()
     loss.backward()
@@ -544,8 +544,8 @@ def test_cross_family_loss_end_to_end_finite(toks):
     lse = torch.logsumexp(tfull, -1)
     t_tgt = torch.log_softmax(tfull, -1)[torch.arange(nt), torch.tensor(sum(t_comp, []))]
     for conv in ("renormalized", "exact_tail"):
-        out = cross_tokenizer_kd_loss(student, tz, ti, batch, vm, lse, t_tgt, topk_convention=conv,
-                                      loss_type="jsd")
+        out = cross_tokenizer_kd_loss(student, tz, ti, batch, vm, KDSettings(topk_convention=conv, loss_type="jsd"),
+                                      teacher_lse=lse, teacher_target_logprobs=t_tgt)
         assert out.per_token.shape == (ns,) and torch.isfinite(out.per_token).all()
         assert int(out.aligned_mask.sum()) == batch.num_aligned_student_tokens
         out.per_token.sum().backward()
@@ -573,7 +573,8 @@ def test_chain_group_row_paths_agree():
     for rows, off in ((slice(0, 7), 1), (slice(1, 5), 0)):  # 2 chain rows of 7 (subset) / of 4 (all rows)
         st = student[rows].clone().requires_grad_(True)
         batch = build_cross_tokenizer_batch([AlignmentGroups(arr, 4, 6, 6)], [s_ids], [t_ids], vm, [off], [0])
-        out = cross_tokenizer_kd_loss(st, tz, ti, batch, vm, torch.logsumexp(tfull, -1), t_tgt)
+        out = cross_tokenizer_kd_loss(st, tz, ti, batch, vm, KDSettings(), teacher_lse=torch.logsumexp(tfull, -1),
+                                      teacher_target_logprobs=t_tgt)
         out.per_token.sum().backward()
         res.append((out.per_token[off:off + 4].detach(), st.grad[off:off + 4]))
     torch.testing.assert_close(res[0][0], res[1][0])
@@ -615,13 +616,15 @@ def test_boundary_map_carries_the_first_token_across_templates(toks):
     tz, ti = tfull.topk(12, -1)
     lse = torch.logsumexp(tfull, -1)
     t_tgt = torch.log_softmax(tfull, -1)[torch.arange(len(t_comp)), torch.tensor(t_comp)]
-    out = cross_tokenizer_kd_loss(student, tz, ti, batch, vm, lse, t_tgt, topk_convention="exact_tail")
+    out = cross_tokenizer_kd_loss(student, tz, ti, batch, vm, KDSettings(topk_convention="exact_tail"),
+                                  teacher_lse=lse, teacher_target_logprobs=t_tgt)
     hand_ids = torch.tensor([s_by_bytes.get(b" " + t_bytes[int(i)], -1) for i in ti[0]])
     keep = hand_ids >= 0
     assert keep.sum() >= 6  # most first-token candidates exist with a leading space
     z = torch.where(keep, tz[0], torch.full_like(tz[0], float("-inf")))[None]
     ids = torch.where(keep, hand_ids, torch.zeros_like(hand_ids))[None]
-    ref = topk_kd_loss(student[:1].double(), z.double(), ids, lse[:1].double(), topk_convention="exact_tail")
+    ref = topk_kd_loss(student[:1].double(), z.double(), ids, KDSettings(topk_convention="exact_tail"),
+                       teacher_lse=lse[:1].double())
     torch.testing.assert_close(out.per_token[0].double(), ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.mapped_topk_ids[0][keep], hand_ids[keep])
 

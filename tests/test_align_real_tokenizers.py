@@ -40,7 +40,7 @@ from nemo_kd.align.groups import B_END, B_START, S_END, S_START, T_END, T_START,
     _shared_char_ranges, content_coordinates
 from nemo_kd.data.tokenization import ConversationTokenizer
 from nemo_kd.generation.responses import response_content_tokens
-from nemo_kd.losses.kd import topk_kd_loss
+from nemo_kd.losses.kd import KDSettings, topk_kd_loss
 
 NAMES = ("llama2", "llama3_1", "qwen3", "gemma3")
 # (student, teacher)
@@ -216,11 +216,11 @@ def test_equal_tokenizers_align_decomposed_text_one_to_one_with_the_same_tokeniz
     batch = build_cross_tokenizer_batch(groups, comp, comp, vm, offs, t_offs)
     assert batch.num_chain_groups == 0 and batch.stats["fraction_mapped_one_to_one"] == 1.0
     for convention in ("renormalized", "exact_tail"):
-        ref = topk_kd_loss(student, torch.where(mask[:, None], tz, torch.full_like(tz, float("-inf"))), ti, lse,
-                           topk_convention=convention)
+        ref = topk_kd_loss(student, torch.where(mask[:, None], tz, torch.full_like(tz, float("-inf"))), ti,
+                           KDSettings(topk_convention=convention), teacher_lse=lse)
         ref_grad, = torch.autograd.grad((ref * mask).sum(), student)
-        out = cross_tokenizer_kd_loss(student, tz[rows], ti[rows], batch, vm, teacher_lse=lse[rows],
-                                      topk_convention=convention)
+        out = cross_tokenizer_kd_loss(student, tz[rows], ti[rows], batch, vm, KDSettings(topk_convention=convention),
+                                      teacher_lse=lse[rows])
         grad, = torch.autograd.grad((out.per_token * mask).sum(), student)
         assert torch.equal(out.aligned_mask, mask)
         assert torch.equal(out.per_token[mask], ref[mask])  # bit for bit

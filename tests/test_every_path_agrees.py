@@ -15,6 +15,7 @@ All are asserted against a float64 evaluation of the definitions (``test_diverge
 on the same (upcast) inputs, to fp32 rounding; bf16 logits too on the torch paths (their gradient is bf16).
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 
 from nemo_kd.losses.divergences import LOSS_TYPES  # noqa: E402
 from nemo_kd.losses.full_vocab import chunked_full_kd_loss, reference_full_kd_loss  # noqa: E402
-from nemo_kd.losses.kd import full_kd_loss, topk_kd_loss  # noqa: E402
+from nemo_kd.losses.kd import KDSettings, full_kd_loss, topk_kd_loss  # noqa: E402
 from test_divergences import ref_akl_head, ref_divergence  # noqa: E402
 
 try:
@@ -56,28 +57,30 @@ def _value_and_grad(fn, x, g_out, inplace=False):
 
 def _paths(loss_type, student, teacher, fused=True):
     """{path: fn(student logits) -> [N]} for every way nemo_kd computes this divergence."""
-    kw = dict(loss_type=loss_type, **PARAMS)
+    settings = KDSettings(loss_type=loss_type, **PARAMS)
+    exact_tail = dataclasses.replace(settings, topk_convention="exact_tail")
     g = torch.Generator().manual_seed(3)
     ids = torch.stack([torch.randperm(V, generator=g) for _ in range(N)])
     vals = teacher.gather(-1, ids)
     lse = torch.logsumexp(teacher.double(), dim=-1)  # float64: the tail is then exactly at the floor
     paths = {
-        "full/torch": lambda x: full_kd_loss(x, teacher, impl="torch", **kw),
-        "full/torch 5-row chunks": lambda x: chunked_full_kd_loss(x, teacher, chunk_tokens=5, **kw),
-        "full/autograd (old torch path)": lambda x: reference_full_kd_loss(x, teacher, **kw),
+        "full/torch": lambda x: full_kd_loss(x, teacher, settings, impl="torch"),
+        "full/torch 5-row chunks": lambda x: chunked_full_kd_loss(x, teacher, settings, chunk_tokens=5),
+        "full/autograd (old torch path)": lambda x: reference_full_kd_loss(x, teacher, settings),
     }
     for inplace in (False, True):
         tag = ", in place" if inplace else ""
         paths[f"topk k=V renormalized/torch{tag}"] = (lambda ip: lambda x: topk_kd_loss(
-            x, vals, ids, inplace_backward=ip, **kw))(inplace)
+            x, vals, ids, settings, inplace_backward=ip))(inplace)
         paths[f"topk k=V exact_tail/torch{tag}"] = (lambda ip: lambda x: topk_kd_loss(
-            x, vals, ids, lse, topk_convention="exact_tail", inplace_backward=ip, **kw))(inplace)
+            x, vals, ids, exact_tail, teacher_lse=lse, inplace_backward=ip))(inplace)
     if fk is not None and fused:  # the interpreter is slow: each fused kernel once, the in-place variants once each
-        paths["topk k=V renormalized/fused"] = lambda x: topk_kd_loss(x, vals, ids, impl="fused", **kw)
+        paths["topk k=V renormalized/fused"] = lambda x: topk_kd_loss(x, vals, ids, settings, impl="fused")
         paths["topk k=V exact_tail/fused, in place"] = lambda x: topk_kd_loss(
-            x, vals, ids, lse, topk_convention="exact_tail", impl="fused", inplace_backward=True, **kw)
-        paths["full/fused"] = lambda x: full_kd_loss(x, teacher, impl="fused", **kw)
-        paths["full/fused, in place"] = lambda x: full_kd_loss(x, teacher, impl="fused", inplace_backward=True, **kw)
+            x, vals, ids, exact_tail, teacher_lse=lse, impl="fused", inplace_backward=True)
+        paths["full/fused"] = lambda x: full_kd_loss(x, teacher, settings, impl="fused")
+        paths["full/fused, in place"] = lambda x: full_kd_loss(x, teacher, settings, impl="fused",
+                                                               inplace_backward=True)
     return paths
 
 

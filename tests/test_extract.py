@@ -182,7 +182,7 @@ def test_parallel_extraction_equals_tp1(assets, tp, pp, dp, mbs, fuse):
 
 
 def test_store_round_trip_equals_live_teacher_loss(assets):
-    from nemo_kd.losses.kd import topk_kd_loss
+    from nemo_kd.losses.kd import KDSettings, topk_kd_loss
     from nemo_kd.models import build_gpt_model, shard_state_dict
     from nemo_kd.teacher.store import StoreReader
 
@@ -209,9 +209,10 @@ def test_store_round_trip_equals_live_teacher_loss(assets):
             student = torch.randn(rows.shape[0], cfg.vocab_size, generator=g) * 3
             for conv in ("renormalized", "exact_tail"):
                 for loss_type in ("forward_kl", "reverse_kl"):
-                    a = topk_kd_loss(student, stored.values, stored.ids, stored.lse, loss_type=loss_type,
-                                     topk_convention=conv)
-                    b = topk_kd_loss(student, live_v, live_ids, live_lse, loss_type=loss_type, topk_convention=conv)
+                    a = topk_kd_loss(student, stored.values, stored.ids,
+                                     KDSettings(loss_type=loss_type, topk_convention=conv), teacher_lse=stored.lse)
+                    b = topk_kd_loss(student, live_v, live_ids, KDSettings(loss_type=loss_type, topk_convention=conv),
+                                     teacher_lse=live_lse)
                     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -320,9 +321,9 @@ def _nan_teacher(assets, path):
 
 
 def test_nan_teacher_names_the_sample(assets, tmp_path):
+    from nemo_kd.losses.token_stats import NonFiniteLogitsError
     from nemo_kd.teacher.extract import compute_topk_logits
     from nemo_kd.teacher.teachers import MegatronTeacher
-    from nemo_kd.teacher.topk import NonFiniteLogitsError
 
     sample = _nan_teacher(assets, str(tmp_path / "nan_teacher"))
     with WorldOfOne(seed=5):

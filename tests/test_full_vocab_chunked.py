@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from nemo_kd.losses.divergences import LOSS_TYPES
 from nemo_kd.losses.full_vocab import FullVocabDivergence, chunked_full_kd_loss, reference_full_kd_loss
-from nemo_kd.losses.kd import full_kd_loss
+from nemo_kd.losses.kd import KDSettings, full_kd_loss
 from nemo_kd.losses.objective import DistillationLossConfig
 from test_divergences import ref_divergence
 
@@ -66,9 +66,9 @@ def test_values_and_grads_match_float64_reference(loss_type, scales, n, chunk):
     g_out = torch.randn(n, dtype=torch.float64)
     ref, ref_grad = _value_and_grad(lambda x: _ref(x, teacher, loss_type, s, t), student, g_out)
     for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 2e-5)):
-        out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(
-            x, teacher.to(dtype), loss_type=loss_type, logits_scale=s, target_logits_scale=t, chunk_tokens=chunk,
-            **PARAMS), student.to(dtype), g_out)
+        settings = KDSettings(loss_type=loss_type, logits_scale=s, target_logits_scale=t, **PARAMS)
+        out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(x, teacher.to(dtype), settings, chunk_tokens=chunk),
+                                    student.to(dtype), g_out)
         assert out.dtype == dtype and grad.dtype == dtype
         assert out[1] == 0 and (grad[1] == 0).all()  # the row without a teacher
         assert (grad[:, -3:] == 0).all()  # padded columns: q = p = 0
@@ -81,10 +81,11 @@ def test_old_path_equals_new_path(loss_type):
     student, teacher = _case(13, 40, seed=3)
     g_out = torch.randn(13, dtype=torch.float64)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        kw = dict(loss_type=loss_type, logits_scale=0.8, target_logits_scale=1.25, **PARAMS)
-        new = _value_and_grad(lambda x: chunked_full_kd_loss(x, teacher.to(dtype), chunk_tokens=4, **kw),
+        settings = KDSettings(loss_type=loss_type, logits_scale=0.8, target_logits_scale=1.25, **PARAMS)
+        new = _value_and_grad(lambda x: chunked_full_kd_loss(x, teacher.to(dtype), settings, chunk_tokens=4),
                               student.to(dtype), g_out)
-        old = _value_and_grad(lambda x: reference_full_kd_loss(x, teacher.to(dtype), **kw), student.to(dtype), g_out)
+        old = _value_and_grad(lambda x: reference_full_kd_loss(x, teacher.to(dtype), settings), student.to(dtype),
+                              g_out)
         torch.testing.assert_close(new[0], old[0], atol=tol, rtol=tol)
         torch.testing.assert_close(new[1], old[1], atol=tol, rtol=tol)
 
@@ -95,7 +96,8 @@ def test_bf16_inputs(loss_type):
     student, teacher = _case(11, 64, seed=4)
     sb, tb = student.to(torch.bfloat16), teacher.to(torch.bfloat16)
     g_out = torch.randn(11, dtype=torch.float64)
-    out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(x, tb, loss_type=loss_type, chunk_tokens=4, **PARAMS),
+    out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(x, tb, KDSettings(loss_type=loss_type, **PARAMS),
+                                                               chunk_tokens=4),
                                 sb, g_out)
     ref, ref_grad = _value_and_grad(lambda x: _ref(x, tb, loss_type), sb.double(), g_out)
     assert out.dtype == torch.float32 and grad.dtype == torch.bfloat16
@@ -113,8 +115,8 @@ def test_large_logits_near_converged(loss_type):
     teacher = base.float()
     student = (base + torch.randn(6, 48, generator=g, dtype=torch.float64) * 0.05).float()
     g_out = torch.randn(6, dtype=torch.float64)
-    out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(x, teacher, loss_type=loss_type, chunk_tokens=4,
-                                                               **PARAMS), student, g_out)
+    out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(x, teacher, KDSettings(loss_type=loss_type, **PARAMS),
+                                                               chunk_tokens=4), student, g_out)
     ref, ref_grad = _value_and_grad(lambda x: _ref(x, teacher, loss_type), student.double(), g_out)
     assert (ref > 1e-5).all()
     torch.testing.assert_close(out.double(), ref, atol=1e-7, rtol=2e-3)
@@ -126,27 +128,29 @@ def test_dead_student_rows_give_zero():
     student, teacher = _case(5, 20, seed=6, pad=0)
     student[2] = NEG_INF
     for loss_type in LOSS_TYPES:
-        out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(x, teacher.float(), loss_type=loss_type,
-                                                                   chunk_tokens=2, **PARAMS),
+        out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(x, teacher.float(),
+                                                                   KDSettings(loss_type=loss_type, **PARAMS),
+                                                                   chunk_tokens=2),
                                     student.float(), torch.ones(5, dtype=torch.float64))
         assert out[2] == 0 and (grad[2] == 0).all() and torch.isfinite(out).all() and torch.isfinite(grad).all()
 
 
 def test_end_points_are_exact():
     """JSD at β = 0 / 1 and skew KL at α = 0 are exactly FKL / RKL; skew KL at α = 1 is exactly 0."""
-    assert FullVocabDivergence.of("jsd", jsd_beta=0.0).kind == "forward_kl"
-    assert FullVocabDivergence.of("jsd", jsd_beta=1.0).kind == "reverse_kl"
-    assert FullVocabDivergence.of("skew_fkl", skew_alpha=0.0).kind == "forward_kl"
-    assert FullVocabDivergence.of("skew_rkl", skew_alpha=0.0).kind == "reverse_kl"
+    assert FullVocabDivergence.of(KDSettings("jsd", jsd_beta=0.0)).kind == "forward_kl"
+    assert FullVocabDivergence.of(KDSettings("jsd", jsd_beta=1.0)).kind == "reverse_kl"
+    assert FullVocabDivergence.of(KDSettings("skew_fkl", skew_alpha=0.0)).kind == "forward_kl"
+    assert FullVocabDivergence.of(KDSettings("skew_rkl", skew_alpha=0.0)).kind == "reverse_kl"
     student, teacher = _case(6, 20, seed=7)
     for loss_type in ("skew_fkl", "skew_rkl"):
-        out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(x, teacher, loss_type=loss_type, skew_alpha=1.0),
+        out, grad = _value_and_grad(lambda x: chunked_full_kd_loss(x, teacher,
+                                                                   KDSettings(loss_type=loss_type, skew_alpha=1.0)),
                                     student, torch.ones(6, dtype=torch.float64))
         assert (out == 0).all() and (grad == 0).all()
     with pytest.raises(ValueError, match="jsd beta"):
-        FullVocabDivergence.of("jsd", jsd_beta=1.5)
+        KDSettings("jsd", jsd_beta=1.5)
     with pytest.raises(ValueError, match="skew alpha"):
-        FullVocabDivergence.of("skew_rkl", skew_alpha=-0.1)
+        KDSettings("skew_rkl", skew_alpha=-0.1)
 
 
 def test_only_the_gradient_is_kept_for_backward():
@@ -167,23 +171,26 @@ def test_only_the_gradient_is_kept_for_backward():
 
     for loss_type in LOSS_TYPES:
         sb = student.to(torch.bfloat16)
-        new = saved_bytes(lambda x: chunked_full_kd_loss(x, teacher.bfloat16(), loss_type=loss_type,
-                                                         chunk_tokens=4, **PARAMS), sb)
-        old = saved_bytes(lambda x: reference_full_kd_loss(x, teacher.bfloat16(), loss_type=loss_type, **PARAMS), sb)
+        new = saved_bytes(lambda x: chunked_full_kd_loss(x, teacher.bfloat16(),
+                                                         KDSettings(loss_type=loss_type, **PARAMS), chunk_tokens=4), sb)
+        old = saved_bytes(lambda x: reference_full_kd_loss(x, teacher.bfloat16(),
+                                                           KDSettings(loss_type=loss_type, **PARAMS)), sb)
         assert new == sb.numel() * 2 + 13, loss_type  # bf16 gradient + bool row mask
         assert old >= 2 * sb.numel() * 4, loss_type
 
 
 def test_values_only_without_grad_and_single_backward():
     student, teacher = _case(9, 30, seed=9)
-    with_grad = chunked_full_kd_loss(student.clone().requires_grad_(True), teacher, loss_type="jsd", chunk_tokens=4)
+    with_grad = chunked_full_kd_loss(student.clone().requires_grad_(True), teacher, KDSettings(loss_type="jsd"),
+                                     chunk_tokens=4)
     with torch.no_grad():
-        plain = chunked_full_kd_loss(student.clone().requires_grad_(True), teacher, loss_type="jsd", chunk_tokens=4)
+        plain = chunked_full_kd_loss(student.clone().requires_grad_(True), teacher, KDSettings(loss_type="jsd"),
+                                     chunk_tokens=4)
     assert not plain.requires_grad
     torch.testing.assert_close(plain, with_grad.detach(), atol=0, rtol=0)
     # Backward twice through one graph would scale the stored gradient twice: refused.
     x = student.clone().requires_grad_(True)
-    out = chunked_full_kd_loss(x, teacher, chunk_tokens=4).sum()
+    out = chunked_full_kd_loss(x, teacher, KDSettings(), chunk_tokens=4).sum()
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         out.backward()
@@ -193,7 +200,7 @@ def test_teacher_gets_no_gradient():
     student, teacher = _case(6, 20, seed=10)
     t = teacher.clone().requires_grad_(True)
     x = student.clone().requires_grad_(True)
-    full_kd_loss(x, t, loss_type="reverse_kl").sum().backward()
+    full_kd_loss(x, t, KDSettings(loss_type="reverse_kl")).sum().backward()
     assert t.grad is None and x.grad is not None
 
 
@@ -204,13 +211,14 @@ def test_full_kd_loss_dispatches_to_the_chunked_path(impl):
     labels = torch.randint(0, 27, (10,))
     for loss_type in LOSS_TYPES:
         kw = dict(loss_type=loss_type, logits_scale=0.5, target_logits_scale=0.5, **PARAMS)
-        out, label_lp = full_kd_loss(student.float(), teacher.float(), temperature_squared=True, impl=impl,
-                                     label_ids=labels, **kw)
-        torch.testing.assert_close(out, 4.0 * chunked_full_kd_loss(student.float(), teacher.float(), **kw))
+        out, label_lp = full_kd_loss(student.float(), teacher.float(), KDSettings(temperature_squared=True, **kw),
+                                     impl=impl, label_ids=labels)
+        torch.testing.assert_close(out, 4.0 * chunked_full_kd_loss(student.float(), teacher.float(), KDSettings(**kw)))
         torch.testing.assert_close(label_lp.double(), torch.log_softmax(student, -1).gather(-1, labels[:, None])[:, 0],
                                    atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="inplace_backward"):
-        full_kd_loss(student.float().requires_grad_(True), teacher.float(), impl=impl, inplace_backward=True)
+        full_kd_loss(student.float().requires_grad_(True), teacher.float(), KDSettings(), impl=impl,
+                     inplace_backward=True)
 
 
 def test_kd_kernel_defaults_to_auto():
@@ -226,9 +234,9 @@ def _tp_losses(student, teacher, g_out, group, shard=None):
     results = {}
     for loss_type in LOSS_TYPES:
         for chunk in (4, 64):
+            settings = KDSettings(loss_type=loss_type, logits_scale=0.8, target_logits_scale=1.25, **PARAMS)
             results[f"{loss_type}/{chunk}"] = _value_and_grad(lambda x: chunked_full_kd_loss(
-                x, teacher[:, sl].clone(), loss_type=loss_type, logits_scale=0.8, target_logits_scale=1.25,
-                group=group, chunk_tokens=chunk, **PARAMS), student[:, sl], g_out)
+                x, teacher[:, sl].clone(), settings, group=group, chunk_tokens=chunk), student[:, sl], g_out)
     return results
 
 

@@ -23,7 +23,7 @@ pytest.importorskip("triton", reason="triton is not importable: the fused kernel
 from dist_utils import run_distributed  # noqa: E402
 from nemo_kd.kernels import full_kd_triton as fk  # noqa: E402
 from nemo_kd.kernels import logprobs_triton as lt  # noqa: E402
-from nemo_kd.losses.kd import full_kd_loss  # noqa: E402
+from nemo_kd.losses.kd import KDSettings, full_kd_loss  # noqa: E402
 from nemo_kd.losses.objective import (  # noqa: E402
     DistillationLossConfig,
     DistillationObjective,
@@ -77,10 +77,9 @@ def _run(student, teacher, labels, g_kd, g_lp, impl, inplace=False, **kw):
     leaf = student.clone().requires_grad_(True)
     x = leaf * 1
     if impl == "fused" and inplace:
-        kd, lp = fk.fused_full_kd_loss(x, teacher, label_ids=labels, inplace_backward=True,
-                                       **{k: v for k, v in kw.items() if k != "temperature_squared"})
+        kd, lp = fk.fused_full_kd_loss(x, teacher, KDSettings(**kw), label_ids=labels, inplace_backward=True)
     else:
-        kd, lp = full_kd_loss(x, teacher, impl=impl, label_ids=labels, **kw)
+        kd, lp = full_kd_loss(x, teacher, KDSettings(**kw), impl=impl, label_ids=labels)
     ((kd * g_kd.to(kd.dtype)).sum() + (lp * g_lp.to(lp.dtype)).sum()).backward()
     return kd.detach(), lp.detach(), leaf.grad
 
@@ -206,12 +205,12 @@ def test_inplace_backward_gives_same_gradient(small_blocks, dtype):
 def test_dispatch_and_errors():
     student, teacher, labels, _, _ = _inputs(3, 40, torch.float32, seed=4)
     assert resolve_impl("auto", student) == "torch"  # CPU: the interpreter is for tests only
-    torch.testing.assert_close(full_kd_loss(student, teacher, loss_type="akl", impl="auto"),
-                               full_kd_loss(student, teacher, loss_type="akl"))
+    torch.testing.assert_close(full_kd_loss(student, teacher, KDSettings(loss_type="akl"), impl="auto"),
+                               full_kd_loss(student, teacher, KDSettings(loss_type="akl")))
     with pytest.raises(ValueError, match="impl must be one of"):
-        full_kd_loss(student, teacher, impl="cuda")
+        full_kd_loss(student, teacher, KDSettings(), impl="cuda")
     with pytest.raises(TypeError, match="fp64"):
-        full_kd_loss(student.double(), teacher.double(), impl="fused")
+        full_kd_loss(student.double(), teacher.double(), KDSettings(), impl="fused")
     with pytest.raises(ValueError, match="kd_kernel='triton' is not one of"):
         DistillationLossConfig(kd_kernel="triton").validate()
 
@@ -222,10 +221,11 @@ def _tp2_body(rank, world, student, teacher, labels, g_kd, g_lp, kw, inplace):
     cols = slice(rank * v_local, (rank + 1) * v_local)
     leaf = student[:, cols].clone().requires_grad_(True)
     if inplace:
-        kd, lp = fk.fused_full_kd_loss(leaf * 1, teacher[:, cols], label_ids=labels, group=dist.group.WORLD,
-                                       inplace_backward=True, **kw)
+        kd, lp = fk.fused_full_kd_loss(leaf * 1, teacher[:, cols], KDSettings(**kw), label_ids=labels,
+                                       group=dist.group.WORLD, inplace_backward=True)
     else:
-        kd, lp = full_kd_loss(leaf * 1, teacher[:, cols], impl="fused", label_ids=labels, group=dist.group.WORLD, **kw)
+        kd, lp = full_kd_loss(leaf * 1, teacher[:, cols], KDSettings(**kw), impl="fused", label_ids=labels,
+                              group=dist.group.WORLD)
     ((kd * g_kd).sum() + (lp * g_lp).sum()).backward()
     # numpy pickles by value (tensors would cross as fds that vanish with the worker)
     return kd.detach().numpy(), lp.detach().numpy(), leaf.grad.float().numpy()

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dist_utils import run_distributed  # noqa: E402
-from nemo_kd.losses.kd import full_kd_loss, topk_kd_loss  # noqa: E402
+from nemo_kd.losses.kd import KDSettings, full_kd_loss, topk_kd_loss  # noqa: E402
 from nemo_kd.losses.objective import (  # noqa: E402
     ROLE_NEGATIVE,
     ROLE_POSITIVE,
@@ -160,9 +160,10 @@ def test_inplace_with_two_passes_is_refused_by_the_losses():
     t = batch.teacher.logits.reshape(-1, V)
     vals, ids = t.topk(K, -1)
     with pytest.raises(ValueError, match="two"):
-        topk_kd_loss(x, vals, ids, logits_scale=0.5, label_ids=batch.labels.reshape(-1), inplace_backward=True)
+        topk_kd_loss(x, vals, ids, KDSettings(logits_scale=0.5), label_ids=batch.labels.reshape(-1),
+                     inplace_backward=True)
     with pytest.raises(ValueError, match="fused"):
-        full_kd_loss(x, t, impl="torch", inplace_backward=True)
+        full_kd_loss(x, t, KDSettings(), impl="torch", inplace_backward=True)
 
 
 # ----------------------------------------------------------------------------- Megatron training steps

@@ -1,5 +1,6 @@
 """Top-k and full-vocabulary KD losses against float64 references, and TP=2 against TP=1."""
 
+import dataclasses
 import io
 
 import pytest
@@ -8,7 +9,9 @@ import torch.distributed as dist
 
 from dist_utils import run_distributed
 from nemo_kd.losses.divergences import LOSS_TYPES
-from nemo_kd.losses.kd import DEFAULT_TAIL_FLOOR, full_kd_loss, token_agreement, topk_kd_loss
+from nemo_kd.losses.full_vocab import chunked_full_kd_loss, reference_full_kd_loss
+from nemo_kd.losses.kd import DEFAULT_TAIL_FLOOR, KDSettings, full_kd_loss, token_agreement, topk_kd_loss
+from nemo_kd.losses.objective import DistillationLossConfig
 from test_divergences import ref_divergence
 
 PARAMS = dict(jsd_beta=0.3, skew_alpha=0.2, akl_mu=0.5)
@@ -73,8 +76,10 @@ def test_topk_matches_reference(loss_type, convention, scales):
     g_out = torch.randn(11, dtype=torch.float64)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
         out, grad = value_and_grad(
-            lambda x: topk_kd_loss(x, vals, ids, lse, loss_type=loss_type,
-                                   topk_convention=convention, logits_scale=s, target_logits_scale=t, **PARAMS),
+            lambda x: topk_kd_loss(x, vals, ids,
+                                   KDSettings(loss_type=loss_type, topk_convention=convention, logits_scale=s,
+                                              target_logits_scale=t, **PARAMS),
+                                   teacher_lse=lse),
             student.to(dtype), g_out)
         assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         ref, ref_grad = value_and_grad(
@@ -89,8 +94,10 @@ def test_topk_gradcheck(convention):
     lse = torch.logsumexp(teacher * 0.7, -1)
     for loss_type in ("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl"):
         torch.autograd.gradcheck(
-            lambda x: topk_kd_loss(x, vals, ids, lse, loss_type=loss_type, topk_convention=convention,
-                                   logits_scale=1.3, target_logits_scale=0.7, **PARAMS),
+            lambda x: topk_kd_loss(x, vals, ids,
+                                   KDSettings(loss_type=loss_type, topk_convention=convention, logits_scale=1.3,
+                                              target_logits_scale=0.7, **PARAMS),
+                                   teacher_lse=lse),
             (student.clone().requires_grad_(True),))
 
 
@@ -105,15 +112,18 @@ def test_topk_bf16_and_large_logits(convention):
     for loss_type in LOSS_TYPES:
         # bf16 student logits: the reference sees the same bf16 values upcast, so only accumulation differs.
         sb = student.to(torch.bfloat16)
-        out, grad = value_and_grad(lambda x: topk_kd_loss(x, vals.float(), ids, lse.float(), loss_type=loss_type,
-                                                          topk_convention=convention, **PARAMS), sb, g_out)
+        out, grad = value_and_grad(lambda x: topk_kd_loss(x, vals.float(), ids,
+                                                          KDSettings(loss_type=loss_type, topk_convention=convention,
+                                                                     **PARAMS),
+                                                          teacher_lse=lse.float()), sb, g_out)
         assert grad.dtype == torch.bfloat16 and torch.isfinite(out).all() and torch.isfinite(grad).all()
         ref, ref_grad = value_and_grad(lambda x: ref_topk(x, vals, ids, convention, loss_type, teacher_lse=lse),
                                        sb.double(), g_out)
         torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(grad.double(), ref_grad, atol=2e-2, rtol=2e-2)
         # fp64 end to end: exact.
-        out64 = topk_kd_loss(student, vals, ids, lse, loss_type=loss_type, topk_convention=convention, **PARAMS)
+        out64 = topk_kd_loss(student, vals, ids, KDSettings(loss_type=loss_type, topk_convention=convention, **PARAMS),
+                             teacher_lse=lse)
         torch.testing.assert_close(out64, ref_topk(student, vals, ids, convention, loss_type, teacher_lse=lse),
                                    atol=1e-9, rtol=1e-9)
 
@@ -121,12 +131,14 @@ def test_topk_bf16_and_large_logits(convention):
 def test_exact_tail_lower_bounds_full_vocab_forward_kl():
     student, teacher, vals, ids = make_case(16, 50, 4, seed=3)
     lse = torch.logsumexp(teacher, -1)
-    tail = topk_kd_loss(student, vals, ids, lse, loss_type="forward_kl", topk_convention="exact_tail")
-    full = full_kd_loss(student, teacher, loss_type="forward_kl")
+    tail = topk_kd_loss(student, vals, ids, KDSettings(loss_type="forward_kl", topk_convention="exact_tail"),
+                        teacher_lse=lse)
+    full = full_kd_loss(student, teacher, KDSettings(loss_type="forward_kl"))
     assert (tail <= full + 1e-12).all() and (tail > 0).all()
     # k = V: the k buckets are the whole vocabulary, the tail is the floor on both sides, so tail ≈ full.
     vals_all, ids_all = teacher.topk(50, dim=-1)
-    torch.testing.assert_close(topk_kd_loss(student, vals_all, ids_all, lse, topk_convention="exact_tail"), full,
+    torch.testing.assert_close(topk_kd_loss(student, vals_all, ids_all, KDSettings(topk_convention="exact_tail"),
+                                            teacher_lse=lse), full,
                                atol=1e-6, rtol=1e-6)
 
 
@@ -134,7 +146,7 @@ def test_exact_tail_clamps_tail_when_teacher_mass_rounds_above_one():
     student, teacher, vals, ids = make_case(5, 20, 20, seed=4)
     lse = torch.logsumexp(teacher, -1) - 1e-3  # stored lse slightly low: Σ p_i > 1
     x = student.clone().requires_grad_(True)
-    out = topk_kd_loss(x, vals, ids, lse, loss_type="reverse_kl", topk_convention="exact_tail")
+    out = topk_kd_loss(x, vals, ids, KDSettings(loss_type="reverse_kl", topk_convention="exact_tail"), teacher_lse=lse)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
     torch.testing.assert_close(out, ref_topk(student, vals, ids, "exact_tail", "reverse_kl", teacher_lse=lse))
@@ -151,7 +163,7 @@ def test_garbage_rows_are_zero_with_zero_grad(convention):
     x = student.clone().requires_grad_(True)
     for loss_type in LOSS_TYPES:
         x.grad = None
-        out = topk_kd_loss(x, vals, ids, lse, loss_type=loss_type, topk_convention=convention)
+        out = topk_kd_loss(x, vals, ids, KDSettings(loss_type=loss_type, topk_convention=convention), teacher_lse=lse)
         out.sum().backward()
         bad = [1, 2] if convention == "exact_tail" else [1]
         assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
@@ -161,13 +173,53 @@ def test_garbage_rows_are_zero_with_zero_grad(convention):
 def test_topk_errors():
     student, teacher, vals, ids = make_case(3, 8, 2, seed=6)
     with pytest.raises(ValueError, match="teacher_lse"):
-        topk_kd_loss(student, vals, ids, topk_convention="exact_tail")
+        topk_kd_loss(student, vals, ids, KDSettings(topk_convention="exact_tail"))
     with pytest.raises(ValueError, match="outside"):
-        topk_kd_loss(student, vals, ids + 8)
+        topk_kd_loss(student, vals, ids + 8, KDSettings())
     with pytest.raises(ValueError, match="loss_type"):
-        topk_kd_loss(student, vals, ids, loss_type="kl")
+        topk_kd_loss(student, vals, ids, KDSettings(loss_type="kl"))
     with pytest.raises(ValueError, match="topk_convention"):
-        topk_kd_loss(student, vals, ids, topk_convention="tail")
+        topk_kd_loss(student, vals, ids, KDSettings(topk_convention="tail"))
+
+
+def test_settings_refuse_bad_values_by_name():
+    """KDSettings carries the checks the four entry points each made, with their messages, and only it is taken."""
+    bad = [
+        (dict(loss_type="kl"), r"unknown loss_type 'kl'; expected one of \('forward_kl'"),
+        (dict(jsd_beta=1.5), r"jsd beta must be in \[0, 1\], got 1.5 \(KDSettings.jsd_beta\)"),
+        (dict(skew_alpha=-0.1), r"skew alpha must be in \[0, 1\], got -0.1"),
+        (dict(loss_type="forward_kl", akl_mu=float("nan")), r"akl mu must be in \[0, 1\], got nan"),  # checked unused
+        (dict(logits_scale=0.0), r"^logits_scale must be > 0, got 0.0$"),
+        (dict(target_logits_scale=-1.0), r"^target_logits_scale must be > 0, got -1.0$"),
+        (dict(topk_convention="tail"), r"unknown topk_convention 'tail'; expected one of \('renormalized'"),
+        (dict(tail_floor=1.0), r"tail_floor must be in \(0, 1\), got 1.0"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            KDSettings(**kwargs)
+    with pytest.raises(TypeError, match="temperature_squared must be a bool"):
+        KDSettings(temperature_squared="false")
+    for edge in (dict(jsd_beta=0.0), dict(jsd_beta=1.0), dict(skew_alpha=1.0), dict(akl_mu=0.0), dict(tail_floor=0.5)):
+        KDSettings(**edge)  # the closed ends are the exact KLs, not errors
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        KDSettings().loss_type = "jsd"
+    student, teacher, vals, ids = make_case(3, 8, 2, seed=6)
+    lse = torch.logsumexp(teacher, -1)
+    old_style = [lambda: topk_kd_loss(student, vals, ids, lse),  # the old 4th positional (teacher_lse)
+                 lambda: full_kd_loss(student, teacher, "forward_kl"),
+                 lambda: chunked_full_kd_loss(student, teacher, None),
+                 lambda: reference_full_kd_loss(student, teacher, {"loss_type": "jsd"})]
+    for call in old_style:
+        with pytest.raises(TypeError, match="KDSettings"):
+            call()
+    # DistillationLossConfig builds the settings from its keys, and refuses a bad one when loaded
+    cfg = DistillationLossConfig(kd_loss_type="akl", akl_mu=0.3, jsd_beta=0.2, skew_alpha=0.4, logits_scale=0.5,
+                                 target_logits_scale=0.8, temperature_squared=True, topk_convention="exact_tail")
+    assert cfg.kd_settings == KDSettings(loss_type="akl", akl_mu=0.3, jsd_beta=0.2, skew_alpha=0.4, logits_scale=0.5,
+                                         target_logits_scale=0.8, temperature_squared=True,
+                                         topk_convention="exact_tail")
+    with pytest.raises(ValueError, match=r"jsd beta must be in \[0, 1\], got 2.0"):
+        DistillationLossConfig.from_dict({"kd_loss_type": "forward_kl", "jsd_beta": 2.0})
 
 
 # ----------------------------------------------------------------------------- temperature
@@ -179,12 +231,12 @@ def test_temperature_squared_is_one_over_logits_scale_squared(convention):
     s = 0.5  # T = 2: a correct factor is 4 (s² = 0.25, 1/s = 2 and T = 1 would all fail)
     lse = torch.logsumexp(teacher * s, -1)
     kw = dict(topk_convention=convention, logits_scale=s, target_logits_scale=s)
-    plain = topk_kd_loss(student, vals, ids, lse, **kw)
-    hinton = topk_kd_loss(student, vals, ids, lse, temperature_squared=True, **kw)
+    plain = topk_kd_loss(student, vals, ids, KDSettings(**kw), teacher_lse=lse)
+    hinton = topk_kd_loss(student, vals, ids, KDSettings(temperature_squared=True, **kw), teacher_lse=lse)
     ref = ref_topk(student, vals, ids, convention, "forward_kl", s, s, lse)
     torch.testing.assert_close(plain, ref)
     torch.testing.assert_close(hinton, 4.0 * ref)
-    full = full_kd_loss(student, teacher, logits_scale=s, target_logits_scale=s, temperature_squared=True)
+    full = full_kd_loss(student, teacher, KDSettings(logits_scale=s, target_logits_scale=s, temperature_squared=True))
     torch.testing.assert_close(full, 4.0 * ref_full(student, teacher, "forward_kl", s, s))
 
 
@@ -203,8 +255,9 @@ def test_full_matches_reference(loss_type, scales):
     g_out = torch.randn(9, dtype=torch.float64)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5), (torch.bfloat16, None)):
         x_in = student.to(dtype)
-        out, grad = value_and_grad(lambda x: full_kd_loss(x, teacher.to(dtype), loss_type=loss_type, logits_scale=s,
-                                                          target_logits_scale=t, **PARAMS), x_in, g_out)
+        out, grad = value_and_grad(lambda x: full_kd_loss(x, teacher.to(dtype),
+                                                          KDSettings(loss_type=loss_type, logits_scale=s,
+                                                                     target_logits_scale=t, **PARAMS)), x_in, g_out)
         ref, ref_grad = value_and_grad(lambda x: ref_full(x, teacher.to(dtype), loss_type, s, t), x_in.double(), g_out)
         assert torch.isfinite(out).all() and torch.isfinite(grad).all() and out[3] == 0 and (grad[3] == 0).all()
         ref[3], ref_grad[3] = 0, 0
@@ -216,7 +269,7 @@ def test_full_matches_reference(loss_type, scales):
 def test_full_large_logits():
     student, teacher, _, _ = make_case(5, 20, 1, seed=9, scale=5e3)
     for loss_type in LOSS_TYPES:
-        out = full_kd_loss(student.float(), teacher.float(), loss_type=loss_type, **PARAMS)
+        out = full_kd_loss(student.float(), teacher.float(), KDSettings(loss_type=loss_type, **PARAMS))
         ref = ref_full(student.float(), teacher.float(), loss_type)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-4)
@@ -243,12 +296,12 @@ def _all_losses(student, teacher, vals, ids, lse, g_out, group, shard=None):
     results = {}
     v_local = student.shape[1] if shard is None else student.shape[1] // 2
     sl = slice(None) if shard is None else slice(shard * v_local, (shard + 1) * v_local)
+    scales = dict(logits_scale=0.8, target_logits_scale=1.25, **PARAMS)
     cases = [(f"topk/{c}/{lt}", lambda x, c=c, lt=lt: topk_kd_loss(
-        x, vals, ids, lse, loss_type=lt, topk_convention=c, logits_scale=0.8, target_logits_scale=1.25,
-        group=group, **PARAMS)) for c in CONVENTIONS for lt in LOSS_TYPES]
+        x, vals, ids, KDSettings(loss_type=lt, topk_convention=c, **scales), teacher_lse=lse, group=group))
+        for c in CONVENTIONS for lt in LOSS_TYPES]
     cases += [(f"full/{lt}", lambda x, lt=lt: full_kd_loss(
-        x, teacher[:, sl].clone(), loss_type=lt, logits_scale=0.8, target_logits_scale=1.25, group=group,
-        **PARAMS)) for lt in LOSS_TYPES]
+        x, teacher[:, sl].clone(), KDSettings(loss_type=lt, **scales), group=group)) for lt in LOSS_TYPES]
     for name, fn in cases:
         results[name] = value_and_grad(fn, student[:, sl].clone(), g_out)
     results["agreement"] = (token_agreement(student[:, sl], teacher[:, sl].clone(), group),

@@ -22,7 +22,7 @@ import yaml  # noqa: E402
 from dist_utils import run_distributed  # noqa: E402
 from nemo_kd.losses import kd  # noqa: E402
 from nemo_kd.losses.divergences import LOSS_TYPES  # noqa: E402
-from nemo_kd.losses.kd import full_kd_loss, topk_kd_loss  # noqa: E402
+from nemo_kd.losses.kd import KDSettings, full_kd_loss, topk_kd_loss  # noqa: E402
 from nemo_kd.losses.objective import (  # noqa: E402
     PREFERENCE_TYPES,
     ROLE_NEGATIVE,
@@ -107,14 +107,15 @@ def _akl_paths(student, teacher, mu, g_out, group=None, shard=None):
     g = torch.Generator().manual_seed(3)
     ids = torch.stack([torch.randperm(v, generator=g) for _ in range(n)])
     vals = teacher.float().gather(-1, ids)
-    kw = dict(loss_type="akl", akl_mu=mu, group=group)
-    out = {"topk": _value_and_grad(lambda z: topk_kd_loss(z, vals, ids, **kw), x, g_out),
-           "full/torch": _value_and_grad(lambda z: full_kd_loss(z, t, impl="torch", **kw), x, g_out)}
+    akl = KDSettings(loss_type="akl", akl_mu=mu)
+    out = {"topk": _value_and_grad(lambda z: topk_kd_loss(z, vals, ids, akl, group=group), x, g_out),
+           "full/torch": _value_and_grad(lambda z: full_kd_loss(z, t, akl, impl="torch", group=group), x, g_out)}
     if fk is not None:
-        out["full/fused"] = _value_and_grad(lambda z: full_kd_loss(z, t, impl="fused", **kw), x, g_out)
+        out["full/fused"] = _value_and_grad(lambda z: full_kd_loss(z, t, akl, impl="fused", group=group), x, g_out)
         saved, fk.AKL_TOPK = fk.AKL_TOPK, 1  # every row whose top-1 is below μ takes the bisection
         try:
-            out["full/fused-bisection"] = _value_and_grad(lambda z: full_kd_loss(z, t, impl="fused", **kw), x, g_out)
+            out["full/fused-bisection"] = _value_and_grad(lambda z: full_kd_loss(z, t, akl, impl="fused", group=group),
+                                                          x, g_out)
         finally:
             fk.AKL_TOPK = saved
     return out
@@ -189,7 +190,7 @@ def _buckets_seen(monkeypatch, *args, **kw):
 @pytest.mark.parametrize("peak", [1, 20])
 def test_exact_tail_buckets_are_exact_in_their_inputs(monkeypatch, peak):
     s, vals, ids, lse = _peaked_case(peak)
-    log_p, log_q = _buckets_seen(monkeypatch, s, vals, ids, lse, topk_convention="exact_tail")
+    log_p, log_q = _buckets_seen(monkeypatch, s, vals, ids, KDSettings(topk_convention="exact_tail"), teacher_lse=lse)
     # Teacher: float64 of the stored values (fp32 top-k logits and LSE) — exact up to the fp32 log.
     tail_p = 1 - torch.exp(vals.double() - lse.double()[:, None]).sum(-1)
     err_p = (log_p[:, -1].double().exp() / tail_p - 1).abs()
@@ -208,8 +209,8 @@ def test_exact_tail_losses_on_a_peaked_teacher_match_float64(loss_type, kw):
     """Reverse-type losses weigh the tail bucket by the student: tail errors showed in value and gradient."""
     s, vals, ids, lse = _peaked_case(20)
     g_out = torch.linspace(0.5, 1.5, s.shape[0], dtype=torch.float64)
-    out, grad = _value_and_grad(lambda x: topk_kd_loss(x, vals, ids, lse, loss_type=loss_type,
-                                                       topk_convention="exact_tail", **kw), s, g_out)
+    settings = KDSettings(loss_type=loss_type, topk_convention="exact_tail", **kw)
+    out, grad = _value_and_grad(lambda x: topk_kd_loss(x, vals, ids, settings, teacher_lse=lse), s, g_out)
     ref_type = "reverse_kl" if loss_type == "jsd" else loss_type  # JSD at β = 1 is reverse KL exactly
     ref, ref_grad = _value_and_grad(lambda x: ref_topk(x, vals, ids, "exact_tail", ref_type, teacher_lse=lse),
                                     s.double(), g_out)
@@ -255,8 +256,9 @@ def test_full_vocab_divergences_ignore_a_1e4_offset(small_blocks, impl, loss_typ
     ref = _value_and_grad(lambda x: ref_divergence(loss_type, log_p, torch.log_softmax(x, -1), **REF_PARAMS),
                           s.double(), g_out)
     assert (ref[0][:4] > 1e-8).all()  # nearly converged, but not zero: fp32 must not read it as 0
-    _assert_shift_invariant((lambda x: full_kd_loss(x, t, loss_type=loss_type, impl=impl, **PARAMS),
-                             lambda x: full_kd_loss(x, t + SHIFT, loss_type=loss_type, impl=impl, **PARAMS)),
+    settings = KDSettings(loss_type=loss_type, **PARAMS)
+    _assert_shift_invariant((lambda x: full_kd_loss(x, t, settings, impl=impl),
+                             lambda x: full_kd_loss(x, t + SHIFT, settings, impl=impl)),
                             s, s + SHIFT, g_out, ref)
 
 
@@ -283,10 +285,10 @@ def test_topk_losses_ignore_a_1e4_offset(convention, loss_type):
     g_out = torch.linspace(0.5, 1.5, s.shape[0], dtype=torch.float64)
     # The teacher's top-k are shifted too where the convention allows it (a stored LSE has its own ulp).
     t_shift = SHIFT if convention == "renormalized" else 0.0
-    kw = dict(loss_type=loss_type, topk_convention=convention, akl_mu=0.5)
+    settings = KDSettings(loss_type=loss_type, topk_convention=convention, akl_mu=0.5)
     ref = _value_and_grad(lambda x: ref_topk(x, vals, ids, convention, loss_type, teacher_lse=lse), s.double(), g_out)
-    _assert_shift_invariant((lambda x: topk_kd_loss(x, vals, ids, lse.float(), **kw),
-                             lambda x: topk_kd_loss(x, vals + t_shift, ids, lse.float(), **kw)),
+    _assert_shift_invariant((lambda x: topk_kd_loss(x, vals, ids, settings, teacher_lse=lse.float()),
+                             lambda x: topk_kd_loss(x, vals + t_shift, ids, settings, teacher_lse=lse.float())),
                             s, s + SHIFT, g_out, ref)
 
 
@@ -304,8 +306,9 @@ def _tp2_body(rank, world, cases, big):
     cols = slice(rank * v_local, (rank + 1) * v_local)
     for impl in IMPLS:
         for loss_type in ("forward_kl", "reverse_kl", "akl"):
-            value, grad = _value_and_grad(lambda x: full_kd_loss(x, t[:, cols] + SHIFT, loss_type=loss_type, impl=impl,
-                                                                 group=group, **PARAMS), s[:, cols] + SHIFT, g_out)
+            value, grad = _value_and_grad(lambda x: full_kd_loss(x, t[:, cols] + SHIFT,
+                                                                 KDSettings(loss_type=loss_type, **PARAMS), impl=impl,
+                                                                 group=group), s[:, cols] + SHIFT, g_out)
             out[f"1e4/{impl}/{loss_type}"] = (value.numpy(), grad.numpy())
     return out
 

@@ -190,7 +190,7 @@ def test_client_samples_both_dialects_and_refuses_bad_answers(world):
     """vLLM dialect against the nemo_kd server; SGLang's /generate shape from a canned server built from the same
     draws; NaN / positive log-probs, other echoed prompt ids and a missing choice are refused naming the sample."""
     from nemo_kd.teacher.served import ServedTeacherError
-    from nemo_kd.teacher.topk import NonFiniteLogitsError
+    from nemo_kd.losses.token_stats import NonFiniteLogitsError
 
     p = _prompt_ids(world, PROMPTS[:1])[0]
     eos = world["tok"]["teacher"].eos_token_id

@@ -1,7 +1,7 @@
 """The stored per-token teacher tail statistic (``teacher_log_tail``, issue 14).
 
 ``log_tail = log Σ_{v ∉ top-k} p_v`` is summed directly over the full vocabulary at extraction
-(:func:`nemo_kd.teacher.topk.vocab_parallel_log_tail`), kept per token by the store's
+(:func:`nemo_kd.losses.token_stats.vocab_parallel_log_tail`), kept per token by the store's
 ``teacher_log_tail`` extension, collated as ``teacher_log_tail`` and read by ``exact_tail`` instead
 of ``1 − Σ_k exp(z_i − LSE)``. References are float64 over the full logits.
 """
@@ -15,7 +15,8 @@ import torch
 
 from dist_utils import run_distributed
 from test_extract import assets  # noqa: F401  (the fixture, by name: its teacher and TP=1 store)
-from nemo_kd.losses.kd import topk_kd_loss
+from nemo_kd.losses.kd import KDSettings, topk_kd_loss
+from nemo_kd.losses.token_stats import teacher_token_stats, vocab_parallel_log_tail, vocab_parallel_topk
 from nemo_kd.teacher.store import (
     LOG_TAIL_EXTENSION,
     StoreCorruptError,
@@ -24,7 +25,6 @@ from nemo_kd.teacher.store import (
     StoreWriter,
     log_tail_extension,
 )
-from nemo_kd.teacher.topk import teacher_token_stats, vocab_parallel_log_tail, vocab_parallel_topk
 
 K = 32
 
@@ -132,10 +132,10 @@ def test_exact_tail_with_the_stored_tail_equals_float64_kd(loss_type, kw):
     st = teacher_token_stats(t, K, with_log_tail=True)
     s64 = s.double().requires_grad_()  # float64 student: the teacher's stored statistics are the only inputs rounded
     g_out = torch.linspace(0.5, 1.5, s.shape[0], dtype=torch.float64)
-    new = topk_kd_loss(s64, st.values, st.ids, st.lse, loss_type=loss_type, topk_convention="exact_tail",
-                       teacher_log_tail=st.log_tail, **kw)
+    settings = KDSettings(loss_type=loss_type, topk_convention="exact_tail", **kw)
+    new = topk_kd_loss(s64, st.values, st.ids, settings, teacher_lse=st.lse, teacher_log_tail=st.log_tail)
     (grad,) = torch.autograd.grad((new * g_out).sum(), s64)
-    old = topk_kd_loss(s.double(), st.values, st.ids, st.lse, loss_type=loss_type, topk_convention="exact_tail", **kw)
+    old = topk_kd_loss(s.double(), st.values, st.ids, settings, teacher_lse=st.lse)
     s_ref = s.double().requires_grad_()
     ref = _ref_exact_tail_kd(s_ref, t, st.ids, loss_type, **kw)
     (ref_grad,) = torch.autograd.grad((ref * g_out).sum(), s_ref)
@@ -151,11 +151,11 @@ def test_exact_tail_refuses_the_stored_tail_at_another_temperature():
     t, s = _peaked(5, n=4, v=100)
     st = teacher_token_stats(t, 8, with_log_tail=True)
     with pytest.raises(ValueError, match="temperature 1"):
-        topk_kd_loss(s, st.values, st.ids, st.lse, topk_convention="exact_tail", target_logits_scale=0.5,
-                     teacher_log_tail=st.log_tail)
+        topk_kd_loss(s, st.values, st.ids, KDSettings(topk_convention="exact_tail", target_logits_scale=0.5),
+                     teacher_lse=st.lse, teacher_log_tail=st.log_tail)
     # renormalized never reads a tail
-    a = topk_kd_loss(s, st.values, st.ids, st.lse, teacher_log_tail=st.log_tail)
-    assert torch.equal(a, topk_kd_loss(s, st.values, st.ids, st.lse))
+    a = topk_kd_loss(s, st.values, st.ids, KDSettings(), teacher_lse=st.lse, teacher_log_tail=st.log_tail)
+    assert torch.equal(a, topk_kd_loss(s, st.values, st.ids, KDSettings(), teacher_lse=st.lse))
 
 
 # ----------------------------------------------------------------------------- the store
@@ -325,12 +325,14 @@ def test_objective_reads_the_stored_tail_and_trains_as_before_without_it():
         # a store without the extension trains exactly as before: the tail is 1 − Σ_k p
         mask = without["loss_mask"].bool()
         ref = topk_kd_loss(logits[mask], without["teacher_values"][mask], without["teacher_ids"][mask],
-                           without["teacher_lse"][mask], topk_convention=convention, loss_type="reverse_kl")
+                           KDSettings(topk_convention=convention, loss_type="reverse_kl"),
+                           teacher_lse=without["teacher_lse"][mask])
         torch.testing.assert_close(base, ref.mean(), rtol=1e-6, atol=0)
         # with it, exact_tail reads it (and renormalized ignores it)
         got = loss_of(with_tail, logits, convention)
         want = topk_kd_loss(logits[mask], with_tail["teacher_values"][mask], with_tail["teacher_ids"][mask],
-                            with_tail["teacher_lse"][mask], topk_convention=convention, loss_type="reverse_kl",
+                            KDSettings(topk_convention=convention, loss_type="reverse_kl"),
+                            teacher_lse=with_tail["teacher_lse"][mask],
                             teacher_log_tail=with_tail["teacher_log_tail"][mask]).mean()
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
         assert (got == base) == (convention == "renormalized")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from nemo_kd.teacher.topk import (
+from nemo_kd.losses.token_stats import (
     NonFiniteLogitsError,
     check_finite_logits,
     teacher_token_stats,

@@ -83,8 +83,10 @@ import torch
 
 from nemo_kd.align.groups import B_END, S_END, S_START, T_END, T_START, AlignmentGroups
 from nemo_kd.align.vocab_map import VocabMap
-from nemo_kd.losses.divergences import BucketSpace, divergence
-from nemo_kd.losses.kd import DEFAULT_TAIL_FLOOR, _temperature_factor, _with_tail_bucket, topk_kd_loss
+from nemo_kd.kernels.buckets import BucketSpace
+from nemo_kd.losses.divergences import divergence
+from nemo_kd.losses.kd import KDSettings, _with_tail_bucket, check_settings, topk_kd_loss
+from nemo_kd.losses.token_stats import teacher_token_stats
 from nemo_kd.losses.vocab_parallel import ProcessGroup, accumulation_dtype, vocab_parallel_logprobs_at
 
 
@@ -278,18 +280,10 @@ def cross_tokenizer_kd_loss(
     teacher_topk_ids: torch.Tensor,
     batch: CrossTokenizerBatch,
     vocab_map: VocabMap,
+    settings: KDSettings,
+    *,
     teacher_lse: Optional[torch.Tensor] = None,
     teacher_target_logprobs: Optional[torch.Tensor] = None,
-    *,
-    loss_type: str = "forward_kl",
-    topk_convention: str = "renormalized",
-    logits_scale: float = 1.0,
-    target_logits_scale: float = 1.0,
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    akl_mu: float = 0.5,
-    temperature_squared: bool = False,
-    tail_floor: float = DEFAULT_TAIL_FLOOR,
     group: ProcessGroup = None,
     impl: str = "torch",
 ) -> CrossTokenizerKDOutput:
@@ -302,6 +296,9 @@ def cross_tokenizer_kd_loss(
             logits and *teacher-vocabulary* ids at its own rows (−inf: empty slot).
         batch: :func:`build_cross_tokenizer_batch` output.
         vocab_map: teacher → student ids.
+        settings: the loss (:class:`~nemo_kd.kernels.kd_settings.KDSettings`), as for
+            :func:`~nemo_kd.losses.kd.topk_kd_loss`; its ``tail_floor`` also bounds the chain
+            groups' ``1 − P`` buckets.
         teacher_lse: ``[N_t]`` ``LSE(target_logits_scale·z)`` over the teacher's full
             vocabulary (needed by ``exact_tail``).
         teacher_target_logprobs: ``[N_t]`` ``log_softmax(target_logits_scale·z)`` at the
@@ -309,6 +306,9 @@ def cross_tokenizer_kd_loss(
             chain groups.
         Remaining keywords: as :func:`~nemo_kd.losses.kd.topk_kd_loss`.
     """
+    settings = check_settings(settings)
+    logits_scale, target_logits_scale = settings.logits_scale, settings.target_logits_scale
+    tail_floor = settings.tail_floor
     n_s = student_logits.shape[0]
     dev = student_logits.device
     acc = accumulation_dtype(student_logits.dtype)
@@ -337,12 +337,7 @@ def cross_tokenizer_kd_loss(
         lse_rows = None
         if teacher_lse is not None:
             lse_rows = torch.where(has, teacher_lse.detach()[src], torch.zeros_like(teacher_lse[src]))
-    per_token = topk_kd_loss(
-        student_logits, ml, mid, lse_rows, loss_type=loss_type, topk_convention=topk_convention,
-        logits_scale=logits_scale, target_logits_scale=target_logits_scale, jsd_beta=jsd_beta,
-        skew_alpha=skew_alpha, akl_mu=akl_mu, temperature_squared=temperature_squared, tail_floor=tail_floor,
-        group=group, impl=impl,
-    )
+    per_token = topk_kd_loss(student_logits, ml, mid, settings, teacher_lse=lse_rows, group=group, impl=impl)
     aligned = has.clone()
 
     # ---- chain groups: two-bucket divergence of the group's chain-rule probability
@@ -367,9 +362,9 @@ def cross_tokenizer_kd_loss(
             log_p = torch.zeros(g, dtype=lp_t.dtype, device=dev).index_add(0, batch.chain_teacher_group, lp_t)
             log_p2 = _with_tail_bucket(log_p[:, None], tail_floor).to(log_q.dtype)
         log_q2 = _with_tail_bucket(log_q[:, None], tail_floor)
-        chain_loss = divergence(loss_type, log_p2, log_q2, BucketSpace.replicated(),
-                                jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu)
-        chain_loss = chain_loss * _temperature_factor(temperature_squared, logits_scale)
+        chain_loss = divergence(settings.loss_type, log_p2, log_q2, BucketSpace.replicated(),
+                                jsd_beta=settings.jsd_beta, skew_alpha=settings.skew_alpha, akl_mu=settings.akl_mu)
+        chain_loss = chain_loss * settings.temperature_factor
         share = chain_loss / batch.chain_group_sizes.to(chain_loss.dtype)
         per_token = per_token.index_add(0, rows, share[batch.chain_student_group].to(per_token.dtype))
         aligned[rows] = True
@@ -414,7 +409,7 @@ class CrossTokenizerTeacher:
     * an online co-located teacher: its logits ``[B, S, V_t/TP]`` over the microbatch's
       teacher inputs, gathered at ``logit_rows`` (``[N_t]``, the flattened row predicting
       each teacher completion token ``targets``), reduced to the same top-``top_k`` / LSE
-      / target log-probs as extraction does (:func:`nemo_kd.teacher.topk.teacher_token_stats`,
+      / target log-probs as extraction does (:func:`nemo_kd.losses.token_stats.teacher_token_stats`,
       vocab-parallel), so online and offline feed the loss identical inputs.
 
     Microbatch keys (written by :func:`nemo_kd.data.kd_dataset.collate`): the index
@@ -471,28 +466,28 @@ class CrossTokenizerTeacher:
             return self.topk_values, self.topk_ids, self.lse, self.target_logprobs
         if self.logits is None:
             raise ValueError("online cross-tokenizer KD: the microbatch has no teacher logits")
-        from nemo_kd.teacher.topk import teacher_token_stats
-
         with torch.no_grad():
             flat = self.logits.detach().reshape(-1, self.logits.shape[-1])
             st = teacher_token_stats(flat.index_select(0, self.logit_rows), self.top_k, self.targets, group=group,
                                      vocab_size=self.vocab_map.teacher_vocab_size)
         return st.values, st.ids, st.lse, st.label_logprobs
 
-    def kd_loss(self, student_logits: torch.Tensor, group: ProcessGroup = None, **kwargs) -> CrossTokenizerKDOutput:
+    def kd_loss(self, student_logits: torch.Tensor, settings: KDSettings, *, group: ProcessGroup = None,
+                impl: str = "torch") -> CrossTokenizerKDOutput:
         """:func:`cross_tokenizer_kd_loss` on the flattened ``[B·S, V_s/TP]`` student logits.
 
         The teacher statistics (stored, or computed online as extraction does) are at temperature
         1: the LSE of ``exact_tail`` and the chain groups' token log-probs cannot be rescaled
-        from them, so ``target_logits_scale`` must be 1 here.
+        from them, so ``settings.target_logits_scale`` must be 1 here.
         """
-        if kwargs.get("target_logits_scale", 1.0) != 1.0:
+        settings = check_settings(settings)
+        if settings.target_logits_scale != 1.0:
             raise ValueError("cross-tokenizer KD uses the teacher's statistics at temperature 1 (the LSE and the "
                              "chain groups' token log-probs): target_logits_scale must be 1, got "
-                             f"{kwargs['target_logits_scale']}")
+                             f"{settings.target_logits_scale}")
         values, ids, lse, target_lp = self._teacher_stats(group)
-        return cross_tokenizer_kd_loss(student_logits, values, ids, self.batch, self.vocab_map, teacher_lse=lse,
-                                       teacher_target_logprobs=target_lp, group=group, **kwargs)
+        return cross_tokenizer_kd_loss(student_logits, values, ids, self.batch, self.vocab_map, settings,
+                                       teacher_lse=lse, teacher_target_logprobs=target_lp, group=group, impl=impl)
 
 
 __all__ = [

@@ -5,7 +5,9 @@
 * :func:`is_interpreted` – whether Triton runs kernels through its CPU interpreter
   (decided once, when the kernels are decorated, from ``TRITON_INTERPRET``).
 * :func:`check_fused_supported` – a clear error when the fused kernels cannot run on a tensor.
-* :func:`tp_size` / :func:`tp_rank` – the tensor-parallel group's size and this rank's index.
+
+The TP group's size / rank and collectives are :mod:`nemo_kd.kernels.collectives` (no Triton there:
+the losses use them too).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 import triton
 import triton.language as tl
 
@@ -52,12 +53,3 @@ def check_fused_supported(t: torch.Tensor) -> None:
     if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"impl='fused' supports fp32/bf16/fp16 logits, got {t.dtype} (use impl='torch' for fp64)")
 
-
-def tp_size(group) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
-
-
-def tp_rank(group) -> int:
-    return dist.get_rank(group) if tp_size(group) > 1 else 0

@@ -34,7 +34,7 @@ label log-prob)::
     ∂SRKL/∂a_v = q_v·(log q_v − log m_v − α·q_v/m_v − SRKL + α·Σ_u q_u²/m_u)
     ∂AKL/∂a_v  = w_h·∂FKL/∂a_v + (1−w_h)·∂RKL/∂a_v
 
-AKL's head (:meth:`~nemo_kd.losses.divergences.BucketSpace.head_mask`: a token is in it iff the
+AKL's head (:meth:`~nemo_kd.kernels.buckets.BucketSpace.head_mask`: a token is in it iff the
 teacher mass strictly above it is below μ, ties together) is a threshold on the teacher's raw
 logits read off its vocab-parallel top-``AKL_TOPK`` (the torch path's bisection for rows whose
 head runs past them); both KLs come from the first pass (``W_f`` and ``W_r``), the two gaps
@@ -78,7 +78,10 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from nemo_kd.kernels.common import check_fused_supported, is_interpreted, store_out, tp_rank, tp_size
+from nemo_kd.kernels.buckets import BucketSpace
+from nemo_kd.kernels.collectives import all_gather_vocab, tp_rank, tp_world_size
+from nemo_kd.kernels.common import check_fused_supported, is_interpreted, store_out
+from nemo_kd.kernels.kd_settings import KDSettings, check_settings
 
 FUSED_FULL_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl", "akl")
 # Mixture losses (codes 2–4) share the second pass: D = w_p·KL(p‖m) + w_q·KL(q‖m), m = β·p + (1−β)·q.
@@ -86,7 +89,7 @@ FUSED_FULL_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rk
 _FKL, _RKL, _JSD, _SKEW_FKL, _SKEW_RKL, _AKL = 0, 1, 2, 3, 4, 5
 # AKL's head (the fewest top teacher probabilities whose mass reaches μ) is read off the teacher's
 # top AKL_TOPK; rows whose head does not end inside them (very flat teachers) fall back to the
-# bisection of nemo_kd.losses.divergences.BucketSpace over that row.
+# bisection of nemo_kd.kernels.buckets.BucketSpace over that row.
 AKL_TOPK = 64
 AKL_BISECTION_ROWS = 32  # rows per step of that fallback (its fp32 scratch is rows × V/TP)
 # Per-row statistics of the first pass: max/sum of a, max/sum of b, W, a at the label, W_r (AKL).
@@ -308,7 +311,7 @@ def _akl_head_threshold(teacher: torch.Tensor, sh_b: torch.Tensor, ls_b: torch.T
                         group) -> torch.Tensor:
     """AKL's head as a threshold on the teacher's raw logits: head = {u ≥ u*} per row.
 
-    The head (:meth:`~nemo_kd.losses.divergences.BucketSpace.head_mask`, whose rule this
+    The head (:meth:`~nemo_kd.kernels.buckets.BucketSpace.head_mask`, whose rule this
     implements) is every token whose probability is at least that of the token whose
     cumulative mass reaches μ; ``p`` is monotone in ``u`` (t > 0), so that token is read off
     the global top-``AKL_TOPK`` logits (vocab-parallel): ``u*`` is the value at the first
@@ -319,11 +322,8 @@ def _akl_head_threshold(teacher: torch.Tensor, sh_b: torch.Tensor, ls_b: torch.T
     smallest logit of the head. Thresholds are stored logits, so the kernel's comparison is
     exact. ``sh_b``/``ls_b``: the teacher's global shift and ``log S`` (+inf on dead rows).
     """
-    from nemo_kd.losses.divergences import BucketSpace
-    from nemo_kd.losses.vocab_parallel import all_gather_vocab
-
     n, v_local = teacher.shape
-    k = min(AKL_TOPK, v_local * tp_size(group))
+    k = min(AKL_TOPK, v_local * tp_world_size(group))
     # Values only (ties do not matter for a threshold): each shard's top-k in the teacher's dtype,
     # then the top-k of the k·TP candidates; raw logits as fp32, descending.
     local = teacher.topk(min(k, v_local), dim=-1).values.float()
@@ -332,19 +332,19 @@ def _akl_head_threshold(teacher: torch.Tensor, sh_b: torch.Tensor, ls_b: torch.T
     before = (torch.cumsum(p_top.double(), dim=-1) < mu).sum(-1)  # top-k tokens before the one reaching μ
     thr = vals.gather(-1, before.clamp(max=k - 1)[:, None])[:, 0]
     open_rows = torch.nonzero(before >= k).flatten()
-    if tp_size(group) > 1:  # every rank takes part in the bisection's all-reduces for the same rows
+    if tp_world_size(group) > 1:  # every rank takes part in the bisection's all-reduces for the same rows
         flag = torch.zeros(n, dtype=torch.int32, device=teacher.device)
         flag[open_rows] = 1
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         open_rows = torch.nonzero(flag).flatten()
-    space = BucketSpace.sharded(group if tp_size(group) > 1 else None)
+    space = BucketSpace.sharded(group if tp_world_size(group) > 1 else None)
     for c in range(0, open_rows.numel(), AKL_BISECTION_ROWS):  # fp32 scratch bounded to a few rows
         rows = open_rows[c:c + AKL_BISECTION_ROWS]
         u = teacher[rows].float()
         p_rows = torch.exp((u * t - sh_b[rows, None]) - ls_b[rows, None])
         in_head = space.head_mask(p_rows, mu)
         u_min = torch.where(in_head, u, torch.full_like(u, float("inf"))).min(dim=-1).values
-        if tp_size(group) > 1:
+        if tp_world_size(group) > 1:
             dist.all_reduce(u_min, op=dist.ReduceOp.MIN, group=group)
         thr[rows] = u_min
     return thr
@@ -362,7 +362,7 @@ class FusedFullKD(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, loss, s, t, beta, group, inplace):
         n, v_local = student.shape
         dev = student.device
-        tp = tp_size(group)
+        tp = tp_world_size(group)
         vocab_start = tp_rank(group) * v_local
         has_label = labels is not None
         label_arg = labels if has_label else torch.zeros(1, dtype=torch.int64, device=dev)
@@ -465,13 +465,8 @@ _MIXTURES = {
 def fused_full_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
+    settings: KDSettings,
     *,
-    loss_type: str = "forward_kl",
-    logits_scale: float = 1.0,
-    target_logits_scale: float = 1.0,
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    akl_mu: float = 0.5,
     group: Optional[dist.ProcessGroup] = None,
     label_ids: Optional[torch.Tensor] = None,
     inplace_backward: bool = False,
@@ -481,9 +476,11 @@ def fused_full_kd_loss(
     Args:
         student_logits / teacher_logits: ``[N, V/TP]`` this rank's shards (same sharding),
             fp32/bf16/fp16; the teacher is never differentiated.
-        loss_type: ``forward_kl``, ``reverse_kl``, ``jsd`` (β = ``jsd_beta``), ``skew_fkl`` /
-            ``skew_rkl`` (α = ``skew_alpha``) or ``akl`` (μ = ``akl_mu``); ``p`` = teacher.
-        logits_scale / target_logits_scale: inverse temperatures ``s`` / ``t`` (> 0).
+        settings: the loss (:class:`~nemo_kd.kernels.kd_settings.KDSettings`): ``loss_type``
+            ``forward_kl``, ``reverse_kl``, ``jsd`` (β = ``jsd_beta``), ``skew_fkl`` / ``skew_rkl``
+            (α = ``skew_alpha``) or ``akl`` (μ = ``akl_mu``), ``p`` = teacher; the inverse
+            temperatures ``s`` / ``t``; ``T²`` (applied to the KD value, not to the label
+            log-prob); ``topk_convention`` / ``tail_floor`` do not apply.
         group: the TP process group (``None``: one rank).
         label_ids: optional ``[N]`` global ids: also return the student's log-prob at
             them at scale ``s``, from the same passes (the CE at temperature 1 when s = 1).
@@ -491,9 +488,11 @@ def fused_full_kd_loss(
             be used after this backward; the version counter is bumped, so an autograd node
             that saved them and runs later fails loudly).
 
-    No ``T²`` factor and no masking by the loss mask here: :func:`nemo_kd.losses.kd.full_kd_loss`
-    is the public entry point (``impl="fused"``).
+    No masking by the loss mask here: :func:`nemo_kd.losses.kd.full_kd_loss` is the public entry
+    point (``impl="fused"``).
     """
+    settings = check_settings(settings)
+    loss_type = settings.loss_type
     check_fused_supported(student_logits)
     check_fused_supported(teacher_logits)
     if loss_type not in FUSED_FULL_LOSS_TYPES:
@@ -502,20 +501,12 @@ def fused_full_kd_loss(
     if student_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits "
                          "must both be [tokens, vocab_shard]")
-    if not (logits_scale > 0 and target_logits_scale > 0):
-        raise ValueError(f"scales must be > 0, got {logits_scale}, {target_logits_scale}")
-    if not 0.0 <= jsd_beta <= 1.0:
-        raise ValueError(f"jsd beta must be in [0, 1], got {jsd_beta}")
-    if not 0.0 <= skew_alpha <= 1.0:
-        raise ValueError(f"skew alpha must be in [0, 1], got {skew_alpha}")
     kind, beta = {"forward_kl": _FKL, "reverse_kl": _RKL, "akl": _AKL}.get(loss_type), 0.0
     if kind == _AKL:
-        if not 0.0 <= akl_mu <= 1.0:
-            raise ValueError(f"akl mu must be in [0, 1], got {akl_mu}")
-        beta = float(akl_mu)  # carried in the β slot: AKL has no mixture
+        beta = float(settings.akl_mu)  # carried in the β slot: AKL has no mixture
     elif kind is None:
         kind, mix = _MIXTURES[loss_type]
-        beta = float(mix(jsd_beta, skew_alpha))
+        beta = float(mix(settings.jsd_beta, settings.skew_alpha))
     # End points that are exactly FKL / RKL (JSD's by TRL's convention; skew at α = 0).
     if kind == _JSD and beta in (0.0, 1.0):
         kind = _FKL if beta == 0.0 else _RKL
@@ -532,6 +523,6 @@ def fused_full_kd_loss(
         labels = label_ids.reshape(-1).to(device=student_logits.device, dtype=torch.int64).contiguous()
         if labels.shape[0] != student_logits.shape[0]:
             raise ValueError(f"label_ids has {labels.shape[0]} entries, logits {student_logits.shape[0]} rows")
-    kd, label_lp = FusedFullKD.apply(student_logits, teacher, labels, kind, float(logits_scale),
-                                     float(target_logits_scale), beta, group, bool(inplace_backward))
-    return kd, (label_lp if labels is not None else None)
+    kd, label_lp = FusedFullKD.apply(student_logits, teacher, labels, kind, float(settings.logits_scale),
+                                     float(settings.target_logits_scale), beta, group, bool(inplace_backward))
+    return kd * settings.temperature_factor, (label_lp if labels is not None else None)

@@ -50,11 +50,10 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from nemo_kd.kernels.collectives import tp_rank, tp_world_size
 from nemo_kd.kernels.common import check_fused_supported  # noqa: F401  (re-exported)
 from nemo_kd.kernels.common import is_interpreted as _is_interpreted
 from nemo_kd.kernels.common import store_out as _store_out
-from nemo_kd.kernels.common import tp_rank as _tp_rank
-from nemo_kd.kernels.common import tp_size as _tp_size
 
 # Columns per program-iteration. 4096 fp32 lanes over 8 warps is 16 per thread: enough
 # loads in flight per SM to saturate HBM on H100 without spilling the two online
@@ -174,8 +173,8 @@ class FusedVocabParallelLogProbsAt(torch.autograd.Function):
         m = ids.shape[1]
         block_j = min(BLOCK_J, triton.next_power_of_2(max(m, 1)))
         dev = logits.device
-        tp = _tp_size(group)
-        vocab_start = _tp_rank(group) * v_local
+        tp = tp_world_size(group)
+        vocab_start = tp_rank(group) * v_local
         row_max = torch.empty(n, dtype=torch.float32, device=dev)
         sumexp = torch.empty(n, dtype=torch.float32, device=dev)
         # picked and the rescaled sum-exp share one buffer so TP needs a single SUM all-reduce.

@@ -56,7 +56,9 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from nemo_kd.losses.divergences import LOSS_TYPES, BucketSpace, akl_weights, divergence
+from nemo_kd.kernels.buckets import BucketSpace
+from nemo_kd.kernels.kd_settings import KDSettings, check_settings
+from nemo_kd.losses.divergences import akl_weights, divergence
 from nemo_kd.losses.vocab_parallel import (
     ProcessGroup,
     accumulation_dtype,
@@ -85,7 +87,8 @@ class FullVocabDivergence:
     """A divergence of :data:`~nemo_kd.losses.divergences.LOSS_TYPES` in the form the chunk loop computes.
 
     ``kind``: ``"forward_kl"``, ``"reverse_kl"``, ``"mixture"`` (``m = β·p + (1−β)·q``,
-    ``D = w_p·KL(p‖m) + w_q·KL(q‖m)``) or ``"akl"`` (``mu``). Build with :meth:`of`.
+    ``D = w_p·KL(p‖m) + w_q·KL(q‖m)``) or ``"akl"`` (``mu``). Build with :meth:`of` from the
+    (already validated) :class:`~nemo_kd.kernels.kd_settings.KDSettings`.
     """
 
     kind: str
@@ -95,18 +98,12 @@ class FullVocabDivergence:
     mu: float = 0.5
 
     @classmethod
-    def of(cls, loss_type: str, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
-           akl_mu: float = 0.5) -> "FullVocabDivergence":
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-        if loss_type == "jsd" and not 0.0 <= jsd_beta <= 1.0:
-            raise ValueError(f"jsd beta must be in [0, 1], got {jsd_beta}")
-        if loss_type in ("skew_fkl", "skew_rkl") and not 0.0 <= skew_alpha <= 1.0:
-            raise ValueError(f"skew alpha must be in [0, 1], got {skew_alpha}")
+    def of(cls, settings: KDSettings) -> "FullVocabDivergence":
+        loss_type, jsd_beta, skew_alpha = settings.loss_type, settings.jsd_beta, settings.skew_alpha
         if loss_type in ("forward_kl", "reverse_kl"):
             return cls(loss_type)
         if loss_type == "akl":
-            return cls("akl", mu=float(akl_mu))
+            return cls("akl", mu=float(settings.akl_mu))
         if loss_type == "jsd":
             if jsd_beta in (0.0, 1.0):  # TRL's end points: exactly FKL / RKL
                 return cls("forward_kl" if jsd_beta == 0.0 else "reverse_kl")
@@ -293,13 +290,8 @@ class _ChunkedFullKD(torch.autograd.Function):
 def chunked_full_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
+    settings: KDSettings,
     *,
-    loss_type: str = "forward_kl",
-    logits_scale: float = 1.0,
-    target_logits_scale: float = 1.0,
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    akl_mu: float = 0.5,
     group: ProcessGroup = None,
     chunk_tokens: Optional[int] = None,
 ) -> torch.Tensor:
@@ -308,40 +300,36 @@ def chunked_full_kd_loss(
     Args:
         student_logits / teacher_logits: ``[N, V/TP]`` this rank's vocab shards (same sharding),
             any float dtype; the teacher is never differentiated.
-        loss_type, jsd_beta, skew_alpha, akl_mu: the divergence (:mod:`nemo_kd.losses.divergences`).
-        logits_scale / target_logits_scale: inverse temperatures ``s`` / ``t`` (> 0).
+        settings: the loss (:class:`~nemo_kd.kernels.kd_settings.KDSettings`): the divergence
+            (:mod:`nemo_kd.losses.divergences`), the inverse temperatures ``s`` / ``t`` and ``T²``
+            (its ``topk_convention`` / ``tail_floor`` do not apply).
         group: the TP process group (``None``: one rank).
         chunk_tokens: rows per chunk (default :func:`default_chunk_tokens`).
 
     Returns:
         ``[N]`` fp32 (fp64 for fp64 logits), replicated on the TP ranks, differentiable w.r.t.
-        ``student_logits`` (no ``T²`` factor: :func:`~nemo_kd.losses.kd.full_kd_loss` applies it).
+        ``student_logits``, times ``T²`` with ``settings.temperature_squared``.
     """
-    div = FullVocabDivergence.of(loss_type, jsd_beta, skew_alpha, akl_mu)
-    if not (logits_scale > 0 and target_logits_scale > 0):
-        raise ValueError(f"scales must be > 0, got {logits_scale}, {target_logits_scale}")
+    settings = check_settings(settings)
+    div = FullVocabDivergence.of(settings)
     chunk = int(chunk_tokens) if chunk_tokens else default_chunk_tokens(student_logits.shape[-1],
                                                                         student_logits.device)
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     teacher = teacher_logits.detach()
-    s, t = float(logits_scale), float(target_logits_scale)
+    s, t = float(settings.logits_scale), float(settings.target_logits_scale)
     if torch.is_grad_enabled() and student_logits.requires_grad:
-        return _ChunkedFullKD.apply(student_logits, teacher, div, s, t, group, chunk)
-    # No backward to serve: values only (no gradient buffer).
-    return _chunked_forward(student_logits.detach(), teacher, div, s, t, group, chunk, need_grad=False)[0]
+        loss = _ChunkedFullKD.apply(student_logits, teacher, div, s, t, group, chunk)
+    else:  # no backward to serve: values only (no gradient buffer)
+        loss = _chunked_forward(student_logits.detach(), teacher, div, s, t, group, chunk, need_grad=False)[0]
+    return loss * settings.temperature_factor
 
 
 def reference_full_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
+    settings: KDSettings,
     *,
-    loss_type: str = "forward_kl",
-    logits_scale: float = 1.0,
-    target_logits_scale: float = 1.0,
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    akl_mu: float = 0.5,
     group: ProcessGroup = None,
 ) -> torch.Tensor:
     """The same per-token divergence by autograd through :func:`~nemo_kd.losses.divergences.divergence`.
@@ -349,15 +337,18 @@ def reference_full_kd_loss(
     The previous torch path of ``full_kd_loss`` (fp32 ``[N, V/TP]`` log-softmaxes of both sides,
     the divergence's graph kept for backward), kept as the reference the chunked path is
     tested and benchmarked against. Rows whose teacher logits are all −inf give 0; rows
-    whose student logits are all −inf give NaN.
+    whose student logits are all −inf give NaN. ``settings`` as :func:`chunked_full_kd_loss`'s
+    (``T²`` included).
     """
+    settings = check_settings(settings)
     space = BucketSpace.sharded(group)
     acc = accumulation_dtype(student_logits.dtype)
     with torch.no_grad():
         teacher = teacher_logits.detach()
         row_ok = torch.isfinite(space.max_no_grad(teacher.to(acc)))
         teacher = torch.where(row_ok[:, None], teacher, torch.zeros_like(teacher))
-        log_p = vocab_parallel_log_softmax(teacher, target_logits_scale, group).to(acc)
-    log_q = vocab_parallel_log_softmax(student_logits, logits_scale, group)
-    loss = divergence(loss_type, log_p, log_q, space, jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu)
-    return torch.where(row_ok, loss, torch.zeros_like(loss))
+        log_p = vocab_parallel_log_softmax(teacher, settings.target_logits_scale, group).to(acc)
+    log_q = vocab_parallel_log_softmax(student_logits, settings.logits_scale, group)
+    loss = divergence(settings.loss_type, log_p, log_q, space, jsd_beta=settings.jsd_beta,
+                      skew_alpha=settings.skew_alpha, akl_mu=settings.akl_mu)
+    return torch.where(row_ok, loss * settings.temperature_factor, torch.zeros_like(loss))

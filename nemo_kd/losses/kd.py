@@ -32,9 +32,12 @@ for fp64 logits) and nothing gathers the full vocabulary on one rank.
   with the same sharding: full-vocabulary divergences.
 
 Both return per-token values ``[N]`` (unreduced: masking and normalisation happen
-elsewhere) and accept every divergence of :mod:`nemo_kd.losses.divergences`
-(``loss_type``: ``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_fkl``, ``skew_rkl``,
-``akl``).
+elsewhere) and take the loss as one :class:`~nemo_kd.kernels.kd_settings.KDSettings`
+(re-exported here): every divergence of :mod:`nemo_kd.losses.divergences` (``loss_type``:
+``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_fkl``, ``skew_rkl``, ``akl``, with its
+``jsd_beta`` / ``skew_alpha`` / ``akl_mu``), the top-k ``topk_convention`` / ``tail_floor``,
+and the temperatures; how to run it (``impl``, ``inplace_backward``) and per-call data stay
+keywords (:mod:`nemo_kd.kernels.kd_settings` says why).
 
 Temperature. ``logits_scale`` (student) and ``target_logits_scale`` (teacher) are
 inverse temperatures multiplied into the logits before the loss (NeMo-Aligner's
@@ -57,7 +60,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from nemo_kd.losses.divergences import LOSS_TYPES, BucketSpace, divergence
+from nemo_kd.kernels.buckets import BucketSpace
+from nemo_kd.kernels.kd_settings import (  # noqa: F401  (re-exported: the settings of this module's losses)
+    DEFAULT_TAIL_FLOOR,
+    LOSS_TYPES,
+    TOPK_CONVENTIONS,
+    KDSettings,
+    check_settings,
+)
+from nemo_kd.losses.divergences import divergence
 from nemo_kd.losses.full_vocab import chunked_full_kd_loss
 from nemo_kd.losses.vocab_parallel import (
     ProcessGroup,
@@ -70,31 +81,9 @@ from nemo_kd.losses.vocab_parallel import (
     vocab_shard_range,
 )
 
-TOPK_CONVENTIONS = ("renormalized", "exact_tail")
-
-# Smallest tail bucket under ``exact_tail``: ``tail = max(1 − Σ_k, tail_floor)`` on both
-# sides (the same floor as TRL's ``_add_tail_bucket``, which clamps log Σ at −1e-7):
-# Σ_k p_i of stored (often bf16) teacher logits can round to ≥ 1. Both tails are formed in
-# float64 (:func:`_with_tail_bucket`), so they are exact functions of their inputs; what
-# remains is the inputs' own rounding: the stored fp32 ``LSE_T`` (half an ulp, ~1e-6 near
-# 20, shifts every ``log p_i`` alike and the tail by that much *absolutely*) and the
-# student's fp32 log-probs (relative to its row max, so the top one is accurate to ~1e-7
-# relative even when it is ≈ 0).
-DEFAULT_TAIL_FLOOR = 1e-7
-
-
-def _check_common(student_logits: torch.Tensor, loss_type: str, logits_scale: float) -> None:
+def _check_student(student_logits: torch.Tensor) -> None:
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [tokens, vocab_shard], got {tuple(student_logits.shape)}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    if logits_scale <= 0:
-        raise ValueError(f"logits_scale must be > 0, got {logits_scale}")
-
-
-def _temperature_factor(temperature_squared: bool, logits_scale: float) -> float:
-    """Hinton's ``T²`` with ``T = 1/logits_scale`` when asked for, else 1."""
-    return 1.0 / logits_scale**2 if temperature_squared else 1.0
 
 
 class _GatherInplaceBackward(torch.autograd.Function):
@@ -168,22 +157,14 @@ def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
-    teacher_lse: Optional[torch.Tensor] = None,
+    settings: KDSettings,
     *,
-    loss_type: str = "forward_kl",
-    topk_convention: str = "renormalized",
-    logits_scale: float = 1.0,
-    target_logits_scale: float = 1.0,
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    akl_mu: float = 0.5,
-    temperature_squared: bool = False,
-    tail_floor: float = DEFAULT_TAIL_FLOOR,
+    teacher_lse: Optional[torch.Tensor] = None,
+    teacher_log_tail: Optional[torch.Tensor] = None,
     group: ProcessGroup = None,
     impl: str = "torch",
     label_ids: Optional[torch.Tensor] = None,
     inplace_backward: bool = False,
-    teacher_log_tail: Optional[torch.Tensor] = None,
 ):
     """Per-token KD divergence ``[N]`` against a teacher's stored top-k logits.
 
@@ -192,14 +173,11 @@ def topk_kd_loss(
         teacher_topk_logits: ``[N, k]`` the teacher's raw (unscaled) logits at its
             top-k ids; −inf marks an empty slot. Never differentiated.
         teacher_topk_ids: ``[N, k]`` global vocabulary ids (on any rank's shard).
+        settings: the loss (:class:`~nemo_kd.kernels.kd_settings.KDSettings`): divergence
+            (``p`` = teacher), ``topk_convention`` (module docstring), ``tail_floor``
+            (``exact_tail``: both tails are ``max(1 − Σ_k, tail_floor)``), temperatures, ``T²``.
         teacher_lse: ``[N]`` ``LSE_v(target_logits_scale · z_v)`` over the teacher's
             full vocabulary; required by ``exact_tail``, ignored by ``renormalized``.
-        loss_type: a divergence of :mod:`nemo_kd.losses.divergences` (``p`` = teacher).
-        topk_convention: ``"renormalized"`` or ``"exact_tail"`` (module docstring).
-        logits_scale / target_logits_scale: student / teacher inverse temperatures.
-        jsd_beta / skew_alpha / akl_mu: parameters of ``jsd`` / ``skew_*`` / ``akl``.
-        temperature_squared: multiply by ``T² = 1/logits_scale²`` (Hinton).
-        tail_floor: ``exact_tail`` only: both tails are ``max(1 − Σ_k, tail_floor)``.
         group: the TP process group (``None``: single rank).
         impl: log-prob primitive implementation forwarded to
             ``vocab_parallel_logprobs_at`` (``"torch"`` default, ``"fused"`` Triton,
@@ -223,11 +201,10 @@ def topk_kd_loss(
         ranks; exactly 0 on rows with no finite teacher logit. With ``label_ids``:
         ``(divergence [N], label_logprobs [N])``.
     """
-    _check_common(student_logits, loss_type, logits_scale)
-    if topk_convention not in TOPK_CONVENTIONS:
-        raise ValueError(f"unknown topk_convention {topk_convention!r}; expected one of {TOPK_CONVENTIONS}")
-    if not 0.0 < tail_floor < 1.0:
-        raise ValueError(f"tail_floor must be in (0, 1), got {tail_floor}")
+    settings = check_settings(settings)
+    _check_student(student_logits)
+    topk_convention, logits_scale = settings.topk_convention, settings.logits_scale
+    target_logits_scale, tail_floor = settings.target_logits_scale, settings.tail_floor
     n = student_logits.shape[0]
     if teacher_topk_logits.shape != teacher_topk_ids.shape or teacher_topk_logits.dim() != 2 \
             or teacher_topk_logits.shape[0] != n:
@@ -301,9 +278,9 @@ def topk_kd_loss(
                                                     **inplace)
         log_q = _with_tail_bucket(torch.where(slot, logq_at, neg_inf), tail_floor)
 
-    loss = divergence(loss_type, log_p, log_q, BucketSpace.replicated(),
-                      jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu)
-    loss = loss * _temperature_factor(temperature_squared, logits_scale)
+    loss = divergence(settings.loss_type, log_p, log_q, BucketSpace.replicated(),
+                      jsd_beta=settings.jsd_beta, skew_alpha=settings.skew_alpha, akl_mu=settings.akl_mu)
+    loss = loss * settings.temperature_factor
     loss = torch.where(row_ok, loss, torch.zeros_like(loss))
     return (loss, label_lp) if label_ids is not None else loss
 
@@ -311,14 +288,8 @@ def topk_kd_loss(
 def full_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
+    settings: KDSettings,
     *,
-    loss_type: str = "forward_kl",
-    logits_scale: float = 1.0,
-    target_logits_scale: float = 1.0,
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    akl_mu: float = 0.5,
-    temperature_squared: bool = False,
     group: ProcessGroup = None,
     impl: str = "torch",
     label_ids: Optional[torch.Tensor] = None,
@@ -333,7 +304,8 @@ def full_kd_loss(
     exactly 0 to ``p·log(p/·)`` terms; reverse KL is ``+inf`` there unless the
     student's column is −inf too (see :mod:`nemo_kd.losses.divergences`). Rows
     whose teacher logits are all −inf give exactly 0 (as do rows whose student logits
-    are all −inf, on both paths). Other arguments as in :func:`topk_kd_loss`.
+    are all −inf, on both paths). ``settings``: the loss (its ``topk_convention`` and
+    ``tail_floor`` do not apply: there is no top-k); other arguments as in :func:`topk_kd_loss`.
 
     ``impl``: ``"torch"`` (:func:`~nemo_kd.losses.full_vocab.chunked_full_kd_loss`: row
     chunks with closed-form gradients, the gradient itself the only thing kept for backward;
@@ -352,7 +324,9 @@ def full_kd_loss(
     the logits are still live (nothing to save by overwriting them), and with ``label_ids``
     at ``logits_scale != 1`` (two passes).
     """
-    _check_common(student_logits, loss_type, logits_scale)
+    settings = check_settings(settings)
+    _check_student(student_logits)
+    loss_type, logits_scale = settings.loss_type, settings.logits_scale
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must match the student's shard "
                          f"{tuple(student_logits.shape)} (same vocabulary and TP sharding)")
@@ -370,13 +344,10 @@ def full_kd_loss(
                 raise ValueError("inplace_backward needs one pass over the logits, but KD at logits_scale != 1 and "
                                  "the label log-prob at temperature 1 are two")
             loss, label_lp = fused_full_kd_loss(
-                student_logits, teacher_logits, loss_type=loss_type, logits_scale=logits_scale,
-                target_logits_scale=target_logits_scale, jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu,
-                group=group,
+                student_logits, teacher_logits, settings, group=group,
                 label_ids=label_ids if share_pass else None, inplace_backward=inplace_backward)
             if label_ids is not None and not share_pass:
                 label_lp, _ = vocab_parallel_logprobs_at(student_logits, label_ids.long(), group=group, impl="fused")
-            loss = loss * _temperature_factor(temperature_squared, logits_scale)
             return (loss, label_lp) if label_ids is not None else loss
         if resolved_from_auto:
             impl = "torch"
@@ -388,10 +359,7 @@ def full_kd_loss(
         # live there), so it has no buffer to spare by writing over them.
         raise ValueError(f"inplace_backward needs the fused full-vocab kernel (impl='fused'); the torch path "
                          f"({loss_type!r}) keeps its own gradient buffer from the forward")
-    loss = chunked_full_kd_loss(student_logits, teacher_logits, loss_type=loss_type, logits_scale=logits_scale,
-                                target_logits_scale=target_logits_scale, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
-                                akl_mu=akl_mu, group=group)
-    loss = loss * _temperature_factor(temperature_squared, logits_scale)
+    loss = chunked_full_kd_loss(student_logits, teacher_logits, settings, group=group)
     if label_ids is None:
         return loss
     return loss, vocab_parallel_logprobs_at(student_logits, label_ids.long(), group=group, impl=impl)[0]

@@ -80,7 +80,14 @@ from nemo_kd.align.loss import CrossTokenizerTeacher
 from nemo_kd.losses import preference as pref
 from nemo_kd.losses.cross_entropy import vocab_parallel_cross_entropy
 from nemo_kd.losses.divergences import LOSS_TYPES
-from nemo_kd.losses.kd import TOPK_CONVENTIONS, full_kd_loss, token_agreement, topk_kd_loss, vocab_parallel_argmax
+from nemo_kd.losses.kd import (
+    TOPK_CONVENTIONS,
+    KDSettings,
+    full_kd_loss,
+    token_agreement,
+    topk_kd_loss,
+    vocab_parallel_argmax,
+)
 from nemo_kd.losses.projection import ProjectedLogits
 from nemo_kd.losses.reduction import contribution, global_count, masked_sum, sum_over_ranks
 from nemo_kd.losses.sequence import SequenceLogProbs, sequence_logprobs
@@ -184,6 +191,15 @@ class DistillationLossConfig:
             raise ValueError(f"output_layer_chunk_tokens must be >= 1, got {self.output_layer_chunk_tokens}")
         if not 0.0 <= self.sft_label_smoothing < 1.0:
             raise ValueError(f"sft_label_smoothing must be in [0, 1), got {self.sft_label_smoothing}")
+        _ = self.kd_settings  # the KD keys' own checks (jsd_beta, skew_alpha, akl_mu in [0, 1]) at load time
+
+    @property
+    def kd_settings(self) -> KDSettings:
+        """The token-level KD loss these keys describe, as every KD entry point takes it (validated there)."""
+        return KDSettings(loss_type=self.kd_loss_type, jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha,
+                          akl_mu=self.akl_mu, logits_scale=self.logits_scale,
+                          target_logits_scale=self.target_logits_scale, temperature_squared=self.temperature_squared,
+                          topk_convention=self.topk_convention)
 
     @property
     def needs_teacher(self) -> bool:
@@ -450,9 +466,8 @@ class DistillationObjective:
     def _kd_per_token(self, logits: torch.Tensor, teacher, labels: Optional[torch.Tensor], inplace: bool = False):
         """``(kd [N], log q(label) [N] or None)``; top-k KD shares its vocab pass with the labels."""
         c = self.cfg
-        common = dict(loss_type=c.kd_loss_type, logits_scale=c.logits_scale, target_logits_scale=c.target_logits_scale,
-                      jsd_beta=c.jsd_beta, skew_alpha=c.skew_alpha, akl_mu=c.akl_mu,
-                      temperature_squared=c.temperature_squared, group=self.group, inplace_backward=inplace)
+        settings = c.kd_settings
+        run = dict(group=self.group, impl=c.kd_kernel, label_ids=labels, inplace_backward=inplace)
         n = logits.shape[0]
         if isinstance(teacher, TopKTeacher):
             if c.topk_convention == "exact_tail" and c.target_logits_scale != 1.0:
@@ -460,12 +475,11 @@ class DistillationObjective:
             k = teacher.values.shape[-1]
             lse = teacher.lse.reshape(n) if teacher.lse is not None else None
             log_tail = teacher.log_tail.reshape(n) if teacher.log_tail is not None else None
-            out = topk_kd_loss(logits, teacher.values.reshape(n, k), teacher.ids.reshape(n, k), lse,
-                               topk_convention=c.topk_convention, impl=c.kd_kernel, label_ids=labels,
-                               teacher_log_tail=log_tail, **common)
+            out = topk_kd_loss(logits, teacher.values.reshape(n, k), teacher.ids.reshape(n, k), settings,
+                               teacher_lse=lse, teacher_log_tail=log_tail, **run)
             return out if labels is not None else (out, None)
         if isinstance(teacher, FullTeacher):
-            out = full_kd_loss(logits, teacher.logits.reshape(n, -1), impl=c.kd_kernel, label_ids=labels, **common)
+            out = full_kd_loss(logits, teacher.logits.reshape(n, -1), settings, **run)
             return out if labels is not None else (out, None)
         raise ValueError("kd_loss_weight > 0 needs a teacher (TopKTeacher or FullTeacher) in the batch")
 
@@ -536,11 +550,7 @@ class DistillationObjective:
                                   stacklevel=2)
 
         if xtok:
-            xtok = batch.teacher.kd_loss(
-                logits, group=self.group, loss_type=c.kd_loss_type, topk_convention=c.topk_convention,
-                logits_scale=c.logits_scale, target_logits_scale=c.target_logits_scale, jsd_beta=c.jsd_beta,
-                skew_alpha=c.skew_alpha, akl_mu=c.akl_mu, temperature_squared=c.temperature_squared,
-                impl=c.kd_kernel)
+            xtok = batch.teacher.kd_loss(logits, c.kd_settings, group=self.group, impl=c.kd_kernel)
         need_kd = c.kd_loss_weight > 0 and not xtok
         teacher = batch.teacher if need_kd else None
         n = labels.shape[0]

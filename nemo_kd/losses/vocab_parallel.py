@@ -43,7 +43,16 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-ProcessGroup = Optional[dist.ProcessGroup]
+# The TP collectives live one layer down (the kernels' launch helpers use them too); imported
+# here so that every loss finds the vocab-parallel toolkit in one place.
+from nemo_kd.kernels.collectives import (  # noqa: F401  (re-exported)
+    ProcessGroup,
+    all_gather_vocab,
+    all_reduce_no_grad,
+    all_reduce_sum,
+    tp_rank,
+    tp_world_size,
+)
 
 # Tokens processed per chunk inside the fused log-prob primitive. Bounds the fp32
 # scratch memory to chunk × V/TP floats whatever the sequence length.
@@ -61,18 +70,6 @@ def default_token_chunk(v_local: int, device: torch.device) -> int:
     if device.type == "cuda":
         return DEFAULT_TOKEN_CHUNK
     return max(1, CPU_TOKEN_CHUNK_ELEMENTS // max(1, v_local))
-
-
-def tp_world_size(group: ProcessGroup) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
-
-
-def tp_rank(group: ProcessGroup) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 0
-    return dist.get_rank(group)
 
 
 def vocab_shard_range(local_vocab: int, group: ProcessGroup) -> Tuple[int, int]:
@@ -115,45 +112,6 @@ def mask_padded_vocab_(logits_shard: torch.Tensor, vocab_size: Optional[int], gr
     logits must not see them. In place (autograd records the copy: the gradient there is 0)."""
     valid = padded_vocab_valid_columns(logits_shard.shape[-1], vocab_size, group)
     return fill_padded_vocab_(logits_shard, valid) if valid is not None else logits_shard
-
-
-def all_gather_vocab(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """The vocab shards ``[..., V/TP]`` of every rank, concatenated in rank order ``[..., V]``
-    (no gradient: for small tensors such as one position's logits or top-k candidates)."""
-    world = tp_world_size(group)
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
-def all_reduce_no_grad(x: torch.Tensor, op=dist.ReduceOp.SUM, group: ProcessGroup = None) -> torch.Tensor:
-    """In-place all-reduce over ``group`` of a tensor outside autograd (a statistic)."""
-    if tp_world_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
-
-
-class _AllReduceSumIdentityBackward(torch.autograd.Function):
-    """Sum a per-rank partial over ``group``; identity backward (see module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
-def all_reduce_sum(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Differentiable sum of per-rank partials (forward all-reduce, identity backward)."""
-    if tp_world_size(group) == 1:
-        return x
-    return _AllReduceSumIdentityBackward.apply(x, group)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,7 +1,8 @@
 """Teacher top-k logits extraction and the offline logits store.
 
-* :mod:`nemo_kd.teacher.topk`  – top-k / log-sum-exp over vocab-parallel logits (torch).
 * :mod:`nemo_kd.teacher.store` – the sharded, memory-mapped, resumable store (numpy).
+* re-exported from :mod:`nemo_kd.losses.token_stats`: top-k / log-sum-exp over vocab-parallel
+  logits (torch), the statistics the store keeps, which the losses share.
 
 Names are imported lazily so that a store-only process does not import torch.
 """
@@ -9,7 +10,7 @@ Names are imported lazily so that a store-only process does not import torch.
 from importlib import import_module
 
 _EXPORTS = {
-    "topk": (
+    "nemo_kd.losses.token_stats": (
         "NonFiniteLogitsError",
         "TeacherTokenStats",
         "check_finite_logits",
@@ -17,7 +18,7 @@ _EXPORTS = {
         "vocab_parallel_logsumexp",
         "vocab_parallel_topk",
     ),
-    "store": (
+    "nemo_kd.teacher.store": (
         "ShardInfo",
         "StoreCorruptError",
         "StoreError",
@@ -38,5 +39,5 @@ __all__ = sorted(_WHERE)
 
 def __getattr__(name):
     if name in _WHERE:
-        return getattr(import_module(f"nemo_kd.teacher.{_WHERE[name]}"), name)
+        return getattr(import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'nemo_kd.teacher' has no attribute {name!r}")

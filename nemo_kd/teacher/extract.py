@@ -72,6 +72,7 @@ from nemo_kd.data.packing import pack_plan
 from nemo_kd.data.records import RecordSet, read_records
 from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, TokenizedSample
 from nemo_kd.losses.projection import ProjectedLogits
+from nemo_kd.losses.token_stats import teacher_token_stats
 from nemo_kd.models.router_terms import check_token_dropping
 from nemo_kd.teacher.store import (
     ALIGNMENT_EXTENSION,
@@ -86,7 +87,6 @@ from nemo_kd.teacher.store import (
 )
 from nemo_kd.teacher.served import SERVED_TEACHER_EXTENSION, ServedTeacher, ServedTeacherConfig
 from nemo_kd.teacher.teachers import Teacher, TeacherSpec, build_teacher
-from nemo_kd.teacher.topk import teacher_token_stats
 
 __all__ = ["ExtractConfig", "ExtractSummary", "compute_topk_logits", "run_from_config", "main"]
 

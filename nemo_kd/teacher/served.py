@@ -30,7 +30,7 @@ What is checked, per sample (an error names the sample, the endpoint and the ser
 message): one position per sent token, the scored token's id at every position (vLLM: it is
 in the position's entries, and the echoed ``prompt_token_ids`` when given; SGLang: the
 echoed id), k entries (k + 1 with the scored token outside the top-k), no NaN/Inf
-(:class:`~nemo_kd.teacher.topk.NonFiniteLogitsError`) and no positive log-prob. Values are
+(:class:`~nemo_kd.losses.token_stats.NonFiniteLogitsError`) and no positive log-prob. Values are
 sorted as the in-process top-k is (value descending, then lower id).
 
 Sampling (:meth:`TeacherClient.sample`): ``n`` completions of one token-id prompt.
@@ -87,8 +87,8 @@ import msgspec
 import numpy as np
 import torch
 
+from nemo_kd.losses.token_stats import NonFiniteLogitsError
 from nemo_kd.teacher.teachers import Teacher
-from nemo_kd.teacher.topk import NonFiniteLogitsError
 
 __all__ = [
     "DIALECTS",

@@ -32,7 +32,7 @@ Endpoints (``aiohttp.web``):
 
 Requests that arrive while a forward runs are batched into the next one (up to
 ``max_batch_tokens`` padded tokens): one forward per batch, on a worker thread, so the event
-loop keeps accepting. The statistics are extraction's (:func:`nemo_kd.teacher.topk.teacher_token_stats`:
+loop keeps accepting. The statistics are extraction's (:func:`nemo_kd.losses.token_stats.teacher_token_stats`:
 same top-k order, log-probs ``z − LSE`` in fp32), so a store extracted through this server equals
 the in-process one up to the batch's float rounding. Limits (prompt length, ``max_tokens``, ``n``,
 k above ``max_logprobs``, prompts per request, ``n``, prompt + ``max_tokens`` above the model's
@@ -165,7 +165,7 @@ def score_prompts(teacher: "Teacher", prompts: List[List[int]], k: int) -> List[
 
     from nemo_kd.losses.kd import vocab_parallel_argmax
     from nemo_kd.losses.vocab_parallel import all_reduce_no_grad, vocab_shard_range
-    from nemo_kd.teacher.topk import NonFiniteLogitsError, check_finite_logits, teacher_token_stats
+    from nemo_kd.losses.token_stats import NonFiniteLogitsError, check_finite_logits, teacher_token_stats
 
     b, s = len(prompts), max(len(p) for p in prompts)
     tokens = torch.zeros(b, s, dtype=torch.int64)
@@ -602,7 +602,7 @@ class TeacherServer:
         return ",".join(parts) + "]"
 
     async def completions(self, request: web.Request) -> web.Response:
-        from nemo_kd.teacher.topk import NonFiniteLogitsError
+        from nemo_kd.losses.token_stats import NonFiniteLogitsError
 
         if not self._authorised(request):
             return _error(401, "invalid or missing API key")
@@ -648,7 +648,7 @@ class TeacherServer:
 
     async def _completions_sampled(self, req: _SampleRequest) -> web.Response:
         """A sampling request: queued as one job, answered in vLLM's completion shape (module docstring)."""
-        from nemo_kd.teacher.topk import NonFiniteLogitsError
+        from nemo_kd.losses.token_stats import NonFiniteLogitsError
 
         job = req.job
         job.fut = asyncio.get_running_loop().create_future()

@@ -144,7 +144,7 @@ The teacher's log tail mass (an extension)
 ``extensions["teacher_log_tail"]`` (:data:`LOG_TAIL_EXTENSION`, layout 1; an extension every older reader
 ignores, so no format version changes): per completion token the teacher's log-probability outside its
 stored top-k, ``log_tail = log Σ_{v ∉ top-k} p_v``, computed at extraction from the full vocabulary as a
-direct sum (:func:`nemo_kd.teacher.topk.vocab_parallel_log_tail`). ``exact_tail`` reads it instead of
+direct sum (:func:`nemo_kd.losses.token_stats.vocab_parallel_log_tail`). ``exact_tail`` reads it instead of
 ``1 − Σ_k exp(z_i − LSE)``, whose cancellation and the fp32 LSE limit the tail on peaked teachers
 (``benchmarks/bench_tail_precision.py``). Per shard:
 

@@ -1,4 +1,11 @@
-"""Teacher top-k over vocab-parallel logits, without gathering the vocabulary.
+"""Token statistics of a vocab-parallel logits shard: top-k, log-sum-exp, label log-prob, log tail.
+
+What extraction and the teacher server store per completion token (:func:`teacher_token_stats`),
+and what online cross-tokenizer KD (:mod:`nemo_kd.align.loss`) computes from a co-located
+teacher's logits so that it feeds the loss the same inputs: statistics teachers and losses
+share, hence here in :mod:`nemo_kd.losses` (it was ``nemo_kd.teacher.topk``).
+
+Top-k over vocab-parallel logits, without gathering the vocabulary.
 
 The teacher's output layer leaves each tensor-parallel (TP) rank a shard
 ``[N, V/TP]`` of the logits, rank ``r`` owning global ids ``[r·V/TP, (r+1)·V/TP)``
