@@ -291,3 +291,26 @@ def test_ep2_equals_ep1_greedy_and_sampled(zoo):
                 for i, ((tok2, lp2), (tok1, lp1)) in enumerate(zip(per_rank[(family, t)], ep1[t])):
                     assert tok2 == tok1, (family, t, rank, i, tok2, tok1)
                     torch.testing.assert_close(torch.tensor(lp2), torch.tensor(lp1), atol=1e-5, rtol=0)
+
+
+def test_online_teacher_with_token_dropping_warns():
+    """An online MoE teacher that drops tokens gives a sample KD targets that depend on its micro-batch: the
+    engine says so when it takes the teacher (nothing is stored, so a warning; dropless: silent)."""
+    from dist_utils import WorldOfOne
+
+    from nemo_kd.losses.objective import DistillationLossConfig
+    from nemo_kd.models import GPTModelConfig
+    from nemo_kd.models.engine import BatchConfig, DistillationEngine, OptimConfig
+
+    student = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64)
+    dropless = dataclasses.replace(student, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16)
+    for teacher, dropping in ((dropless, False), (dataclasses.replace(dropless, moe_expert_capacity_factor=0.5), True)):
+        with WorldOfOne(seed=5), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DistillationEngine(student, DistillationLossConfig(), OptimConfig(), BatchConfig(2, 2, 16), max_steps=1,
+                               teacher_cfg=teacher)
+        said = [str(x.message) for x in caught if "token dropping" in str(x.message)]
+        assert len(said) == dropping, said
+        if dropping:
+            assert said[0].startswith("the online teacher from an MoE with token dropping "
+                                      "(moe_expert_capacity_factor=0.5)") and "micro_batch_size" in said[0]

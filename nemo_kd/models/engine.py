@@ -76,6 +76,7 @@ from nemo_kd.losses.projection import ProjectedLogits
 from nemo_kd.losses.vocab_parallel import mask_padded_vocab_, padded_vocab_valid_columns
 from nemo_kd.models.builder import half_precision_output, in_params_dtype
 from nemo_kd.models.deferred_projection import DeferredOutputProjection, run_model
+from nemo_kd.models.router_terms import RouterTerms, check_token_dropping
 from nemo_kd.models.config import GPTModelConfig
 from nemo_kd.parallel import state
 
@@ -221,8 +222,6 @@ class DistillationEngine:
         # MoE student: the router's aux / z losses as their own objective term, the experts' load
         self.router_terms = None
         if student_cfg.is_moe:
-            from nemo_kd.models.router_terms import RouterTerms
-
             self.router_terms = RouterTerms(student_cfg, self.chunks, moe_load_log_interval)
         if teacher_cfg is not None and not cross_tokenizer and teacher_cfg.padded_vocab_size(state.tp_size()) != \
                 student_cfg.padded_vocab_size(state.tp_size()):
@@ -300,6 +299,11 @@ class DistillationEngine:
                 chunk.requires_grad_(False)
                 chunk.eval()
             self.teacher = self.teacher_chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(self.teacher_chunks)
+            # nothing is stored, so a warning (extraction refuses: a store must not depend on its batches)
+            check_token_dropping(self.teacher_chunks[0], "the online teacher",
+                                 "a sample's KD targets depend on its micro-batch (micro_batch_size, batch-mates, "
+                                 "packing, the DP layout)", "moe_expert_capacity_factor: null in the teacher "
+                                 "checkpoint's architecture for batch-independent targets")
             if loss_cfg.fuse_output_layer:
                 self.teacher_projection = DeferredOutputProjection(self.teacher_chunks[-1])
         self.step = 0
