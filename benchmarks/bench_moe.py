@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue as queue_module
 import socket
 import statistics
 import sys
@@ -111,7 +112,18 @@ def _run(args, variant):
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, variant, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=1800) for _ in range(world))
+    results = []
+    while len(results) < world:  # a crashed worker never reports: stop naming it instead of waiting forever
+        try:
+            results.append(queue.get(timeout=5))
+        except queue_module.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.terminate()
+                raise RuntimeError(f"{variant}: worker rank(s) {dead} exited with code(s) "
+                                   f"{[procs[r].exitcode for r in dead]} before reporting (see its traceback above)")
+    results.sort()
     for p in procs:
         p.join()
     return results[0][1], results[0][2], results[0][3]
