@@ -162,12 +162,14 @@ def test_length_statistics():
 
 # ----------------------------------------------------------------------------- nemo-kd-evaluate, three formats
 
-N_PROMPTS, MAX_LEN, STEPS = 8, 40, 300
+# 150 SFT steps: greedy answers already differ by prompt (7 distinct of 8, ROUGE-L 0.21, no exact match) while the
+# assertions ask for >= 4 distinct and 0 < ROUGE-L < 1; 60 steps give one answer for all, 100 exactly 4.
+N_PROMPTS, MAX_LEN, STEPS = 8, 40, 150
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """A 2-layer student trained 300 SFT steps on the cipher task (cheap: some answers right, some wrong), saved
+    """A 2-layer student trained 150 SFT steps on the cipher task (cheap: partly right answers, 0 < ROUGE-L < 1), saved
     as a .nemo; its Megatron checkpoint saved at TP=2 and its HF export (llama) of the same weights."""
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
