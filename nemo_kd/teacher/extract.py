@@ -73,7 +73,6 @@ from nemo_kd.data.records import RecordSet, read_records
 from nemo_kd.data.tokenization import ConversationTokenizer, TokenizationError, TokenizedSample
 from nemo_kd.losses.projection import ProjectedLogits
 from nemo_kd.losses.token_stats import teacher_token_stats
-from nemo_kd.models.router_terms import check_token_dropping
 from nemo_kd.teacher.store import (
     ALIGNMENT_EXTENSION,
     LOG_TAIL_EXTENSION,
@@ -445,6 +444,9 @@ def compute_topk_logits(
                          f"{teacher.max_seq_length}")
     # A store is reproducible (resume writes the bytes an uninterrupted run writes; any DP / EP layout the same
     # store): refused rather than warned, since a warning scrolls by while a whole store gets written.
+    # imported here, not at the top: nemo_kd.models loads Megatron, which `--help` must not wait for
+    from nemo_kd.models.router_terms import check_token_dropping
+
     check_token_dropping(getattr(teacher, "model", None), "extracting top-k logits",
                          "a sample's stored logits would depend on its batch-mates (batch_size, micro_batch_size, "
                          "pack_sequences, the DP layout) and a resumed extraction would not write what an "
