@@ -122,12 +122,18 @@ def test_parallel_layouts_match_tp1_step_by_step(reference, tp, pp):
     assert abs(ref_eval["loss"] - evals["loss"]) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def online_reference():
+    """The online-mode TP=1 run both layouts repeat (one launch for the two of them)."""
+    return run_distributed(_run, 1, 1, 1, 3, None, True)[0]
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_online_teacher_layouts_match_tp1(tp, pp):
+def test_online_teacher_layouts_match_tp1(online_reference, tp, pp):
     """Online mode (co-located frozen teacher, full-vocabulary KD): the loss falls at TP=1, and
     TP=2 / PP=2 (teacher sharded alike) repeat TP=1 step by step."""
-    ref_history, ref_eval, full = run_distributed(_run, 1, 1, 1, 3, None, True)[0]
+    ref_history, ref_eval, full = online_reference
     assert ref_history[-1]["kd_loss"] < ref_history[0]["kd_loss"]
     history, evals, _ = run_distributed(_run, tp * pp, tp, pp, 3, full, True)[0]
     for ref, got in zip(ref_history, history):
