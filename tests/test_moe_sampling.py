@@ -314,3 +314,28 @@ def test_online_teacher_with_token_dropping_warns():
         if dropping:
             assert said[0].startswith("the online teacher from an MoE with token dropping "
                                       "(moe_expert_capacity_factor=0.5)") and "micro_batch_size" in said[0]
+
+
+def test_teacher_server_refuses_a_token_dropping_teacher():
+    """The server batches different clients' requests into one forward: a token-dropping MoE teacher is refused
+    when the server is built (a dropless one is served)."""
+    import types
+
+    from nemo_kd.models import GPTModelConfig
+    from nemo_kd.teacher.server import ServeConfig, TeacherServer
+
+    dropless = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, num_moe_experts=4,
+                              moe_router_topk=2, moe_ffn_hidden_size=16)
+
+    class WithConfig(torch.nn.Module):  # a Megatron model: its TransformerConfig under .config
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+    def teacher(cfg):
+        return types.SimpleNamespace(model=WithConfig(cfg), name="moe-teacher", max_seq_length=16)
+
+    TeacherServer(teacher(dropless), ServeConfig())
+    with pytest.raises(ValueError, match=r"serving a teacher from an MoE with token dropping "
+                                         r"\(moe_expert_capacity_factor=1.5\).*set moe_expert_capacity_factor: null"):
+        TeacherServer(teacher(dataclasses.replace(dropless, moe_expert_capacity_factor=1.5)), ServeConfig())

@@ -344,6 +344,15 @@ class TeacherServer:
     """The HTTP front (aiohttp) and the batching forward of one teacher."""
 
     def __init__(self, teacher: Teacher, cfg: ServeConfig, tokenizer=None):
+        # here, not at the top: nemo_kd.models loads Megatron, which `--help` must not wait for
+        from nemo_kd.models.router_terms import check_token_dropping
+
+        # requests of different clients share a forward: under token dropping one client's logits would
+        # depend on the others' traffic (what a stored or trained-on row must never do)
+        check_token_dropping(getattr(teacher, "model", None), "serving a teacher",
+                             "a request's logits would depend on the requests batched with it",
+                             "moe_expert_capacity_factor: null in the teacher checkpoint's architecture",
+                             refuse=True)
         check_served_world()
         self.teacher, self.cfg = teacher, cfg
         self.model_id = cfg.model_id or teacher.name
