@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -300,7 +299,11 @@ def generate(
         use_kv_cache = _is_megatron_gpt(model)
     elif use_kv_cache and not _is_megatron_gpt(model):
         raise ValueError("use_kv_cache=True needs a Megatron-core GPTModel")
-    _warn_if_token_dropping(model)
+    # here, not at the top: nemo_kd.models loads Megatron, which `--help` must not wait for
+    from nemo_kd.models.router_terms import check_token_dropping
+
+    check_token_dropping(model, "sampling", "a prompt's samples depend on batch_size, batch-mates and use_kv_cache",
+                         "model.moe_expert_capacity_factor: null (dropless) for reproducible sampling")
     decode = _generate_batch_kv_cache if use_kv_cache else _generate_batch
     out: List[Generation] = []
     with _eval_mode(model):
@@ -314,23 +317,6 @@ def generate(
         for g in out:
             g.text = tokenizer.decode(g.token_ids, skip_special_tokens=True)
     return out
-
-
-def _warn_if_token_dropping(model) -> None:
-    """An MoE with token dropping (``moe_expert_capacity_factor`` set) drops tokens in eval too: an
-    expert's capacity is ``ceil(capacity_factor * tokens * topk / experts)`` of the tokens in *this*
-    forward, so a row's logits depend on its batch-mates and on cached vs re-run decoding, and the
-    reproducibility contract (module docstring) no longer holds."""
-    inner = model
-    while not hasattr(getattr(inner, "config", None), "moe_expert_capacity_factor") and hasattr(inner, "module"):
-        inner = inner.module
-    capacity_factor = getattr(getattr(inner, "config", None), "moe_expert_capacity_factor", None)
-    if capacity_factor is not None:
-        warnings.warn(
-            f"sampling from an MoE with token dropping (moe_expert_capacity_factor={capacity_factor}): "
-            "dropped tokens depend on the batch, so a prompt's samples depend on batch_size, batch-mates and "
-            "use_kv_cache; set model.moe_expert_capacity_factor: null (dropless) for reproducible sampling",
-            stacklevel=3)
 
 
 def _is_megatron_gpt(model) -> bool:
