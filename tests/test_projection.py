@@ -406,15 +406,30 @@ def _assert_same_training(results, v_local, rtol):
 
 
 LOSS = dict(kd_loss_weight=1.0, sft_loss_weight=0.5, topk_convention="exact_tail")
+ONLINE_LOSS = dict(kd_loss_weight=1.0, sft_loss_weight=0.5, kd_loss_type="jsd")
+# The one-process engine cases: (loss settings, student settings, online teacher).
+ONE_PROCESS_CASES = {"plain": (LOSS, {}, False), "tied": (LOSS, dict(share_embeddings_and_output_weights=True), False),
+                     "online": (ONLINE_LOSS, {}, True)}
 
 
-def test_engine_step_with_deferred_projection_matches():
-    _assert_same_training(run_distributed(_engine_body, 1, 1, 1, LOSS, {}, 2), EVOCAB, 1e-5)
+def _one_process_bodies(rank, world):
+    return {name: _engine_body(rank, world, 1, 1, loss_kw, model_kw, 2, online)
+            for name, (loss_kw, model_kw, online) in ONE_PROCESS_CASES.items()}
 
 
-def test_engine_step_with_deferred_projection_tied_embeddings():
-    _assert_same_training(run_distributed(_engine_body, 1, 1, 1, LOSS, dict(share_embeddings_and_output_weights=True),
-                                          2), EVOCAB, 1e-5)
+@pytest.fixture(scope="module")
+def one_process_runs():
+    """Every one-process case in one launch (each ``_engine_body`` sets up and tears down its own parallel
+    state): the tests below check one case each, as a one-rank result list."""
+    return {name: [result] for name, result in run_distributed(_one_process_bodies, 1)[0].items()}
+
+
+def test_engine_step_with_deferred_projection_matches(one_process_runs):
+    _assert_same_training(one_process_runs["plain"], EVOCAB, 1e-5)
+
+
+def test_engine_step_with_deferred_projection_tied_embeddings(one_process_runs):
+    _assert_same_training(one_process_runs["tied"], EVOCAB, 1e-5)
 
 
 @pytest.mark.distributed
@@ -423,10 +438,9 @@ def test_engine_step_with_deferred_projection_parallel(tp, pp):
     _assert_same_training(run_distributed(_engine_body, tp * pp, tp, pp, LOSS, {}, 2), EVOCAB // tp, 1e-5)
 
 
-ONLINE_LOSS = dict(kd_loss_weight=1.0, sft_loss_weight=0.5, kd_loss_type="jsd")
-
-
 @pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.distributed)])
-def test_engine_step_online_teacher_deferred(tp):
+def test_engine_step_online_teacher_deferred(request, tp):
     """Online teacher: its hidden states, not its logits, kept for the loss; same training."""
-    _assert_same_training(run_distributed(_engine_body, tp, tp, 1, ONLINE_LOSS, {}, 2, True), EVOCAB // tp, 1e-5)
+    results = (request.getfixturevalue("one_process_runs")["online"] if tp == 1
+               else run_distributed(_engine_body, tp, tp, 1, ONLINE_LOSS, {}, 2, True))
+    _assert_same_training(results, EVOCAB // tp, 1e-5)
