@@ -23,6 +23,8 @@ per-GPU throughput).
 
     python benchmarks/bench_moe.py                 # CPU, small (~2 min)
     python benchmarks/bench_moe.py --hidden 512 --layers 4 --experts 8 --moe-ffn 512 --seq 512 --repeat 3
+    # a GPU (scripts/gpu_session.sh moe): TE spec, experts through TE's grouped GEMM, bf16
+    python benchmarks/bench_moe.py --transformer-impl transformer_engine --params-dtype bf16 --variants dense moe-ep1
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def _student(args, moe: bool):
     from nemo_kd.models import GPTModelConfig
 
     common = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-                  vocab_size=args.vocab, max_position_embeddings=args.seq)
+                  vocab_size=args.vocab, max_position_embeddings=args.seq, params_dtype=args.params_dtype,
+                  transformer_impl=args.transformer_impl)
     if not moe:
         return GPTModelConfig(ffn_hidden_size=args.topk * args.moe_ffn, **common)
     return GPTModelConfig(ffn_hidden_size=args.topk * args.moe_ffn, num_moe_experts=args.experts,
@@ -148,6 +151,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--variants", nargs="+", default=["dense", "moe-ep1", "moe-ep2"])
+    ap.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
+                    help="transformer_engine: TE layers, the experts as TEGroupedMLP (grouped GEMM; GPU)")
+    ap.add_argument("--params-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = ap.parse_args(argv)
     times = {v: [] for v in args.variants}
     info = {}
@@ -158,7 +164,8 @@ def main(argv=None):
             info[variant] = (params, loss)
     print(f"hidden {args.hidden}, layers {args.layers}, {args.experts} experts top-{args.topk} of ffn {args.moe_ffn} "
           f"(dense ffn {args.topk * args.moe_ffn}), seq {args.seq}, gbs {args.gbs}, mbs {args.mbs}, "
-          f"{args.threads} threads, {args.dispatcher} dispatcher, median of {args.repeat}")
+          f"{args.threads} threads, {args.dispatcher} dispatcher, {args.transformer_impl} spec, {args.params_dtype}, "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}, median of {args.repeat}")
     med = {v: statistics.median(ts) for v, ts in times.items()}
     for v in args.variants:
         print(f"  {v:8s} {1e3 * med[v]:9.1f} ms/step   params (rank 0) {info[v][0] / 1e6:7.2f} M   "

@@ -7,6 +7,7 @@
 #   run(command="bash scripts/gpu_session.sh extract", carry=[".whl"], timeout_s=600)
 #   run(command="bash scripts/gpu_session.sh losses",  carry=[".whl"], timeout_s=600)
 #   run(command="bash scripts/gpu_session.sh cp",      carry=[".whl"], timeout_s=600)   # needs 2 GPUs
+#   run(command="bash scripts/gpu_session.sh moe",     carry=[".whl"], timeout_s=600)
 #
 # Stages (each well inside the 10-minute limit of one call):
 #   kernels  issue 7: fused top-k and online kernels vs naive / torch / HBM floor, block-size sweep,
@@ -22,6 +23,8 @@
 #            global batch (offline top-k KD + SFT + DPKD pairs, bf16, seq 8192): loss and grad norm per step
 #            within tolerance, ms/step and tokens/s of each layout. Needs 2 GPUs: with fewer it says so and
 #            exits 0 (a lent machine has one)
+#   moe      issue 17: a KD step of an MoE student vs a dense one of the same active size, TE spec (experts as
+#            TEGroupedMLP: grouped GEMM) and local spec (SequentialMLP), bf16; EP=2 vs EP=1 with 2 GPUs
 # GPU_SESSION_SMOKE=1 runs every stage at CPU smoke size (checks this script, not the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +93,19 @@ losses)
         step kd_divergences "$PY" benchmarks/bench_kd_divergences.py --device cuda --reps 3 \
             --formulations "naive;nemo_kd torch;nemo_kd fused;nemo_kd fused, in-place grad;Liger JSD (Triton);Liger KLDiv (Triton)" \
             --json "$OUT/kd_divergences.json"
+    fi
+    ;;
+moe)
+    if [ "$smoke" = 1 ]; then
+        step moe_local "$PY" benchmarks/bench_moe.py --hidden 32 --moe-ffn 32 --experts 4 --vocab 256 --seq 32 \
+            --steps 1 --warmup 0 --variants dense moe-ep1
+    else
+        variants=(dense moe-ep1)
+        [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ] && variants+=(moe-ep2)
+        args=(--hidden 1024 --heads 16 --layers 4 --experts 8 --topk 2 --moe-ffn 1024 --vocab 32768 --seq 2048
+              --gbs 8 --mbs 2 --warmup 2 --steps 5 --params-dtype bf16 --variants "${variants[@]}")
+        step moe_te_grouped_gemm "$PY" benchmarks/bench_moe.py "${args[@]}" --transformer-impl transformer_engine
+        step moe_local_sequential "$PY" benchmarks/bench_moe.py "${args[@]}" --transformer-impl local
     fi
     ;;
 cp)
