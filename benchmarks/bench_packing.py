@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--window", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
+                    help="transformer_engine: TE's attention reads the packed rows as THD (cu_seqlens; GPU)")
+    ap.add_argument("--params-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = ap.parse_args()
 
     from nemo_kd.losses.objective import DistillationLossConfig
@@ -101,7 +104,8 @@ def main() -> None:
                for name, (steps, _) in layouts.items()}
     model_cfg = GPTModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4,
                                num_query_groups=2, ffn_hidden_size=4 * args.hidden, vocab_size=args.vocab,
-                               max_position_embeddings=args.seq_length)
+                               max_position_embeddings=args.seq_length, transformer_impl=args.transformer_impl,
+                               params_dtype=args.params_dtype)
     loss_cfg = DistillationLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     initialize_parallel(ParallelConfig(seed=3))
@@ -112,6 +116,15 @@ def main() -> None:
                                                         global_batch_size=args.rows_per_step,
                                                         seq_length=args.seq_length),
                                             max_steps=10**6) for name in layouts}
+        # Same weights, every sample once in each layout: the objective over the whole dataset must agree
+        # (packed rows attend within each sample: the local spec's per-sample SDPA, TE's THD attention).
+        engines["packed"].module.load_state_dict(engines["padded"].module.state_dict())
+        every_row = {"padded": [[s] for s in data], "packed": [[data[i] for i in p] for p in plan]}
+        evals = {name: engines[name].eval_step([collate_rows([row], args.seq_length, 0, name == "packed")
+                                                for row in rows]) for name, rows in every_row.items()}
+        agree = abs(evals["packed"]["loss"] - evals["padded"]["loss"]) / abs(evals["padded"]["loss"])
+        print(f"  same weights, every sample: loss padded {evals['padded']['loss']:.6f}, packed "
+              f"{evals['packed']['loss']:.6f} (relative difference {agree:.2e})", flush=True)
         for rep in range(args.repeat):
             for name in (("padded", "packed") if rep % 2 == 0 else ("packed", "padded")):
                 steps, packed = layouts[name]
@@ -127,7 +140,7 @@ def main() -> None:
     pct = np.percentile(ns, [50, 99])
     print(f"\n{args.samples} samples, tokens: median {pct[0]:.0f}, p99 {pct[1]:.0f}, max {ns.max()}; rows of "
           f"{args.seq_length}; {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, top-{args.k} KD + SFT, "
-          f"{args.rows_per_step} rows per step")
+          f"{args.rows_per_step} rows per step, {args.transformer_impl} spec, {args.params_dtype}")
     print("| layout | rows | steps | padding | real tokens/s |\n|---|---|---|---|---|")
     rate = {}
     for name, (steps, _) in layouts.items():

@@ -8,6 +8,7 @@
 #   run(command="bash scripts/gpu_session.sh losses",  carry=[".whl"], timeout_s=600)
 #   run(command="bash scripts/gpu_session.sh cp",      carry=[".whl"], timeout_s=600)   # needs 2 GPUs
 #   run(command="bash scripts/gpu_session.sh moe",     carry=[".whl"], timeout_s=600)
+#   run(command="bash scripts/gpu_session.sh packing", carry=[".whl"], timeout_s=600)
 #
 # Stages (each well inside the 10-minute limit of one call):
 #   kernels  issue 7: fused top-k and online kernels vs naive / torch / HBM floor, block-size sweep,
@@ -25,6 +26,9 @@
 #            exits 0 (a lent machine has one)
 #   moe      issue 17: a KD step of an MoE student vs a dense one of the same active size, TE spec (experts as
 #            TEGroupedMLP: grouped GEMM) and local spec (SequentialMLP), bf16; EP=2 vs EP=1 with 2 GPUs
+#   packing  issue 16: packed rows in Megatron's THD layout through TE's attention (cu_seqlens) vs the local
+#            spec, bf16: the whole dataset's objective packed == padded from the same weights, then real
+#            tokens/s packed vs padded (log-normal lengths, median ~300, rows of 4096)
 # GPU_SESSION_SMOKE=1 runs every stage at CPU smoke size (checks this script, not the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -106,6 +110,16 @@ moe)
               --gbs 8 --mbs 2 --warmup 2 --steps 5 --params-dtype bf16 --variants "${variants[@]}")
         step moe_te_grouped_gemm "$PY" benchmarks/bench_moe.py "${args[@]}" --transformer-impl transformer_engine
         step moe_local_sequential "$PY" benchmarks/bench_moe.py "${args[@]}" --transformer-impl local
+    fi
+    ;;
+packing)
+    if [ "$smoke" = 1 ]; then
+        step packing_local "$PY" benchmarks/bench_packing.py --samples 8 --seq-length 512 --hidden 32
+    else
+        args=(--samples 256 --seq-length 4096 --rows-per-step 4 --micro-batch 1 --layers 4 --hidden 1024
+              --vocab 32768 --k 64 --params-dtype bf16)
+        step packing_te_thd "$PY" benchmarks/bench_packing.py "${args[@]}" --transformer-impl transformer_engine
+        step packing_local "$PY" benchmarks/bench_packing.py "${args[@]}" --transformer-impl local
     fi
     ;;
 cp)
