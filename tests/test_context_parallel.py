@@ -142,6 +142,17 @@ def _attention_queries(module, seen):
             for m in module.modules() if isinstance(m, (SDPACoreAttention, ReferenceCPAttention))]
 
 
+def _train(engine, kind):
+    """STEPS steps of this rank's share of ``kind``'s batches: per step (loss, grad norm, gradients, metrics)."""
+    from nemo_kd.parallel import state
+
+    steps = []
+    for s in range(STEPS):
+        m = engine.train_step(_microbatches(kind, s, state.dp_rank(), state.dp_size()))
+        steps.append((m["loss"], m["grad_norm"], sf._grads(engine.module), {k: m[k] for k in METRICS if k in m}))
+    return steps
+
+
 def _layouts(rank, world):
     """Every objective at DP=2 (CP=1) and at CP=2 from the same full weights; Megatron's cut on the CP group."""
     import contextlib
@@ -192,11 +203,7 @@ def _layouts(rank, world):
                 sf._load(engine.chunks, full["student"], base_cfg)
                 seen = set()
                 handles = _attention_queries(engine.module, seen)
-                steps = []
-                for s in range(STEPS):
-                    m = engine.train_step(_microbatches(kind, s, state.dp_rank(), state.dp_size()))
-                    steps.append((m["loss"], m["grad_norm"], sf._grads(engine.module),
-                                  {k: m[k] for k in METRICS if k in m}))
+                steps = _train(engine, kind)
                 for h in handles:
                     h.remove()
                 out[f"{kind}_{layout}"] = dict(steps=steps, attention=sorted(seen))
@@ -259,7 +266,7 @@ def _model_parallel_layouts(rank, world):
     from cp_attention import reference_cp_attention
 
     from nemo_kd.models.engine import DistillationEngine
-    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel, state
+    from nemo_kd.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 
     base_cfg = replace(te._cfgs()[0], num_layers=2)
     full = sf._full_weights(base_cfg, online=False)
@@ -278,11 +285,7 @@ def _model_parallel_layouts(rank, world):
                 engine = DistillationEngine(base_cfg, replace(loss_cfg, **LOSSES["pairs"]), optim_cfg, batch_cfg,
                                             max_steps=STEPS)
             sf._load(engine.chunks, full["student"], base_cfg)
-            steps = []
-            for s in range(STEPS):
-                m = engine.train_step(_microbatches("pairs", s, state.dp_rank(), state.dp_size()))
-                steps.append((m["loss"], m["grad_norm"], sf._grads(engine.module), {k: m[k] for k in METRICS if k in m}))
-            out[name] = dict(steps=steps)
+            out[name] = dict(steps=_train(engine, "pairs"))
         finally:
             destroy_parallel()
     return out
