@@ -173,8 +173,40 @@ def cross_steps(env):
 
 
 @pytest.fixture(scope="module")
-def tp1(cross_steps):
-    return run_distributed(_engine_run, 1, 1, 3, cross_steps, None)[0]
+def online_steps(env):
+    """The co-located teacher's steps: its own rendering travels with the batch, no stored top-k."""
+    return _steps(_microbatches(_dataset(env, None, student="s_tok", online=True)))
+
+
+def _one_process_runs(rank, world, cross_steps, online_steps, teacher, tcfg):
+    """Every one-process run in one launch (each sets up and tears down its own parallel state): the TP=1
+    offline reference, the online teacher at TP=1 from the reference's weights, and the refusal message."""
+    reference = _engine_run(rank, world, 1, 3, cross_steps, None)
+    return dict(tp1=reference, online_tp1=_engine_run(rank, world, 1, 2, online_steps, reference[1], teacher, tcfg),
+                refusal=_module_body(rank, world, tcfg))
+
+
+def _two_process_runs(rank, world, full, cross_steps, online_steps, teacher, tcfg):
+    """Every two-process layout in one launch, from the TP=1 reference's weights."""
+    return dict(tp2=_engine_run(rank, world, 2, 3, cross_steps, full),
+                online_tp2=_engine_run(rank, world, 2, 2, online_steps, full, teacher, tcfg),
+                pp2_offline=_engine_run(rank, world, 1, 2, cross_steps, full, None, None, 2),
+                pp2_online=_engine_run(rank, world, 1, 2, online_steps, full, teacher, tcfg, 2))
+
+
+@pytest.fixture(scope="module")
+def one_process(env, cross_steps, online_steps):
+    return run_distributed(_one_process_runs, 1, cross_steps, online_steps, env["teacher"], env["tcfg"])[0]
+
+
+@pytest.fixture(scope="module")
+def tp1(one_process):
+    return one_process["tp1"]
+
+
+@pytest.fixture(scope="module")
+def two_process(env, tp1, cross_steps, online_steps):
+    return run_distributed(_two_process_runs, 2, tp1[1], cross_steps, online_steps, env["teacher"], env["tcfg"])[0]
 
 
 def test_offline_cross_tokenizer_engine_logs_metrics(tp1):
@@ -186,9 +218,9 @@ def test_offline_cross_tokenizer_engine_logs_metrics(tp1):
 
 
 @pytest.mark.distributed
-def test_tp2_matches_tp1_cross_tokenizer_step(tp1, cross_steps):
+def test_tp2_matches_tp1_cross_tokenizer_step(tp1, two_process):
     ref, full = tp1
-    got, _ = run_distributed(_engine_run, 2, 2, 3, cross_steps, full)[0]
+    got, _ = two_process["tp2"]
     for r, g in zip(ref, got):
         for key in ("loss", "kd_loss", "sft_loss", "grad_norm", "xtok_kl", "xtok_one_to_one_frac", "token_agreement"):
             assert abs(r[key] - g[key]) < 1e-5 * max(1.0, abs(r[key])), (key, r[key], g[key])
@@ -196,12 +228,12 @@ def test_tp2_matches_tp1_cross_tokenizer_step(tp1, cross_steps):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp", [1, 2])
-def test_online_teacher_own_tokenisation_matches_offline_store(env, tp1, tp):
+def test_online_teacher_own_tokenisation_matches_offline_store(request, tp1, online_steps, tp):
     """A co-located teacher on its own rendering gives the same step as its offline v2 store."""
     ref, full = tp1
-    online = _steps(_microbatches(_dataset(env, None, student="s_tok", online=True)))
-    assert "xtok_teacher_inputs" in online[0][0] and "xtok_teacher_values" not in online[0][0]
-    got, _ = run_distributed(_engine_run, tp, tp, 2, online, full, env["teacher"], env["tcfg"])[0]
+    assert "xtok_teacher_inputs" in online_steps[0][0] and "xtok_teacher_values" not in online_steps[0][0]
+    runs = request.getfixturevalue("one_process" if tp == 1 else "two_process")
+    got, _ = runs[f"online_tp{tp}"]
     for r, g in zip(ref[:2], got):
         for key in ("loss", "kd_loss", "grad_norm", "xtok_kl", "xtok_one_to_one_frac"):
             assert abs(r[key] - g[key]) < 1e-4 * max(1.0, abs(r[key])), (key, r[key], g[key])
@@ -209,22 +241,19 @@ def test_online_teacher_own_tokenisation_matches_offline_store(env, tp1, tp):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("online", [False, True])
-def test_pp2_matches_tp1_cross_tokenizer(env, tp1, cross_steps, online):
+def test_pp2_matches_tp1_cross_tokenizer(tp1, two_process, online):
     """Pipeline parallel (PP=2): the cross-tokenizer objective runs on the last stage (offline store),
     and the online teacher's own-tokenisation logits travel through its pipeline; both repeat TP=1."""
     ref, full = tp1
-    steps = _steps(_microbatches(_dataset(env, None, student="s_tok", online=True))) if online else cross_steps
-    teacher = (env["teacher"], env["tcfg"]) if online else (None, None)
-    got, _ = run_distributed(_engine_run, 2, 1, 2, steps, full, *teacher, 2)[0]
+    got, _ = two_process["pp2_online" if online else "pp2_offline"]
     for r, g in zip(ref[:2], got):
         for key in ("loss", "kd_loss", "grad_norm", "xtok_kl", "xtok_one_to_one_frac"):
             assert abs(r[key] - g[key]) < 1e-4 * max(1.0, abs(r[key])), (key, r[key], g[key])
 
 
-def test_online_requires_cross_tokenizer_flag_for_other_vocab(env):
+def test_online_requires_cross_tokenizer_flag_for_other_vocab(one_process):
     """Without cross_tokenizer=True an online teacher with another vocabulary is refused, with the fix named."""
-    msg = run_distributed(_module_body, 1, env["tcfg"])[0]
-    assert "cross_tokenizer=True" in msg
+    assert "cross_tokenizer=True" in one_process["refusal"]
 
 
 def _module_body(rank, world, tcfg):

@@ -162,16 +162,34 @@ def test_deferred_projection_extraction_equals_reference(assets):
     _assert_same_store(out, assets["store"])
 
 
+# Two-process layouts: (TP, PP, DP, micro-batch size, deferred output projection).
+PARALLEL_LAYOUTS = {"tp2": (2, 1, 1, None, False), "pp2": (1, 2, 1, 2, False), "dp2": (1, 1, 2, None, False),
+                    "tp2_deferred": (2, 1, 1, None, True), "pp2_deferred": (1, 2, 1, 2, True)}
+
+
+def _dist_extract_layouts(rank, world, teacher_path, tok_dir, data, out_dir):
+    """Every layout's extraction, one after the other in one 2-process launch (each sets up and tears down
+    its own parallel state): {layout: this rank's token count}."""
+    return {name: _dist_extract(rank, world, tp, pp, teacher_path, tok_dir, data, os.path.join(out_dir, name), mbs,
+                                fuse) for name, (tp, pp, dp, mbs, fuse) in PARALLEL_LAYOUTS.items()}
+
+
+@pytest.fixture(scope="module")
+def parallel_stores(assets):
+    out_dir = str(assets["dir"] / "parallel_stores")
+    per_rank = run_distributed(_dist_extract_layouts, 2, assets["teacher_path"], str(assets["dir"] / "tok"),
+                               assets["data"], out_dir)
+    return {name: (os.path.join(out_dir, name), [r[name] for r in per_rank]) for name in PARALLEL_LAYOUTS}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp,dp,mbs,fuse", [(2, 1, 1, None, False), (1, 2, 1, 2, False), (1, 1, 2, None, False),
-                                               (2, 1, 1, None, True), (1, 2, 1, 2, True)],
-                         ids=["tp2", "pp2", "dp2", "tp2_deferred", "pp2_deferred"])
-def test_parallel_extraction_equals_tp1(assets, tp, pp, dp, mbs, fuse):
+@pytest.mark.parametrize("layout", list(PARALLEL_LAYOUTS))
+def test_parallel_extraction_equals_tp1(assets, parallel_stores, layout):
     """TP=2 and PP=2 (2 micro-batches per batch) give the TP=1 store; DP=2 writes 2 shards with the same
     content; with the deferred output projection too."""
-    out = str(assets["dir"] / f"store_tp{tp}_pp{pp}_dp{dp}_{fuse}")
-    tokens = run_distributed(_dist_extract, tp * pp * dp, tp, pp, assets["teacher_path"], str(assets["dir"] / "tok"),
-                             assets["data"], out, mbs, fuse)
+    tp, pp, dp, _, _ = PARALLEL_LAYOUTS[layout]
+    assert tp * pp * dp == 2
+    out, tokens = parallel_stores[layout]
     assert tokens == [assets["summary"].num_tokens] * (tp * pp * dp)
     _assert_same_store(out, assets["store"])
     shards = sorted(f for f in os.listdir(out) if f.endswith(".bin"))

@@ -476,6 +476,14 @@ def _dp_run(rank, world, distributed, weights, ckpt_dir):
         destroy_parallel()
 
 
+def _dp_runs(rank, world, weights, ckpt_root):
+    """The plain and the distributed optimizer's ``_dp_run`` one after the other in one 2-process launch
+    (each sets up and tears down its own parallel state)."""
+    return {distributed: _dp_run(rank, world, distributed, weights,
+                                 os.path.join(ckpt_root, "distributed" if distributed else "plain"))
+            for distributed in (False, True)}
+
+
 def _params_and_main_shards(engine):
     """The bf16 parameters and this rank's fp32 main params (whole for the plain optimizer, its DP shard for
     the distributed one)."""
@@ -492,8 +500,8 @@ def test_bf16_distributed_optimizer_dp2_matches_and_resumes(tmp_path):
     ('fully_reshardable') resumes bit-identically."""
     with WorldOfOne():
         weights = _init_weights(torch.bfloat16)
-    plain, plain_again, plain_same = run_distributed(_dp_run, 2, False, weights, str(tmp_path / "plain"))[0]
-    dist, dist_again, dist_same = run_distributed(_dp_run, 2, True, weights, str(tmp_path / "distributed"))[0]
+    runs = run_distributed(_dp_runs, 2, weights, str(tmp_path))[0]
+    (plain, plain_again, plain_same), (dist, dist_again, dist_same) = runs[False], runs[True]
     for a, b in zip(plain, dist):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
