@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
+# Two workers, a file per worker at a time (--dist loadfile: module fixtures are built once, the Slurm
+# tests share one worker): many tests wait on subprocess start-up, servers and Slurm polling, and the
+# other worker's tests fill those waits. PYTEST_WORKERS=0 runs everything in one process.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=15 tests "$@"
 rc=$?
 set -e
 # pytest exits 5 when no test was collected: that is a failure of the suite, say so.
