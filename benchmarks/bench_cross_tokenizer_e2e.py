@@ -226,7 +226,6 @@ def run(out: str, cfg: E2EConfig) -> dict:
     pads = {"bpe": t_tok.pad_token_id, "spm": s_tok.eos_token_id}
     toks = {"bpe": t_tok, "spm": s_tok}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     initialize_parallel(ParallelConfig(seed=cfg.seed))
     results: dict = {"config": asdict(cfg)}
     try:
@@ -366,6 +365,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--student-steps", type=int, help="override the configuration's student_steps")
     args = ap.parse_args(argv)
     cfg = E2EConfig(**TINY) if args.tiny else E2EConfig()
+    # here, not in run(): the tests call run() in the pytest process, whose thread count must stay what
+    # OMP_NUM_THREADS made it (a later in-process extraction is compared byte for byte with a subprocess's)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     for key in ("teacher_steps", "student_steps"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))

@@ -445,7 +445,10 @@ def _store_files(path):
 @pytest.mark.slow
 def test_kill_and_resume_is_byte_identical(assets, tmp_path):
     out = str(tmp_path / "store")
-    env = dict(os.environ, NEMO_KD_EXTRACT_BATCH_DELAY="0.4", MASTER_PORT=str(_free_port()), PYTHONPATH=REPO)
+    # the subprocesses run with this process's thread count: the reference below is computed here, and a matmul's
+    # reduction order (so its last bits) follows the thread count
+    env = dict(os.environ, NEMO_KD_EXTRACT_BATCH_DELAY="0.4", MASTER_PORT=str(_free_port()), PYTHONPATH=REPO,
+               NEMO_KD_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.Popen(_script_cmd(assets, out, "example"), env=env, cwd=str(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     progress = os.path.join(out, "shard-00000.progress.json")
