@@ -18,6 +18,7 @@ are a subset), which is enough to exercise top-k over the full vocab width.
     python benchmarks/bench_extract.py                       # CPU defaults
     python benchmarks/bench_extract.py --vocab 128256 --hidden 1024 --layers 8 --seq 1024 --batch 8   # GPU
     python benchmarks/bench_extract.py ... --fuse-output-layer   # project only completion positions
+    python benchmarks/bench_extract.py --experts 8 --moe-topk 2  # an MoE teacher (issue 17)
 
 With ``--fuse-output-layer`` the extraction skips the output layer at prompt and padding
 positions (and never holds ``[batch, seq, V]`` logits), so it can beat the forward-only
@@ -66,6 +67,11 @@ def main():
                    help="extraction projects only completion positions (fuse_output_layer); the forward-only "
                         "baseline keeps the full output layer")
     p.add_argument("--chunk-tokens", type=int, default=2048, help="output_layer_chunk_tokens with --fuse-output-layer")
+    p.add_argument("--experts", type=int, default=0,
+                   help="an MoE teacher: this many experts in every layer (dropless, Megatron's sequential experts "
+                        "on the local spec), --moe-topk of them per token, each of FFN --moe-ffn")
+    p.add_argument("--moe-topk", type=int, default=2)
+    p.add_argument("--moe-ffn", type=int, default=0, help="expert FFN size (0: 4 x hidden / moe-topk)")
     p.add_argument("--log-tail-cost", action="store_true",
                    help="also extract without the teacher's log tail mass (log_tail=false), interleaved: its cost")
     args = p.parse_args()
@@ -89,8 +95,11 @@ def main():
         data = os.path.join(work, "data.jsonl")
         _dataset(data, args.samples, args.words, rng)
         tok = train_byte_level_bpe([open(data).read()], vocab_size=400)
+        moe = dict(num_moe_experts=args.experts, moe_router_topk=args.moe_topk,
+                   moe_ffn_hidden_size=args.moe_ffn or 4 * args.hidden // args.moe_topk) if args.experts else {}
         cfg = GPTModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-                             vocab_size=args.vocab, max_position_embeddings=args.seq, params_dtype=args.params_dtype)
+                             vocab_size=args.vocab, max_position_embeddings=args.seq, params_dtype=args.params_dtype,
+                             **moe)
         initialize_parallel(ParallelConfig(seed=1))
         try:
             model = build_gpt_model(cfg, wrap_float16=False)
@@ -151,7 +160,8 @@ def main():
             reader = StoreReader(out)
             bound = 6 * args.k + 16 if args.values_dtype != "float32" else 8 * args.k + 16
             device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-            print(f"device {device}; teacher {args.layers}L h{args.hidden} V={args.vocab} {args.params_dtype}; "
+            print(f"device {device}; teacher {args.layers}L h{args.hidden} V={args.vocab} {args.params_dtype}"
+                  f"{f', MoE {args.experts} experts top-{args.moe_topk}' if args.experts else ''}; "
                   f"k={args.k} values={args.values_dtype}; extraction output layer: "
                   f"{f'deferred (completion rows only, chunks of {args.chunk_tokens})' if args.fuse_output_layer else 'whole logits'}")
             print(f"{len(records)} samples, {n_tokens} completion tokens, {n_positions} padded positions, "
