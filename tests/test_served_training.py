@@ -142,6 +142,12 @@ def _fit(cfg, tmp, steps, init, callbacks=(), logger=False, ckpt_path=None, stud
         return train_step(mbs)
 
     model.engine.train_step = spy
+    # NeMo hands every trainer its OneLogger telemetry callback, one per process, and a fit that raised (the
+    # killed-server test) leaves its training-loop span open, so the next fit in this process (the resume) would
+    # fail on "span training_loop already active"; these tests record nothing through it
+    from nv_one_logger.training_telemetry.integration.pytorch_lightning import TimeEventCallback
+
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, TimeEventCallback)]
     trainer.fit(model, ckpt_path=ckpt_path)
     return types.SimpleNamespace(model=model, rows=rec.rows, val=rec.val, seen=seen, logits=logits)
 
