@@ -355,9 +355,7 @@ def objective_normalisers(
     whole (the same rows as its CP peers), so the pairs are counted by CP rank 0 alone. One collective.
     ``reduction="sequence"`` needs whole rows and is refused under CP."""
     cp_size = _group_size(cp_group)
-    if cp_size > 1 and cfg.reduction == "sequence":
-        raise ValueError(f"reduction='sequence' with context parallelism ({cp_size} ranks): each sequence's token "
-                         "mean needs all its positions; use reduction='token'")
+    check_reduction_under_context_parallel(cfg, cp_size)
     count_pairs = cp_size == 1 or torch.distributed.get_rank(cp_group) == 0
     kd_masks, sft_masks, pair_masks = [], [], []
     for mb in microbatches:
@@ -378,6 +376,14 @@ def objective_normalisers(
 class ObjectiveOutput:
     loss: torch.Tensor  # this microbatch's contribution to L (differentiable scalar)
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # detached contributions / sums
+
+
+def check_reduction_under_context_parallel(cfg: DistillationLossConfig, cp_size: int) -> None:
+    """``reduction="sequence"`` needs each sequence's positions whole, which no CP rank holds: refused."""
+    if cp_size > 1 and cfg.reduction == "sequence":
+        raise ValueError(f"kd.reduction='sequence' with parallel.context_parallel_size={cp_size}: each sequence's "
+                         "token mean needs all its positions, which no CP rank holds; use reduction='token' or "
+                         "context_parallel_size=1")
 
 
 def _group_size(group: ProcessGroup) -> int:

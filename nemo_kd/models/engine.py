@@ -70,6 +70,7 @@ from nemo_kd.losses.objective import (
     FullTeacher,
     ObjectiveBatch,
     TopKTeacher,
+    check_reduction_under_context_parallel,
     objective_normalisers,
 )
 from nemo_kd.losses.projection import ProjectedLogits
@@ -183,10 +184,7 @@ class DistillationEngine:
         if not state.is_initialized():
             raise RuntimeError("initialise parallel state (nemo_kd.parallel.initialize_parallel) before the engine")
         loss_cfg.validate()
-        if state.cp_size() > 1 and loss_cfg.reduction == "sequence":
-            raise ValueError(f"kd.reduction='sequence' with parallel.context_parallel_size={state.cp_size()}: each "
-                             "sequence's token mean needs all its positions, which no CP rank holds; use "
-                             "reduction='token' or context_parallel_size=1")
+        check_reduction_under_context_parallel(loss_cfg, state.cp_size())  # before anything is built
         self.max_steps = max_steps
         self.num_microbatches = batch_cfg.num_microbatches(state.dp_size())
         if state.config() is not None:
