@@ -82,7 +82,7 @@ def _cfg(world, **over):
     return cfg
 
 
-def _trainer(tmp, steps, callbacks=()):
+def _trainer(tmp, steps, callbacks=(), devices=1):
     import lightning.pytorch as pl
 
     from nemo_kd.parallel.strategy import MegatronStrategy
@@ -95,7 +95,7 @@ def _trainer(tmp, steps, callbacks=()):
             self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     rec = Record()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=MegatronStrategy(), max_steps=steps,
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=MegatronStrategy(), max_steps=steps,
                          use_distributed_sampler=False, logger=False, enable_checkpointing=bool(callbacks),
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=1, val_check_interval=steps, check_val_every_n_epoch=None,

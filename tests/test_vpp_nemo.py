@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from test_distillation_model import _arch, _cfg, world  # noqa: F401  (world: the module's data fixture)
+from test_distillation_model import _arch, _cfg, _trainer, world  # noqa: F401  (world: the module's data fixture)
 
 STEPS = 4
 PP2 = {"student.num_layers": 4, "parallel.pipeline_model_parallel_size": 2, "max_steps": STEPS}
@@ -43,24 +43,10 @@ def _fit(world, tmp, over, steps, init=None, checkpoint_dir=None, resume=None):
     import lightning.pytorch as pl
 
     from nemo_kd.models.distillation_model import GPTDistillationModel
-    from nemo_kd.parallel.strategy import MegatronStrategy
 
-    class Record(pl.Callback):
-        def __init__(self):
-            self.rows = []
-
-        def on_train_batch_end(self, trainer, *args):
-            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-
-    rec = Record()
-    callbacks = [rec]
-    if checkpoint_dir:
-        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=2, save_top_k=-1))
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=MegatronStrategy(), max_steps=steps,
-                         use_distributed_sampler=False, logger=False, enable_checkpointing=bool(checkpoint_dir),
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=1, val_check_interval=steps, check_val_every_n_epoch=None,
-                         callbacks=callbacks, default_root_dir=tmp)
+    callbacks = [pl.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=2, save_top_k=-1)] \
+        if checkpoint_dir else []
+    trainer, rec = _trainer(tmp, steps, callbacks, devices=2)
     model = GPTDistillationModel(_cfg(world, **over), trainer=trainer)
     if init is not None:
         _load_full(model, init)
